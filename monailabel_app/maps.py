@@ -1,0 +1,72 @@
+"""Attention maps on the image-token grid -> heatmaps on the original pixels -> one mask per finding.
+
+Geometry. The model sees the radiograph centred in a black square (:func:`xray.pad_to_square`),
+resized to its input size; its image tokens tile that square in a ``g x g`` grid (16 x 16 for MedGemma
+and the phantom model), token ``(i, j)`` covering rows ``[i, i+1) * side / g`` and columns
+``[j, j+1) * side / g`` of the square. A grid map is therefore upsampled (bilinear, cell centres at
+``(i + 1/2) * side / g``) to the square's side and the padding is cropped off; the result is on the
+original pixel grid, whatever the input size or aspect.
+
+Mask rule (documented in the README): per finding, the heatmap is scaled to 0..1 over the image
+(min-max); the mask is the 8-connected region around the heatmap's peak where it is at least
+``threshold`` (0.5: the half-maximum contour). Where the masks of two findings overlap, a pixel goes to
+the finding whose scaled heatmap is larger there. Labels are 1..n in finding order; 0 is background.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import ndimage
+
+from .xray import SquarePad
+
+
+def grid_to_pixels(grid: np.ndarray, pad: SquarePad) -> np.ndarray:
+    """Upsample a (g, g) token-grid map to the square and crop the padding: float32 (rows, cols)."""
+    t = torch.as_tensor(np.asarray(grid, np.float32))[None, None]
+    square = F.interpolate(t, size=(pad.side, pad.side), mode="bilinear", align_corners=False)[0, 0]
+    return square[pad.top : pad.top + pad.rows, pad.left : pad.left + pad.cols].numpy().copy()
+
+
+def pixel_box_to_grid(pad: SquarePad, grid: int) -> np.ndarray:
+    """Bool (g, g): the tokens whose cells overlap the image (not only padding)."""
+    edges = (np.arange(grid + 1) * pad.side) / grid
+    rows = (edges[1:] > pad.top) & (edges[:-1] < pad.top + pad.rows)
+    cols = (edges[1:] > pad.left) & (edges[:-1] < pad.left + pad.cols)
+    return rows[:, None] & cols[None, :]
+
+
+def normalise(heatmap: np.ndarray) -> np.ndarray:
+    lo, hi = float(heatmap.min()), float(heatmap.max())
+    if hi - lo < 1e-12:
+        return np.zeros_like(heatmap, dtype=np.float32)
+    return ((heatmap - lo) / (hi - lo)).astype(np.float32)
+
+
+def peak_region(heatmap: np.ndarray, threshold: float = 0.5) -> np.ndarray:
+    """Bool mask: the connected region around the peak of ``heatmap`` scaled to 0..1, at >= threshold."""
+    scaled = normalise(heatmap)
+    if not scaled.any():
+        return np.zeros(heatmap.shape, bool)
+    above = scaled >= threshold
+    labels, _ = ndimage.label(above, structure=np.ones((3,) * heatmap.ndim))
+    peak = np.unravel_index(int(np.argmax(scaled)), scaled.shape)
+    return labels == labels[peak]
+
+
+def label_map(heatmaps: list[np.ndarray], threshold: float = 0.5) -> np.ndarray:
+    """uint8 label map: finding k (1-based) where its peak region is and its scaled heatmap is largest."""
+    if not heatmaps:
+        raise ValueError("label_map needs the image shape: use empty_label_map for no findings")
+    shape = heatmaps[0].shape
+    out = np.zeros(shape, np.uint8)
+    best = np.full(shape, -1.0, np.float32)
+    for k, h in enumerate(heatmaps, start=1):
+        region = peak_region(h, threshold)
+        scaled = normalise(h)
+        take = region & (scaled > best)
+        out[take] = k
+        best[take] = scaled[take]
+    return out

@@ -119,7 +119,7 @@ def _load_raster(path: str) -> Radiograph:
 def _load_dicom(path: str) -> Radiograph:
     import pydicom
     from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
 
     try:
         ds = pydicom.dcmread(path, force=True)
@@ -169,6 +169,8 @@ def _load_dicom(path: str) -> Radiograph:
         pixels = 255 - pixels
     spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing") or (1.0, 1.0)
     row_sp, col_sp = float(spacing[0]), float(spacing[1])
+    if not (row_sp > 0 and col_sp > 0):  # some files carry 0 or negative spacing: keep the pixel grid
+        row_sp, col_sp = 1.0, 1.0
     geom = Geometry((rows, cols), (col_sp, row_sp), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
     source = {
         "format": "DICOM",

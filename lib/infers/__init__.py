@@ -1,0 +1,3 @@
+from .medgemma import MedGemmaInfer
+
+__all__ = ["MedGemmaInfer"]

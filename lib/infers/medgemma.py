@@ -1,0 +1,91 @@
+"""MONAI Label infer task ``medgemma``: findings text plus one attention mask per finding.
+
+Thin: it validates the request, calls :class:`monailabel_app.reader.Reader` and writes the label map
+(and the float heatmap) in the input's geometry. Bad input becomes an HTTP 4xx with a message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import threading
+
+import numpy as np
+from fastapi import HTTPException
+from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
+
+from monailabel_app.errors import InputError
+from monailabel_app.loading import normalise_precision
+from monailabel_app.reader import Reader, check_params
+from monailabel_app.writers import check_dtype, check_extension, combined_heatmap, write_in_geometry
+
+logger = logging.getLogger(__name__)
+
+HEATMAP_TAG = "medgemma_heatmap"
+# request keys this task reads; MONAI Label and the Slicer plugin add others (device, label_tag, ...)
+KNOWN_PARAMS = ("question", "max_new_tokens", "result_extension", "result_dtype", "heatmap")
+
+
+class MedGemmaInfer(InferTask):
+    def __init__(self, reader: Reader, description: str, config: dict):
+        super().__init__(
+            type=InferType.SEGMENTATION,
+            labels=None,  # one label per finding, named in each result's label_names
+            dimension=2,
+            description=description,
+            config=config,
+        )
+        self.reader = reader
+        self._lock = threading.Lock()  # one generation at a time on one model
+
+    def is_valid(self) -> bool:
+        return True
+
+    def info(self):
+        info = super().info()
+        info["model"] = self.reader.info.public()
+        return info
+
+    def __call__(self, request):
+        try:
+            return self._infer(request)
+        except InputError as e:
+            logger.info("refused request: %s", e)
+            raise HTTPException(status_code=e.status, detail=str(e)) from e
+
+    def _infer(self, request):
+        question, max_new_tokens = check_params(
+            request.get("question") or self._config["question"],
+            request.get("max_new_tokens", self._config["max_new_tokens"]),
+        )
+        ext = check_extension(request.get("result_extension") or ".nii.gz")
+        dtype = check_dtype(request.get("result_dtype"), "uint8")
+        precision = request.get("precision")
+        if precision is not None and normalise_precision(precision) not in ("auto", self.reader.info.precision):
+            raise InputError(
+                f"this server runs the model in {self.reader.info.precision}; precision is chosen at start-up "
+                f"(--conf precision ...), not per request (asked for {precision!r})"
+            )
+        image = request.get("image")
+        if not isinstance(image, str) or not image:
+            raise InputError("no image: give an image id from the datastore or upload a file", status=404)
+        with self._lock:
+            reading = self.reader.read(image, question, max_new_tokens)
+        geom = reading.radiograph.geometry
+        label_file = _temp_path(ext)
+        write_in_geometry(reading.labels, geom, label_file, dtype)
+        result = reading.result_json()
+        result["heatmap_file"] = write_in_geometry(
+            combined_heatmap(reading.heatmaps, reading.labels.shape), geom, _temp_path(".nii.gz" if ext == ".png" else ext),
+            np.float32,
+        )
+        logger.info("medgemma: %s | %s", reading.report[:200], json.dumps(reading.latencies))
+        return label_file, result
+
+
+def _temp_path(ext: str) -> str:
+    fd, path = tempfile.mkstemp(suffix=ext, prefix="medgemma_")
+    os.close(fd)
+    return path

@@ -1,0 +1,96 @@
+"""MONAI Label app: MedGemma findings with attention masks.
+
+    python -m monailabel.main start_server --app . --studies DIR --conf models medgemma --host 127.0.0.1
+
+Each ``lib/configs/*.py`` TaskConfig is a model the app can serve (``--conf models NAME[,NAME]``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import pkgutil
+import sys
+
+from fastapi import HTTPException
+from monailabel.datastore.local import LocalDatastore
+from monailabel.config import settings
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.config import TaskConfig
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # lib/ and monailabel_app/ from a checkout
+
+import lib.configs  # noqa: E402
+from lib.infers.medgemma import HEATMAP_TAG  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = ["*.nii.gz", "*.nii", "*.nrrd", "*.mha", "*.png", "*.jpg", "*.jpeg", "*.bmp", "*.tif", "*.tiff", "*.dcm"]
+
+
+def task_configs() -> dict[str, type]:
+    found = {}
+    for mod in pkgutil.iter_modules(lib.configs.__path__):
+        module = importlib.import_module(f"lib.configs.{mod.name}")
+        for obj in vars(module).values():
+            if isinstance(obj, type) and issubclass(obj, TaskConfig) and obj is not TaskConfig:
+                found[mod.name] = obj
+    return found
+
+
+class MyApp(MONAILabelApp):
+    def __init__(self, app_dir, studies, conf):
+        available = task_configs()
+        names = [n.strip() for n in conf.get("models", "medgemma").split(",") if n.strip()]
+        unknown = [n for n in names if n not in available]
+        if unknown:
+            raise ValueError(f"unknown model(s) {unknown}; available: {sorted(available)}")
+        self.models: dict[str, TaskConfig] = {}
+        for name in names:
+            self.models[name] = available[name]()
+            self.models[name].init(name, os.path.join(app_dir, "model"), conf, None)
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="monailabel-medgemma",
+            description="MedGemma findings text with one attention-derived mask per finding",
+            version="0.1.0",
+        )
+
+    def init_datastore(self):
+        if self.studies.startswith(("http://", "https://")):
+            return super().init_datastore()
+        return LocalDatastore(
+            self.studies,
+            extensions=IMAGE_EXTENSIONS,
+            auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
+            read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
+        )
+
+    def init_infers(self):
+        return {name: cfg.infer() for name, cfg in self.models.items()}
+
+    def infer(self, request, datastore=None):
+        """MONAI Label's infer, plus: unknown image ids are a 404, and the heatmap goes to the datastore."""
+        datastore = datastore or self.datastore()
+        image_id = request.get("image")
+        if not isinstance(image_id, str) or not image_id:
+            raise HTTPException(status_code=422, detail="'image' must be an image id")
+        from_datastore = not os.path.exists(image_id)
+        if from_datastore and not datastore.get_image_uri(image_id):
+            raise HTTPException(status_code=404, detail=f"unknown image id {image_id!r}: not in the datastore")
+        result = super().infer(request, datastore)
+        params = result.get("params") or {}
+        heatmap = params.pop("heatmap_file", None)
+        if heatmap and os.path.exists(heatmap):
+            if from_datastore:
+                label_id = datastore.save_label(image_id, heatmap, HEATMAP_TAG, {"model": request.get("model")})
+                params["heatmap"] = {
+                    "tag": HEATMAP_TAG,
+                    "url": f"/datastore/label?label={label_id}&tag={HEATMAP_TAG}",
+                    "description": "float32, per pixel the largest 0..1-scaled finding heatmap, in the image's geometry",
+                }
+            os.unlink(heatmap)
+        return result

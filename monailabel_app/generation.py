@@ -1,0 +1,157 @@
+"""Ask the model about one or more images and generate, keeping what the maps need.
+
+The chat is built with the processor's own (Gemma 3) chat template: an optional system text, the
+images, then the question, then the model's turn. Generation is greedy. Besides the answer it keeps,
+per generated token: its probability, where its text ends in the answer, and (through
+:mod:`monailabel_app.capture`) the attention of the query that emitted it to every image token on the
+chosen layers.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+
+from .capture import recording
+
+
+class RepetitionStop:
+    """Stopping criterion: the answer has fallen into a loop (one n-gram, n <= 8, three times in a row).
+
+    Small or out-of-distribution models can repeat themselves until ``max_new_tokens``; the loop carries
+    no information, costs decode time and would become spurious findings. :func:`loop_start` tells where
+    the first repetition begins so the answer can be cut there.
+    """
+
+    def __init__(self, prompt_len: int, max_period: int = 8, times: int = 3):
+        self.prompt_len, self.max_period, self.times = prompt_len, max_period, times
+        self.stopped = False
+
+    def __call__(self, input_ids, scores, **kwargs):
+        new = input_ids[0, self.prompt_len :].tolist()
+        self.stopped = loop_start(new, self.max_period, self.times) is not None
+        return torch.full((input_ids.shape[0],), self.stopped, dtype=torch.bool, device=input_ids.device)
+
+
+def loop_start(ids: list[int], max_period: int = 8, times: int = 3) -> int | None:
+    """Index where the tail's repeated n-gram first repeats (keep ``ids[:index]``), or None."""
+    for p in range(1, max_period + 1):
+        if len(ids) < p * times:
+            continue
+        gram = ids[-p:]
+        if all(ids[-(k + 1) * p : len(ids) - k * p] == gram for k in range(times)):
+            return len(ids) - (times - 1) * p
+    return None
+
+
+class NonFiniteOutput(RuntimeError):
+    """The model produced NaN/inf scores or an empty answer (fp16 overflow in Gemma 3)."""
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    token_ends: list[int]  # character offset in ``text`` where each generated token's text ends
+    token_probs: list[float]
+    attention: torch.Tensor  # (steps, layers, heads, n_image_tokens), float32, on the CPU
+    layers: list[int]
+    dropped_layers: dict
+    prompt_tokens: int
+    image_tokens_per_image: int
+    seconds: dict = field(default_factory=dict)
+    stop_reason: str = "eos"  # eos, max_new_tokens, or repetition (a loop, cut off)
+
+    def token_range(self, span: tuple[int, int]) -> list[int]:
+        """Indices of the generated tokens whose text overlaps the character span ``span``."""
+        start, end = span
+        out, prev = [], 0
+        for i, stop in enumerate(self.token_ends):
+            if stop > start and prev < end and self.text[prev:stop].strip():
+                out.append(i)
+            prev = stop
+        return out
+
+
+def build_inputs(processor, images: list[Image.Image], question: str, system: str | None, device, dtype):
+    content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": question}]
+    messages = ([{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []) + [
+        {"role": "user", "content": content}
+    ]
+    inputs = processor.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    inputs = inputs.to(device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+    return inputs
+
+
+def _token_ends(tokenizer, ids: list[int]) -> list[int]:
+    ends = []
+    for i in range(len(ids)):
+        ends.append(len(tokenizer.decode(ids[: i + 1], skip_special_tokens=True)))
+    return ends
+
+
+@torch.inference_mode()
+def generate(model, processor, images, question, layers, max_new_tokens=128, system=None) -> Generation:
+    t0 = time.perf_counter()
+    device, dtype = model.device, model.dtype
+    inputs = build_inputs(processor, images, question, system, device, dtype)
+    t_prep = time.perf_counter()
+    ids = inputs["input_ids"][0]
+    image_positions = (ids == model.config.image_token_index).nonzero()[:, 0].cpu()
+    per_image = int(model.config.mm_tokens_per_image)
+    if len(image_positions) != per_image * len(images):
+        raise RuntimeError(f"expected {per_image * len(images)} image tokens, found {len(image_positions)}")
+    prompt_len = int(ids.shape[0])
+    from transformers import StoppingCriteriaList
+
+    repetition = RepetitionStop(prompt_len)
+    with recording(layers, image_positions.to(device), prompt_len) as rec:
+        out = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+            stopping_criteria=StoppingCriteriaList([repetition]),
+        )
+    t_gen = time.perf_counter()
+    new = out.sequences[0, prompt_len:].tolist()
+    stop_reason = "eos" if new and new[-1] in _eos_ids(model) else "max_new_tokens"
+    if repetition.stopped:
+        new = new[: loop_start(new)]
+        stop_reason = "repetition"
+    tok = processor.tokenizer
+    probs = []
+    for step, score in enumerate(out.scores[: len(new)]):
+        logp = torch.log_softmax(score[0].float(), dim=-1)[new[step]].item()
+        probs.append(math.exp(logp) if math.isfinite(logp) else float("nan"))
+    text = tok.decode(new, skip_special_tokens=True)
+    if any(not math.isfinite(p) for p in probs) or (new and not text.strip() and model.dtype == torch.float16):
+        raise NonFiniteOutput("non-finite scores or empty answer")
+    attention = rec.stacked()[: len(new), :, 0].float()  # (steps, layers, heads, n_image_tokens)
+    return Generation(
+        text=text,
+        token_ids=new,
+        token_ends=_token_ends(tok, new),
+        token_probs=probs,
+        attention=attention,
+        layers=rec.usable_layers,
+        dropped_layers=dict(rec.dropped),
+        prompt_tokens=prompt_len,
+        image_tokens_per_image=per_image,
+        seconds={"prepare": t_prep - t0, "generate": t_gen - t_prep},
+        stop_reason=stop_reason,
+    )
+
+
+def _eos_ids(model) -> set[int]:
+    eos = model.generation_config.eos_token_id
+    return set(eos if isinstance(eos, (list, tuple)) else [eos])

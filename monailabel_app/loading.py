@@ -1,0 +1,166 @@
+"""Load a Gemma 3 vision-language model (MedGemma or the phantom model) and choose its precision.
+
+A model is a Hugging Face id (e.g. ``google/medgemma-4b-it``, from the local cache or the hub) or a
+local folder. Only ``safetensors`` weights are accepted and ``trust_remote_code`` is never set: the
+architecture is transformers' own ``Gemma3ForConditionalGeneration``.
+
+Precision policy (``precision="auto"``):
+
+* CUDA with native bf16 -> bf16 (MedGemma's own precision);
+* CUDA without bf16 -> fp16, logged as a WARNING (Gemma 3 can overflow in fp16; the engine checks the
+  output and retries in fp32 when it does);
+* CPU with native bf16 (AVX512-BF16 or AMX) -> bf16; other CPUs -> fp32 with a WARNING, since bf16
+  matmuls there are several times slower than fp32.
+
+An explicit ``bf16``/``fp32``/``fp16`` overrides the policy. What was loaded, where and in which
+precision is logged at INFO, and returned in :class:`ModelInfo` for ``/info/`` and every result.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .capture import CAPTURE_ATTN
+from .errors import InputError
+
+logger = logging.getLogger(__name__)
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+_ALIASES = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16", "half": "fp16", "float": "fp32"}
+GROUNDING_FILE = "grounding.json"
+
+
+class ModelLoadError(RuntimeError):
+    """The model cannot be loaded (missing, not safetensors, not Gemma 3, corrupt)."""
+
+
+@dataclass
+class ModelInfo:
+    id: str
+    precision: str
+    device: str
+    precision_reason: str
+    parameters: int
+    label: str = ""
+    grounding: dict = field(default_factory=dict)
+
+    def public(self) -> dict:
+        d = asdict(self)
+        d.pop("grounding")
+        return d
+
+
+def normalise_precision(name: str | None) -> str:
+    name = (name or "auto").strip().lower()
+    name = _ALIASES.get(name, name)
+    if name != "auto" and name not in PRECISIONS:
+        raise InputError(f"unknown precision {name!r}: use one of auto, bf16, fp32, fp16", status=422)
+    return name
+
+
+def cpu_has_native_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def choose_precision(device: str, requested: str = "auto") -> tuple[str, str]:
+    """(precision, reason) for ``device`` under the policy above."""
+    requested = normalise_precision(requested)
+    if requested != "auto":
+        return requested, "requested"
+    if device.startswith("cuda"):
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "GPU has native bf16"
+        logger.warning("GPU has no native bf16: using fp16 (guarded: fp32 retry on overflow)")
+        return "fp16", "GPU without bf16: fp16 fallback"
+    if cpu_has_native_bf16():
+        return "bf16", "CPU has native bf16"
+    logger.warning("CPU has no native bf16 (no AVX512-BF16/AMX): using fp32 instead of bf16")
+    return "fp32", "CPU without native bf16: fp32 fallback"
+
+
+def choose_device(requested: str | None = None) -> str:
+    requested = (requested or "auto").strip().lower()
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise InputError(f"device {requested!r} asked for but CUDA is not available here", status=422)
+    if requested != "cpu" and not requested.startswith("cuda"):
+        raise InputError(f"unknown device {requested!r}: use auto, cpu or cuda[:N]", status=422)
+    return requested
+
+
+def _check_local_folder(path: str) -> None:
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise ModelLoadError(f"model folder {path} has no config.json")
+    if not glob.glob(os.path.join(path, "*.safetensors")):
+        other = [os.path.basename(p) for p in glob.glob(os.path.join(path, "*.bin")) + glob.glob(os.path.join(path, "*.pt*"))]
+        hint = f" (found {', '.join(other)}: convert them to safetensors)" if other else ""
+        raise ModelLoadError(f"model folder {path} has no .safetensors weights{hint}; only safetensors are loaded")
+
+
+def load_grounding(path: str, model) -> dict:
+    """Layers and threshold for the maps: ``grounding.json`` beside the model, else the global layers."""
+    text_cfg = model.config.text_config
+    layer_types = getattr(text_cfg, "layer_types", None) or ["full_attention"] * text_cfg.num_hidden_layers
+    grounding = {
+        "layers": [i for i, t in enumerate(layer_types) if t == "full_attention"],
+        "threshold": 0.5,
+        "source": "default: every global-attention layer",
+    }
+    file = os.path.join(path, GROUNDING_FILE) if os.path.isdir(path) else None
+    if file and os.path.isfile(file):
+        with open(file) as f:
+            grounding.update(json.load(f))
+        grounding["source"] = GROUNDING_FILE
+    return grounding
+
+
+def load_model(ref: str, device: str = "auto", precision: str = "auto", label: str = ""):
+    """(model, processor, ModelInfo) for a local folder or hub id; raises :class:`ModelLoadError`."""
+    from transformers import AutoProcessor, Gemma3ForConditionalGeneration
+
+    device = choose_device(device)
+    precision, reason = choose_precision(device, precision)
+    local = os.path.isdir(ref)
+    if local:
+        _check_local_folder(ref)
+    elif os.path.sep in ref and not ref.count("/") == 1:
+        raise ModelLoadError(f"model folder not found: {ref}")
+    try:
+        model = Gemma3ForConditionalGeneration.from_pretrained(
+            ref,
+            dtype=PRECISIONS[precision],
+            use_safetensors=True,
+            trust_remote_code=False,
+            attn_implementation=CAPTURE_ATTN,
+        )
+        processor = AutoProcessor.from_pretrained(ref, trust_remote_code=False)
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise ModelLoadError(f"cannot load model {ref!r}: {type(e).__name__}: {str(e)[:500]}") from e
+    model.to(device).eval()
+    n = sum(p.numel() for p in model.parameters())
+    info = ModelInfo(
+        id=ref if not local else os.path.abspath(ref),
+        precision=precision,
+        device=device,
+        precision_reason=reason,
+        parameters=n,
+        label=label,
+        grounding=load_grounding(ref, model),
+    )
+    logger.info(
+        "Loaded %s (%s, %.2f M parameters) on %s in %s (%s)%s",
+        ref, type(model).__name__, n / 1e6, device, precision, reason, f" [{label}]" if label else "",
+    )
+    return model, processor, info

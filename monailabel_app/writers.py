@@ -1,0 +1,138 @@
+"""Write a reading: label map and heatmaps in the input's geometry, findings JSON, overlay PNG, inputs.
+
+Label maps and heatmaps take the input's exact array shape, spacing, origin and direction
+(:class:`monailabel_app.xray.Geometry`), so a viewer lays them on the image voxel for voxel. Formats by
+extension: ``.nii.gz``/``.nii``/``.nrrd``/``.mha`` (SimpleITK) or ``.png`` (8-bit, 2-D only).
+
+The combined heatmap is, per pixel, the largest of the findings' heatmaps each scaled to 0..1 (the
+values the masks are thresholded on); the per-finding heatmaps keep the raw attention values.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from .errors import InputError
+from .maps import normalise
+from .xray import Geometry
+
+LABEL_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".png")
+DTYPES = {"uint8": np.uint8, "uint16": np.uint16, "int16": np.int16, "int32": np.int32, "float32": np.float32}
+PALETTE = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
+           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
+
+
+def check_extension(ext: str) -> str:
+    ext = (ext or ".nii.gz").lower()
+    if not ext.startswith("."):
+        ext = "." + ext
+    if ext not in LABEL_EXTENSIONS:
+        raise InputError(f"unsupported result_extension {ext!r}: use one of {', '.join(LABEL_EXTENSIONS)}")
+    return ext
+
+
+def check_dtype(name: str | None, default: str) -> np.dtype:
+    name = (name or default).lower()
+    if name not in DTYPES:
+        raise InputError(f"unsupported result_dtype {name!r}: use one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def write_in_geometry(plane: np.ndarray, geometry: Geometry, path: str, dtype=np.uint8) -> str:
+    """Write a (rows, cols) plane at ``path`` in ``geometry``; atomically (temp file, then rename)."""
+    arr = np.asarray(plane).astype(dtype).reshape(geometry.shape)
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    ext = next(e for e in LABEL_EXTENSIONS if path.lower().endswith(e))
+    fd, tmp = tempfile.mkstemp(suffix=ext, dir=folder)
+    os.close(fd)
+    try:
+        if ext == ".png":
+            if arr.ndim != 2 and np.squeeze(arr).ndim != 2:
+                raise InputError("a .png result needs a 2-D image")
+            Image.fromarray(np.squeeze(arr).astype(np.uint8 if dtype == np.uint8 else np.uint16)).save(tmp)
+        else:
+            import SimpleITK as sitk
+
+            img = sitk.GetImageFromArray(arr)
+            img.SetSpacing([float(s) for s in geometry.spacing])
+            img.SetOrigin([float(o) for o in geometry.origin])
+            img.SetDirection([float(d) for d in geometry.direction])
+            sitk.WriteImage(img, tmp, useCompression=ext != ".nii")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def combined_heatmap(heatmaps: list[np.ndarray], shape) -> np.ndarray:
+    if not heatmaps:
+        return np.zeros(shape, np.float32)
+    return np.max(np.stack([normalise(h) for h in heatmaps]), axis=0)
+
+
+def overlay_png(reading, path: str, alpha: float = 0.45) -> str:
+    """The radiograph with coloured masks, each labelled with its finding name, and the report."""
+    base = np.repeat(reading.radiograph.pixels[..., None], 3, axis=2).astype(np.float32)
+    for k in range(1, len(reading.findings) + 1):
+        colour = np.array(PALETTE[(k - 1) % len(PALETTE)], np.float32)
+        m = reading.labels == k
+        base[m] = (1 - alpha) * base[m] + alpha * colour
+    img = Image.fromarray(base.clip(0, 255).astype(np.uint8))
+    scale = max(1, round(max(img.size) / 512))
+    draw = ImageDraw.Draw(img)
+    for k, (name, h) in enumerate(zip(reading.names, reading.heatmaps), start=1):
+        r, c = np.unravel_index(int(np.argmax(h)), h.shape)
+        colour = PALETTE[(k - 1) % len(PALETTE)]
+        draw.ellipse([c - 3 * scale, r - 3 * scale, c + 3 * scale, r + 3 * scale], outline=colour, width=scale)
+        draw.text((c + 5 * scale, r - 5 * scale), f"{k}: {name}", fill=colour)
+    draw.text((4, 4), reading.report[:200], fill=(255, 255, 255))
+    img.save(path)
+    return path
+
+
+def save_inputs(reading, folder: str) -> str:
+    """``inputs/image_000.png`` (the exact RGB handed to the processor) and ``inputs/index.json``."""
+    os.makedirs(folder, exist_ok=True)
+    name = "image_000.png"
+    Image.fromarray(reading.model_input).save(os.path.join(folder, name))
+    index = [{
+        "image": name,
+        "source": reading.radiograph.source,
+        "source_shape": list(reading.radiograph.pixels.shape),
+        "square_side": reading.pad.side,
+        "pad_top": reading.pad.top,
+        "pad_left": reading.pad.left,
+    }]
+    with open(os.path.join(folder, "index.json"), "w") as f:
+        json.dump(index, f, indent=2)
+    return folder
+
+
+def write_reading(reading, out_dir: str, save_model_inputs: bool = False) -> dict:
+    """The CLI's output folder: findings.json, mask.nii.gz, heatmap.nii.gz, overlay.png[, inputs/]."""
+    os.makedirs(out_dir, exist_ok=True)
+    geom = reading.radiograph.geometry
+    files = {
+        "mask": write_in_geometry(reading.labels, geom, os.path.join(out_dir, "mask.nii.gz"), np.uint8),
+        "heatmap": write_in_geometry(
+            combined_heatmap(reading.heatmaps, reading.labels.shape), geom,
+            os.path.join(out_dir, "heatmap.nii.gz"), np.float32,
+        ),
+        "overlay": overlay_png(reading, os.path.join(out_dir, "overlay.png")),
+    }
+    for k, h in enumerate(reading.heatmaps, start=1):
+        files[f"heatmap_{k}"] = write_in_geometry(h, geom, os.path.join(out_dir, "heatmaps", f"finding_{k}.nii.gz"), np.float32)
+    if save_model_inputs:
+        files["inputs"] = save_inputs(reading, os.path.join(out_dir, "inputs"))
+    result = reading.result_json()
+    result["files"] = {k: os.path.relpath(v, out_dir) for k, v in files.items()}
+    with open(os.path.join(out_dir, "findings.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    return result

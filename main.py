@@ -8,6 +8,7 @@ Each ``lib/configs/*.py`` TaskConfig is a model the app can serve (``--conf mode
 from __future__ import annotations
 
 import importlib
+import json
 import logging
 import os
 import pkgutil
@@ -39,8 +40,23 @@ def task_configs() -> dict[str, type]:
     return found
 
 
+def _register_error_handlers() -> None:
+    """Malformed ``params`` (not JSON) is the client's error: answer 400 with the parser's message."""
+    try:
+        from monailabel.app import app as fastapi_app
+    except Exception:  # imported outside the server (tests, tools): nothing to register
+        return
+    from fastapi.responses import JSONResponse
+
+    async def bad_json(request, exc: json.JSONDecodeError):
+        return JSONResponse(status_code=400, content={"detail": f"params is not valid JSON: {exc}"})
+
+    fastapi_app.add_exception_handler(json.JSONDecodeError, bad_json)
+
+
 class MyApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
+        _register_error_handlers()
         available = task_configs()
         names = [n.strip() for n in conf.get("models", "medgemma").split(",") if n.strip()]
         unknown = [n for n in names if n not in available]

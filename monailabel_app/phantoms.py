@@ -32,6 +32,7 @@ class Lesion:
     side: str
     level: str
     mask: np.ndarray  # bool (H, W)
+    center: tuple[int, int] = (0, 0)  # (row, col) where the lesion was placed; inside its zone
 
     @property
     def zone(self) -> str:
@@ -131,7 +132,9 @@ def _draw_lesion(rng, img, lungs, kind, side, level):
         fluid = (yy >= surface[None, :]) & lung
         soft = ndimage.gaussian_filter(fluid.astype(np.float32), 1.0)
         img += 0.42 * soft
-        return fluid & (soft >= 0.5)
+        mask = fluid & (soft >= 0.5)
+        rows, cols = np.nonzero(mask)
+        return mask, (int(rows.mean()), int(cols.mean()))
     candidates = np.argwhere(lung & band & (ndimage.distance_transform_edt(lung) > 4))
     if len(candidates) == 0:
         candidates = np.argwhere(lung & band)
@@ -153,7 +156,7 @@ def _draw_lesion(rng, img, lungs, kind, side, level):
         amp = rng.uniform(0.34, 0.44)
     blob = blob * lung
     img += amp * blob
-    return blob >= 0.5 * blob.max()
+    return blob >= 0.5 * blob.max(), (int(py), int(px))
 
 
 def make_phantom(seed: int) -> Phantom:
@@ -168,8 +171,8 @@ def make_phantom(seed: int) -> Phantom:
     for side, level in chosen:
         kinds = KINDS if level == "lower" else tuple(k for k in KINDS if k != "effusion")
         kind = str(rng.choice(kinds))
-        mask = _draw_lesion(rng, img, lungs, kind, side, level)
-        lesions.append(Lesion(kind=kind, side=side, level=level, mask=mask))
+        mask, center = _draw_lesion(rng, img, lungs, kind, side, level)
+        lesions.append(Lesion(kind=kind, side=side, level=level, mask=mask, center=center))
     img += rng.normal(0, 0.025, img.shape).astype(np.float32)
     img = ndimage.gaussian_filter(img, 0.7)
     image = np.clip(img * 255 / 0.9, 0, 255).astype(np.uint8)

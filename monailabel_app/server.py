@@ -1,0 +1,98 @@
+"""Start and stop a real MONAI Label server running this app (for the demo and the tests).
+
+    with ServerProcess(studies_dir) as server:
+        client = MONAILabelClient(server.url)
+
+The server is ``python -m monailabel.main start_server --app <repo root> ...`` on 127.0.0.1 and a free
+port, in its own process group; its session and temp folders live under ``workdir`` (a temp dir by
+default) so a run leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import requests
+
+APP_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    def __init__(self, studies: str, conf: dict | None = None, workdir: str | None = None, timeout: float = 180):
+        self.studies, self.conf, self.timeout = studies, {"models": "medgemma", **(conf or {})}, timeout
+        self._own_workdir = workdir is None
+        self.workdir = workdir or tempfile.mkdtemp(prefix="medgemma-server-")
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = os.path.join(self.workdir, "server.log")
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> "ServerProcess":
+        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", APP_DIR,
+               "--studies", self.studies, "--host", "127.0.0.1", "--port", str(self.port)]
+        for k, v in self.conf.items():
+            cmd += ["--conf", k, str(v)]
+        env = dict(os.environ)
+        env.update({
+            "MONAI_LABEL_SESSION_PATH": os.path.join(self.workdir, "sessions"),
+            "MONAI_LABEL_DICOMWEB_CACHE_PATH": os.path.join(self.workdir, "dicomweb"),
+            "TMPDIR": os.path.join(self.workdir, "tmp"),
+            "PYTHONPATH": APP_DIR + os.pathsep + env.get("PYTHONPATH", ""),
+        })
+        os.makedirs(env["TMPDIR"], exist_ok=True)
+        self._log = open(self.log_path, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        deadline = time.time() + self.timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if requests.get(self.url + "/info/", timeout=5).status_code == 200:
+                    return self
+            except requests.RequestException:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"server did not answer /info/ within {self.timeout}s:\n{self.log_tail()}")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, chars: int = 4000) -> str:
+        try:
+            with open(self.log_path) as f:
+                return f.read()[-chars:]
+        except OSError:
+            return ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        if getattr(self, "_log", None):
+            self._log.close()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()

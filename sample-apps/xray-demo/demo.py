@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""Demo: a real MONAI Label server with the embedded phantom model answers chest X-rays.
+
+The phantom model is a tiny synthetic TEST model, not MedGemma: it reads phantoms well and real X-rays
+not at all (its answers on them only show that the whole path, I/O and geometry included, works).
+
+Builds a datastore under ``out/demo/studies`` (three phantoms, plus the real X-rays of ../shared/data
+when that folder is there, linked, not copied), starts the server, calls ``/infer/medgemma`` for each
+image through ``MONAILabelClient`` exactly as the 3D Slicer plugin does (``.nrrd``, ``uint8``), and
+prints the findings, the mask sizes and the round-trip times. Results land in ``out/demo/results``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import shutil
+import sys
+import time
+
+ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", ".."))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import SimpleITK as sitk  # noqa: E402
+from monailabel.client import MONAILabelClient  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from monailabel_app.phantoms import make_phantom  # noqa: E402
+from monailabel_app.server import ServerProcess  # noqa: E402
+
+SHARED = os.path.join(ROOT, "..", "shared", "data", "cxr")
+REAL = {"real_nih_cardiomegaly.png": "nih/00000001_000.png", "real_cr_jpeg2000.dcm": "dicom/RG1_J2KR.dcm",
+        "real_siim_cr.dcm": "siim/*.dcm"}
+
+
+def build_studies(folder: str, seeds: list[int]) -> dict[str, str]:
+    shutil.rmtree(folder, ignore_errors=True)
+    os.makedirs(folder)
+    truth = {}
+    for seed in seeds:
+        ph = make_phantom(seed)
+        Image.fromarray(ph.image).save(os.path.join(folder, f"phantom_{seed}.png"))
+        truth[f"phantom_{seed}"] = ph.report
+    for name, pattern in REAL.items():
+        for path in sorted(glob.glob(os.path.join(SHARED, pattern)))[:1]:
+            os.symlink(os.path.abspath(path), os.path.join(folder, name))
+            truth[name.split(".")[0]] = "(real X-ray: the phantom model cannot read it)"
+    return truth
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=os.path.join(ROOT, "out", "demo"))
+    ap.add_argument("--seeds", default="7,11,23", help="phantom seeds (held-out: the model never saw them)")
+    args = ap.parse_args(argv)
+    studies, results = os.path.join(args.out, "studies"), os.path.join(args.out, "results")
+    truth = build_studies(studies, [int(s) for s in args.seeds.split(",")])
+    os.makedirs(results, exist_ok=True)
+    print(f"datastore: {studies} ({len(truth)} images)\nstarting MONAI Label server ...", flush=True)
+    with ServerProcess(studies) as server:
+        client = MONAILabelClient(server.url)
+        info = client.info()["models"]["medgemma"]
+        print(f"server {server.url}: model {info['model']['id']} [{info['model']['label']}] "
+              f"in {info['model']['precision']} on {info['model']['device']}\n")
+        for image_id, expected in truth.items():
+            t0 = time.perf_counter()
+            label_file, params = client.infer("medgemma", image_id, {"result_extension": ".nrrd", "result_dtype": "uint8"})
+            dt = time.perf_counter() - t0
+            label = sitk.ReadImage(label_file)
+            arr = sitk.GetArrayFromImage(label)
+            dest = os.path.join(results, f"{image_id}_label.nrrd")
+            shutil.move(label_file, dest)
+            with open(os.path.join(results, f"{image_id}.json"), "w") as f:
+                json.dump(params, f, indent=2)
+            print(f"{image_id}  ({dt:.2f} s round trip, label {label.GetSize()} spacing {label.GetSpacing()})")
+            print(f"  expected: {expected}\n  answer:   {params['report']}")
+            for fnd in params["findings"]:
+                print(f"    segment {fnd['label']} '{fnd['name']}': {int((arr == fnd['label']).sum())} pixels, "
+                      f"peak at row/col {fnd['peak_pixel']}, score {fnd['score']:.2f}")
+            if "heatmap" in params:
+                print(f"  heatmap: {server.url}{params['heatmap']['url']}")
+        print(f"\nlabels and result JSON in {results}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

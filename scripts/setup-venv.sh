@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Create (or reuse) .venv at the repository root and install the project with its test tools.
+# torch and torchvision come first, pinned, from this machine's local wheels: left to the resolver,
+# monailabel would pull another torchvision and with it a multi-GB CUDA torch.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+python=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$python" -m venv .venv
+stamp=".venv/.installed-$(cat pyproject.toml scripts/setup-venv.sh | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  .venv/bin/python -m pip install -q --upgrade pip
+  .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
+  .venv/bin/python -m pip install -q -e ".[test]"
+  rm -f .venv/.installed-*
+  touch "$stamp"
+fi

@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+
+from monailabel_app import maps
+from monailabel_app.xray import SquarePad
+
+
+@pytest.mark.parametrize("rows,cols", [(300, 220), (220, 300), (256, 256), (1955, 1841)])
+def test_token_cell_maps_back_to_its_pixels(rows, cols):
+    pad = SquarePad(rows, cols)
+    g = 16
+    cell = pad.side / g
+    for i, j in [(3, 5), (12, 4), (8, 8), (15, 15), (0, 0)]:
+        grid = np.zeros((g, g), np.float32)
+        grid[i, j] = 1.0
+        h = maps.grid_to_pixels(grid, pad)
+        assert h.shape == (rows, cols)
+        # the token's centre in the padded square, moved by the padding offset into the original image
+        r0, c0 = (i + 0.5) * cell - pad.top, (j + 0.5) * cell - pad.left
+        inside = 0 <= r0 < rows and 0 <= c0 < cols
+        if inside:
+            r, c = np.unravel_index(np.argmax(h), h.shape)
+            assert abs(r - r0) <= cell / 2 + 1 and abs(c - c0) <= cell / 2 + 1  # edge tokens plateau to the border
+            assert h[min(rows - 1, round(r0)), min(cols - 1, round(c0))] >= 0.9 * h.max()
+            far = np.hypot(*np.meshgrid(np.arange(rows) - r0, np.arange(cols) - c0, indexing="ij")) > 1.5 * cell
+            assert h[far].max(initial=0) < 1e-6  # nothing beyond the neighbouring cells
+    # a left-half map stays on the image's left half (patient right on a PA radiograph)
+    grid = np.zeros((g, g), np.float32)
+    grid[:, : g // 2] = 1.0
+    h = maps.grid_to_pixels(grid, pad)
+    mid = pad.side / 2 - pad.left
+    assert h[:, : int(mid) - int(cell)].min() > 0.99 and h[:, int(mid) + int(cell) :].max() < 0.01
+
+
+def test_tokens_over_image_excludes_pure_padding():
+    pad = SquarePad(160, 320)  # 80 rows of padding above and below
+    m = maps.pixel_box_to_grid(pad, 16)
+    assert m[4:12].all() and not m[:4].any() and not m[12:].any()
+
+
+def test_peak_region_and_label_map():
+    h1 = np.zeros((50, 60), np.float32)
+    h1[10:20, 10:20] = 1.0
+    h1[40:45, 40:45] = 0.8  # a second blob above threshold but not connected to the peak
+    h2 = np.zeros((50, 60), np.float32)
+    h2[15:30, 15:30] = 0.5
+    h2[15:30, 15:30] += np.linspace(0, 0.5, 15)[None, :]
+    r1 = maps.peak_region(h1)
+    assert r1[10:20, 10:20].all() and not r1[40:45, 40:45].any()
+    labels = maps.label_map([h1, h2])
+    assert labels.dtype == np.uint8 and set(np.unique(labels)) == {0, 1, 2}
+    assert labels[12, 12] == 1 and labels[25, 25] == 2
+    assert maps.peak_region(np.zeros((5, 5))).sum() == 0

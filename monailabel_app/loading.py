@@ -146,7 +146,7 @@ def load_model(ref: str, device: str = "auto", precision: str = "auto", label: s
             attn_implementation=CAPTURE_ATTN,
         )
         processor = AutoProcessor.from_pretrained(ref, trust_remote_code=False)
-    except (OSError, ValueError, RuntimeError, KeyError) as e:
+    except Exception as e:  # any failure here (hub, config, corrupt safetensors header, ...) is a load error
         raise ModelLoadError(f"cannot load model {ref!r}: {type(e).__name__}: {str(e)[:500]}") from e
     model.to(device).eval()
     n = sum(p.numel() for p in model.parameters())

@@ -1,0 +1,129 @@
+"""Measure grounding on phantoms honestly: the model's maps next to a words-only baseline and chance.
+
+For every lesion of every held-out phantom, the finding that names the lesion's zone is looked up in
+the model's answer (a lesion whose zone the model did not name scores 0 everywhere but chance). Four maps:
+
+(a) raw: the finding's attention heatmap (:func:`reader.finding_grid` on the configured layers);
+(b) final: the finding's mask in the label map the server returns;
+(c) text-only: no image at all, the average lesion mask of the named zone (from calibration phantoms,
+    in image-relative coordinates);
+(d) chance: a uniformly random point / a random mask of the final mask's size (exact expectations).
+
+Pointing game: a hit when the map's maximum (for a mask: its centre of mass) lies within half a token
+cell (in the image's pixels) of the lesion; strict pointing (inside the lesion itself) is reported too,
+since the 16 x 16 token grid cannot resolve nodules smaller than a cell. Dice: (b) its own mask;
+(a) and (c) their top-k pixels with k the lesion's size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy import ndimage
+
+from .phantoms import make_phantom
+from .report import LEVELS, SIDES
+from .xray import Geometry, Radiograph
+
+CALIBRATION_SEEDS = range(20000, 20600)
+PRIOR_SIZE = 128
+
+
+def zone_priors(seeds=CALIBRATION_SEEDS) -> dict[tuple[str, str], np.ndarray]:
+    """Average lesion mask per zone on a PRIOR_SIZE^2 image-relative grid (the words-only baseline)."""
+    acc = {(s, lv): np.zeros((PRIOR_SIZE, PRIOR_SIZE)) for s in SIDES for lv in LEVELS}
+    for seed in seeds:
+        ph = make_phantom(seed)
+        for les in ph.lesions:
+            acc[(les.side, les.level)] += _resize(les.mask.astype(float), (PRIOR_SIZE, PRIOR_SIZE))
+    return {k: v / max(v.max(), 1e-9) for k, v in acc.items()}
+
+
+def _resize(a: np.ndarray, shape) -> np.ndarray:
+    return ndimage.zoom(a, (shape[0] / a.shape[0], shape[1] / a.shape[1]), order=1, grid_mode=True, mode="nearest")
+
+
+def _top_k(h: np.ndarray, k: int) -> np.ndarray:
+    flat = np.argsort(h, axis=None)[::-1][:k]
+    m = np.zeros(h.size, bool)
+    m[flat] = True
+    return m.reshape(h.shape)
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    s = a.sum() + b.sum()
+    return float(2 * (a & b).sum() / s) if s else 0.0
+
+
+@dataclass
+class Scores:
+    hits: list = field(default_factory=list)
+    strict: list = field(default_factory=list)
+    dice: list = field(default_factory=list)
+
+    def add(self, hit, strict, d):
+        self.hits.append(float(hit))
+        self.strict.append(float(strict))
+        self.dice.append(float(d))
+
+    def summary(self) -> dict:
+        return {"pointing": float(np.mean(self.hits)), "pointing_strict": float(np.mean(self.strict)),
+                "dice": float(np.mean(self.dice))}
+
+
+def evaluate(reader, seeds, priors=None) -> dict:
+    """Zone accuracy and the (a)-(d) table on phantom ``seeds``."""
+    priors = priors or zone_priors()
+    maps = {name: Scores() for name in ("a_raw_attention", "b_final_masks", "c_text_only", "d_chance")}
+    lesions = named = kind_ok = empty_ok = empties = 0
+    for seed in seeds:
+        ph = make_phantom(seed)
+        reading = reader.read(Radiograph(ph.image, Geometry.plain(*ph.image.shape)))
+        if not ph.lesions:
+            empties += 1
+            empty_ok += not reading.findings
+        tol = reading.pad.side / reader.grid / 2
+        for les in ph.lesions:
+            lesions += 1
+            dist = ndimage.distance_transform_edt(~les.mask)
+            n, area = les.mask.sum(), les.mask.size
+            k = next((i for i, f in enumerate(reading.findings) if (f.side, f.level) == (les.side, les.level)), None)
+            final_size = int((reading.labels == k + 1).sum()) if k is not None else int(n)
+            maps["d_chance"].add((dist <= tol).mean(), n / area, 2 * final_size * n / (area * (final_size + n)))
+            if k is None:
+                for name in ("a_raw_attention", "b_final_masks", "c_text_only"):
+                    maps[name].add(0, 0, 0)
+                continue
+            named += 1
+            kind_ok += reading.findings[k].kind == les.kind
+            h = reading.heatmaps[k]
+            p = np.unravel_index(int(np.argmax(h)), h.shape)
+            maps["a_raw_attention"].add(dist[p] <= tol, les.mask[p], dice(_top_k(h, n), les.mask))
+            m = reading.labels == k + 1
+            c = tuple(int(round(x)) for x in ndimage.center_of_mass(m)) if m.any() else p
+            maps["b_final_masks"].add(dist[c] <= tol, les.mask[c], dice(m, les.mask))
+            prior = _resize(priors[(les.side, les.level)], h.shape)
+            q = np.unravel_index(int(np.argmax(prior)), prior.shape)
+            maps["c_text_only"].add(dist[q] <= tol, les.mask[q], dice(_top_k(prior, n), les.mask))
+    return {
+        "images": len(seeds),
+        "lesions": lesions,
+        "zone_accuracy": named / max(1, lesions),
+        "kind_accuracy": kind_ok / max(1, lesions),
+        "empty_images_answered_empty": empty_ok / max(1, empties),
+        "maps": {name: s.summary() for name, s in maps.items()},
+    }
+
+
+def table(result: dict) -> str:
+    lines = [
+        f"{result['images']} held-out phantoms, {result['lesions']} lesions: zone accuracy "
+        f"{result['zone_accuracy']:.3f}, kind accuracy {result['kind_accuracy']:.3f}, "
+        f"empty images answered empty {result['empty_images_answered_empty']:.3f}",
+        "| map | pointing (half-token tolerance) | pointing (strict) | Dice |",
+        "|---|---|---|---|",
+    ]
+    for name, s in result["maps"].items():
+        lines.append(f"| {name} | {s['pointing']:.3f} | {s['pointing_strict']:.3f} | {s['dice']:.3f} |")
+    return "\n".join(lines)

@@ -1,0 +1,59 @@
+"""The captured rows are exactly the attention weights an eager forward computes, and capture changes nothing."""
+
+import numpy as np
+import torch
+from PIL import Image
+
+from monailabel_app.generation import build_inputs, generate, loop_start
+from monailabel_app.phantom_model import DEFAULT_QUESTION, PHANTOM_MODEL_DIR
+from monailabel_app.phantoms import make_phantom
+from monailabel_app.xray import pad_to_square
+
+
+def test_captured_rows_equal_eager_attention(reader):
+    from transformers import Gemma3ForConditionalGeneration
+
+    model, proc = reader.model, reader.processor
+    image = Image.fromarray(pad_to_square(make_phantom(11).image)[0])  # two lesions
+    layers = [0, 1, 2, 3]
+    gen = generate(model, proc, [image], DEFAULT_QUESTION, layers, max_new_tokens=40)
+    assert gen.layers == layers and gen.attention.shape[:3] == (len(gen.token_ids), 4, 4)
+    assert gen.attention.shape[3] == 256
+
+    eager = Gemma3ForConditionalGeneration.from_pretrained(PHANTOM_MODEL_DIR, attn_implementation="eager").eval()
+    inputs = build_inputs(proc, [image], DEFAULT_QUESTION, None, "cpu", torch.float32)
+    prompt_len = inputs["input_ids"].shape[1]
+    new = torch.tensor([gen.token_ids])
+    ids = torch.cat([inputs["input_ids"], new], dim=1)
+    tt = torch.cat([inputs["token_type_ids"], torch.zeros_like(new)], dim=1)
+    with torch.no_grad():
+        out = eager(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=tt,
+                    pixel_values=inputs["pixel_values"], output_attentions=True, use_cache=False)
+    img_pos = (inputs["input_ids"][0] == model.config.image_token_index).nonzero()[:, 0]
+    rows = torch.arange(len(gen.token_ids)) + prompt_len - 1  # the query that emitted each new token
+    for li, layer in enumerate(layers):
+        ref = out.attentions[layer][0][:, rows][:, :, img_pos].permute(1, 0, 2)  # (tokens, heads, 256)
+        assert torch.allclose(gen.attention[:, li], ref, atol=1e-5), layer
+    # the answer is the same as plain SDPA generation gives
+    sdpa = Gemma3ForConditionalGeneration.from_pretrained(PHANTOM_MODEL_DIR, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        plain = sdpa.generate(**inputs, max_new_tokens=40, do_sample=False)
+    assert proc.tokenizer.decode(plain[0, prompt_len:], skip_special_tokens=True).strip() == gen.text.strip()
+
+
+def test_token_spans_cover_the_finding_text(reader):
+    image = Image.fromarray(pad_to_square(make_phantom(11).image)[0])
+    gen = generate(reader.model, reader.processor, [image], DEFAULT_QUESTION, [1], max_new_tokens=40)
+    second = gen.text.index(". ") + 2
+    toks = gen.token_range((second, len(gen.text)))
+    said = "".join(reader.processor.tokenizer.decode([gen.token_ids[i]]) for i in toks)
+    assert said.strip() == gen.text[second:].strip()
+
+
+def test_loop_detection():
+    assert loop_start([1, 2, 3, 4, 4, 4]) == 4
+    assert loop_start([9, 1, 2, 1, 2, 1, 2]) == 3
+    assert loop_start([1, 2, 3, 1, 2, 4]) is None
+    a = [5, 6, 7, 8] * 3
+    assert a[: loop_start(a)] == [5, 6, 7, 8]
+    assert np.all([loop_start(list(range(n))) is None for n in range(12)])

@@ -52,6 +52,9 @@ def _register_error_handlers() -> None:
         return JSONResponse(status_code=400, content={"detail": f"params is not valid JSON: {exc}"})
 
     fastapi_app.add_exception_handler(json.JSONDecodeError, bad_json)
+    # the app is created while the server starts, after Starlette built its middleware stack (and
+    # with it a copy of the handlers): let it rebuild the stack on the next request
+    fastapi_app.middleware_stack = None
 
 
 class MyApp(MONAILabelApp):
@@ -91,6 +94,8 @@ class MyApp(MONAILabelApp):
     def infer(self, request, datastore=None):
         """MONAI Label's infer, plus: unknown image ids are a 404, and the heatmap goes to the datastore."""
         datastore = datastore or self.datastore()
+        if request.get("model") not in self._infers:
+            raise HTTPException(status_code=404, detail=f"unknown model {request.get('model')!r}; this server has {sorted(self._infers)}")
         image_id = request.get("image")
         if not isinstance(image_id, str) or not image_id:
             raise HTTPException(status_code=422, detail="'image' must be an image id")

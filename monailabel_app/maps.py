@@ -7,7 +7,12 @@ and the phantom model), token ``(i, j)`` covering rows ``[i, i+1) * side / g`` a
 ``(i + 1/2) * side / g``) to the square's side and the padding is cropped off; the result is on the
 original pixel grid, whatever the input size or aspect.
 
-Mask rule (documented in the README): per finding, the heatmap is scaled to 0..1 over the image
+Side gate (safety): a mask on the wrong side of the patient is worse than none. When a finding's text
+names the patient's right or left, its heatmap is zeroed on the other half of the image before the
+mask is made (PA display: patient right = image columns left of the centre). Bilateral or unsided
+findings are not gated. The raw heatmap is kept as well, ungated.
+
+Mask rule (documented in the README): per finding, the (gated) heatmap is scaled to 0..1 over the image
 (min-max); the mask is the 8-connected region around the heatmap's peak where it is at least
 ``threshold`` (0.5: the half-maximum contour). Where the masks of two findings overlap, a pixel goes to
 the finding whose scaled heatmap is larger there. Labels are 1..n in finding order; 0 is background.
@@ -36,6 +41,17 @@ def pixel_box_to_grid(pad: SquarePad, grid: int) -> np.ndarray:
     rows = (edges[1:] > pad.top) & (edges[:-1] < pad.top + pad.rows)
     cols = (edges[1:] > pad.left) & (edges[:-1] < pad.left + pad.cols)
     return rows[:, None] & cols[None, :]
+
+
+def side_gate(shape: tuple[int, int], side: str) -> np.ndarray:
+    """float32 (rows, cols): 1 on the image half that shows the patient's ``side`` (PA view), else 0."""
+    gate = np.ones(shape, np.float32)
+    half = shape[1] // 2
+    if side == "right":  # patient right = image left
+        gate[:, half:] = 0
+    elif side == "left":
+        gate[:, : shape[1] - half] = 0
+    return gate
 
 
 def normalise(heatmap: np.ndarray) -> np.ndarray:

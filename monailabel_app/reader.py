@@ -37,7 +37,8 @@ class Reading:
     findings: list[Finding]
     names: list[str]
     grids: list[np.ndarray]  # per finding, (g, g) map on the image-token grid
-    heatmaps: list[np.ndarray]  # per finding, float32 on the input's pixels
+    heatmaps: list[np.ndarray]  # per finding, raw attention (float32) on the input's pixels
+    mask_maps: list[np.ndarray]  # per finding, the heatmap the mask is cut from (side-gated)
     labels: np.ndarray  # uint8 on the input's pixels, finding k -> k
     radiograph: Radiograph
     pad: SquarePad
@@ -60,7 +61,7 @@ class Reading:
                 "score": round(f.score, 4),
                 "peak_pixel": [int(i) for i in np.unravel_index(int(np.argmax(h)), h.shape)],
             }
-            for k, (f, name, h) in enumerate(zip(self.findings, self.names, self.heatmaps), start=1)
+            for k, (f, name, h) in enumerate(zip(self.findings, self.names, self.mask_maps), start=1)
         ]
 
     def result_json(self) -> dict:
@@ -143,7 +144,8 @@ class Reader:
             grids.append(grid)
             heatmaps.append(maps.grid_to_pixels(grid, pad))
         threshold = float(self.info.grounding.get("threshold", 0.5))
-        labels = maps.label_map(heatmaps, threshold) if heatmaps else np.zeros(radiograph.pixels.shape, np.uint8)
+        mask_maps = [h * maps.side_gate(h.shape, f.side) for f, h in zip(findings, heatmaps)]
+        labels = maps.label_map(mask_maps, threshold) if mask_maps else np.zeros(radiograph.pixels.shape, np.uint8)
         t_maps = time.perf_counter()
         return Reading(
             report=gen.text.strip(),
@@ -151,6 +153,7 @@ class Reader:
             names=unique_names(findings),
             grids=grids,
             heatmaps=heatmaps,
+            mask_maps=mask_maps,
             labels=labels,
             radiograph=radiograph,
             pad=pad,

@@ -4,8 +4,8 @@ Label maps and heatmaps take the input's exact array shape, spacing, origin and 
 (:class:`monailabel_app.xray.Geometry`), so a viewer lays them on the image voxel for voxel. Formats by
 extension: ``.nii.gz``/``.nii``/``.nrrd``/``.mha`` (SimpleITK) or ``.png`` (8-bit, 2-D only).
 
-The combined heatmap is, per pixel, the largest of the findings' heatmaps each scaled to 0..1 (the
-values the masks are thresholded on); the per-finding heatmaps keep the raw attention values.
+The combined heatmap is, per pixel, the largest of the findings' side-gated heatmaps each scaled to
+0..1 (the values the masks are thresholded on); the per-finding heatmaps keep the raw attention values.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ def overlay_png(reading, path: str, alpha: float = 0.45) -> str:
     img = Image.fromarray(base.clip(0, 255).astype(np.uint8))
     scale = max(1, round(max(img.size) / 512))
     draw = ImageDraw.Draw(img)
-    for k, (name, h) in enumerate(zip(reading.names, reading.heatmaps), start=1):
+    for k, (name, h) in enumerate(zip(reading.names, reading.mask_maps), start=1):
         r, c = np.unravel_index(int(np.argmax(h)), h.shape)
         colour = PALETTE[(k - 1) % len(PALETTE)]
         draw.ellipse([c - 3 * scale, r - 3 * scale, c + 3 * scale, r + 3 * scale], outline=colour, width=scale)
@@ -122,7 +122,7 @@ def write_reading(reading, out_dir: str, save_model_inputs: bool = False) -> dic
     files = {
         "mask": write_in_geometry(reading.labels, geom, os.path.join(out_dir, "mask.nii.gz"), np.uint8),
         "heatmap": write_in_geometry(
-            combined_heatmap(reading.heatmaps, reading.labels.shape), geom,
+            combined_heatmap(reading.mask_maps, reading.labels.shape), geom,
             os.path.join(out_dir, "heatmap.nii.gz"), np.float32,
         ),
         "overlay": overlay_png(reading, os.path.join(out_dir, "overlay.png")),

@@ -51,3 +51,10 @@ def test_peak_region_and_label_map():
     assert labels.dtype == np.uint8 and set(np.unique(labels)) == {0, 1, 2}
     assert labels[12, 12] == 1 and labels[25, 25] == 2
     assert maps.peak_region(np.zeros((5, 5))).sum() == 0
+
+
+def test_side_gate_keeps_the_named_side_of_the_patient():
+    right, left = maps.side_gate((4, 7), "right"), maps.side_gate((4, 7), "left")
+    assert right[:, :3].all() and not right[:, 3:].any()  # patient right = image left
+    assert left[:, 4:].all() and not left[:, :4].any()
+    assert maps.side_gate((4, 7), "bilateral").all() and maps.side_gate((4, 7), "").all()

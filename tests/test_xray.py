@@ -114,3 +114,15 @@ def test_pad_to_square_centres_the_image(shape):
     assert np.array_equal(sq[pad.top : pad.top + shape[0], pad.left : pad.left + shape[1], 0], a)
     assert sq.sum() == a.sum() * 3
     assert abs(pad.top - (pad.side - pad.rows - pad.top)) <= 1 and abs(pad.left - (pad.side - pad.cols - pad.left)) <= 1
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4])
+def test_real_pa_radiograph_is_not_mirrored(n):
+    """Real PA chest X-rays with reference lung masks: lungs are dark in our pixels, and the heart
+    narrows the patient's LEFT lung, which must be on the image's right."""
+    r = load_radiograph(shared("cxr", "lungseg2d", f"{n}.jpg"))
+    mask = np.array(Image.open(shared("cxr", "lungseg2d", f"{n}-mask.png")).convert("L")) > 127
+    assert mask.shape == r.pixels.shape
+    assert r.pixels[mask].mean() < r.pixels[~mask].mean()
+    half = mask.shape[1] // 2
+    assert mask[:, :half].sum() > mask[:, half:].sum()

@@ -78,7 +78,7 @@ class MedGemmaInfer(InferTask):
         write_in_geometry(reading.labels, geom, label_file, dtype)
         result = reading.result_json()
         result["heatmap_file"] = write_in_geometry(
-            combined_heatmap(reading.heatmaps, reading.labels.shape), geom, _temp_path(".nii.gz" if ext == ".png" else ext),
+            combined_heatmap(reading.mask_maps, reading.labels.shape), geom, _temp_path(".nii.gz" if ext == ".png" else ext),
             np.float32,
         )
         logger.info("medgemma: %s | %s", reading.report[:200], json.dumps(reading.latencies))

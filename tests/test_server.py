@@ -1,0 +1,178 @@
+"""End to end through a real MONAI Label server, called exactly as the 3D Slicer plugin calls it."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+import numpy as np
+import pytest
+import requests
+import SimpleITK as sitk
+from monailabel.client import MONAILabelClient
+from PIL import Image
+
+from conftest import CXR, shared
+from monailabel_app.phantoms import make_phantom
+from monailabel_app.server import ServerProcess
+from monailabel_app.xray import load_radiograph
+
+PHANTOM_SEEDS = [7, 11, 23, 42]
+EMPTY_SEED = next(s for s in range(100) if not make_phantom(s).lesions)
+SLICER = {"result_extension": ".nrrd", "result_dtype": "uint8"}
+REAL = {
+    "real_png": "nih/00000001_000.png",
+    "real_cr_j2k": "dicom/RG1_J2KR.dcm",
+    "real_dx": "dicom/dx_image.dcm",
+    "real_siim_cr": "siim/*.dcm",
+    "real_jpg": "lungseg2d/2.jpg",
+}
+BAD = {  # image id -> (file content or source, expected status, words in the message)
+    "bad_empty": (b"", 422, "empty"),
+    "bad_noise": (os.urandom(3000), 422, "DICOM"),
+    "bad_truncated": ("truncated", 422, "pixel data"),
+    "bad_sr": (("dicom_objects", "sr_document.dcm"), 422, "structured report"),
+    "bad_ct_volume": (("ct", "totalsegmentator", "example_ct_sm.nii.gz"), 422, "3-D volume"),
+}
+BAD_EXT = {"bad_empty": ".png", "bad_noise": ".dcm", "bad_truncated": ".dcm", "bad_sr": ".dcm", "bad_ct_volume": ".nii.gz"}
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    d = tmp_path_factory.mktemp("studies")
+    for seed in PHANTOM_SEEDS + [EMPTY_SEED]:
+        Image.fromarray(make_phantom(seed).image).save(d / f"phantom_{seed}.png")
+    for name, pattern in REAL.items():
+        src = sorted(glob.glob(os.path.join(CXR, pattern)))[0]
+        shutil.copy(src, d / (name + ("." + src.rsplit(".", 1)[1])))
+    for name, (content, _, _) in BAD.items():
+        dest = d / (name + BAD_EXT[name])
+        if content == "truncated":
+            data = open(shared("cxr", "dicom", "RG1_UNCR.dcm"), "rb").read()
+            dest.write_bytes(data[: len(data) // 3])
+        elif isinstance(content, tuple):
+            shutil.copy(shared(*content), dest)
+        else:
+            dest.write_bytes(content)
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(studies):
+    with ServerProcess(str(studies)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return MONAILabelClient(server.url)
+
+
+def _path(studies, image_id):
+    return next(p for p in glob.glob(str(studies / (image_id + ".*"))))
+
+
+def test_info_lists_medgemma_for_the_slicer_plugin(client):
+    info = client.info()
+    m = info["models"]["medgemma"]
+    assert m["type"] == "segmentation" and m["dimension"] == 2
+    assert {"question", "max_new_tokens", "precision"} <= set(m["config"])
+    assert m["config"]["precision"] == "fp32" and "NOT MedGemma" in m["model"]["label"]
+
+
+@pytest.mark.parametrize("seed", PHANTOM_SEEDS)
+def test_phantom_through_the_server(client, server, studies, seed, tmp_path):
+    ph = make_phantom(seed)
+    label_file, res = client.infer("medgemma", f"phantom_{seed}", SLICER)
+    assert label_file.endswith(".nrrd")
+    label = sitk.ReadImage(label_file)
+    arr = sitk.GetArrayFromImage(label)
+    assert arr.shape == ph.image.shape and arr.dtype == np.uint8  # the input's geometry
+    assert label.GetSpacing() == (1.0, 1.0) and label.GetOrigin() == (0.0, 0.0)
+    # the text names the right side and zone for each lesion, segments are named after the findings
+    assert res["report"] == ph.report
+    assert [(f["side"], f["level"], f["kind"]) for f in res["findings"]] == [(l.side, l.level, l.kind) for l in ph.lesions]
+    assert res["label_names"] == {f["name"]: f["label"] for f in res["findings"]}
+    assert sorted(set(np.unique(arr)) - {0}) == [f["label"] for f in res["findings"]]
+    for f, les in zip(res["findings"], ph.lesions):
+        cols = np.nonzero(arr == f["label"])[1]
+        assert (cols.mean() < arr.shape[1] / 2) == (les.side == "right")  # patient right = image left
+        assert f["text"] in res["report"] and 0 < f["score"] <= 1
+    assert res["model"]["precision"] == "fp32" and res["latencies"]["total"] > 0
+    # the float heatmap is reachable through the datastore API, in the same geometry
+    r = requests.get(server.url + res["heatmap"]["url"], timeout=30)
+    assert r.status_code == 200
+    hm_file = tmp_path / "hm.nrrd"
+    hm_file.write_bytes(r.content)
+    hm = sitk.ReadImage(str(hm_file))
+    assert hm.GetSize() == label.GetSize() and sitk.GetArrayFromImage(hm).dtype == np.float32
+
+
+def test_defaults_and_empty_answer(client):
+    label_file, res = client.infer("medgemma", f"phantom_{EMPTY_SEED}", {})
+    assert label_file.endswith(".nii.gz")
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(label_file))
+    assert arr.shape == make_phantom(EMPTY_SEED).image.shape and not arr.any()
+    assert res["findings"] == [] and res["label_names"] == {} and res["report"] == "no focal abnormality."
+
+
+@pytest.mark.parametrize("image_id", sorted(REAL))
+def test_real_xrays_answer_in_their_geometry(client, studies, image_id):
+    label_file, res = client.infer("medgemma", image_id, SLICER)
+    label = sitk.ReadImage(label_file)
+    src = load_radiograph(_path(studies, image_id))
+    assert sitk.GetArrayFromImage(label).shape == src.pixels.shape
+    assert np.allclose(label.GetSpacing(), src.geometry.spacing)
+    assert isinstance(res["report"], str) and res["report"].strip()
+    for f in res["findings"]:
+        assert {"label", "name", "text", "kind", "location", "score"} <= set(f)
+    assert res["latencies"]["stop_reason"] in ("eos", "max_new_tokens", "repetition")
+
+
+def test_uploaded_one_slice_volume_as_slicer_sends_it(client, tmp_path):
+    ph = make_phantom(11)
+    img = sitk.GetImageFromArray(ph.image[None].astype(np.int16))
+    img.SetSpacing((0.3, 0.3, 1.0))
+    img.SetOrigin((-40.0, -35.0, 12.0))
+    path = tmp_path / "volume.nrrd"
+    sitk.WriteImage(img, str(path))
+    label_file, res = client.infer("medgemma", "uploaded", SLICER, file=str(path))
+    label = sitk.ReadImage(label_file)
+    assert label.GetSize() == img.GetSize() and label.GetSpacing() == img.GetSpacing()
+    assert label.GetOrigin() == img.GetOrigin() and label.GetDirection() == img.GetDirection()
+    assert res["report"] == ph.report and "heatmap" not in res  # uploads are not kept in the datastore
+
+
+def _still_serving(server, client):
+    assert requests.get(server.url + "/info/", timeout=30).status_code == 200
+    _, res = client.infer("medgemma", "phantom_7", SLICER)
+    assert res["report"] == make_phantom(7).report
+
+
+@pytest.mark.parametrize("image_id", sorted(BAD))
+def test_bad_images_get_a_4xx_and_the_server_keeps_serving(server, client, image_id):
+    _, status, words = BAD[image_id]
+    r = requests.post(f"{server.url}/infer/medgemma?image={image_id}", data={"params": "{}"}, timeout=120)
+    assert r.status_code == status, r.text
+    assert words.lower() in r.json()["detail"].lower()
+    _still_serving(server, client)
+
+
+@pytest.mark.parametrize("model,image,params,status,words", [
+    ("medgemma", "no_such_image", "{}", 404, "unknown image id"),
+    ("nope", "phantom_7", "{}", 404, "unknown model"),
+    ("medgemma", "phantom_7", '{"max_new_tokens": -5}', 422, "between 1 and"),
+    ("medgemma", "phantom_7", '{"max_new_tokens": "lots"}', 422, "whole number"),
+    ("medgemma", "phantom_7", '{"question": 12}', 422, "must be text"),
+    ("medgemma", "phantom_7", '{"question": "' + "why " * 600 + '"}', 422, "characters long"),
+    ("medgemma", "phantom_7", '{"result_extension": ".exe"}', 422, "result_extension"),
+    ("medgemma", "phantom_7", '{"result_dtype": "complex64"}', 422, "result_dtype"),
+    ("medgemma", "phantom_7", '{"precision": "fp16"}', 422, "precision"),
+    ("medgemma", "phantom_7", "{not json", 400, "not valid JSON"),
+])
+def test_bad_requests_get_a_4xx_and_the_server_keeps_serving(server, client, model, image, params, status, words):
+    r = requests.post(f"{server.url}/infer/{model}?image={image}", data={"params": params}, timeout=120)
+    assert r.status_code == status, r.text
+    assert words.lower() in r.json()["detail"].lower()
+    _still_serving(server, client)

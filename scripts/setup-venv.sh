@@ -8,10 +8,15 @@ cd "$root"
 python=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 stamp=".venv/.installed-$(cat pyproject.toml scripts/setup-venv.sh | sha256sum | cut -c1-16)"
+pip_install() {  # quiet, without this machine's "Location ... is ignored" index noise
+  .venv/bin/python -m pip install -q "$@" 2>&1 | { grep -v "is ignored: it is neither" || true; }
+}
 if [ ! -f "$stamp" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-  .venv/bin/python -m pip install -q -e ".[test]"
+  echo "installing into .venv (first time: several minutes) ..."
+  pip_install --upgrade pip
+  pip_install torch==2.14.1 torchvision==0.29.1
+  pip_install -e ".[test]"
+  .venv/bin/python -c "import torch, transformers, monailabel, monailabel_app" # fail here, not in the tests
   rm -f .venv/.installed-*
   touch "$stamp"
 fi

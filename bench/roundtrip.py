@@ -1,0 +1,59 @@
+#!/usr/bin/env python
+"""Server round-trip time per X-ray on this machine: MONAILabelClient.infer as the Slicer plugin calls it.
+
+    .venv/bin/python bench/roundtrip.py [--repeats 5]
+
+Starts a real MONAI Label server (embedded phantom model) on a datastore of phantoms and the real X-rays
+of ../shared/data, then prints per image the median and min round trip and the server's own stage times.
+"""
+
+import argparse
+import glob
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+
+from monailabel.client import MONAILabelClient  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from monailabel_app.phantoms import make_phantom  # noqa: E402
+from monailabel_app.server import ServerProcess  # noqa: E402
+
+CXR = os.path.join(ROOT, "..", "shared", "data", "cxr")
+IMAGES = {"real_nih_512.png": "nih/00000001_000.png", "real_siim_cr_1024.dcm": "siim/*.dcm",
+          "real_cr_j2k_1955x1841.dcm": "dicom/RG1_J2KR.dcm", "real_cr_uncompressed_1955x1841.dcm": "dicom/RG1_UNCR.dcm"}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    studies = tempfile.mkdtemp(prefix="roundtrip-")
+    Image.fromarray(make_phantom(11).image).save(os.path.join(studies, "phantom_11.png"))
+    for name, pattern in IMAGES.items():
+        shutil.copy(sorted(glob.glob(os.path.join(CXR, pattern)))[0], os.path.join(studies, name))
+    params = {"result_extension": ".nrrd", "result_dtype": "uint8"}
+    with ServerProcess(studies) as server:
+        client = MONAILabelClient(server.url)
+        client.infer("medgemma", "phantom_11", params)  # warm-up
+        print(f"{'image':40s} {'median s':>9s} {'min s':>7s}   server stages (last run)")
+        for image_id in ["phantom_11"] + [n.split(".")[0] for n in IMAGES]:
+            times = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                _, res = client.infer("medgemma", image_id, params)
+                times.append(time.perf_counter() - t0)
+            lat = res["latencies"]
+            stages = " ".join(f"{k}={lat[k]:.3f}" for k in ("load_image", "prepare", "generate", "maps", "total"))
+            print(f"{image_id:40s} {statistics.median(times):9.3f} {min(times):7.3f}   {stages} tokens={lat['new_tokens']}")
+    shutil.rmtree(studies, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""The shipped phantom model is what the recipe builds: same tokenizer, same architecture, labelled as a test model."""
+
+import json
+import os
+
+from transformers import AutoTokenizer
+
+from monailabel_app import phantom_model as pm
+
+
+def test_recipe_rebuilds_the_shipped_tokenizer_and_config():
+    built = pm.build_tokenizer()
+    shipped = AutoTokenizer.from_pretrained(pm.PHANTOM_MODEL_DIR)
+    assert built.get_vocab() == shipped.get_vocab()
+    text = "nodule in the right upper zone. effusion in the left lower zone."
+    assert built(text)["input_ids"] == shipped(text)["input_ids"]
+    for word in ("right", "left", "upper", "middle", "lower", "nodule", "opacity", "effusion"):
+        assert len(shipped(" " + word, add_special_tokens=False)["input_ids"]) == 1, word
+    cfg = json.load(open(os.path.join(pm.PHANTOM_MODEL_DIR, "config.json")))
+    rebuilt = pm.build_config(built).to_dict()
+    assert cfg["architectures"] == ["Gemma3ForConditionalGeneration"]
+    for key in ("mm_tokens_per_image", "image_token_index", "boi_token_index"):
+        assert cfg[key] == rebuilt[key]
+    assert cfg["mm_tokens_per_image"] == 256  # MedGemma's 16 x 16 grid
+    assert cfg["vision_config"]["image_size"] // cfg["vision_config"]["patch_size"] == 16
+    assert cfg["text_config"]["layer_types"] == rebuilt["text_config"]["layer_types"]
+
+
+def test_labelled_as_a_test_model():
+    assert "NOT MedGemma" in pm.MODEL_LABEL
+    assert "NOT MedGemma" in pm.__doc__

@@ -126,3 +126,25 @@ def test_real_pa_radiograph_is_not_mirrored(n):
     assert r.pixels[mask].mean() < r.pixels[~mask].mean()
     half = mask.shape[1] // 2
     assert mask[:, :half].sum() > mask[:, half:].sum()
+
+
+def test_voi_lut_sequence_is_applied(tmp_path):
+    """A DICOM VOI LUT (here a threshold at 128) decides the displayed values, not a percentile window."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds = pydicom.dcmread(shared("cxr", "dicom", "dx_image.dcm"))
+    raw = ds.pixel_array.copy()
+    for tag in ("WindowCenter", "WindowWidth"):
+        if tag in ds:
+            delattr(ds, tag)
+    lut = Dataset()
+    lut.LUTDescriptor = [256, 0, 8]
+    lut.add_new(0x00283006, "US", [0] * 128 + [255] * 128)  # LUTData
+    ds.VOILUTSequence = Sequence([lut])
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.save_as(tmp_path / "voi.dcm")
+    r = load_radiograph(str(tmp_path / "voi.dcm"))
+    assert r.source["windowing"] == "VOI LUT"
+    assert set(np.unique(r.pixels)) <= {0, 255}
+    assert np.array_equal(r.pixels == 255, raw >= 128)

@@ -31,9 +31,10 @@ _ACTIVE: contextvars.ContextVar["AttentionRecorder | None"] = contextvars.Contex
 class AttentionRecorder:
     """Collects, per layer, one (batch, heads, n_image_tokens) row per forward call."""
 
-    def __init__(self, layers: list[int], image_positions: torch.Tensor):
+    def __init__(self, layers: list[int], image_positions: torch.Tensor, prompt_len: int):
         self.layers = set(layers)
         self.image_positions = image_positions  # (n_image_tokens,) key positions of image tokens
+        self.prompt_len = prompt_len
         self.rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
         self.dropped: dict[int, str] = {}
 
@@ -41,7 +42,9 @@ class AttentionRecorder:
         if layer in self.dropped:
             return
         last = self.image_positions.max().item()
-        if key.shape[2] <= last or (self.rows[layer] and key.shape[2] != self._expected(layer)):
+        # a full-attention layer's keys are the prompt at prefill, then grow by one per decode step
+        expected = self.prompt_len + len(self.rows[layer])
+        if key.shape[2] <= last or (self.rows[layer] and key.shape[2] != expected):
             self.dropped[layer] = f"keys cover {key.shape[2]} positions (window shorter than the sequence)"
             self.rows[layer].clear()
             return
@@ -55,11 +58,6 @@ class AttentionRecorder:
             scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
         weights = torch.softmax(scores, dim=-1)[:, :, 0, :]
         self.rows[layer].append(weights[:, :, self.image_positions].detach().cpu())
-        self._last_len = key.shape[2]
-
-    def _expected(self, layer: int) -> int:
-        # a full-attention layer's keys grow by one per decode step
-        return self.rows_len_start + len(self.rows[layer])
 
     @property
     def usable_layers(self) -> list[int]:
@@ -91,8 +89,7 @@ AttentionMaskInterface.register(CAPTURE_ATTN, sdpa_mask)
 
 @contextmanager
 def recording(layers: list[int], image_positions: torch.Tensor, prompt_len: int):
-    recorder = AttentionRecorder(layers, image_positions)
-    recorder.rows_len_start = prompt_len
+    recorder = AttentionRecorder(layers, image_positions, prompt_len)
     token = _ACTIVE.set(recorder)
     try:
         yield recorder

@@ -135,7 +135,7 @@ def load_model(ref: str, device: str = "auto", precision: str = "auto", label: s
     local = os.path.isdir(ref)
     if local:
         _check_local_folder(ref)
-    elif os.path.sep in ref and not ref.count("/") == 1:
+    elif ref.startswith((".", "/", "~")) or ref.count("/") > 1:  # a path, not a hub id "org/name"
         raise ModelLoadError(f"model folder not found: {ref}")
     try:
         model = Gemma3ForConditionalGeneration.from_pretrained(

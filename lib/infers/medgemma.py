@@ -24,8 +24,6 @@ from monailabel_app.writers import check_dtype, check_extension, combined_heatma
 logger = logging.getLogger(__name__)
 
 HEATMAP_TAG = "medgemma_heatmap"
-# request keys this task reads; MONAI Label and the Slicer plugin add others (device, label_tag, ...)
-KNOWN_PARAMS = ("question", "max_new_tokens", "result_extension", "result_dtype", "heatmap")
 
 
 class MedGemmaInfer(InferTask):

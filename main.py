@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import logging
 import os
 import pkgutil
 import sys
@@ -24,8 +23,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # lib/ and monai
 
 import lib.configs  # noqa: E402
 from lib.infers.medgemma import HEATMAP_TAG  # noqa: E402
-
-logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ["*.nii.gz", "*.nii", "*.nrrd", "*.mha", "*.png", "*.jpg", "*.jpeg", "*.bmp", "*.tif", "*.tiff", "*.dcm"]
 

@@ -35,14 +35,6 @@ def grid_to_pixels(grid: np.ndarray, pad: SquarePad) -> np.ndarray:
     return square[pad.top : pad.top + pad.rows, pad.left : pad.left + pad.cols].numpy().copy()
 
 
-def pixel_box_to_grid(pad: SquarePad, grid: int) -> np.ndarray:
-    """Bool (g, g): the tokens whose cells overlap the image (not only padding)."""
-    edges = (np.arange(grid + 1) * pad.side) / grid
-    rows = (edges[1:] > pad.top) & (edges[:-1] < pad.top + pad.rows)
-    cols = (edges[1:] > pad.left) & (edges[:-1] < pad.left + pad.cols)
-    return rows[:, None] & cols[None, :]
-
-
 def side_gate(shape: tuple[int, int], side: str) -> np.ndarray:
     """float32 (rows, cols): 1 on the image half that shows the patient's ``side`` (PA view), else 0."""
     gate = np.ones(shape, np.float32)

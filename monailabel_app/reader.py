@@ -159,7 +159,8 @@ class Reader:
             pad=pad,
             model_input=square,
             question=question,
-            model={**self.info.public(), "layers": gen.layers, "grounding": self.info.grounding.get("source")},
+            model={**self.info.public(), "layers": gen.layers, "dropped_layers": gen.dropped_layers,
+                   "grounding": self.info.grounding.get("source")},
             latencies={
                 "load_image": round(t_load - t0, 4),
                 "prepare": round(gen.seconds["prepare"], 4),

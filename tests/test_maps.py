@@ -32,12 +32,6 @@ def test_token_cell_maps_back_to_its_pixels(rows, cols):
     assert h[:, : int(mid) - int(cell)].min() > 0.99 and h[:, int(mid) + int(cell) :].max() < 0.01
 
 
-def test_tokens_over_image_excludes_pure_padding():
-    pad = SquarePad(160, 320)  # 80 rows of padding above and below
-    m = maps.pixel_box_to_grid(pad, 16)
-    assert m[4:12].all() and not m[:4].any() and not m[12:].any()
-
-
 def test_peak_region_and_label_map():
     h1 = np.zeros((50, 60), np.float32)
     h1[10:20, 10:20] = 1.0

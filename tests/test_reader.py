@@ -26,6 +26,7 @@ def test_reading_a_phantom(reader, seed):
     res = r.result_json()
     assert res["label_names"] == {n: k for k, n in enumerate(r.names, start=1)}
     assert res["model"]["label"].endswith("NOT MedGemma)")
+    assert res["model"]["layers"] == [1, 2] and res["model"]["dropped_layers"] == {}
 
 
 def test_named_side_and_mask_side_agree_with_the_patient(reader):

@@ -9,15 +9,12 @@
 
 from __future__ import annotations
 
-import logging
 
 from monailabel.interfaces.config import TaskConfig
 
 from lib.infers.medgemma import MedGemmaInfer
 from monailabel_app.phantom_model import DEFAULT_QUESTION
 from monailabel_app.reader import Reader
-
-logger = logging.getLogger(__name__)
 
 
 class MedGemma(TaskConfig):

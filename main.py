@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # lib/ and monai
 import lib.configs  # noqa: E402
 from lib.infers.medgemma import HEATMAP_TAG  # noqa: E402
 
-IMAGE_EXTENSIONS = ["*.nii.gz", "*.nii", "*.nrrd", "*.mha", "*.png", "*.jpg", "*.jpeg", "*.bmp", "*.tif", "*.tiff", "*.dcm"]
+IMAGE_EXTENSIONS = ["*.nii.gz", "*.nii", "*.nrrd", "*.mha", "*.png", "*.jpg", "*.jpeg", "*.bmp", "*.tif", "*.tiff", "*.dcm", "*.zip"]  # .zip: a DICOM series
 
 
 def task_configs() -> dict[str, type]:

@@ -1,8 +1,14 @@
-"""``medgemma-label``: read a radiograph from the command line, or draw phantoms.
+"""``medgemma-label``: read a chest radiograph or a CT volume from the command line, or draw phantoms.
 
-    medgemma-label -i IMAGE -o OUTDIR [--model ID|DIR] [--question TEXT] [--precision auto|bf16|fp32|fp16]
-                   [--device auto|cpu|cuda] [--max-new-tokens N] [--save-inputs]
+    medgemma-label -i STUDY -o OUTDIR [--model ID|DIR] [--question TEXT] [--precision auto|bf16|fp32|fp16]
+                   [--device auto|cpu|cuda] [--max-new-tokens N] [--modality auto|ct|xray]
+                   [--max-slices N] [--resample] [--save-inputs]
     medgemma-label phantom --seed N [--count K] --out DIR
+    medgemma-label phantom --ct --seed N [--count K] --out DIR [--format nifti|nrrd|dicom] [--orientation LPS]
+
+STUDY is a radiograph (PNG/JPEG, DICOM CR/DX, a one-plane NIfTI/NRRD) or a CT volume (NIfTI/NRRD/MHA,
+a DICOM series folder or .zip, an enhanced multi-frame or single-slice CT DICOM); the kind is decided
+from the content unless --modality says.
 
 Without ``--model`` the embedded phantom model is used: a tiny synthetic TEST model, not MedGemma.
 Exit status: 0 done, 2 bad input (the message says what was wrong), 3 the model could not be loaded.
@@ -20,15 +26,52 @@ import numpy as np
 from PIL import Image
 
 
+CT_FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd", "dicom": ""}
+
+
+def _ct_phantoms(args) -> int:
+    from . import ct_phantoms
+
+    for seed in range(args.seed, args.seed + args.count):
+        ph = ct_phantoms.make_ct_phantom(seed)
+        stem = os.path.join(args.out, f"ct_phantom_{seed:06d}")
+        image = ct_phantoms.save(ph, stem + CT_FORMATS[args.format], args.orientation)
+        labels = np.zeros(ph.hu.shape, np.uint8)
+        for k, les in enumerate(ph.lesions, start=1):
+            labels[les.mask] = k
+        ct_phantoms.save(ph, stem + "_mask.nii.gz", args.orientation, array=labels)
+        meta = {
+            "seed": seed,
+            "report": ph.report,
+            "image": os.path.basename(image),
+            "stored_orientation": args.orientation,
+            "lesions": [
+                {"label": k, "kind": les.kind, "lobe": les.lobe, "radius_mm": round(les.radius_mm, 1),
+                 "voxels": int(les.mask.sum())}
+                for k, les in enumerate(ph.lesions, start=1)
+            ],
+            "note": "synthetic CT phantom in HU; label k in the mask is lesion k",
+        }
+        with open(stem + ".json", "w") as f:
+            json.dump(meta, f, indent=2)
+        print(f"{image}  {ph.report}")
+    return 0
+
+
 def _phantom_main(argv) -> int:
     from .phantoms import make_phantom
 
-    ap = argparse.ArgumentParser(prog="medgemma-label phantom", description="Draw synthetic chest X-ray phantoms.")
+    ap = argparse.ArgumentParser(prog="medgemma-label phantom", description="Draw synthetic chest X-ray or CT phantoms.")
     ap.add_argument("--seed", type=int, required=True)
     ap.add_argument("--count", type=int, default=1, help="draw seeds seed..seed+count-1")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--ct", action="store_true", help="chest CT volumes (HU) instead of radiographs")
+    ap.add_argument("--format", choices=sorted(CT_FORMATS), default="nifti", help="CT file format")
+    ap.add_argument("--orientation", default="LPS", help="stored axis order of CT files, e.g. LPS, RAS, PIL")
     args = ap.parse_args(argv)
     os.makedirs(args.out, exist_ok=True)
+    if args.ct:
+        return _ct_phantoms(args)
     for seed in range(args.seed, args.seed + args.count):
         ph = make_phantom(seed)
         stem = os.path.join(args.out, f"phantom_{seed:06d}")
@@ -54,26 +97,30 @@ def _phantom_main(argv) -> int:
 
 def _read_main(argv) -> int:
     ap = argparse.ArgumentParser(prog="medgemma-label", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("-i", "--input", required=True, help="radiograph: PNG/JPEG, DICOM CR/DX, or a 2-D NIfTI/NRRD")
+    ap.add_argument("-i", "--input", required=True, help="radiograph or CT volume (file, DICOM folder or .zip)")
     ap.add_argument("-o", "--out", required=True, help="output folder")
     ap.add_argument("--model", default=None, help="Hugging Face id or local folder (default: embedded phantom model)")
     ap.add_argument("--question", default=None)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--modality", default="auto", help="auto (from the content), ct or xray")
+    ap.add_argument("--max-slices", type=int, default=None, help="CT: slices shown to the model (default: the model's)")
+    ap.add_argument("--resample", action="store_true", help="CT: resample oblique volumes instead of refusing them")
     ap.add_argument("--save-inputs", action="store_true", help="write the exact model input images to OUT/inputs/")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
+    from .ct import Limits
     from .errors import InputError
     from .loading import ModelLoadError
     from .reader import Reader
     from .writers import write_reading
 
     try:
-        reader = Reader(args.model, device=args.device, precision=args.precision)
-        reading = reader.read(args.input, args.question, args.max_new_tokens)
+        reader = Reader(args.model, device=args.device, precision=args.precision, limits=Limits(resample=args.resample))
+        reading = reader.read(args.input, args.question, args.max_new_tokens, args.modality, args.max_slices)
         result = write_reading(reading, args.out, save_model_inputs=args.save_inputs)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -85,7 +132,8 @@ def _read_main(argv) -> int:
           + (f" [{reading.model['label']}]" if reading.model.get("label") else ""))
     print(f"report: {reading.report}")
     for f in result["findings"]:
-        print(f"  {f['label']}: {f['name']}  (score {f['score']:.2f})")
+        where = f" strongest slice {f['strongest_slice']}" if "strongest_slice" in f else ""
+        print(f"  {f['label']}: {f['name']}  (score {f['score']:.2f}){where}")
     print(f"wrote {', '.join(result['files'].values())} in {args.out}")
     return 0
 

@@ -77,13 +77,29 @@ class Generation:
         return out
 
 
-def build_inputs(processor, images: list[Image.Image], question: str, system: str | None, device, dtype):
-    content = [{"type": "image", "image": im} for im in images] + [{"type": "text", "text": question}]
+def chat_messages(content: list, question: str, system: str | None = None, answer: str | None = None) -> list[dict]:
+    """Gemma 3 chat: optional system text, the user's ``content`` (images and texts, in order) and the
+    question, then (for training) the model's ``answer``. Images are given as ``{"type": "image"}``
+    items carrying the image when it is not a placeholder."""
+    items = []
+    for c in content:
+        if isinstance(c, str):
+            items.append({"type": "text", "text": c})
+        else:
+            items.append({"type": "image", "image": c} if c is not None else {"type": "image"})
+    items.append({"type": "text", "text": question})
     messages = ([{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []) + [
-        {"role": "user", "content": content}
+        {"role": "user", "content": items}
     ]
+    if answer is not None:
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
+
+
+def build_inputs(processor, content: list, question: str, system: str | None, device, dtype):
     inputs = processor.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        chat_messages(content, question, system), add_generation_prompt=True, tokenize=True, return_dict=True,
+        return_tensors="pt",
     )
     inputs = inputs.to(device)
     if "pixel_values" in inputs:
@@ -99,10 +115,12 @@ def _token_ends(tokenizer, ids: list[int]) -> list[int]:
 
 
 @torch.inference_mode()
-def generate(model, processor, images, question, layers, max_new_tokens=128, system=None) -> Generation:
+def generate(model, processor, content, question, layers, max_new_tokens=128, system=None) -> Generation:
+    """Greedy answer to ``question`` about ``content`` (PIL images and texts, in chat order)."""
     t0 = time.perf_counter()
     device, dtype = model.device, model.dtype
-    inputs = build_inputs(processor, images, question, system, device, dtype)
+    inputs = build_inputs(processor, content, question, system, device, dtype)
+    images = [c for c in content if not isinstance(c, str)]
     t_prep = time.perf_counter()
     ids = inputs["input_ids"][0]
     image_positions = (ids == model.config.image_token_index).nonzero()[:, 0].cpu()

@@ -109,19 +109,29 @@ def _check_local_folder(path: str) -> None:
         raise ModelLoadError(f"model folder {path} has no .safetensors weights{hint}; only safetensors are loaded")
 
 
+DEFAULT_CT_SLICES = 85  # MedGemma 1.5: up to 85 axial slices per CT
+
+
 def load_grounding(path: str, model) -> dict:
-    """Layers and threshold for the maps: ``grounding.json`` beside the model, else the global layers."""
+    """Layers and threshold for the maps, and the CT recipe's slice count: ``grounding.json`` beside the
+    model, else every global layer and MedGemma 1.5's 85 slices. CT settings live under ``"ct"``
+    (``layers``, ``max_slices``): a CT is far longer than a sliding window, so only global layers can
+    link the answer to early slices."""
     text_cfg = model.config.text_config
     layer_types = getattr(text_cfg, "layer_types", None) or ["full_attention"] * text_cfg.num_hidden_layers
+    global_layers = [i for i, t in enumerate(layer_types) if t == "full_attention"]
     grounding = {
-        "layers": [i for i, t in enumerate(layer_types) if t == "full_attention"],
+        "layers": global_layers,
         "threshold": 0.5,
+        "ct": {"layers": global_layers, "max_slices": DEFAULT_CT_SLICES, "threshold": 0.5},
         "source": "default: every global-attention layer",
     }
     file = os.path.join(path, GROUNDING_FILE) if os.path.isdir(path) else None
     if file and os.path.isfile(file):
         with open(file) as f:
-            grounding.update(json.load(f))
+            found = json.load(f)
+        grounding["ct"].update(found.pop("ct", {}))
+        grounding.update(found)
         grounding["source"] = GROUNDING_FILE
     return grounding
 

@@ -7,6 +7,10 @@ image tokens form the same 16 x 16 grid as MedGemma's (256 tokens per image): on
 both. It is trained by ``sample-apps/phantom-model/train.py`` on synthetic phantoms
 (:mod:`monailabel_app.phantoms`) to answer in the project's findings format; its weights ship inside
 the package (``monailabel_app/models/phantom-gemma3``) so that the demo and the tests need no download.
+
+It reads chest X-rays (one image) and chest CTs (up to ``CT_MAX_SLICES`` slices in the MedGemma 1.5
+recipe: each slice an RGB of three HU windows followed by ``SLICE n``), answering in the same format:
+zones for radiographs, lobes for CT ("mass in the right upper lobe.").
 """
 
 from __future__ import annotations
@@ -23,6 +27,9 @@ QUESTIONS = (
     "What are the findings?",
     "Find any abnormality in this chest radiograph and say where it is.",
 )
+CT_QUESTION = "Describe the findings in this chest CT."
+CT_QUESTIONS = (CT_QUESTION, "What are the findings in this CT?", "Find any lung lesion in this CT and name its lobe.")
+CT_MAX_SLICES = 20  # the phantom model reads up to 20 slices per CT (MedGemma 1.5: 85)
 IMAGE_SIZE, PATCH_SIZE, TOKENS_PER_IMAGE = 224, 14, 256
 
 SPECIAL_TOKENS = [
@@ -145,8 +152,11 @@ def build_config(tokenizer):
         num_key_value_heads=2,
         head_dim=32,
         query_pre_attn_scalar=32,  # attention scale 1/sqrt(head_dim), as MedGemma (256 = its head_dim)
-        max_position_embeddings=4096,
-        sliding_window=512,
+        max_position_embeddings=32768,  # a 20-slice CT is ~5,300 tokens, 85 slices ~22,000
+        # longer than its 20-slice CT prompts (~5,300 tokens): the X-ray-trained sliding layer 2, which
+        # carries most of this tiny model's grounding, must see every slice. MedGemma-4B's 1024 window
+        # does not; there only the global layers can be used for CT maps (capture.py drops the others).
+        sliding_window=8192,
         layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
         pad_token_id=ids("<pad>"),
         bos_token_id=ids("<bos>"),

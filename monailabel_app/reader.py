@@ -1,10 +1,11 @@
-"""One reading of one radiograph: the path a request takes, start to end.
+"""One reading of one study (a radiograph or a CT volume): the path a request takes, start to end.
 
-    load_radiograph -> pad_to_square -> generate (with attention capture) -> parse_report
-      -> per finding: token rows -> 16x16 grid map -> heatmap on the original pixels -> label map
+    load_study -> radiograph: pad_to_square | CT: sample slices, 3 HU windows, "SLICE n"
+      -> generate (with attention capture) -> parse_report
+      -> per finding: token rows -> token-grid map(s) -> heatmap on the input's pixels/voxels -> label map
 
 :class:`Reader` holds the loaded model; :meth:`Reader.read` returns a :class:`Reading` with the report,
-the findings, one float heatmap per finding and the label map, all on the input's pixel grid.
+the findings, one float heatmap per finding and the label map, all in the input's own geometry.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from . import maps
+from . import ct_maps, maps
+from .ct import CTVolume, Limits, body_mask, interleave, model_slices
 from .errors import InputError
 from .generation import Generation, NonFiniteOutput, generate
 from .loading import load_model, normalise_precision
-from .phantom_model import DEFAULT_QUESTION, MODEL_LABEL, PHANTOM_MODEL_DIR
+from .phantom_model import CT_QUESTION, DEFAULT_QUESTION, MODEL_LABEL, PHANTOM_MODEL_DIR
 from .report import Finding, parse_report, unique_names
-from .xray import Radiograph, SquarePad, load_radiograph, pad_to_square
+from .study import check_modality, load_study
+from .xray import Geometry, Radiograph, SquarePad, pad_to_square
 
 logger = logging.getLogger(__name__)
 
@@ -36,21 +39,34 @@ class Reading:
     report: str
     findings: list[Finding]
     names: list[str]
-    grids: list[np.ndarray]  # per finding, (g, g) map on the image-token grid
-    heatmaps: list[np.ndarray]  # per finding, raw attention (float32) on the input's pixels
-    mask_maps: list[np.ndarray]  # per finding, the heatmap the mask is cut from (side-gated)
-    labels: np.ndarray  # uint8 on the input's pixels, finding k -> k
-    radiograph: Radiograph
-    pad: SquarePad
-    model_input: np.ndarray  # the exact RGB square handed to the processor
+    grids: list[np.ndarray]  # per finding: (g, g) radiograph, (n_slices, g, g) CT
+    heatmaps: list[np.ndarray]  # per finding, raw attention (float32) in the input's geometry
+    mask_maps: list[np.ndarray]  # per finding, the heatmap the mask is cut from (gated), input geometry
+    labels: np.ndarray  # uint8 in the input's geometry, finding k -> k
+    study: Radiograph | CTVolume
+    geometry: Geometry  # the input's geometry (what labels and heatmaps are written in)
+    pad: SquarePad  # how each image sits in the model's square
+    model_inputs: list[np.ndarray]  # the exact RGB squares handed to the processor
+    inputs_index: list[dict]  # per model image: where it came from
     question: str
     model: dict
+    modality: str = "xray"
+    extras: list[dict] = field(default_factory=list)  # per finding: CT slice range, strongest slice
     latencies: dict = field(default_factory=dict)
     generation: Generation | None = None
+    display_labels: np.ndarray | None = None  # CT: labels on the display grid (z head-ward, y back, x left)
+    display_heatmaps: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def radiograph(self) -> Radiograph:
+        if not isinstance(self.study, Radiograph):
+            raise AttributeError("a CT reading has no radiograph")
+        return self.study
 
     def findings_json(self) -> list[dict]:
-        return [
-            {
+        out = []
+        for k, (f, name, h) in enumerate(zip(self.findings, self.names, self.mask_maps), start=1):
+            item = {
                 "label": k,
                 "name": name,
                 "text": f.text,
@@ -59,51 +75,62 @@ class Reading:
                 "side": f.side,
                 "level": f.level,
                 "score": round(f.score, 4),
-                "peak_pixel": [int(i) for i in np.unravel_index(int(np.argmax(h)), h.shape)],
+                "peak_voxel" if h.ndim == 3 else "peak_pixel": [int(i) for i in np.unravel_index(int(np.argmax(h)), h.shape)],
             }
-            for k, (f, name, h) in enumerate(zip(self.findings, self.names, self.mask_maps), start=1)
-        ]
+            if k <= len(self.extras):
+                item.update(self.extras[k - 1])
+            out.append(item)
+        return out
 
     def result_json(self) -> dict:
         return {
             "report": self.report,
             "findings": self.findings_json(),
             "label_names": {name: k for k, name in enumerate(self.names, start=1)},
+            "modality": self.modality,
             "question": self.question,
             "model": self.model,
             "latencies": self.latencies,
-            "source": self.radiograph.source,
+            "source": self.study.source,
         }
 
 
-def check_params(question, max_new_tokens) -> tuple[str, int]:
+def check_params(question, max_new_tokens, default_question: str = DEFAULT_QUESTION) -> tuple[str, int]:
     """Validated (question, max_new_tokens); raises InputError with what was wrong."""
     if question is None or (isinstance(question, str) and not question.strip()):
-        question = DEFAULT_QUESTION
+        question = default_question
     if not isinstance(question, str):
         raise InputError(f"'question' must be text, got {type(question).__name__}")
     if len(question) > MAX_QUESTION_CHARS:
         raise InputError(f"'question' is {len(question)} characters long; the limit is {MAX_QUESTION_CHARS}")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, float, str)):
-        raise InputError(f"'max_new_tokens' must be a whole number, got {type(max_new_tokens).__name__}")
-    try:
-        n = int(max_new_tokens)
-        if isinstance(max_new_tokens, float) and not max_new_tokens.is_integer():
-            raise ValueError
-    except (TypeError, ValueError):
-        raise InputError(f"'max_new_tokens' must be a whole number, got {max_new_tokens!r}") from None
-    if not 1 <= n <= MAX_NEW_TOKENS_LIMIT:
-        raise InputError(f"'max_new_tokens' must be between 1 and {MAX_NEW_TOKENS_LIMIT}, got {n}")
+    n = whole_number("max_new_tokens", max_new_tokens, 1, MAX_NEW_TOKENS_LIMIT)
     return question.strip(), n
 
 
-class Reader:
-    """A loaded model that reads radiographs. ``model`` is a hub id or folder (default: phantom model)."""
+def whole_number(name: str, value, lo: int, hi: int) -> int:
+    """``value`` as an int in [lo, hi] (numbers, integral floats and digit strings); else InputError."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise InputError(f"'{name}' must be a whole number, got {type(value).__name__}")
+    try:
+        n = int(value)
+        if isinstance(value, float) and not value.is_integer():
+            raise ValueError
+    except (TypeError, ValueError):
+        raise InputError(f"'{name}' must be a whole number, got {value!r}") from None
+    if not lo <= n <= hi:
+        raise InputError(f"'{name}' must be between {lo} and {hi}, got {n}")
+    return n
 
-    def __init__(self, model: str | None = None, device: str = "auto", precision: str = "auto", system: str | None = None):
+
+class Reader:
+    """A loaded model that reads studies. ``model`` is a hub id or folder (default: phantom model)."""
+
+    def __init__(self, model: str | None = None, device: str = "auto", precision: str = "auto", system: str | None = None,
+                 limits: Limits | None = None):
         self.model_ref = model or PHANTOM_MODEL_DIR
         self.device_request = device
         self.system = system
+        self.limits = limits or Limits()
         label = MODEL_LABEL if self.model_ref == PHANTOM_MODEL_DIR else ""
         self.model, self.processor, self.info = load_model(self.model_ref, device, normalise_precision(precision), label)
         grid = math.isqrt(int(self.model.config.mm_tokens_per_image))
@@ -115,64 +142,111 @@ class Reader:
     def layers(self) -> list[int]:
         return list(self.info.grounding["layers"])
 
+    @property
+    def ct(self) -> dict:
+        return self.info.grounding["ct"]
+
     def _fall_back_to_fp32(self) -> None:
         logger.warning("fp16 produced non-finite scores or an empty answer (Gemma 3 overflow): reloading in fp32")
         self.model, self.processor, self.info = load_model(self.model_ref, self.device_request, "fp32", self.info.label)
         self.info.precision_reason = "fp16 overflowed: fp32 fallback"
 
-    def read(self, image: str | Radiograph, question: str | None = None, max_new_tokens: int = 128) -> Reading:
-        t0 = time.perf_counter()
-        question, max_new_tokens = check_params(question, max_new_tokens)
-        radiograph = image if isinstance(image, Radiograph) else load_radiograph(image)
-        square, pad = pad_to_square(radiograph.pixels)
-        t_load = time.perf_counter()
-        pil = Image.fromarray(square)
+    def _generate(self, content, question, layers, max_new_tokens) -> Generation:
         try:
-            gen = generate(self.model, self.processor, [pil], question, self.layers, max_new_tokens, self.system)
+            return generate(self.model, self.processor, content, question, layers, max_new_tokens, self.system)
         except NonFiniteOutput:
             if self.info.precision != "fp16":
                 raise
             self._fall_back_to_fp32()
-            gen = generate(self.model, self.processor, [pil], question, self.layers, max_new_tokens, self.system)
-        t_gen = time.perf_counter()
-        findings = parse_report(gen.text)
-        grids, heatmaps = [], []
+            return generate(self.model, self.processor, content, question, layers, max_new_tokens, self.system)
+
+    def read(self, image: str | Radiograph | CTVolume, question: str | None = None, max_new_tokens: int = 128,
+             modality: str = "auto", max_slices: int | None = None) -> Reading:
+        """Read ``image`` (a path, or an already loaded study). ``max_slices`` overrides the CT slice count."""
+        t0 = time.perf_counter()
+        modality = check_modality(modality)
+        study = image if isinstance(image, (Radiograph, CTVolume)) else load_study(image, modality, self.limits)
+        is_ct = isinstance(study, CTVolume)
+        question, max_new_tokens = check_params(question, max_new_tokens, CT_QUESTION if is_ct else DEFAULT_QUESTION)
+        t_load = time.perf_counter()
+        if is_ct:
+            reading = self._read_ct(study, question, max_new_tokens, check_max_slices(max_slices, self.ct["max_slices"]))
+        else:
+            reading = self._read_radiograph(study, question, max_new_tokens)
+        gen = reading.generation
+        reading.latencies = {
+            "load_image": round(t_load - t0, 4),
+            "prepare": round(gen.seconds["prepare"], 4),
+            "generate": round(gen.seconds["generate"], 4),
+            "maps": round(time.perf_counter() - t0 - (t_load - t0) - sum(gen.seconds.values()), 4),
+            "total": round(time.perf_counter() - t0, 4),
+            "new_tokens": len(gen.token_ids),
+            "prompt_tokens": gen.prompt_tokens,
+            "stop_reason": gen.stop_reason,
+        }
+        return reading
+
+    def _score(self, gen: Generation, findings: list[Finding]) -> list[list[int]]:
+        rows_per_finding = []
         for f in findings:
             rows = gen.token_range(f.span)
             f.score = float(np.mean([gen.token_probs[i] for i in rows])) if rows else 0.0
-            grid = finding_grid(gen, rows, self.grid)
-            grids.append(grid)
-            heatmaps.append(maps.grid_to_pixels(grid, pad))
+            rows_per_finding.append(rows)
+        return rows_per_finding
+
+    def _model_dict(self, gen: Generation) -> dict:
+        return {**self.info.public(), "layers": gen.layers, "dropped_layers": gen.dropped_layers,
+                "grounding": self.info.grounding.get("source")}
+
+    def _read_radiograph(self, radiograph: Radiograph, question: str, max_new_tokens: int) -> Reading:
+        square, pad = pad_to_square(radiograph.pixels)
+        gen = self._generate([Image.fromarray(square)], question, self.layers, max_new_tokens)
+        findings = parse_report(gen.text)
+        grids = [finding_grid(gen, rows, self.grid) for rows in self._score(gen, findings)]
+        heatmaps = [maps.grid_to_pixels(g, pad) for g in grids]
         threshold = float(self.info.grounding.get("threshold", 0.5))
         mask_maps = [h * maps.side_gate(h.shape, f.side) for f, h in zip(findings, heatmaps)]
         labels = maps.label_map(mask_maps, threshold) if mask_maps else np.zeros(radiograph.pixels.shape, np.uint8)
-        t_maps = time.perf_counter()
+        geom = radiograph.geometry
         return Reading(
-            report=gen.text.strip(),
-            findings=findings,
-            names=unique_names(findings),
-            grids=grids,
-            heatmaps=heatmaps,
-            mask_maps=mask_maps,
-            labels=labels,
-            radiograph=radiograph,
-            pad=pad,
-            model_input=square,
-            question=question,
-            model={**self.info.public(), "layers": gen.layers, "dropped_layers": gen.dropped_layers,
-                   "grounding": self.info.grounding.get("source")},
-            latencies={
-                "load_image": round(t_load - t0, 4),
-                "prepare": round(gen.seconds["prepare"], 4),
-                "generate": round(gen.seconds["generate"], 4),
-                "maps": round(t_maps - t_gen, 4),
-                "total": round(t_maps - t0, 4),
-                "new_tokens": len(gen.token_ids),
-                "prompt_tokens": gen.prompt_tokens,
-                "stop_reason": gen.stop_reason,
-            },
-            generation=gen,
+            report=gen.text.strip(), findings=findings, names=unique_names(findings), grids=grids,
+            heatmaps=[h.reshape(geom.shape) for h in heatmaps], mask_maps=[m.reshape(geom.shape) for m in mask_maps],
+            labels=labels.reshape(geom.shape), study=radiograph, geometry=geom, pad=pad, model_inputs=[square],
+            inputs_index=[{"source": radiograph.source, "source_shape": list(radiograph.pixels.shape)}],
+            question=question, model=self._model_dict(gen), modality="xray", generation=gen,
         )
+
+    def _read_ct(self, volume: CTVolume, question: str, max_new_tokens: int, max_slices: int) -> Reading:
+        ms = model_slices(volume, max_slices)
+        content = interleave([Image.fromarray(im) for im in ms.images])
+        gen = self._generate(content, question, list(self.ct["layers"]), max_new_tokens)
+        findings = parse_report(gen.text)
+        body = body_mask(volume.hu)
+        depth = volume.shape[0]
+        grids, heat, mask_maps = [], [], []
+        for f, rows in zip(findings, self._score(gen, findings)):
+            g = ct_maps.slice_grids(gen.attention, rows, self.grid, len(ms.images))
+            h = ct_maps.volume_heatmap(g, ms, depth)
+            grids.append(g)
+            heat.append(h)
+            mask_maps.append(h * body * ct_maps.side_gate(body, f.side))
+        threshold = float(self.ct.get("threshold", 0.5))
+        labels = maps.label_map(mask_maps, threshold) if mask_maps else np.zeros(volume.shape, np.uint8)
+        extras = [ct_maps.slice_info(volume, ms, g, m, labels == k)
+                  for k, (g, m) in enumerate(zip(grids, mask_maps), start=1)]
+        index = [{"model_slice": n, "display_z": z, "source_index": volume.display_to_stored_index(z),
+                  "world_z_mm": round(volume.world_z(z), 3)} for n, z in enumerate(ms.indices, start=1)]
+        return Reading(
+            report=gen.text.strip(), findings=findings, names=unique_names(findings), grids=grids,
+            heatmaps=[volume.to_input(h) for h in heat], mask_maps=[volume.to_input(m) for m in mask_maps],
+            labels=volume.to_input(labels, nearest=True).astype(np.uint8), study=volume, geometry=volume.geometry,
+            pad=ms.pad, model_inputs=ms.images, inputs_index=index, question=question, model=self._model_dict(gen),
+            modality="ct", extras=extras, generation=gen, display_labels=labels, display_heatmaps=heat,
+        )
+
+
+def check_max_slices(value, default: int) -> int:
+    return int(default) if value is None or value == "" else whole_number("max_slices", value, 1, 512)
 
 
 def finding_grid(gen: Generation, rows: list[int], grid: int, image: int = 0) -> np.ndarray:

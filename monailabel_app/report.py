@@ -52,11 +52,12 @@ class Finding:
     text: str = ""
     score: float = 1.0
     span: tuple[int, int] = (0, 0)  # characters of the answer that said it
+    region: str = ""  # "zone" (radiograph) or "lobe" (CT); from the text when not given
 
     @property
     def location(self) -> str:
-        region = "zone"
-        if self.text and re.search(r"\blobes?\b", self.text, re.IGNORECASE):
+        region = self.region or "zone"
+        if not self.region and self.text and re.search(r"\blobes?\b", self.text, re.IGNORECASE):
             region = "lobe"
         words = [w for w in (self.side, self.level) if w]
         if not words:
@@ -69,7 +70,7 @@ class Finding:
         return " ".join(w for w in (self.location, self.kind or "finding") if w)
 
     def sentence(self) -> str:
-        return f"{self.kind} in the {self.side} {self.level} zone."
+        return f"{self.kind} in the {self.side} {self.level} {self.region or 'zone'}."
 
 
 def format_findings(findings: list[Finding]) -> str:

@@ -77,39 +77,62 @@ def combined_heatmap(heatmaps: list[np.ndarray], shape) -> np.ndarray:
     return np.max(np.stack([normalise(h) for h in heatmaps]), axis=0)
 
 
+def _blend(grey: np.ndarray, labels: np.ndarray, alpha: float) -> np.ndarray:
+    base = np.repeat(grey[..., None], 3, axis=2).astype(np.float32)
+    for k in range(1, int(labels.max(initial=0)) + 1):
+        m = labels == k
+        base[m] = (1 - alpha) * base[m] + alpha * np.array(PALETTE[(k - 1) % len(PALETTE)], np.float32)
+    return base.clip(0, 255).astype(np.uint8)
+
+
 def overlay_png(reading, path: str, alpha: float = 0.45) -> str:
-    """The radiograph with coloured masks, each labelled with its finding name, and the report."""
-    base = np.repeat(reading.radiograph.pixels[..., None], 3, axis=2).astype(np.float32)
-    for k in range(1, len(reading.findings) + 1):
-        colour = np.array(PALETTE[(k - 1) % len(PALETTE)], np.float32)
-        m = reading.labels == k
-        base[m] = (1 - alpha) * base[m] + alpha * colour
-    img = Image.fromarray(base.clip(0, 255).astype(np.uint8))
+    """The image with coloured masks, each labelled with its finding name, and the report.
+
+    Radiograph: the whole image. CT: one axial slice per finding (its strongest slice, display
+    convention, lung window), side by side.
+    """
+    marks = []  # (tile, row, col, k)
+    if reading.modality == "ct":
+        vol = reading.study
+        grey = np.clip((vol.hu + 1000.0) * (255.0 / 1400.0), 0, 255).astype(np.uint8)
+        tiles = []
+        zs = [int(np.unravel_index(int(np.argmax(h)), h.shape)[0]) for h in reading.display_heatmaps] or [vol.shape[0] // 2]
+        for t, z in enumerate(zs):
+            tiles.append(_blend(grey[z], reading.display_labels[z], alpha))
+            if t < len(reading.display_heatmaps):
+                r, c = np.unravel_index(int(np.argmax(reading.display_heatmaps[t][z])), grey.shape[1:])
+                marks.append((t, r, c, t + 1))
+        width = tiles[0].shape[1]
+        img = Image.fromarray(np.concatenate(tiles, axis=1))
+    else:
+        img = Image.fromarray(_blend(reading.radiograph.pixels, reading.labels.reshape(reading.radiograph.pixels.shape), alpha))
+        width = 0
+        for k, h in enumerate(reading.mask_maps, start=1):
+            h2 = h.reshape(reading.radiograph.pixels.shape)
+            r, c = np.unravel_index(int(np.argmax(h2)), h2.shape)
+            marks.append((0, r, c, k))
     scale = max(1, round(max(img.size) / 512))
     draw = ImageDraw.Draw(img)
-    for k, (name, h) in enumerate(zip(reading.names, reading.mask_maps), start=1):
-        r, c = np.unravel_index(int(np.argmax(h)), h.shape)
+    for t, r, c, k in marks:
+        c += t * width
         colour = PALETTE[(k - 1) % len(PALETTE)]
         draw.ellipse([c - 3 * scale, r - 3 * scale, c + 3 * scale, r + 3 * scale], outline=colour, width=scale)
-        draw.text((c + 5 * scale, r - 5 * scale), f"{k}: {name}", fill=colour)
+        draw.text((c + 5 * scale, r - 5 * scale), f"{k}: {reading.names[k - 1]}", fill=colour)
     draw.text((4, 4), reading.report[:200], fill=(255, 255, 255))
     img.save(path)
     return path
 
 
 def save_inputs(reading, folder: str) -> str:
-    """``inputs/image_000.png`` (the exact RGB handed to the processor) and ``inputs/index.json``."""
+    """``inputs/image_NNN.png`` (the exact RGB squares handed to the processor, before its own resize)
+    and ``inputs/index.json`` (per image: where it came from; for CT the source slice and its patient z)."""
     os.makedirs(folder, exist_ok=True)
-    name = "image_000.png"
-    Image.fromarray(reading.model_input).save(os.path.join(folder, name))
-    index = [{
-        "image": name,
-        "source": reading.radiograph.source,
-        "source_shape": list(reading.radiograph.pixels.shape),
-        "square_side": reading.pad.side,
-        "pad_top": reading.pad.top,
-        "pad_left": reading.pad.left,
-    }]
+    index = []
+    for n, (rgb, info) in enumerate(zip(reading.model_inputs, reading.inputs_index)):
+        name = f"image_{n:03d}.png"
+        Image.fromarray(rgb).save(os.path.join(folder, name))
+        index.append({"image": name, **info, "square_side": reading.pad.side, "pad_top": reading.pad.top,
+                      "pad_left": reading.pad.left})
     with open(os.path.join(folder, "index.json"), "w") as f:
         json.dump(index, f, indent=2)
     return folder
@@ -118,7 +141,7 @@ def save_inputs(reading, folder: str) -> str:
 def write_reading(reading, out_dir: str, save_model_inputs: bool = False) -> dict:
     """The CLI's output folder: findings.json, mask.nii.gz, heatmap.nii.gz, overlay.png[, inputs/]."""
     os.makedirs(out_dir, exist_ok=True)
-    geom = reading.radiograph.geometry
+    geom = reading.geometry
     files = {
         "mask": write_in_geometry(reading.labels, geom, os.path.join(out_dir, "mask.nii.gz"), np.uint8),
         "heatmap": write_in_geometry(

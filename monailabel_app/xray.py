@@ -183,17 +183,23 @@ def _load_dicom(path: str) -> Radiograph:
     return Radiograph(pixels, geom, source)
 
 
+def check_gzip(path: str) -> None:
+    """A ``.gz`` file must decompress to its end (ITK would otherwise read a truncated file silently)."""
+    if not path.lower().endswith(".gz"):
+        return
+    try:
+        with gzip.open(path, "rb") as f:
+            while f.read(1 << 20):
+                pass
+    except (OSError, EOFError, zlib.error) as e:
+        raise InputError(f"compressed file is truncated or corrupt: {e}") from e
+
+
 def _load_volume_plane(path: str) -> Radiograph:
     import SimpleITK as sitk
 
     name = _lower_name(path)
-    if name.endswith(".gz"):
-        try:
-            with gzip.open(path, "rb") as f:
-                while f.read(1 << 20):
-                    pass
-        except (OSError, EOFError, zlib.error) as e:
-            raise InputError(f"compressed file is truncated or corrupt: {e}") from e
+    check_gzip(path)
     try:
         reader = sitk.ImageFileReader()
         reader.SetFileName(path)
@@ -210,8 +216,8 @@ def _load_volume_plane(path: str) -> Radiograph:
     plane = np.squeeze(arr)
     if plane.ndim != 2:
         raise InputError(
-            f"image is a {arr.ndim}-D volume of shape {arr.shape}: this model reads 2-D chest radiographs; "
-            "CT volumes are not supported by this task yet"
+            f"image is a {arr.ndim}-D volume of shape {arr.shape}, not a radiograph: read it as a CT volume "
+            "(modality 'auto' or 'ct')"
         )
     if min(plane.shape) < 16:
         raise InputError(f"image plane too small: {plane.shape}; need at least 16x16 pixels")

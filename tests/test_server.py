@@ -33,9 +33,9 @@ BAD = {  # image id -> (file content or source, expected status, words in the me
     "bad_noise": (os.urandom(3000), 422, "DICOM"),
     "bad_truncated": ("truncated", 422, "pixel data"),
     "bad_sr": (("dicom_objects", "sr_document.dcm"), 422, "structured report"),
-    "bad_ct_volume": (("ct", "totalsegmentator", "example_ct_sm.nii.gz"), 422, "3-D volume"),
+    "bad_ct_sequence": (("ct", "dicom_slices", "bad_sequence.dcm"), 422, "malformed"),
 }
-BAD_EXT = {"bad_empty": ".png", "bad_noise": ".dcm", "bad_truncated": ".dcm", "bad_sr": ".dcm", "bad_ct_volume": ".nii.gz"}
+BAD_EXT = {"bad_empty": ".png", "bad_noise": ".dcm", "bad_truncated": ".dcm", "bad_sr": ".dcm", "bad_ct_sequence": ".dcm"}
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +76,8 @@ def _path(studies, image_id):
 def test_info_lists_medgemma_for_the_slicer_plugin(client):
     info = client.info()
     m = info["models"]["medgemma"]
-    assert m["type"] == "segmentation" and m["dimension"] == 2
-    assert {"question", "max_new_tokens", "precision"} <= set(m["config"])
+    assert m["type"] == "segmentation" and m["dimension"] == 3
+    assert {"question", "max_new_tokens", "precision", "modality", "max_slices"} <= set(m["config"])
     assert m["config"]["precision"] == "fp32" and "NOT MedGemma" in m["model"]["label"]
 
 

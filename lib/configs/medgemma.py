@@ -4,7 +4,14 @@
 
 * ``model``: Hugging Face id or local folder (default: the embedded phantom model, a TEST model that
   is NOT MedGemma); ``device``: auto, cpu, cuda[:N]; ``precision``: auto, bf16, fp32, fp16;
-* ``question``: the default question; ``max_new_tokens``: the default answer length limit.
+* ``question``: the default question (default: one for radiographs, one for CT);
+  ``max_new_tokens``: the default answer length limit;
+* CT volumes: ``min_slices`` (1), ``max_voxels`` (268435456), ``max_obliquity_deg`` (10),
+  ``resample`` (false: oblique volumes are refused; true: resampled onto patient axes).
+
+Per request (``params``): ``question``, ``max_new_tokens``, ``modality`` (auto, ct, xray),
+``max_slices`` (CT: slices shown to the model; default the model's, 85 for MedGemma 1.5),
+``result_extension``, ``result_dtype``.
 """
 
 from __future__ import annotations
@@ -13,7 +20,7 @@ from __future__ import annotations
 from monailabel.interfaces.config import TaskConfig
 
 from lib.infers.medgemma import MedGemmaInfer
-from monailabel_app.phantom_model import DEFAULT_QUESTION
+from monailabel_app.ct import Limits
 from monailabel_app.reader import Reader
 
 
@@ -24,8 +31,14 @@ class MedGemma(TaskConfig):
             conf.get("model") or None,
             device=conf.get("device", "auto"),
             precision=conf.get("precision", "auto"),
+            limits=Limits(
+                min_slices=int(conf.get("min_slices", Limits.min_slices)),
+                max_voxels=int(conf.get("max_voxels", Limits.max_voxels)),
+                max_obliquity_deg=float(conf.get("max_obliquity_deg", Limits.max_obliquity_deg)),
+                resample=str(conf.get("resample", "false")).lower() in ("1", "true", "yes"),
+            ),
         )
-        self.default_question = conf.get("question", DEFAULT_QUESTION)
+        self.default_question = conf.get("question") or None
         self.max_new_tokens = int(conf.get("max_new_tokens", 128))
 
     def infer(self):
@@ -37,6 +50,8 @@ class MedGemma(TaskConfig):
             config={
                 "question": self.default_question,
                 "max_new_tokens": self.max_new_tokens,
+                "modality": "auto",
+                "max_slices": int(self.reader.ct["max_slices"]),
                 "precision": info.precision,
                 "device": info.device,
                 "model": info.id,

@@ -19,6 +19,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 from monailabel_app.errors import InputError
 from monailabel_app.loading import normalise_precision
 from monailabel_app.reader import Reader, check_params
+from monailabel_app.study import check_modality
 from monailabel_app.writers import check_dtype, check_extension, combined_heatmap, write_in_geometry
 
 logger = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ class MedGemmaInfer(InferTask):
         super().__init__(
             type=InferType.SEGMENTATION,
             labels=None,  # one label per finding, named in each result's label_names
-            dimension=2,
+            dimension=3,  # radiographs (one-plane volumes) and CT volumes
             description=description,
             config=config,
         )
@@ -55,7 +56,7 @@ class MedGemmaInfer(InferTask):
 
     def _infer(self, request):
         question, max_new_tokens = check_params(
-            request.get("question") or self._config["question"],
+            request.get("question") or self._config.get("question"),
             request.get("max_new_tokens", self._config["max_new_tokens"]),
         )
         ext = check_extension(request.get("result_extension") or ".nii.gz")
@@ -69,9 +70,10 @@ class MedGemmaInfer(InferTask):
         image = request.get("image")
         if not isinstance(image, str) or not image:
             raise InputError("no image: give an image id from the datastore or upload a file", status=404)
+        modality = check_modality(request.get("modality") or "auto")
         with self._lock:
-            reading = self.reader.read(image, question, max_new_tokens)
-        geom = reading.radiograph.geometry
+            reading = self.reader.read(image, question, max_new_tokens, modality, request.get("max_slices"))
+        geom = reading.geometry
         label_file = _temp_path(ext)
         write_in_geometry(reading.labels, geom, label_file, dtype)
         result = reading.result_json()

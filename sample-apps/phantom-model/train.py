@@ -1,7 +1,15 @@
 #!/usr/bin/env python
 """Train the phantom model (a tiny real Gemma 3; a TEST model, NOT MedGemma) on synthetic phantoms.
 
-    python sample-apps/phantom-model/train.py --out monailabel_app/models/phantom-gemma3
+    # stage 1: chest X-ray phantoms, from scratch
+    python sample-apps/phantom-model/train.py --out monailabel_app/models/phantom-gemma3 --ct-share 0 --steps 4000
+    # stage 2: X-ray and CT phantoms, continuing from stage 1 (the shipped model: see its README.md)
+    python sample-apps/phantom-model/train.py --init monailabel_app/models/phantom-gemma3 \
+        --out monailabel_app/models/phantom-gemma3 --ct-share 0.75 --steps 2000 --lr 1.2e-3
+
+CT examples follow the MedGemma 1.5 recipe exactly as inference does (:func:`ct.model_slices`: up to
+``CT_MAX_SLICES`` slices, three HU windows as RGB, ``SLICE n`` after each image); most use the full
+slice count, some fewer, so shorter volumes are not out of distribution.
 
 Builds the tokenizer, processor and config of :mod:`monailabel_app.phantom_model`, gives the
 multimodal projector a small random start (it initialises to zero), and trains with next-token loss on
@@ -27,6 +35,9 @@ from PIL import Image
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from monailabel_app import phantom_model as pm  # noqa: E402
+from monailabel_app.ct import interleave, model_slices  # noqa: E402
+from monailabel_app.ct_phantoms import make_ct_phantom, phantom_volume  # noqa: E402
+from monailabel_app.generation import chat_messages  # noqa: E402
 from monailabel_app.phantoms import make_phantom  # noqa: E402
 from monailabel_app.xray import pad_to_square  # noqa: E402
 
@@ -34,36 +45,32 @@ TRAIN_SEED_BASE = 10**6
 
 
 class PhantomBatches(torch.utils.data.IterableDataset):
-    """Endless batches of processed phantoms; each worker draws its own disjoint seeds."""
+    """Endless batches of processed phantoms; each worker draws its own disjoint seeds.
 
-    def __init__(self, processor, batch: int, start: int):
+    A share ``ct_share`` of the batches (spread evenly by global batch number) are CT batches of
+    ``ct_batch`` volumes, the others X-ray batches of ``batch`` images.
+    """
+
+    def __init__(self, processor, batch: int, start: int, ct_share: float = 0.0, ct_batch: int = 12):
         self.processor, self.batch, self.start = processor, batch, start
+        self.ct_share, self.ct_batch = ct_share, ct_batch
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
         wid, nw = (info.id, info.num_workers) if info else (0, 1)
         i = 0
         while True:
-            first = TRAIN_SEED_BASE + self.start + (i * nw + wid) * self.batch
-            yield encode_batch(self.processor, range(first, first + self.batch))
+            number = i * nw + wid
+            first = TRAIN_SEED_BASE + self.start + number * max(self.batch, self.ct_batch)
+            if int((number + 1) * self.ct_share) > int(number * self.ct_share):
+                yield encode_ct_batch(self.processor, range(first, first + self.ct_batch))
+            else:
+                yield encode_batch(self.processor, range(first, first + self.batch))
             i += 1
 
 
-def encode_batch(processor, seeds):
-    tok = processor.tokenizer
-    texts, images = [], []
-    for seed in seeds:
-        ph = make_phantom(seed)
-        rgb, _ = pad_to_square(ph.image)
-        question = pm.QUESTIONS[seed % len(pm.QUESTIONS)]
-        messages = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
-            {"role": "assistant", "content": [{"type": "text", "text": ph.report}]},
-        ]
-        texts.append(processor.apply_chat_template(messages, tokenize=False))
-        images.append([Image.fromarray(rgb)])
-    enc = processor(text=texts, images=images, return_tensors="pt", padding=True, add_special_tokens=False)
-    ids = enc["input_ids"]
+def _answer_labels(tok, ids):
+    """Next-token labels on the model's answer (and its closing <end_of_turn>) only."""
     labels = torch.full_like(ids, -100)
     sot = tok.convert_tokens_to_ids("<start_of_turn>")
     eot = tok.convert_tokens_to_ids("<end_of_turn>")
@@ -71,10 +78,46 @@ def encode_batch(processor, seeds):
     for b in range(ids.shape[0]):
         row = ids[b].tolist()
         start = max(i for i, t in enumerate(row) if t == sot) + head
-        end = row.index(eot, start) + 1  # answer tokens and the closing <end_of_turn>
+        end = row.index(eot, start) + 1
         labels[b, start:end] = ids[b, start:end]
-    enc["labels"] = labels
+    return labels
+
+
+def _encode(processor, texts, images):
+    enc = processor(text=texts, images=images, return_tensors="pt", padding=True, add_special_tokens=False)
+    enc["labels"] = _answer_labels(processor.tokenizer, enc["input_ids"])
     return dict(enc)
+
+
+def encode_batch(processor, seeds):
+    texts, images = [], []
+    for seed in seeds:
+        ph = make_phantom(seed)
+        rgb, _ = pad_to_square(ph.image)
+        question = pm.QUESTIONS[seed % len(pm.QUESTIONS)]
+        texts.append(processor.apply_chat_template(chat_messages([None], question, answer=ph.report), tokenize=False))
+        images.append([Image.fromarray(rgb)])
+    return _encode(processor, texts, images)
+
+
+def ct_example(processor, seed, max_slices):
+    ph = make_ct_phantom(seed)
+    ms = model_slices(phantom_volume(ph), max_slices)
+    question = pm.CT_QUESTIONS[seed % len(pm.CT_QUESTIONS)]
+    text = processor.apply_chat_template(chat_messages(interleave([None] * len(ms.images)), question, answer=ph.report),
+                                         tokenize=False)
+    return ph, text, [Image.fromarray(im) for im in ms.images]
+
+
+def encode_ct_batch(processor, seeds):
+    rng = np.random.default_rng(seeds[0])
+    n = pm.CT_MAX_SLICES if rng.random() < 0.7 else int(rng.integers(4, pm.CT_MAX_SLICES))
+    texts, images = [], []
+    for seed in seeds:
+        _, text, imgs = ct_example(processor, seed, n)
+        texts.append(text)
+        images.append(imgs)
+    return _encode(processor, texts, images)
 
 
 @torch.no_grad()
@@ -111,6 +154,34 @@ def zone_accuracy(model, processor, seeds, device, batch=32):
             "empty_correct": empty_ok / max(1, empties), "lesions": lesions, "empty_images": empties}
 
 
+@torch.no_grad()
+def lobe_accuracy(model, processor, seeds, device, batch=8):
+    """Greedy answers on CT phantom ``seeds`` (full slice count): fraction of lesions whose lobe and kind
+    are named, and of answers naming a lobe with no lesion (false findings per volume)."""
+    from monailabel_app.report import parse_report
+
+    tok = processor.tokenizer
+    hit_lobe = hit_kind = lesions = extra = 0
+    for i in range(0, len(seeds), batch):
+        chunk = [ct_example(processor, s, pm.CT_MAX_SLICES) for s in seeds[i : i + batch]]
+        prompts = [processor.apply_chat_template(chat_messages(interleave([None] * len(imgs)), pm.CT_QUESTION),
+                                                 tokenize=False, add_generation_prompt=True) for _, _, imgs in chunk]
+        enc = processor(text=prompts, images=[imgs for _, _, imgs in chunk], return_tensors="pt", padding=True,
+                        add_special_tokens=False).to(device)
+        out = model.generate(**enc, max_new_tokens=40, do_sample=False)
+        answers = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        for (ph, _, _), ans in zip(chunk, answers):
+            named = {(f.side, f.level): f.kind for f in parse_report(ans)}
+            truth = {(les.side, les.level): les.kind for les in ph.lesions}
+            extra += len(set(named) - set(truth))
+            for key, kind in truth.items():
+                lesions += 1
+                hit_lobe += key in named
+                hit_kind += named.get(key) == kind
+    return {"lobe": hit_lobe / max(1, lesions), "kind": hit_kind / max(1, lesions),
+            "false_findings_per_volume": extra / max(1, len(seeds)), "lesions": lesions}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=pm.PHANTOM_MODEL_DIR)
@@ -122,6 +193,10 @@ def main(argv=None):
     ap.add_argument("--minutes", type=float, default=0, help="stop early after this many minutes (0: no limit)")
     ap.add_argument("--eval-seeds", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--init", help="start from this saved model (e.g. the stage-1 X-ray model)")
+    ap.add_argument("--ct-share", type=float, default=0.75, help="share of CT batches (0: X-ray only)")
+    ap.add_argument("--ct-batch", type=int, default=12)
+    ap.add_argument("--ct-eval-seeds", type=int, default=100)
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -133,9 +208,20 @@ def main(argv=None):
     from transformers import Gemma3ForConditionalGeneration
 
     config._attn_implementation = "sdpa"
-    model = Gemma3ForConditionalGeneration(config)
-    with torch.no_grad():  # the projector starts at zero: every image token would look the same
-        model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.02)
+    if args.init:
+        from transformers import AutoConfig
+
+        init_config = AutoConfig.from_pretrained(args.init)
+        if init_config.text_config.vocab_size != config.text_config.vocab_size:
+            raise SystemExit("--init model has a different vocabulary: the tokenizer recipe changed")
+        for key in ("sliding_window", "max_position_embeddings"):  # the recipe's values (no weights change)
+            setattr(init_config.text_config, key, getattr(config.text_config, key))
+        model = Gemma3ForConditionalGeneration.from_pretrained(args.init, config=init_config, attn_implementation="sdpa",
+                                                               dtype=torch.float32)
+    else:
+        model = Gemma3ForConditionalGeneration(config)
+        with torch.no_grad():  # the projector starts at zero: every image token would look the same
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(0, 0.02)
     model.to(device).train()
     n_params = sum(p.numel() for p in model.parameters())
     print(f"phantom model: {n_params / 1e6:.2f} M parameters, device {device}", flush=True)
@@ -151,7 +237,7 @@ def main(argv=None):
         * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, args.steps)))),
     )
     loader = torch.utils.data.DataLoader(
-        PhantomBatches(processor, args.batch, args.seed * 10**8), batch_size=None,
+        PhantomBatches(processor, args.batch, args.seed * 10**8, args.ct_share, args.ct_batch), batch_size=None,
         num_workers=args.workers, prefetch_factor=4 if args.workers else None, persistent_workers=bool(args.workers),
     )
     t0, ema = time.time(), None
@@ -171,6 +257,8 @@ def main(argv=None):
         if step and step % 1000 == 0:
             model.eval()
             print(f"  zone accuracy on seeds 0..63: {zone_accuracy(model, processor, list(range(64)), device)}", flush=True)
+            if args.ct_share:
+                print(f"  CT lobe accuracy on seeds 0..31: {lobe_accuracy(model, processor, list(range(32)), device)}", flush=True)
             model.train()
     print(f"trained {step} steps in {time.time() - t0:.0f}s", flush=True)
 
@@ -180,6 +268,9 @@ def main(argv=None):
     processor.save_pretrained(args.out)
     acc = zone_accuracy(model, processor, list(range(args.eval_seeds)), device)
     print(f"held-out seeds 0..{args.eval_seeds - 1}: {acc}", flush=True)
+    if args.ct_share:
+        ct_acc = lobe_accuracy(model, processor, list(range(args.ct_eval_seeds)), device)
+        print(f"CT held-out seeds 0..{args.ct_eval_seeds - 1}: {ct_acc}", flush=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,84 @@
+"""Attention of a finding's tokens to a CT's slices -> a 3-D heatmap on the voxels -> one mask per finding.
+
+1. **Per-slice grids.** Each captured row (generated token x layer x head; only layers whose keys cover
+   the whole sequence: in Gemma 3 the global layers) is scaled to sum 1 over the image tokens of *all*
+   slices, so the share each slice got is kept, then averaged: an ``(n_slices, g, g)`` map.
+2. **Back to the voxels.** Each slice's grid goes through the same pad/resize inverse as a radiograph
+   (:func:`maps.grid_to_pixels`) onto its axial plane at its source slice; slices that were not sampled
+   get the linear interpolation of the two nearest sampled slices along z (the nearest one outside the
+   sampled range). All of this happens on the display array (z toward the head, y back, x left).
+3. **Kept inside the body.** The heatmap is zeroed outside the HU body mask (:func:`ct.body_mask`); a
+   finding that names a side is zeroed on the other side of the body's midline (patient right = low x).
+4. **Mask.** The 3-D connected region around the peak at half maximum (:func:`maps.label_map`, as for
+   radiographs); overlaps go to the finding with the larger scaled heatmap.
+
+Per finding the result reports the slice range of its mask and the strongest slice (the slice of the
+heatmap's peak), as indices of the input's own slice axis and as patient z in mm, plus the model
+slice (``SLICE n``) that drew most of the finding's attention.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import maps
+from .ct import CTVolume, ModelSlices
+
+
+def slice_grids(attention, rows: list[int], grid: int, n_images: int) -> np.ndarray:
+    """(n_images, grid, grid): attention of the finding's token rows to each slice's image tokens."""
+    if not rows:
+        return np.zeros((n_images, grid, grid), np.float32)
+    a = attention[rows]  # (tokens, layers, heads, n_images * grid * grid)
+    a = a / a.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    return a.mean(dim=(0, 1, 2)).reshape(n_images, grid, grid).numpy().astype(np.float32)
+
+
+def fill_slices(planes: np.ndarray, indices: list[int], depth: int) -> np.ndarray:
+    """(depth, rows, cols): ``planes[i]`` at display slice ``indices[i]``, linear in z between them."""
+    order = np.argsort(indices)
+    zs = np.asarray(indices, float)[order]
+    stack = planes[order]
+    if len(zs) == 1:
+        return np.repeat(stack, depth, axis=0)
+    pos = np.interp(np.arange(depth, dtype=float), zs, np.arange(len(zs), dtype=float))
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, len(zs) - 1)
+    w = (pos - lo).astype(np.float32)[:, None, None]
+    return stack[lo] * (1 - w) + stack[hi] * w
+
+
+def volume_heatmap(grids: np.ndarray, ms: ModelSlices, depth: int) -> np.ndarray:
+    """float32 (z, y, x) on the display grid from per-slice token grids."""
+    planes = np.stack([maps.grid_to_pixels(g, ms.pad) for g in grids])
+    return fill_slices(planes, ms.indices, depth).astype(np.float32)
+
+
+def side_gate(body: np.ndarray, side: str) -> np.ndarray:
+    """float32 (z, y, x): 1 on the patient's ``side`` of the body's midline (display x), else 0."""
+    gate = np.ones(body.shape, np.float32)
+    if side not in ("right", "left"):
+        return gate
+    cols = np.nonzero(body.any(axis=(0, 1)))[0]
+    weights = body.sum(axis=(0, 1))[cols]
+    mid = float(np.average(cols, weights=weights)) if len(cols) else body.shape[2] / 2
+    x = np.arange(body.shape[2])
+    keep = x < mid if side == "right" else x >= mid  # patient right = low x on the display grid
+    gate[:, :, ~keep] = 0
+    return gate
+
+
+def slice_info(volume: CTVolume, ms: ModelSlices, grids: np.ndarray, heat: np.ndarray, mask: np.ndarray) -> dict:
+    """Slice range of the mask and the strongest slice, in the input's slice indices and patient z."""
+
+    def where(z: int) -> dict:
+        return {"index": volume.display_to_stored_index(int(z)), "world_z_mm": round(volume.world_z(int(z)), 2)}
+
+    peak_z = int(np.unravel_index(int(np.argmax(heat)), heat.shape)[0])
+    out = {"strongest_slice": where(peak_z), "model_slice": int(np.argmax(grids.sum(axis=(1, 2)))) + 1}
+    zs = np.nonzero(mask.any(axis=(1, 2)))[0]
+    if len(zs):
+        lo, hi = where(zs.min()), where(zs.max())
+        out["slice_range"] = {"index": sorted([lo["index"], hi["index"]]) if lo["index"] is not None else None,
+                              "world_z_mm": sorted([lo["world_z_mm"], hi["world_z_mm"]])}
+    return out

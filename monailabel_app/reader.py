@@ -65,7 +65,7 @@ class Reading:
 
     def findings_json(self) -> list[dict]:
         out = []
-        for k, (f, name, h) in enumerate(zip(self.findings, self.names, self.mask_maps), start=1):
+        for k, (f, name, h, raw) in enumerate(zip(self.findings, self.names, self.mask_maps, self.heatmaps), start=1):
             item = {
                 "label": k,
                 "name": name,
@@ -75,7 +75,9 @@ class Reading:
                 "side": f.side,
                 "level": f.level,
                 "score": round(f.score, 4),
+                # array indices (numpy order) in the input's geometry: the gated map's and the raw attention's peak
                 "peak_voxel" if h.ndim == 3 else "peak_pixel": [int(i) for i in np.unravel_index(int(np.argmax(h)), h.shape)],
+                "attention_peak": [int(i) for i in np.unravel_index(int(np.argmax(raw)), raw.shape)],
             }
             if k <= len(self.extras):
                 item.update(self.extras[k - 1])

@@ -1,0 +1,189 @@
+"""CT volumes end to end through a real MONAI Label server and MONAILabelClient."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+
+import numpy as np
+import pytest
+import requests
+import SimpleITK as sitk
+from monailabel.client import MONAILabelClient
+
+from conftest import shared
+from monailabel_app import ct_phantoms
+from monailabel_app.ct import load_ct
+from monailabel_app.grounding import evaluate_ct, table
+from monailabel_app.phantom_model import CT_MAX_SLICES
+from monailabel_app.server import ServerProcess
+
+SLICER = {"result_extension": ".nrrd", "result_dtype": "uint8"}
+GROUNDING_SEEDS = range(0, 30)  # held-out (training used seeds >= 10**6, priors 20000-20199)
+SIDE_SEED = 4
+REAL = {  # image id -> source under ../shared/data and the file name to give it in the datastore
+    "real_totalseg": (("ct", "totalsegmentator", "example_ct.nii.gz"), ".nii.gz"),
+    "real_totalseg_dicom": (("ct", "totalsegmentator", "example_ct_dicom"), ".zip"),
+    "real_lidc": (("ct", "lidc", "LIDC-IDRI-0001"), ".zip"),
+    "real_slice": (("ct", "dicom_slices", "0.dcm"), ".dcm"),
+    "real_small_slice": (("ct", "dicom_slices", "CT_small.dcm"), ".dcm"),
+    "real_enhanced": (("ct", "dicom_slices", "eCT_Supplemental.dcm"), ".dcm"),
+}
+BAD = {"bad_4d": ("4-D", ".nii.gz"), "bad_nan": ("NaN", ".nrrd"), "bad_mixed_series": ("DICOM series", ".zip")}
+
+
+def _zip_series(folder, dest_stem):
+    if "LIDC" in folder:
+        folder = glob.glob(folder + "/1*/1*")[0]
+    return shutil.make_archive(dest_stem, "zip", folder)
+
+
+@pytest.fixture(scope="module")
+def studies(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ct_studies")
+    for seed in GROUNDING_SEEDS:
+        ct_phantoms.save(ct_phantoms.make_ct_phantom(seed), str(d / f"ct_{seed}.nii.gz"), "LPS")
+    ct_phantoms.save(ct_phantoms.make_ct_phantom(SIDE_SEED), str(d / "ct_side_ras.nii.gz"), "RAS")
+    for name, (parts, ext) in REAL.items():
+        src = shared(*parts)
+        if ext == ".zip":
+            _zip_series(src, str(d / name))
+        else:
+            shutil.copy(src, d / (name + ext))
+    four_d = sitk.JoinSeries([sitk.GetImageFromArray(np.zeros((4, 20, 20), np.int16))] * 3)
+    sitk.WriteImage(four_d, str(d / "bad_4d.nii.gz"))
+    a = np.zeros((4, 20, 20), np.float32)
+    a[1, 1, 1] = np.nan
+    sitk.WriteImage(sitk.GetImageFromArray(a), str(d / "bad_nan.nrrd"))
+    mixed = d / "mixed"
+    ct_phantoms.save(ct_phantoms.make_ct_phantom(1), str(mixed / "a"))
+    ct_phantoms.save(ct_phantoms.make_ct_phantom(2), str(mixed / "b"))
+    shutil.make_archive(str(d / "bad_mixed_series"), "zip", mixed)
+    shutil.rmtree(mixed)
+    return d
+
+
+@pytest.fixture(scope="module")
+def server(studies):
+    with ServerProcess(str(studies)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return MONAILabelClient(server.url)
+
+
+def _world_x(label: sitk.Image, mask: np.ndarray) -> np.ndarray:
+    """Patient x (LPS: larger = more to the patient's left) of the voxels of ``mask`` (numpy order)."""
+    idx = np.argwhere(mask)[:, ::-1].astype(float)  # (i, j, k)
+    d = np.array(label.GetDirection()).reshape(3, 3)
+    world = np.array(label.GetOrigin()) + (idx * np.array(label.GetSpacing())) @ d.T
+    return world[:, 0]
+
+
+def test_ct_phantom_answer_in_the_input_geometry_with_slice_ranges(client, server, studies, tmp_path):
+    """A RAS-stored NIfTI: the label comes back on the file's own grid, masks on the named side in world x."""
+    label_file, res = client.infer("medgemma", "ct_side_ras", SLICER)
+    label = sitk.ReadImage(label_file)
+    src = sitk.ReadImage(str(studies / "ct_side_ras.nii.gz"))
+    assert label.GetSize() == src.GetSize()
+    assert np.allclose(label.GetSpacing(), src.GetSpacing()) and np.allclose(label.GetOrigin(), src.GetOrigin())
+    assert np.allclose(label.GetDirection(), src.GetDirection()) and label.GetDirection()[0] < 0  # RAS stored
+    assert res["modality"] == "ct" and res["label_names"] == {f["name"]: f["label"] for f in res["findings"]}
+    arr = sitk.GetArrayFromImage(label)
+    ph = ct_phantoms.make_ct_phantom(SIDE_SEED)
+    body_x = _world_x(ct_phantoms.to_image(ph.hu, ph.spacing, ph.origin), ph.body).mean()
+    for f in res["findings"]:
+        assert {"slice_range", "strongest_slice", "model_slice", "attention_peak"} <= set(f)
+        assert 1 <= f["model_slice"] <= CT_MAX_SLICES
+        lo, hi = f["slice_range"]["world_z_mm"]
+        assert lo <= f["strongest_slice"]["world_z_mm"] <= hi or not (arr == f["label"]).any()
+        m = arr == f["label"]
+        if f["side"] in ("right", "left") and m.any():
+            xs = _world_x(label, m)
+            assert (xs < body_x).all() if f["side"] == "right" else (xs >= body_x - 1e-6).all(), f
+    r = requests.get(server.url + res["heatmap"]["url"], timeout=30)
+    assert r.status_code == 200
+    (tmp_path / "hm.nrrd").write_bytes(r.content)
+    assert sitk.ReadImage(str(tmp_path / "hm.nrrd")).GetSize() == src.GetSize()
+
+
+@pytest.fixture(scope="module")
+def grounding(client):
+    """The 3-D grounding table on held-out CT phantoms, every volume through the server."""
+    outcomes = {}
+
+    def read(ph):
+        label_file, res = client.infer("medgemma", f"ct_{ph.seed}", SLICER)
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(label_file))  # LPS-stored: the phantom's own grid
+        outcomes[ph.seed] = (res, labels)
+        return res["findings"], labels
+
+    result = evaluate_ct(read, list(GROUNDING_SEEDS), CT_MAX_SLICES)
+    print("\n" + table(result))
+    return result, outcomes
+
+
+def test_ct_masks_stay_in_the_body_and_on_the_named_side(grounding):
+    _, outcomes = grounding
+    for seed, (res, labels) in outcomes.items():
+        ph = ct_phantoms.make_ct_phantom(seed)
+        assert not (labels[~ph.body] > 0).any(), seed
+        mid = np.nonzero(ph.body)[2].mean()
+        for f in res["findings"]:
+            xs = np.nonzero(labels == f["label"])[2]
+            if f["side"] == "right" and len(xs):
+                assert (xs < mid).all(), (seed, f)
+            if f["side"] == "left" and len(xs):
+                assert (xs >= mid - 1).all(), (seed, f)
+
+
+@pytest.mark.xfail(strict=True, reason="the shipped phantom model does not read CT yet (issue 3 open): "
+                   "its CT answers do not depend on the volume; see models/phantom-gemma3/README.md")
+def test_ct_text_names_the_lobes_and_attention_points_at_the_lesions(grounding):
+    result, _ = grounding
+    assert result["zone_accuracy"] >= 0.8, table(result)
+    assert result["maps"]["a_raw_attention"]["pointing"] >= 0.7, table(result)
+
+
+@pytest.mark.parametrize("image_id", sorted(REAL))
+def test_real_ct_answers_in_its_geometry(client, studies, image_id):
+    path = glob.glob(str(studies / (image_id + ".*")))[0]
+    label_file, res = client.infer("medgemma", image_id, SLICER)
+    label = sitk.ReadImage(label_file)
+    geom = load_ct(path).geometry
+    assert sitk.GetArrayFromImage(label).shape == tuple(geom.shape)
+    assert np.allclose(label.GetSpacing(), geom.spacing, atol=1e-4) and np.allclose(label.GetOrigin(), geom.origin, atol=1e-3)
+    assert np.allclose(label.GetDirection(), geom.direction, atol=1e-6)
+    assert res["modality"] == "ct" and res["report"].strip()
+    assert res["latencies"]["prompt_tokens"] > 256
+
+
+@pytest.mark.parametrize("image_id", sorted(BAD))
+def test_bad_ct_inputs_get_a_4xx_and_the_server_keeps_serving(server, client, image_id):
+    words, _ = BAD[image_id]
+    r = requests.post(f"{server.url}/infer/medgemma?image={image_id}", data={"params": "{}"}, timeout=120)
+    assert r.status_code == 422, r.text
+    assert words.lower() in r.json()["detail"].lower()
+    assert requests.get(server.url + "/info/", timeout=30).status_code == 200
+    _, res = client.infer("medgemma", "real_small_slice", SLICER)
+    assert res["modality"] == "ct"
+
+
+@pytest.mark.parametrize("params,words", [
+    ('{"max_slices": 0}', "between 1 and"),
+    ('{"max_slices": "many"}', "whole number"),
+    ('{"modality": "mri"}', "modality"),
+])
+def test_bad_ct_params_get_a_4xx(server, params, words):
+    r = requests.post(f"{server.url}/infer/medgemma?image=real_small_slice", data={"params": params}, timeout=120)
+    assert r.status_code == 422, r.text
+    assert words.lower() in r.json()["detail"].lower()
+
+
+def test_max_slices_per_request(client):
+    _, res = client.infer("medgemma", "real_totalseg", {"max_slices": 4})
+    per_image = 256
+    assert 4 * per_image < res["latencies"]["prompt_tokens"] < 5 * per_image

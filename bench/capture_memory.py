@@ -1,0 +1,163 @@
+#!/usr/bin/env python
+"""Peak memory of attention capture vs. sequence length (CT slices), next to plain SDPA generation.
+
+    python bench/capture_memory.py                       # phantom model on this machine (CPU or GPU)
+    python bench/capture_memory.py --medgemma-shapes     # MedGemma-4B shapes, random weights (GPU)
+
+For each slice count it builds a CT-shaped prompt (per slice: <start_of_image>, 256 image tokens,
+<end_of_image>, "SLICE n"; then a question), runs greedy generation of ``--new-tokens`` tokens
+(1) with plain SDPA and (2) with the capture attention recording every generated token's row on the
+global layers, and prints the peak memory of each (CUDA: ``max_memory_allocated`` above the model;
+CPU: peak RSS of a fresh process per run). It also prints what keeping the full L x L attention of
+every layer would take (the eager ``output_attentions`` path) -- never built here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+MEDGEMMA_4B = dict(
+    text=dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
+              num_key_value_heads=4, head_dim=256, vocab_size=262208, sliding_window=1024,
+              rope_scaling={"rope_type": "linear", "factor": 8.0}, query_pre_attn_scalar=256,
+              max_position_embeddings=131072),
+    vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
+                image_size=896, patch_size=14, vision_use_head=False),
+    image_token_index=262144, boi=255999, eoi=256000,
+)
+
+
+def build_model(medgemma: bool, device: str, dtype):
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    if not medgemma:
+        from monailabel_app.loading import load_model
+
+        model, processor, _ = load_model(_phantom_dir(), device, "fp32")
+        cfg = model.config
+        return model, dict(image_token=cfg.image_token_index, boi=cfg.boi_token_index, eoi=cfg.eoi_token_index,
+                           image_size=cfg.vision_config.image_size, vocab=len(processor.tokenizer))
+    s = MEDGEMMA_4B
+    every = 6
+    types = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(s["text"]["num_hidden_layers"])]
+    cfg = Gemma3Config(text_config={**s["text"], "layer_types": types}, vision_config=s["vision"],
+                       mm_tokens_per_image=256, image_token_index=s["image_token_index"],
+                       boi_token_index=s["boi"], eoi_token_index=s["eoi"])
+    cfg._attn_implementation = "sdpa"
+    with torch.device(device):
+        model = Gemma3ForConditionalGeneration._from_config(cfg, dtype=dtype)
+    model.eval()
+    model.generation_config.eos_token_id = None  # random weights: always run the full new-token count
+    return model, dict(image_token=s["image_token_index"], boi=s["boi"], eoi=s["eoi"], image_size=896, vocab=1000)
+
+
+def _phantom_dir():
+    from monailabel_app.phantom_model import PHANTOM_MODEL_DIR
+
+    return PHANTOM_MODEL_DIR
+
+
+def ct_prompt(spec: dict, slices: int, device, dtype):
+    ids, types = [2], [0]
+    for n in range(slices):
+        ids += [spec["boi"]] + [spec["image_token"]] * 256 + [spec["eoi"], 10 + n % 50, 11]
+        types += [0] + [1] * 256 + [0, 0, 0]
+    ids += [12, 13, 14, 15]
+    types += [0] * 4
+    size = spec["image_size"]
+    return {
+        "input_ids": torch.tensor([ids], device=device),
+        "attention_mask": torch.ones(1, len(ids), dtype=torch.long, device=device),
+        "token_type_ids": torch.tensor([types], device=device),
+        "pixel_values": torch.rand(slices, 3, size, size, device=device, dtype=dtype) * 2 - 1,
+    }
+
+
+def global_layers(model) -> list[int]:
+    types = model.config.text_config.layer_types
+    return [i for i, t in enumerate(types) if t == "full_attention"]
+
+
+_MODELS: dict = {}  # one model per process (on CUDA all runs share it; on the CPU each run is a process)
+
+
+def run_once(medgemma: bool, slices: int, mode: str, new_tokens: int, device: str) -> dict:
+    from monailabel_app.capture import CAPTURE_ATTN, recording
+
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if medgemma not in _MODELS:
+        _MODELS[medgemma] = build_model(medgemma, device, dtype)
+    model, spec = _MODELS[medgemma]
+    model.set_attn_implementation(CAPTURE_ATTN if mode == "capture" else "sdpa")
+    inputs = ct_prompt(spec, slices, device, dtype)
+    length = int(inputs["input_ids"].shape[1])
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        if mode == "capture":
+            positions = (inputs["input_ids"][0] == spec["image_token"]).nonzero()[:, 0]
+            with recording(global_layers(model), positions, length) as rec:
+                model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            kept = sum(t.numel() * t.element_size() for rows in rec.rows.values() for t in rows)
+        else:
+            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            kept = 0
+    seconds = time.perf_counter() - t0
+    cfg = model.config.text_config
+    full = cfg.num_hidden_layers * cfg.num_attention_heads * length * length * (2 if dtype == torch.bfloat16 else 4)
+    out = {"slices": slices, "tokens": length, "mode": mode, "seconds": round(seconds, 2),
+           "captured_bytes": kept, "full_attention_bytes": full}
+    if device.startswith("cuda"):
+        out["peak_bytes"] = torch.cuda.max_memory_allocated() - base
+    else:
+        out["peak_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--medgemma-shapes", action="store_true")
+    ap.add_argument("--slices", default="1,5,10,20,40")
+    ap.add_argument("--new-tokens", type=int, default=8)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--one", help=argparse.SUPPRESS)  # "slices,mode": a single run (CPU: in its own process)
+    args = ap.parse_args(argv)
+    if args.one:
+        slices, mode = args.one.split(",")
+        print(json.dumps(run_once(args.medgemma_shapes, int(slices), mode, args.new_tokens, args.device)))
+        return
+    gib = 1 / 2**30
+    print(f"{'slices':>6} {'tokens':>7} {'plain peak GiB':>15} {'capture peak GiB':>17} {'kept rows MiB':>14} "
+          f"{'full LxL GiB':>13} {'plain s':>8} {'capture s':>10}  ({args.device}, "
+          f"{'MedGemma-4B shapes' if args.medgemma_shapes else 'phantom model'})", flush=True)
+    for slices in [int(s) for s in args.slices.split(",")]:
+        row = {}
+        for mode in ("plain", "capture"):
+            if args.device.startswith("cuda"):
+                row[mode] = run_once(args.medgemma_shapes, slices, mode, args.new_tokens, args.device)
+                torch.cuda.empty_cache()
+            else:  # peak RSS only grows within a process: one process per run
+                cmd = [sys.executable, os.path.abspath(__file__), "--one", f"{slices},{mode}", "--device", args.device,
+                       "--new-tokens", str(args.new_tokens)] + (["--medgemma-shapes"] if args.medgemma_shapes else [])
+                row[mode] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
+        p, c = row["plain"], row["capture"]
+        print(f"{slices:>6} {p['tokens']:>7} {p['peak_bytes'] * gib:>15.3f} {c['peak_bytes'] * gib:>17.3f} "
+              f"{c['captured_bytes'] / 2**20:>14.3f} {p['full_attention_bytes'] * gib:>13.2f} {p['seconds']:>8.2f} "
+              f"{c['seconds']:>10.2f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -240,7 +240,7 @@ def main(argv=None):
         PhantomBatches(processor, args.batch, args.seed * 10**8, args.ct_share, args.ct_batch), batch_size=None,
         num_workers=args.workers, prefetch_factor=4 if args.workers else None, persistent_workers=bool(args.workers),
     )
-    t0, ema = time.time(), None
+    t0, ema = time.time(), {}  # running loss per batch kind (X-ray, CT)
     for step, batch in enumerate(loader):
         if step >= args.steps or (args.minutes and time.time() - t0 > args.minutes * 60):
             break
@@ -251,9 +251,11 @@ def main(argv=None):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
-        ema = loss.item() if ema is None else 0.98 * ema + 0.02 * loss.item()
+        kind = "ct" if batch["pixel_values"].shape[0] != batch["input_ids"].shape[0] else "xray"
+        ema[kind] = loss.item() if kind not in ema else 0.98 * ema[kind] + 0.02 * loss.item()
         if step % 100 == 0:
-            print(f"step {step:5d}  loss {ema:.4f}  lr {sched.get_last_lr()[0]:.2e}  {time.time() - t0:6.0f}s", flush=True)
+            losses = "  ".join(f"{k} loss {v:.4f}" for k, v in sorted(ema.items()))
+            print(f"step {step:5d}  {losses}  lr {sched.get_last_lr()[0]:.2e}  {time.time() - t0:6.0f}s", flush=True)
         if step and step % 1000 == 0:
             model.eval()
             print(f"  zone accuracy on seeds 0..63: {zone_accuracy(model, processor, list(range(64)), device)}", flush=True)

@@ -1,11 +1,12 @@
 #!/usr/bin/env python
-"""Demo: a real MONAI Label server with the embedded phantom model answers chest X-rays.
+"""Demo: a real MONAI Label server with the embedded phantom model answers chest X-rays and CTs.
 
-The phantom model is a tiny synthetic TEST model, not MedGemma: it reads phantoms well and real X-rays
-not at all (its answers on them only show that the whole path, I/O and geometry included, works).
+The phantom model is a tiny synthetic TEST model, not MedGemma: it reads X-ray phantoms well, real
+X-rays not at all, and CT not yet (its answers there only show that the whole path, I/O and geometry
+included, works).
 
-Builds a datastore under ``out/demo/studies`` (three phantoms, plus the real X-rays of ../shared/data
-when that folder is there, linked, not copied), starts the server, calls ``/infer/medgemma`` for each
+Builds a datastore under ``out/demo/studies`` (three X-ray phantoms and a CT phantom, plus real X-rays
+and CTs of ../shared/data when that folder is there: linked, or a DICOM series zipped), starts the server, calls ``/infer/medgemma`` for each
 image through ``MONAILabelClient`` exactly as the 3D Slicer plugin does (``.nrrd``, ``uint8``), and
 prints the findings, the mask sizes and the round-trip times. Results land in ``out/demo/results``.
 """
@@ -28,10 +29,12 @@ import SimpleITK as sitk  # noqa: E402
 from monailabel.client import MONAILabelClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from monailabel_app import ct_phantoms  # noqa: E402
 from monailabel_app.phantoms import make_phantom  # noqa: E402
 from monailabel_app.server import ServerProcess  # noqa: E402
 
 SHARED = os.path.join(ROOT, "..", "shared", "data", "cxr")
+CT_SHARED = os.path.join(ROOT, "..", "shared", "data", "ct")
 REAL = {"real_nih_cardiomegaly.png": "nih/00000001_000.png", "real_cr_jpeg2000.dcm": "dicom/RG1_J2KR.dcm",
         "real_siim_cr.dcm": "siim/*.dcm"}
 
@@ -48,6 +51,13 @@ def build_studies(folder: str, seeds: list[int]) -> dict[str, str]:
         for path in sorted(glob.glob(os.path.join(SHARED, pattern)))[:1]:
             os.symlink(os.path.abspath(path), os.path.join(folder, name))
             truth[name.split(".")[0]] = "(real X-ray: the phantom model cannot read it)"
+    ph = ct_phantoms.make_ct_phantom(4)
+    ct_phantoms.save(ph, os.path.join(folder, "ct_phantom_4.nii.gz"), "RAS")
+    truth["ct_phantom_4"] = ph.report + " (the phantom model does not read CT yet)"
+    series = os.path.join(CT_SHARED, "totalsegmentator", "example_ct_dicom")
+    if os.path.isdir(series):
+        shutil.make_archive(os.path.join(folder, "real_ct_dicom_series"), "zip", series)
+        truth["real_ct_dicom_series"] = "(real CT, 20 slices: the phantom model cannot read it)"
     return truth
 
 
@@ -78,8 +88,10 @@ def main(argv=None) -> int:
             print(f"{image_id}  ({dt:.2f} s round trip, label {label.GetSize()} spacing {label.GetSpacing()})")
             print(f"  expected: {expected}\n  answer:   {params['report']}")
             for fnd in params["findings"]:
-                print(f"    segment {fnd['label']} '{fnd['name']}': {int((arr == fnd['label']).sum())} pixels, "
-                      f"peak at row/col {fnd['peak_pixel']}, score {fnd['score']:.2f}")
+                where = (f"strongest slice {fnd['strongest_slice']}" if "strongest_slice" in fnd
+                         else f"peak at row/col {fnd['peak_pixel']}")
+                print(f"    segment {fnd['label']} '{fnd['name']}': {int((arr == fnd['label']).sum())} voxels, "
+                      f"{where}, score {fnd['score']:.2f}")
             if "heatmap" in params:
                 print(f"  heatmap: {server.url}{params['heatmap']['url']}")
         print(f"\nlabels and result JSON in {results}")

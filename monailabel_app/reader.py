@@ -76,7 +76,7 @@ class Reading:
                 "level": f.level,
                 "score": round(f.score, 4),
                 # array indices (numpy order) in the input's geometry: the gated map's and the raw attention's peak
-                "peak_voxel" if h.ndim == 3 else "peak_pixel": [int(i) for i in np.unravel_index(int(np.argmax(h)), h.shape)],
+                "peak_voxel" if self.modality == "ct" else "peak_pixel": [int(i) for i in np.unravel_index(int(np.argmax(h)), h.shape)],
                 "attention_peak": [int(i) for i in np.unravel_index(int(np.argmax(raw)), raw.shape)],
             }
             if k <= len(self.extras):

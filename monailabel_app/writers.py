@@ -102,8 +102,11 @@ def overlay_png(reading, path: str, alpha: float = 0.45) -> str:
             if t < len(reading.display_heatmaps):
                 r, c = np.unravel_index(int(np.argmax(reading.display_heatmaps[t][z])), grey.shape[1:])
                 marks.append((t, r, c, t + 1))
-        width = tiles[0].shape[1]
-        img = Image.fromarray(np.concatenate(tiles, axis=1))
+        up = max(1, -(-256 // tiles[0].shape[0]))  # small CT slices: enlarge so the labels stay readable
+        width = tiles[0].shape[1] * up
+        strip = np.concatenate(tiles, axis=1)
+        img = Image.fromarray(strip).resize((strip.shape[1] * up, strip.shape[0] * up), Image.NEAREST)
+        marks = [(t, r * up, c * up, k) for t, r, c, k in marks]
     else:
         img = Image.fromarray(_blend(reading.radiograph.pixels, reading.labels.reshape(reading.radiograph.pixels.shape), alpha))
         width = 0

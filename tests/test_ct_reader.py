@@ -56,6 +56,8 @@ def test_masks_agree_in_world_space_across_formats(outputs):
             dice = 2 * (a & b).sum() / max(1, a.sum() + b.sum())
             assert dice >= 0.99, (name, k, dice)
         assert result["report"] == outputs["nifti_lps"][1]["report"]
+        assert all("peak_voxel" in f and "strongest_slice" in f for f in result["findings"])
+        assert (folder / "overlay.png").stat().st_size > 0
 
 
 def test_a_right_sided_finding_has_patient_right_world_coordinates_in_every_format(outputs):

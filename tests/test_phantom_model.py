@@ -5,6 +5,7 @@ import os
 
 from transformers import AutoTokenizer
 
+from conftest import ROOT
 from monailabel_app import phantom_model as pm
 
 
@@ -29,3 +30,16 @@ def test_recipe_rebuilds_the_shipped_tokenizer_and_config():
 def test_labelled_as_a_test_model():
     assert "NOT MedGemma" in pm.MODEL_LABEL
     assert "NOT MedGemma" in pm.__doc__
+
+
+def test_training_fast_ct_encoding_matches_the_processor():
+    """train.py tokenises CT prompts itself and resizes slices on the device: same ids as the processor,
+    pixels within one grey level (2/255 after normalisation to -1..1)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train", os.path.join(ROOT, "sample-apps", "phantom-model", "train.py"))
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    from transformers import AutoProcessor
+
+    assert train.check_fast_ct(AutoProcessor.from_pretrained(pm.PHANTOM_MODEL_DIR)) <= 2 / 255 + 1e-6

@@ -68,7 +68,7 @@ def side_gate(body: np.ndarray, side: str) -> np.ndarray:
     return gate
 
 
-def slice_info(volume: CTVolume, ms: ModelSlices, grids: np.ndarray, heat: np.ndarray, mask: np.ndarray) -> dict:
+def slice_info(volume: CTVolume, grids: np.ndarray, heat: np.ndarray, mask: np.ndarray) -> dict:
     """Slice range of the mask and the strongest slice, in the input's slice indices and patient z."""
 
     def where(z: int) -> dict:

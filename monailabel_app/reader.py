@@ -234,7 +234,7 @@ class Reader:
             mask_maps.append(h * body * ct_maps.side_gate(body, f.side))
         threshold = float(self.ct.get("threshold", 0.5))
         labels = maps.label_map(mask_maps, threshold) if mask_maps else np.zeros(volume.shape, np.uint8)
-        extras = [ct_maps.slice_info(volume, ms, g, m, labels == k)
+        extras = [ct_maps.slice_info(volume, g, m, labels == k)
                   for k, (g, m) in enumerate(zip(grids, mask_maps), start=1)]
         index = [{"model_slice": n, "display_z": z, "source_index": volume.display_to_stored_index(z),
                   "world_z_mm": round(volume.world_z(z), 3)} for n, z in enumerate(ms.indices, start=1)]

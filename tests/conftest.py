@@ -28,3 +28,19 @@ def reader():
     from monailabel_app.reader import Reader
 
     return Reader()
+
+
+@pytest.fixture(scope="module")
+def server(studies):
+    """A real MONAI Label server on the calling test module's own ``studies`` folder."""
+    from monailabel_app.server import ServerProcess
+
+    with ServerProcess(str(studies)) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from monailabel.client import MONAILabelClient
+
+    return MONAILabelClient(server.url)

@@ -10,12 +10,10 @@ import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
-from monailabel.client import MONAILabelClient
 from PIL import Image
 
 from conftest import CXR, shared
 from monailabel_app.phantoms import make_phantom
-from monailabel_app.server import ServerProcess
 from monailabel_app.xray import load_radiograph
 
 PHANTOM_SEEDS = [7, 11, 23, 42]
@@ -56,17 +54,6 @@ def studies(tmp_path_factory):
         else:
             dest.write_bytes(content)
     return d
-
-
-@pytest.fixture(scope="module")
-def server(studies):
-    with ServerProcess(str(studies)) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return MONAILabelClient(server.url)
 
 
 def _path(studies, image_id):

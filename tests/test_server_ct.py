@@ -10,14 +10,12 @@ import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
-from monailabel.client import MONAILabelClient
 
 from conftest import shared
 from monailabel_app import ct_phantoms
 from monailabel_app.ct import load_ct
 from monailabel_app.grounding import evaluate_ct, table
 from monailabel_app.phantom_model import CT_MAX_SLICES
-from monailabel_app.server import ServerProcess
 
 SLICER = {"result_extension": ".nrrd", "result_dtype": "uint8"}
 GROUNDING_SEEDS = range(0, 30)  # held-out (training used seeds >= 10**6, priors 20000-20199)
@@ -62,17 +60,6 @@ def studies(tmp_path_factory):
     shutil.make_archive(str(d / "bad_mixed_series"), "zip", mixed)
     shutil.rmtree(mixed)
     return d
-
-
-@pytest.fixture(scope="module")
-def server(studies):
-    with ServerProcess(str(studies)) as s:
-        yield s
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return MONAILabelClient(server.url)
 
 
 def _world_x(label: sitk.Image, mask: np.ndarray) -> np.ndarray:

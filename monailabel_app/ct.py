@@ -138,9 +138,11 @@ class ModelSlices:
     pad: SquarePad  # how each axial plane sits in its square
 
 
-def model_slices(volume: "CTVolume", max_slices: int) -> ModelSlices:
-    """Sample, pad to square with air (-1024 HU) and window the slices the model will read."""
-    indices = sample_slices(volume.shape[0], max_slices)
+def model_slices(volume: "CTVolume", max_slices: int, indices: list[int] | None = None) -> ModelSlices:
+    """Sample (or take the given display ``indices``), pad to square with air (-1024 HU) and window the
+    slices the model will read."""
+    if indices is None:
+        indices = sample_slices(volume.shape[0], max_slices)
     pad = SquarePad(volume.shape[1], volume.shape[2])
     images = []
     for z in indices:

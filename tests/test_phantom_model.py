@@ -42,4 +42,6 @@ def test_training_fast_ct_encoding_matches_the_processor():
     spec.loader.exec_module(train)
     from transformers import AutoProcessor
 
-    assert train.check_fast_ct(AutoProcessor.from_pretrained(pm.PHANTOM_MODEL_DIR)) <= 2 / 255 + 1e-6
+    processor = AutoProcessor.from_pretrained(pm.PHANTOM_MODEL_DIR)
+    for n in (pm.CT_MAX_SLICES, 3):  # the full recipe and a curriculum slab
+        assert train.check_fast_ct(processor, n=n) <= 2 / 255 + 1e-6

@@ -3,13 +3,18 @@
 
     # stage 1: chest X-ray phantoms, from scratch
     python sample-apps/phantom-model/train.py --out monailabel_app/models/phantom-gemma3 --ct-share 0 --steps 4000
-    # stage 2: X-ray and CT phantoms, continuing from stage 1 (the shipped model: see its README.md)
+    # stage 2: X-ray and CT phantoms, continuing from stage 1, with the CT curriculum
     python sample-apps/phantom-model/train.py --init monailabel_app/models/phantom-gemma3 \
-        --out monailabel_app/models/phantom-gemma3 --ct-share 0.75 --steps 2000 --lr 1.2e-3
+        --out monailabel_app/models/phantom-gemma3 --ct-share 0.85 --ct-batch 24 --ct-ramp-minutes 5 \
+        --lr 2e-3 --warmup 100 --steps 100000 --minutes 8.5
+    (the shipped weights' exact lineage is in monailabel_app/models/phantom-gemma3/README.md)
 
-CT examples follow the MedGemma 1.5 recipe exactly as inference does (:func:`ct.model_slices`: up to
-``CT_MAX_SLICES`` slices, three HU windows as RGB, ``SLICE n`` after each image); most use the full
-slice count, some fewer, so shorter volumes are not out of distribution.
+CT examples follow the MedGemma 1.5 recipe as inference does (:func:`ct.model_slices`: three HU windows
+as RGB, ``SLICE n`` after each image). With ``--ct-ramp-minutes`` they follow a curriculum: at first one
+slice through a lesion, then ever longer slabs at the recipe's slice spacing, the full ``CT_MAX_SLICES``
+recipe after the ramp (then 70 % of batches full, the rest shorter). Without it the lesion is 1-4 of
+5,000 image tokens and the model never learned to find it (see the model README). The reference text of
+an example names only the lesions its slices cut.
 
 Builds the tokenizer, processor and config of :mod:`monailabel_app.phantom_model`, gives the
 multimodal projector a small random start (it initialises to zero), and trains with next-token loss on
@@ -35,10 +40,11 @@ from PIL import Image
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
 from monailabel_app import phantom_model as pm  # noqa: E402
-from monailabel_app.ct import interleave, model_slices  # noqa: E402
+from monailabel_app.ct import interleave, model_slices, sample_slices  # noqa: E402
 from monailabel_app.ct_phantoms import make_ct_phantom, phantom_volume  # noqa: E402
 from monailabel_app.generation import chat_messages  # noqa: E402
 from monailabel_app.phantoms import make_phantom  # noqa: E402
+from monailabel_app.report import format_findings  # noqa: E402
 from monailabel_app.xray import pad_to_square  # noqa: E402
 
 TRAIN_SEED_BASE = 10**6
@@ -48,12 +54,16 @@ class PhantomBatches(torch.utils.data.IterableDataset):
     """Endless batches of processed phantoms; each worker draws its own disjoint seeds.
 
     A share ``ct_share`` of the batches (spread evenly by global batch number) are CT batches of
-    ``ct_batch`` volumes, the others X-ray batches of ``batch`` images.
+    ``ct_batch`` volumes, the others X-ray batches of ``batch`` images. With ``ct_ramp_s`` > 0 the CT
+    batches follow a curriculum (:func:`ct_slice_count`): short slabs through a lesion first, the full
+    recipe after ``ct_ramp_s`` seconds of training.
     """
 
-    def __init__(self, processor, batch: int, start: int, ct_share: float = 0.0, ct_batch: int = 12):
+    def __init__(self, processor, batch: int, start: int, ct_share: float = 0.0, ct_batch: int = 12,
+                 ct_ramp_s: float = 0.0):
         self.processor, self.batch, self.start = processor, batch, start
-        self.ct_share, self.ct_batch = ct_share, ct_batch
+        self.ct_share, self.ct_batch, self.ct_ramp_s = ct_share, ct_batch, ct_ramp_s
+        self.t0 = time.time()
 
     def __iter__(self):
         info = torch.utils.data.get_worker_info()
@@ -61,12 +71,48 @@ class PhantomBatches(torch.utils.data.IterableDataset):
         i = 0
         while True:
             number = i * nw + wid
-            first = TRAIN_SEED_BASE + self.start + number * max(self.batch, self.ct_batch)
+            first = TRAIN_SEED_BASE + self.start + number * max(self.batch, 4 * self.ct_batch)
             if int((number + 1) * self.ct_share) > int(number * self.ct_share):
-                yield encode_ct_batch(self.processor, range(first, first + self.ct_batch))
+                progress = (time.time() - self.t0) / self.ct_ramp_s if self.ct_ramp_s else 1.0
+                n = ct_slice_count(progress, np.random.default_rng(first))
+                examples = self.ct_batch * min(4, pm.CT_MAX_SLICES // n)  # about the same tokens per batch
+                per = min(8, pm.CT_MAX_SLICES // n)  # short slabs: several per phantom (drawing one costs most)
+                yield encode_ct_batch(self.processor, range(first, first + -(-examples // per)), n, per)
             else:
                 yield encode_batch(self.processor, range(first, first + self.batch))
             i += 1
+
+
+def ct_slice_count(progress: float, rng) -> int:
+    """Slices per CT example at curriculum ``progress`` (0..1+): the cap grows from 1 to the full count;
+    70 % of batches use the cap, the rest fewer (so short volumes stay in distribution)."""
+    full = pm.CT_MAX_SLICES
+    cap = max(1, min(full, int(round(1 + (full - 1) * progress))))
+    return cap if rng.random() < 0.7 else int(rng.integers(1, cap + 1))
+
+
+def training_slices(ph, n: int, rng) -> list[int]:
+    """Display indices (head first) of ``n`` slices: the inference recipe when ``n`` is the full count,
+    else a slab with the recipe's slice spacing through a random lesion (a random place if none)."""
+    nz, full = ph.hu.shape[0], pm.CT_MAX_SLICES
+    if n >= full:
+        return sample_slices(nz, full)
+    step = (nz - 1) / (full - 1)
+    length = (n - 1) * step
+    if ph.lesions:
+        cz = ph.lesions[rng.integers(len(ph.lesions))].center[0]
+        start = rng.uniform(cz - length - step / 2, cz + step / 2)
+    else:
+        start = rng.uniform(0, nz - 1 - length)
+    start = float(np.clip(start, 0, nz - 1 - length))
+    picked = np.unique(np.clip(np.round(start + step * np.arange(n)), 0, nz - 1).astype(int))
+    return [int(z) for z in picked[::-1]]
+
+
+def visible_report(ph, indices, min_voxels: int = 6) -> str:
+    """The reference text for what these slices show: lesions cut by a shown slice (>= ``min_voxels``)."""
+    shown = [f for f, les in zip(ph.findings, ph.lesions) if les.mask[indices].sum(axis=(1, 2)).max() >= min_voxels]
+    return format_findings(shown)
 
 
 def _answer_labels(tok, ids):
@@ -100,32 +146,36 @@ def encode_batch(processor, seeds):
     return _encode(processor, texts, images)
 
 
-def ct_example(processor, seed, max_slices):
+def ct_example(processor, seed, n):
+    """One CT example as the processor sees it: phantom, chat text and the slice images."""
     ph = make_ct_phantom(seed)
-    ms = model_slices(phantom_volume(ph), max_slices)
+    indices = training_slices(ph, n, np.random.default_rng(seed))
+    ms = model_slices(phantom_volume(ph), n, indices)
     question = pm.CT_QUESTIONS[seed % len(pm.CT_QUESTIONS)]
-    text = processor.apply_chat_template(chat_messages(interleave([None] * len(ms.images)), question, answer=ph.report),
-                                         tokenize=False)
+    text = processor.apply_chat_template(
+        chat_messages(interleave([None] * len(ms.images)), question, answer=visible_report(ph, indices)), tokenize=False)
     return ph, text, [Image.fromarray(im) for im in ms.images]
 
 
-def encode_ct_batch(processor, seeds):
-    """A CT batch, tokenised here; its slices stay uint8 squares, resized on the device (:func:`ct_pixels`).
+def encode_ct_batch(processor, seeds, n: int = pm.CT_MAX_SLICES, per_phantom: int = 1):
+    """A CT batch of ``n``-slice examples (as :func:`ct_example`; ``per_phantom`` slabs from each seed's
+    phantom), tokenised here; its slices stay uint8 squares, resized on the device (:func:`ct_pixels`).
 
     The processor's own path (PIL resize of 240 images, tokenising 5,000 expanded image tokens per
     volume) costs more CPU than the GPU step. Here each image is tokenised as one
     ``<image_soft_token>`` and expanded to ``mm_tokens_per_image`` ids afterwards (special tokens split
     the text, so the ids are identical to the processor's; checked by :func:`check_fast_ct`).
     """
-    rng = np.random.default_rng(seeds[0])
-    n = pm.CT_MAX_SLICES if rng.random() < 0.7 else int(rng.integers(4, pm.CT_MAX_SLICES))
     rows, squares = [], []
     for seed in seeds:
         ph = make_ct_phantom(seed)
-        ms = model_slices(phantom_volume(ph), n)
-        question = pm.CT_QUESTIONS[seed % len(pm.CT_QUESTIONS)]
-        rows.append(fast_ids(processor, len(ms.images), question, ph.report))
-        squares.append(torch.from_numpy(np.stack(ms.images)))
+        volume = phantom_volume(ph)
+        for j in range(per_phantom):
+            indices = training_slices(ph, n, np.random.default_rng(seed if j == 0 else (seed, j)))
+            ms = model_slices(volume, n, indices)
+            question = pm.CT_QUESTIONS[(seed + j) % len(pm.CT_QUESTIONS)]
+            rows.append(fast_ids(processor, len(ms.images), question, visible_report(ph, indices)))
+            squares.append(torch.from_numpy(np.stack(ms.images)))
     tok = processor.tokenizer
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), tok.pad_token_id, dtype=torch.long)
@@ -160,11 +210,11 @@ def ct_pixels(squares, size: int, device, dtype=torch.float32) -> torch.Tensor:
     return torch.cat(out).to(dtype)
 
 
-def check_fast_ct(processor, seed: int = 10**6) -> float:
+def check_fast_ct(processor, seed: int = 10**6, n: int = pm.CT_MAX_SLICES) -> float:
     """Fast CT encoding vs. the processor: ids must be equal; returns the largest pixel difference."""
-    ph, text, imgs = ct_example(processor, seed, pm.CT_MAX_SLICES)
+    ph, text, imgs = ct_example(processor, seed, n)
     ref = processor(text=[text], images=[imgs], return_tensors="pt", add_special_tokens=False)
-    fast = encode_ct_batch(processor, [seed])
+    fast = encode_ct_batch(processor, [seed], n)
     n = fast["input_ids"].shape[1]
     if not torch.equal(ref["input_ids"][0, :n], fast["input_ids"][0]) or ref["input_ids"].shape[1] != n:
         raise SystemExit("fast CT tokenisation differs from the processor's")
@@ -222,7 +272,7 @@ def lobe_accuracy(model, processor, seeds, device, batch=8):
                         add_special_tokens=False).to(device)
         out = model.generate(**enc, max_new_tokens=40, do_sample=False)
         answers = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        for (ph, _, _), ans in zip(chunk, answers):
+        for (ph, _, _), ans in zip(chunk, answers):  # truth: every lesion (all are cut by a shown slice)
             named = {(f.side, f.level): f.kind for f in parse_report(ans)}
             truth = {(les.side, les.level): les.kind for les in ph.lesions}
             extra += len(set(named) - set(truth))
@@ -249,6 +299,9 @@ def main(argv=None):
     ap.add_argument("--ct-share", type=float, default=0.75, help="share of CT batches (0: X-ray only)")
     ap.add_argument("--ct-batch", type=int, default=12)
     ap.add_argument("--ct-eval-seeds", type=int, default=100)
+    ap.add_argument("--ct-ramp-minutes", type=float, default=0,
+                    help="curriculum: CT examples grow from one slice through a lesion to the full recipe over "
+                         "this many minutes (0: full recipe from the start)")
     args = ap.parse_args(argv)
 
     torch.manual_seed(args.seed)
@@ -285,33 +338,41 @@ def main(argv=None):
     no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
                             lr=args.lr, betas=(0.9, 0.98))
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt,
-        lambda s: min(1.0, (s + 1) / args.warmup)
-        * 0.5 * (1 + math.cos(math.pi * min(1.0, s / max(1, args.steps)))),
-    )
+
+    def learning_rate(step: int, elapsed: float) -> float:
+        """Warm-up, then cosine decay over ``--steps`` or ``--minutes``, whichever ends first."""
+        done = step / max(1, args.steps)
+        if args.minutes:
+            done = max(done, elapsed / (args.minutes * 60))
+        return args.lr * min(1.0, (step + 1) / args.warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, done)))
+
     loader = torch.utils.data.DataLoader(
-        PhantomBatches(processor, args.batch, args.seed * 10**8, args.ct_share, args.ct_batch), batch_size=None,
+        PhantomBatches(processor, args.batch, args.seed * 10**8, args.ct_share, args.ct_batch,
+                       args.ct_ramp_minutes * 60), batch_size=None,
         num_workers=args.workers, prefetch_factor=4 if args.workers else None, persistent_workers=bool(args.workers),
     )
     t0, ema = time.time(), {}  # running loss per batch kind (X-ray, CT)
     for step, batch in enumerate(loader):
         if step >= args.steps or (args.minutes and time.time() - t0 > args.minutes * 60):
             break
+        kind = "xray"
         if "squares" in batch:
+            n = len(batch["squares"][0])
+            kind = "ct" if n == pm.CT_MAX_SLICES else "ct<20" if n > 4 else "ct<=4"
             batch["pixel_values"] = ct_pixels(batch.pop("squares"), pm.IMAGE_SIZE, device)
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        lr = learning_rate(step, time.time() - t0)
+        for group in opt.param_groups:
+            group["lr"] = lr
         loss = model(**batch).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        sched.step()
-        kind = "ct" if batch["pixel_values"].shape[0] != batch["input_ids"].shape[0] else "xray"
-        ema[kind] = loss.item() if kind not in ema else 0.98 * ema[kind] + 0.02 * loss.item()
+        ema[kind] = loss.item() if kind not in ema else 0.95 * ema[kind] + 0.05 * loss.item()
         if step % 100 == 0:
             losses = "  ".join(f"{k} loss {v:.4f}" for k, v in sorted(ema.items()))
-            print(f"step {step:5d}  {losses}  lr {sched.get_last_lr()[0]:.2e}  {time.time() - t0:6.0f}s", flush=True)
+            print(f"step {step:5d}  {losses}  lr {lr:.2e}  {time.time() - t0:6.0f}s", flush=True)
         if step and step % 1000 == 0:
             model.eval()
             print(f"  zone accuracy on seeds 0..63: {zone_accuracy(model, processor, list(range(64)), device)}", flush=True)

@@ -6,8 +6,9 @@
 
 For each slice count it builds a CT-shaped prompt (per slice: <start_of_image>, 256 image tokens,
 <end_of_image>, "SLICE n"; then a question), runs greedy generation of ``--new-tokens`` tokens
-(1) with plain SDPA and (2) with the capture attention recording every generated token's row on the
-global layers, and prints the peak memory of each (CUDA: ``max_memory_allocated`` above the model;
+(1) with plain SDPA, (2) with the capture attention recording every generated token's row on the
+global layers and (3) the same with rollout inside each slice (the CT default: one n x n mixing matrix
+per slice kept per read layer), and prints the peak memory of each (CUDA: ``max_memory_allocated`` above the model;
 CPU: peak RSS of a fresh process per run). It also prints what keeping the full L x L attention of
 every layer would take (the eager ``output_attentions`` path) -- never built here.
 """
@@ -98,7 +99,7 @@ def run_once(medgemma: bool, slices: int, mode: str, new_tokens: int, device: st
     if medgemma not in _MODELS:
         _MODELS[medgemma] = build_model(medgemma, device, dtype)
     model, spec = _MODELS[medgemma]
-    model.set_attn_implementation(CAPTURE_ATTN if mode == "capture" else "sdpa")
+    model.set_attn_implementation("sdpa" if mode == "plain" else CAPTURE_ATTN)
     inputs = ct_prompt(spec, slices, device, dtype)
     length = int(inputs["input_ids"].shape[1])
     if device.startswith("cuda"):
@@ -107,11 +108,13 @@ def run_once(medgemma: bool, slices: int, mode: str, new_tokens: int, device: st
         base = torch.cuda.memory_allocated()
     t0 = time.perf_counter()
     with torch.inference_mode():
-        if mode == "capture":
+        if mode in ("capture", "rollout"):
             positions = (inputs["input_ids"][0] == spec["image_token"]).nonzero()[:, 0]
-            with recording(global_layers(model), positions, length) as rec:
+            per_image = int(model.config.mm_tokens_per_image)
+            with recording(global_layers(model), positions, length, mode == "rollout", per_image) as rec:
                 model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
             kept = sum(t.numel() * t.element_size() for rows in rec.rows.values() for t in rows)
+            kept += sum(t.numel() * t.element_size() for t in rec.at_layer.values())
         else:
             model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
             kept = 0
@@ -141,11 +144,12 @@ def main(argv=None):
         return
     gib = 1 / 2**30
     print(f"{'slices':>6} {'tokens':>7} {'plain peak GiB':>15} {'capture peak GiB':>17} {'kept rows MiB':>14} "
-          f"{'full LxL GiB':>13} {'plain s':>8} {'capture s':>10}  ({args.device}, "
+          f"{'rollout peak GiB':>17} {'rollout kept MiB':>17} "
+          f"{'full LxL GiB':>13} {'plain s':>8} {'capture s':>10} {'rollout s':>10}  ({args.device}, "
           f"{'MedGemma-4B shapes' if args.medgemma_shapes else 'phantom model'})", flush=True)
     for slices in [int(s) for s in args.slices.split(",")]:
         row = {}
-        for mode in ("plain", "capture"):
+        for mode in ("plain", "capture", "rollout"):
             if args.device.startswith("cuda"):
                 row[mode] = run_once(args.medgemma_shapes, slices, mode, args.new_tokens, args.device)
                 torch.cuda.empty_cache()
@@ -153,10 +157,11 @@ def main(argv=None):
                 cmd = [sys.executable, os.path.abspath(__file__), "--one", f"{slices},{mode}", "--device", args.device,
                        "--new-tokens", str(args.new_tokens)] + (["--medgemma-shapes"] if args.medgemma_shapes else [])
                 row[mode] = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1])
-        p, c = row["plain"], row["capture"]
+        p, c, r = row["plain"], row["capture"], row["rollout"]
         print(f"{slices:>6} {p['tokens']:>7} {p['peak_bytes'] * gib:>15.3f} {c['peak_bytes'] * gib:>17.3f} "
-              f"{c['captured_bytes'] / 2**20:>14.3f} {p['full_attention_bytes'] * gib:>13.2f} {p['seconds']:>8.2f} "
-              f"{c['seconds']:>10.2f}", flush=True)
+              f"{c['captured_bytes'] / 2**20:>14.3f} {r['peak_bytes'] * gib:>17.3f} {r['captured_bytes'] / 2**20:>17.3f} "
+              f"{p['full_attention_bytes'] * gib:>13.2f} {p['seconds']:>8.2f} {c['seconds']:>10.2f} {r['seconds']:>10.2f}",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,7 @@ class Generation:
     image_tokens_per_image: int
     seconds: dict = field(default_factory=dict)
     stop_reason: str = "eos"  # eos, max_new_tokens, or repetition (a loop, cut off)
+    rollout: bool = False  # attention rolled out inside each image (capture.AttentionRecorder)
 
     def token_range(self, span: tuple[int, int]) -> list[int]:
         """Indices of the generated tokens whose text overlaps the character span ``span``."""
@@ -115,8 +116,10 @@ def _token_ends(tokenizer, ids: list[int]) -> list[int]:
 
 
 @torch.inference_mode()
-def generate(model, processor, content, question, layers, max_new_tokens=128, system=None) -> Generation:
-    """Greedy answer to ``question`` about ``content`` (PIL images and texts, in chat order)."""
+def generate(model, processor, content, question, layers, max_new_tokens=128, system=None,
+             rollout: bool = False) -> Generation:
+    """Greedy answer to ``question`` about ``content`` (PIL images and texts, in chat order); with
+    ``rollout`` the recorded attention is rolled out inside each image (:mod:`monailabel_app.capture`)."""
     t0 = time.perf_counter()
     device, dtype = model.device, model.dtype
     inputs = build_inputs(processor, content, question, system, device, dtype)
@@ -131,7 +134,7 @@ def generate(model, processor, content, question, layers, max_new_tokens=128, sy
     from transformers import StoppingCriteriaList
 
     repetition = RepetitionStop(prompt_len)
-    with recording(layers, image_positions.to(device), prompt_len) as rec:
+    with recording(layers, image_positions.to(device), prompt_len, rollout, per_image) as rec:
         out = model.generate(
             **inputs,
             max_new_tokens=max_new_tokens,
@@ -162,11 +165,13 @@ def generate(model, processor, content, question, layers, max_new_tokens=128, sy
         token_probs=probs,
         attention=attention,
         layers=rec.usable_layers,
-        dropped_layers=dict(rec.dropped),
+        dropped_layers={**rec.dropped, **{f"mixing {layer}": "keys did not cover the prompt: rollout took it as "
+                                          "identity" for layer in rec.unmixed}},
         prompt_tokens=prompt_len,
         image_tokens_per_image=per_image,
         seconds={"prepare": t_prep - t0, "generate": t_gen - t_prep},
         stop_reason=stop_reason,
+        rollout=rec.rollout,
     )
 
 

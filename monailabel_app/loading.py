@@ -113,17 +113,20 @@ DEFAULT_CT_SLICES = 85  # MedGemma 1.5: up to 85 axial slices per CT
 
 
 def load_grounding(path: str, model) -> dict:
-    """Layers and threshold for the maps, and the CT recipe's slice count: ``grounding.json`` beside the
-    model, else every global layer and MedGemma 1.5's 85 slices. CT settings live under ``"ct"``
-    (``layers``, ``max_slices``): a CT is far longer than a sliding window, so only global layers can
-    link the answer to early slices."""
+    """Layers, threshold and attention method for the maps, and the CT recipe's slice count:
+    ``grounding.json`` beside the model, else every global layer and MedGemma 1.5's 85 slices. CT
+    settings live under ``"ct"`` (``layers``, ``rollout``, ``max_slices``): a CT is far longer than a
+    sliding window, so only global layers can link the answer to early slices, and by then a slice's
+    content has gathered in a few of its tokens, so CT attention is rolled out inside each slice
+    (:mod:`capture`). Radiographs default to direct attention (``"rollout": false``)."""
     text_cfg = model.config.text_config
     layer_types = getattr(text_cfg, "layer_types", None) or ["full_attention"] * text_cfg.num_hidden_layers
     global_layers = [i for i, t in enumerate(layer_types) if t == "full_attention"]
     grounding = {
         "layers": global_layers,
         "threshold": 0.5,
-        "ct": {"layers": global_layers, "max_slices": DEFAULT_CT_SLICES, "threshold": 0.5},
+        "rollout": False,
+        "ct": {"layers": global_layers, "rollout": True, "max_slices": DEFAULT_CT_SLICES, "threshold": 0.5},
         "source": "default: every global-attention layer",
     }
     file = os.path.join(path, GROUNDING_FILE) if os.path.isdir(path) else None

@@ -153,14 +153,16 @@ class Reader:
         self.model, self.processor, self.info = load_model(self.model_ref, self.device_request, "fp32", self.info.label)
         self.info.precision_reason = "fp16 overflowed: fp32 fallback"
 
-    def _generate(self, content, question, layers, max_new_tokens) -> Generation:
+    def _generate(self, content, question, settings: dict, max_new_tokens) -> Generation:
+        """Generate with the attention capture that ``settings`` (the modality's grounding entry) asks for."""
+        args = (content, question, list(settings["layers"]), max_new_tokens, self.system, bool(settings.get("rollout")))
         try:
-            return generate(self.model, self.processor, content, question, layers, max_new_tokens, self.system)
+            return generate(self.model, self.processor, *args)
         except NonFiniteOutput:
             if self.info.precision != "fp16":
                 raise
             self._fall_back_to_fp32()
-            return generate(self.model, self.processor, content, question, layers, max_new_tokens, self.system)
+            return generate(self.model, self.processor, *args)
 
     def read(self, image: str | Radiograph | CTVolume, question: str | None = None, max_new_tokens: int = 128,
              modality: str = "auto", max_slices: int | None = None) -> Reading:
@@ -198,11 +200,12 @@ class Reader:
 
     def _model_dict(self, gen: Generation) -> dict:
         return {**self.info.public(), "layers": gen.layers, "dropped_layers": gen.dropped_layers,
+                "attention": "rollout" if gen.rollout else "direct",
                 "grounding": self.info.grounding.get("source")}
 
     def _read_radiograph(self, radiograph: Radiograph, question: str, max_new_tokens: int) -> Reading:
         square, pad = pad_to_square(radiograph.pixels)
-        gen = self._generate([Image.fromarray(square)], question, self.layers, max_new_tokens)
+        gen = self._generate([Image.fromarray(square)], question, self.info.grounding, max_new_tokens)
         findings = parse_report(gen.text)
         grids = [finding_grid(gen, rows, self.grid) for rows in self._score(gen, findings)]
         heatmaps = [maps.grid_to_pixels(g, pad) for g in grids]
@@ -221,7 +224,7 @@ class Reader:
     def _read_ct(self, volume: CTVolume, question: str, max_new_tokens: int, max_slices: int) -> Reading:
         ms = model_slices(volume, max_slices)
         content = interleave([Image.fromarray(im) for im in ms.images])
-        gen = self._generate(content, question, list(self.ct["layers"]), max_new_tokens)
+        gen = self._generate(content, question, self.ct, max_new_tokens)
         findings = parse_report(gen.text)
         body = body_mask(volume.hu)
         depth = volume.shape[0]

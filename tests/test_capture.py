@@ -77,3 +77,44 @@ def test_recorder_drops_layers_whose_keys_do_not_cover_the_sequence():
     mask[..., -1, 1] = False  # a key the query may not see gets no weight
     masked.record(0, torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), mask, 0.35)
     assert torch.all(masked.stacked()[0, 0, 0, :, 1] == 0)
+
+
+def test_rollout_inside_each_image_equals_the_product_of_eager_mixing(reader):
+    """Rolled-out rows = direct rows mapped through prod_l (0.5 I + 0.5 A_l) of the layers below, A_l the
+    head-averaged attention among each image's own tokens (renormalised), here from an eager forward."""
+    from transformers import Gemma3ForConditionalGeneration
+
+    from monailabel_app.ct import interleave, model_slices
+    from monailabel_app.ct_phantoms import make_ct_phantom, phantom_volume
+    from monailabel_app.phantom_model import CT_QUESTION
+
+    model, proc = reader.model, reader.processor
+    ms = model_slices(phantom_volume(make_ct_phantom(3)), 3)
+    content = interleave([Image.fromarray(im) for im in ms.images])
+    layers = [1, 3]
+    direct = generate(model, proc, content, CT_QUESTION, layers, max_new_tokens=12)
+    rolled = generate(model, proc, content, CT_QUESTION, layers, max_new_tokens=12, rollout=True)
+    assert rolled.text == direct.text and rolled.rollout and not direct.rollout
+    assert not torch.allclose(rolled.attention, direct.attention)
+
+    eager = Gemma3ForConditionalGeneration.from_pretrained(PHANTOM_MODEL_DIR, attn_implementation="eager").eval()
+    inputs = build_inputs(proc, content, CT_QUESTION, None, "cpu", torch.float32)
+    with torch.no_grad():
+        out = eager(**inputs, output_attentions=True, use_cache=False)
+    n = direct.image_tokens_per_image
+    blocks = (inputs["input_ids"][0] == model.config.image_token_index).nonzero()[:, 0].view(-1, n)
+    product = torch.eye(n).expand(len(blocks), n, n).clone()
+    below = {}
+    for layer in range(max(layers)):
+        below[layer] = product.clone()
+        a = out.attentions[layer][0].mean(0)
+        for b, pos in enumerate(blocks):
+            within = a[pos][:, pos]
+            product[b] = (0.5 * torch.eye(n) + 0.5 * within / within.sum(-1, keepdim=True)) @ product[b]
+    below[max(layers)] = product
+    for li, layer in enumerate(layers):
+        rows = direct.attention[:, li].reshape(direct.attention.shape[0], -1, len(blocks), n)  # (tokens, heads, ...)
+        expected = torch.einsum("thsi,sij->thsj", rows, below[layer]).reshape(direct.attention[:, li].shape)
+        assert torch.allclose(rolled.attention[:, li], expected, atol=1e-5), layer
+        # rollout moves attention inside an image, never between images or out of them
+        assert torch.allclose(rows.sum(-1), rolled.attention[:, li].reshape(rows.shape).sum(-1), atol=1e-5)

@@ -127,8 +127,6 @@ def test_ct_masks_stay_in_the_body_and_on_the_named_side(grounding):
                 assert (xs >= mid - 1).all(), (seed, f)
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped phantom model does not read CT yet (issue 3 open): "
-                   "its CT answers do not depend on the volume; see models/phantom-gemma3/README.md")
 def test_ct_text_names_the_lobes_and_attention_points_at_the_lesions(grounding):
     result, _ = grounding
     assert result["zone_accuracy"] >= 0.8, table(result)

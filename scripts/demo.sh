@@ -5,4 +5,4 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 bash "$root/scripts/setup-venv.sh"
 cd "$root"
-exec .venv/bin/python sample-apps/xray-demo/demo.py "$@"
+exec .venv/bin/python sample-apps/demo/demo.py "$@"

@@ -53,7 +53,7 @@ def build_studies(folder: str, seeds: list[int]) -> dict[str, str]:
             truth[name.split(".")[0]] = "(real X-ray: the phantom model cannot read it)"
     ph = ct_phantoms.make_ct_phantom(4)
     ct_phantoms.save(ph, os.path.join(folder, "ct_phantom_4.nii.gz"), "RAS")
-    truth["ct_phantom_4"] = ph.report + " (the phantom model does not read CT yet)"
+    truth["ct_phantom_4"] = ph.report
     series = os.path.join(CT_SHARED, "totalsegmentator", "example_ct_dicom")
     if os.path.isdir(series):
         shutil.make_archive(os.path.join(folder, "real_ct_dicom_series"), "zip", series)

@@ -12,9 +12,12 @@ names the patient's right or left, its heatmap is zeroed on the other half of th
 mask is made (PA display: patient right = image columns left of the centre). Bilateral or unsided
 findings are not gated. The raw heatmap is kept as well, ungated.
 
+Anatomy gate: :class:`reader.Reader` also keeps the heatmap inside the zone the finding names, a third
+of that side's lung field as found in the image (:mod:`anatomy`), before the mask rule.
+
 Mask rule (documented in the README): per finding, the (gated) heatmap is scaled to 0..1 over the image
 (min-max); the mask is the 8-connected region around the heatmap's peak where it is at least
-``threshold`` (0.5: the half-maximum contour). Where the masks of two findings overlap, a pixel goes to
+``threshold`` (calibrated; 0.5: the half-maximum contour). Where the masks of two findings overlap, a pixel goes to
 the finding whose scaled heatmap is larger there. Labels are 1..n in finding order; 0 is background.
 """
 

@@ -1,0 +1,106 @@
+"""Anatomy found in the image itself, used to gate attention maps: lung fields and their zones.
+
+* Radiograph (:func:`xray_lung_fields`): the lungs are the large dark regions inside the body. Dark is
+  below an Otsu threshold over the (smoothed) image; the air around the patient is the darkest part of
+  that (below a second Otsu threshold among the dark pixels) connected to the image border. The lungs
+  are the remaining dark pixels, opened to cut thin bridges; on each half of the image the largest such
+  region is that side's lung field (PA display: the patient's right on the image's left), its holes
+  (lesions inside it) filled. A side where no region of at least
+  ``min_area`` of the image is found has no field, and gates on it are skipped (never guessed).
+* Zones (:func:`level_gate`): the radiological upper / middle / lower zones are the thirds of each lung
+  field's height. The gate keeps the named third widened by ``margin`` pixels; the upper zone is open
+  upward and the lower zone downward, so a lesion that hides part of the field (an effusion filling the
+  base) stays inside its gate.
+* CT (:func:`ct_lung_mask`): voxels below -400 HU inside the body, holes filled slice by slice (nodules
+  and masses inside the lung are soft tissue, so they are holes in the air-filled lung), dilated by
+  ``margin`` voxels in-plane: a lesion against the chest wall or the diaphragm is no hole, so the gate
+  reaches half a token cell (the maps' own resolution) beyond the air.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+
+def otsu(values: np.ndarray, bins: int = 256) -> float:
+    """Otsu's threshold of ``values`` (a 1-D array)."""
+    hist, edges = np.histogram(values, bins=bins)
+    centres = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist).astype(float)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centres) / np.maximum(w0, 1)
+    m1 = (np.sum(hist * centres) - np.cumsum(hist * centres)) / np.maximum(w1, 1)
+    between = w0 * w1 * (m0 - m1) ** 2
+    return float(centres[int(np.argmax(between))])
+
+
+def _largest(mask: np.ndarray) -> np.ndarray:
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return np.zeros(mask.shape, bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))
+
+
+@dataclass
+class LungFields:
+    """Per side (``right``/``left``, patient sides) a bool mask on the image's pixels, or None."""
+
+    right: np.ndarray | None
+    left: np.ndarray | None
+
+    def side(self, side: str) -> np.ndarray | None:
+        return {"right": self.right, "left": self.left}.get(side)
+
+
+def xray_lung_fields(pixels: np.ndarray, min_area: float = 0.02) -> LungFields:
+    """Lung fields of a PA/AP radiograph (display convention) from its pixel values alone."""
+    img = ndimage.gaussian_filter(np.asarray(pixels, np.float32), max(1.0, min(pixels.shape) / 128))
+    low = img < otsu(img.ravel())
+    if low.sum() < 100:
+        return LungFields(None, None)
+    air = img < otsu(img[low])
+    labels, _ = ndimage.label(air)
+    border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
+    outside = np.isin(labels, border[border > 0])
+    dark = ndimage.binary_opening(low & ~ndimage.binary_dilation(outside, iterations=2), iterations=2)
+    rows, cols = pixels.shape
+    half = cols // 2
+    fields = {}
+    for side, cut in (("right", slice(0, half)), ("left", slice(half, cols))):
+        part = np.zeros_like(dark)
+        part[:, cut] = dark[:, cut]
+        lung = ndimage.binary_fill_holes(_largest(part))
+        fields[side] = lung if lung.sum() >= min_area * pixels.size else None
+    return LungFields(**fields)
+
+
+def level_gate(shape, lung: np.ndarray | None, level: str, margin: float) -> np.ndarray:
+    """float32 gate: 1 in the rows of the named zone (third of the lung field's height) +- ``margin``."""
+    gate = np.ones(shape, np.float32)
+    if lung is None or level not in ("upper", "middle", "lower"):
+        return gate
+    rows = np.nonzero(lung.any(axis=1))[0]
+    top, bottom = rows.min(), rows.max() + 1
+    third = (bottom - top) / 3.0
+    i = ("upper", "middle", "lower").index(level)
+    lo = -np.inf if i == 0 else top + i * third - margin
+    hi = np.inf if i == 2 else top + (i + 1) * third + margin
+    r = np.arange(shape[0])[:, None]
+    return ((r >= lo) & (r < hi)).astype(np.float32) * gate
+
+
+def ct_lung_mask(hu: np.ndarray, body: np.ndarray, margin: int = 4) -> np.ndarray:
+    """bool (z, y, x): the lungs (air inside the body, lesions within them included)."""
+    air = (hu < -400) & body
+    out = np.zeros(hu.shape, bool)
+    for z in range(hu.shape[0]):
+        if air[z].any():
+            out[z] = ndimage.binary_fill_holes(ndimage.binary_closing(air[z], iterations=2))
+    if margin:
+        out = ndimage.binary_dilation(out, structure=np.ones((1, 3, 3), bool), iterations=margin)
+    return out

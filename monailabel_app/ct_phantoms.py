@@ -76,8 +76,9 @@ def _smooth_noise(rng, shape, sigma):
     return ndimage.gaussian_filter(rng.standard_normal(shape).astype(np.float32), sigma) * (2.5 * sigma)
 
 
-def make_ct_phantom(seed: int) -> CTPhantom:
-    """Draw CT phantom number ``seed`` (same seed, same voxels, lesions and text)."""
+def make_ct_phantom(seed: int, lesions: bool = True) -> CTPhantom:
+    """Draw CT phantom number ``seed`` (same seed, same voxels, lesions and text). ``lesions=False`` gives
+    its lesion-free twin: the same anatomy and noise, the lesions drawn on a scratch copy and dropped."""
     rng = np.random.default_rng(seed)
     sxy, sz = rng.uniform(2.6, 3.4), rng.uniform(4.0, 5.5)
     bx, by = rng.uniform(150, 175), rng.uniform(100, 125)  # body semi-axes, mm
@@ -134,7 +135,7 @@ def make_ct_phantom(seed: int) -> CTPhantom:
     n = int(rng.choice(3, p=LESION_COUNT_P)) + 1
     chosen = [LOBES[i] for i in sorted(rng.choice(len(LOBES), size=n, replace=False))]
     spacing_zyx = (sz, sxy, sxy)
-    lesions = []
+    found, canvas = [], hu if lesions else hu.copy()
     for side, level in chosen:
         kind = str(rng.choice(CT_KINDS))
         r = rng.uniform(*RADIUS_MM[kind])
@@ -149,8 +150,9 @@ def make_ct_phantom(seed: int) -> CTPhantom:
         d = np.sqrt((zz[near[0]] - pz * sz) ** 2 + (yy[:, near[1]] - py * sxy) ** 2 + (xx[:, :, near[2]] - px * sxy) ** 2)
         ball = np.zeros(hu.shape, np.float32)
         ball[near] = 1.0 / (1.0 + np.exp((d - r) / 1.2)) * lung_any[near]
-        hu[near] += ball[near] * (LESION - hu[near])
-        lesions.append(CTLesion(kind, side, level, (ball >= 0.5) & lung_any, (int(pz), int(py), int(px)), float(r)))
+        canvas[near] += ball[near] * (LESION - canvas[near])
+        found.append(CTLesion(kind, side, level, (ball >= 0.5) & lung_any, (int(pz), int(py), int(px)), float(r)))
+    lesions = found if lesions else []
     hu += rng.normal(0, 18, hu.shape).astype(np.float32) * body
     hu = np.clip(np.rint(hu), -1024, 3071).astype(np.int16)
     origin = (-nx * sxy / 2, -ny * sxy / 2, -z_base - 0.5 * lung_h)

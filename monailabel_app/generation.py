@@ -115,11 +115,27 @@ def _token_ends(tokenizer, ids: list[int]) -> list[int]:
     return ends
 
 
+class ForcedAnswer:
+    """Logits processor that makes generation emit ``ids`` (then stop): the model's attention while it
+    "says" given words about an image, recorded exactly as for its own answers."""
+
+    def __init__(self, ids: list[int], prompt_len: int):
+        self.ids, self.prompt_len = ids, prompt_len
+
+    def __call__(self, input_ids, scores):
+        step = input_ids.shape[1] - self.prompt_len
+        forced = torch.full_like(scores, float("-inf"))
+        forced[:, self.ids[min(step, len(self.ids) - 1)]] = 0.0
+        return forced
+
+
 @torch.inference_mode()
 def generate(model, processor, content, question, layers, max_new_tokens=128, system=None,
-             rollout: bool = False) -> Generation:
+             rollout: bool = False, answer: str | None = None) -> Generation:
     """Greedy answer to ``question`` about ``content`` (PIL images and texts, in chat order); with
-    ``rollout`` the recorded attention is rolled out inside each image (:mod:`monailabel_app.capture`)."""
+    ``rollout`` the recorded attention is rolled out inside each image (:mod:`monailabel_app.capture`).
+    With ``answer`` the model is made to say that text instead (teacher forcing; ``token_probs`` are
+    still the model's own probabilities of those tokens)."""
     t0 = time.perf_counter()
     device, dtype = model.device, model.dtype
     inputs = build_inputs(processor, content, question, system, device, dtype)
@@ -131,9 +147,15 @@ def generate(model, processor, content, question, layers, max_new_tokens=128, sy
     if len(image_positions) != per_image * len(images):
         raise RuntimeError(f"expected {per_image * len(images)} image tokens, found {len(image_positions)}")
     prompt_len = int(ids.shape[0])
-    from transformers import StoppingCriteriaList
+    from transformers import LogitsProcessorList, StoppingCriteriaList
 
     repetition = RepetitionStop(prompt_len)
+    extra = {}
+    if answer is not None:
+        tok = processor.tokenizer
+        forced = tok(answer, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<end_of_turn>")]
+        extra = {"logits_processor": LogitsProcessorList([ForcedAnswer(forced, prompt_len)]), "output_logits": True}
+        max_new_tokens = len(forced)
     with recording(layers, image_positions.to(device), prompt_len, rollout, per_image) as rec:
         out = model.generate(
             **inputs,
@@ -141,7 +163,8 @@ def generate(model, processor, content, question, layers, max_new_tokens=128, sy
             do_sample=False,
             output_scores=True,
             return_dict_in_generate=True,
-            stopping_criteria=StoppingCriteriaList([repetition]),
+            stopping_criteria=StoppingCriteriaList([] if answer is not None else [repetition]),
+            **extra,
         )
     t_gen = time.perf_counter()
     new = out.sequences[0, prompt_len:].tolist()
@@ -151,7 +174,7 @@ def generate(model, processor, content, question, layers, max_new_tokens=128, sy
         stop_reason = "repetition"
     tok = processor.tokenizer
     probs = []
-    for step, score in enumerate(out.scores[: len(new)]):
+    for step, score in enumerate((out.logits if answer is not None else out.scores)[: len(new)]):
         logp = torch.log_softmax(score[0].float(), dim=-1)[new[step]].item()
         probs.append(math.exp(logp) if math.isfinite(logp) else float("nan"))
     text = tok.decode(new, skip_special_tokens=True)

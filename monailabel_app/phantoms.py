@@ -159,20 +159,22 @@ def _draw_lesion(rng, img, lungs, kind, side, level):
     return blob >= 0.5 * blob.max(), (int(py), int(px))
 
 
-def make_phantom(seed: int) -> Phantom:
-    """Draw phantom number ``seed`` (same seed, same pixels, lesions and text)."""
+def make_phantom(seed: int, lesions: bool = True) -> Phantom:
+    """Draw phantom number ``seed`` (same seed, same pixels, lesions and text). ``lesions=False`` gives
+    its lesion-free twin: the same anatomy and noise, the lesions drawn on a scratch copy and dropped."""
     rng = np.random.default_rng(seed)
     h, w = int(rng.integers(232, 297)), int(rng.integers(208, 273))
     img, lungs, body = _draw_anatomy(rng, h, w)
     n = rng.choice(3, p=LESION_COUNT_P)
     zones = [(s, lv) for s in SIDES for lv in LEVELS]
     chosen = [zones[i] for i in rng.choice(len(zones), size=n, replace=False)]
-    lesions = []
+    found, canvas = [], img if lesions else img.copy()
     for side, level in chosen:
         kinds = KINDS if level == "lower" else tuple(k for k in KINDS if k != "effusion")
         kind = str(rng.choice(kinds))
-        mask, center = _draw_lesion(rng, img, lungs, kind, side, level)
-        lesions.append(Lesion(kind=kind, side=side, level=level, mask=mask, center=center))
+        mask, center = _draw_lesion(rng, canvas, lungs, kind, side, level)
+        found.append(Lesion(kind=kind, side=side, level=level, mask=mask, center=center))
+    lesions = found if lesions else []
     img += rng.normal(0, 0.025, img.shape).astype(np.float32)
     img = ndimage.gaussian_filter(img, 0.7)
     image = np.clip(img * 255 / 0.9, 0, 255).astype(np.uint8)

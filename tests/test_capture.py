@@ -118,3 +118,21 @@ def test_rollout_inside_each_image_equals_the_product_of_eager_mixing(reader):
         assert torch.allclose(rolled.attention[:, li], expected, atol=1e-5), layer
         # rollout moves attention inside an image, never between images or out of them
         assert torch.allclose(rows.sum(-1), rolled.attention[:, li].reshape(rows.shape).sum(-1), atol=1e-5)
+
+
+def test_forced_answer_records_the_same_attention_as_the_models_own(reader):
+    """Teacher forcing (the control's path): saying its own answer reproduces the tokens and attention
+    exactly; saying it about another image keeps the words and gives that image's attention."""
+    from monailabel_app.phantoms import make_phantom as mp
+
+    model, proc = reader.model, reader.processor
+    image = Image.fromarray(pad_to_square(mp(11).image)[0])
+    own = generate(model, proc, [image], DEFAULT_QUESTION, [1, 2], max_new_tokens=40)
+    forced = generate(model, proc, [image], DEFAULT_QUESTION, [1, 2], answer=own.text)
+    assert forced.token_ids == own.token_ids and forced.text == own.text
+    assert torch.allclose(forced.attention, own.attention, atol=1e-6)
+    assert np.allclose(forced.token_probs, own.token_probs, atol=1e-5)
+    twin = Image.fromarray(pad_to_square(mp(11, lesions=False).image)[0])
+    said = generate(model, proc, [twin], DEFAULT_QUESTION, [1, 2], answer=own.text)
+    assert said.text == own.text and not torch.allclose(said.attention, own.attention, atol=1e-3)
+    assert min(said.token_probs) < 0.5  # the model would not have said it about a lesion-free image

@@ -5,6 +5,7 @@
                    [--max-slices N] [--resample] [--save-inputs]
     medgemma-label phantom --seed N [--count K] --out DIR
     medgemma-label phantom --ct --seed N [--count K] --out DIR [--format nifti|nrrd|dicom] [--orientation LPS]
+    medgemma-label calibrate [--model ID|DIR] --data phantoms|ct-phantoms|DIR [--count N] [--out FILE]
 
 STUDY is a radiograph (PNG/JPEG, DICOM CR/DX, a one-plane NIfTI/NRRD) or a CT volume (NIfTI/NRRD/MHA,
 a DICOM series folder or .zip, an enhanced multi-frame or single-slice CT DICOM); the kind is decided
@@ -113,21 +114,18 @@ def _read_main(argv) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     from .ct import Limits
-    from .errors import InputError
-    from .loading import ModelLoadError
     from .reader import Reader
     from .writers import write_reading
 
-    try:
+    def work():
         reader = Reader(args.model, device=args.device, precision=args.precision, limits=Limits(resample=args.resample))
         reading = reader.read(args.input, args.question, args.max_new_tokens, args.modality, args.max_slices)
-        result = write_reading(reading, args.out, save_model_inputs=args.save_inputs)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except ModelLoadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
+        return reading, write_reading(reading, args.out, save_model_inputs=args.save_inputs)
+
+    done, status = _guarded(work)
+    if status:
+        return status
+    reading, result = done
     print(f"model: {reading.model['id']} ({reading.model['precision']} on {reading.model['device']})"
           + (f" [{reading.model['label']}]" if reading.model.get("label") else ""))
     print(f"report: {reading.report}")
@@ -138,10 +136,72 @@ def _read_main(argv) -> int:
     return 0
 
 
+def _guarded(work):
+    """``(work(), 0)``; bad input gives ``(None, 2)``, a model that cannot be loaded ``(None, 3)``, each
+    with its message on stderr."""
+    from .errors import InputError
+    from .loading import ModelLoadError
+
+    try:
+        return work(), 0
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None, 2
+    except ModelLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None, 3
+
+
+def _calibrate_main(argv) -> int:
+    from . import calibrate
+    from .reader import Reader
+
+    ap = argparse.ArgumentParser(prog="medgemma-label calibrate", description=calibrate.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="Hugging Face id or local folder (default: embedded phantom model)")
+    ap.add_argument("--data", required=True, help="phantoms, ct-phantoms, or a folder of radiographs with boxes")
+    ap.add_argument("--count", type=int, default=60, help="phantoms: how many (calibration seeds from 20000)")
+    ap.add_argument("--max-layers", type=int, default=2, help="largest layer combination tried (besides all)")
+    ap.add_argument("--out", default=None, help="grounding JSON to write (default: grounding.json in the model folder)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--precision", default="auto")
+    args = ap.parse_args(argv)
+    ct = args.data == "ct-phantoms"
+
+    def work():
+        reader = Reader(args.model, device=args.device, precision=args.precision)
+        if args.data in ("phantoms", "ct-phantoms"):
+            refs = calibrate.phantom_references(args.count, ct=ct)
+        else:
+            refs = calibrate.box_references(args.data)
+        return reader, calibrate.calibrate(reader, refs, ct=ct, max_layers=args.max_layers)
+
+    done, status = _guarded(work)
+    if status:
+        return status
+    reader, found = done
+    model_dir = reader.model_ref if os.path.isdir(reader.model_ref) else None
+    if model_dir is None and not args.out:
+        print("error: the model is not a local folder: give --out FILE", file=sys.stderr)
+        return 2
+    path = calibrate.write_grounding(model_dir, args.out, found, ct, args.data)
+    b = found["best"]
+    print(f"best for {'CT' if ct else 'radiographs'}: layers {b['layers']}, rollout {b['rollout']}, threshold "
+          f"{b['threshold']}: pointing {b['pointing']:.3f}, Dice {b['dice']:.3f} ({found['studies']} studies, "
+          f"{found['lesions']} lesions, {found['tried']} settings); wrote {path}")
+    if found["current"]:
+        c = found["current"]
+        print(f"  the settings it replaces (layers {c['layers']}, rollout {c['rollout']}, threshold {c['threshold']}) "
+              f"scored pointing {c['pointing']:.3f}, Dice {c['dice']:.3f} on the same data")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "phantom":
         return _phantom_main(argv[1:])
+    if argv and argv[0] == "calibrate":
+        return _calibrate_main(argv[1:])
     return _read_main(argv)
 
 

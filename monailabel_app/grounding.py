@@ -74,14 +74,22 @@ class Scores:
                 "dice": float(np.mean(self.dice)) if not all(np.isnan(self.dice)) else float("nan")}
 
 
-def evaluate(reader, seeds, priors=None) -> dict:
-    """Zone accuracy and the (a)-(d) table on phantom ``seeds``."""
+def evaluate(reader, seeds, priors=None, control: bool = False) -> dict:
+    """Zone accuracy and the (a)-(d) table on phantom ``seeds``.
+
+    ``control``: the image-matters control. The model's own words on each phantom are kept, but its maps
+    and masks come from the phantom's lesion-free twin (same anatomy, the lesions never drawn) with the
+    model made to say those words (:meth:`Reader.read` ``answer``); scored against the real lesions.
+    """
     priors = priors or zone_priors()
     maps = {name: Scores() for name in ("a_raw_attention", "b_final_masks", "c_text_only", "d_chance")}
     lesions = named = kind_ok = empty_ok = empties = 0
     for seed in seeds:
         ph = make_phantom(seed)
         reading = reader.read(Radiograph(ph.image, Geometry.plain(*ph.image.shape)))
+        if control:
+            twin = make_phantom(seed, lesions=False).image
+            reading = reader.read(Radiograph(twin, Geometry.plain(*twin.shape)), answer=reading.report)
         if not ph.lesions:
             empties += 1
             empty_ok += not reading.findings
@@ -120,7 +128,8 @@ def evaluate(reader, seeds, priors=None) -> dict:
 
 def table(result: dict) -> str:
     where = "lobe" if "false_findings_per_volume" in result else "zone"
-    tail = (f"false findings per volume {result['false_findings_per_volume']:.2f}" if where == "lobe"
+    tail = (f"false findings per volume {result['false_findings_per_volume']:.2f}, lesions detected by their "
+            f"finding's final mask {result['lesions_detected']:.3f}" if where == "lobe"
             else f"empty images answered empty {result['empty_images_answered_empty']:.3f}")
     lines = [
         f"{result['images']} held-out phantoms, {result['lesions']} lesions: {where} accuracy "
@@ -163,7 +172,7 @@ def evaluate_ct(read, seeds, max_slices: int, grid: int = 16, priors=None) -> di
     """
     priors = priors or lobe_priors()
     maps = {name: Scores() for name in ("a_raw_attention", "b_final_masks", "c_text_only", "d_chance")}
-    lesions = named = kind_ok = extra = 0
+    lesions = named = kind_ok = extra = detected = 0
     for seed in seeds:
         ph = make_ct_phantom(seed)
         findings, labels = read(ph)
@@ -190,6 +199,7 @@ def evaluate_ct(read, seeds, max_slices: int, grid: int = 16, priors=None) -> di
             p = tuple(findings[k]["attention_peak"])
             maps["a_raw_attention"].add(dist[p] <= 1, les.mask[p], float("nan"))
             m = labels == k + 1
+            detected += bool((m & les.mask).any())
             c = tuple(int(round(x)) for x in ndimage.center_of_mass(m)) if m.any() else p
             maps["b_final_masks"].add(dist[c] <= 1, les.mask[c], dice(m, les.mask))
             prior = _resize3(priors[(les.side, les.level)], ph.hu.shape)
@@ -201,5 +211,6 @@ def evaluate_ct(read, seeds, max_slices: int, grid: int = 16, priors=None) -> di
         "zone_accuracy": named / max(1, lesions),
         "kind_accuracy": kind_ok / max(1, lesions),
         "false_findings_per_volume": extra / max(1, len(seeds)),
+        "lesions_detected": detected / max(1, lesions),  # the finding's final mask overlaps the lesion
         "maps": {name: s.summary() for name, s in maps.items()},
     }

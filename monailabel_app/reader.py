@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from . import ct_maps, maps
+from . import anatomy, ct_maps, maps
 from .ct import CTVolume, Limits, body_mask, interleave, model_slices
 from .errors import InputError
 from .generation import Generation, NonFiniteOutput, generate
@@ -31,6 +31,11 @@ from .xray import Geometry, Radiograph, SquarePad, pad_to_square
 logger = logging.getLogger(__name__)
 
 MAX_QUESTION_CHARS = 2000
+# cues that gate a finding's heatmap before its mask is cut (grounding.json "gates"): "side" (the named
+# side of the body), "zone" (radiograph: the named third of that lung field, found in the image),
+# "lung" (CT: the lungs found by HU)
+DEFAULT_XRAY_GATES = ("side", "zone")
+DEFAULT_CT_GATES = ("side", "lung")
 MAX_NEW_TOKENS_LIMIT = 1024
 
 
@@ -153,9 +158,10 @@ class Reader:
         self.model, self.processor, self.info = load_model(self.model_ref, self.device_request, "fp32", self.info.label)
         self.info.precision_reason = "fp16 overflowed: fp32 fallback"
 
-    def _generate(self, content, question, settings: dict, max_new_tokens) -> Generation:
+    def _generate(self, content, question, settings: dict, max_new_tokens, answer=None) -> Generation:
         """Generate with the attention capture that ``settings`` (the modality's grounding entry) asks for."""
-        args = (content, question, list(settings["layers"]), max_new_tokens, self.system, bool(settings.get("rollout")))
+        args = (content, question, list(settings["layers"]), max_new_tokens, self.system, bool(settings.get("rollout")),
+                answer)
         try:
             return generate(self.model, self.processor, *args)
         except NonFiniteOutput:
@@ -165,8 +171,10 @@ class Reader:
             return generate(self.model, self.processor, *args)
 
     def read(self, image: str | Radiograph | CTVolume, question: str | None = None, max_new_tokens: int = 128,
-             modality: str = "auto", max_slices: int | None = None) -> Reading:
-        """Read ``image`` (a path, or an already loaded study). ``max_slices`` overrides the CT slice count."""
+             modality: str = "auto", max_slices: int | None = None, answer: str | None = None) -> Reading:
+        """Read ``image`` (a path, or an already loaded study). ``max_slices`` overrides the CT slice count.
+        ``answer`` makes the model say that text instead of its own (teacher forcing): the findings and
+        masks of given words on this image, e.g. for the control that the image matters."""
         t0 = time.perf_counter()
         modality = check_modality(modality)
         study = image if isinstance(image, (Radiograph, CTVolume)) else load_study(image, modality, self.limits)
@@ -174,9 +182,10 @@ class Reader:
         question, max_new_tokens = check_params(question, max_new_tokens, CT_QUESTION if is_ct else DEFAULT_QUESTION)
         t_load = time.perf_counter()
         if is_ct:
-            reading = self._read_ct(study, question, max_new_tokens, check_max_slices(max_slices, self.ct["max_slices"]))
+            reading = self._read_ct(study, question, max_new_tokens, check_max_slices(max_slices, self.ct["max_slices"]),
+                                    answer)
         else:
-            reading = self._read_radiograph(study, question, max_new_tokens)
+            reading = self._read_radiograph(study, question, max_new_tokens, answer)
         gen = reading.generation
         reading.latencies = {
             "load_image": round(t_load - t0, 4),
@@ -203,14 +212,45 @@ class Reader:
                 "attention": "rollout" if gen.rollout else "direct",
                 "grounding": self.info.grounding.get("source")}
 
-    def _read_radiograph(self, radiograph: Radiograph, question: str, max_new_tokens: int) -> Reading:
+    def remap(self, study: Radiograph | CTVolume, gen: Generation, max_slices: int | None = None) -> Reading:
+        """The reading of ``study`` from an existing generation (e.g. one restricted to some layers):
+        findings, maps and masks with the current settings, no new generation (calibration)."""
+        if isinstance(study, CTVolume):
+            return self._read_ct(study, "", 0, check_max_slices(max_slices, self.ct["max_slices"]), gen=gen)
+        return self._read_radiograph(study, "", 0, gen=gen)
+
+    def _lung_fields(self, pixels: np.ndarray) -> anatomy.LungFields:
+        """Lung fields of ``pixels``, kept for the last image (calibration remaps one image many times)."""
+        if getattr(self, "_fields", (None,))[0] is not pixels:
+            self._fields = (pixels, anatomy.xray_lung_fields(pixels))
+        return self._fields[1]
+
+    def _ct_anatomy(self, volume: CTVolume) -> tuple[np.ndarray, np.ndarray]:
+        """Body and lung masks of ``volume`` (display grid), kept for the last volume like the fields."""
+        if getattr(self, "_ct_masks", (None,))[0] is not volume.hu:
+            body = body_mask(volume.hu)
+            half_cell = max(volume.shape[1:]) / self.grid / 2  # in-plane voxels (planes are square-padded)
+            self._ct_masks = (volume.hu, body, anatomy.ct_lung_mask(volume.hu, body, int(np.ceil(half_cell))))
+        return self._ct_masks[1], self._ct_masks[2]
+
+    def _read_radiograph(self, radiograph: Radiograph, question: str, max_new_tokens: int, answer=None,
+                         gen: Generation | None = None) -> Reading:
         square, pad = pad_to_square(radiograph.pixels)
-        gen = self._generate([Image.fromarray(square)], question, self.info.grounding, max_new_tokens)
+        if gen is None:
+            gen = self._generate([Image.fromarray(square)], question, self.info.grounding, max_new_tokens, answer)
         findings = parse_report(gen.text)
         grids = [finding_grid(gen, rows, self.grid) for rows in self._score(gen, findings)]
         heatmaps = [maps.grid_to_pixels(g, pad) for g in grids]
         threshold = float(self.info.grounding.get("threshold", 0.5))
-        mask_maps = [h * maps.side_gate(h.shape, f.side) for f, h in zip(findings, heatmaps)]
+        gates = self.info.grounding.get("gates", DEFAULT_XRAY_GATES)
+        fields = self._lung_fields(radiograph.pixels) if "zone" in gates else None
+        margin = pad.side / self.grid / 2  # half a token cell
+        mask_maps = []
+        for f, h in zip(findings, heatmaps):
+            gate = maps.side_gate(h.shape, f.side) if "side" in gates else 1.0
+            if fields is not None and f.region != "lobe":
+                gate = gate * anatomy.level_gate(h.shape, fields.side(f.side), f.level, margin)
+            mask_maps.append(h * gate)
         labels = maps.label_map(mask_maps, threshold) if mask_maps else np.zeros(radiograph.pixels.shape, np.uint8)
         geom = radiograph.geometry
         return Reading(
@@ -221,12 +261,16 @@ class Reader:
             question=question, model=self._model_dict(gen), modality="xray", generation=gen,
         )
 
-    def _read_ct(self, volume: CTVolume, question: str, max_new_tokens: int, max_slices: int) -> Reading:
+    def _read_ct(self, volume: CTVolume, question: str, max_new_tokens: int, max_slices: int, answer=None,
+                 gen: Generation | None = None) -> Reading:
         ms = model_slices(volume, max_slices)
-        content = interleave([Image.fromarray(im) for im in ms.images])
-        gen = self._generate(content, question, self.ct, max_new_tokens)
+        if gen is None:
+            content = interleave([Image.fromarray(im) for im in ms.images])
+            gen = self._generate(content, question, self.ct, max_new_tokens, answer)
         findings = parse_report(gen.text)
-        body = body_mask(volume.hu)
+        gates = self.ct.get("gates", DEFAULT_CT_GATES)
+        body, lungs = self._ct_anatomy(volume)
+        lungs = lungs if "lung" in gates else None
         depth = volume.shape[0]
         grids, heat, mask_maps = [], [], []
         for f, rows in zip(findings, self._score(gen, findings)):
@@ -234,7 +278,8 @@ class Reader:
             h = ct_maps.volume_heatmap(g, ms, depth)
             grids.append(g)
             heat.append(h)
-            mask_maps.append(h * body * ct_maps.side_gate(body, f.side))
+            gate = body * ct_maps.side_gate(body, f.side) if "side" in gates else body
+            mask_maps.append(h * gate * lungs if lungs is not None else h * gate)
         threshold = float(self.ct.get("threshold", 0.5))
         labels = maps.label_map(mask_maps, threshold) if mask_maps else np.zeros(volume.shape, np.uint8)
         extras = [ct_maps.slice_info(volume, g, m, labels == k)

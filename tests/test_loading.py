@@ -1,3 +1,4 @@
+import json
 import logging
 import os
 import shutil
@@ -41,7 +42,10 @@ def test_load_logs_what_and_how(caplog):
         model, proc, info = load_model(PHANTOM_MODEL_DIR, "cpu", "bf16")
     assert model.dtype == torch.bfloat16 and info.precision == "bf16" and info.device == "cpu"
     assert "Loaded" in caplog.text and "bf16" in caplog.text
-    assert info.grounding["layers"] == [1, 2] and info.grounding["source"] == "grounding.json"
+    with open(os.path.join(PHANTOM_MODEL_DIR, "grounding.json")) as f:
+        shipped = json.load(f)
+    assert info.grounding["layers"] == shipped["layers"] and info.grounding["source"] == "grounding.json"
+    assert info.grounding["ct"]["layers"] == shipped["ct"]["layers"] and info.grounding["ct"]["max_slices"] == 20
     assert model.config._attn_implementation == "medgemma_capture"
 
 

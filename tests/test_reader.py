@@ -26,7 +26,8 @@ def test_reading_a_phantom(reader, seed):
     res = r.result_json()
     assert res["label_names"] == {n: k for k, n in enumerate(r.names, start=1)}
     assert res["model"]["label"].endswith("NOT MedGemma)")
-    assert res["model"]["layers"] == [1, 2] and res["model"]["dropped_layers"] == {}
+    assert res["model"]["layers"] == reader.layers and res["model"]["dropped_layers"] == {}
+    assert res["model"]["attention"] == ("rollout" if reader.info.grounding["rollout"] else "direct")
 
 
 def test_named_side_and_mask_side_agree_with_the_patient(reader):

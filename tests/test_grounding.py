@@ -26,6 +26,26 @@ def test_raw_attention_points_at_the_lesion(result):
     assert m["b_final_masks"]["dice"] > 10 * m["d_chance"]["dice"]
 
 
+def test_final_masks_beat_the_words_alone(result):
+    """Issue 4's radiograph target on 150 held-out phantoms: the final masks point at the lesion for
+    >= 0.95 of lesions and their Dice beats the text-only baseline by >= 0.05."""
+    m = result["maps"]
+    assert m["b_final_masks"]["pointing"] >= 0.95, table(result)
+    assert m["b_final_masks"]["dice"] >= m["c_text_only"]["dice"] + 0.05, table(result)
+
+
+def test_masks_come_from_the_image_not_the_words(reader, result):
+    """Control: the same method on each phantom's lesion-free twin, the model made to say its original
+    words, must lose >= 0.3 of the pointing game (the gates alone do not find the lesion)."""
+    seeds = TEST_SEEDS[:40]
+    priors = zone_priors(range(20000, 20300))
+    real = evaluate(reader, seeds, priors)
+    control = evaluate(reader, seeds, priors, control=True)
+    assert control["zone_accuracy"] == real["zone_accuracy"]  # the same words were said
+    assert control["maps"]["b_final_masks"]["pointing"] <= real["maps"]["b_final_masks"]["pointing"] - 0.3, (
+        table(real) + "\ncontrol:\n" + table(control))
+
+
 def test_evaluation_detects_a_model_that_does_not_look(reader, monkeypatch):
     """Swap every heatmap for a flat map: pointing must collapse (the metric can fail)."""
     import numpy as np

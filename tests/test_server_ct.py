@@ -133,6 +133,14 @@ def test_ct_text_names_the_lobes_and_attention_points_at_the_lesions(grounding):
     assert result["maps"]["a_raw_attention"]["pointing"] >= 0.7, table(result)
 
 
+def test_ct_final_masks_beat_the_words_alone(grounding):
+    """Issue 4's CT target on 30 held-out volumes: final masks pointing >= 0.9, Dice >= text-only + 0.05."""
+    result, _ = grounding
+    m = result["maps"]
+    assert m["b_final_masks"]["pointing"] >= 0.9, table(result)
+    assert m["b_final_masks"]["dice"] >= m["c_text_only"]["dice"] + 0.05, table(result)
+
+
 @pytest.mark.parametrize("image_id", sorted(REAL))
 def test_real_ct_answers_in_its_geometry(client, studies, image_id):
     path = glob.glob(str(studies / (image_id + ".*")))[0]

@@ -220,18 +220,23 @@ class Reader:
         return self._read_radiograph(study, "", 0, gen=gen)
 
     def _lung_fields(self, pixels: np.ndarray) -> anatomy.LungFields:
-        """Lung fields of ``pixels``, kept for the last image (calibration remaps one image many times)."""
-        if getattr(self, "_fields", (None,))[0] is not pixels:
-            self._fields = (pixels, anatomy.xray_lung_fields(pixels))
-        return self._fields[1]
+        """Lung fields of ``pixels``, kept for the last image (calibration remaps one image many times).
+        The cached pair is read once into a local, so concurrent requests never mix up images."""
+        cached = getattr(self, "_fields", None)
+        if cached is None or cached[0] is not pixels:
+            cached = (pixels, anatomy.xray_lung_fields(pixels))
+            self._fields = cached
+        return cached[1]
 
     def _ct_anatomy(self, volume: CTVolume) -> tuple[np.ndarray, np.ndarray]:
         """Body and lung masks of ``volume`` (display grid), kept for the last volume like the fields."""
-        if getattr(self, "_ct_masks", (None,))[0] is not volume.hu:
+        cached = getattr(self, "_ct_masks", None)
+        if cached is None or cached[0] is not volume.hu:
             body = body_mask(volume.hu)
             half_cell = max(volume.shape[1:]) / self.grid / 2  # in-plane voxels (planes are square-padded)
-            self._ct_masks = (volume.hu, body, anatomy.ct_lung_mask(volume.hu, body, int(np.ceil(half_cell))))
-        return self._ct_masks[1], self._ct_masks[2]
+            cached = (volume.hu, body, anatomy.ct_lung_mask(volume.hu, body, int(np.ceil(half_cell))))
+            self._ct_masks = cached
+        return cached[1], cached[2]
 
     def _read_radiograph(self, radiograph: Radiograph, question: str, max_new_tokens: int, answer=None,
                          gen: Generation | None = None) -> Reading:

@@ -12,8 +12,10 @@ names the patient's right or left, its heatmap is zeroed on the other half of th
 mask is made (PA display: patient right = image columns left of the centre). Bilateral or unsided
 findings are not gated. The raw heatmap is kept as well, ungated.
 
-Anatomy gate: :class:`reader.Reader` also keeps the heatmap inside the zone the finding names, a third
-of that side's lung field as found in the image (:mod:`anatomy`), before the mask rule.
+Anatomy and box gates: :class:`reader.Reader` also keeps the heatmap inside the zone the finding names,
+a third of that side's lung field as found in the image (:mod:`anatomy`), and inside the box the model
+gave for it (MedGemma 1.5 answers localisation questions with ``[y0, x0, y1, x1]`` in 0..1000 of its
+input square; :func:`box_gate`), before the mask rule.
 
 Mask rule (documented in the README): per finding, the (gated) heatmap is scaled to 0..1 over the image
 (min-max); the mask is the 8-connected region around the heatmap's peak where it is at least
@@ -47,6 +49,16 @@ def side_gate(shape: tuple[int, int], side: str) -> np.ndarray:
     elif side == "left":
         gate[:, : shape[1] - half] = 0
     return gate
+
+
+def box_gate(shape: tuple[int, int], box, pad: SquarePad, margin: float) -> np.ndarray:
+    """float32 (rows, cols): 1 inside the model's box, ``[y0, x0, y1, x1]`` in 0..1000 of its input square
+    (the padded square), widened by ``margin`` pixels, on the original pixels; else 0."""
+    y0, x0, y1, x1 = (v / 1000.0 * pad.side for v in box)
+    rows = np.arange(shape[0])[:, None] + pad.top + 0.5  # pixel centres in square coordinates
+    cols = np.arange(shape[1])[None, :] + pad.left + 0.5
+    inside = (rows >= y0 - margin) & (rows <= y1 + margin) & (cols >= x0 - margin) & (cols <= x1 + margin)
+    return inside.astype(np.float32)
 
 
 def normalise(heatmap: np.ndarray) -> np.ndarray:

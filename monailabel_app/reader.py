@@ -32,9 +32,10 @@ logger = logging.getLogger(__name__)
 
 MAX_QUESTION_CHARS = 2000
 # cues that gate a finding's heatmap before its mask is cut (grounding.json "gates"): "side" (the named
-# side of the body), "zone" (radiograph: the named third of that lung field, found in the image),
-# "lung" (CT: the lungs found by HU)
-DEFAULT_XRAY_GATES = ("side", "zone")
+# side of the body), "zone" (radiograph: the named third of that lung field, found in the image), "box"
+# (radiograph: the [y0, x0, y1, x1] box the model gave in the finding's sentence), "lung" (CT: the lungs
+# found by HU)
+DEFAULT_XRAY_GATES = ("side", "zone", "box")
 DEFAULT_CT_GATES = ("side", "lung")
 MAX_NEW_TOKENS_LIMIT = 1024
 
@@ -255,6 +256,8 @@ class Reader:
             gate = maps.side_gate(h.shape, f.side) if "side" in gates else 1.0
             if fields is not None and f.region != "lobe":
                 gate = gate * anatomy.level_gate(h.shape, fields.side(f.side), f.level, margin)
+            if "box" in gates and f.box is not None:
+                gate = gate * maps.box_gate(h.shape, f.box, pad, margin)
             mask_maps.append(h * gate)
         labels = maps.label_map(mask_maps, threshold) if mask_maps else np.zeros(radiograph.pixels.shape, np.uint8)
         geom = radiograph.geometry

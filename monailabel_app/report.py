@@ -39,6 +39,7 @@ _NEGATION = re.compile(
     re.IGNORECASE,
 )
 _SENTENCE = re.compile(r"[^.;\n]+[.;]?")
+_BOX = re.compile(r"\[\s*(\d{1,4})\s*,\s*(\d{1,4})\s*,\s*(\d{1,4})\s*,\s*(\d{1,4})\s*\]")  # [y0, x0, y1, x1]
 _WORD = re.compile(r"[a-z]+")
 
 
@@ -53,6 +54,16 @@ class Finding:
     score: float = 1.0
     span: tuple[int, int] = (0, 0)  # characters of the answer that said it
     region: str = ""  # "zone" (radiograph) or "lobe" (CT); from the text when not given
+
+    @property
+    def box(self) -> tuple[float, float, float, float] | None:
+        """The box MedGemma gives in this finding's sentence, ``[y0, x0, y1, x1]`` in 0..1000 of the model's
+        input square, when there is a valid one."""
+        m = _BOX.search(self.text or "")
+        if not m:
+            return None
+        y0, x0, y1, x1 = (float(v) for v in m.groups())
+        return (y0, x0, y1, x1) if 0 <= y0 < y1 <= 1000 and 0 <= x0 < x1 <= 1000 else None
 
     @property
     def location(self) -> str:

@@ -74,3 +74,31 @@ def test_user_question_and_token_limit(reader):
     r = _read(reader, ph.image, question="What are the findings?", max_new_tokens=4)
     assert r.question == "What are the findings?" and r.latencies["new_tokens"] <= 4
     assert r.latencies["stop_reason"] in ("max_new_tokens", "eos", "repetition")
+
+
+def test_a_box_in_the_answer_gates_the_mask(reader):
+    """MedGemma 1.5 gives boxes as [y0, x0, y1, x1] in 0..1000 of its input square: the finding's mask
+    must stay inside that box (mapped through the padding), wherever the attention peaks."""
+    from monailabel_app import maps
+    from monailabel_app.report import parse_report
+    from monailabel_app.xray import SquarePad
+
+    ph = make_phantom(11)  # taller than wide: padded left and right
+    plain = _read(reader, ph.image, answer="nodule in the right middle zone.")
+    pad = SquarePad(*ph.image.shape)
+    ys, xs = np.nonzero(plain.labels == 1)
+    assert len(ys)
+    # a box over the upper-left part of the mask only: the boxed mask must be a subset of it
+    cy, cx = int(np.median(ys)), int(np.median(xs))
+    box = [round((v + off) * 1000 / pad.side) for v, off in ((ys.min(), pad.top), (xs.min(), pad.left), (cy, pad.top),
+                                                              (cx, pad.left))]
+    text = f"nodule in the right middle zone [{box[0]}, {box[1]}, {box[2]}, {box[3]}]."
+    assert parse_report(text)[0].box == tuple(float(b) for b in box)
+    boxed = _read(reader, ph.image, answer=text)
+    assert boxed.findings[0].box is not None and boxed.report == text
+    inside = maps.box_gate(ph.image.shape, boxed.findings[0].box, pad, pad.side / reader.grid / 2) > 0
+    m = boxed.labels == 1
+    assert m.any() and not (m & ~inside).any()
+    assert m.sum() < (plain.labels == 1).sum()
+    # invalid boxes are ignored, not guessed
+    assert parse_report("nodule in the right middle zone [500, 10, 400, 20].")[0].box is None

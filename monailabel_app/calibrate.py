@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from .grounding import CALIBRATION_SEEDS, CT_CALIBRATION_SEEDS, dice
+from .grounding import CALIBRATION_SEEDS, CT_CALIBRATION_SEEDS, ct_hit_sampling, dice
 from .report import parse_report
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6)
@@ -110,14 +110,8 @@ def box_references(folder: str) -> list[Reference]:
 
 def _score(reading, ref: Reference, grid: int) -> tuple[list[float], list[float]]:
     """Pointing hits and Dice of the reading's masks for each reference lesion."""
-    ct = reading.modality == "ct"
-    if ct:  # tolerance: half a token cell in-plane, half the slice interval along z
-        nz, ny, nx = reading.labels.shape
-        sz, sy, sx = ref.study.spacing
-        tol_xy = max(ny * sy, nx * sx) / grid / 2
-        shown = max(1, len(reading.inputs_index) - 1)
-        tol_z = max(sz, (nz - 1) / shown * sz / 2)
-        sampling = (sz / tol_z, sy / tol_xy, sx / tol_xy)
+    if reading.modality == "ct":  # the same tolerance as grounding.evaluate_ct
+        sampling = ct_hit_sampling(reading.labels.shape, ref.study.spacing, len(reading.inputs_index), grid)
     else:
         sampling = (grid * 2 / reading.pad.side,) * 2
     hits, dices = [], []

@@ -30,6 +30,19 @@ from PIL import Image
 CT_FORMATS = {"nifti": ".nii.gz", "nrrd": ".nrrd", "dicom": ""}
 
 
+def _lesion_labels(shape, lesions) -> np.ndarray:
+    """uint8 label array of a phantom's lesions (lesion k -> k)."""
+    labels = np.zeros(shape, np.uint8)
+    for k, les in enumerate(lesions, start=1):
+        labels[les.mask] = k
+    return labels
+
+
+def _write_json(path: str, meta: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(meta, f, indent=2)
+
+
 def _ct_phantoms(args) -> int:
     from . import ct_phantoms
 
@@ -37,10 +50,7 @@ def _ct_phantoms(args) -> int:
         ph = ct_phantoms.make_ct_phantom(seed)
         stem = os.path.join(args.out, f"ct_phantom_{seed:06d}")
         image = ct_phantoms.save(ph, stem + CT_FORMATS[args.format], args.orientation)
-        labels = np.zeros(ph.hu.shape, np.uint8)
-        for k, les in enumerate(ph.lesions, start=1):
-            labels[les.mask] = k
-        ct_phantoms.save(ph, stem + "_mask.nii.gz", args.orientation, array=labels)
+        ct_phantoms.save(ph, stem + "_mask.nii.gz", args.orientation, array=_lesion_labels(ph.hu.shape, ph.lesions))
         meta = {
             "seed": seed,
             "report": ph.report,
@@ -53,8 +63,7 @@ def _ct_phantoms(args) -> int:
             ],
             "note": "synthetic CT phantom in HU; label k in the mask is lesion k",
         }
-        with open(stem + ".json", "w") as f:
-            json.dump(meta, f, indent=2)
+        _write_json(stem + ".json", meta)
         print(f"{image}  {ph.report}")
     return 0
 
@@ -77,10 +86,7 @@ def _phantom_main(argv) -> int:
         ph = make_phantom(seed)
         stem = os.path.join(args.out, f"phantom_{seed:06d}")
         Image.fromarray(ph.image).save(stem + ".png")
-        labels = np.zeros(ph.image.shape, np.uint8)
-        for k, les in enumerate(ph.lesions, start=1):
-            labels[les.mask] = k
-        Image.fromarray(labels).save(stem + "_mask.png")
+        Image.fromarray(_lesion_labels(ph.image.shape, ph.lesions)).save(stem + "_mask.png")
         meta = {
             "seed": seed,
             "report": ph.report,
@@ -90,8 +96,7 @@ def _phantom_main(argv) -> int:
             ],
             "note": "synthetic phantom; patient right is on the image left",
         }
-        with open(stem + ".json", "w") as f:
-            json.dump(meta, f, indent=2)
+        _write_json(stem + ".json", meta)
         print(f"{stem}.png  {ph.report}")
     return 0
 

@@ -162,6 +162,16 @@ def _resize3(a: np.ndarray, shape) -> np.ndarray:
     return ndimage.zoom(a, [t / s for t, s in zip(shape, a.shape)], order=1, grid_mode=True, mode="nearest")
 
 
+def ct_hit_sampling(shape, spacing_zyx, shown: int, grid: int) -> tuple[float, float, float]:
+    """``distance_transform_edt`` sampling under which distance 1 is the CT pointing tolerance: half a
+    token cell in-plane, half the interval between the ``shown`` slices along z (at least one slice)."""
+    nz, ny, nx = shape
+    sz, sy, sx = spacing_zyx
+    tol_xy = max(ny * sy, nx * sx) / grid / 2
+    tol_z = max(sz, (nz - 1) / max(1, shown - 1) * sz / 2)
+    return sz / tol_z, sy / tol_xy, sx / tol_xy
+
+
 def evaluate_ct(read, seeds, max_slices: int, grid: int = 16, priors=None) -> dict:
     """Lobe accuracy and the (a)-(d) table in 3-D on CT phantom ``seeds``.
 
@@ -176,16 +186,12 @@ def evaluate_ct(read, seeds, max_slices: int, grid: int = 16, priors=None) -> di
     for seed in seeds:
         ph = make_ct_phantom(seed)
         findings, labels = read(ph)
-        sz, sxy = ph.spacing[2], ph.spacing[0]
-        nz, ny, nx = ph.hu.shape
-        tol_xy = max(ny, nx) * sxy / grid / 2
-        sampled = sample_slices(nz, max_slices)
-        tol_z = max(sz, (nz - 1) / max(1, len(sampled) - 1) * sz / 2)
+        sampling = ct_hit_sampling(ph.hu.shape, ph.spacing[::-1], len(sample_slices(ph.hu.shape[0], max_slices)), grid)
         truth = {(les.side, les.level) for les in ph.lesions}
         extra += sum((f["side"], f["level"]) not in truth for f in findings)
         for les in ph.lesions:
             lesions += 1
-            dist = ndimage.distance_transform_edt(~les.mask, sampling=(sz / tol_z, sxy / tol_xy, sxy / tol_xy))
+            dist = ndimage.distance_transform_edt(~les.mask, sampling=sampling)
             n, size = int(les.mask.sum()), les.mask.size
             k = next((i for i, f in enumerate(findings) if (f["side"], f["level"]) == (les.side, les.level)), None)
             final_size = int((labels == k + 1).sum()) if k is not None else n

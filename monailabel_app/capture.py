@@ -1,17 +1,18 @@
-"""Capture, during generation, the attention of each generated token's query to the image tokens.
+"""Capture the attention of each generated token's query to the image tokens, without eager attention.
 
 The model runs with the attention implementation ``medgemma_capture``: every layer computes its output
 with PyTorch SDPA (as ``attn_implementation="sdpa"`` would), and on the chosen layers it also computes
-softmax(q k^T) for the *last query row only* (at prefill: the row that emits the first answer token;
-at each decode step: the single new row) and keeps the columns of the image tokens. Nothing else is
-materialised: never the L x L matrices, never eager attention for the whole model.
+softmax(q k^T) for *one query row per study and step* and keeps the columns of the image tokens:
+
+* at prefill (:class:`AttentionRecorder`), the last prompt row, the query that emits the first answer
+  token;
+* at each decode step (:class:`DecodeRecorder`), the single new row. The decode recorder writes into a
+  preallocated buffer at an index held on the device, so the step can be replayed as a CUDA graph
+  (:mod:`monailabel_app.decoding`).
 
 Row ``t`` of a recording is therefore the attention of the query that emitted generated token ``t``:
-the tokens that wrote a finding index straight into it.
-
-Only layers whose keys cover the whole sequence can be used (in Gemma 3 the global layers always; a
-sliding-window layer only while the sequence fits its window); a layer whose key length falls short is
-dropped from the recording and reported.
+the tokens that wrote a finding index straight into it. Nothing else is materialised: never the L x L
+matrices, never eager attention for the whole model.
 
 **Rollout inside each image** (``rollout=True``). A finding token on a late layer often attends to an
 image token that has already gathered the image's content from its neighbours: Gemma 3's image tokens
@@ -23,7 +24,9 @@ and the product over the layers below a read layer maps the read layer's image t
 input's. Here the mixing is kept only *inside each image* (image tokens to the same image's tokens,
 renormalised), so at prefill the recorder keeps, per image, one running n x n product (n = tokens per
 image, 256 in Gemma 3) and a copy of it at each read layer; decode rows are mapped through it at the
-end. Memory: n x n per image per read layer (85 CT slices: 22 MiB each in float32), never L x L.
+end. ``A``'s softmax denominators span every key the image tokens see; they are computed a chunk of
+whole images at a time (bounded memory), each chunk against the keys up to its last image. Memory: n x n per image per read layer (85 CT slices:
+22 MiB each in float32), never L x L.
 """
 
 from __future__ import annotations
@@ -37,34 +40,73 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 CAPTURE_ATTN = "medgemma_capture"
-_ACTIVE: contextvars.ContextVar["AttentionRecorder | None"] = contextvars.ContextVar("recorder", default=None)
+CHUNK_BYTES = 2**30  # scores of one chunk of images in the rollout's denominators (1 GiB)
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("recorder", default=None)
+
+
+def scores_f32(q: torch.Tensor, k: torch.Tensor, scaling: float) -> torch.Tensor:
+    """``q k^T * scaling`` in float32 for q (B, H, m, D) and k (B, KVH, S, D), grouped-query heads
+    matched without copying the keys (query head h reads KV head h // (H / KVH)). On CUDA the bf16/fp16
+    products are accumulated and returned in float32 by the matmul itself."""
+    b, h, m, d = q.shape
+    kvh = k.shape[1]
+    qg = (q * scaling).reshape(b * kvh, (h // kvh) * m, d)
+    kt = k.reshape(b * kvh, k.shape[2], d).transpose(1, 2)
+    if q.is_cuda and q.dtype != torch.float32:
+        try:
+            s = torch.bmm(qg, kt, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):
+            s = torch.bmm(qg.float(), kt.float())
+    else:
+        s = torch.bmm(qg.float(), kt.float())
+    return s.view(b, h, m, k.shape[2])
+
+
+def _masked(scores: torch.Tensor, mask: torch.Tensor | None, inplace: bool = False) -> torch.Tensor:
+    """Scores with the attention mask applied (bool: False = not seen; float: added)."""
+    if mask is None:
+        return scores
+    if mask.dtype == torch.bool:
+        return scores.masked_fill_(~mask, float("-inf")) if inplace else scores.masked_fill(~mask, float("-inf"))
+    return scores.add_(mask) if inplace else scores + mask.float()
+
+
+def _positions(image_positions: torch.Tensor) -> torch.Tensor:
+    return image_positions if image_positions.dim() == 2 else image_positions[None]
 
 
 class AttentionRecorder:
-    """Collects, per layer, one (batch, heads, n_image_tokens) row per forward call; with ``rollout``
-    also each image's token mixing at prefill (see the module docstring)."""
+    """Prefill: per chosen layer one (batch, heads, n_image_tokens) row (the last prompt row); with
+    ``rollout`` also each image's token mixing (see the module docstring). ``image_positions`` is
+    (n_image_tokens,) or, for a batch, (batch, n_image_tokens)."""
 
-    def __init__(self, layers: list[int], image_positions: torch.Tensor, prompt_len: int, rollout: bool = False,
+    def __init__(self, layers: list[int], image_positions: torch.Tensor, rollout: bool = False,
                  tokens_per_image: int = 256):
         self.layers = set(layers)
-        self.image_positions = image_positions  # (n_image_tokens,) key positions of image tokens
-        self.prompt_len = prompt_len
-        self.rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+        self.image_positions = _positions(image_positions)  # (B, N) key positions of image tokens
+        self.rows: dict[int, torch.Tensor] = {}
         self.dropped: dict[int, str] = {}
         self.rollout = rollout and bool(layers)
-        self.blocks = image_positions.view(-1, tokens_per_image) if self.rollout else None  # (images, n)
-        self.mixing: torch.Tensor | None = None  # (images, n, n) product of the layers seen so far
+        batch = self.image_positions.shape[0]
+        self.blocks = self.image_positions.view(batch, -1, tokens_per_image) if self.rollout else None  # (B, I, n)
+        self.mixing: torch.Tensor | None = None  # (B, I, n, n) product of the layers seen so far
         self.at_layer: dict[int, torch.Tensor] = {}  # read layer -> the product of the layers below it
         self.unmixed: list[int] = []  # prefill layers whose keys did not cover the prompt (taken as identity)
+
+    def observe(self, layer: int, query, key, attention_mask, scaling: float) -> None:
+        if self.rollout:
+            self.mix(layer, query, key, attention_mask, scaling)
+        if layer in self.layers:
+            self.record(layer, query, key, attention_mask, scaling)
 
     def mix(self, layer: int, query, key, attention_mask, scaling: float) -> None:
         """Prefill of ``layer``: snapshot the product for a read layer, then multiply in this layer's mixing."""
         if layer > max(self.layers):
             return
-        n = self.blocks.shape[1]
+        batch, images, n = self.blocks.shape
         if self.mixing is None:
             eye = torch.eye(n, device=query.device, dtype=torch.float32)
-            self.mixing = eye.expand(self.blocks.shape[0], n, n).clone()
+            self.mixing = eye.expand(batch, images, n, n).clone()
         if layer in self.layers:
             self.at_layer[layer] = self.mixing.clone()
         if layer == max(self.layers):
@@ -72,75 +114,113 @@ class AttentionRecorder:
         if key.shape[2] != query.shape[2]:
             self.unmixed.append(layer)
             return
-        for b, pos in enumerate(self.blocks):
-            end = int(pos[-1]) + 1
-            q = query[:1, :, pos, :].float()
-            k = key[:1, :, :end, :].float()
-            if k.shape[1] != q.shape[1]:
-                k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-            scores = torch.matmul(q, k.transpose(-1, -2)) * scaling  # (1, heads, n, end)
-            if attention_mask is not None:
-                m = attention_mask[:1, :, pos, :end]
-                scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
-            within = torch.softmax(scores, dim=-1)[0][..., pos].mean(0)  # (n, n) head-averaged, this image
-            within = within / within.sum(-1, keepdim=True).clamp_min(1e-12)
-            step = 0.5 * torch.eye(n, device=within.device) + 0.5 * within
-            self.mixing[b] = step @ self.mixing[b]
+        eye = torch.eye(n, device=query.device)
+        for b in range(batch):
+            within = self._within(query[b : b + 1], key[b : b + 1], None if attention_mask is None else
+                                  attention_mask[b if attention_mask.shape[0] > 1 else 0], self.blocks[b], scaling)
+            self.mixing[b] = torch.matmul(0.5 * eye + 0.5 * within, self.mixing[b])
+
+    @staticmethod
+    def _within(query, key, mask, blocks, scaling: float) -> torch.Tensor:
+        """(images, n, n) head-averaged softmax attention among each image's own tokens, renormalised.
+
+        The softmax runs over every key a token sees (all keys up to its chunk's last image token, the
+        mask applied), then each image keeps its own columns."""
+        images, n = blocks.shape
+        heads = query.shape[1]
+        # whole images per chunk: bounded memory, and at least 8 chunks so that early images skip late keys
+        per_chunk = max(1, min(CHUNK_BYTES // (4 * heads * n * (int(blocks[-1, -1]) + 1)), -(-images // 8)))
+        out = []
+        for i in range(0, images, per_chunk):
+            chunk = blocks[i : i + per_chunk]  # (k, n)
+            rows, end = chunk.reshape(-1), int(chunk[-1, -1]) + 1  # later keys are masked for these rows
+            s = scores_f32(query[:, :, rows], key[:, :, :end], scaling)[0]  # (H, k*n, end)
+            if mask is not None:
+                s = _masked(s, mask[:, rows, :end], inplace=True)
+            p = torch.softmax(s, dim=-1).view(heads, len(chunk), n, end)
+            own = chunk[None, :, None, :].expand(heads, len(chunk), n, n)
+            out.append(p.gather(-1, own).mean(0))  # (k, n, n)
+        p = torch.cat(out)
+        return p / p.sum(-1, keepdim=True).clamp_min(1e-12)
 
     def record(self, layer: int, query, key, attention_mask, scaling: float) -> None:
-        if layer in self.dropped:
+        if layer in self.dropped or layer in self.rows:
             return
-        last = self.image_positions.max().item()
-        # a full-attention layer's keys are the prompt at prefill, then grow by one per decode step
-        expected = self.prompt_len + len(self.rows[layer])
-        if key.shape[2] <= last or (self.rows[layer] and key.shape[2] != expected):
+        if key.shape[2] <= int(self.image_positions.max()):
             self.dropped[layer] = f"keys cover {key.shape[2]} positions (window shorter than the sequence)"
-            self.rows[layer].clear()
             return
-        q = query[:, :, -1:, :].float()
-        k = key.float()
-        if k.shape[1] != q.shape[1]:  # grouped-query attention: repeat the KV heads
-            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        scores = torch.matmul(q, k.transpose(-1, -2)) * scaling
+        scores = scores_f32(query[:, :, -1:], key, scaling)
         if attention_mask is not None:
-            m = attention_mask[..., -1:, : k.shape[2]]
-            scores = scores.masked_fill(~m, float("-inf")) if m.dtype == torch.bool else scores + m.float()
-        weights = torch.softmax(scores, dim=-1)[:, :, 0, :]
-        self.rows[layer].append(weights[:, :, self.image_positions].detach().cpu())
+            scores = _masked(scores, attention_mask[..., -1:, : key.shape[2]])
+        weights = torch.softmax(scores, dim=-1)[:, :, 0, :]  # (B, H, S)
+        index = self.image_positions[:, None, :].expand(-1, weights.shape[1], -1)
+        self.rows[layer] = weights.gather(-1, index)
 
     @property
     def usable_layers(self) -> list[int]:
-        return sorted(layer for layer in self.layers if layer not in self.dropped and self.rows[layer])
+        return sorted(layer for layer in self.layers if layer not in self.dropped and layer in self.rows)
 
-    def stacked(self) -> torch.Tensor:
-        """(steps, layers, batch, heads, n_image_tokens) for the usable layers (rolled out if asked)."""
+    def stacked(self, decode: torch.Tensor | None = None) -> torch.Tensor:
+        """(steps, layers, batch, heads, n_image_tokens) for the usable layers (rolled out if asked):
+        the prefill row, then ``decode`` rows (steps - 1, layers, batch, heads, n) when given."""
         layers = self.usable_layers
         if not layers:
             raise RuntimeError(f"no layer recorded attention to the image: {self.dropped}")
-        steps = min(len(self.rows[layer]) for layer in layers)
-        return torch.stack([self._rolled(layer, torch.stack(self.rows[layer][:steps])) for layer in layers], dim=1)
+        rows = torch.stack([self.rows[layer] for layer in layers])[None]  # (1, layers, B, H, N)
+        if decode is not None:
+            rows = torch.cat([rows, decode.to(rows.device)], dim=0)
+        return torch.stack([self._rolled(layer, rows[:, li]) for li, layer in enumerate(layers)], dim=1)
 
     def _rolled(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
         """(steps, batch, heads, images * n) rows mapped back onto the input's image tokens."""
         if not self.rollout or layer not in self.at_layer:
             return rows
-        images, n = self.blocks.shape
-        r = rows.reshape(*rows.shape[:-1], images, n)
-        out = torch.einsum("...si,sij->...sj", r, self.at_layer[layer].to(rows.device))
+        batch, images, n = self.blocks.shape
+        r = rows.reshape(*rows.shape[:-1], images, n)  # (steps, B, H, I, n)
+        out = torch.einsum("tbhsi,bsij->tbhsj", r, self.at_layer[layer].to(rows.device))
         return out.reshape(rows.shape)
+
+
+class DecodeRecorder:
+    """Decode steps: on ``layers``, the new query row's attention to the image tokens, written into
+    ``buffer[step]`` ((steps, layers, batch, heads, n_image_tokens), float32) where ``step`` is a
+    one-element device tensor. No host synchronisation: safe inside a CUDA graph."""
+
+    def __init__(self, layers: list[int], image_positions: torch.Tensor, steps: int, heads: int,
+                 step: torch.Tensor):
+        self.slot = {layer: i for i, layer in enumerate(layers)}
+        self.image_positions = _positions(image_positions)
+        batch, n = self.image_positions.shape
+        self.index = self.image_positions[:, None, :].expand(batch, heads, n)
+        self.buffer = torch.zeros(steps, len(layers), batch, heads, n, device=step.device)
+        self.step = step
+
+    def observe(self, layer: int, query, key, attention_mask, scaling: float) -> None:
+        li = self.slot.get(layer)
+        if li is None:
+            return
+        scores = _masked(scores_f32(query, key, scaling), attention_mask)  # (B, H, 1, S)
+        weights = torch.softmax(scores, dim=-1)[:, :, 0, :].gather(-1, self.index)
+        self.buffer[:, li].index_copy_(0, self.step, weights[None])
+
+
+class NoRecorder:
+    """Observes nothing (a decode step without capture)."""
+
+    def observe(self, *args) -> None:
+        return None
 
 
 def _capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
-    recorder = _ACTIVE.get()
+    # a decode step sets its recorder on the attention modules (a plain attribute: torch.compile traces it);
+    # prefill goes through the context variable
+    recorder = getattr(module, "decode_recorder", None)
+    if recorder is None:
+        recorder = _ACTIVE.get()
     layer = getattr(module, "layer_idx", None)
     if recorder is not None and layer is not None:
-        if scaling is None:
-            scaling = query.shape[-1] ** -0.5
-        if recorder.rollout and query.shape[2] > 1:  # prefill: the image tokens' own mixing
-            recorder.mix(layer, query, key, attention_mask, scaling)
-        if layer in recorder.layers:
-            recorder.record(layer, query, key, attention_mask, scaling)
+        recorder.observe(layer, query, key, attention_mask, query.shape[-1] ** -0.5 if scaling is None else scaling)
     return out
 
 
@@ -149,9 +229,8 @@ AttentionMaskInterface.register(CAPTURE_ATTN, sdpa_mask)
 
 
 @contextmanager
-def recording(layers: list[int], image_positions: torch.Tensor, prompt_len: int, rollout: bool = False,
-              tokens_per_image: int = 256):
-    recorder = AttentionRecorder(layers, image_positions, prompt_len, rollout, tokens_per_image)
+def recording(recorder):
+    """Route the capture attention's observations to ``recorder`` inside the block."""
     token = _ACTIVE.set(recorder)
     try:
         yield recorder

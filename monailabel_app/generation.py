@@ -16,36 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from .capture import recording
-
-
-class RepetitionStop:
-    """Stopping criterion: the answer has fallen into a loop (one n-gram, n <= 8, three times in a row).
-
-    Small or out-of-distribution models can repeat themselves until ``max_new_tokens``; the loop carries
-    no information, costs decode time and would become spurious findings. :func:`loop_start` tells where
-    the first repetition begins so the answer can be cut there.
-    """
-
-    def __init__(self, prompt_len: int, max_period: int = 8, times: int = 3):
-        self.prompt_len, self.max_period, self.times = prompt_len, max_period, times
-        self.stopped = False
-
-    def __call__(self, input_ids, scores, **kwargs):
-        new = input_ids[0, self.prompt_len :].tolist()
-        self.stopped = loop_start(new, self.max_period, self.times) is not None
-        return torch.full((input_ids.shape[0],), self.stopped, dtype=torch.bool, device=input_ids.device)
-
-
-def loop_start(ids: list[int], max_period: int = 8, times: int = 3) -> int | None:
-    """Index where the tail's repeated n-gram first repeats (keep ``ids[:index]``), or None."""
-    for p in range(1, max_period + 1):
-        if len(ids) < p * times:
-            continue
-        gram = ids[-p:]
-        if all(ids[-(k + 1) * p : len(ids) - k * p] == gram for k in range(times)):
-            return len(ids) - (times - 1) * p
-    return None
+from .decoding import loop_start, prefill_and_decode  # noqa: F401 (loop_start: public here too)
 
 
 class NonFiniteOutput(RuntimeError):
@@ -66,6 +37,7 @@ class Generation:
     seconds: dict = field(default_factory=dict)
     stop_reason: str = "eos"  # eos, max_new_tokens, or repetition (a loop, cut off)
     rollout: bool = False  # attention rolled out inside each image (capture.AttentionRecorder)
+    timings: dict = field(default_factory=dict)  # the decoder's own: prefill, decode (s), decode_steps
 
     def token_range(self, span: tuple[int, int]) -> list[int]:
         """Indices of the generated tokens whose text overlaps the character span ``span``."""
@@ -98,9 +70,14 @@ def chat_messages(content: list, question: str, system: str | None = None, answe
 
 
 def build_inputs(processor, content: list, question: str, system: str | None, device, dtype):
+    """Token ids, masks and pixel values of one chat. On CUDA a torchvision-based image processor (what
+    ``AutoProcessor`` gives when torchvision is installed) resizes and normalises on the GPU."""
+    extra = {}
+    if torch.device(device).type == "cuda" and not type(processor.image_processor).__name__.endswith("Pil"):
+        extra["processor_kwargs"] = {"device": str(device)}
     inputs = processor.apply_chat_template(
         chat_messages(content, question, system), add_generation_prompt=True, tokenize=True, return_dict=True,
-        return_tensors="pt",
+        return_tensors="pt", **extra,
     )
     inputs = inputs.to(device)
     if "pixel_values" in inputs:
@@ -115,87 +92,88 @@ def _token_ends(tokenizer, ids: list[int]) -> list[int]:
     return ends
 
 
-class ForcedAnswer:
-    """Logits processor that makes generation emit ``ids`` (then stop): the model's attention while it
-    "says" given words about an image, recorded exactly as for its own answers."""
+def _batch(processor, model, studies: list[tuple[list, str]], system, device, dtype) -> dict:
+    """One left-padded batch of chats (input_ids, attention_mask, token_type_ids, pixel_values)."""
+    each = [build_inputs(processor, content, question, system, device, dtype) for content, question in studies]
+    if len(each) == 1:
+        return dict(each[0])
+    width = max(e["input_ids"].shape[1] for e in each)
+    pad_id = processor.tokenizer.pad_token_id or 0
 
-    def __init__(self, ids: list[int], prompt_len: int):
-        self.ids, self.prompt_len = ids, prompt_len
+    def left(t, value):
+        return torch.nn.functional.pad(t, (width - t.shape[1], 0), value=value)
 
-    def __call__(self, input_ids, scores):
-        step = input_ids.shape[1] - self.prompt_len
-        forced = torch.full_like(scores, float("-inf"))
-        forced[:, self.ids[min(step, len(self.ids) - 1)]] = 0.0
-        return forced
+    out = {"input_ids": torch.cat([left(e["input_ids"], pad_id) for e in each]),
+           "attention_mask": torch.cat([left(e["attention_mask"], 0) for e in each]),
+           "token_type_ids": torch.cat([left(e["token_type_ids"], 0) for e in each])}
+    if any("pixel_values" in e for e in each):
+        out["pixel_values"] = torch.cat([e["pixel_values"] for e in each if "pixel_values" in e])
+    return out
 
 
-@torch.inference_mode()
 def generate(model, processor, content, question, layers, max_new_tokens=128, system=None,
              rollout: bool = False, answer: str | None = None) -> Generation:
     """Greedy answer to ``question`` about ``content`` (PIL images and texts, in chat order); with
     ``rollout`` the recorded attention is rolled out inside each image (:mod:`monailabel_app.capture`).
     With ``answer`` the model is made to say that text instead (teacher forcing; ``token_probs`` are
     still the model's own probabilities of those tokens)."""
-    t0 = time.perf_counter()
-    device, dtype = model.device, model.dtype
-    inputs = build_inputs(processor, content, question, system, device, dtype)
-    images = [c for c in content if not isinstance(c, str)]
-    t_prep = time.perf_counter()
-    ids = inputs["input_ids"][0]
-    image_positions = (ids == model.config.image_token_index).nonzero()[:, 0].cpu()
-    per_image = int(model.config.mm_tokens_per_image)
-    if len(image_positions) != per_image * len(images):
-        raise RuntimeError(f"expected {per_image * len(images)} image tokens, found {len(image_positions)}")
-    prompt_len = int(ids.shape[0])
-    from transformers import LogitsProcessorList, StoppingCriteriaList
+    return generate_batch(model, processor, [(content, question)], layers, max_new_tokens, system, rollout,
+                          None if answer is None else [answer])[0]
 
-    repetition = RepetitionStop(prompt_len)
-    extra = {}
-    if answer is not None:
-        tok = processor.tokenizer
-        forced = tok(answer, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<end_of_turn>")]
-        extra = {"logits_processor": LogitsProcessorList([ForcedAnswer(forced, prompt_len)]), "output_logits": True}
-        max_new_tokens = len(forced)
-    with recording(layers, image_positions.to(device), prompt_len, rollout, per_image) as rec:
-        out = model.generate(
-            **inputs,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            output_scores=True,
-            return_dict_in_generate=True,
-            stopping_criteria=StoppingCriteriaList([] if answer is not None else [repetition]),
-            **extra,
-        )
-    t_gen = time.perf_counter()
-    new = out.sequences[0, prompt_len:].tolist()
-    stop_reason = "eos" if new and new[-1] in _eos_ids(model) else "max_new_tokens"
-    if repetition.stopped:
-        new = new[: loop_start(new)]
-        stop_reason = "repetition"
+
+def generate_batch(model, processor, studies: list[tuple[list, str]], layers, max_new_tokens=128, system=None,
+                   rollout: bool = False, answers: list[str] | None = None) -> list[Generation]:
+    """:func:`generate` for several (content, question) studies at once, one batch through the model
+    (:mod:`monailabel_app.decoding`: static cache, CUDA graph on GPUs). Every study must show the same
+    number of images."""
+    t0 = time.perf_counter()
+    counts = {sum(not isinstance(c, str) for c in content) for content, _ in studies}
+    if len(counts) != 1:
+        raise ValueError(f"a batch needs the same number of images per study, got {sorted(counts)}")
+    inputs = _batch(processor, model, studies, system, model.device, model.dtype)
+    per_image = int(model.config.mm_tokens_per_image)
+    found = (inputs["input_ids"] == model.config.image_token_index).sum(-1)
+    if not bool((found == per_image * counts.pop()).all()):
+        raise RuntimeError(f"expected {per_image} image tokens per image, found {found.tolist()}")
     tok = processor.tokenizer
-    probs = []
-    for step, score in enumerate((out.logits if answer is not None else out.scores)[: len(new)]):
-        logp = torch.log_softmax(score[0].float(), dim=-1)[new[step]].item()
-        probs.append(math.exp(logp) if math.isfinite(logp) else float("nan"))
-    text = tok.decode(new, skip_special_tokens=True)
-    if any(not math.isfinite(p) for p in probs) or (new and not text.strip() and model.dtype == torch.float16):
-        raise NonFiniteOutput("non-finite scores or empty answer")
-    attention = rec.stacked()[: len(new), :, 0].float()  # (steps, layers, heads, n_image_tokens)
-    return Generation(
-        text=text,
-        token_ids=new,
-        token_ends=_token_ends(tok, new),
-        token_probs=probs,
-        attention=attention,
-        layers=rec.usable_layers,
-        dropped_layers={**rec.dropped, **{f"mixing {layer}": "keys did not cover the prompt: rollout took it as "
-                                          "identity" for layer in rec.unmixed}},
-        prompt_tokens=prompt_len,
-        image_tokens_per_image=per_image,
-        seconds={"prepare": t_prep - t0, "generate": t_gen - t_prep},
-        stop_reason=stop_reason,
-        rollout=rec.rollout,
-    )
+    forced = None
+    if answers is not None:
+        end = tok.convert_tokens_to_ids("<end_of_turn>")
+        forced = [tok(a, add_special_tokens=False)["input_ids"] + [end] for a in answers]
+    t_prep = time.perf_counter()
+    result = prefill_and_decode(model, inputs, list(layers), per_image, max_new_tokens, rollout, forced,
+                                sorted(_eos_ids(model)), stop_loops=forced is None)
+    rows, attention, used, dropped = result.rows, result.attention, result.layers, result.dropped
+    if attention is not None:
+        attention = attention.float().cpu()
+    t_gen = time.perf_counter()
+    prompt_tokens = inputs["attention_mask"].sum(-1).tolist()
+    out = []
+    for b, row in enumerate(rows):
+        probs = [math.exp(lp) if math.isfinite(lp) else float("nan") for lp in row.logprobs]
+        text = tok.decode(row.token_ids, skip_special_tokens=True)
+        if row.nonfinite or any(not math.isfinite(p) for p in probs) or (
+                row.token_ids and not text.strip() and model.dtype == torch.float16):
+            raise NonFiniteOutput("non-finite scores or an empty answer")
+        n = len(row.token_ids)
+        out.append(Generation(
+            text=text,
+            token_ids=row.token_ids,
+            token_ends=_token_ends(tok, row.token_ids),
+            token_probs=probs,
+            attention=attention[:n, :, b] if attention is not None else torch.zeros(n, 0, 0, 0),
+            layers=used,
+            dropped_layers=dropped,
+            prompt_tokens=int(prompt_tokens[b]),
+            image_tokens_per_image=per_image,
+            seconds={"prepare": t_prep - t0, "generate": t_gen - t_prep},
+            timings={k: round(v, 4) for k, v in result.seconds.items()},
+            stop_reason=row.stop_reason,
+            rollout=bool(rollout and used),
+        ))
+    if not used:
+        raise RuntimeError(f"no layer recorded attention to the image: {dropped}")
+    return out
 
 
 def _eos_ids(model) -> set[int]:

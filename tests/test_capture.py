@@ -59,23 +59,21 @@ def test_loop_detection():
     assert np.all([loop_start(list(range(n))) is None for n in range(12)])
 
 
-def test_recorder_drops_layers_whose_keys_do_not_cover_the_sequence():
+def test_recorder_drops_layers_whose_keys_do_not_cover_the_images():
     from monailabel_app.capture import AttentionRecorder
 
-    rec = AttentionRecorder([0, 1], torch.arange(2, 6), prompt_len=10)
+    rec = AttentionRecorder([0, 1], torch.arange(2, 6))
     q = torch.randn(1, 4, 10, 8)
-    rec.record(0, q, torch.randn(1, 2, 10, 8), None, 0.35)  # prefill: keys = prompt
-    rec.record(1, q, torch.randn(1, 2, 10, 8), None, 0.35)
-    rec.record(0, q[:, :, -1:], torch.randn(1, 2, 11, 8), None, 0.35)  # decode: one more key
-    rec.record(1, q[:, :, -1:], torch.randn(1, 2, 4, 8), None, 0.35)  # a sliding window cut the keys
+    rec.observe(0, q, torch.randn(1, 2, 10, 8), None, 0.35)  # prefill: keys = prompt
+    rec.observe(1, q, torch.randn(1, 2, 4, 8), None, 0.35)  # a sliding window cut the keys
     assert rec.usable_layers == [0] and 1 in rec.dropped
     rows = rec.stacked()
-    assert rows.shape == (2, 1, 1, 4, 4)
+    assert rows.shape == (1, 1, 1, 4, 4)
     assert torch.all(rows.sum(-1) <= 1.0 + 1e-6)  # a share of each row's attention, image columns only
-    masked = AttentionRecorder([0], torch.arange(0, 3), prompt_len=5)
+    masked = AttentionRecorder([0], torch.arange(0, 3))
     mask = torch.ones(1, 1, 5, 5, dtype=torch.bool)
     mask[..., -1, 1] = False  # a key the query may not see gets no weight
-    masked.record(0, torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), mask, 0.35)
+    masked.observe(0, torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), mask, 0.35)
     assert torch.all(masked.stacked()[0, 0, 0, :, 1] == 0)
 
 

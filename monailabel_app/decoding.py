@@ -1,0 +1,382 @@
+"""Greedy decoding with a static KV cache and attention capture, replayed as a CUDA graph on GPUs.
+
+Plain ``model.generate`` launches every kernel of every decode step from Python: on a GPU it is bound by
+that overhead, not by the card (MedGemma-4B: ~90 ms per token where reading the weights takes ~2 ms).
+This module runs the same model code (transformers' own Gemma 3 modules, SDPA attention) in a loop whose
+decode step has fixed shapes and fixed buffers, so on CUDA it is captured once as a CUDA graph and
+replayed:
+
+1. **Prefill** (one ``model(...)`` call over the whole prompt, images included, with the capture
+   attention and an :class:`~monailabel_app.capture.AttentionRecorder`): the first answer token, the
+   prompt's keys and values, the first attention rows and the rollout mixing.
+2. The prompt's keys and values move into a :class:`StaticKV` sized for prompt + answer. Global layers
+   keep every position; a sliding-window layer whose window is shorter than that keeps a ring of
+   ``window`` slots (keys carry their rotary position, so their order in the buffer does not matter).
+3. **Decode steps** (:meth:`Decoder.step`): the new token's embedding, the text decoder with masks
+   computed on the device from the slot counter, the next token (greedy, or the forced answer's), its
+   log-probability, an end-of-answer flag, and the new query's attention rows written by a
+   :class:`~monailabel_app.capture.DecodeRecorder`. Every input and output is a buffer updated in place,
+   so the step contains no host synchronisation. On CUDA the step is compiled with ``torch.compile``
+   (which fuses the many small element-wise kernels of each layer; ``MEDGEMMA_COMPILE=0`` turns it off)
+   and captured as one CUDA graph, before the buffers hold a request.
+4. The host looks every :data:`CHECK_EVERY` steps at the tokens: stop when every row has ended (end of
+   turn, or a loop: see :func:`loop_start`).
+
+Several studies decode together as one batch (left padding; per-row pad offsets give each row its own
+positions and masks). Rows that end early keep stepping (fixed shapes) and are cut afterwards.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+from .capture import AttentionRecorder, DecodeRecorder, NoRecorder, recording
+
+logger = logging.getLogger(__name__)
+
+CHECK_EVERY = 8  # decode steps between looks at the tokens (one host synchronisation each)
+GRAPH_CACHE = 2  # decoders (CUDA graphs with their buffers) kept per model
+
+
+def loop_start(ids: list[int], max_period: int = 8, times: int = 3) -> int | None:
+    """Index where the tail's repeated n-gram first repeats (keep ``ids[:index]``), or None.
+
+    Small or out-of-distribution models can repeat themselves until the token limit; the loop carries no
+    information, costs decode time and would become spurious findings."""
+    for p in range(1, max_period + 1):
+        if len(ids) < p * times:
+            continue
+        gram = ids[-p:]
+        if all(ids[-(k + 1) * p : len(ids) - k * p] == gram for k in range(times)):
+            return len(ids) - (times - 1) * p
+    return None
+
+
+def _cache_keyword(fn) -> str:
+    return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"  # transformers < 5.2x
+
+
+class StaticKV:
+    """Keys and values of every text layer in fixed buffers of ``length`` slots (a ring of ``window``
+    slots for a sliding layer whose window is shorter). The slot written by the current step is
+    ``slot`` (a one-element device tensor); the model calls :meth:`update` from each attention layer."""
+
+    def __init__(self, text_config, batch: int, length: int, device, dtype):
+        kvh, hd = text_config.num_key_value_heads, text_config.head_dim
+        window = getattr(text_config, "sliding_window", None)
+        types = getattr(text_config, "layer_types", None) or ["full_attention"] * text_config.num_hidden_layers
+        self.length = length
+        self.sizes = [window if t == "sliding_attention" and window and window < length else length for t in types]
+        self.keys = [torch.zeros(batch, kvh, s, hd, device=device, dtype=dtype) for s in self.sizes]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)
+        self.index = {s: torch.zeros(1, dtype=torch.long, device=device) for s in set(self.sizes)}
+
+    @property
+    def full_layers(self) -> list[int]:
+        """Layers that keep every position (the only ones whose attention covers every image token)."""
+        return [i for i, s in enumerate(self.sizes) if s == self.length]
+
+    def fill(self, cache, prompt_len: int) -> None:
+        """Copy a prefill's cache (transformers ``DynamicCache``; a sliding layer keeps only its tail)."""
+        for i, layer in enumerate(cache.layers):
+            k, v = layer.keys, layer.values
+            kept = k.shape[2]
+            slots = torch.arange(prompt_len - kept, prompt_len, device=k.device) % self.sizes[i]
+            self.keys[i][:, :, slots] = k
+            self.values[i][:, :, slots] = v
+
+    def advance_index(self) -> None:
+        for size, index in self.index.items():
+            torch.remainder(self.slot, size, out=index)
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        index = self.index[self.sizes[layer_idx]]
+        self.keys[layer_idx].index_copy_(2, index, key_states)
+        self.values[layer_idx].index_copy_(2, index, value_states)
+        return self.keys[layer_idx], self.values[layer_idx]
+
+    def masks(self, pad: torch.Tensor) -> dict[int, torch.Tensor]:
+        """Per buffer size, (batch, 1, 1, size) bool: slot r holds position slot - ((slot - r) mod size),
+        visible when that is a real position of the row (>= its left padding) and not in the future."""
+        out = {}
+        for size in self.index:
+            r = torch.arange(size, device=pad.device)
+            held = self.slot - torch.remainder(self.slot - r, size)
+            out[size] = (held[None, :] >= pad[:, None])[:, None, None, :]
+        return out
+
+
+@dataclass
+class Decoded:
+    """One row's answer: token ids (end-of-turn included), their log-probabilities, why it stopped."""
+
+    token_ids: list[int]
+    logprobs: list[float]
+    stop_reason: str  # eos, max_new_tokens, repetition
+    nonfinite: bool
+
+
+@dataclass
+class DecodeResult:
+    rows: list[Decoded]
+    attention: torch.Tensor | None  # (steps, layers, batch, heads, n_image_tokens) on the model's device
+    layers: list[int]  # the layers recorded
+    dropped: dict  # layers asked for but not recorded, and why
+    seconds: dict = field(default_factory=dict)  # prefill, decode (synchronised), decode_steps
+
+
+class Decoder:
+    """Fixed buffers and the decode step for one (batch, prompt + answer length, recorded layers) shape;
+    on CUDA the step is captured as a CUDA graph on first use and replayed after."""
+
+    def __init__(self, model, batch: int, length: int, max_new: int, layers: list[int], n_image_tokens: int,
+                 eos: list[int], compile: bool = False):
+        text_cfg = model.config.get_text_config()
+        device, dtype = model.device, model.dtype
+        self.model, self.batch, self.length, self.max_new = model, batch, length, max_new
+        self.kv = StaticKV(text_cfg, batch, length, device, dtype)
+        self.layers = [layer for layer in layers if layer in self.kv.full_layers]
+        self.types = getattr(text_cfg, "layer_types", None) or ["full_attention"] * text_cfg.num_hidden_layers
+        self.window_size = {t: self.kv.sizes[self.types.index(t)] for t in set(self.types)}
+        long = dict(dtype=torch.long, device=device)
+        self.token = torch.zeros(batch, 1, **long)
+        self.pad = torch.zeros(batch, **long)
+        self.step_index = torch.zeros(1, **long)
+        self.forced = torch.full((batch, max_new), -1, **long)
+        self.tokens = torch.zeros(batch, max_new, **long)
+        self.logprobs = torch.zeros(batch, max_new, device=device)
+        self.nonfinite = torch.zeros(batch, dtype=torch.bool, device=device)
+        self.eos = torch.tensor(sorted(set(eos)) or [-1], **long)
+        self.image_positions = torch.zeros(batch, n_image_tokens, **long)
+        heads = text_cfg.num_attention_heads
+        self.recorder = DecodeRecorder(self.layers, self.image_positions, max_new, heads, self.step_index) \
+            if self.layers else None
+        lm = model.model.language_model
+        self._lm, self._cache_kw = lm, _cache_keyword(lm.forward)
+        self.graph = None
+        self.use_graph = device.type == "cuda"
+        self.compile = compile and self.use_graph
+        self._step = self.step
+
+    def step(self) -> None:
+        """One decode step on the buffers (graph-safe: device tensors only, updated in place)."""
+        kv = self.kv
+        kv.advance_index()
+        masks = kv.masks(self.pad)
+        mask_by_type = {t: masks[size] for t, size in self.window_size.items()}
+        positions = (kv.slot - self.pad)[:, None]
+        embeds = self._lm.embed_tokens(self.token)
+        hidden = self._lm(inputs_embeds=embeds, attention_mask=mask_by_type, position_ids=positions,
+                          use_cache=True, **{self._cache_kw: kv}).last_hidden_state
+        logits = self.model.lm_head(hidden[:, -1]).float()
+        self.nonfinite |= ~torch.isfinite(logits).all(-1)
+        logp = torch.log_softmax(logits, dim=-1)
+        forced = self.forced.index_select(1, self.step_index)[:, 0]
+        nxt = torch.where(forced >= 0, forced, logits.argmax(-1))
+        self.tokens.index_copy_(1, self.step_index, nxt[:, None])
+        self.logprobs.index_copy_(1, self.step_index, logp.gather(1, nxt[:, None]))
+        self.token.copy_(nxt[:, None])
+        kv.slot += 1
+        self.step_index += 1
+
+    @contextmanager
+    def _recording(self):
+        """The decode recorder on every attention module while a step is traced or run eagerly."""
+        recorder = self.recorder or NoRecorder()
+        modules = [layer.self_attn for layer in self._lm.layers]
+        for m in modules:
+            m.decode_recorder = recorder
+        try:
+            yield
+        finally:
+            for m in modules:
+                m.decode_recorder = None
+
+    def _replay(self) -> None:
+        if self.graph is not None:
+            self.graph.replay()
+            return
+        with self._recording():
+            self._step()
+
+    def prepare(self) -> None:
+        """On CUDA, before the buffers hold a request: compile the step (``compile``) and capture it as
+        a CUDA graph. The warm-up steps write into the cache, so this must not run on live data. A step
+        that cannot be compiled or captured (e.g. bitsandbytes int8) runs without, with a warning."""
+        if not self.use_graph or self.graph is not None:
+            return
+        if self.compile:
+            try:
+                self._step = torch.compile(self.step, dynamic=False, fullgraph=False)
+            except Exception as e:  # noqa: BLE001
+                logger.warning("torch.compile of the decode step failed (%s): eager kernels", e)
+        try:
+            with self._recording():
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    for _ in range(3):
+                        self._step()
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    self._step()
+            self.graph = graph
+        except Exception as e:  # noqa: BLE001 (any capture failure: run the same step eagerly)
+            logger.warning("decode step cannot be captured as a CUDA graph (%s: %s): stepping without one",
+                           type(e).__name__, str(e)[:300])
+            self.use_graph = False
+            self._step = self.step
+            torch.cuda.synchronize()
+
+    def run(self, prefill_cache, prompt_len: int, pad: torch.Tensor, first_logits: torch.Tensor,
+            image_positions: torch.Tensor, forced: list[list[int]] | None, stop_loops: bool) -> list[Decoded]:
+        """Decode from a prefill: its cache, its last logits (batch, vocab) and the rows' left padding."""
+        b = self.batch
+        self.prepare()
+        self.kv.fill(prefill_cache, prompt_len)
+        self.kv.slot.fill_(prompt_len)
+        self.pad.copy_(pad)
+        self.image_positions.copy_(image_positions)
+        self.forced.fill_(-1)
+        limits = [self.max_new] * b
+        if forced:
+            for i, ids in enumerate(forced):
+                self.forced[i, : len(ids)] = torch.tensor(ids, device=self.forced.device)
+                limits[i] = len(ids)
+        first_logits = first_logits.float()
+        self.nonfinite.copy_(~torch.isfinite(first_logits).all(-1))
+        logp = torch.log_softmax(first_logits, dim=-1)
+        first = torch.where(self.forced[:, 0] >= 0, self.forced[:, 0], first_logits.argmax(-1))
+        self.tokens[:, 0] = first
+        self.logprobs[:, 0] = logp.gather(1, first[:, None])[:, 0]
+        self.token.copy_(first[:, None])
+        self.step_index.fill_(1)
+        if self.recorder is not None:
+            self.recorder.buffer.zero_()
+        ended = [None] * b  # per row: (length, reason) once known
+        steps = 1
+        checked = 0
+        while steps < max(limits):
+            self._replay()
+            steps += 1
+            if steps % CHECK_EVERY == 0 or steps == max(limits):
+                checked = self._check(steps, checked, limits, ended, stop_loops)
+                if all(e is not None for e in ended):
+                    break
+        self._check(steps, checked, limits, ended, stop_loops)
+        tokens, logprobs, nonfinite = self.tokens[:, :steps].tolist(), self.logprobs[:, :steps].tolist(), \
+            self.nonfinite.tolist()
+        out = []
+        for i in range(b):
+            n, reason = ended[i] or (min(steps, limits[i]), "max_new_tokens")
+            out.append(Decoded(tokens[i][:n], logprobs[i][:n], reason, bool(nonfinite[i])))
+        return out
+
+    def _check(self, steps: int, checked: int, limits: list[int], ended: list, stop_loops: bool) -> int:
+        """Mark rows that ended within tokens ``checked..steps``: end of turn, a loop, or their limit."""
+        tokens = self.tokens[:, :steps].tolist()
+        eos = set(self.eos.tolist())
+        for i, row in enumerate(tokens):
+            if ended[i] is not None:
+                continue
+            for t in range(checked, min(steps, limits[i])):
+                if row[t] in eos:
+                    ended[i] = (t + 1, "eos")
+                    break
+                cut = loop_start(row[: t + 1]) if stop_loops else None
+                if cut is not None:
+                    ended[i] = (cut, "repetition")
+                    break
+            else:
+                if steps >= limits[i]:
+                    ended[i] = (limits[i], "max_new_tokens")
+        return steps
+
+    def decode_rows(self, steps: int) -> torch.Tensor | None:
+        """(steps - 1, layers, batch, heads, n) attention rows of the decode steps."""
+        return None if self.recorder is None else self.recorder.buffer[1:steps]
+
+
+def compile_default() -> bool:
+    """Compile the decode step on CUDA unless ``MEDGEMMA_COMPILE=0`` (compiling takes a while per shape)."""
+    return os.environ.get("MEDGEMMA_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def decoder_for(model, batch: int, length: int, max_new: int, layers: list[int], n_image_tokens: int,
+                eos: list[int], compile: bool | None = None) -> Decoder:
+    """A decoder for this shape, reused across calls (its CUDA graph with it); lengths are rounded up to
+    a multiple of 256 so that similar prompts share one."""
+    length = -(-length // 256) * 256
+    compile = compile_default() if compile is None else compile
+    key = (batch, length, max_new, tuple(layers), n_image_tokens, tuple(eos), model.dtype, compile)
+    cache = model.__dict__.setdefault("_medgemma_decoders", {})
+    if key not in cache:
+        while len(cache) >= GRAPH_CACHE:
+            cache.pop(next(iter(cache)))
+        cache[key] = Decoder(model, batch, length, max_new, layers, n_image_tokens, eos, compile)
+    else:
+        cache[key] = cache.pop(key)  # most recently used last
+    return cache[key]
+
+
+@torch.inference_mode()
+def prefill_and_decode(model, inputs: dict, layers: list[int], tokens_per_image: int, max_new_tokens: int,
+                       rollout: bool = False, forced: list[list[int]] | None = None, eos: list[int] = (),
+                       stop_loops: bool = True, compile: bool | None = None) -> DecodeResult:
+    """Greedy answers for a left-padded batch ``inputs`` (input_ids, attention_mask, token_type_ids,
+    pixel_values), with the attention rows of ``layers`` (none: no capture at all)."""
+    from transformers import DynamicCache
+
+    ids = inputs["input_ids"]
+    batch, prompt_len = ids.shape
+    mask = inputs.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    pad = (mask == 0).sum(-1)
+    image_positions = torch.stack([(row == model.config.image_token_index).nonzero()[:, 0] for row in ids])
+    max_new = max(len(f) for f in forced) if forced else max_new_tokens
+    decoder = decoder_for(model, batch, prompt_len + max_new, max_new, list(layers), image_positions.shape[1],
+                          list(eos), compile)
+    dropped = {layer: f"sliding window ({decoder.kv.sizes[layer]}) shorter than the sequence"
+               for layer in layers if layer not in decoder.layers}
+    recorder = AttentionRecorder(decoder.layers, image_positions, rollout and bool(decoder.layers),
+                                 tokens_per_image) if decoder.layers else None
+    cache = DynamicCache(config=model.config.get_text_config())
+    t0 = _now(model)
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+    args = {**inputs, "attention_mask": mask, "position_ids": position_ids, "use_cache": True, "logits_to_keep": 1,
+            _cache_keyword(model.forward): cache}
+    with recording(recorder):
+        out = model(**args)
+    t1 = _now(model)
+    rows = decoder.run(cache, prompt_len, pad, out.logits[:, -1], image_positions, forced, stop_loops)
+    t2 = _now(model)
+    attention = None
+    if recorder is not None:
+        for layer, why in recorder.dropped.items():
+            dropped[layer] = why
+        if recorder.usable_layers:
+            steps = max(len(r.token_ids) for r in rows)
+            decode = decoder.decode_rows(steps)
+            keep = [decoder.layers.index(layer) for layer in recorder.usable_layers]
+            attention = recorder.stacked(None if decode is None else decode[:, keep])
+        dropped.update({f"mixing {layer}": "keys did not cover the prompt: rollout took it as identity"
+                        for layer in recorder.unmixed})
+    used = recorder.usable_layers if recorder is not None else []
+    steps = max(len(r.token_ids) for r in rows)
+    return DecodeResult(rows, attention, used, dropped,
+                        {"prefill": t1 - t0, "decode": t2 - t1, "decode_steps": steps - 1})
+
+
+def _now(model) -> float:
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    return time.perf_counter()

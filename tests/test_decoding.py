@@ -1,0 +1,127 @@
+"""The static-cache decoder gives the tokens and probabilities of transformers' own ``generate``:
+with a sliding window shorter than the sequence (ring buffer), and for a left-padded batch."""
+
+import pytest
+import torch
+
+from monailabel_app.capture import CAPTURE_ATTN
+from monailabel_app.decoding import StaticKV, prefill_and_decode
+
+IMAGE, BOI, EOI, VOCAB = 290, 288, 289, 300
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+
+
+@pytest.fixture(scope="module", params=DEVICES)
+def tiny(request):
+    """The tiny model on the CPU and, where there is one, on a GPU (where the decode step is a CUDA graph)."""
+    return tiny_model(request.param)
+
+
+def tiny_model(device: str):
+    """A random Gemma 3 (4 text layers: three sliding with window 8, one global; 2 x 2 image tokens)."""
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = Gemma3Config(
+        text_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, sliding_window=8,
+                         layer_types=["sliding_attention"] * 3 + ["full_attention"], max_position_embeddings=512),
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14, vision_use_head=False),
+        mm_tokens_per_image=4, image_token_index=IMAGE, boi_token_index=BOI, eoi_token_index=EOI)
+    cfg._attn_implementation = CAPTURE_ATTN
+    model = Gemma3ForConditionalGeneration._from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model.to(device)
+
+
+def prompt(text: list[int], images: int = 2):
+    ids, types = [2], [0]
+    for _ in range(images):
+        ids += [BOI] + [IMAGE] * 4 + [EOI]
+        types += [0] + [1] * 4 + [0]
+    ids += text
+    types += [0] * len(text)
+    return ids, types
+
+
+def batch(prompts, images):
+    width = max(len(i) for i, _ in prompts)
+    ids = torch.tensor([[0] * (width - len(i)) + i for i, _ in prompts])
+    types = torch.tensor([[0] * (width - len(t)) + t for _, t in prompts])
+    mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i, _ in prompts])
+    out = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "pixel_values": images}
+    return {k: v.to(images.device) for k, v in out.items()}
+
+
+def reference(model, inputs, new):
+    model.set_attn_implementation("sdpa")
+    try:
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=new, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True)
+    finally:
+        model.set_attn_implementation(CAPTURE_ATTN)
+    width = inputs["input_ids"].shape[1]
+    logp = torch.stack([torch.log_softmax(s.float(), -1) for s in out.scores], 1)  # (B, new, vocab)
+    tokens = out.sequences[:, width:]
+    return tokens.tolist(), logp.gather(-1, tokens[..., None])[..., 0]
+
+
+def test_decoder_matches_generate_with_a_sliding_ring_and_left_padding(tiny):
+    torch.manual_seed(1)
+    images = (torch.rand(4, 3, 28, 28) * 2 - 1).to(tiny.device)
+    prompts = [prompt([5, 6, 7, 8, 9, 10, 11]), prompt([12, 13])]  # 20 and 15 tokens: left padding 5
+    new = 24  # 44 positions: far past the window of 8
+    inputs = batch(prompts, images)
+    result = prefill_and_decode(tiny, inputs, [1, 3], 4, new, stop_loops=False)
+    rows, attention, layers, dropped = result.rows, result.attention, result.layers, result.dropped
+    tokens, logp = reference(tiny, inputs, new)
+    assert [r.token_ids for r in rows] == tokens
+    assert torch.allclose(torch.tensor([r.logprobs for r in rows]), logp.cpu(), atol=1e-4)
+    assert layers == [3] and 1 in dropped  # a sliding layer cannot see every image token
+    assert attention.shape == (new, 1, 2, 4, 8)
+    # each row alone gives the same answer as inside the batch
+    for b, p in enumerate(prompts):
+        alone = prefill_and_decode(tiny, batch([p], images[2 * b: 2 * b + 2]), [3], 4, new, stop_loops=False)
+        assert alone.rows[0].token_ids == rows[b].token_ids
+
+
+def test_forced_tokens_and_end_of_turn(tiny):
+    images = torch.rand(2, 3, 28, 28, device=tiny.device)
+    inputs = batch([prompt([5, 6])], images)
+    rows = prefill_and_decode(tiny, inputs, [3], 4, 30, forced=[[7, 8, 9, 1]], eos=[1]).rows
+    assert rows[0].token_ids == [7, 8, 9, 1] and rows[0].stop_reason == "eos"
+    own = prefill_and_decode(tiny, inputs, [3], 4, 30, stop_loops=False).rows
+    first = own[0].token_ids[0]
+    cut = prefill_and_decode(tiny, inputs, [3], 4, 30, eos=[first]).rows
+    assert cut[0].token_ids == [first] and cut[0].stop_reason == "eos"
+    bare = prefill_and_decode(tiny, inputs, [], 4, 30, stop_loops=False)  # no capture at all
+    assert bare.attention is None and bare.rows[0].token_ids == own[0].token_ids
+    if tiny.device.type == "cuda":  # the decode steps ran as CUDA graph replays
+        assert any(d.graph is not None for d in tiny.__dict__["_medgemma_decoders"].values())
+
+
+def test_static_kv_masks_see_the_window_and_not_the_padding():
+    from transformers import Gemma3TextConfig
+
+    cfg = Gemma3TextConfig(num_hidden_layers=2, num_key_value_heads=1, head_dim=4, sliding_window=4,
+                           layer_types=["sliding_attention", "full_attention"])
+    kv = StaticKV(cfg, batch=2, length=10, device="cpu", dtype=torch.float32)
+    assert kv.sizes == [4, 10] and kv.full_layers == [1]
+    kv.slot.fill_(6)
+    masks = kv.masks(torch.tensor([0, 3]))
+    assert masks[10][0, 0, 0].tolist() == [True] * 7 + [False] * 3
+    assert masks[10][1, 0, 0].tolist() == [False] * 3 + [True] * 4 + [False] * 3
+    # ring slot r holds position 6 - ((6 - r) mod 4): 4, 5, 6, 3 -> the window 3..6, padding below 3
+    assert masks[4][0, 0, 0].tolist() == [True] * 4
+    assert masks[4][1, 0, 0].tolist() == [True] * 4
+    kv.slot.fill_(2)
+    # early on the ring holds positions 0, 1, 2 and nothing (-1); row 0's position 0 is padding
+    assert kv.masks(torch.tensor([1, 0]))[4][:, 0, 0].tolist() == [[False, True, True, False], [True, True, True, False]]

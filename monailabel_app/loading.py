@@ -12,8 +12,10 @@ Precision policy (``precision="auto"``):
 * CPU with native bf16 (AVX512-BF16 or AMX) -> bf16; other CPUs -> fp32 with a WARNING, since bf16
   matmuls there are several times slower than fp32.
 
-An explicit ``bf16``/``fp32``/``fp16`` overrides the policy. What was loaded, where and in which
-precision is logged at INFO, and returned in :class:`ModelInfo` for ``/info/`` and every result.
+An explicit ``bf16``/``fp32``/``fp16`` overrides the policy; ``int8``/``int4`` quantise the linear
+layers with bitsandbytes (optional extra ``[quant]``, CUDA only; computation in bf16, else fp16). What
+was loaded, where and in which precision is logged at INFO, and returned in :class:`ModelInfo` for
+``/info/`` and every result.
 """
 
 from __future__ import annotations
@@ -32,7 +34,9 @@ from .errors import InputError
 logger = logging.getLogger(__name__)
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-_ALIASES = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16", "half": "fp16", "float": "fp32"}
+QUANTISED = ("int8", "int4")  # bitsandbytes, CUDA only
+_ALIASES = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16", "half": "fp16", "float": "fp32",
+            "8bit": "int8", "4bit": "int4", "nf4": "int4"}
 GROUNDING_FILE = "grounding.json"
 
 
@@ -59,8 +63,8 @@ class ModelInfo:
 def normalise_precision(name: str | None) -> str:
     name = (name or "auto").strip().lower()
     name = _ALIASES.get(name, name)
-    if name != "auto" and name not in PRECISIONS:
-        raise InputError(f"unknown precision {name!r}: use one of auto, bf16, fp32, fp16", status=422)
+    if name != "auto" and name not in PRECISIONS and name not in QUANTISED:
+        raise InputError(f"unknown precision {name!r}: use one of auto, bf16, fp32, fp16, int8, int4", status=422)
     return name
 
 
@@ -76,6 +80,8 @@ def cpu_has_native_bf16() -> bool:
 def choose_precision(device: str, requested: str = "auto") -> tuple[str, str]:
     """(precision, reason) for ``device`` under the policy above."""
     requested = normalise_precision(requested)
+    if requested in QUANTISED and not device.startswith("cuda"):
+        raise InputError(f"precision {requested} (bitsandbytes) needs a CUDA device, not {device!r}", status=422)
     if requested != "auto":
         return requested, "requested"
     if device.startswith("cuda"):
@@ -139,6 +145,22 @@ def load_grounding(path: str, model) -> dict:
     return grounding
 
 
+def _weights_args(precision: str, device: str) -> dict:
+    """``from_pretrained`` arguments for ``precision``: a dtype, or a bitsandbytes quantisation."""
+    if precision not in QUANTISED:
+        return {"dtype": PRECISIONS[precision]}
+    try:
+        import bitsandbytes  # noqa: F401
+        from transformers import BitsAndBytesConfig
+    except ImportError as e:
+        raise ModelLoadError(f"precision {precision} needs bitsandbytes: pip install 'monailabel-medgemma[quant]' "
+                             f"({e})") from e
+    compute = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    quant = BitsAndBytesConfig(load_in_8bit=True) if precision == "int8" else BitsAndBytesConfig(
+        load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=compute)
+    return {"dtype": compute, "quantization_config": quant, "device_map": {"": device}}
+
+
 def load_model(ref: str, device: str = "auto", precision: str = "auto", label: str = ""):
     """(model, processor, ModelInfo) for a local folder or hub id; raises :class:`ModelLoadError`."""
     from transformers import AutoProcessor, Gemma3ForConditionalGeneration
@@ -150,18 +172,21 @@ def load_model(ref: str, device: str = "auto", precision: str = "auto", label: s
         _check_local_folder(ref)
     elif ref.startswith((".", "/", "~")) or ref.count("/") > 1:  # a path, not a hub id "org/name"
         raise ModelLoadError(f"model folder not found: {ref}")
+    weights = _weights_args(precision, device)
     try:
         model = Gemma3ForConditionalGeneration.from_pretrained(
             ref,
-            dtype=PRECISIONS[precision],
             use_safetensors=True,
             trust_remote_code=False,
             attn_implementation=CAPTURE_ATTN,
+            **weights,
         )
         processor = AutoProcessor.from_pretrained(ref, trust_remote_code=False)
     except Exception as e:  # any failure here (hub, config, corrupt safetensors header, ...) is a load error
         raise ModelLoadError(f"cannot load model {ref!r}: {type(e).__name__}: {str(e)[:500]}") from e
-    model.to(device).eval()
+    if precision not in QUANTISED:  # quantised weights are placed by bitsandbytes
+        model.to(device)
+    model.eval()
     n = sum(p.numel() for p in model.parameters())
     info = ModelInfo(
         id=ref if not local else os.path.abspath(ref),

@@ -26,6 +26,9 @@ def test_precision_policy_on_cpu(monkeypatch, caplog):
     assert choose_precision("cpu", "BF16") == ("bf16", "requested")
     with pytest.raises(InputError, match="unknown precision"):
         choose_precision("cpu", "int3")
+    assert choose_precision("cuda", "8bit") == ("int8", "requested")
+    with pytest.raises(InputError, match="needs a CUDA device"):  # bitsandbytes weights: GPU only
+        choose_precision("cpu", "int4")
 
 
 def test_precision_policy_on_gpus(monkeypatch, caplog):

@@ -57,8 +57,30 @@ class LungFields:
         return {"right": self.right, "left": self.left}.get(side)
 
 
+FIELD_SIDE = 512  # lung fields are found on a copy no larger than this (the gates are coarser still)
+
+
 def xray_lung_fields(pixels: np.ndarray, min_area: float = 0.02) -> LungFields:
-    """Lung fields of a PA/AP radiograph (display convention) from its pixel values alone."""
+    """Lung fields of a PA/AP radiograph (display convention) from its pixel values alone. A film larger
+    than :data:`FIELD_SIDE` is analysed on a block-averaged copy and the fields scaled back (nearest)."""
+    step = -(-max(pixels.shape) // FIELD_SIDE)
+    if step > 1:
+        rows, cols = pixels.shape
+        small = np.asarray(pixels, np.float32)[: rows - rows % step, : cols - cols % step]
+        small = small.reshape(rows // step, step, cols // step, step).mean(axis=(1, 3))
+        found = _lung_fields(small, min_area)
+
+        def up(m):
+            if m is None:
+                return None
+            big = np.repeat(np.repeat(m, step, axis=0), step, axis=1)
+            return np.pad(big, ((0, rows - big.shape[0]), (0, cols - big.shape[1])), mode="edge")
+
+        return LungFields(up(found.right), up(found.left))
+    return _lung_fields(pixels, min_area)
+
+
+def _lung_fields(pixels: np.ndarray, min_area: float) -> LungFields:
     img = ndimage.gaussian_filter(np.asarray(pixels, np.float32), max(1.0, min(pixels.shape) / 128))
     low = img < otsu(img.ravel())
     if low.sum() < 100:
@@ -104,3 +126,28 @@ def ct_lung_mask(hu: np.ndarray, body: np.ndarray, margin: int = 4) -> np.ndarra
     if margin:
         out = ndimage.binary_dilation(out, structure=np.ones((1, 3, 3), bool), iterations=margin)
     return out
+
+
+CT_ANATOMY_SIDE = 256  # CT body and lungs are found on planes no larger than this (block-averaged)
+
+
+def ct_body_and_lungs(hu: np.ndarray, margin: float, body_mask) -> tuple[np.ndarray, np.ndarray]:
+    """(body, lungs) bool masks of a CT display array; ``margin`` (voxels) widens the lungs in-plane.
+    Planes larger than :data:`CT_ANATOMY_SIDE` are block-averaged first and the masks scaled back
+    (nearest): a 512 x 512 x 300 scan then takes a second, not half a minute, and the gates stay finer
+    than the maps' own token cells."""
+    step = -(-max(hu.shape[1:]) // CT_ANATOMY_SIDE)
+    if step == 1:
+        body = body_mask(hu)
+        return body, ct_lung_mask(hu, body, int(np.ceil(margin)))
+    z, rows, cols = hu.shape
+    small = np.asarray(hu[:, : rows - rows % step, : cols - cols % step], np.float32)
+    small = small.reshape(z, rows // step, step, cols // step, step).mean(axis=(2, 4))
+    body = body_mask(small)
+    lungs = ct_lung_mask(small, body, int(np.ceil(margin / step)))
+
+    def up(m: np.ndarray) -> np.ndarray:
+        big = np.repeat(np.repeat(m, step, axis=1), step, axis=2)
+        return np.pad(big, ((0, 0), (0, rows - big.shape[1]), (0, cols - big.shape[2])), mode="edge")
+
+    return up(body), up(lungs)

@@ -51,21 +51,24 @@ def fill_slices(planes: np.ndarray, indices: list[int], depth: int) -> np.ndarra
 def volume_heatmap(grids: np.ndarray, ms: ModelSlices, depth: int) -> np.ndarray:
     """float32 (z, y, x) on the display grid from per-slice token grids."""
     planes = np.stack([maps.grid_to_pixels(g, ms.pad) for g in grids])
-    return fill_slices(planes, ms.indices, depth).astype(np.float32)
+    return fill_slices(planes, ms.indices, depth).astype(np.float32, copy=False)
 
 
 def side_gate(body: np.ndarray, side: str) -> np.ndarray:
     """float32 (z, y, x): 1 on the patient's ``side`` of the body's midline (display x), else 0."""
     gate = np.ones(body.shape, np.float32)
-    if side not in ("right", "left"):
-        return gate
-    cols = np.nonzero(body.any(axis=(0, 1)))[0]
-    weights = body.sum(axis=(0, 1))[cols]
-    mid = float(np.average(cols, weights=weights)) if len(cols) else body.shape[2] / 2
-    x = np.arange(body.shape[2])
-    keep = x < mid if side == "right" else x >= mid  # patient right = low x on the display grid
-    gate[:, :, ~keep] = 0
+    gate[:, :, ~side_columns(body, side)] = 0
     return gate
+
+
+def side_columns(body: np.ndarray, side: str) -> np.ndarray:
+    """bool (x,): the display columns on the patient's ``side`` of the body's midline (all for no side)."""
+    x = np.arange(body.shape[2])
+    if side not in ("right", "left"):
+        return np.ones(body.shape[2], bool)
+    weights = body.sum(axis=(0, 1))
+    mid = float(np.average(x, weights=weights)) if weights.any() else body.shape[2] / 2
+    return x < mid if side == "right" else x >= mid  # patient right = low x on the display grid
 
 
 def slice_info(volume: CTVolume, grids: np.ndarray, heat: np.ndarray, mask: np.ndarray) -> dict:

@@ -65,18 +65,26 @@ def normalise(heatmap: np.ndarray) -> np.ndarray:
     lo, hi = float(heatmap.min()), float(heatmap.max())
     if hi - lo < 1e-12:
         return np.zeros_like(heatmap, dtype=np.float32)
-    return ((heatmap - lo) / (hi - lo)).astype(np.float32)
+    out = np.subtract(heatmap, lo, dtype=np.float32)
+    out *= np.float32(1.0 / (hi - lo))
+    return out
 
 
-def peak_region(heatmap: np.ndarray, threshold: float = 0.5) -> np.ndarray:
-    """Bool mask: the connected region around the peak of ``heatmap`` scaled to 0..1, at >= threshold."""
-    scaled = normalise(heatmap)
-    if not scaled.any():
+def peak_region(heatmap: np.ndarray, threshold: float = 0.5, scaled: np.ndarray | None = None) -> np.ndarray:
+    """Bool mask: the connected region around the peak of ``heatmap`` scaled to 0..1, at >= threshold
+    (``scaled``: that scaling, when already computed)."""
+    scaled = normalise(heatmap) if scaled is None else scaled
+    peak = np.unravel_index(int(np.argmax(scaled)), scaled.shape)
+    if scaled[peak] <= 0:
         return np.zeros(heatmap.shape, bool)
     above = scaled >= threshold
-    labels, _ = ndimage.label(above, structure=np.ones((3,) * heatmap.ndim))
-    peak = np.unravel_index(int(np.argmax(scaled)), scaled.shape)
-    return labels == labels[peak]
+    box = tuple(slice(int(idx.min()), int(idx.max()) + 1) for idx in
+                (np.nonzero(above.any(axis=tuple(a for a in range(above.ndim) if a != d)))[0] for d in range(above.ndim)))
+    labels, _ = ndimage.label(above[box], structure=np.ones((3,) * heatmap.ndim))  # only where anything is above
+    out = np.zeros(heatmap.shape, bool)
+    local = tuple(p - b.start for p, b in zip(peak, box))
+    out[box] = labels == labels[local]
+    return out
 
 
 def label_map(heatmaps: list[np.ndarray], threshold: float = 0.5) -> np.ndarray:
@@ -87,9 +95,9 @@ def label_map(heatmaps: list[np.ndarray], threshold: float = 0.5) -> np.ndarray:
     out = np.zeros(shape, np.uint8)
     best = np.full(shape, -1.0, np.float32)
     for k, h in enumerate(heatmaps, start=1):
-        region = peak_region(h, threshold)
         scaled = normalise(h)
-        take = region & (scaled > best)
+        take = peak_region(h, threshold, scaled)
+        take &= scaled > best
         out[take] = k
         best[take] = scaled[take]
     return out

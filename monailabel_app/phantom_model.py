@@ -119,13 +119,20 @@ def build_tokenizer():
     return tok
 
 
-def build_processor(tokenizer=None):
+def build_processor(tokenizer=None, image_size: int = IMAGE_SIZE, tokens_per_image: int = TOKENS_PER_IMAGE,
+                    torchvision: bool = False):
+    """The Gemma 3 processor (PIL image processor; ``torchvision``: the torchvision one, which can run
+    on a GPU)."""
     from transformers import Gemma3Processor
-    from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+    if torchvision:
+        from transformers.models.gemma3.image_processing_gemma3 import Gemma3ImageProcessor as ImageProcessor
+    else:
+        from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil as ImageProcessor
 
     tokenizer = tokenizer or build_tokenizer()
-    image_processor = Gemma3ImageProcessorPil(
-        size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+    image_processor = ImageProcessor(
+        size={"height": image_size, "width": image_size},
         image_mean=[0.5, 0.5, 0.5],
         image_std=[0.5, 0.5, 0.5],
         do_pan_and_scan=False,
@@ -134,7 +141,7 @@ def build_processor(tokenizer=None):
         image_processor=image_processor,
         tokenizer=tokenizer,
         chat_template=CHAT_TEMPLATE,
-        image_seq_length=TOKENS_PER_IMAGE,
+        image_seq_length=tokens_per_image,
     )
 
 

@@ -21,7 +21,7 @@ from PIL import Image
 from . import anatomy, ct_maps, maps
 from .ct import CTVolume, Limits, body_mask, interleave, model_slices
 from .errors import InputError
-from .generation import Generation, NonFiniteOutput, generate
+from .generation import Generation, NonFiniteOutput, generate_batch
 from .loading import load_model, normalise_precision
 from .phantom_model import CT_QUESTION, DEFAULT_QUESTION, MODEL_LABEL, PHANTOM_MODEL_DIR
 from .report import Finding, parse_report, unique_names
@@ -134,13 +134,16 @@ class Reader:
     """A loaded model that reads studies. ``model`` is a hub id or folder (default: phantom model)."""
 
     def __init__(self, model: str | None = None, device: str = "auto", precision: str = "auto", system: str | None = None,
-                 limits: Limits | None = None):
+                 limits: Limits | None = None, loaded: tuple | None = None):
+        """``loaded``: an already built (model, processor, ModelInfo) to read with instead of loading
+        ``model`` (benchmarks with random weights in MedGemma's shapes)."""
         self.model_ref = model or PHANTOM_MODEL_DIR
         self.device_request = device
         self.system = system
         self.limits = limits or Limits()
         label = MODEL_LABEL if self.model_ref == PHANTOM_MODEL_DIR else ""
-        self.model, self.processor, self.info = load_model(self.model_ref, device, normalise_precision(precision), label)
+        self.model, self.processor, self.info = loaded or load_model(
+            self.model_ref, device, normalise_precision(precision), label)
         grid = math.isqrt(int(self.model.config.mm_tokens_per_image))
         if grid * grid != int(self.model.config.mm_tokens_per_image):
             raise ValueError("mm_tokens_per_image must be a perfect square")
@@ -159,17 +162,50 @@ class Reader:
         self.model, self.processor, self.info = load_model(self.model_ref, self.device_request, "fp32", self.info.label)
         self.info.precision_reason = "fp16 overflowed: fp32 fallback"
 
-    def _generate(self, content, question, settings: dict, max_new_tokens, answer=None) -> Generation:
-        """Generate with the attention capture that ``settings`` (the modality's grounding entry) asks for."""
-        args = (content, question, list(settings["layers"]), max_new_tokens, self.system, bool(settings.get("rollout")),
-                answer)
+    def _generate(self, chats: list[tuple[list, str]], settings: dict, max_new_tokens, answers=None) -> list[Generation]:
+        """Generate for (content, question) chats of one modality, with the attention capture that
+        ``settings`` (the modality's grounding entry) asks for; fp16 overflow reloads in fp32 and retries."""
+        args = (chats, list(settings["layers"]), max_new_tokens, self.system, bool(settings.get("rollout")), answers)
         try:
-            return generate(self.model, self.processor, *args)
+            return generate_batch(self.model, self.processor, *args)
         except NonFiniteOutput:
             if self.info.precision != "fp16":
                 raise
             self._fall_back_to_fp32()
-            return generate(self.model, self.processor, *args)
+            return generate_batch(self.model, self.processor, *args)
+
+    def _content(self, study: Radiograph | CTVolume, max_slices: int | None = None) -> list:
+        """What the model is shown: the padded radiograph, or the CT recipe's slices with "SLICE n"."""
+        if isinstance(study, CTVolume):
+            ms = model_slices(study, check_max_slices(max_slices, self.ct["max_slices"]))
+            return interleave([Image.fromarray(im) for im in ms.images])
+        return [Image.fromarray(pad_to_square(study.pixels)[0])]
+
+    def read_many(self, studies: list, question: str | None = None, max_new_tokens: int = 128, batch_size: int = 8,
+                  answers: list[str] | None = None) -> list[Reading]:
+        """Read several studies (paths or loaded), generating ``batch_size`` at a time: studies of one
+        modality and one image count share a batch (left-padded; each keeps its own findings and masks)."""
+        batch_size = whole_number("batch_size", batch_size, 1, 256)
+        loaded = [s if isinstance(s, (Radiograph, CTVolume)) else load_study(s, "auto", self.limits) for s in studies]
+        groups: dict[tuple, list[int]] = {}
+        chats = []
+        for i, study in enumerate(loaded):
+            is_ct = isinstance(study, CTVolume)
+            q, n = check_params(question, max_new_tokens, CT_QUESTION if is_ct else DEFAULT_QUESTION)
+            chats.append((self._content(study), q))
+            groups.setdefault((is_ct, len(chats[-1][0])), []).append(i)
+        readings: list[Reading | None] = [None] * len(loaded)
+        for (is_ct, _), members in groups.items():
+            for start in range(0, len(members), batch_size):
+                chunk = members[start : start + batch_size]
+                gens = self._generate([chats[i] for i in chunk], self.ct if is_ct else self.info.grounding, n,
+                                      None if answers is None else [answers[i] for i in chunk])
+                for i, gen in zip(chunk, gens):
+                    t0 = time.perf_counter()
+                    readings[i] = self.remap(loaded[i], gen)
+                    readings[i].question = chats[i][1]
+                    readings[i].latencies = _latencies(gen, 0.0, time.perf_counter() - t0)
+        return readings
 
     def read(self, image: str | Radiograph | CTVolume, question: str | None = None, max_new_tokens: int = 128,
              modality: str = "auto", max_slices: int | None = None, answer: str | None = None) -> Reading:
@@ -188,16 +224,7 @@ class Reader:
         else:
             reading = self._read_radiograph(study, question, max_new_tokens, answer)
         gen = reading.generation
-        reading.latencies = {
-            "load_image": round(t_load - t0, 4),
-            "prepare": round(gen.seconds["prepare"], 4),
-            "generate": round(gen.seconds["generate"], 4),
-            "maps": round(time.perf_counter() - t0 - (t_load - t0) - sum(gen.seconds.values()), 4),
-            "total": round(time.perf_counter() - t0, 4),
-            "new_tokens": len(gen.token_ids),
-            "prompt_tokens": gen.prompt_tokens,
-            "stop_reason": gen.stop_reason,
-        }
+        reading.latencies = _latencies(gen, t_load - t0, time.perf_counter() - t_load - sum(gen.seconds.values()))
         return reading
 
     def _score(self, gen: Generation, findings: list[Finding]) -> list[list[int]]:
@@ -233,9 +260,8 @@ class Reader:
         """Body and lung masks of ``volume`` (display grid), kept for the last volume like the fields."""
         cached = getattr(self, "_ct_masks", None)
         if cached is None or cached[0] is not volume.hu:
-            body = body_mask(volume.hu)
             half_cell = max(volume.shape[1:]) / self.grid / 2  # in-plane voxels (planes are square-padded)
-            cached = (volume.hu, body, anatomy.ct_lung_mask(volume.hu, body, int(np.ceil(half_cell))))
+            cached = (volume.hu, *anatomy.ct_body_and_lungs(volume.hu, half_cell, body_mask))
             self._ct_masks = cached
         return cached[1], cached[2]
 
@@ -243,7 +269,8 @@ class Reader:
                          gen: Generation | None = None) -> Reading:
         square, pad = pad_to_square(radiograph.pixels)
         if gen is None:
-            gen = self._generate([Image.fromarray(square)], question, self.info.grounding, max_new_tokens, answer)
+            gen = self._generate([([Image.fromarray(square)], question)], self.info.grounding, max_new_tokens,
+                                 None if answer is None else [answer])[0]
         findings = parse_report(gen.text)
         grids = [finding_grid(gen, rows, self.grid) for rows in self._score(gen, findings)]
         heatmaps = [maps.grid_to_pixels(g, pad) for g in grids]
@@ -274,20 +301,23 @@ class Reader:
         ms = model_slices(volume, max_slices)
         if gen is None:
             content = interleave([Image.fromarray(im) for im in ms.images])
-            gen = self._generate(content, question, self.ct, max_new_tokens, answer)
+            gen = self._generate([(content, question)], self.ct, max_new_tokens, None if answer is None else [answer])[0]
         findings = parse_report(gen.text)
         gates = self.ct.get("gates", DEFAULT_CT_GATES)
         body, lungs = self._ct_anatomy(volume)
         lungs = lungs if "lung" in gates else None
         depth = volume.shape[0]
         grids, heat, mask_maps = [], [], []
+        allowed = body & lungs if lungs is not None else body
         for f, rows in zip(findings, self._score(gen, findings)):
             g = ct_maps.slice_grids(gen.attention, rows, self.grid, len(ms.images))
             h = ct_maps.volume_heatmap(g, ms, depth)
             grids.append(g)
             heat.append(h)
-            gate = body * ct_maps.side_gate(body, f.side) if "side" in gates else body
-            mask_maps.append(h * gate * lungs if lungs is not None else h * gate)
+            m = h * allowed
+            if "side" in gates:
+                m[:, :, ~ct_maps.side_columns(body, f.side)] = 0
+            mask_maps.append(m)
         threshold = float(self.ct.get("threshold", 0.5))
         labels = maps.label_map(mask_maps, threshold) if mask_maps else np.zeros(volume.shape, np.uint8)
         extras = [ct_maps.slice_info(volume, g, m, labels == k)
@@ -301,6 +331,21 @@ class Reader:
             pad=ms.pad, model_inputs=ms.images, inputs_index=index, question=question, model=self._model_dict(gen),
             modality="ct", extras=extras, generation=gen, display_labels=labels, display_heatmaps=heat,
         )
+
+
+def _latencies(gen: Generation, load: float, maps_seconds: float) -> dict:
+    """Seconds per stage of one reading (``generate``: its batch's), its tokens and why it stopped."""
+    return {
+        "load_image": round(load, 4),
+        "prepare": round(gen.seconds["prepare"], 4),
+        "generate": round(gen.seconds["generate"], 4),
+        "maps": round(maps_seconds, 4),
+        "total": round(load + sum(gen.seconds.values()) + maps_seconds, 4),
+        "new_tokens": len(gen.token_ids),
+        "prompt_tokens": gen.prompt_tokens,
+        "stop_reason": gen.stop_reason,
+        **{f"decoder_{k}": v for k, v in gen.timings.items()},
+    }
 
 
 def check_max_slices(value, default: int) -> int:

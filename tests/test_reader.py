@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from monailabel_app.errors import InputError
 from monailabel_app.phantoms import make_phantom
@@ -102,3 +103,32 @@ def test_a_box_in_the_answer_gates_the_mask(reader):
     assert m.sum() < (plain.labels == 1).sum()
     # invalid boxes are ignored, not guessed
     assert parse_report("nodule in the right middle zone [500, 10, 400, 20].")[0].box is None
+
+
+def test_reading_many_at_once_equals_reading_each(reader):
+    """Batched generation (left padding where the questions differ in length; a CT in its own batch)
+    gives every study the answer, findings and masks it gets alone."""
+    from monailabel_app.ct_phantoms import make_ct_phantom, phantom_volume
+
+    films = [Radiograph(make_phantom(s).image, Geometry.plain(*make_phantom(s).image.shape)) for s in (1, 11, 23)]
+    studies = films + [phantom_volume(make_ct_phantom(2))]
+    alone = [reader.read(s) for s in studies]
+    together = reader.read_many(studies, batch_size=2)
+    for a, b in zip(alone, together):
+        assert a.report == b.report and a.names == b.names and np.array_equal(a.labels, b.labels)
+        assert all(np.allclose(x, y, atol=1e-5) for x, y in zip(a.heatmaps, b.heatmaps))
+    # different questions in one batch: the shorter chat is padded on the left, answers unchanged
+    from PIL import Image
+
+    from monailabel_app.generation import generate, generate_batch
+    from monailabel_app.xray import pad_to_square
+
+    image = Image.fromarray(pad_to_square(films[1].pixels)[0])
+    chats = [([image], "Describe the findings in this chest X-ray, zone by zone, please."), ([image], "Findings?")]
+    layers = reader.layers
+    batch = generate_batch(reader.model, reader.processor, chats, layers, 40)
+    for (content, q), gen in zip(chats, batch):
+        one = generate(reader.model, reader.processor, content, q, layers, 40)
+        assert gen.token_ids == one.token_ids and gen.prompt_tokens == one.prompt_tokens
+        assert torch.allclose(gen.attention, one.attention, atol=1e-5)
+    assert batch[0].prompt_tokens > batch[1].prompt_tokens

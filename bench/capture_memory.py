@@ -8,7 +8,7 @@ For each slice count it builds a CT-shaped prompt (per slice: <start_of_image>, 
 <end_of_image>, "SLICE n"; then a question), runs greedy generation of ``--new-tokens`` tokens
 (1) with plain SDPA, (2) with the capture attention recording every generated token's row on the
 global layers and (3) the same with rollout inside each slice (the CT default: one n x n mixing matrix
-per slice kept per read layer), and prints the peak memory of each (CUDA: ``max_memory_allocated`` above the model;
+per slice kept per read layer; both through the project's decoder), and prints the peak memory of each (CUDA: ``max_memory_allocated`` above the model;
 CPU: peak RSS of a fresh process per run). It also prints what keeping the full L x L attention of
 every layer would take (the eager ``output_attentions`` path) -- never built here.
 """
@@ -93,7 +93,8 @@ _MODELS: dict = {}  # one model per process (on CUDA all runs share it; on the C
 
 
 def run_once(medgemma: bool, slices: int, mode: str, new_tokens: int, device: str) -> dict:
-    from monailabel_app.capture import CAPTURE_ATTN, recording
+    from monailabel_app.capture import CAPTURE_ATTN
+    from monailabel_app.decoding import prefill_and_decode
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     if medgemma not in _MODELS:
@@ -109,12 +110,10 @@ def run_once(medgemma: bool, slices: int, mode: str, new_tokens: int, device: st
     t0 = time.perf_counter()
     with torch.inference_mode():
         if mode in ("capture", "rollout"):
-            positions = (inputs["input_ids"][0] == spec["image_token"]).nonzero()[:, 0]
             per_image = int(model.config.mm_tokens_per_image)
-            with recording(global_layers(model), positions, length, mode == "rollout", per_image) as rec:
-                model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-            kept = sum(t.numel() * t.element_size() for rows in rec.rows.values() for t in rows)
-            kept += sum(t.numel() * t.element_size() for t in rec.at_layer.values())
+            res = prefill_and_decode(model, inputs, global_layers(model), per_image, new_tokens, mode == "rollout",
+                                     stop_loops=False)
+            kept = res.attention.numel() * res.attention.element_size()
         else:
             model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
             kept = 0

@@ -1,0 +1,356 @@
+#!/usr/bin/env python
+"""The project's GPU path next to plain transformers ``generate``, in one run on one card.
+
+    python bench/fast_path.py [--only speed,batch,precision,phantom] [--out bench/results/fast_path.md]
+
+MedGemma-4B shapes with random weights (``bench/medgemma_shapes.py``: built from config, no download),
+bf16, 200 new tokens. Both paths are made to say the same 200-token report (the project path by teacher
+forcing, ``Reader.read(answer=...)``; plain ``generate`` with ``min_new_tokens``), so they do the same
+decode work; the project path also computes every finding's heatmap and mask.
+
+* **speed**: one chest X-ray (a 2048 x 2458 phantom film) and one CT (a 200 x 512 x 512 phantom volume,
+  85 slices shown, 21,000+ prompt tokens): prefill, ms per decode token, end to end, peak GPU memory
+  above the weights; the project path with and without attention capture (its cost).
+* **batch**: X-ray throughput at batch 1, 8, 32 (``Reader.read_many``), generation alone and with masks.
+* **precision**: the same X-ray reading in fp32, bf16, fp16, int8, int4 (bitsandbytes), loaded through
+  ``load_model`` from a saved folder: latency and peak memory.
+* **phantom**: the phantom model in each precision against fp32 on held-out phantoms: finding text
+  exact match, mask Dice, pointing game.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+from PIL import Image
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
+
+from medgemma_shapes import build, global_layers, save  # noqa: E402
+
+from monailabel_app.capture import CAPTURE_ATTN  # noqa: E402
+from monailabel_app.ct_phantoms import make_ct_phantom, phantom_volume  # noqa: E402
+from monailabel_app.decoding import prefill_and_decode  # noqa: E402
+from monailabel_app.generation import build_inputs  # noqa: E402
+from monailabel_app.loading import ModelInfo  # noqa: E402
+from monailabel_app.phantom_model import CT_QUESTION, DEFAULT_QUESTION  # noqa: E402
+from monailabel_app.phantoms import make_phantom  # noqa: E402
+from monailabel_app.reader import Reader  # noqa: E402
+from monailabel_app.xray import Geometry, Radiograph  # noqa: E402
+
+NEW = 200
+XRAY_FINDINGS = "Nodule in the right middle zone. Opacity in the left lower zone. Effusion in the right lower zone."
+CT_FINDINGS = "Nodule in the right middle lobe. Mass in the left upper lobe. Effusion in the right lower lobe."
+LINES: list[str] = []
+
+
+def emit(line: str = "") -> None:
+    print(line, flush=True)
+    LINES.append(line)
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def sync() -> None:
+    torch.cuda.synchronize()
+
+
+def xray(seed: int, rows: int = 2458, cols: int = 2048) -> Radiograph:
+    img = Image.fromarray(make_phantom(seed).image).resize((cols, rows), Image.BILINEAR)
+    return Radiograph(np.asarray(img), Geometry.plain(rows, cols))
+
+
+def ct(seed: int, shape=(200, 512, 512)):
+    from dataclasses import replace
+
+    from scipy import ndimage
+
+    ph = make_ct_phantom(seed)
+    factors = [n / m for n, m in zip(shape, ph.hu.shape)]
+    hu = ndimage.zoom(ph.hu.astype(np.float32), factors, order=1)
+    spacing = tuple(s / f for s, f in zip(ph.spacing, factors[::-1]))
+    return phantom_volume(replace(ph, hu=hu, spacing=spacing))
+
+
+def report(tokenizer, findings: str, n: int = NEW) -> str:
+    """``findings`` padded with a normal sentence to exactly ``n`` tokens with the end of turn."""
+    filler = " The cardiomediastinal silhouette is within normal limits."
+    ids = tokenizer(findings, add_special_tokens=False)["input_ids"]
+    more = tokenizer(filler, add_special_tokens=False)["input_ids"]
+    while len(ids) < n - 1:
+        ids += more
+    for cut in range(n - 1, n - 20, -1):
+        text = tokenizer.decode(ids[:cut])
+        if len(tokenizer(text, add_special_tokens=False)["input_ids"]) == n - 1:
+            return text
+    raise RuntimeError("cannot make a report of exactly n tokens")
+
+
+def reader_for(model, processor, precision: str) -> Reader:
+    layers = global_layers(model.config)
+    info = ModelInfo(id="medgemma-4b-shapes (random weights)", precision=precision, device="cuda",
+                     precision_reason="benchmark", parameters=sum(p.numel() for p in model.parameters()),
+                     grounding={"layers": layers, "rollout": False, "threshold": 0.5, "source": "benchmark",
+                                "ct": {"layers": layers, "rollout": True, "max_slices": 85, "threshold": 0.5}})
+    return Reader(model="medgemma-4b-shapes", loaded=(model, processor, info))
+
+
+def plain_generate(model, inputs) -> dict:
+    """The anchor: transformers ``generate``, SDPA attention, no capture, ``NEW`` tokens."""
+    model.set_attn_implementation("sdpa")
+    try:
+        with torch.inference_mode():
+            model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)  # warm-up
+            sync()
+            t0 = time.perf_counter()
+            model(**inputs, logits_to_keep=1)
+            sync()
+            prefill = time.perf_counter() - t0
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            t0 = time.perf_counter()
+            out = model.generate(**inputs, max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False)
+            sync()
+            total = time.perf_counter() - t0
+    finally:
+        model.set_attn_implementation(CAPTURE_ATTN)
+    assert out.shape[1] - inputs["input_ids"].shape[1] == NEW
+    return {"prefill": prefill, "ms_token": 1000 * (total - prefill) / (NEW - 1), "total": total,
+            "peak": torch.cuda.max_memory_allocated() - base, "tokens": inputs["input_ids"].shape[1]}
+
+
+def fresh(study):
+    """A copy of ``study`` with its own pixel array: the reader's anatomy cache does not know it (as for
+    every new study in real use)."""
+    from dataclasses import replace
+
+    return replace(study, hu=study.hu.copy()) if hasattr(study, "hu") else replace(study, pixels=study.pixels.copy())
+
+
+def project_read(reader, study, answer, runs: int = 3) -> dict:
+    """The project path, end to end: preprocessing, generation with capture, maps and masks (anatomy
+    found anew each time)."""
+    reader.read(study, answer=answer)  # warm-up (compiles and captures the decode step for this shape)
+    got = []
+    for _ in range(runs):
+        copy = fresh(study)
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        r = reader.read(copy, answer=answer)
+        sync()
+        got.append((time.perf_counter() - t0, r, torch.cuda.max_memory_allocated() - base))
+    total, r, peak = sorted(got, key=lambda g: g[0])[len(got) // 2]
+    lat = r.latencies
+    assert lat["new_tokens"] == NEW, lat
+    return {"prefill": lat["decoder_prefill"], "ms_token": 1000 * lat["decoder_decode"] / lat["decoder_decode_steps"],
+            "total": total, "peak": peak, "maps": lat["maps"], "prepare": lat["prepare"], "findings": len(r.findings),
+            "tokens": lat["prompt_tokens"]}
+
+
+def capture_cost(reader, content, question, answer, rollout: bool, runs: int = 2) -> tuple[float, float]:
+    """Generation seconds (prefill + decode) with the capture on the global layers, and with none; both
+    as CUDA graphs without ``torch.compile`` (one compile per variant would cost minutes of the lease)."""
+    model, proc = reader.model, reader.processor
+    inputs = build_inputs(proc, content, question, None, model.device, model.dtype)
+    tok = proc.tokenizer
+    forced = [tok(answer, add_special_tokens=False)["input_ids"] + [tok.convert_tokens_to_ids("<end_of_turn>")]]
+    out = []
+    for layers in (global_layers(model.config), []):
+        times = []
+        for _ in range(runs + 1):
+            res = prefill_and_decode(model, inputs, layers, 256, NEW, rollout and bool(layers), forced, [],
+                                     compile=False)
+            times.append(res.seconds["prefill"] + res.seconds["decode"])
+        out.append(statistics.median(times[1:]))
+    return out[0], out[1]
+
+
+def row(name, d) -> str:
+    return (f"| {name} | {d['tokens']} | {d['prefill']:.3f} | {d['ms_token']:.2f} | {d['total']:.3f} | "
+            f"{gib(d['peak'])} |")
+
+
+def speed(model, processor, reader) -> None:
+    tok = processor.tokenizer
+    film, volume = xray(7), ct(3)
+    x_answer = report(tok, XRAY_FINDINGS)
+    c_answer = report(tok, CT_FINDINGS)
+    x_content = reader._content(film)
+    c_content = reader._content(volume)
+    emit(f"### One study, {NEW} new tokens, bf16 ({torch.cuda.get_device_name()})")
+    emit()
+    emit("| path | prompt tokens | prefill s | ms / decode token | end to end s | peak GiB above weights |")
+    emit("|---|---|---|---|---|---|")
+    for name, content, q, study, answer in (("X-ray", x_content, DEFAULT_QUESTION, film, x_answer),
+                                            ("CT 85 slices", c_content, CT_QUESTION, volume, c_answer)):
+        inputs = build_inputs(processor, content, q, None, model.device, model.dtype)
+        p = plain_generate(model, inputs)
+        emit(row(f"{name}: plain `generate` (anchor)", p))
+        del inputs
+        gc.collect()
+        torch.cuda.empty_cache()
+        f = project_read(reader, study, answer)
+        emit(row(f"{name}: project path, masks included ({f['findings']} findings; maps {f['maps']:.3f} s, "
+                 f"preprocessing {f['prepare']:.3f} s)", f))
+        with_c, without = capture_cost(reader, content, q, answer, rollout=name.startswith("CT"))
+        emit(f"| {name}: capture cost (graph, no compile) | | | | {with_c:.3f} vs {without:.3f} (no capture): "
+             f"**+{100 * (with_c / without - 1):.1f} %** | |")
+        gc.collect()
+        torch.cuda.empty_cache()
+    emit()
+
+
+def batch(model, processor, reader, sizes=(1, 8, 32)) -> None:
+    tok = processor.tokenizer
+    films = [xray(s) for s in range(max(sizes))]
+    answers = [report(tok, XRAY_FINDINGS)] * max(sizes)
+    emit(f"### Batched X-ray throughput, {NEW} new tokens each, bf16")
+    emit()
+    emit("| batch | generation s | studies/s (generation) | with masks s | studies/s (with masks) | peak GiB |")
+    emit("|---|---|---|---|---|---|")
+    for b in sizes:
+        reader.read_many(films[:b], answers=answers[:b], batch_size=b)  # warm-up
+        sync()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        t0 = time.perf_counter()
+        readings = reader.read_many(films[:b], answers=answers[:b], batch_size=b)
+        total = time.perf_counter() - t0
+        gen = readings[0].latencies["generate"] + readings[0].latencies["prepare"]
+        assert all(r.latencies["new_tokens"] == NEW for r in readings)
+        emit(f"| {b} | {gen:.3f} | {b / gen:.1f} | {total:.3f} | {b / total:.1f} | "
+             f"{gib(torch.cuda.max_memory_allocated() - base)} |")
+    emit()
+
+
+def precision(model, processor) -> None:
+    os.environ["MEDGEMMA_COMPILE"] = "0"  # five precisions: CUDA graphs without compiling each
+    folder = tempfile.mkdtemp(prefix="m4b-")
+    save(model, processor, folder)
+    film = xray(7)
+    answer = report(processor.tokenizer, XRAY_FINDINGS)
+    emit("### Precision, MedGemma-4B shapes, one X-ray end to end (masks included), loaded with `load_model`, "
+         "decode as a CUDA graph without `torch.compile`")
+    emit()
+    emit("| precision | weights GiB | end to end s | ms / decode token | peak GiB (weights included) | note |")
+    emit("|---|---|---|---|---|---|")
+    for p in ("fp32", "bf16", "fp16", "int8", "int4"):
+        try:
+            before = torch.cuda.memory_allocated()
+            reader = Reader(folder, device="cuda", precision=p)
+            weights = torch.cuda.memory_allocated() - before
+            f = project_read(reader, film, answer, runs=1)
+            emit(f"| {p} | {gib(weights)} | {f['total']:.3f} | {f['ms_token']:.2f} | "
+                 f"{gib(weights + f['peak'])} | {reader.info.precision_reason} |")
+        except Exception as e:  # noqa: BLE001 (the table says what failed)
+            emit(f"| {p} | | | | | failed: {type(e).__name__}: {str(e)[:120]} |")
+        reader = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    emit()
+
+
+def phantom(device: str = "cuda", xray_seeds=range(0, 30), ct_seeds=range(0, 6)) -> None:
+    from monailabel_app.grounding import evaluate, evaluate_ct, lobe_priors, zone_priors
+
+    os.environ["MEDGEMMA_COMPILE"] = "0"
+    emit(f"### Phantom model: each precision against fp32 ({len(xray_seeds)} X-ray and {len(ct_seeds)} CT held-out "
+         f"phantoms, on {torch.cuda.get_device_name() if device == 'cuda' else 'the CPU'})")
+    emit()
+    emit(f"| precision | X-ray text = fp32 | X-ray mask Dice vs fp32 | X-ray pointing | CT text = fp32 | "
+         f"CT mask Dice vs fp32 | CT pointing | note |")
+    emit("|---|---|---|---|---|---|---|---|")
+    films = [(s, Radiograph(make_phantom(s).image, Geometry.plain(*make_phantom(s).image.shape))) for s in xray_seeds]
+    volumes = [(s, phantom_volume(make_ct_phantom(s))) for s in ct_seeds]
+    ref = None
+    zp, lp = zone_priors(), lobe_priors(range(20000, 20060))
+    for p in ("fp32", "bf16", "fp16") + (("int8", "int4") if device == "cuda" else ()):
+        try:
+            reader = Reader(device=device, precision=p)
+            got = {"x": [reader.read(f) for _, f in films], "c": [reader.read(v) for _, v in volumes]}
+            got = {k: [(r.report, r.labels) for r in v] for k, v in got.items()}
+            xs = evaluate(reader, xray_seeds, zp)["maps"]["b_final_masks"]["pointing"]
+
+            def read(ph):
+                r = reader.read(phantom_volume(ph))
+                return r.findings_json(), r.labels
+
+            cs = evaluate_ct(read, ct_seeds, reader.ct["max_slices"], reader.grid, lp)["maps"]["b_final_masks"]["pointing"]
+            if ref is None:
+                ref = got
+            cells = []
+            for k in ("x", "c"):
+                same = np.mean([a[0] == b[0] for a, b in zip(got[k], ref[k])])
+                dice = [_dice(a[1], b[1]) for a, b in zip(got[k], ref[k]) if b[1].any() or a[1].any()]
+                cells += [f"{same:.3f}", f"{np.mean(dice):.3f}" if dice else "-"]
+            emit(f"| {p} | {cells[0]} | {cells[1]} | {xs:.3f} | {cells[2]} | {cells[3]} | {cs:.3f} | "
+                 f"{reader.info.precision_reason} |")
+        except Exception as e:  # noqa: BLE001
+            emit(f"| {p} | | | | | | | failed: {type(e).__name__}: {str(e)[:120]} |")
+        reader = None
+        gc.collect()
+        torch.cuda.empty_cache()
+    emit()
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean over labels present in either of the label-wise Dice (labels matched by number)."""
+    scores = []
+    for k in sorted(set(np.unique(a)) | set(np.unique(b)) - {0}):
+        x, y = a == k, b == k
+        scores.append(2 * (x & y).sum() / max(1, x.sum() + y.sum()))
+    return float(np.mean(scores)) if scores else 1.0
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="speed,batch,precision,phantom")
+    ap.add_argument("--out", default=None, help="markdown file for the tables")
+    ap.add_argument("--phantom-device", default="cuda", help="where the phantom comparison runs (cuda or cpu: "
+                    "fp32/bf16/fp16 only, bitsandbytes needs CUDA)")
+    args = ap.parse_args(argv)
+    parts = args.only.split(",")
+    if not torch.cuda.is_available() and (set(parts) - {"phantom"} or args.phantom_device == "cuda"):
+        sys.exit("bench/fast_path.py needs a CUDA GPU (except --only phantom --phantom-device cpu)")
+    card = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    emit(f"## bench/fast_path.py on {card} (torch {torch.__version__}, "
+         f"transformers {__import__('transformers').__version__}), {time.strftime('%Y-%m-%d')}")
+    emit()
+    if {"speed", "batch", "precision"} & set(parts):
+        t0 = time.perf_counter()
+        model, processor = build("cuda", torch.bfloat16, attn=CAPTURE_ATTN)
+        print(f"built MedGemma-4B shapes in {time.perf_counter() - t0:.1f} s", flush=True)
+        reader = reader_for(model, processor, "bf16")
+        if "speed" in parts:
+            speed(model, processor, reader)
+        if "batch" in parts:
+            batch(model, processor, reader)
+        if "precision" in parts:
+            precision(model, processor)
+        del reader, model
+        gc.collect()
+        torch.cuda.empty_cache()
+    if "phantom" in parts:
+        phantom(args.phantom_device)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "a") as f:
+            f.write("\n".join(LINES) + "\n")
+
+
+if __name__ == "__main__":
+    main()

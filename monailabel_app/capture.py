@@ -81,7 +81,8 @@ class AttentionRecorder:
     (n_image_tokens,) or, for a batch, (batch, n_image_tokens)."""
 
     def __init__(self, layers: list[int], image_positions: torch.Tensor, rollout: bool = False,
-                 tokens_per_image: int = 256):
+                 tokens_per_image: int = 256, mixed: dict | None = None):
+        """``mixed``: rollout products already computed (a follow-up turn: its images are in the past)."""
         self.layers = set(layers)
         self.image_positions = _positions(image_positions)  # (B, N) key positions of image tokens
         self.rows: dict[int, torch.Tensor] = {}
@@ -90,11 +91,12 @@ class AttentionRecorder:
         batch = self.image_positions.shape[0]
         self.blocks = self.image_positions.view(batch, -1, tokens_per_image) if self.rollout else None  # (B, I, n)
         self.mixing: torch.Tensor | None = None  # (B, I, n, n) product of the layers seen so far
-        self.at_layer: dict[int, torch.Tensor] = {}  # read layer -> the product of the layers below it
+        self.at_layer: dict[int, torch.Tensor] = dict(mixed or {})  # read layer -> product of the layers below
+        self.mixed = bool(mixed)
         self.unmixed: list[int] = []  # prefill layers whose keys did not cover the prompt (taken as identity)
 
     def observe(self, layer: int, query, key, attention_mask, scaling: float) -> None:
-        if self.rollout:
+        if self.rollout and not self.mixed:
             self.mix(layer, query, key, attention_mask, scaling)
         if layer in self.layers:
             self.record(layer, query, key, attention_mask, scaling)

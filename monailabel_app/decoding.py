@@ -125,12 +125,63 @@ class Decoded:
 
 
 @dataclass
+class Context:
+    """What a conversation keeps between turns so that a follow-up question neither re-reads the images
+    nor re-computes the earlier turns: the token ids whose keys and values are kept (positions
+    ``[0, len(ids))``), those keys and values per layer (a sliding layer only its last window - 1), the
+    image tokens' positions and the rollout products of the images (batch of one)."""
+
+    ids: list[int]
+    keys: list[torch.Tensor]  # per layer (1, kv_heads, kept, head_dim): positions [len(ids) - kept, len(ids))
+    values: list[torch.Tensor]
+    image_positions: torch.Tensor  # (1, n_image_tokens)
+    mixing: dict = field(default_factory=dict)  # read layer -> (1, images, n, n) rollout product
+
+    @property
+    def nbytes(self) -> int:
+        tensors = self.keys + self.values + list(self.mixing.values())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def reusable(self, ids: list[int]) -> int:
+        """How many leading positions of ``ids`` can come from this context (0: none)."""
+        k = 0
+        for a, b in zip(self.ids, ids):
+            if a != b:
+                break
+            k += 1
+        k = min(k, len(ids) - 1)  # the last prompt token is always fed: its row emits the first answer token
+        if k <= int(self.image_positions.max()):  # the images themselves differ: read anew
+            return 0
+        n = len(self.ids)
+        if k < n and any(key.shape[2] < n for key in self.keys):  # a ring cannot be cut back
+            return 0
+        return k
+
+    def cache(self, text_config, upto: int):
+        """A transformers cache holding positions ``[0, upto)`` (a sliding layer: its tail, as its own)."""
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=text_config)
+        n = len(self.ids)
+        for i, (k, v) in enumerate(zip(self.keys, self.values)):
+            if k.shape[2] < n:  # ring tail: the sliding layer keeps only it, but must count every position
+                full_k = k.new_zeros(*k.shape[:2], n, k.shape[3])
+                full_v = v.new_zeros(*v.shape[:2], n, v.shape[3])
+                full_k[:, :, n - k.shape[2]:], full_v[:, :, n - v.shape[2]:] = k, v
+                k, v = full_k, full_v
+            cache.update(k[:, :, :upto], v[:, :, :upto], i)
+        return cache
+
+
+@dataclass
 class DecodeResult:
     rows: list[Decoded]
     attention: torch.Tensor | None  # (steps, layers, batch, heads, n_image_tokens) on the model's device
     layers: list[int]  # the layers recorded
     dropped: dict  # layers asked for but not recorded, and why
     seconds: dict = field(default_factory=dict)  # prefill, decode (synchronised), decode_steps
+    context: Context | None = None  # with ``keep``: the conversation so far, for a follow-up
+    rolled_out: bool = False  # the rows were rolled out inside each image
 
 
 class Decoder:
@@ -301,6 +352,16 @@ class Decoder:
                     ended[i] = (limits[i], "max_new_tokens")
         return steps
 
+    def snapshot(self, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Copies of the keys and values of positions [0, n) (a ring: its last window - 1 positions)."""
+        keys, values = [], []
+        for k, v, size in zip(self.kv.keys, self.kv.values, self.kv.sizes):
+            kept = n if size == self.kv.length else min(n, size - 1)
+            slots = torch.arange(n - kept, n, device=k.device) % size
+            keys.append(k[:1, :, slots].clone())
+            values.append(v[:1, :, slots].clone())
+        return keys, values
+
     def decode_rows(self, steps: int) -> torch.Tensor | None:
         """(steps - 1, layers, batch, heads, n) attention rows of the decode steps."""
         return None if self.recorder is None else self.recorder.buffer[1:steps]
@@ -331,9 +392,14 @@ def decoder_for(model, batch: int, length: int, max_new: int, layers: list[int],
 @torch.inference_mode()
 def prefill_and_decode(model, inputs: dict, layers: list[int], tokens_per_image: int, max_new_tokens: int,
                        rollout: bool = False, forced: list[list[int]] | None = None, eos: list[int] = (),
-                       stop_loops: bool = True, compile: bool | None = None) -> DecodeResult:
+                       stop_loops: bool = True, compile: bool | None = None, past: Context | None = None,
+                       keep: bool = False) -> DecodeResult:
     """Greedy answers for a left-padded batch ``inputs`` (input_ids, attention_mask, token_type_ids,
-    pixel_values), with the attention rows of ``layers`` (none: no capture at all)."""
+    pixel_values), with the attention rows of ``layers`` (none: no capture at all).
+
+    A conversation (batch of one): ``keep`` returns the :class:`Context` after the answer; with ``past``
+    ``inputs`` holds the whole conversation's ``input_ids`` (no pixels) and only what ``past`` lacks is
+    prefilled, its images' positions and rollout products reused."""
     from transformers import DynamicCache
 
     ids = inputs["input_ids"]
@@ -341,19 +407,30 @@ def prefill_and_decode(model, inputs: dict, layers: list[int], tokens_per_image:
     mask = inputs.get("attention_mask")
     mask = torch.ones_like(ids) if mask is None else mask
     pad = (mask == 0).sum(-1)
-    image_positions = torch.stack([(row == model.config.image_token_index).nonzero()[:, 0] for row in ids])
+    start = past.reusable(ids[0].tolist()) if past is not None and batch == 1 else 0
+    if past is not None and start == 0:
+        raise ValueError("the conversation's kept context does not match this prompt")
+    image_positions = past.image_positions.to(ids.device) if past is not None else \
+        torch.stack([(row == model.config.image_token_index).nonzero()[:, 0] for row in ids])
     max_new = max(len(f) for f in forced) if forced else max_new_tokens
     decoder = decoder_for(model, batch, prompt_len + max_new, max_new, list(layers), image_positions.shape[1],
                           list(eos), compile)
     dropped = {layer: f"sliding window ({decoder.kv.sizes[layer]}) shorter than the sequence"
                for layer in layers if layer not in decoder.layers}
+    if past is not None:  # a follow-up rolls out only through the products its images already have
+        rollout = rollout and bool(past.mixing)
     recorder = AttentionRecorder(decoder.layers, image_positions, rollout and bool(decoder.layers),
-                                 tokens_per_image) if decoder.layers else None
-    cache = DynamicCache(config=model.config.get_text_config())
+                                 tokens_per_image, mixed=past.mixing if past is not None else None) \
+        if decoder.layers else None
     t0 = _now(model)
     position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
-    args = {**inputs, "attention_mask": mask, "position_ids": position_ids, "use_cache": True, "logits_to_keep": 1,
-            _cache_keyword(model.forward): cache}
+    if past is None:
+        cache = DynamicCache(config=model.config.get_text_config())
+        args = {**inputs, "attention_mask": mask, "position_ids": position_ids}
+    else:  # only the new tokens: text after the images, causal
+        cache = past.cache(model.config.get_text_config(), start)
+        args = {"input_ids": ids[:, start:], "attention_mask": mask, "position_ids": position_ids[:, start:]}
+    args.update({"use_cache": True, "logits_to_keep": 1, _cache_keyword(model.forward): cache})
     with recording(recorder):
         out = model(**args)
     t1 = _now(model)
@@ -372,8 +449,14 @@ def prefill_and_decode(model, inputs: dict, layers: list[int], tokens_per_image:
                         for layer in recorder.unmixed})
     used = recorder.usable_layers if recorder is not None else []
     steps = max(len(r.token_ids) for r in rows)
+    context = None
+    if keep and batch == 1:
+        fed = ids[0].tolist() + rows[0].token_ids[:-1]  # the last answer token was never fed
+        keys, values = decoder.snapshot(len(fed))
+        context = Context(fed, keys, values, image_positions, dict(recorder.at_layer) if recorder else {})
     return DecodeResult(rows, attention, used, dropped,
-                        {"prefill": t1 - t0, "decode": t2 - t1, "decode_steps": steps - 1})
+                        {"prefill": t1 - t0, "decode": t2 - t1, "decode_steps": steps - 1, "reused_tokens": start},
+                        context, bool(recorder is not None and recorder.rollout and used))
 
 
 def _now(model) -> float:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
-from .decoding import loop_start, prefill_and_decode  # noqa: F401 (loop_start: public here too)
+from .decoding import Context, loop_start, prefill_and_decode  # noqa: F401 (loop_start: public here too)
 
 
 class NonFiniteOutput(RuntimeError):
@@ -38,6 +38,7 @@ class Generation:
     stop_reason: str = "eos"  # eos, max_new_tokens, or repetition (a loop, cut off)
     rollout: bool = False  # attention rolled out inside each image (capture.AttentionRecorder)
     timings: dict = field(default_factory=dict)  # the decoder's own: prefill, decode (s), decode_steps
+    conversation: "Conversation | None" = None  # with ``keep``: the chat so far, to ask a follow-up
 
     def token_range(self, span: tuple[int, int]) -> list[int]:
         """Indices of the generated tokens whose text overlaps the character span ``span``."""
@@ -48,6 +49,32 @@ class Generation:
                 out.append(i)
             prev = stop
         return out
+
+
+@dataclass
+class Conversation:
+    """A chat about one study: its messages so far (images as placeholders) and the decoder's kept
+    context (keys and values of every token so far, image positions, rollout products)."""
+
+    messages: list[dict]
+    context: Context
+    turns: int = 1
+
+    @property
+    def nbytes(self) -> int:
+        return self.context.nbytes
+
+
+def chat_ids(processor, messages: list[dict]) -> list[int]:
+    """Token ids of ``messages`` with the model's turn opened, without processing any image: each image
+    placeholder becomes the processor's full image sequence, as ``Gemma3Processor`` does."""
+    text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    text = text.replace(processor.boi_token, processor.full_image_sequence)
+    return processor.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _placeholders(content: list) -> list:
+    return [c if isinstance(c, str) else None for c in content]
 
 
 def chat_messages(content: list, question: str, system: str | None = None, answer: str | None = None) -> list[dict]:
@@ -121,11 +148,32 @@ def generate(model, processor, content, question, layers, max_new_tokens=128, sy
                           None if answer is None else [answer])[0]
 
 
+def follow_up(model, processor, conversation: Conversation, question: str, layers, max_new_tokens=128,
+              rollout: bool = False) -> Generation:
+    """The answer to a follow-up ``question`` in ``conversation``: only the new turn is prefilled (the
+    images and earlier turns come from the kept context); its attention rows and maps are as in the first
+    turn. The returned generation carries the conversation one turn longer."""
+    t0 = time.perf_counter()
+    messages = conversation.messages + [{"role": "user", "content": [{"type": "text", "text": question}]}]
+    ids = torch.tensor([chat_ids(processor, messages)], device=model.device)
+    t_prep = time.perf_counter()
+    result = prefill_and_decode(model, {"input_ids": ids}, list(layers), int(model.config.mm_tokens_per_image),
+                                max_new_tokens, rollout, None, sorted(_eos_ids(model)), past=conversation.context,
+                                keep=True)
+    gen = _generations(model, processor, result, [ids.shape[1]], t0, t_prep)[0]
+    gen.conversation = Conversation(messages + [_answer(gen.text)], result.context, conversation.turns + 1)
+    return gen
+
+
+def _answer(text: str) -> dict:
+    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
+
+
 def generate_batch(model, processor, studies: list[tuple[list, str]], layers, max_new_tokens=128, system=None,
-                   rollout: bool = False, answers: list[str] | None = None) -> list[Generation]:
+                   rollout: bool = False, answers: list[str] | None = None, keep: bool = False) -> list[Generation]:
     """:func:`generate` for several (content, question) studies at once, one batch through the model
     (:mod:`monailabel_app.decoding`: static cache, CUDA graph on GPUs). Every study must show the same
-    number of images."""
+    number of images. ``keep`` (one study): the generation carries its :class:`Conversation`."""
     t0 = time.perf_counter()
     counts = {sum(not isinstance(c, str) for c in content) for content, _ in studies}
     if len(counts) != 1:
@@ -142,12 +190,23 @@ def generate_batch(model, processor, studies: list[tuple[list, str]], layers, ma
         forced = [tok(a, add_special_tokens=False)["input_ids"] + [end] for a in answers]
     t_prep = time.perf_counter()
     result = prefill_and_decode(model, inputs, list(layers), per_image, max_new_tokens, rollout, forced,
-                                sorted(_eos_ids(model)), stop_loops=forced is None)
+                                sorted(_eos_ids(model)), stop_loops=forced is None, keep=keep and len(studies) == 1)
+    gens = _generations(model, processor, result, inputs["attention_mask"].sum(-1).tolist(), t0, t_prep)
+    if result.context is not None:
+        (content, question), gen = studies[0], gens[0]
+        messages = chat_messages(_placeholders(content), question, system) + [_answer(gen.text)]
+        gen.conversation = Conversation(messages, result.context)
+    return gens
+
+
+def _generations(model, processor, result, prompt_tokens: list[int], t0: float, t_prep: float) -> list[Generation]:
+    """One :class:`Generation` per decoded row of ``result``; raises :class:`NonFiniteOutput`."""
+    tok = processor.tokenizer
     rows, attention, used, dropped = result.rows, result.attention, result.layers, result.dropped
+    per_image = int(model.config.mm_tokens_per_image)
     if attention is not None:
         attention = attention.float().cpu()
     t_gen = time.perf_counter()
-    prompt_tokens = inputs["attention_mask"].sum(-1).tolist()
     out = []
     for b, row in enumerate(rows):
         probs = [math.exp(lp) if math.isfinite(lp) else float("nan") for lp in row.logprobs]
@@ -169,7 +228,7 @@ def generate_batch(model, processor, studies: list[tuple[list, str]], layers, ma
             seconds={"prepare": t_prep - t0, "generate": t_gen - t_prep},
             timings={k: round(v, 4) for k, v in result.seconds.items()},
             stop_reason=row.stop_reason,
-            rollout=bool(rollout and used),
+            rollout=bool(result.rolled_out),
         ))
     if not used:
         raise RuntimeError(f"no layer recorded attention to the image: {dropped}")

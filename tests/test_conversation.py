@@ -1,0 +1,73 @@
+"""A follow-up question reuses the kept context (images and earlier turns are not computed again) and
+gets exactly the answer and attention of reading the whole conversation from scratch."""
+
+import torch
+from PIL import Image
+
+from monailabel_app.decoding import prefill_and_decode
+from monailabel_app.generation import chat_ids, chat_messages, follow_up, generate_batch
+from monailabel_app.phantom_model import DEFAULT_QUESTION
+from monailabel_app.phantoms import make_phantom
+from monailabel_app.xray import pad_to_square
+
+
+def _from_scratch(reader, image, messages, rollout):
+    """The whole conversation, images included, prefilled at once (no kept context)."""
+    full = [dict(m) for m in messages]
+    full[0] = {"role": "user", "content": [{"type": "image", "image": image}] + messages[0]["content"][1:]}
+    inputs = reader.processor.apply_chat_template(full, add_generation_prompt=True, tokenize=True,
+                                                  return_dict=True, return_tensors="pt")
+    return prefill_and_decode(reader.model, dict(inputs), reader.layers, 256, 40, rollout,
+                              eos=sorted(reader.model.generation_config.eos_token_id))
+
+
+def test_follow_up_equals_the_conversation_read_from_scratch(reader):
+    model, proc = reader.model, reader.processor
+    image = Image.fromarray(pad_to_square(make_phantom(11).image)[0])
+    rollout = bool(reader.info.grounding.get("rollout"))
+    first = generate_batch(model, proc, [([image], DEFAULT_QUESTION)], reader.layers, 40, rollout=rollout,
+                           keep=True)[0]
+    conv = first.conversation
+    assert conv.turns == 1 and len(conv.context.ids) == first.prompt_tokens + len(first.token_ids) - 1
+    # the kept ids are what the chat template renders (no image processed)
+    assert chat_ids(proc, chat_messages([None], DEFAULT_QUESTION))[: first.prompt_tokens] == conv.context.ids[: first.prompt_tokens]
+
+    for question in ("Is it on the right?", "Describe the findings in this chest X-ray."):
+        gen = follow_up(model, proc, conv, question, reader.layers, 40, rollout)
+        assert gen.timings["reused_tokens"] > first.prompt_tokens  # images and the first turn were not fed again
+        ref = _from_scratch(reader, image, gen.conversation.messages[:-1], rollout)
+        assert gen.token_ids == ref.rows[0].token_ids
+        assert torch.allclose(gen.attention, ref.attention[: len(gen.token_ids), :, 0].float(), atol=1e-4)
+        conv = gen.conversation
+    assert conv.turns == 3 and [m["role"] for m in conv.messages] == ["user", "assistant"] * 3
+
+
+def test_store_limits_count_bytes_and_idle_time():
+    import pytest
+
+    from monailabel_app.conversation import Conversations, Entry
+    from monailabel_app.decoding import Context
+    from monailabel_app.errors import InputError
+    from monailabel_app.generation import Conversation
+
+    def entry(n_bytes):
+        k = torch.zeros(n_bytes // 8, dtype=torch.float32)  # keys + values: n_bytes in all
+        return Entry("img", None, Conversation([], Context([1], [k], [k], torch.tensor([[0]]))))
+
+    store = Conversations(max_count=2, max_bytes=1000, ttl_s=60)
+    a, b = store.add(entry(400)), store.add(entry(400))
+    store.get(a)  # a is now the most recently used
+    c = store.add(entry(400))  # over 1000 bytes: b (least recently used) goes
+    with pytest.raises(InputError) as e:
+        store.get(b)
+    assert e.value.status == 404
+    assert store.get(a) and store.get(c) and len(store) == 2
+    with pytest.raises(InputError) as e:
+        store.add(entry(2000))
+    assert e.value.status == 413
+    with pytest.raises(InputError) as e:
+        store.get(a, image="other")
+    assert e.value.status == 422
+    store.ttl_s = 0.0
+    with pytest.raises(InputError):
+        store.get(c)

@@ -21,7 +21,7 @@ from PIL import Image
 from . import anatomy, ct_maps, maps
 from .ct import CTVolume, Limits, body_mask, interleave, model_slices
 from .errors import InputError
-from .generation import Generation, NonFiniteOutput, generate_batch
+from .generation import Conversation, Generation, NonFiniteOutput, follow_up, generate_batch
 from .loading import load_model, normalise_precision
 from .phantom_model import CT_QUESTION, DEFAULT_QUESTION, MODEL_LABEL, PHANTOM_MODEL_DIR
 from .report import Finding, parse_report, unique_names
@@ -162,10 +162,13 @@ class Reader:
         self.model, self.processor, self.info = load_model(self.model_ref, self.device_request, "fp32", self.info.label)
         self.info.precision_reason = "fp16 overflowed: fp32 fallback"
 
-    def _generate(self, chats: list[tuple[list, str]], settings: dict, max_new_tokens, answers=None) -> list[Generation]:
+    def _generate(self, chats: list[tuple[list, str]], settings: dict, max_new_tokens, answers=None,
+                  keep: bool = False) -> list[Generation]:
         """Generate for (content, question) chats of one modality, with the attention capture that
-        ``settings`` (the modality's grounding entry) asks for; fp16 overflow reloads in fp32 and retries."""
-        args = (chats, list(settings["layers"]), max_new_tokens, self.system, bool(settings.get("rollout")), answers)
+        ``settings`` (the modality's grounding entry) asks for; fp16 overflow reloads in fp32 and retries.
+        ``keep``: the generation carries its conversation, for follow-up questions."""
+        args = (chats, list(settings["layers"]), max_new_tokens, self.system, bool(settings.get("rollout")), answers,
+                keep)
         try:
             return generate_batch(self.model, self.processor, *args)
         except NonFiniteOutput:
@@ -208,10 +211,12 @@ class Reader:
         return readings
 
     def read(self, image: str | Radiograph | CTVolume, question: str | None = None, max_new_tokens: int = 128,
-             modality: str = "auto", max_slices: int | None = None, answer: str | None = None) -> Reading:
+             modality: str = "auto", max_slices: int | None = None, answer: str | None = None,
+             keep: bool = False) -> Reading:
         """Read ``image`` (a path, or an already loaded study). ``max_slices`` overrides the CT slice count.
         ``answer`` makes the model say that text instead of its own (teacher forcing): the findings and
-        masks of given words on this image, e.g. for the control that the image matters."""
+        masks of given words on this image, e.g. for the control that the image matters. ``keep``: the
+        reading's generation carries the conversation, for :meth:`follow_up`."""
         t0 = time.perf_counter()
         modality = check_modality(modality)
         study = image if isinstance(image, (Radiograph, CTVolume)) else load_study(image, modality, self.limits)
@@ -220,11 +225,29 @@ class Reader:
         t_load = time.perf_counter()
         if is_ct:
             reading = self._read_ct(study, question, max_new_tokens, check_max_slices(max_slices, self.ct["max_slices"]),
-                                    answer)
+                                    answer, keep=keep)
         else:
-            reading = self._read_radiograph(study, question, max_new_tokens, answer)
+            reading = self._read_radiograph(study, question, max_new_tokens, answer, keep=keep)
         gen = reading.generation
         reading.latencies = _latencies(gen, t_load - t0, time.perf_counter() - t_load - sum(gen.seconds.values()))
+        return reading
+
+    def follow_up(self, study: Radiograph | CTVolume, conversation: Conversation, question,
+                  max_new_tokens: int = 128, max_slices: int | None = None) -> Reading:
+        """A follow-up ``question`` in ``conversation`` about ``study``: only the new turn is computed (the
+        images and earlier turns come from the kept context); findings and masks as in a first turn."""
+        t0 = time.perf_counter()
+        is_ct = isinstance(study, CTVolume)
+        question, max_new_tokens = check_params(question, max_new_tokens, CT_QUESTION if is_ct else DEFAULT_QUESTION)
+        settings = self.ct if is_ct else self.info.grounding
+        try:
+            gen = follow_up(self.model, self.processor, conversation, question, list(settings["layers"]),
+                            max_new_tokens, bool(settings.get("rollout")))
+        except ValueError as e:
+            raise InputError(f"this conversation cannot be continued: {e}", status=409) from e
+        reading = self.remap(study, gen, max_slices)
+        reading.question = question
+        reading.latencies = _latencies(gen, 0.0, time.perf_counter() - t0 - sum(gen.seconds.values()))
         return reading
 
     def _score(self, gen: Generation, findings: list[Finding]) -> list[list[int]]:
@@ -266,11 +289,11 @@ class Reader:
         return cached[1], cached[2]
 
     def _read_radiograph(self, radiograph: Radiograph, question: str, max_new_tokens: int, answer=None,
-                         gen: Generation | None = None) -> Reading:
+                         gen: Generation | None = None, keep: bool = False) -> Reading:
         square, pad = pad_to_square(radiograph.pixels)
         if gen is None:
             gen = self._generate([([Image.fromarray(square)], question)], self.info.grounding, max_new_tokens,
-                                 None if answer is None else [answer])[0]
+                                 None if answer is None else [answer], keep)[0]
         findings = parse_report(gen.text)
         grids = [finding_grid(gen, rows, self.grid) for rows in self._score(gen, findings)]
         heatmaps = [maps.grid_to_pixels(g, pad) for g in grids]
@@ -297,11 +320,12 @@ class Reader:
         )
 
     def _read_ct(self, volume: CTVolume, question: str, max_new_tokens: int, max_slices: int, answer=None,
-                 gen: Generation | None = None) -> Reading:
+                 gen: Generation | None = None, keep: bool = False) -> Reading:
         ms = model_slices(volume, max_slices)
         if gen is None:
             content = interleave([Image.fromarray(im) for im in ms.images])
-            gen = self._generate([(content, question)], self.ct, max_new_tokens, None if answer is None else [answer])[0]
+            gen = self._generate([(content, question)], self.ct, max_new_tokens, None if answer is None else [answer],
+                                 keep)[0]
         findings = parse_report(gen.text)
         gates = self.ct.get("gates", DEFAULT_CT_GATES)
         body, lungs = self._ct_anatomy(volume)

@@ -7,11 +7,14 @@
 * ``question``: the default question (default: one for radiographs, one for CT);
   ``max_new_tokens``: the default answer length limit;
 * CT volumes: ``min_slices`` (1), ``max_voxels`` (268435456), ``max_obliquity_deg`` (10),
-  ``resample`` (false: oblique volumes are refused; true: resampled onto patient axes).
+  ``resample`` (false: oblique volumes are refused; true: resampled onto patient axes);
+* conversations: ``conversations`` (16 open at most), ``conversation_mib`` (2048: kept context in all),
+  ``conversation_ttl_s`` (1800: idle time before one expires).
 
 Per request (``params``): ``question``, ``max_new_tokens``, ``modality`` (auto, ct, xray),
 ``max_slices`` (CT: slices shown to the model; default the model's, 85 for MedGemma 1.5),
-``result_extension``, ``result_dtype``.
+``result_extension``, ``result_dtype``, ``conversation`` ("new", or the id of an open conversation
+about the same image: a follow-up question).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 from monailabel.interfaces.config import TaskConfig
 
 from lib.infers.medgemma import MedGemmaInfer
+from monailabel_app.conversation import MAX_BYTES, MAX_CONVERSATIONS, TTL_SECONDS, Conversations
 from monailabel_app.ct import Limits
 from monailabel_app.reader import Reader
 
@@ -37,6 +41,11 @@ class MedGemma(TaskConfig):
                 max_obliquity_deg=float(conf.get("max_obliquity_deg", Limits.max_obliquity_deg)),
                 resample=str(conf.get("resample", "false")).lower() in ("1", "true", "yes"),
             ),
+        )
+        self.conversations = Conversations(
+            max_count=int(conf.get("conversations", MAX_CONVERSATIONS)),
+            max_bytes=int(float(conf.get("conversation_mib", MAX_BYTES / 2**20)) * 2**20),
+            ttl_s=float(conf.get("conversation_ttl_s", TTL_SECONDS)),
         )
         self.default_question = conf.get("question") or None
         self.max_new_tokens = int(conf.get("max_new_tokens", 128))
@@ -56,6 +65,7 @@ class MedGemma(TaskConfig):
                 "device": info.device,
                 "model": info.id,
             },
+            conversations=self.conversations,
         )
 
     def trainer(self):

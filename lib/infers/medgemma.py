@@ -16,6 +16,7 @@ import numpy as np
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from monailabel_app.conversation import Conversations, Entry
 from monailabel_app.errors import InputError
 from monailabel_app.loading import normalise_precision
 from monailabel_app.reader import Reader, check_params
@@ -28,7 +29,7 @@ HEATMAP_TAG = "medgemma_heatmap"
 
 
 class MedGemmaInfer(InferTask):
-    def __init__(self, reader: Reader, description: str, config: dict):
+    def __init__(self, reader: Reader, description: str, config: dict, conversations: Conversations | None = None):
         super().__init__(
             type=InferType.SEGMENTATION,
             labels=None,  # one label per finding, named in each result's label_names
@@ -37,6 +38,7 @@ class MedGemmaInfer(InferTask):
             config=config,
         )
         self.reader = reader
+        self.conversations = conversations if conversations is not None else Conversations()
         self._lock = threading.Lock()  # one generation at a time on one model
 
     def is_valid(self) -> bool:
@@ -72,17 +74,41 @@ class MedGemmaInfer(InferTask):
             raise InputError("no image: give an image id from the datastore or upload a file", status=404)
         modality = check_modality(request.get("modality") or "auto")
         with self._lock:
-            reading = self.reader.read(image, question, max_new_tokens, modality, request.get("max_slices"))
+            reading, conversation = self._read(request, image, question, max_new_tokens, modality)
         geom = reading.geometry
         label_file = _temp_path(ext)
         write_in_geometry(reading.labels, geom, label_file, dtype)
         result = reading.result_json()
+        if conversation is not None:
+            result["conversation"] = conversation
         result["heatmap_file"] = write_in_geometry(
             combined_heatmap(reading.mask_maps, reading.labels.shape), geom, _temp_path(".nii.gz" if ext == ".png" else ext),
             np.float32,
         )
         logger.info("medgemma: %s | %s", reading.report[:200], json.dumps(reading.latencies))
         return label_file, result
+
+
+    def _read(self, request, image: str, question: str, max_new_tokens: int, modality: str):
+        """(reading, conversation JSON or None). ``conversation``: absent (one question), ``"new"`` (keep the
+        chat for follow-ups) or an open conversation's id (a follow-up about the same image)."""
+        asked = request.get("conversation")
+        if asked is None:
+            return self.reader.read(image, question, max_new_tokens, modality, request.get("max_slices")), None
+        if asked == "new":
+            reading = self.reader.read(image, question, max_new_tokens, modality, request.get("max_slices"), keep=True)
+            entry = Entry(image, reading.study, reading.generation.conversation)
+            cid = self.conversations.add(entry)
+        else:
+            entry = self.conversations.get(asked, image)
+            cid = asked
+            reading = self.reader.follow_up(entry.study, entry.chat, question, max_new_tokens, request.get("max_slices"))
+            entry.chat = reading.generation.conversation
+            self.conversations.update(cid, entry)
+        entry.questions.append(reading.question)
+        entry.answers.append(reading.report)
+        return reading, {"id": cid, "turn": entry.turn, "expires_after_idle_s": self.conversations.ttl_s,
+                         "history": [{"question": q, "answer": a} for q, a in zip(entry.questions, entry.answers)]}
 
 
 def _temp_path(ext: str) -> str:

@@ -14,7 +14,6 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from PIL import Image
 
 from .decoding import Context, loop_start, prefill_and_decode  # noqa: F401 (loop_start: public here too)
 

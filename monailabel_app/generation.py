@@ -58,6 +58,7 @@ class Conversation:
     messages: list[dict]
     context: Context
     turns: int = 1
+    last_token: int | None = None  # the answer's last token (never fed, so not in the context's ids)
 
     @property
     def nbytes(self) -> int:
@@ -154,14 +155,33 @@ def follow_up(model, processor, conversation: Conversation, question: str, layer
     turn. The returned generation carries the conversation one turn longer."""
     t0 = time.perf_counter()
     messages = conversation.messages + [{"role": "user", "content": [{"type": "text", "text": question}]}]
-    ids = torch.tensor([chat_ids(processor, messages)], device=model.device)
+    ids = torch.tensor([_turn_ids(processor, conversation, messages)], device=model.device)
     t_prep = time.perf_counter()
     result = prefill_and_decode(model, {"input_ids": ids}, list(layers), int(model.config.mm_tokens_per_image),
                                 max_new_tokens, rollout, None, sorted(_eos_ids(model)), past=conversation.context,
                                 keep=True)
     gen = _generations(model, processor, result, [ids.shape[1]], t0, t_prep)[0]
-    gen.conversation = Conversation(messages + [_answer(gen.text)], result.context, conversation.turns + 1)
+    gen.conversation = Conversation(messages + [_answer(gen.text)], result.context, conversation.turns + 1,
+                                    gen.token_ids[-1] if gen.token_ids else None)
     return gen
+
+
+def _turn_ids(processor, conversation: Conversation, messages: list[dict]) -> list[int]:
+    """Token ids of the conversation with the new question: the rendered chat when it starts with the kept
+    tokens; else (the answer's text re-tokenises differently) the kept tokens continued exactly, so that
+    all of them are reused (a sliding window's ring cannot be cut back)."""
+    ids = chat_ids(processor, messages)
+    kept = conversation.context.ids
+    if ids[: len(kept)] == kept or conversation.last_token is None:
+        return ids
+    tok = processor.tokenizer
+    end = tok.convert_tokens_to_ids("<end_of_turn>")
+    before = processor.apply_chat_template(messages[:-1], tokenize=False)
+    after = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    if not after.startswith(before):
+        return ids
+    closing = [conversation.last_token] + ([] if conversation.last_token == end else [end])
+    return kept + closing + tok("\n" + after[len(before):], add_special_tokens=False)["input_ids"]
 
 
 def _answer(text: str) -> dict:
@@ -194,7 +214,7 @@ def generate_batch(model, processor, studies: list[tuple[list, str]], layers, ma
     if result.context is not None:
         (content, question), gen = studies[0], gens[0]
         messages = chat_messages(_placeholders(content), question, system) + [_answer(gen.text)]
-        gen.conversation = Conversation(messages, result.context)
+        gen.conversation = Conversation(messages, result.context, 1, gen.token_ids[-1] if gen.token_ids else None)
     return gens
 
 

@@ -71,3 +71,18 @@ def test_store_limits_count_bytes_and_idle_time():
     store.ttl_s = 0.0
     with pytest.raises(InputError):
         store.get(c)
+
+
+def test_follow_up_reuses_every_kept_token_when_the_answer_retokenises_differently(reader):
+    from monailabel_app.generation import _turn_ids
+
+    model, proc = reader.model, reader.processor
+    image = Image.fromarray(pad_to_square(make_phantom(23).image)[0])
+    first = generate_batch(model, proc, [([image], DEFAULT_QUESTION)], reader.layers, 40, keep=True)[0]
+    conv = first.conversation
+    conv.messages[-1]["content"][0]["text"] = "  " + first.text  # renders to other tokens than were generated
+    messages = conv.messages + [{"role": "user", "content": [{"type": "text", "text": "Where is it?"}]}]
+    ids = _turn_ids(proc, conv, messages)
+    assert ids[: len(conv.context.ids)] == conv.context.ids and ids[len(conv.context.ids)] == first.token_ids[-1]
+    gen = follow_up(model, proc, conv, "Where is it?", reader.layers, 40)
+    assert gen.timings["reused_tokens"] == len(conv.context.ids) and gen.text

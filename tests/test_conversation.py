@@ -86,3 +86,17 @@ def test_follow_up_reuses_every_kept_token_when_the_answer_retokenises_different
     assert ids[: len(conv.context.ids)] == conv.context.ids and ids[len(conv.context.ids)] == first.token_ids[-1]
     gen = follow_up(model, proc, conv, "Where is it?", reader.layers, 40)
     assert gen.timings["reused_tokens"] == len(conv.context.ids) and gen.text
+
+
+def test_a_follow_up_depends_on_what_was_said_before(reader):
+    """The same follow-up about the same image, after two different first answers (teacher-forced), is
+    answered from different contexts: the earlier turn is really in the model's context."""
+    model, proc = reader.model, reader.processor
+    image = Image.fromarray(pad_to_square(make_phantom(7).image)[0])
+    follow = []
+    for said in ("nodule in the right upper zone.", "effusion in the left lower zone."):
+        first = generate_batch(model, proc, [([image], DEFAULT_QUESTION)], reader.layers, 40, answers=[said],
+                               keep=True)[0]
+        assert first.text == said
+        follow.append(follow_up(model, proc, first.conversation, "Where is it?", reader.layers, 40))
+    assert not torch.allclose(follow[0].attention[0], follow[1].attention[0])

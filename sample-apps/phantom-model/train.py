@@ -60,9 +60,10 @@ class PhantomBatches(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, processor, batch: int, start: int, ct_share: float = 0.0, ct_batch: int = 12,
-                 ct_ramp_s: float = 0.0):
+                 ct_ramp_s: float = 0.0, follow_up_share: float = 0.0):
         self.processor, self.batch, self.start = processor, batch, start
         self.ct_share, self.ct_batch, self.ct_ramp_s = ct_share, ct_batch, ct_ramp_s
+        self.follow_up_share = follow_up_share
         self.t0 = time.time()
 
     def __iter__(self):
@@ -79,7 +80,7 @@ class PhantomBatches(torch.utils.data.IterableDataset):
                 per = min(8, pm.CT_MAX_SLICES // n)  # short slabs: several per phantom (drawing one costs most)
                 yield encode_ct_batch(self.processor, range(first, first + -(-examples // per)), n, per)
             else:
-                yield encode_batch(self.processor, range(first, first + self.batch))
+                yield encode_batch(self.processor, range(first, first + self.batch), self.follow_up_share)
             i += 1
 
 
@@ -135,13 +136,38 @@ def _encode(processor, texts, images):
     return dict(enc)
 
 
-def encode_batch(processor, seeds):
+FOLLOW_UPS = ("Where is it?", "Which side is it on?", "Where is the first finding?")
+
+
+def follow_up_answer(findings) -> str:
+    """What a follow-up about "it" should answer: where the first finding of the earlier turn is."""
+    if not findings:
+        return "there is no focal abnormality."
+    return f"it is in the {findings[0].location}."
+
+
+def follow_up_messages(first_question: str, report: str, findings, n: int) -> list[dict]:
+    """A two-turn chat: the study and its report, then a follow-up about "it" (question ``n``) and its answer;
+    the labels (:func:`_answer_labels`) cover the last answer only."""
+    return chat_messages([None], first_question, answer=report) + [
+        {"role": "user", "content": [{"type": "text", "text": FOLLOW_UPS[n % len(FOLLOW_UPS)]}]},
+        {"role": "assistant", "content": [{"type": "text", "text": follow_up_answer(findings)}]},
+    ]
+
+
+def encode_batch(processor, seeds, follow_up_share: float = 0.0):
+    """An X-ray batch; a share ``follow_up_share`` of the examples are two-turn chats (a follow-up about
+    "it" after the report), taught on the follow-up's answer."""
     texts, images = [], []
     for seed in seeds:
         ph = make_phantom(seed)
         rgb, _ = pad_to_square(ph.image)
         question = pm.QUESTIONS[seed % len(pm.QUESTIONS)]
-        texts.append(processor.apply_chat_template(chat_messages([None], question, answer=ph.report), tokenize=False))
+        if np.random.default_rng((seed, 7)).random() < follow_up_share:
+            messages = follow_up_messages(question, ph.report, ph.findings, seed)
+        else:
+            messages = chat_messages([None], question, answer=ph.report)
+        texts.append(processor.apply_chat_template(messages, tokenize=False))
         images.append([Image.fromarray(rgb)])
     return _encode(processor, texts, images)
 
@@ -257,6 +283,31 @@ def zone_accuracy(model, processor, seeds, device, batch=32):
 
 
 @torch.no_grad()
+def follow_up_accuracy(model, processor, seeds, device) -> float:
+    """Share of held-out phantoms whose follow-up "Where is it?" (after the reference report) names the
+    first finding's side and level (or no finding, for lesion-free phantoms)."""
+    from monailabel_app.report import parse_report
+
+    ok = 0
+    for seed in seeds:
+        ph = make_phantom(seed)
+        rgb, _ = pad_to_square(ph.image)
+        messages = chat_messages([None], pm.DEFAULT_QUESTION, answer=ph.report) + [
+            {"role": "user", "content": [{"type": "text", "text": FOLLOW_UPS[0]}]}]
+        text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        enc = processor(text=[text], images=[[Image.fromarray(rgb)]], return_tensors="pt", add_special_tokens=False)
+        enc = {k: v.to(device) for k, v in enc.items()}
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=24, do_sample=False)
+        answer = processor.tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        said = parse_report(answer)
+        if not ph.findings:
+            ok += not said
+        else:
+            ok += bool(said) and (said[0].side, said[0].level) == (ph.findings[0].side, ph.findings[0].level)
+    return ok / max(1, len(seeds))
+
+
 def lobe_accuracy(model, processor, seeds, device, batch=8):
     """Greedy answers on CT phantom ``seeds`` (full slice count): fraction of lesions whose lobe and kind
     are named, and of answers naming a lobe with no lesion (false findings per volume)."""
@@ -299,6 +350,8 @@ def main(argv=None):
     ap.add_argument("--ct-share", type=float, default=0.75, help="share of CT batches (0: X-ray only)")
     ap.add_argument("--ct-batch", type=int, default=12)
     ap.add_argument("--ct-eval-seeds", type=int, default=100)
+    ap.add_argument("--follow-up-share", type=float, default=0.0,
+                    help="share of X-ray examples that are two-turn chats with a follow-up about 'it'")
     ap.add_argument("--ct-ramp-minutes", type=float, default=0,
                     help="curriculum: CT examples grow from one slice through a lesion to the full recipe over "
                          "this many minutes (0: full recipe from the start)")
@@ -348,7 +401,7 @@ def main(argv=None):
 
     loader = torch.utils.data.DataLoader(
         PhantomBatches(processor, args.batch, args.seed * 10**8, args.ct_share, args.ct_batch,
-                       args.ct_ramp_minutes * 60), batch_size=None,
+                       args.ct_ramp_minutes * 60, args.follow_up_share), batch_size=None,
         num_workers=args.workers, prefetch_factor=4 if args.workers else None, persistent_workers=bool(args.workers),
     )
     t0, ema = time.time(), {}  # running loss per batch kind (X-ray, CT)
@@ -390,6 +443,9 @@ def main(argv=None):
     if args.ct_share:
         ct_acc = lobe_accuracy(model, processor, list(range(args.ct_eval_seeds)), device)
         print(f"CT held-out seeds 0..{args.ct_eval_seeds - 1}: {ct_acc}", flush=True)
+    if args.follow_up_share:
+        fa = follow_up_accuracy(model, processor, list(range(100)), device)
+        print(f"follow-up 'Where is it?' names the first finding's place on seeds 0..99: {fa:.3f}", flush=True)
 
 
 if __name__ == "__main__":

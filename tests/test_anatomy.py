@@ -66,3 +66,25 @@ def test_ct_lungs_contain_the_lesions_and_not_the_mediastinum():
     assert lungs.sum() < 2 * drawn.sum()
     spine = ph.hu > 400  # bone
     assert lungs[spine].mean() < 0.3
+
+
+@pytest.mark.parametrize("series", ["totalsegmentator", "lidc"])
+def test_ct_anatomy_on_reduced_planes_matches_full_resolution_on_real_scans(series):
+    """Real 512 x 512 series: the body and lungs found on reduced planes agree with full resolution and the
+    side gate's midline (patient right = low display x) does not move."""
+    import glob
+
+    from monailabel_app.anatomy import ct_body_and_lungs
+    from monailabel_app.ct import load_ct
+    from monailabel_app.ct_maps import side_columns
+
+    path = shared("ct", "totalsegmentator", "example_ct_dicom") if series == "totalsegmentator" else \
+        glob.glob(shared("ct", "lidc", "LIDC-IDRI-0001") + "/1*/1*")[0]
+    hu = load_ct(path).hu
+    assert hu.shape[1:] == (512, 512)
+    body, lungs = ct_body_and_lungs(hu, 16, body_mask)
+    full_body = body_mask(hu)
+    assert _dice(body, full_body) >= 0.99
+    assert _dice(lungs, ct_lung_mask(hu, full_body, 16)) >= 0.85
+    for side in ("right", "left"):
+        assert abs(int(side_columns(body, side).sum()) - int(side_columns(full_body, side).sum())) <= 1

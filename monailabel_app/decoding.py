@@ -71,9 +71,9 @@ class StaticKV:
     def __init__(self, text_config, batch: int, length: int, device, dtype):
         kvh, hd = text_config.num_key_value_heads, text_config.head_dim
         window = getattr(text_config, "sliding_window", None)
-        types = getattr(text_config, "layer_types", None) or ["full_attention"] * text_config.num_hidden_layers
+        self.types = getattr(text_config, "layer_types", None) or ["full_attention"] * text_config.num_hidden_layers
         self.length = length
-        self.sizes = [window if t == "sliding_attention" and window and window < length else length for t in types]
+        self.sizes = [window if t == "sliding_attention" and window and window < length else length for t in self.types]
         self.keys = [torch.zeros(batch, kvh, s, hd, device=device, dtype=dtype) for s in self.sizes]
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
@@ -195,8 +195,7 @@ class Decoder:
         self.model, self.batch, self.length, self.max_new = model, batch, length, max_new
         self.kv = StaticKV(text_cfg, batch, length, device, dtype)
         self.layers = [layer for layer in layers if layer in self.kv.full_layers]
-        self.types = getattr(text_cfg, "layer_types", None) or ["full_attention"] * text_cfg.num_hidden_layers
-        self.window_size = {t: self.kv.sizes[self.types.index(t)] for t in set(self.types)}
+        self.window_size = {t: self.kv.sizes[self.kv.types.index(t)] for t in set(self.kv.types)}
         long = dict(dtype=torch.long, device=device)
         self.token = torch.zeros(batch, 1, **long)
         self.pad = torch.zeros(batch, **long)
@@ -437,18 +436,16 @@ def prefill_and_decode(model, inputs: dict, layers: list[int], tokens_per_image:
     rows = decoder.run(cache, prompt_len, pad, out.logits[:, -1], image_positions, forced, stop_loops)
     t2 = _now(model)
     attention = None
+    steps = max(len(r.token_ids) for r in rows)
+    used = recorder.usable_layers if recorder is not None else []
     if recorder is not None:
-        for layer, why in recorder.dropped.items():
-            dropped[layer] = why
-        if recorder.usable_layers:
-            steps = max(len(r.token_ids) for r in rows)
+        dropped.update(recorder.dropped)
+        if used:
             decode = decoder.decode_rows(steps)
-            keep = [decoder.layers.index(layer) for layer in recorder.usable_layers]
-            attention = recorder.stacked(None if decode is None else decode[:, keep])
+            recorded = [decoder.layers.index(layer) for layer in used]
+            attention = recorder.stacked(None if decode is None else decode[:, recorded])
         dropped.update({f"mixing {layer}": "keys did not cover the prompt: rollout took it as identity"
                         for layer in recorder.unmixed})
-    used = recorder.usable_layers if recorder is not None else []
-    steps = max(len(r.token_ids) for r in rows)
     context = None
     if keep and batch == 1:
         fed = ids[0].tolist() + rows[0].token_ids[:-1]  # the last answer token was never fed

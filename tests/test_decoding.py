@@ -104,6 +104,9 @@ def test_forced_tokens_and_end_of_turn(tiny):
     assert cut[0].token_ids == [first] and cut[0].stop_reason == "eos"
     bare = prefill_and_decode(tiny, inputs, [], 4, 30, stop_loops=False)  # no capture at all
     assert bare.attention is None and bare.rows[0].token_ids == own[0].token_ids
+    assert all(prefill_and_decode(tiny, inputs, layers, 4, 30).context is None for layers in ([], [3]))  # unasked
+    kept = prefill_and_decode(tiny, inputs, [3], 4, 30, keep=True)
+    assert len(kept.context.ids) == inputs["input_ids"].shape[1] + len(kept.rows[0].token_ids) - 1
     if tiny.device.type == "cuda":  # the decode steps ran as CUDA graph replays
         assert any(d.graph is not None for d in tiny.__dict__["_medgemma_decoders"].values())
 

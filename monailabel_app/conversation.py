@@ -27,8 +27,6 @@ class Entry:
     image: str  # the image id the conversation is about
     study: object  # the loaded Radiograph or CTVolume
     chat: Conversation
-    questions: list[str] = field(default_factory=list)
-    answers: list[str] = field(default_factory=list)
     last_used: float = field(default_factory=time.monotonic)
 
     @property

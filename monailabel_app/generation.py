@@ -64,6 +64,18 @@ class Conversation:
     def nbytes(self) -> int:
         return self.context.nbytes
 
+    def history(self) -> list[dict]:
+        """Per turn: the question (the user turn's last text) and the model's answer."""
+        users = [m for m in self.messages if m["role"] == "user"]
+        answers = [m for m in self.messages if m["role"] == "assistant"]
+        return [{"question": u["content"][-1]["text"], "answer": a["content"][0]["text"].strip()}
+                for u, a in zip(users, answers)]
+
+
+def text_turn(role: str, text: str) -> dict:
+    """A chat turn of text alone (system text, a follow-up question, an answer)."""
+    return {"role": role, "content": [{"type": "text", "text": text}]}
+
 
 def chat_ids(processor, messages: list[dict]) -> list[int]:
     """Token ids of ``messages`` with the model's turn opened, without processing any image: each image
@@ -88,11 +100,9 @@ def chat_messages(content: list, question: str, system: str | None = None, answe
         else:
             items.append({"type": "image", "image": c} if c is not None else {"type": "image"})
     items.append({"type": "text", "text": question})
-    messages = ([{"role": "system", "content": [{"type": "text", "text": system}]}] if system else []) + [
-        {"role": "user", "content": items}
-    ]
+    messages = ([text_turn("system", system)] if system else []) + [{"role": "user", "content": items}]
     if answer is not None:
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+        messages.append(text_turn("assistant", answer))
     return messages
 
 
@@ -154,14 +164,14 @@ def follow_up(model, processor, conversation: Conversation, question: str, layer
     images and earlier turns come from the kept context); its attention rows and maps are as in the first
     turn. The returned generation carries the conversation one turn longer."""
     t0 = time.perf_counter()
-    messages = conversation.messages + [{"role": "user", "content": [{"type": "text", "text": question}]}]
+    messages = conversation.messages + [text_turn("user", question)]
     ids = torch.tensor([_turn_ids(processor, conversation, messages)], device=model.device)
     t_prep = time.perf_counter()
     result = prefill_and_decode(model, {"input_ids": ids}, list(layers), int(model.config.mm_tokens_per_image),
                                 max_new_tokens, rollout, None, sorted(_eos_ids(model)), past=conversation.context,
                                 keep=True)
     gen = _generations(model, processor, result, [ids.shape[1]], t0, t_prep)[0]
-    gen.conversation = Conversation(messages + [_answer(gen.text)], result.context, conversation.turns + 1,
+    gen.conversation = Conversation(messages + [text_turn("assistant", gen.text)], result.context, conversation.turns + 1,
                                     gen.token_ids[-1] if gen.token_ids else None)
     return gen
 
@@ -182,10 +192,6 @@ def _turn_ids(processor, conversation: Conversation, messages: list[dict]) -> li
         return ids
     closing = [conversation.last_token] + ([] if conversation.last_token == end else [end])
     return kept + closing + tok("\n" + after[len(before):], add_special_tokens=False)["input_ids"]
-
-
-def _answer(text: str) -> dict:
-    return {"role": "assistant", "content": [{"type": "text", "text": text}]}
 
 
 def generate_batch(model, processor, studies: list[tuple[list, str]], layers, max_new_tokens=128, system=None,
@@ -213,7 +219,7 @@ def generate_batch(model, processor, studies: list[tuple[list, str]], layers, ma
     gens = _generations(model, processor, result, inputs["attention_mask"].sum(-1).tolist(), t0, t_prep)
     if result.context is not None:
         (content, question), gen = studies[0], gens[0]
-        messages = chat_messages(_placeholders(content), question, system) + [_answer(gen.text)]
+        messages = chat_messages(_placeholders(content), question, system, answer=gen.text)
         gen.conversation = Conversation(messages, result.context, 1, gen.token_ids[-1] if gen.token_ids else None)
     return gens
 

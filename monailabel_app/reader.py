@@ -177,6 +177,15 @@ class Reader:
             self._fall_back_to_fp32()
             return generate_batch(self.model, self.processor, *args)
 
+    def _settings(self, study: Radiograph | CTVolume) -> dict:
+        """The grounding entry (layers, rollout, threshold, gates) for the study's modality."""
+        return self.ct if isinstance(study, CTVolume) else self.info.grounding
+
+    @staticmethod
+    def _params(study: Radiograph | CTVolume, question, max_new_tokens) -> tuple[str, int]:
+        """Validated question (default: the modality's) and token limit."""
+        return check_params(question, max_new_tokens, CT_QUESTION if isinstance(study, CTVolume) else DEFAULT_QUESTION)
+
     def _content(self, study: Radiograph | CTVolume, max_slices: int | None = None) -> list:
         """What the model is shown: the padded radiograph, or the CT recipe's slices with "SLICE n"."""
         if isinstance(study, CTVolume):
@@ -193,15 +202,14 @@ class Reader:
         groups: dict[tuple, list[int]] = {}
         chats = []
         for i, study in enumerate(loaded):
-            is_ct = isinstance(study, CTVolume)
-            q, n = check_params(question, max_new_tokens, CT_QUESTION if is_ct else DEFAULT_QUESTION)
+            q, n = self._params(study, question, max_new_tokens)
             chats.append((self._content(study), q))
-            groups.setdefault((is_ct, len(chats[-1][0])), []).append(i)
+            groups.setdefault((isinstance(study, CTVolume), len(chats[-1][0])), []).append(i)
         readings: list[Reading | None] = [None] * len(loaded)
-        for (is_ct, _), members in groups.items():
+        for members in groups.values():
             for start in range(0, len(members), batch_size):
                 chunk = members[start : start + batch_size]
-                gens = self._generate([chats[i] for i in chunk], self.ct if is_ct else self.info.grounding, n,
+                gens = self._generate([chats[i] for i in chunk], self._settings(loaded[chunk[0]]), n,
                                       None if answers is None else [answers[i] for i in chunk])
                 for i, gen in zip(chunk, gens):
                     t0 = time.perf_counter()
@@ -220,10 +228,9 @@ class Reader:
         t0 = time.perf_counter()
         modality = check_modality(modality)
         study = image if isinstance(image, (Radiograph, CTVolume)) else load_study(image, modality, self.limits)
-        is_ct = isinstance(study, CTVolume)
-        question, max_new_tokens = check_params(question, max_new_tokens, CT_QUESTION if is_ct else DEFAULT_QUESTION)
+        question, max_new_tokens = self._params(study, question, max_new_tokens)
         t_load = time.perf_counter()
-        if is_ct:
+        if isinstance(study, CTVolume):
             reading = self._read_ct(study, question, max_new_tokens, check_max_slices(max_slices, self.ct["max_slices"]),
                                     answer, keep=keep)
         else:
@@ -237,9 +244,8 @@ class Reader:
         """A follow-up ``question`` in ``conversation`` about ``study``: only the new turn is computed (the
         images and earlier turns come from the kept context); findings and masks as in a first turn."""
         t0 = time.perf_counter()
-        is_ct = isinstance(study, CTVolume)
-        question, max_new_tokens = check_params(question, max_new_tokens, CT_QUESTION if is_ct else DEFAULT_QUESTION)
-        settings = self.ct if is_ct else self.info.grounding
+        question, max_new_tokens = self._params(study, question, max_new_tokens)
+        settings = self._settings(study)
         try:
             gen = follow_up(self.model, self.processor, conversation, question, list(settings["layers"]),
                             max_new_tokens, bool(settings.get("rollout")))

@@ -105,10 +105,8 @@ class MedGemmaInfer(InferTask):
             reading = self.reader.follow_up(entry.study, entry.chat, question, max_new_tokens, request.get("max_slices"))
             entry.chat = reading.generation.conversation
             self.conversations.update(cid, entry)
-        entry.questions.append(reading.question)
-        entry.answers.append(reading.report)
         return reading, {"id": cid, "turn": entry.turn, "expires_after_idle_s": self.conversations.ttl_s,
-                         "history": [{"question": q, "answer": a} for q, a in zip(entry.questions, entry.answers)]}
+                         "history": entry.chat.history()}
 
 
 def _temp_path(ext: str) -> str:

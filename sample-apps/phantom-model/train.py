@@ -42,7 +42,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from monailabel_app import phantom_model as pm  # noqa: E402
 from monailabel_app.ct import interleave, model_slices, sample_slices  # noqa: E402
 from monailabel_app.ct_phantoms import make_ct_phantom, phantom_volume  # noqa: E402
-from monailabel_app.generation import chat_messages  # noqa: E402
+from monailabel_app.generation import chat_messages, text_turn  # noqa: E402
 from monailabel_app.phantoms import make_phantom  # noqa: E402
 from monailabel_app.report import format_findings  # noqa: E402
 from monailabel_app.xray import pad_to_square  # noqa: E402
@@ -150,9 +150,7 @@ def follow_up_messages(first_question: str, report: str, findings, n: int) -> li
     """A two-turn chat: the study and its report, then a follow-up about "it" (question ``n``) and its answer;
     the labels (:func:`_answer_labels`) cover the last answer only."""
     return chat_messages([None], first_question, answer=report) + [
-        {"role": "user", "content": [{"type": "text", "text": FOLLOW_UPS[n % len(FOLLOW_UPS)]}]},
-        {"role": "assistant", "content": [{"type": "text", "text": follow_up_answer(findings)}]},
-    ]
+        text_turn("user", FOLLOW_UPS[n % len(FOLLOW_UPS)]), text_turn("assistant", follow_up_answer(findings))]
 
 
 def encode_batch(processor, seeds, follow_up_share: float = 0.0):
@@ -292,8 +290,7 @@ def follow_up_accuracy(model, processor, seeds, device) -> float:
     for seed in seeds:
         ph = make_phantom(seed)
         rgb, _ = pad_to_square(ph.image)
-        messages = chat_messages([None], pm.DEFAULT_QUESTION, answer=ph.report) + [
-            {"role": "user", "content": [{"type": "text", "text": FOLLOW_UPS[0]}]}]
+        messages = chat_messages([None], pm.DEFAULT_QUESTION, answer=ph.report) + [text_turn("user", FOLLOW_UPS[0])]
         text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         enc = processor(text=[text], images=[[Image.fromarray(rgb)]], return_tensors="pt", add_special_tokens=False)
         enc = {k: v.to(device) for k, v in enc.items()}

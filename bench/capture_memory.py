@@ -27,39 +27,22 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-MEDGEMMA_4B = dict(
-    text=dict(hidden_size=2560, intermediate_size=10240, num_hidden_layers=34, num_attention_heads=8,
-              num_key_value_heads=4, head_dim=256, vocab_size=262208, sliding_window=1024,
-              rope_scaling={"rope_type": "linear", "factor": 8.0}, query_pre_attn_scalar=256,
-              max_position_embeddings=131072),
-    vision=dict(hidden_size=1152, intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
-                image_size=896, patch_size=14, vision_use_head=False),
-    image_token_index=262144, boi=255999, eoi=256000,
-)
-
-
 def build_model(medgemma: bool, device: str, dtype):
-    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+    """(model, prompt spec): the phantom model, or MedGemma-4B shapes with random weights
+    (``bench/medgemma_shapes.py``)."""
+    if medgemma:
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from medgemma_shapes import build
 
-    if not medgemma:
+        model, _ = build(device, dtype, attn="sdpa")
+        model.generation_config.eos_token_id = None  # random weights: always run the full new-token count
+    else:
         from monailabel_app.loading import load_model
 
-        model, processor, _ = load_model(_phantom_dir(), device, "fp32")
-        cfg = model.config
-        return model, dict(image_token=cfg.image_token_index, boi=cfg.boi_token_index, eoi=cfg.eoi_token_index,
-                           image_size=cfg.vision_config.image_size, vocab=len(processor.tokenizer))
-    s = MEDGEMMA_4B
-    every = 6
-    types = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(s["text"]["num_hidden_layers"])]
-    cfg = Gemma3Config(text_config={**s["text"], "layer_types": types}, vision_config=s["vision"],
-                       mm_tokens_per_image=256, image_token_index=s["image_token_index"],
-                       boi_token_index=s["boi"], eoi_token_index=s["eoi"])
-    cfg._attn_implementation = "sdpa"
-    with torch.device(device):
-        model = Gemma3ForConditionalGeneration._from_config(cfg, dtype=dtype)
-    model.eval()
-    model.generation_config.eos_token_id = None  # random weights: always run the full new-token count
-    return model, dict(image_token=s["image_token_index"], boi=s["boi"], eoi=s["eoi"], image_size=896, vocab=1000)
+        model, _, _ = load_model(_phantom_dir(), device, "fp32")
+    cfg = model.config
+    return model, dict(image_token=cfg.image_token_index, boi=cfg.boi_token_index, eoi=cfg.eoi_token_index,
+                       image_size=cfg.vision_config.image_size)
 
 
 def _phantom_dir():

@@ -36,7 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
-from medgemma_shapes import build, global_layers, save  # noqa: E402
+from medgemma_shapes import build, global_layers, grounding, save  # noqa: E402
 
 from monailabel_app.capture import CAPTURE_ATTN  # noqa: E402
 from monailabel_app.ct_phantoms import make_ct_phantom, phantom_volume  # noqa: E402
@@ -99,11 +99,9 @@ def report(tokenizer, findings: str, n: int = NEW) -> str:
 
 
 def reader_for(model, processor, precision: str) -> Reader:
-    layers = global_layers(model.config)
     info = ModelInfo(id="medgemma-4b-shapes (random weights)", precision=precision, device="cuda",
                      precision_reason="benchmark", parameters=sum(p.numel() for p in model.parameters()),
-                     grounding={"layers": layers, "rollout": False, "threshold": 0.5, "source": "benchmark",
-                                "ct": {"layers": layers, "rollout": True, "max_slices": 85, "threshold": 0.5}})
+                     grounding={**grounding(model.config), "source": "benchmark"})
     return Reader(model="medgemma-4b-shapes", loaded=(model, processor, info))
 
 

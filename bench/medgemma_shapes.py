@@ -69,13 +69,19 @@ def build(device: str = "cuda", dtype=torch.bfloat16, attn: str = "sdpa"):
     return model, processor
 
 
+def grounding(cfg) -> dict:
+    """The maps' settings without calibration: every global layer, radiographs direct, CT rolled out over
+    85 slices (what ``loading.load_grounding`` defaults to for MedGemma)."""
+    layers = global_layers(cfg)
+    return {"layers": layers, "rollout": False, "threshold": 0.5,
+            "ct": {"layers": layers, "rollout": True, "max_slices": 85, "threshold": 0.5}}
+
+
 def save(model, processor, folder: str) -> str:
-    """A model folder like a downloaded MedGemma (safetensors, processor, grounding.json: every global
-    layer, radiographs direct, CT rolled out over 85 slices)."""
+    """A model folder like a downloaded MedGemma (safetensors, processor, :func:`grounding` as
+    grounding.json)."""
     model.save_pretrained(folder, safe_serialization=True)
     processor.save_pretrained(folder)
-    layers = global_layers(model.config)
     with open(os.path.join(folder, "grounding.json"), "w") as f:
-        json.dump({"layers": layers, "rollout": False, "threshold": 0.5,
-                   "ct": {"layers": layers, "rollout": True, "max_slices": 85, "threshold": 0.5}}, f)
+        json.dump(grounding(model.config), f)
     return folder

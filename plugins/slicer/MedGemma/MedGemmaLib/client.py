@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -133,8 +134,10 @@ class MedGemmaClient:
         if not result.heatmap_url:
             return None
         r = self._call("GET", result.heatmap_url)
-        fd, path = tempfile.mkstemp(suffix=".nii.gz" if "nii" in r.headers.get("content-disposition", ".nii.gz")
-                                    else ".nrrd", prefix="medgemma_heatmap_")
+        name = re.search(r'filename="?([^";]+)', r.headers.get("content-disposition", ""))
+        suffix = next((ext for ext in (".nii.gz", ".nrrd", ".nii", ".mha") if name and name.group(1).endswith(ext)),
+                      ".nii.gz")
+        fd, path = tempfile.mkstemp(suffix=suffix, prefix="medgemma_heatmap_")
         with os.fdopen(fd, "wb") as f:
             f.write(r.content)
         return path

@@ -103,8 +103,6 @@ def test_a_follow_up_depends_on_what_was_said_before(reader):
     assert not torch.allclose(follow[0].attention[0], follow[1].attention[0])
 
 
-@pytest.mark.xfail(strict=True, reason="the shipped phantom model was trained on single questions only; "
-                   "train.py --follow-up-share teaches follow-ups about 'it' (needs GPU time)")
 def test_a_follow_up_about_it_names_the_first_finding(reader):
     """Grounded in the earlier turn: after the report, "Where is it?" names where the report's first
     finding is (the phantom's follow-up answer: "it is in the <side> <level> zone.")."""

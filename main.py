@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # lib/ and monai
 
 import lib.configs  # noqa: E402
 from lib.infers.medgemma import HEATMAP_TAG  # noqa: E402
+from monailabel_app.pacs import MODALITIES, PACSDatastore  # noqa: E402
 
 IMAGE_EXTENSIONS = ["*.nii.gz", "*.nii", "*.nrrd", "*.mha", "*.png", "*.jpg", "*.jpeg", "*.bmp", "*.tif", "*.tiff", "*.dcm", "*.zip"]  # .zip: a DICOM series
 
@@ -77,13 +78,40 @@ class MyApp(MONAILabelApp):
 
     def init_datastore(self):
         if self.studies.startswith(("http://", "https://")):
-            return super().init_datastore()
+            return self._pacs_datastore()
         return LocalDatastore(
             self.studies,
             extensions=IMAGE_EXTENSIONS,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
             read_only=settings.MONAI_LABEL_DATASTORE_READ_ONLY,
         )
+
+    def _pacs_datastore(self):
+        """The PACS over DICOMweb (``--studies http://host:port/dicom-web``): MONAI Label's client and
+        settings (credentials, URL prefixes, cache path, search filter), every modality in ``--conf
+        modalities`` (default CT,CR,DX) listed. Series are fetched whole (MONAI Label's fetch-by-frame
+        option is not used: it rebuilds files from metadata and frames, and loses the transfer syntax)."""
+        from monailabel.datastore.dicom import DICOMwebClientX
+        from dicomweb_client.session_utils import create_session_from_user_pass
+
+        url = self.studies.rstrip("/").strip()
+        session = None
+        if settings.MONAI_LABEL_DICOMWEB_USERNAME and settings.MONAI_LABEL_DICOMWEB_PASSWORD:
+            session = create_session_from_user_pass(settings.MONAI_LABEL_DICOMWEB_USERNAME, settings.MONAI_LABEL_DICOMWEB_PASSWORD)
+        client = DICOMwebClientX(url=url, session=session, qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+                                 wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX, stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
+        self._download_dcmqi_tools()  # MONAI Label's own SEG tools (dcmqi, from PyPI): present, nothing is fetched
+        search = {k: v for k, v in (settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER or {}).items() if k != "Modality"}
+        modalities = self.conf.get("modalities", ",".join(MODALITIES)).split(",")
+        return PACSDatastore(client, modalities, search, (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or None,
+                             settings.MONAI_LABEL_DICOMWEB_CACHE_EXPIRY)
+
+    def on_save_label(self, image_id, label_id):
+        """The save's answer names the SEG and SR it stored on the PACS (their series and instance UIDs)."""
+        datastore = self.datastore()
+        if isinstance(datastore, PACSDatastore):
+            return {"dicom": datastore.export_of(label_id)}
+        return super().on_save_label(image_id, label_id)
 
     def init_infers(self):
         return {name: cfg.infer() for name, cfg in self.models.items()}
@@ -101,6 +129,8 @@ class MyApp(MONAILabelApp):
             raise HTTPException(status_code=404, detail=f"unknown image id {image_id!r}: not in the datastore")
         result = super().infer(request, datastore)
         params = result.get("params") or {}
+        if from_datastore and isinstance(datastore, PACSDatastore):
+            datastore.remember_reading(image_id, {k: v for k, v in params.items() if k != "heatmap_file"})
         heatmap = params.pop("heatmap_file", None)
         if heatmap and os.path.exists(heatmap):
             if from_datastore:

@@ -114,18 +114,29 @@ def _read_main(argv) -> int:
     ap.add_argument("--max-slices", type=int, default=None, help="CT: slices shown to the model (default: the model's)")
     ap.add_argument("--resample", action="store_true", help="CT: resample oblique volumes instead of refusing them")
     ap.add_argument("--save-inputs", action="store_true", help="write the exact model input images to OUT/inputs/")
+    ap.add_argument("--dicom", action="store_true",
+                    help="DICOM input: also write OUT/dicom/seg.dcm (DICOM SEG) and sr.dcm (TID 1500 SR) referencing it")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
+    from . import dicom_export
     from .ct import Limits
     from .reader import Reader
     from .writers import write_reading
 
     def work():
+        if args.dicom:
+            dicom_export.read_sources(args.input)  # not DICOM: say so before the model runs
         reader = Reader(args.model, device=args.device, precision=args.precision, limits=Limits(resample=args.resample))
         reading = reader.read(args.input, args.question, args.max_new_tokens, args.modality, args.max_slices)
-        return reading, write_reading(reading, args.out, save_model_inputs=args.save_inputs)
+        result = write_reading(reading, args.out, save_model_inputs=args.save_inputs)
+        if args.dicom:
+            objects = dicom_export.export(args.input, os.path.join(args.out, result["files"]["mask"]), result)
+            for kind, path in dicom_export.write(objects, os.path.join(args.out, "dicom")).items():
+                result["files"][kind] = os.path.relpath(path, args.out)
+            _write_json(os.path.join(args.out, "findings.json"), result)
+        return reading, result
 
     done, status = _guarded(work)
     if status:

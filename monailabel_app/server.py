@@ -31,8 +31,10 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, studies: str, conf: dict | None = None, workdir: str | None = None, timeout: float = 180):
+    def __init__(self, studies: str, conf: dict | None = None, workdir: str | None = None, timeout: float = 180,
+                 env: dict | None = None):
         self.studies, self.conf, self.timeout = studies, {"models": "medgemma", **(conf or {})}, timeout
+        self.extra_env = dict(env or {})
         self._own_workdir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="medgemma-server-")
         self.port = free_port()
@@ -52,6 +54,7 @@ class ServerProcess:
             "TMPDIR": os.path.join(self.workdir, "tmp"),
             "PYTHONPATH": APP_DIR + os.pathsep + env.get("PYTHONPATH", ""),
         })
+        env.update(self.extra_env)
         os.makedirs(env["TMPDIR"], exist_ok=True)
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)

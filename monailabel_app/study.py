@@ -2,7 +2,8 @@
 
 ``modality="auto"`` (the default) decides by content, never by the caller's guess:
 
-* a folder or a ``.zip``: a DICOM series, read as CT;
+* a folder or a ``.zip``: a DICOM series, read as CT; a folder holding one DICOM radiograph (how a PACS
+  series of a CR/DX arrives) is that radiograph;
 * a DICOM file: CT when its Modality is CT or its SOP class is a CT image (one slice or enhanced
   multi-frame), otherwise a radiograph (CR/DX/...);
 * NIfTI / NRRD / MHA: CT when it has more than one slice, or one plane in Hounsfield units (air at
@@ -34,7 +35,9 @@ def check_modality(modality) -> str:
 
 def detect(path: str) -> str:
     """``"ct"`` or ``"xray"`` for ``path`` (see the module docstring)."""
-    if os.path.isdir(path) or path.lower().endswith(".zip"):
+    if os.path.isdir(path):
+        return "xray" if single_radiograph(path) else "ct"
+    if path.lower().endswith(".zip"):
         return "ct"
     if not os.path.isfile(path):
         raise InputError(f"image not found: {os.path.basename(path)}", status=404)
@@ -52,6 +55,20 @@ def detect(path: str) -> str:
     if name.endswith(VOLUME_EXTENSIONS):
         return _volume_kind(path)
     return "xray"
+
+
+def single_radiograph(folder: str) -> str | None:
+    """The one file of ``folder`` when it is its only file and a DICOM image that is not CT, else None."""
+    files = [os.path.join(r, n) for r, _, names in os.walk(folder) for n in names if not n.startswith(".")]
+    if len(files) != 1:
+        return None
+    import pydicom
+
+    try:
+        ds = pydicom.dcmread(files[0], stop_before_pixels=True)
+    except Exception:
+        return None
+    return None if is_ct_dicom(ds) or "Rows" not in ds else files[0]
 
 
 def _volume_kind(path: str) -> str:
@@ -79,5 +96,8 @@ def load_study(path: str, modality: str = "auto", limits: Limits | None = None) 
     if kind == "ct":
         return load_ct(path, limits)
     if os.path.isdir(path):
-        raise InputError("a folder is a DICOM series (CT), not a radiograph")
+        single = single_radiograph(path)
+        if not single:
+            raise InputError("this folder is not one DICOM radiograph: a folder of several images is a CT series")
+        path = single
     return load_radiograph(path)

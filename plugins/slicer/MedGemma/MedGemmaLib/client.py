@@ -4,7 +4,7 @@ Plain Python (``requests`` and the standard library), so the test suite runs it 
 the Slicer widget (``MedGemma.py``) only shows what these classes return.
 
 * :class:`MedGemmaClient`: ``/info/``, upload to the datastore, ``/infer/{model}`` (multipart answer:
-  the result JSON and the label file), the heatmap download. Server errors become :class:`ServerError`
+  the result JSON and the label file), the heatmap download, saving a label (on a PACS: DICOM SEG + SR). Server errors become :class:`ServerError`
   with the HTTP status and the server's own message.
 * :class:`InferJob`: one request in a background thread that can be cancelled (the answer, when it comes,
   is dropped) and polled by a timer.
@@ -128,6 +128,22 @@ class MedGemmaClient:
         with os.fdopen(fd, "wb") as f:
             f.write(label)
         return ReadingResult.parse(result, label_file)
+
+    def save(self, image_id: str, label_file: str, result: ReadingResult | None = None, tag: str = "final",
+             label_info: list[dict] | None = None) -> dict:
+        """Save a (possibly corrected) label for ``image_id`` in the datastore; on a PACS a ``final`` label is
+        stored there as DICOM SEG + SR. ``result``: the reading it came from (its report and findings go
+        into the SR); ``label_info``: segment names as [{"name", "idx"}] when they differ from the reading's.
+        The server's answer: with a PACS, ``dicom`` names the stored SEG and SR."""
+        params = {}
+        if result is not None:
+            params["reading"] = result.raw
+        if label_info is not None:
+            params["label_info"] = label_info
+        with open(label_file, "rb") as f:
+            r = self._call("PUT", "/datastore/label", params={"image": image_id, "tag": tag},
+                           files={"label": (os.path.basename(label_file), f)}, data={"params": json.dumps(params)})
+        return r.json()
 
     def heatmap(self, result: ReadingResult) -> str | None:
         """Download the result's float heatmap (same geometry as the label file); its local path."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import os
 import pkgutil
 import sys
@@ -24,6 +25,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # lib/ and monai
 import lib.configs  # noqa: E402
 from lib.infers.medgemma import HEATMAP_TAG  # noqa: E402
 from monailabel_app.pacs import MODALITIES, PACSDatastore  # noqa: E402
+
+logger = logging.getLogger(__name__)
 
 IMAGE_EXTENSIONS = ["*.nii.gz", "*.nii", "*.nrrd", "*.mha", "*.png", "*.jpg", "*.jpeg", "*.bmp", "*.tif", "*.tiff", "*.dcm", "*.zip"]  # .zip: a DICOM series
 
@@ -100,7 +103,12 @@ class MyApp(MONAILabelApp):
             session = create_session_from_user_pass(settings.MONAI_LABEL_DICOMWEB_USERNAME, settings.MONAI_LABEL_DICOMWEB_PASSWORD)
         client = DICOMwebClientX(url=url, session=session, qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
                                  wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX, stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
-        self._download_dcmqi_tools()  # MONAI Label's own SEG tools (dcmqi, from PyPI): present, nothing is fetched
+        # MONAI Label's own SEG tools (dcmqi, from PyPI) sit beside this interpreter; a venv's python run
+        # without activating it does not have them on PATH, and MONAI Label would try to download them
+        scripts = os.path.dirname(sys.executable)
+        if scripts not in os.environ.get("PATH", "").split(os.pathsep):
+            os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
+        self._download_dcmqi_tools()
         search = {k: v for k, v in (settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER or {}).items() if k != "Modality"}
         modalities = self.conf.get("modalities", ",".join(MODALITIES)).split(",")
         return PACSDatastore(client, modalities, search, (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or None,
@@ -112,6 +120,27 @@ class MyApp(MONAILabelApp):
         if isinstance(datastore, PACSDatastore):
             return {"dicom": datastore.export_of(label_id)}
         return super().on_save_label(image_id, label_id)
+
+    def batch_infer(self, request, datastore=None):
+        """MONAI Label's ``/batch/infer`` (labels saved with their params); a study that fails is reported
+        with its error and status and the batch goes on (MONAI Label's one-worker path would stop there).
+        Without a GPU, its default ``multi_gpu`` spreads the studies over zero devices (a division by
+        zero): it is turned off there."""
+        import torch
+
+        if not torch.cuda.device_count():
+            request = {**request, "multi_gpu": False, "device": "cpu"}
+
+        def infer_one(req, ds):
+            try:
+                return self.infer(req, ds)
+            except HTTPException as e:
+                return {"error": e.detail, "status": e.status_code}
+            except Exception as e:  # a fault on one study: logged, reported, the batch goes on
+                logger.exception("batch infer failed on %s", req.get("image"))
+                return {"error": f"{type(e).__name__}: {e}", "status": 500}
+
+        return self._batch_infer(request, datastore or self.datastore(), infer_one)
 
     def init_infers(self):
         return {name: cfg.infer() for name, cfg in self.models.items()}

@@ -6,13 +6,16 @@
     medgemma-label phantom --seed N [--count K] --out DIR
     medgemma-label phantom --ct --seed N [--count K] --out DIR [--format nifti|nrrd|dicom] [--orientation LPS]
     medgemma-label calibrate [--model ID|DIR] --data phantoms|ct-phantoms|DIR [--count N] [--out FILE]
+    medgemma-label batch -i DIR|DICOMWEB_URL -o OUTDIR [--engine local|ray] [--address ADDR] [--workers N]
+    medgemma-label lowdose -i CT [CT ...] -o OUTDIR [--doses 1.0,0.5,0.25,0.1] [--precisions fp32,bf16]
 
 STUDY is a radiograph (PNG/JPEG, DICOM CR/DX, a one-plane NIfTI/NRRD) or a CT volume (NIfTI/NRRD/MHA,
 a DICOM series folder or .zip, an enhanced multi-frame or single-slice CT DICOM); the kind is decided
 from the content unless --modality says.
 
 Without ``--model`` the embedded phantom model is used: a tiny synthetic TEST model, not MedGemma.
-Exit status: 0 done, 2 bad input (the message says what was wrong), 3 the model could not be loaded.
+Exit status: 0 done, 2 bad input (the message says what was wrong), 3 the model could not be loaded; batch:
+1 when some studies failed (each is in the manifest with its error).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 import numpy as np
 from PIL import Image
@@ -212,8 +216,85 @@ def _calibrate_main(argv) -> int:
     return 0
 
 
+def _batch_studies(source: str, out: str, exclude=()):
+    """(studies, fetch) for ``--input``: a folder, or a PACS's DICOMweb URL (series fetched into OUT/.pacs-cache)."""
+    from . import batch
+
+    if not source.startswith(("http://", "https://")):
+        return batch.find_studies(source, tuple(exclude)), None
+    from dicomweb_client import DICOMwebClient
+    from dicomweb_client.session_utils import create_session_from_user_pass
+
+    from .pacs import PACSDatastore
+
+    user, password = os.environ.get("MONAI_LABEL_DICOMWEB_USERNAME"), os.environ.get("MONAI_LABEL_DICOMWEB_PASSWORD")
+    session = create_session_from_user_pass(user, password) if user and password else None
+    pacs = PACSDatastore(DICOMwebClient(source.rstrip("/"), session=session), cache_path=os.path.join(out, ".pacs-cache"))
+    return [batch.Study(uid) for uid in sorted(pacs.list_images())], pacs.get_image_uri
+
+
+def _batch_main(argv) -> int:
+    from . import batch
+
+    ap = argparse.ArgumentParser(prog="medgemma-label batch", description=batch.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-i", "--input", required=True, help="a folder of studies, or a PACS's DICOMweb URL")
+    ap.add_argument("-o", "--out", required=True, help="output folder (studies/, manifest.jsonl, manifest.csv)")
+    ap.add_argument("--model", default=None, help="Hugging Face id or local folder (default: embedded phantom model)")
+    ap.add_argument("--question", default=None)
+    ap.add_argument("--precision", default="auto")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--engine", choices=("local", "ray"), default="local",
+                    help="local: this process; ray: Ray Data, one model replica per worker (pip install '.[ray]')")
+    ap.add_argument("--address", default=None, help="ray: the cluster's address (default: a local Ray instance)")
+    ap.add_argument("--workers", type=int, default=None, help="ray: model replicas (default: one per GPU, else 2)")
+    ap.add_argument("--exclude", action="append", default=[], metavar="GLOB",
+                    help="skip studies whose path (relative to --input) matches, e.g. '*_mask.png' (repeatable)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    def work():
+        from fastapi import HTTPException
+
+        from .errors import InputError
+
+        t0 = time.perf_counter()
+        os.makedirs(args.out, exist_ok=True)
+        try:
+            studies, fetch = _batch_studies(args.input, args.out, args.exclude)
+        except HTTPException as e:  # the PACS cannot list its series
+            raise InputError(e.detail, status=e.status_code) from e
+        manifest, plan = batch.prepare(args.out, studies, fetch)
+        if args.engine == "ray":
+            from .batch_ray import run_ray
+
+            finished = run_ray(args, manifest, plan)
+        else:
+            from .ct import Limits
+            from .reader import Reader
+
+            reader = Reader(args.model, device=args.device, precision=args.precision, limits=Limits())
+            finished = batch.run_local(reader, args.out, manifest, plan, args.question, args.max_new_tokens,
+                                       progress=not args.no_progress)
+        rows = manifest.compact(plan.order)
+        return rows, finished, plan, time.perf_counter() - t0
+
+    done, status = _guarded(work)
+    if status:
+        return status
+    rows, finished, plan, seconds = done
+    print(batch.summary(rows, finished, plan.skipped, seconds))
+    print(f"manifest: {os.path.join(args.out, 'manifest.jsonl')} and manifest.csv")
+    return 1 if any(r["status"] != "ok" for r in rows) else 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "batch":
+        return _batch_main(argv[1:])
     if argv and argv[0] == "phantom":
         return _phantom_main(argv[1:])
     if argv and argv[0] == "calibrate":

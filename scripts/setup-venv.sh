@@ -15,7 +15,7 @@ if [ ! -f "$stamp" ]; then
   echo "installing into .venv (first time: several minutes) ..."
   pip_install --upgrade pip
   pip_install torch==2.14.1 torchvision==0.29.1
-  pip_install -e ".[test]"
+  pip_install -e ".[test,ray]"  # ray: the batch job's Ray engine is tested too
   .venv/bin/python -c "import torch, transformers, monailabel, monailabel_app" # fail here, not in the tests
   rm -f .venv/.installed-*
   touch "$stamp"

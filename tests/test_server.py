@@ -185,3 +185,22 @@ def test_sided_findings_on_a_real_radiograph_land_on_that_side_of_the_patient(cl
         assert m.any() and (m & other).sum() == 0, f
         cols = np.nonzero(m)[1]
         assert (cols < half).all() if f["side"] == "right" else (cols >= half).all(), f
+
+
+def test_monai_label_batch_infer_saves_labels_with_their_params(server, studies):
+    """MONAI Label's own /batch/infer with our task: every image read, its label saved in the datastore
+    with the result params (report, findings); the bad images are reported with their errors."""
+    r = requests.post(f"{server.url}/batch/infer/medgemma", params={"images": "all", "run_sync": "true"},
+                      json={"label_tag": "original", "save_label": True, "max_workers": 1, "device": "cpu"}, timeout=900)
+    assert r.status_code == 200, r.text
+    results = r.json()
+    failed = {image: v for image, v in results.items() if "error" in v}
+    assert set(failed) == set(BAD), failed
+    assert all(400 <= v["status"] < 500 for v in failed.values())
+    objects = requests.get(f"{server.url}/datastore/", params={"output": "all"}, timeout=60).json()["objects"]
+    for seed in PHANTOM_SEEDS:
+        info = objects[f"phantom_{seed}"]["labels"]["original"]["info"]
+        assert info["params"]["report"] == make_phantom(seed).report
+        assert [f["name"] for f in info["params"]["findings"]] == list(info["params"]["label_names"])
+    _still_serving_after_batch = requests.get(server.url + "/info/", timeout=30)
+    assert _still_serving_after_batch.status_code == 200

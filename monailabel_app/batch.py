@@ -1,0 +1,287 @@
+"""Pre-label a whole dataset: every study read once, its outputs and one manifest line each.
+
+    medgemma-label batch --input DIR|http://pacs/dicom-web --out OUT [--engine local|ray]
+
+* **Studies**: in a folder, every image file (radiograph or CT volume, any format the reader takes) and
+  every folder of DICOM files (one series); from a PACS (a DICOMweb URL), every CT/CR/DX series.
+* **Outputs**: ``OUT/studies/<content hash>/`` holds the single-study CLI's files (findings.json, mask,
+  heatmap(s), overlay). They are written in a temporary folder and renamed when complete, so a killed run
+  never leaves a half-written folder that looks done.
+* **Manifest**: ``OUT/manifest.jsonl`` gets one line per study as it finishes (flushed to disk: a kill
+  loses at most the line being written, which is ignored); at the end both ``manifest.jsonl`` and
+  ``manifest.csv`` are rewritten in input order, one line per study (atomically).
+* **Resumable by content**: a study whose content hash has a finished line is not read again (renamed or
+  copied studies included); a changed file is read again; failed studies are retried. A study that fails
+  is recorded with its error and the run goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import fnmatch
+import hashlib
+import io
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from .errors import InputError
+
+STUDY_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".zip")
+FIELDS = ("study", "content_hash", "status", "error", "modality", "report", "findings", "outputs", "label_file",
+          "model", "precision", "device", "latency_s", "finished_at", "worker")
+TIMING_FIELDS = ("latency_s", "finished_at", "worker")  # differ between runs of the same data
+
+
+@dataclass
+class Study:
+    id: str  # relative path in the input folder, or a series UID
+    path: str = ""  # file or series folder ("" until fetched, for a PACS)
+    hash: str = ""
+
+
+# ------------------------------------------------------------------------------------------ studies
+
+
+def _is_dicom_file(path: str) -> bool:
+    if path.lower().endswith(".dcm"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def find_studies(root: str, exclude: tuple[str, ...] = ()) -> list[Study]:
+    """Studies under ``root``, sorted by id: a folder whose files are all DICOM is one study (a series);
+    elsewhere every file with a study extension is one, and subfolders are searched. ``exclude``: glob
+    patterns on the study id (its path relative to ``root``), e.g. ``*_mask.png``."""
+    if not os.path.isdir(root):
+        raise InputError(f"--input {root!r} is not a folder (or a DICOMweb URL)")
+    found = []
+    for folder, dirs, files in os.walk(root):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        files = sorted(f for f in files if not f.startswith("."))
+        rel = os.path.relpath(folder, root)
+        if folder != root and len(files) > 1 and all(_is_dicom_file(os.path.join(folder, f)) for f in files):
+            found.append(Study(rel.replace(os.sep, "/"), folder))
+            dirs[:] = []
+            continue
+        for f in files:
+            if f.lower().endswith(STUDY_EXTENSIONS) or _is_dicom_file(os.path.join(folder, f)):
+                rid = os.path.normpath(os.path.join(rel, f)).replace(os.sep, "/")
+                found.append(Study(rid, os.path.join(folder, f)))
+    return sorted((s for s in found if not any(fnmatch.fnmatch(s.id, p) for p in exclude)), key=lambda s: s.id)
+
+
+def content_hash(path: str) -> str:
+    """SHA-256 of a file's bytes; of a folder, of its files' hashes in sorted order (names do not count)."""
+    def file_hash(p: str) -> str:
+        h = hashlib.sha256()
+        with open(p, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        return h.hexdigest()
+
+    if os.path.isdir(path):
+        hashes = sorted(file_hash(os.path.join(r, n)) for r, _, names in os.walk(path) for n in names if not n.startswith("."))
+        return hashlib.sha256("\n".join(hashes).encode()).hexdigest()
+    return file_hash(path)
+
+
+# ------------------------------------------------------------------------------------------ manifest
+
+
+class Manifest:
+    """``manifest.jsonl`` (appended as studies finish, compacted at the end) and ``manifest.csv``."""
+
+    def __init__(self, out: str):
+        self.jsonl, self.csv = os.path.join(out, "manifest.jsonl"), os.path.join(out, "manifest.csv")
+
+    def load(self) -> dict[str, dict]:
+        """The latest record per study; an unreadable line (a kill mid-write) is ignored."""
+        records = {}
+        if os.path.exists(self.jsonl):
+            with open(self.jsonl, encoding="utf-8") as f:
+                for line in f:
+                    try:
+                        r = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    if isinstance(r, dict) and "study" in r:
+                        records[r["study"]] = r
+        return records
+
+    def append(self, record: dict) -> None:
+        line = json.dumps(record, ensure_ascii=False) + "\n"
+        with open(self.jsonl, "a+", encoding="utf-8") as f:
+            f.seek(0, os.SEEK_END)
+            if f.tell():  # a kill mid-write can leave a line without its newline: start a fresh one
+                f.seek(f.tell() - 1)
+                if f.read(1) != "\n":
+                    f.write("\n")
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+
+    def compact(self, order: list[str]) -> list[dict]:
+        """Rewrite both files, one line per study: ``order`` first, then studies no longer in the input."""
+        records = self.load()
+        ids = [s for s in order if s in records] + sorted(set(records) - set(order))
+        rows = [records[s] for s in ids]
+        _atomic_write(self.jsonl, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=FIELDS, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "findings": "; ".join(r.get("findings") or []),
+                        "outputs": (r.get("outputs") or {}).get("dir", "") if isinstance(r.get("outputs"), dict) else ""})
+        _atomic_write(self.csv, buf.getvalue())
+        return rows
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _atomic_write(path: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=os.path.basename(path))
+    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def comparable(rows: list[dict]) -> list[dict]:
+    """Manifest rows without the fields that differ between two runs over the same data."""
+    return [{k: v for k, v in r.items() if k not in TIMING_FIELDS} for r in rows]
+
+
+# ------------------------------------------------------------------------------------------ one study
+
+
+def study_dir(out: str, digest: str) -> str:
+    return os.path.join(out, "studies", digest[:24])
+
+
+def read_study(reader, study: Study, out: str, question: str | None, max_new_tokens: int) -> dict:
+    """Read one study and write its outputs (atomically); its manifest record, ok or failed."""
+    from .writers import write_reading
+
+    t0 = time.perf_counter()
+    record = {"study": study.id, "content_hash": study.hash, "status": "ok", "error": "", "modality": "",
+              "report": "", "findings": [], "outputs": {}, "label_file": "", "model": reader.info.id,
+              "precision": reader.info.precision, "device": reader.info.device}
+    final = study_dir(out, study.hash)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.join(out, "studies"))
+    try:
+        reading = reader.read(study.path, question, max_new_tokens)
+        result = write_reading(reading, tmp)
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        rel = os.path.relpath(final, out).replace(os.sep, "/")
+        record.update(modality=reading.modality, report=reading.report, findings=[f["name"] for f in result["findings"]],
+                      outputs={"dir": rel, "files": result["files"]}, label_file=f"{rel}/{result['files']['mask']}")
+    except InputError as e:
+        record.update(status="failed", error=str(e))
+    except Exception as e:  # a fault on one study must not stop the dataset; it is recorded with its type
+        record.update(status="failed", error=f"{type(e).__name__}: {e}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    record.update(latency_s=round(time.perf_counter() - t0, 3), finished_at=_now(),
+                  worker=f"{socket.gethostname()}:{os.getpid()}")
+    return record
+
+
+# ------------------------------------------------------------------------------------------ the run
+
+
+@dataclass
+class Plan:
+    """What a run does: the studies in input order, which to read, which are done already."""
+
+    order: list[str]
+    todo: list[Study]
+    skipped: int
+    records: list[dict]  # decided without reading: content another finished study had, fetches that failed
+
+
+def prepare(out: str, studies: list[Study], fetch=None) -> tuple[Manifest, Plan]:
+    """Clean what a killed run left (temporary folders), hash the studies and decide what to read."""
+    os.makedirs(os.path.join(out, "studies"), exist_ok=True)
+    for name in os.listdir(os.path.join(out, "studies")):
+        if name.startswith(".tmp-"):
+            shutil.rmtree(os.path.join(out, "studies", name), ignore_errors=True)
+    for name in os.listdir(out):
+        if name.startswith(".tmp-"):
+            os.unlink(os.path.join(out, name))
+    manifest = Manifest(out)
+    records = manifest.load()
+    done = {r["content_hash"]: r for r in records.values()
+            if r.get("status") == "ok" and os.path.isfile(os.path.join(out, (r.get("outputs") or {}).get("dir", "-"), "findings.json"))}
+    todo, reused, skipped = [], [], 0
+    for s in studies:
+        if fetch is not None and not s.path:
+            try:
+                s.path = fetch(s.id)
+            except Exception as e:  # the PACS failed for this series: recorded, the others go on
+                reused.append({"study": s.id, "content_hash": "", "status": "failed",
+                               "error": str(getattr(e, "detail", "") or e), "finished_at": _now()})
+                continue
+        try:
+            s.hash = content_hash(s.path)
+        except OSError as e:
+            todo.append(s)  # unreadable: read_study records why
+            s.hash = f"unreadable:{s.id}"
+            continue
+        old = done.get(s.hash)
+        if old is None:
+            todo.append(s)
+        elif records.get(s.id, {}).get("content_hash") == s.hash and records[s.id].get("status") == "ok":
+            skipped += 1
+        else:  # same content under another name: its outputs serve this study too
+            reused.append({**old, "study": s.id})
+            skipped += 1
+    return manifest, Plan([s.id for s in studies], todo, skipped, reused)
+
+
+def run_local(reader, out: str, manifest: Manifest, plan: Plan, question=None, max_new_tokens: int = 128,
+              progress: bool = True) -> list[dict]:
+    """Read the plan's studies one after another in this process; the finished records."""
+    from tqdm import tqdm
+
+    for r in plan.records:
+        manifest.append(r)
+    finished = []
+    bar = tqdm(plan.todo, unit="study", desc="pre-labelling", disable=not progress, file=sys.stderr, dynamic_ncols=True)
+    for s in bar:
+        record = read_study(reader, s, out, question, max_new_tokens)
+        manifest.append(record)
+        finished.append(record)
+        bar.set_postfix(failed=sum(r["status"] != "ok" for r in finished))
+    return finished
+
+
+def summary(rows: list[dict], finished: list[dict], skipped: int, seconds: float) -> str:
+    ok = sum(r["status"] == "ok" for r in finished)
+    failed = [r for r in finished if r["status"] != "ok"]
+    lines = [f"{len(rows)} studies in the manifest: read now {len(finished)} ({ok} ok, {len(failed)} failed), "
+             f"already done {skipped}; {seconds:.1f} s"
+             + (f", {len(finished) / seconds:.2f} studies/s" if finished and seconds > 0 else "")]
+    per_worker: dict[str, list[float]] = {}
+    for r in finished:
+        per_worker.setdefault(r.get("worker", "?"), []).append(float(r.get("latency_s") or 0))
+    if len(per_worker) > 1:
+        for w, lat in sorted(per_worker.items()):
+            lines.append(f"  worker {w}: {len(lat)} studies, {len(lat) / max(sum(lat), 1e-9):.2f} studies/s while reading")
+    lines += [f"  failed: {r['study']}: {r['error']}" for r in failed]
+    return "\n".join(lines)

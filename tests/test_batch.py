@@ -1,0 +1,153 @@
+"""``medgemma-label batch``: a folder of phantoms and real studies (one corrupt), its manifest, a SIGKILL
+mid-run and the rerun, content-hash resume, and the Ray engine against the local one."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from monailabel_app.batch import FIELDS, Manifest, comparable
+from monailabel_app.ct_phantoms import make_ct_phantom, phantom_volume
+from monailabel_app.phantoms import make_phantom
+from monailabel_app.writers import write_in_geometry
+from tests.conftest import shared
+
+LIDC = ("ct/lidc/LIDC-IDRI-0001/1.3.6.1.4.1.14519.5.2.1.6279.6001.298806137288633453246975630178/"
+        "1.3.6.1.4.1.14519.5.2.1.6279.6001.179049373636438705059720603192")
+
+
+def make_dataset(root, real: bool = True):
+    """Phantoms (X-ray and CT), real studies linked from ../shared/data (not copied), one corrupt file."""
+    os.makedirs(root / "phantoms", exist_ok=True)
+    for seed in (3, 4, 5):
+        Image.fromarray(make_phantom(seed).image).save(root / "phantoms" / f"xray_{seed}.png")
+    vol = phantom_volume(make_ct_phantom(2))
+    write_in_geometry(vol.hu, vol.geometry, str(root / "phantoms" / "ct_2.nii.gz"), np.float32)
+    data = open(shared("cxr/nih/00000001_000.png"), "rb").read()
+    (root / "corrupt.png").write_bytes(data[:4000])
+    if real:
+        os.symlink(shared("cxr/dicom/RG1_UNCR.dcm"), root / "cr.dcm")
+        os.symlink(shared("cxr/nih/00000001_000.png"), root / "nih.png")
+        series = root / "lidc"
+        series.mkdir()
+        for f in sorted(glob.glob(os.path.join(shared(LIDC), "*"))):
+            os.symlink(f, series / os.path.basename(f))
+    return root
+
+
+def batch(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "monailabel_app.cli", "batch", "--no-progress", *map(str, args)],
+                          capture_output=True, text=True, timeout=1200, **kw)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("dataset"))
+
+
+@pytest.fixture(scope="module")
+def reference(dataset, tmp_path_factory):
+    """One uninterrupted run."""
+    out = tmp_path_factory.mktemp("reference")
+    r = batch("-i", dataset, "-o", out)
+    assert r.returncode == 1, r.stderr[-3000:]  # 1: a study failed (the corrupt one), all others done
+    return out, r
+
+
+def rows_of(out):
+    with open(out / "manifest.jsonl") as f:
+        return [json.loads(line) for line in f]
+
+
+def test_manifest_is_complete_and_the_corrupt_study_is_recorded(dataset, reference):
+    out, run = reference
+    rows = rows_of(out)
+    assert [r["study"] for r in rows] == ["corrupt.png", "cr.dcm", "lidc", "nih.png", "phantoms/ct_2.nii.gz",
+                                          "phantoms/xray_3.png", "phantoms/xray_4.png", "phantoms/xray_5.png"]
+    status = {r["study"]: r["status"] for r in rows}
+    assert status.pop("corrupt.png") == "failed" and set(status.values()) == {"ok"}
+    corrupt = rows[0]
+    assert "truncated" in corrupt["error"] and corrupt["findings"] == [] and not corrupt["outputs"]
+    for r in rows[1:]:
+        assert set(FIELDS) <= set(r)
+        folder = out / r["outputs"]["dir"]
+        result = json.loads((folder / "findings.json").read_text())
+        assert result["report"] == r["report"] and [f["name"] for f in result["findings"]] == r["findings"]
+        assert (out / r["label_file"]).is_file() and r["model"] and r["precision"] == "fp32"
+    modality = {r["study"]: r["modality"] for r in rows[1:]}
+    assert modality == {"cr.dcm": "xray", "lidc": "ct", "nih.png": "xray", "phantoms/ct_2.nii.gz": "ct",
+                        "phantoms/xray_3.png": "xray", "phantoms/xray_4.png": "xray", "phantoms/xray_5.png": "xray"}
+    phantom = next(r for r in rows if r["study"] == "phantoms/xray_3.png")
+    assert phantom["report"] == make_phantom(3).report
+    with open(out / "manifest.csv") as f:
+        lines = f.read().splitlines()
+    assert lines[0].split(",")[:3] == ["study", "content_hash", "status"] and len(lines) == len(rows) + 1
+    assert "8 studies in the manifest: read now 8 (7 ok, 1 failed)" in run.stdout
+
+
+def test_a_rerun_reads_nothing_and_a_renamed_copy_is_not_read_again(dataset, reference, tmp_path):
+    out, _ = reference
+    before = rows_of(out)
+    r = batch("-i", dataset, "-o", out)
+    assert "read now 1 (0 ok, 1 failed), already done 7" in r.stdout  # the failed study is retried
+    after = rows_of(out)
+    assert comparable(after) == comparable(before)
+    assert [a["finished_at"] for a in after[1:]] == [b["finished_at"] for b in before[1:]]  # not read again
+
+
+def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(dataset, reference, tmp_path):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "monailabel_app.cli", "batch", "--no-progress", "-i", str(dataset),
+                             "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 600
+    manifest = out / "manifest.jsonl"
+    while time.time() < deadline:  # kill once three studies are done (the CT series is read next)
+        if manifest.exists() and len(manifest.read_text().splitlines()) >= 3:
+            break
+        assert proc.poll() is None, "the batch finished before it could be killed"
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    first = {r["study"]: r for r in Manifest(str(out)).load().values()}
+    assert 3 <= len(first) < 8
+
+    r = batch("-i", dataset, "-o", out)
+    assert r.returncode == 1, r.stderr[-3000:]
+    rows = rows_of(out)
+    assert comparable(rows) == comparable(rows_of(reference[0]))
+    for study, record in first.items():  # what the first run finished was not read again
+        if record["status"] == "ok":
+            assert next(x for x in rows if x["study"] == study)["finished_at"] == record["finished_at"]
+    assert f"already done {sum(x['status'] == 'ok' for x in first.values())}" in r.stdout
+    # nothing half-written or orphaned: every folder is a manifest's, every output file reads
+    folders = {x["outputs"]["dir"] for x in rows if x["status"] == "ok"}
+    assert {f"studies/{d}" for d in os.listdir(out / "studies")} == folders
+    assert not glob.glob(str(out / "**" / ".tmp-*"), recursive=True)
+    import SimpleITK as sitk
+
+    for x in rows:
+        if x["status"] == "ok":
+            json.loads((out / x["outputs"]["dir"] / "findings.json").read_text())
+            sitk.ReadImage(str(out / x["label_file"]))
+
+
+def test_ray_engine_gives_the_local_engines_manifest(tmp_path):
+    pytest.importorskip("ray")
+    data = make_dataset(tmp_path / "small", real=False)
+    local, ray_out = tmp_path / "local", tmp_path / "ray"
+    assert batch("-i", data, "-o", local).returncode == 1
+    r = batch("-i", data, "-o", ray_out, "--engine", "ray", "--workers", "2")
+    assert r.returncode == 1, r.stderr[-3000:]
+    assert comparable(rows_of(ray_out)) == comparable(rows_of(local))
+    workers = {x["worker"] for x in rows_of(ray_out) if x["status"] == "ok"}
+    assert len(workers) == 2  # both replicas read studies
+    assert "worker " in r.stdout and "studies/s while reading" in r.stdout

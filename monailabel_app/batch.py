@@ -239,7 +239,7 @@ def prepare(out: str, studies: list[Study], fetch=None) -> tuple[Manifest, Plan]
                 continue
         try:
             s.hash = content_hash(s.path)
-        except OSError as e:
+        except OSError:
             todo.append(s)  # unreadable: read_study records why
             s.hash = f"unreadable:{s.id}"
             continue

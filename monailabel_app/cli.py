@@ -291,8 +291,54 @@ def _batch_main(argv) -> int:
     return 1 if any(r["status"] != "ok" for r in rows) else 0
 
 
+def _lowdose_main(argv) -> int:
+    from . import lowdose
+
+    ap = argparse.ArgumentParser(prog="medgemma-label lowdose", description=lowdose.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("-i", "--input", nargs="*", default=[], help="CT volumes (files, DICOM series folders or zips)")
+    ap.add_argument("--phantoms", type=int, default=0, help="also CT phantoms 0..N-1 (known lesions: detection, pointing)")
+    ap.add_argument("-o", "--out", required=True)
+    ap.add_argument("--doses", default="1.0,0.5,0.25,0.1", help="dose fractions (1.0, the scan itself, is always added)")
+    ap.add_argument("--precisions", default="auto", help="e.g. fp32,bf16: every dose at each (the reference: the first)")
+    ap.add_argument("--model", default=None, help="Hugging Face id or local folder (default: embedded phantom model)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--question", default=None)
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--photons", type=float, default=lowdose.PHOTONS, help="incident photons per detector bin at full dose")
+    ap.add_argument("--electronic-noise", type=float, default=lowdose.ELECTRONIC_NOISE, help="electronic noise SD, counts")
+    ap.add_argument("--angles", type=int, default=180, help="projection views over 180 degrees")
+    args = ap.parse_args(argv)
+    if not args.input and not args.phantoms:
+        ap.error("give CT volumes (-i) and/or --phantoms N")
+
+    def work():
+        from .errors import InputError
+
+        try:
+            doses = [float(d) for d in args.doses.split(",") if d.strip()]
+        except ValueError as e:
+            raise InputError(f"--doses: {e}") from e
+        if any(not (0 < d <= 1) for d in doses):
+            raise InputError(f"--doses must be fractions in (0, 1], got {args.doses}")
+        studies = lowdose.load_studies(args.input, args.phantoms)
+        return lowdose.run(studies, doses, [p.strip() for p in args.precisions.split(",") if p.strip()], args.out,
+                           args.model, args.device, args.question, args.max_new_tokens, args.photons,
+                           args.electronic_noise, args.angles)
+
+    done, status = _guarded(work)
+    if status:
+        return status
+    with open(os.path.join(args.out, "report.md")) as f:
+        print(f.read())
+    print(f"wrote lowdose.csv, agreement.png, examples.png and report.md in {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "lowdose":
+        return _lowdose_main(argv[1:])
     if argv and argv[0] == "batch":
         return _batch_main(argv[1:])
     if argv and argv[0] == "phantom":

@@ -18,7 +18,9 @@ def _from_scratch(reader, image, messages, rollout):
     full[0] = {"role": "user", "content": [{"type": "image", "image": image}] + messages[0]["content"][1:]}
     inputs = reader.processor.apply_chat_template(full, add_generation_prompt=True, tokenize=True,
                                                   return_dict=True, return_tensors="pt")
-    return prefill_and_decode(reader.model, dict(inputs), reader.layers, 256, 40, rollout,
+    inputs = {k: v.to(reader.model.device) for k, v in inputs.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(reader.model.dtype)
+    return prefill_and_decode(reader.model, inputs, reader.layers, 256, 40, rollout,
                               eos=sorted(reader.model.generation_config.eos_token_id))
 
 
@@ -38,7 +40,9 @@ def test_follow_up_equals_the_conversation_read_from_scratch(reader):
         assert gen.timings["reused_tokens"] > first.prompt_tokens  # images and the first turn were not fed again
         ref = _from_scratch(reader, image, gen.conversation.messages[:-1], rollout)
         assert gen.token_ids == ref.rows[0].token_ids
-        assert torch.allclose(gen.attention, ref.attention[: len(gen.token_ids), :, 0].float(), atol=1e-4)
+        diff = (gen.attention.float().cpu() - ref.attention[: len(gen.token_ids), :, 0].float().cpu()).abs().max().item()
+        print(f"follow-up vs from scratch on {model.device} ({model.dtype}): max attention difference {diff:.2e}")
+        assert diff < (1e-4 if model.dtype == torch.float32 else 2e-2)  # 16-bit: kernels differ by a rounding
         conv = gen.conversation
     assert conv.turns == 3 and [m["role"] for m in conv.messages] == ["user", "assistant"] * 3
 

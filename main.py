@@ -15,7 +15,6 @@ import pkgutil
 import sys
 
 from fastapi import HTTPException
-from monailabel.datastore.local import LocalDatastore
 from monailabel.config import settings
 from monailabel.interfaces.app import MONAILabelApp
 from monailabel.interfaces.config import TaskConfig
@@ -24,6 +23,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # lib/ and monai
 
 import lib.configs  # noqa: E402
 from lib.infers.medgemma import HEATMAP_TAG  # noqa: E402
+from monailabel_app.datastore import SafeLocalDatastore  # noqa: E402
+from monailabel_app.guards import check_image_id  # noqa: E402
 from monailabel_app.pacs import MODALITIES, PACSDatastore  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -41,26 +42,34 @@ def task_configs() -> dict[str, type]:
     return found
 
 
-def _register_error_handlers() -> None:
-    """Malformed ``params`` (not JSON) is the client's error: answer 400 with the parser's message."""
+def _install_server_guards(conf: dict) -> None:
+    """Malformed ``params`` (not JSON) is a 400 with the parser's message; request bodies over
+    ``--conf max_upload_mib`` are a 413; more than ``--conf max_queue`` inference requests at once get a
+    503 with Retry-After; inference runs off the event loop (the server keeps answering meanwhile)."""
     try:
         from monailabel.app import app as fastapi_app
     except Exception:  # imported outside the server (tests, tools): nothing to register
         return
     from fastapi.responses import JSONResponse
 
+    from monailabel_app.guards import MAX_QUEUE, MAX_UPLOAD_BYTES, Guards, run_infer_off_the_event_loop
+
     async def bad_json(request, exc: json.JSONDecodeError):
         return JSONResponse(status_code=400, content={"detail": f"params is not valid JSON: {exc}"})
 
-    fastapi_app.add_exception_handler(json.JSONDecodeError, bad_json)
     # the app is created while the server starts, after Starlette built its middleware stack (and
     # with it a copy of the handlers): let it rebuild the stack on the next request
     fastapi_app.middleware_stack = None
+    fastapi_app.add_exception_handler(json.JSONDecodeError, bad_json)
+    if not any(m.cls is Guards for m in fastapi_app.user_middleware):
+        fastapi_app.add_middleware(Guards, max_upload_bytes=int(float(conf.get("max_upload_mib", MAX_UPLOAD_BYTES / 2**20)) * 2**20),
+                                   max_queue=int(conf.get("max_queue", MAX_QUEUE)))
+        run_infer_off_the_event_loop(fastapi_app)
 
 
 class MyApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
-        _register_error_handlers()
+        _install_server_guards(conf)
         available = task_configs()
         names = [n.strip() for n in conf.get("models", "medgemma").split(",") if n.strip()]
         unknown = [n for n in names if n not in available]
@@ -82,7 +91,7 @@ class MyApp(MONAILabelApp):
     def init_datastore(self):
         if self.studies.startswith(("http://", "https://")):
             return self._pacs_datastore()
-        return LocalDatastore(
+        return SafeLocalDatastore(
             self.studies,
             extensions=IMAGE_EXTENSIONS,
             auto_reload=settings.MONAI_LABEL_DATASTORE_AUTO_RELOAD,
@@ -151,9 +160,8 @@ class MyApp(MONAILabelApp):
         if request.get("model") not in self._infers:
             raise HTTPException(status_code=404, detail=f"unknown model {request.get('model')!r}; this server has {sorted(self._infers)}")
         image_id = request.get("image")
-        if not isinstance(image_id, str) or not image_id:
-            raise HTTPException(status_code=422, detail="'image' must be an image id")
-        from_datastore = not os.path.exists(image_id)
+        sessions = (settings.MONAI_LABEL_SESSION_PATH or "").strip() or os.path.join(os.path.expanduser("~"), ".cache", "monailabel", "sessions")
+        from_datastore = check_image_id(image_id, sessions)
         if from_datastore and not datastore.get_image_uri(image_id):
             raise HTTPException(status_code=404, detail=f"unknown image id {image_id!r}: not in the datastore")
         result = super().infer(request, datastore)

@@ -153,12 +153,9 @@ def _now() -> str:
 
 
 def _atomic_write(path: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-", suffix=os.path.basename(path))
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from .writers import replace_atomically
+
+    replace_atomically(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def comparable(rows: list[dict]) -> list[dict]:

@@ -6,6 +6,7 @@
     medgemma-label phantom --seed N [--count K] --out DIR
     medgemma-label phantom --ct --seed N [--count K] --out DIR [--format nifti|nrrd|dicom] [--orientation LPS]
     medgemma-label calibrate [--model ID|DIR] --data phantoms|ct-phantoms|DIR [--count N] [--out FILE]
+    medgemma-label serve --studies DIR|DICOMWEB_URL [--host 127.0.0.1] [--port 8000] [--conf KEY VALUE ...]
     medgemma-label batch -i DIR|DICOMWEB_URL -o OUTDIR [--engine local|ray] [--address ADDR] [--workers N]
     medgemma-label lowdose -i CT [CT ...] -o OUTDIR [--doses 1.0,0.5,0.25,0.1] [--precisions fp32,bf16]
 
@@ -14,14 +15,14 @@ a DICOM series folder or .zip, an enhanced multi-frame or single-slice CT DICOM)
 from the content unless --modality says.
 
 Without ``--model`` the embedded phantom model is used: a tiny synthetic TEST model, not MedGemma.
-Exit status: 0 done, 2 bad input (the message says what was wrong), 3 the model could not be loaded; batch:
-1 when some studies failed (each is in the manifest with its error).
+Exit status: 0 done, 2 bad input (the message says what was wrong), 3 the model could not be loaded, 4 the
+outputs could not be written (disk full, no permission); batch: 1 when some studies failed (each is in
+the manifest with its error).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import sys
@@ -43,8 +44,9 @@ def _lesion_labels(shape, lesions) -> np.ndarray:
 
 
 def _write_json(path: str, meta: dict) -> None:
-    with open(path, "w") as f:
-        json.dump(meta, f, indent=2)
+    from .writers import write_json
+
+    write_json(path, meta)
 
 
 def _ct_phantoms(args) -> int:
@@ -170,6 +172,9 @@ def _guarded(work):
     except ModelLoadError as e:
         print(f"error: {e}", file=sys.stderr)
         return None, 3
+    except OSError as e:  # the output folder is full or read-only, ...: say so (outputs are renamed into place)
+        print(f"error: cannot read or write a file: {e}", file=sys.stderr)
+        return None, 4
 
 
 def _calibrate_main(argv) -> int:
@@ -335,8 +340,32 @@ def _lowdose_main(argv) -> int:
     return 0
 
 
+def _serve_main(argv) -> int:
+    """``medgemma-label serve``: MONAI Label's ``start_server`` for this app, on 127.0.0.1 unless told otherwise
+    (MONAI Label itself listens on every interface by default)."""
+    from .server import APP_DIR
+
+    ap = argparse.ArgumentParser(prog="medgemma-label serve", description=_serve_main.__doc__)
+    ap.add_argument("--studies", required=True, help="a folder of studies, or a PACS's DICOMweb URL")
+    ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    ap.add_argument("--port", type=int, default=8000)
+    ap.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                    help="app settings, as for start_server (models, model, device, precision, max_queue, ...)")
+    args = ap.parse_args(argv)
+    conf = dict(args.conf)
+    conf.setdefault("models", "medgemma")
+    cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", APP_DIR, "--studies", args.studies,
+           "--host", args.host, "--port", str(args.port)]
+    for key, value in conf.items():
+        cmd += ["--conf", key, value]
+    os.execv(sys.executable, cmd)
+    return 0  # not reached
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "serve":
+        return _serve_main(argv[1:])
     if argv and argv[0] == "lowdose":
         return _lowdose_main(argv[1:])
     if argv and argv[0] == "batch":

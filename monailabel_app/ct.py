@@ -26,6 +26,7 @@ import os
 import shutil
 import tempfile
 import zipfile
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -51,6 +52,7 @@ class Limits:
     max_obliquity_deg: float = 10.0
     resample: bool = False  # resample oblique volumes onto a patient-aligned grid instead of refusing
     min_side: int = 16  # in-plane pixels
+    memory_guard_mib: float = 0.0  # refuse a study whose estimated working memory is larger (0: no guard)
 
 
 @dataclass
@@ -195,20 +197,33 @@ def is_ct_dicom(ds) -> bool:
 def load_ct(path: str, limits: Limits | None = None) -> CTVolume:
     """Read a CT volume from ``path`` (file, DICOM folder or zip); raise :class:`InputError`."""
     limits = limits or Limits()
-    if os.path.isdir(path):
-        image, source = _read_dicom_folder(path, limits)
-    elif path.lower().endswith(".zip"):
-        with tempfile.TemporaryDirectory(prefix="medgemma_zip_") as tmp:
-            _safe_extract(path, tmp)
-            image, source = _read_dicom_folder(tmp, limits)
-        source["format"] = "DICOM series (zip)"
-    elif not os.path.isfile(path):
-        raise InputError(f"image not found: {os.path.basename(path)}", status=404)
-    elif _is_dicom_file(path):
-        image, source = _read_dicom_files([path], limits)
-    else:
-        image, source = _read_volume_file(path, limits)
-    return _to_volume(image, source, limits)
+    with malformed_values_refused():
+        if os.path.isdir(path):
+            image, source = _read_dicom_folder(path, limits)
+        elif path.lower().endswith(".zip"):
+            with tempfile.TemporaryDirectory(prefix="medgemma_zip_") as tmp:
+                _safe_extract(path, tmp)
+                image, source = _read_dicom_folder(tmp, limits)
+            source["format"] = "DICOM series (zip)"
+        elif not os.path.isfile(path):
+            raise InputError(f"image not found: {os.path.basename(path)}", status=404)
+        elif _is_dicom_file(path):
+            image, source = _read_dicom_files([path], limits)
+        else:
+            image, source = _read_volume_file(path, limits)
+        return _to_volume(image, source, limits)
+
+
+@contextmanager
+def malformed_values_refused():
+    """A DICOM attribute that does not parse (a spacing or position that is not a number, a sequence
+    item missing) is the input's fault: an :class:`InputError` naming it, not a server error."""
+    try:
+        yield
+    except InputError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError) as e:
+        raise InputError(f"malformed value in the image's header: {type(e).__name__}: {str(e)[:200]}") from e
 
 
 def _is_dicom_file(path: str) -> bool:
@@ -239,9 +254,10 @@ def _safe_extract(zip_path: str, folder: str) -> None:
 def _read_volume_file(path: str, limits: Limits):
     import SimpleITK as sitk
 
-    from .xray import check_gzip
+    from .xray import check_finite_nifti, check_gzip
 
     check_gzip(path)
+    check_finite_nifti(path)
     try:
         reader = sitk.ImageFileReader()
         reader.SetFileName(path)

@@ -103,6 +103,21 @@ class Reading:
         }
 
 
+def working_memory_mib(study) -> float:
+    """A rough upper estimate of what reading ``study`` holds at once beside the model: the volume or film
+    in float32 and its copies (display grid, anatomy, per-finding heatmaps and masks)."""
+    voxels = study.hu.size if isinstance(study, CTVolume) else study.pixels.size
+    return voxels * 4 * 12 / 2**20
+
+
+def check_memory(study, guard_mib: float) -> None:
+    """The configured memory guard: a study that would need more is refused with MemoryError (the
+    server answers 503 and keeps serving), before anything large is allocated for it."""
+    if guard_mib and (need := working_memory_mib(study)) > guard_mib:
+        raise MemoryError(f"reading this study needs about {need:.0f} MiB of working memory, over this server's "
+                          f"memory guard of {guard_mib:.0f} MiB (--conf memory_guard_mib)")
+
+
 def check_params(question, max_new_tokens, default_question: str = DEFAULT_QUESTION) -> tuple[str, int]:
     """Validated (question, max_new_tokens); raises InputError with what was wrong."""
     if question is None or (isinstance(question, str) and not question.strip()):
@@ -227,7 +242,10 @@ class Reader:
         reading's generation carries the conversation, for :meth:`follow_up`."""
         t0 = time.perf_counter()
         modality = check_modality(modality)
+        if max_slices is not None:  # a bad value is refused whatever the study turns out to be
+            check_max_slices(max_slices, self.ct["max_slices"])
         study = image if isinstance(image, (Radiograph, CTVolume)) else load_study(image, modality, self.limits)
+        check_memory(study, self.limits.memory_guard_mib)
         question, max_new_tokens = self._params(study, question, max_new_tokens)
         t_load = time.perf_counter()
         if isinstance(study, CTVolume):

@@ -122,7 +122,7 @@ def overlay_png(reading, path: str, alpha: float = 0.45) -> str:
         draw.ellipse([c - 3 * scale, r - 3 * scale, c + 3 * scale, r + 3 * scale], outline=colour, width=scale)
         draw.text((c + 5 * scale, r - 5 * scale), f"{k}: {reading.names[k - 1]}", fill=colour)
     draw.text((4, 4), reading.report[:200], fill=(255, 255, 255))
-    img.save(path)
+    replace_atomically(path, lambda f: img.save(f, format="PNG"))
     return path
 
 
@@ -159,6 +159,27 @@ def write_reading(reading, out_dir: str, save_model_inputs: bool = False) -> dic
         files["inputs"] = save_inputs(reading, os.path.join(out_dir, "inputs"))
     result = reading.result_json()
     result["files"] = {k: os.path.relpath(v, out_dir) for k, v in files.items()}
-    with open(os.path.join(out_dir, "findings.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    write_json(os.path.join(out_dir, "findings.json"), result)  # last, whole or not at all: the folder's "done"
     return result
+
+
+def replace_atomically(path: str, write) -> None:
+    """Write ``path`` through ``write(file)`` on a temporary file in its folder, flushed to disk, then
+    renamed into place: a reader sees the old file or the new one, never half of one."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_json(path: str, data) -> str:
+    """JSON written to a temporary file and renamed into place (a full disk never leaves half a file)."""
+    text = json.dumps(data, indent=2).encode()
+    replace_atomically(path, lambda f: f.write(text))
+    return path

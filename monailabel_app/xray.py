@@ -81,12 +81,15 @@ def load_radiograph(path: str) -> Radiograph:
         raise InputError(f"image file not found: {os.path.basename(path)}", status=404)
     if os.path.getsize(path) == 0:
         raise InputError("image file is empty (0 bytes)")
+    from .ct import malformed_values_refused
+
     name = _lower_name(path)
-    if _is_dicom(path) or name.endswith(".dcm"):
-        return _load_dicom(path)
-    if name.endswith(VOLUME_EXTENSIONS):
-        return _load_volume_plane(path)
-    return _load_raster(path)
+    with malformed_values_refused():
+        if _is_dicom(path) or name.endswith(".dcm"):
+            return _load_dicom(path)
+        if name.endswith(VOLUME_EXTENSIONS):
+            return _load_volume_plane(path)
+        return _load_raster(path)
 
 
 def _load_raster(path: str) -> Radiograph:
@@ -195,11 +198,33 @@ def check_gzip(path: str) -> None:
         raise InputError(f"compressed file is truncated or corrupt: {e}") from e
 
 
+def check_finite_nifti(path: str) -> None:
+    """A float NIfTI with NaN or infinite voxels is refused: ITK's reader turns NaN into 0 without a word."""
+    if not path.lower().endswith((".nii", ".nii.gz")):
+        return
+    try:
+        import nibabel as nib
+
+        img = nib.load(path)
+        if not np.issubdtype(img.get_data_dtype(), np.floating):
+            return
+        data = img.dataobj
+        for k in range(data.shape[2] if len(data.shape) > 2 else 1):
+            block = np.asarray(data[:, :, k, ...] if len(data.shape) > 2 else data[:])
+            if not np.isfinite(block).all():
+                raise InputError("image contains NaN or infinite voxel values")
+    except InputError:
+        raise
+    except Exception:  # nibabel cannot read it: SimpleITK's reader says what is wrong
+        return
+
+
 def _load_volume_plane(path: str) -> Radiograph:
     import SimpleITK as sitk
 
     name = _lower_name(path)
     check_gzip(path)
+    check_finite_nifti(path)
     try:
         reader = sitk.ImageFileReader()
         reader.SetFileName(path)
@@ -214,6 +239,8 @@ def _load_volume_plane(path: str) -> Radiograph:
         raise InputError("image has several components per pixel (colour or vector): a radiograph is grey")
     arr = sitk.GetArrayFromImage(img)
     plane = np.squeeze(arr)
+    if max(arr.shape) < 16:
+        raise InputError(f"image too small: shape {arr.shape}; a radiograph needs at least 16x16 pixels")
     if plane.ndim != 2:
         raise InputError(
             f"image is a {arr.ndim}-D volume of shape {arr.shape}, not a radiograph: read it as a CT volume "

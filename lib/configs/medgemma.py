@@ -8,6 +8,8 @@
   ``max_new_tokens``: the default answer length limit;
 * CT volumes: ``min_slices`` (1), ``max_voxels`` (268435456), ``max_obliquity_deg`` (10),
   ``resample`` (false: oblique volumes are refused; true: resampled onto patient axes);
+* ``memory_guard_mib``: refuse (503) a study whose estimated working memory is larger (0: off);
+* server guards (main.py): ``max_upload_mib`` (2048), ``max_queue`` (8 inference requests at once);
 * conversations: ``conversations`` (16 open at most), ``conversation_mib`` (2048: kept context in all),
   ``conversation_ttl_s`` (1800: idle time before one expires).
 
@@ -40,6 +42,7 @@ class MedGemma(TaskConfig):
                 max_voxels=int(conf.get("max_voxels", Limits.max_voxels)),
                 max_obliquity_deg=float(conf.get("max_obliquity_deg", Limits.max_obliquity_deg)),
                 resample=str(conf.get("resample", "false")).lower() in ("1", "true", "yes"),
+                memory_guard_mib=float(conf.get("memory_guard_mib", 0)),
             ),
         )
         self.conversations = Conversations(

@@ -6,6 +6,7 @@ Thin: it validates the request, calls :class:`monailabel_app.reader.Reader` and 
 
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import tempfile
 import threading
 
 import numpy as np
+import torch
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
@@ -55,6 +57,13 @@ class MedGemmaInfer(InferTask):
         except InputError as e:
             logger.info("refused request: %s", e)
             raise HTTPException(status_code=e.status, detail=str(e)) from e
+        except (MemoryError, torch.OutOfMemoryError) as e:  # the guard, or a real one: free, answer, go on
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            logger.warning("out of memory: %s", e)
+            raise HTTPException(status_code=503, detail=f"out of memory: {str(e)[:500] or type(e).__name__}; "
+                                                        "the server keeps serving smaller requests") from e
 
     def _infer(self, request):
         question, max_new_tokens = check_params(

@@ -269,8 +269,8 @@ def phantom(device: str = "cuda", xray_seeds=range(0, 30), ct_seeds=range(0, 6))
     emit(f"### Phantom model: each precision against fp32 ({len(xray_seeds)} X-ray and {len(ct_seeds)} CT held-out "
          f"phantoms, on {torch.cuda.get_device_name() if device == 'cuda' else 'the CPU'})")
     emit()
-    emit(f"| precision | X-ray text = fp32 | X-ray mask Dice vs fp32 | X-ray pointing | CT text = fp32 | "
-         f"CT mask Dice vs fp32 | CT pointing | note |")
+    emit("| precision | X-ray text = fp32 | X-ray mask Dice vs fp32 | X-ray pointing | CT text = fp32 | "
+         "CT mask Dice vs fp32 | CT pointing | note |")
     emit("|---|---|---|---|---|---|---|---|")
     films = [(s, Radiograph(make_phantom(s).image, Geometry.plain(*make_phantom(s).image.shape))) for s in xray_seeds]
     volumes = [(s, phantom_volume(make_ct_phantom(s))) for s in ct_seeds]

@@ -206,7 +206,6 @@ def write_dicom_series(img, folder: str, description: str = "synthetic CT") -> s
     Files are named in a shuffled order and InstanceNumber runs against the slice order, so a reader
     that sorts by name or number alone gets the volume wrong.
     """
-    import pydicom
     from pydicom.dataset import FileDataset, FileMetaDataset
     from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 

@@ -32,9 +32,10 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(self, studies: str, conf: dict | None = None, workdir: str | None = None, timeout: float = 180,
-                 env: dict | None = None):
+                 env: dict | None = None, ready: tuple[int, ...] = (200,)):
         self.studies, self.conf, self.timeout = studies, {"models": "medgemma", **(conf or {})}, timeout
         self.extra_env = dict(env or {})
+        self.ready = ready  # /info/ statuses that mean "up" (401 with auth on)
         self._own_workdir = workdir is None
         self.workdir = workdir or tempfile.mkdtemp(prefix="medgemma-server-")
         self.port = free_port()
@@ -63,7 +64,7 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
-                if requests.get(self.url + "/info/", timeout=5).status_code == 200:
+                if requests.get(self.url + "/info/", timeout=5).status_code in self.ready:
                     return self
             except requests.RequestException:
                 pass

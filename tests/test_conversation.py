@@ -48,8 +48,6 @@ def test_follow_up_equals_the_conversation_read_from_scratch(reader):
 
 
 def test_store_limits_count_bytes_and_idle_time():
-    import pytest
-
     from monailabel_app.conversation import Conversations, Entry
     from monailabel_app.decoding import Context
     from monailabel_app.errors import InputError

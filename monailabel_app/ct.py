@@ -254,9 +254,10 @@ def _safe_extract(zip_path: str, folder: str) -> None:
 def _read_volume_file(path: str, limits: Limits):
     import SimpleITK as sitk
 
-    from .xray import check_finite_nifti, check_gzip
+    from .xray import check_declared_size, check_finite_nifti, check_gzip
 
     check_gzip(path)
+    check_declared_size(path, limits.max_voxels)
     check_finite_nifti(path)
     try:
         reader = sitk.ImageFileReader()

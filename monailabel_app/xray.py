@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import re
 import zlib
 from dataclasses import dataclass, field
 
@@ -198,6 +199,20 @@ def check_gzip(path: str) -> None:
         raise InputError(f"compressed file is truncated or corrupt: {e}") from e
 
 
+def check_declared_size(path: str, limit: int) -> None:
+    """Refuse an NRRD / MetaImage whose text header declares more than ``limit`` voxels, before any reader
+    sizes a buffer from it (ITK reports such a file only as unreadable)."""
+    if not path.lower().endswith((".nrrd", ".nhdr", ".mha", ".mhd")):
+        return
+    with open(path, "rb") as f:
+        head = f.read(8192).decode("latin-1")
+    m = re.search(r"^(?:sizes|DimSize)\s*[:=]\s*([0-9 ]+)$", head, re.MULTILINE | re.IGNORECASE)
+    if m:
+        sizes = [int(v) for v in m.group(1).split()]
+        if float(np.prod(sizes, dtype=np.float64)) > limit:
+            raise InputError(f"image header declares {' x '.join(map(str, sizes))} voxels: over the limit of {limit}")
+
+
 def check_finite_nifti(path: str) -> None:
     """A float NIfTI with NaN or infinite voxels is refused: ITK's reader turns NaN into 0 without a word."""
     if not path.lower().endswith((".nii", ".nii.gz")):
@@ -224,6 +239,7 @@ def _load_volume_plane(path: str) -> Radiograph:
 
     name = _lower_name(path)
     check_gzip(path)
+    check_declared_size(path, MAX_PIXELS)
     check_finite_nifti(path)
     try:
         reader = sitk.ImageFileReader()

@@ -170,7 +170,7 @@ BAD_FILES = {
     "four_d.nii.gz": (_nifti(np.zeros((16, 16, 3, 2), np.float32)), 422, "4-D"),
     "one_voxel.nii.gz": (_volume(np.zeros((1, 1, 1), np.float32)), 422, "too small"),
     "huge_header.nii": (_huge_nifti_header, 422, "voxels"),
-    "huge_header.nrrd": (_huge_nrrd, 422, "not a readable image"),
+    "huge_header.nrrd": (_huge_nrrd, 422, "100000 x 100000 x 100000 voxels"),
     "nan_voxels.nii.gz": (_nifti(_ct(np.nan).transpose(2, 1, 0)), 422, "NaN"),
     "inf_voxels.nii.gz": (_nifti(_ct(np.inf).transpose(2, 1, 0)), 422, "infinite"),
     "nan_voxels.nrrd": (_volume(_ct(np.nan)), 422, "NaN"),

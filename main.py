@@ -25,7 +25,7 @@ import lib.configs  # noqa: E402
 from lib.infers.medgemma import HEATMAP_TAG  # noqa: E402
 from monailabel_app.datastore import SafeLocalDatastore  # noqa: E402
 from monailabel_app.guards import check_image_id  # noqa: E402
-from monailabel_app.pacs import MODALITIES, PACSDatastore  # noqa: E402
+from monailabel_app.pacs import MODALITIES, PACSDatastore, pacs_from_settings  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -99,29 +99,13 @@ class MyApp(MONAILabelApp):
         )
 
     def _pacs_datastore(self):
-        """The PACS over DICOMweb (``--studies http://host:port/dicom-web``): MONAI Label's client and
-        settings (credentials, URL prefixes, cache path, search filter), every modality in ``--conf
-        modalities`` (default CT,CR,DX) listed. Series are fetched whole (MONAI Label's fetch-by-frame
-        option is not used: it rebuilds files from metadata and frames, and loses the transfer syntax)."""
-        from monailabel.datastore.dicom import DICOMwebClientX
-        from dicomweb_client.session_utils import create_session_from_user_pass
-
-        url = self.studies.rstrip("/").strip()
-        session = None
-        if settings.MONAI_LABEL_DICOMWEB_USERNAME and settings.MONAI_LABEL_DICOMWEB_PASSWORD:
-            session = create_session_from_user_pass(settings.MONAI_LABEL_DICOMWEB_USERNAME, settings.MONAI_LABEL_DICOMWEB_PASSWORD)
-        client = DICOMwebClientX(url=url, session=session, qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
-                                 wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX, stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
         # MONAI Label's own SEG tools (dcmqi, from PyPI) sit beside this interpreter; a venv's python run
         # without activating it does not have them on PATH, and MONAI Label would try to download them
         scripts = os.path.dirname(sys.executable)
         if scripts not in os.environ.get("PATH", "").split(os.pathsep):
             os.environ["PATH"] = scripts + os.pathsep + os.environ.get("PATH", "")
         self._download_dcmqi_tools()
-        search = {k: v for k, v in (settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER or {}).items() if k != "Modality"}
-        modalities = self.conf.get("modalities", ",".join(MODALITIES)).split(",")
-        return PACSDatastore(client, modalities, search, (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or None,
-                             settings.MONAI_LABEL_DICOMWEB_CACHE_EXPIRY)
+        return pacs_from_settings(self.studies, self.conf.get("modalities", ",".join(MODALITIES)).split(","))
 
     def on_save_label(self, image_id, label_id):
         """The save's answer names the SEG and SR it stored on the PACS (their series and instance UIDs)."""

@@ -209,3 +209,22 @@ class PACSDatastore(DICOMWebDatastore):
         label_id = LocalDatastore.save_label(self, image_id, label_filename, label_tag, label_info)
         self._exports[label_id] = written
         return label_id
+
+
+def pacs_from_settings(url: str, modalities=MODALITIES) -> PACSDatastore:
+    """The PACS at ``url`` (``--studies http://host:port/dicom-web``) with MONAI Label's settings: its
+    credentials, URL prefixes, cache path and expiry, and search filter (whose Modality is replaced by
+    ``modalities``, each listed). Series are fetched whole: MONAI Label's fetch-by-frame option rebuilds
+    files from metadata and frames and loses the transfer syntax."""
+    from dicomweb_client.session_utils import create_session_from_user_pass
+    from monailabel.config import settings
+    from monailabel.datastore.dicom import DICOMwebClientX
+
+    session = None
+    if settings.MONAI_LABEL_DICOMWEB_USERNAME and settings.MONAI_LABEL_DICOMWEB_PASSWORD:
+        session = create_session_from_user_pass(settings.MONAI_LABEL_DICOMWEB_USERNAME, settings.MONAI_LABEL_DICOMWEB_PASSWORD)
+    client = DICOMwebClientX(url=url.rstrip("/").strip(), session=session, qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
+                             wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX, stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
+    search = {k: v for k, v in (settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER or {}).items() if k != "Modality"}
+    return PACSDatastore(client, modalities, search, (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or None,
+                         settings.MONAI_LABEL_DICOMWEB_CACHE_EXPIRY)

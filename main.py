@@ -162,4 +162,7 @@ class MyApp(MONAILabelApp):
                     "description": "float32, per pixel the largest 0..1-scaled finding heatmap, in the image's geometry",
                 }
             os.unlink(heatmap)
+        if from_datastore and request.get("save_label") and result.get("label"):  # /batch/infer saved the label
+            # with the params as they were, the heatmap's temporary path included: store them as answered
+            datastore.update_label_info(result["label"], request.get("label_tag") or "original", {"params": params})
         return result

@@ -201,6 +201,7 @@ def test_monai_label_batch_infer_saves_labels_with_their_params(server, studies)
     for seed in PHANTOM_SEEDS:
         info = objects[f"phantom_{seed}"]["labels"]["original"]["info"]
         assert info["params"]["report"] == make_phantom(seed).report
+        assert "heatmap_file" not in info["params"] and info["params"]["heatmap"]["tag"] == "medgemma_heatmap"
         assert [f["name"] for f in info["params"]["findings"]] == list(info["params"]["label_names"])
     _still_serving_after_batch = requests.get(server.url + "/info/", timeout=30)
     assert _still_serving_after_batch.status_code == 200

@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
+from .ct import is_dicom_file
 from .errors import InputError
 
 STUDY_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".dcm", ".zip")
@@ -49,17 +50,6 @@ class Study:
 # ------------------------------------------------------------------------------------------ studies
 
 
-def _is_dicom_file(path: str) -> bool:
-    if path.lower().endswith(".dcm"):
-        return True
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
-
-
 def find_studies(root: str, exclude: tuple[str, ...] = ()) -> list[Study]:
     """Studies under ``root``, sorted by id: a folder whose files are all DICOM is one study (a series);
     elsewhere every file with a study extension is one, and subfolders are searched. ``exclude``: glob
@@ -71,12 +61,12 @@ def find_studies(root: str, exclude: tuple[str, ...] = ()) -> list[Study]:
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         files = sorted(f for f in files if not f.startswith("."))
         rel = os.path.relpath(folder, root)
-        if folder != root and len(files) > 1 and all(_is_dicom_file(os.path.join(folder, f)) for f in files):
+        if folder != root and len(files) > 1 and all(is_dicom_file(os.path.join(folder, f)) for f in files):
             found.append(Study(rel.replace(os.sep, "/"), folder))
             dirs[:] = []
             continue
         for f in files:
-            if f.lower().endswith(STUDY_EXTENSIONS) or _is_dicom_file(os.path.join(folder, f)):
+            if f.lower().endswith(STUDY_EXTENSIONS) or is_dicom_file(os.path.join(folder, f)):
                 rid = os.path.normpath(os.path.join(rel, f)).replace(os.sep, "/")
                 found.append(Study(rid, os.path.join(folder, f)))
     return sorted((s for s in found if not any(fnmatch.fnmatch(s.id, p) for p in exclude)), key=lambda s: s.id)

@@ -107,15 +107,21 @@ def _phantom_main(argv) -> int:
     return 0
 
 
+def _model_args(ap, precision: bool = True) -> None:
+    """The options every reading command takes: which model, where, what to ask, how long to answer."""
+    ap.add_argument("--model", default=None, help="Hugging Face id or local folder (default: embedded phantom model)")
+    ap.add_argument("--question", default=None)
+    if precision:
+        ap.add_argument("--precision", default="auto")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+
+
 def _read_main(argv) -> int:
     ap = argparse.ArgumentParser(prog="medgemma-label", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-i", "--input", required=True, help="radiograph or CT volume (file, DICOM folder or .zip)")
     ap.add_argument("-o", "--out", required=True, help="output folder")
-    ap.add_argument("--model", default=None, help="Hugging Face id or local folder (default: embedded phantom model)")
-    ap.add_argument("--question", default=None)
-    ap.add_argument("--precision", default="auto")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
+    _model_args(ap)
     ap.add_argument("--modality", default="auto", help="auto (from the content), ct or xray")
     ap.add_argument("--max-slices", type=int, default=None, help="CT: slices shown to the model (default: the model's)")
     ap.add_argument("--resample", action="store_true", help="CT: resample oblique volumes instead of refusing them")
@@ -222,19 +228,15 @@ def _calibrate_main(argv) -> int:
 
 
 def _batch_studies(source: str, out: str, exclude=()):
-    """(studies, fetch) for ``--input``: a folder, or a PACS's DICOMweb URL (series fetched into OUT/.pacs-cache)."""
+    """(studies, fetch) for ``--input``: a folder, or a PACS's DICOMweb URL (series fetched into OUT/.pacs-cache;
+    credentials from MONAI_LABEL_DICOMWEB_USERNAME / _PASSWORD)."""
     from . import batch
 
     if not source.startswith(("http://", "https://")):
         return batch.find_studies(source, tuple(exclude)), None
-    from dicomweb_client import DICOMwebClient
-    from dicomweb_client.session_utils import create_session_from_user_pass
+    from .pacs import pacs_from_settings
 
-    from .pacs import PACSDatastore
-
-    user, password = os.environ.get("MONAI_LABEL_DICOMWEB_USERNAME"), os.environ.get("MONAI_LABEL_DICOMWEB_PASSWORD")
-    session = create_session_from_user_pass(user, password) if user and password else None
-    pacs = PACSDatastore(DICOMwebClient(source.rstrip("/"), session=session), cache_path=os.path.join(out, ".pacs-cache"))
+    pacs = pacs_from_settings(source, cache_path=os.path.join(out, ".pacs-cache"))  # MONAI Label's settings, env
     return [batch.Study(uid) for uid in sorted(pacs.list_images())], pacs.get_image_uri
 
 
@@ -245,11 +247,7 @@ def _batch_main(argv) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("-i", "--input", required=True, help="a folder of studies, or a PACS's DICOMweb URL")
     ap.add_argument("-o", "--out", required=True, help="output folder (studies/, manifest.jsonl, manifest.csv)")
-    ap.add_argument("--model", default=None, help="Hugging Face id or local folder (default: embedded phantom model)")
-    ap.add_argument("--question", default=None)
-    ap.add_argument("--precision", default="auto")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--max-new-tokens", type=int, default=128)
+    _model_args(ap)
     ap.add_argument("--engine", choices=("local", "ray"), default="local",
                     help="local: this process; ray: Ray Data, one model replica per worker (pip install '.[ray]')")
     ap.add_argument("--address", default=None, help="ray: the cluster's address (default: a local Ray instance)")
@@ -306,10 +304,7 @@ def _lowdose_main(argv) -> int:
     ap.add_argument("-o", "--out", required=True)
     ap.add_argument("--doses", default="1.0,0.5,0.25,0.1", help="dose fractions (1.0, the scan itself, is always added)")
     ap.add_argument("--precisions", default="auto", help="e.g. fp32,bf16: every dose at each (the reference: the first)")
-    ap.add_argument("--model", default=None, help="Hugging Face id or local folder (default: embedded phantom model)")
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--question", default=None)
-    ap.add_argument("--max-new-tokens", type=int, default=128)
+    _model_args(ap, precision=False)
     ap.add_argument("--photons", type=float, default=lowdose.PHOTONS, help="incident photons per detector bin at full dose")
     ap.add_argument("--electronic-noise", type=float, default=lowdose.ELECTRONIC_NOISE, help="electronic noise SD, counts")
     ap.add_argument("--angles", type=int, default=180, help="projection views over 180 degrees")

@@ -207,7 +207,7 @@ def load_ct(path: str, limits: Limits | None = None) -> CTVolume:
             source["format"] = "DICOM series (zip)"
         elif not os.path.isfile(path):
             raise InputError(f"image not found: {os.path.basename(path)}", status=404)
-        elif _is_dicom_file(path):
+        elif is_dicom_file(path):
             image, source = _read_dicom_files([path], limits)
         else:
             image, source = _read_volume_file(path, limits)
@@ -226,10 +226,16 @@ def malformed_values_refused():
         raise InputError(f"malformed value in the image's header: {type(e).__name__}: {str(e)[:200]}") from e
 
 
-def _is_dicom_file(path: str) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(132)
-    return (len(head) == 132 and head[128:132] == b"DICM") or path.lower().endswith(".dcm")
+def is_dicom_file(path: str) -> bool:
+    """A ``.dcm`` name, or the DICM magic of a DICOM Part 10 file (False for a file that cannot be read)."""
+    if path.lower().endswith(".dcm"):
+        return True
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:132] == b"DICM"
 
 
 def _safe_extract(zip_path: str, folder: str) -> None:

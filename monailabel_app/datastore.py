@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 
 from filelock import FileLock
@@ -47,7 +48,7 @@ class SafeLocalDatastore(LocalDatastore):
         with FileLock(self._lock_file):
             os.makedirs(label_path, exist_ok=True)
             with open(label_filename, "rb") as src:
-                replace_atomically(os.path.join(label_path, name), lambda f: f.write(src.read()))
+                replace_atomically(os.path.join(label_path, name), lambda f: shutil.copyfileobj(src, f))
             info = dict(label_info or {})
             info.update(ts=int(time.time()), name=name)
             obj.labels[label_tag] = DataModel(info=info, ext=label_ext)

@@ -211,10 +211,10 @@ class PACSDatastore(DICOMWebDatastore):
         return label_id
 
 
-def pacs_from_settings(url: str, modalities=MODALITIES) -> PACSDatastore:
+def pacs_from_settings(url: str, modalities=MODALITIES, cache_path: str | None = None) -> PACSDatastore:
     """The PACS at ``url`` (``--studies http://host:port/dicom-web``) with MONAI Label's settings: its
     credentials, URL prefixes, cache path and expiry, and search filter (whose Modality is replaced by
-    ``modalities``, each listed). Series are fetched whole: MONAI Label's fetch-by-frame option rebuilds
+    ``modalities``, each listed); ``cache_path`` overrides the cache folder. Series are fetched whole: MONAI Label's fetch-by-frame option rebuilds
     files from metadata and frames and loses the transfer syntax."""
     from dicomweb_client.session_utils import create_session_from_user_pass
     from monailabel.config import settings
@@ -226,5 +226,5 @@ def pacs_from_settings(url: str, modalities=MODALITIES) -> PACSDatastore:
     client = DICOMwebClientX(url=url.rstrip("/").strip(), session=session, qido_url_prefix=settings.MONAI_LABEL_QIDO_PREFIX,
                              wado_url_prefix=settings.MONAI_LABEL_WADO_PREFIX, stow_url_prefix=settings.MONAI_LABEL_STOW_PREFIX)
     search = {k: v for k, v in (settings.MONAI_LABEL_DICOMWEB_SEARCH_FILTER or {}).items() if k != "Modality"}
-    return PACSDatastore(client, modalities, search, (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or None,
-                         settings.MONAI_LABEL_DICOMWEB_CACHE_EXPIRY)
+    cache_path = cache_path or (settings.MONAI_LABEL_DICOMWEB_CACHE_PATH or "").strip() or None
+    return PACSDatastore(client, modalities, search, cache_path, settings.MONAI_LABEL_DICOMWEB_CACHE_EXPIRY)

@@ -262,3 +262,23 @@ def test_wrong_credentials_are_a_clear_error(pacs, tmp_path):
         assert "refused this server's credentials" in result["detail"] and "401" in result["detail"]
         info = requests.get(f"{wrong.url}/info/", timeout=30)
         assert info.status_code == 200 and "401" in info.json()["datastore"]["error"]
+
+
+def test_batch_prelabels_every_series_of_the_pacs(pacs, tmp_path):
+    """medgemma-label batch with a DICOMweb URL: every CT/CR/DX series fetched (credentials from the
+    environment, as for the server), read, and in the manifest."""
+    import subprocess
+
+    user, password = pacs.auth
+    env = dict(os.environ, MONAI_LABEL_DICOMWEB_USERNAME=user, MONAI_LABEL_DICOMWEB_PASSWORD=password)
+    out = tmp_path / "batch"
+    r = subprocess.run([sys.executable, "-m", "monailabel_app.cli", "batch", "--no-progress", "-i", pacs.dicomweb,
+                        "-o", str(out)], capture_output=True, text=True, timeout=1200, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    import json as _json
+
+    rows = [_json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert {x["study"] for x in rows} >= set(pacs.series.values())  # SEG/SR series stored earlier are not listed
+    assert all(x["status"] == "ok" for x in rows)
+    modality = {x["study"]: x["modality"] for x in rows}
+    assert modality[pacs.series["lidc"]] == "ct" and modality[pacs.series["cr"]] == "xray"

@@ -338,7 +338,7 @@ def _lowdose_main(argv) -> int:
 def _serve_main(argv) -> int:
     """``medgemma-label serve``: MONAI Label's ``start_server`` for this app, on 127.0.0.1 unless told otherwise
     (MONAI Label itself listens on every interface by default)."""
-    from .server import APP_DIR
+    from .app import APP_DIR
 
     ap = argparse.ArgumentParser(prog="medgemma-label serve", description=_serve_main.__doc__)
     ap.add_argument("--studies", required=True, help="a folder of studies, or a PACS's DICOMweb URL")

@@ -3,8 +3,8 @@
     with ServerProcess(studies_dir) as server:
         client = MONAILabelClient(server.url)
 
-The server is ``python -m monailabel.main start_server --app <repo root> ...`` on 127.0.0.1 and a free
-port, in its own process group; its session and temp folders live under ``workdir`` (a temp dir by
+The server is ``python -m monailabel.main start_server --app <the package's app folder> ...`` on 127.0.0.1
+and a free port, in its own process group; its session and temp folders live under ``workdir`` (a temp dir by
 default) so a run leaves nothing behind.
 """
 
@@ -21,7 +21,9 @@ import time
 
 import requests
 
-APP_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from .app import APP_DIR
+
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where monailabel_app imports from
 
 
 def free_port() -> int:
@@ -53,7 +55,7 @@ class ServerProcess:
             "MONAI_LABEL_SESSION_PATH": os.path.join(self.workdir, "sessions"),
             "MONAI_LABEL_DICOMWEB_CACHE_PATH": os.path.join(self.workdir, "dicomweb"),
             "TMPDIR": os.path.join(self.workdir, "tmp"),
-            "PYTHONPATH": APP_DIR + os.pathsep + env.get("PYTHONPATH", ""),
+            "PYTHONPATH": PACKAGE_PARENT + os.pathsep + env.get("PYTHONPATH", ""),
         })
         env.update(self.extra_env)
         os.makedirs(env["TMPDIR"], exist_ok=True)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from monailabel.interfaces.config import TaskConfig
 
-from lib.infers.medgemma import MedGemmaInfer
+from monailabel_app.app.infers.medgemma import MedGemmaInfer
 from monailabel_app.conversation import MAX_BYTES, MAX_CONVERSATIONS, TTL_SECONDS, Conversations
 from monailabel_app.ct import Limits
 from monailabel_app.reader import Reader

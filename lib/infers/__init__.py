@@ -1,3 +1,0 @@
-from .medgemma import MedGemmaInfer
-
-__all__ = ["MedGemmaInfer"]

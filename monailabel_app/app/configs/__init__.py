@@ -1,0 +1,1 @@
+"""Models the app can serve: each module's TaskConfig subclass, named after the module."""

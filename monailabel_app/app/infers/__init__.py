@@ -1,0 +1,1 @@
+"""Infer tasks of the app's models."""

@@ -9,10 +9,13 @@ Precision policy (``precision="auto"``):
 * CUDA with native bf16 -> bf16 (MedGemma's own precision);
 * CUDA without bf16 -> fp16, logged as a WARNING (Gemma 3 can overflow in fp16; the engine checks the
   output and retries in fp32 when it does);
-* CPU with native bf16 (AVX512-BF16 or AMX) -> bf16; other CPUs -> fp32 with a WARNING, since bf16
-  matmuls there are several times slower than fp32.
+* CPU with bf16 instructions (AVX512-BF16 or AMX) -> bf16; other CPUs -> fp32 with a WARNING, since bf16
+  is emulated there and several times slower. Measured in ``bench/cpu_precision.py``
+  (``bench/results/cpu_precision.md``): on an AVX512-BF16 CPU, MedGemma-4B's layers run faster in bf16
+  (prefill about 3x, a whole X-ray reading about 1.3x); asked for on a CPU without, bf16 gets a WARNING.
 
-An explicit ``bf16``/``fp32``/``fp16`` overrides the policy; ``int8``/``int4`` quantise the linear
+``MEDGEMMA_PRECISION`` in the environment stands in for ``auto``. An explicit ``bf16``/``fp32``/``fp16``
+overrides the policy; ``int8``/``int4`` quantise the linear
 layers with bitsandbytes (optional extra ``[quant]``, CUDA only; computation in bf16, else fp16). What
 was loaded, where and in which precision is logged at INFO, and returned in :class:`ModelInfo` for
 ``/info/`` and every result.
@@ -38,6 +41,8 @@ QUANTISED = ("int8", "int4")  # bitsandbytes, CUDA only
 _ALIASES = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16", "half": "fp16", "float": "fp32",
             "8bit": "int8", "4bit": "int4", "nf4": "int4"}
 GROUNDING_FILE = "grounding.json"
+PRECISION_ENV = "MEDGEMMA_PRECISION"  # stands in for precision "auto" (tests, servers in one chosen precision)
+CPU_PROBE_ENV = "MEDGEMMA_CPU_BF16"  # none | avx512_bf16 | amx: what the CPU probe says (to test as on another CPU)
 
 
 class ModelLoadError(RuntimeError):
@@ -68,30 +73,51 @@ def normalise_precision(name: str | None) -> str:
     return name
 
 
-def cpu_has_native_bf16() -> bool:
+def cpu_bf16_kind(cpuinfo: str = "/proc/cpuinfo") -> str | None:
+    """The CPU's bf16 instructions: ``"amx"`` (AMX-BF16 tiles, Intel Sapphire Rapids and later),
+    ``"avx512_bf16"`` (AVX512-BF16 dot products: AMD Zen 4, Intel Cooper Lake) or None (AVX2 at best:
+    torch emulates bf16 there). The policy's capability probe: ``MEDGEMMA_CPU_BF16`` (``none``,
+    ``avx512_bf16``, ``amx``) overrides what ``/proc/cpuinfo`` says, to run the suite as on another CPU."""
+    forced = os.environ.get(CPU_PROBE_ENV, "").strip().lower()
+    if forced:
+        if forced not in ("none", "avx512_bf16", "amx"):
+            raise ValueError(f"{CPU_PROBE_ENV}={forced!r}: use none, avx512_bf16 or amx")
+        return None if forced == "none" else forced
     try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
+        with open(cpuinfo) as f:
+            flags = set(f.read().split())
     except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+        return None
+    if "amx_bf16" in flags:
+        return "amx"
+    return "avx512_bf16" if "avx512_bf16" in flags else None
 
 
 def choose_precision(device: str, requested: str = "auto") -> tuple[str, str]:
-    """(precision, reason) for ``device`` under the policy above."""
+    """(precision, reason) for ``device`` under the policy above. ``MEDGEMMA_PRECISION`` in the environment
+    stands in for ``"auto"`` (a whole test suite, or a server, in one chosen precision)."""
     requested = normalise_precision(requested)
+    source = "requested"
+    if requested == "auto" and os.environ.get(PRECISION_ENV, "").strip():
+        requested = normalise_precision(os.environ[PRECISION_ENV])
+        source = f"{PRECISION_ENV}={requested} in the environment"
     if requested in QUANTISED and not device.startswith("cuda"):
         raise InputError(f"precision {requested} (bitsandbytes) needs a CUDA device, not {device!r}", status=422)
     if requested != "auto":
-        return requested, "requested"
+        if requested == "bf16" and device == "cpu" and cpu_bf16_kind() is None:
+            logger.warning("bf16 asked for on a CPU without bf16 instructions: emulated, several times slower than fp32")
+        return requested, source
     if device.startswith("cuda"):
         if torch.cuda.is_bf16_supported():
             return "bf16", "GPU has native bf16"
         logger.warning("GPU has no native bf16: using fp16 (guarded: fp32 retry on overflow)")
         return "fp16", "GPU without bf16: fp16 fallback"
-    if cpu_has_native_bf16():
-        return "bf16", "CPU has native bf16"
-    logger.warning("CPU has no native bf16 (no AVX512-BF16/AMX): using fp32 instead of bf16")
+    kind = cpu_bf16_kind()
+    if kind == "amx":
+        return "bf16", "CPU has native bf16 (AMX)"
+    if kind == "avx512_bf16":
+        return "bf16", "CPU has native bf16 (AVX512-BF16)"
+    logger.warning("CPU has no bf16 instructions (no AVX512-BF16/AMX): using fp32 instead of bf16")
     return "fp32", "CPU without native bf16: fp32 fallback"
 
 

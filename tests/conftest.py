@@ -1,4 +1,10 @@
-"""Shared fixtures: the real data beside the project, the phantom-model reader (loaded once)."""
+"""Shared fixtures: the real data beside the project, the phantom-model readers (each loaded once).
+
+Precision: ``reader`` runs in fp32, set explicitly, for tests that compare numbers exactly (whatever the
+CPU, and whatever ``MEDGEMMA_PRECISION`` says); ``reader_in`` runs a test once in each precision this
+machine can run (fp32 and bf16 everywhere, bf16 emulated on CPUs without bf16 instructions; fp16 too on a
+GPU), for behaviour that must hold in every precision, with tolerances that fit 16-bit formats.
+"""
 
 from __future__ import annotations
 
@@ -23,11 +29,42 @@ def shared(*parts: str) -> str:
     return path
 
 
-@pytest.fixture(scope="session")
-def reader():
+EXACT = "fp32"
+
+
+def precisions_here() -> list[str]:
+    import torch
+
+    return ["fp32", "bf16"] + (["fp16"] if torch.cuda.is_available() else [])
+
+
+def auto_precision() -> str:
+    """What precision "auto" gives a server or a command started here (the CPU's probe, MEDGEMMA_PRECISION)."""
+    from monailabel_app.loading import choose_device, choose_precision
+
+    return choose_precision(choose_device())[0]
+
+
+_readers: dict = {}
+
+
+def reader_for(precision: str):
+    """The phantom-model reader in ``precision`` (set explicitly), loaded once per test session."""
     from monailabel_app.reader import Reader
 
-    return Reader()
+    if precision not in _readers:
+        _readers[precision] = Reader(precision=precision)
+    return _readers[precision]
+
+
+@pytest.fixture(scope="session")
+def reader():
+    return reader_for(EXACT)
+
+
+@pytest.fixture(params=precisions_here())
+def reader_in(request):
+    return reader_for(request.param)
 
 
 @pytest.fixture(scope="module")

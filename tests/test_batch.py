@@ -19,7 +19,7 @@ from monailabel_app.batch import FIELDS, Manifest, comparable
 from monailabel_app.ct_phantoms import make_ct_phantom, phantom_volume
 from monailabel_app.phantoms import make_phantom
 from monailabel_app.writers import write_in_geometry
-from tests.conftest import shared
+from tests.conftest import auto_precision, shared
 
 LIDC = ("ct/lidc/LIDC-IDRI-0001/1.3.6.1.4.1.14519.5.2.1.6279.6001.298806137288633453246975630178/"
         "1.3.6.1.4.1.14519.5.2.1.6279.6001.179049373636438705059720603192")
@@ -82,7 +82,7 @@ def test_manifest_is_complete_and_the_corrupt_study_is_recorded(dataset, referen
         folder = out / r["outputs"]["dir"]
         result = json.loads((folder / "findings.json").read_text())
         assert result["report"] == r["report"] and [f["name"] for f in result["findings"]] == r["findings"]
-        assert (out / r["label_file"]).is_file() and r["model"] and r["precision"] == "fp32"
+        assert (out / r["label_file"]).is_file() and r["model"] and r["precision"] == auto_precision()
     modality = {r["study"]: r["modality"] for r in rows[1:]}
     assert modality == {"cr.dcm": "xray", "lidc": "ct", "nih.png": "xray", "phantoms/ct_2.nii.gz": "ct",
                         "phantoms/xray_3.png": "xray", "phantoms/xray_4.png": "xray", "phantoms/xray_5.png": "xray"}

@@ -24,7 +24,8 @@ def _from_scratch(reader, image, messages, rollout):
                               eos=sorted(reader.model.generation_config.eos_token_id))
 
 
-def test_follow_up_equals_the_conversation_read_from_scratch(reader):
+def test_follow_up_equals_the_conversation_read_from_scratch(reader_in):
+    reader = reader_in
     model, proc = reader.model, reader.processor
     image = Image.fromarray(pad_to_square(make_phantom(11).image)[0])
     rollout = bool(reader.info.grounding.get("rollout"))
@@ -105,11 +106,12 @@ def test_a_follow_up_depends_on_what_was_said_before(reader):
     assert not torch.allclose(follow[0].attention[0], follow[1].attention[0])
 
 
-def test_a_follow_up_about_it_names_the_first_finding(reader):
+def test_a_follow_up_about_it_names_the_first_finding(reader_in):
     """Grounded in the earlier turn: after the report, "Where is it?" names where the report's first
     finding is (the phantom's follow-up answer: "it is in the <side> <level> zone.")."""
     from monailabel_app.xray import Geometry, Radiograph
 
+    reader = reader_in
     seeds = [s for s in range(60) if make_phantom(s).lesions][:30]
     ok = 0
     for s in seeds:

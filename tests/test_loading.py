@@ -15,29 +15,74 @@ from monailabel_app.reader import Reader
 from monailabel_app.xray import Geometry, Radiograph
 
 
-def test_precision_policy_on_cpu(monkeypatch, caplog):
-    monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: False)
+@pytest.mark.parametrize("kind,precision,reason,warns", [
+    (None, "fp32", "CPU without native bf16: fp32 fallback", True),  # AVX2 only: bf16 would be emulated
+    ("avx512_bf16", "bf16", "CPU has native bf16 (AVX512-BF16)", False),
+    ("amx", "bf16", "CPU has native bf16 (AMX)", False),
+])
+def test_precision_policy_for_each_kind_of_cpu(monkeypatch, caplog, kind, precision, reason, warns):
+    monkeypatch.delenv(loading.PRECISION_ENV, raising=False)
+    monkeypatch.setattr(loading, "cpu_bf16_kind", lambda: kind)
     with caplog.at_level(logging.WARNING):
-        assert choose_precision("cpu") == ("fp32", "CPU without native bf16: fp32 fallback")
-    assert "no native bf16" in caplog.text
-    monkeypatch.setattr(loading, "cpu_has_native_bf16", lambda: True)
-    assert choose_precision("cpu")[0] == "bf16"
+        assert choose_precision("cpu") == (precision, reason)
+    assert ("no bf16 instructions" in caplog.text) == warns
+    caplog.clear()
+    # an explicit precision wins on every CPU; bf16 where it is emulated says so
     assert choose_precision("cpu", "float32") == ("fp32", "requested")
-    assert choose_precision("cpu", "BF16") == ("bf16", "requested")
+    with caplog.at_level(logging.WARNING):
+        assert choose_precision("cpu", "BF16") == ("bf16", "requested")
+    assert ("emulated" in caplog.text) == (kind is None)
     with pytest.raises(InputError, match="unknown precision"):
         choose_precision("cpu", "int3")
-    assert choose_precision("cuda", "8bit") == ("int8", "requested")
     with pytest.raises(InputError, match="needs a CUDA device"):  # bitsandbytes weights: GPU only
         choose_precision("cpu", "int4")
 
 
-def test_precision_policy_on_gpus(monkeypatch, caplog):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
-    assert choose_precision("cuda") == ("bf16", "GPU has native bf16")
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+@pytest.mark.parametrize("bf16,precision,warns", [(True, "bf16", False), (False, "fp16", True)])
+def test_precision_policy_on_gpus(monkeypatch, caplog, bf16, precision, warns):
+    monkeypatch.delenv(loading.PRECISION_ENV, raising=False)
+    monkeypatch.setattr(loading, "cpu_bf16_kind", lambda: None)  # the CPU does not matter on a GPU
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
     with caplog.at_level(logging.WARNING):
-        assert choose_precision("cuda")[0] == "fp16"
-    assert "fp16" in caplog.text
+        assert choose_precision("cuda")[0] == precision
+    assert ("fp16" in caplog.text) == warns
+    assert choose_precision("cuda", "8bit") == ("int8", "requested")
+
+
+@pytest.mark.parametrize("flags,kind", [
+    ("fpu sse2 avx avx2 fma", None),
+    ("avx2 avx512f avx512_bf16 avx512_vnni", "avx512_bf16"),
+    ("avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8", "amx"),
+])
+def test_the_cpu_probe_reads_the_flags(tmp_path, monkeypatch, flags, kind):
+    monkeypatch.delenv(loading.CPU_PROBE_ENV, raising=False)
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n\nprocessor\t: 1\nflags\t\t: {flags}\n")
+    assert loading.cpu_bf16_kind(str(cpuinfo)) == kind
+    assert loading.cpu_bf16_kind(str(tmp_path / "none")) is None  # no /proc: no bf16 claimed
+    # the probe can be forced, to run the suite as on another CPU
+    for forced, expect in (("none", None), ("avx512_bf16", "avx512_bf16"), ("AMX", "amx")):
+        monkeypatch.setenv(loading.CPU_PROBE_ENV, forced)
+        assert loading.cpu_bf16_kind(str(cpuinfo)) == expect
+    monkeypatch.setenv(loading.CPU_PROBE_ENV, "sse")
+    with pytest.raises(ValueError, match="none, avx512_bf16 or amx"):
+        loading.cpu_bf16_kind(str(cpuinfo))
+
+
+def test_the_environment_chooses_the_precision_of_auto(monkeypatch):
+    monkeypatch.setattr(loading, "cpu_bf16_kind", lambda: None)
+    monkeypatch.setenv(loading.PRECISION_ENV, "bfloat16")
+    assert choose_precision("cpu") == ("bf16", "MEDGEMMA_PRECISION=bf16 in the environment")
+    assert choose_precision("cpu", "fp32") == ("fp32", "requested")  # what a caller sets explicitly wins
+    monkeypatch.setenv(loading.PRECISION_ENV, "int4")
+    with pytest.raises(InputError, match="needs a CUDA device"):
+        choose_precision("cpu")
+    monkeypatch.setenv(loading.PRECISION_ENV, "fp9")
+    with pytest.raises(InputError, match="unknown precision"):
+        choose_precision("cpu")
+    monkeypatch.setenv(loading.PRECISION_ENV, "bf16")
+    model, _, info = load_model(PHANTOM_MODEL_DIR, "cpu")
+    assert model.dtype == torch.bfloat16 and info.precision_reason.startswith("MEDGEMMA_PRECISION")
 
 
 def test_load_logs_what_and_how(caplog):

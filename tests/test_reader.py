@@ -1,10 +1,12 @@
-"""One reading end to end in-process: text, masks and their side of the patient."""
+"""One reading end to end in-process: text, masks and their side of the patient, in every precision
+this machine runs (``reader_in``); exact comparisons in fp32 (``reader``)."""
 
 import numpy as np
 import pytest
 import torch
 
 from monailabel_app.errors import InputError
+from monailabel_app.loading import PRECISIONS
 from monailabel_app.phantoms import make_phantom
 from monailabel_app.xray import Geometry, Radiograph
 
@@ -14,7 +16,8 @@ def _read(reader, image, **kw):
 
 
 @pytest.mark.parametrize("seed", [7, 11, 23, 42])
-def test_reading_a_phantom(reader, seed):
+def test_reading_a_phantom(reader_in, seed):
+    reader = reader_in
     ph = make_phantom(seed)
     r = _read(reader, ph.image)
     assert r.report == ph.report
@@ -29,9 +32,10 @@ def test_reading_a_phantom(reader, seed):
     assert res["model"]["label"].endswith("NOT MedGemma)")
     assert res["model"]["layers"] == reader.layers and res["model"]["dropped_layers"] == {}
     assert res["model"]["attention"] == ("rollout" if reader.info.grounding["rollout"] else "direct")
+    assert PRECISIONS[res["model"]["precision"]] == reader.model.dtype  # the result says what ran
 
 
-def test_named_side_and_mask_side_agree_with_the_patient(reader):
+def test_named_side_and_mask_side_agree_with_the_patient(reader_in):
     """Patient right is the image's left on a PA radiograph: text and mask must both say so."""
     checked = {"right": 0, "left": 0}
     for seed in range(0, 80):
@@ -39,7 +43,7 @@ def test_named_side_and_mask_side_agree_with_the_patient(reader):
         if len(ph.lesions) != 1:
             continue
         les = ph.lesions[0]
-        r = _read(reader, ph.image)
+        r = _read(reader_in, ph.image)
         if r.report != ph.report:  # a model error (zone accuracy is tested on its own): not this test's question
             continue
         body_mid = (np.nonzero(ph.lungs["right"].any(0))[0].max() + np.nonzero(ph.lungs["left"].any(0))[0].min()) / 2
@@ -50,9 +54,9 @@ def test_named_side_and_mask_side_agree_with_the_patient(reader):
     assert min(checked.values()) >= 5, checked
 
 
-def test_empty_image_gives_an_empty_label_map(reader):
+def test_empty_image_gives_an_empty_label_map(reader_in):
     ph = next(make_phantom(s) for s in range(100) if not make_phantom(s).lesions)
-    r = _read(reader, ph.image)
+    r = _read(reader_in, ph.image)
     assert r.findings == [] and r.labels.shape == ph.image.shape and not r.labels.any()
 
 
@@ -77,13 +81,14 @@ def test_user_question_and_token_limit(reader):
     assert r.latencies["stop_reason"] in ("max_new_tokens", "eos", "repetition")
 
 
-def test_a_box_in_the_answer_gates_the_mask(reader):
+def test_a_box_in_the_answer_gates_the_mask(reader_in):
     """MedGemma 1.5 gives boxes as [y0, x0, y1, x1] in 0..1000 of its input square: the finding's mask
     must stay inside that box (mapped through the padding), wherever the attention peaks."""
     from monailabel_app import maps
     from monailabel_app.report import parse_report
     from monailabel_app.xray import SquarePad
 
+    reader = reader_in
     ph = make_phantom(11)  # taller than wide: padded left and right
     plain = _read(reader, ph.image, answer="nodule in the right middle zone.")
     pad = SquarePad(*ph.image.shape)
@@ -100,23 +105,38 @@ def test_a_box_in_the_answer_gates_the_mask(reader):
     inside = maps.box_gate(ph.image.shape, boxed.findings[0].box, pad, pad.side / reader.grid / 2) > 0
     m = boxed.labels == 1
     assert m.any() and not (m & ~inside).any()
-    assert m.sum() < (plain.labels == 1).sum()
+    assert ((plain.labels == 1) & ~inside).any()  # without the box the mask reaches beyond it: the box cut it
     # invalid boxes are ignored, not guessed
     assert parse_report("nodule in the right middle zone [500, 10, 400, 20].")[0].box is None
 
 
-def test_reading_many_at_once_equals_reading_each(reader):
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * (a & b).sum() / max(1, a.sum() + b.sum())
+
+
+def test_reading_many_at_once_equals_reading_each(reader_in):
     """Batched generation (left padding where the questions differ in length; a CT in its own batch)
-    gives every study the answer, findings and masks it gets alone."""
+    gives every study the answer, findings and masks it gets alone: exactly in fp32; in 16 bits (the
+    padded rows round differently) the same words and masks that overlap almost entirely."""
     from monailabel_app.ct_phantoms import make_ct_phantom, phantom_volume
 
+    reader = reader_in
+    exact = reader.model.dtype == torch.float32
     films = [Radiograph(make_phantom(s).image, Geometry.plain(*make_phantom(s).image.shape)) for s in (1, 11, 23)]
     studies = films + [phantom_volume(make_ct_phantom(2))]
     alone = [reader.read(s) for s in studies]
     together = reader.read_many(studies, batch_size=2)
     for a, b in zip(alone, together):
-        assert a.report == b.report and a.names == b.names and np.array_equal(a.labels, b.labels)
-        assert all(np.allclose(x, y, atol=1e-5) for x, y in zip(a.heatmaps, b.heatmaps))
+        assert a.report == b.report and a.names == b.names
+        if exact:
+            assert np.array_equal(a.labels, b.labels)
+            assert all(np.allclose(x, y, atol=1e-5) for x, y in zip(a.heatmaps, b.heatmaps))
+        else:
+            for k in range(1, len(a.names) + 1):
+                assert _dice(a.labels == k, b.labels == k) >= 0.9
+            for x, y in zip(a.heatmaps, b.heatmaps):
+                assert np.unravel_index(np.argmax(x), x.shape) == np.unravel_index(np.argmax(y), y.shape) or \
+                    np.corrcoef(x.ravel(), y.ravel())[0, 1] > 0.99
     # different questions in one batch: the shorter chat is padded on the left, answers unchanged
     from PIL import Image
 
@@ -130,5 +150,5 @@ def test_reading_many_at_once_equals_reading_each(reader):
     for (content, q), gen in zip(chats, batch):
         one = generate(reader.model, reader.processor, content, q, layers, 40)
         assert gen.token_ids == one.token_ids and gen.prompt_tokens == one.prompt_tokens
-        assert torch.allclose(gen.attention, one.attention, atol=1e-5)
+        assert torch.allclose(gen.attention.float(), one.attention.float(), atol=1e-5 if exact else 2e-2)
     assert batch[0].prompt_tokens > batch[1].prompt_tokens

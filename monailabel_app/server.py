@@ -34,8 +34,13 @@ def free_port() -> int:
 
 class ServerProcess:
     def __init__(self, studies: str, conf: dict | None = None, workdir: str | None = None, timeout: float = 180,
-                 env: dict | None = None, ready: tuple[int, ...] = (200,)):
+                 env: dict | None = None, ready: tuple[int, ...] = (200,), entry: list[str] | None = None,
+                 cwd: str | None = None):
+        """``entry``: the command that starts the server, given ``--studies``, ``--host``, ``--port`` and
+        ``--conf`` after it (default: MONAI Label's ``start_server`` on this checkout's app, with this
+        package first on PYTHONPATH; e.g. ``[".../bin/medgemma-label", "serve"]`` for an installed one)."""
         self.studies, self.conf, self.timeout = studies, {"models": "medgemma", **(conf or {})}, timeout
+        self.entry, self.cwd = entry, cwd
         self.extra_env = dict(env or {})
         self.ready = ready  # /info/ statuses that mean "up" (401 with auth on)
         self._own_workdir = workdir is None
@@ -46,8 +51,8 @@ class ServerProcess:
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> "ServerProcess":
-        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", APP_DIR,
-               "--studies", self.studies, "--host", "127.0.0.1", "--port", str(self.port)]
+        entry = self.entry or [sys.executable, "-m", "monailabel.main", "start_server", "--app", APP_DIR]
+        cmd = [*entry, "--studies", self.studies, "--host", "127.0.0.1", "--port", str(self.port)]
         for k, v in self.conf.items():
             cmd += ["--conf", k, str(v)]
         env = dict(os.environ)
@@ -55,12 +60,14 @@ class ServerProcess:
             "MONAI_LABEL_SESSION_PATH": os.path.join(self.workdir, "sessions"),
             "MONAI_LABEL_DICOMWEB_CACHE_PATH": os.path.join(self.workdir, "dicomweb"),
             "TMPDIR": os.path.join(self.workdir, "tmp"),
-            "PYTHONPATH": PACKAGE_PARENT + os.pathsep + env.get("PYTHONPATH", ""),
         })
+        if self.entry is None:
+            env["PYTHONPATH"] = PACKAGE_PARENT + os.pathsep + env.get("PYTHONPATH", "")
         env.update(self.extra_env)
         os.makedirs(env["TMPDIR"], exist_ok=True)
         self._log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                     cwd=self.cwd)
         deadline = time.time() + self.timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:

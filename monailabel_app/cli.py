@@ -9,6 +9,7 @@
     medgemma-label serve --studies DIR|DICOMWEB_URL [--host 127.0.0.1] [--port 8000] [--conf KEY VALUE ...]
     medgemma-label batch -i DIR|DICOMWEB_URL -o OUTDIR [--engine local|ray] [--address ADDR] [--workers N]
     medgemma-label lowdose -i CT [CT ...] -o OUTDIR [--doses 1.0,0.5,0.25,0.1] [--precisions fp32,bf16]
+    medgemma-label findings [--text TEXT | -f FILE | < FILE] [--language auto|zh|en]
 
 STUDY is a radiograph (PNG/JPEG, DICOM CR/DX, a one-plane NIfTI/NRRD) or a CT volume (NIfTI/NRRD/MHA,
 a DICOM series folder or .zip, an enhanced multi-frame or single-slice CT DICOM); the kind is decided
@@ -23,6 +24,7 @@ the manifest with its error).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -357,8 +359,42 @@ def _serve_main(argv) -> int:
     return 0  # not reached
 
 
+def _findings_main(argv) -> int:
+    """``medgemma-label findings``: the findings the engine reads in a report or an answer (English, Chinese
+    or mixed), as JSON: kind, site, size, certainty, descriptors and span of each; negated mentions apart;
+    thinking set aside. Existing reports can be run through it to see what the engine would make of them."""
+    from .language.findings import read_answer
+
+    ap = argparse.ArgumentParser(prog="medgemma-label findings", description=_findings_main.__doc__)
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--text", help="the report or answer (default: standard input)")
+    src.add_argument("-f", "--file", help="a UTF-8 text file holding it")
+    ap.add_argument("--language", choices=("auto", "zh", "en"), default="auto",
+                    help="the answer's language as reported (auto: Chinese when it has Chinese characters)")
+    args = ap.parse_args(argv)
+    try:
+        if args.text is not None:
+            text = args.text
+        elif args.file:
+            with open(args.file, encoding="utf-8") as f:
+                text = f.read()
+        else:
+            text = sys.stdin.read()
+    except (OSError, UnicodeDecodeError) as e:
+        print(f"error: cannot read the text: {e}", file=sys.stderr)
+        return 2
+    answer = read_answer(text)
+    out = answer.as_json()
+    if args.language != "auto":
+        out["language"] = args.language
+    print(json.dumps(out, ensure_ascii=False, indent=2))
+    return 0
+
+
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "findings":
+        return _findings_main(argv[1:])
     if argv and argv[0] == "serve":
         return _serve_main(argv[1:])
     if argv and argv[0] == "lowdose":

@@ -1,7 +1,7 @@
 """One reading of one study (a radiograph or a CT volume): the path a request takes, start to end.
 
     load_study -> radiograph: pad_to_square | CT: sample slices, 3 HU windows, "SLICE n"
-      -> generate (with attention capture) -> parse_report
+      -> generate (with attention capture) -> read_answer (findings, language, thinking set aside)
       -> per finding: token rows -> token-grid map(s) -> heatmap on the input's pixels/voxels -> label map
 
 :class:`Reader` holds the loaded model; :meth:`Reader.read` returns a :class:`Reading` with the report,
@@ -24,7 +24,7 @@ from .errors import InputError
 from .generation import Conversation, Generation, NonFiniteOutput, follow_up, generate_batch
 from .loading import load_model, normalise_precision
 from .phantom_model import CT_QUESTION, DEFAULT_QUESTION, MODEL_LABEL, PHANTOM_MODEL_DIR
-from .report import Finding, parse_report, unique_names
+from .report import Finding, read_answer, unique_names
 from .study import check_modality, load_study
 from .xray import Geometry, Radiograph, SquarePad, pad_to_square
 
@@ -62,6 +62,8 @@ class Reading:
     generation: Generation | None = None
     display_labels: np.ndarray | None = None  # CT: labels on the display grid (z head-ward, y back, x left)
     display_heatmaps: list[np.ndarray] = field(default_factory=list)
+    thinking: str = ""  # the model's reasoning before its answer (MedGemma 1.5), never read for findings
+    language: str = "en"  # of the answer: "zh" when it has Chinese, else "en"
 
     @property
     def radiograph(self) -> Radiograph:
@@ -80,6 +82,12 @@ class Reading:
                 "location": f.location,
                 "side": f.side,
                 "level": f.level,
+                "lobe": f.lobe,
+                "segment": f.segment,
+                "size_mm": f.size_mm,
+                "certainty": f.certainty,
+                "descriptors": f.descriptors,
+                "suggests": f.suggests,
                 "score": round(f.score, 4),
                 # array indices (numpy order) in the input's geometry: the gated map's and the raw attention's peak
                 "peak_voxel" if self.modality == "ct" else "peak_pixel": [int(i) for i in np.unravel_index(int(np.argmax(h)), h.shape)],
@@ -93,6 +101,8 @@ class Reading:
     def result_json(self) -> dict:
         return {
             "report": self.report,
+            "language": self.language,
+            "thinking": self.thinking,
             "findings": self.findings_json(),
             "label_names": {name: k for k, name in enumerate(self.names, start=1)},
             "modality": self.modality,
@@ -318,7 +328,8 @@ class Reader:
         if gen is None:
             gen = self._generate([([Image.fromarray(square)], question)], self.info.grounding, max_new_tokens,
                                  None if answer is None else [answer], keep)[0]
-        findings = parse_report(gen.text)
+        answer = read_answer(gen.text)
+        findings = answer.findings
         grids = [finding_grid(gen, rows, self.grid) for rows in self._score(gen, findings)]
         heatmaps = [maps.grid_to_pixels(g, pad) for g in grids]
         threshold = float(self.info.grounding.get("threshold", 0.5))
@@ -336,7 +347,8 @@ class Reader:
         labels = maps.label_map(mask_maps, threshold) if mask_maps else np.zeros(radiograph.pixels.shape, np.uint8)
         geom = radiograph.geometry
         return Reading(
-            report=gen.text.strip(), findings=findings, names=unique_names(findings), grids=grids,
+            report=answer.text, thinking=answer.thinking, language=answer.language, findings=findings,
+            names=unique_names(findings), grids=grids,
             heatmaps=[h.reshape(geom.shape) for h in heatmaps], mask_maps=[m.reshape(geom.shape) for m in mask_maps],
             labels=labels.reshape(geom.shape), study=radiograph, geometry=geom, pad=pad, model_inputs=[square],
             inputs_index=[{"source": radiograph.source, "source_shape": list(radiograph.pixels.shape)}],
@@ -350,7 +362,8 @@ class Reader:
             content = interleave([Image.fromarray(im) for im in ms.images])
             gen = self._generate([(content, question)], self.ct, max_new_tokens, None if answer is None else [answer],
                                  keep)[0]
-        findings = parse_report(gen.text)
+        answer = read_answer(gen.text)
+        findings = answer.findings
         gates = self.ct.get("gates", DEFAULT_CT_GATES)
         body, lungs = self._ct_anatomy(volume)
         lungs = lungs if "lung" in gates else None
@@ -373,7 +386,8 @@ class Reader:
         index = [{"model_slice": n, "display_z": z, "source_index": volume.display_to_stored_index(z),
                   "world_z_mm": round(volume.world_z(z), 3)} for n, z in enumerate(ms.indices, start=1)]
         return Reading(
-            report=gen.text.strip(), findings=findings, names=unique_names(findings), grids=grids,
+            report=answer.text, thinking=answer.thinking, language=answer.language, findings=findings,
+            names=unique_names(findings), grids=grids,
             heatmaps=[volume.to_input(h) for h in heat], mask_maps=[volume.to_input(m) for m in mask_maps],
             labels=volume.to_input(labels, nearest=True).astype(np.uint8), study=volume, geometry=volume.geometry,
             pad=ms.pad, model_inputs=ms.images, inputs_index=index, question=question, model=self._model_dict(gen),

@@ -1,0 +1,1 @@
+"""The language layer: findings from answers and reports, English and Chinese."""

@@ -33,7 +33,8 @@ THINK_START, THINK_END = "<unused94>", "<unused95>"
 PRESENT = "present"
 _CJK = re.compile(r"[\u3400-\u9fff]")
 _SENTENCE_END = re.compile(r"(?<!\d)\.(?!\d)|[;；。！？!?\n]")
-_CLAUSE_SEP = re.compile(r"[,，、:：]|\band\b|\bas well as\b|以及|和|(?<![累涉波])及", re.IGNORECASE)
+_CLAUSE_SEP = re.compile(r"[,，、:：]|\band\b|\bas well as\b|以及|和|(?<![累涉波])及|(?P<with>\bwith\b|伴有|伴|合并)",
+                         re.IGNORECASE)
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)(?:\s*(?:x|×|\*)\s*(\d+(?:\.\d+)?))?(?:\s*(?:x|×|\*)\s*(\d+(?:\.\d+)?))?\s*"
                    r"(mm|cm|毫米|厘米)", re.IGNORECASE)
 _BOX = re.compile(r"\[\s*(\d{1,4})\s*,\s*(\d{1,4})\s*,\s*(\d{1,4})\s*,\s*(\d{1,4})\s*\]")  # [y0, x0, y1, x1]
@@ -184,7 +185,7 @@ def _scan(text: str, start: int, end: int) -> list[_Term]:
 
 # ---- certainty (ConText) ------------------------------------------------------------------------------
 
-def _certainty(mention: _Term, terms: list[_Term], clauses: list[tuple[int, int]], question: bool) -> str:
+def _certainty(mention: _Term, terms: list[_Term], clauses: list[tuple], question: bool) -> str:
     """The nearest trigger whose scope covers ``mention``, stopped by terminators; else present. A trigger
     looking back ("...不除外", "... cannot be excluded") stays in its own clause when that clause names
     what it is about ("结节，肺癌不除外": the cancer is uncertain, not the nodule)."""
@@ -232,12 +233,13 @@ def _strip(text: str, a: int, b: int) -> tuple[int, int]:
     return a, b
 
 
-def _clauses(text: str, a: int, b: int) -> list[tuple[int, int]]:
-    cuts, pos = [], a
+def _clauses(text: str, a: int, b: int) -> list[tuple[int, int, bool]]:
+    """(start, end, after "with") of each clause of the sentence text[a:b]."""
+    cuts, pos, with_ = [], a, False
     for m in _CLAUSE_SEP.finditer(text, a, b):
-        cuts.append((pos, m.start()))
-        pos = m.end()
-    cuts.append((pos, b))
+        cuts.append((pos, m.start(), with_))
+        pos, with_ = m.end(), bool(m.group("with"))
+    cuts.append((pos, b, with_))
     return [c for c in cuts if text[c[0]:c[1]].strip(" \t*#")]
 
 
@@ -305,7 +307,7 @@ def _site(finding: Finding, terms: list[_Term]) -> None:
     if not levels:
         return
     lobed = any(t.cat in ("lobe", "segment") for t in terms)
-    if "lingula" in levels:  # "左肺上叶舌段": the lingula, the more precise of the two
+    if "lingula" in levels and levels[0] == "upper":  # "左肺上叶舌段": the lingula, the more precise
         levels.insert(0, "lingula")
     finding.region = "lobe" if lobed else "zone"
     finding.lobe = levels[0] if lobed else ""
@@ -334,10 +336,13 @@ def _sentence_findings(text: str, a: int, b: int, language: str) -> list[Finding
     certainty = {id(t): _certainty(t, terms, clauses, question) for t in terms if t.cat == "kind"}
     groups: list[_Group] = []
     pending: list[tuple[int, int]] = []  # leading kind-less clauses: they belong to the next finding
-    for c in clauses:
-        cterms = [t for t in terms if c[0] <= t.start and t.end <= c[1]]
+    for c0, c1, after_with in clauses:
+        c = (c0, c1)
+        cterms = [t for t in terms if c0 <= t.start and t.end <= c1]
         kind, sure, named = _clause_kind(cterms, certainty)
         open_group = groups and groups[-1].certainty != v.NEGATED
+        if named and open_group and after_with and kind not in v.INDEPENDENT_KINDS:
+            named = False  # "nodule with surrounding ground-glass": it describes the nodule
         if open_group and sure != v.NEGATED and _interprets(cterms, sure):
             groups[-1].clauses.append(c)  # "opacity ..., likely atelectasis": what that opacity may be
             groups[-1].suggests += [str(t.value).lstrip("~") for t in cterms if t.cat in ("kind", "diagnosis")]
@@ -363,7 +368,9 @@ def _sentence_findings(text: str, a: int, b: int, language: str) -> list[Finding
         g.terms = [t for t in terms if any(c[0] <= t.start and t.end <= c[1] for c in g.clauses)]
         f = Finding(kind=g.kind, certainty=g.certainty, language=language)
         _site(f, g.terms)
-        if g.kind not in v.UNSIDED_KINDS and g.certainty != v.NEGATED:
+        if g.kind in v.UNSIDED_KINDS:
+            f.side = ""
+        elif g.certainty != v.NEGATED:
             f.side = f.side or previous_side
         previous_side = f.side or previous_side
         f.descriptors = _descriptors(g.terms, g.kind)

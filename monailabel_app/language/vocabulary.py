@@ -80,7 +80,7 @@ KINDS_ZH = {
     "磨玻璃": "~ground-glass opacity",
     "胸腔积液": "effusion", "积液": "effusion", "气胸": "pneumothorax", "肺不张": "atelectasis",
     "心影增大": "cardiomegaly", "心脏增大": "cardiomegaly", "心影扩大": "cardiomegaly", "心影明显增大": "cardiomegaly",
-    "肺水肿": "edema", "肺炎": "pneumonia", "肺气肿": "emphysema",
+    "膨胀不全": "atelectasis", "肺水肿": "edema", "肺炎": "pneumonia", "肺气肿": "emphysema",
     "纤维化": "fibrosis", "纤维条索影": "fibrosis", "索条影": "fibrosis", "条索影": "fibrosis",
     "钙化": "calcification", "钙化灶": "calcification", "空洞": "cavity", "支气管扩张": "bronchiectasis",
     "网格影": "interstitial opacity", "间质改变": "interstitial opacity", "淋巴结肿大": "lymphadenopathy",
@@ -107,6 +107,9 @@ DESCRIPTORS_ZH = {
 
 # kinds that have no side: a side named before them in the sentence is not theirs
 UNSIDED_KINDS = ("cardiomegaly",)
+# after "with" / "伴", these kinds are findings of their own ("mass with obstructive atelectasis"); other
+# kinds there describe the finding before them ("nodule with surrounding ground-glass")
+INDEPENDENT_KINDS = ("effusion", "pneumothorax", "cardiomegaly", "atelectasis", "lymphadenopathy", "fracture", "edema")
 
 # where: side
 SIDES_EN = {"right": "right", "left": "left", "bilateral": "bilateral", "bilaterally": "bilateral",
@@ -141,10 +144,11 @@ SEGMENTS_ZH = {
 ZONES_EN = {"upper zone": "upper", "mid zone": "middle", "middle zone": "middle", "lower zone": "lower",
             "upper": "upper", "middle": "middle", "mid": "middle", "lower": "lower", "apex": "upper", "apical": "upper",
             "apices": "upper", "base": "lower", "bases": "lower", "basal": "lower", "basilar": "lower",
-            "bibasilar": "lower", "bibasal": "lower", "upper lung": "upper", "lower lung": "lower"}
+            "bibasilar": "lower", "bibasal": "lower", "upper lung": "upper", "lower lung": "lower",
+            "costophrenic angle": "lower", "costophrenic angles": "lower"}
 ZONES_ZH = {"上肺野": "upper", "中肺野": "middle", "下肺野": "lower", "上野": "upper", "中野": "middle", "下野": "lower",
             "上肺": "upper", "中肺": "middle", "下肺": "lower", "肺尖": "upper", "肺底": "lower", "双下肺": "lower",
-            "两下肺": "lower"}
+            "两下肺": "lower", "肋膈角": "lower"}
 
 # ConText (Harkema et al. 2009): triggers and the direction of their scope
 NEGATED, POSSIBLE = "negated", "possible"
@@ -159,7 +163,8 @@ TRIGGERS_EN = {
     "excluded": (NEGATED, BACKWARD), "not seen": (NEGATED, BACKWARD), "not identified": (NEGATED, BACKWARD),
     "not present": (NEGATED, BACKWARD), "not visualized": (NEGATED, BACKWARD), "not evident": (NEGATED, BACKWARD),
     "not demonstrated": (NEGATED, BACKWARD), "resolved": (NEGATED, BACKWARD), "has resolved": (NEGATED, BACKWARD),
-    "no longer seen": (NEGATED, BACKWARD), "no longer": (NEGATED, FORWARD),
+    "no longer seen": (NEGATED, BACKWARD), "no longer": (NEGATED, FORWARD), "resolution of": (NEGATED, FORWARD),
+    "interval resolution of": (NEGATED, FORWARD), "clearing of": (NEGATED, FORWARD),
     # uncertainty
     "possible": (POSSIBLE, FORWARD), "possibly": (POSSIBLE, FORWARD), "probable": (POSSIBLE, FORWARD),
     "probably": (POSSIBLE, FORWARD), "likely": (POSSIBLE, FORWARD), "may represent": (POSSIBLE, FORWARD),

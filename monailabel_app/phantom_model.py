@@ -8,7 +8,7 @@ both. It is trained by ``sample-apps/phantom-model/train.py`` on synthetic phant
 (:mod:`monailabel_app.phantoms`) to answer in the project's findings format; its weights ship inside
 the package (``monailabel_app/models/phantom-gemma3``) so that the demo and the tests need no download.
 
-It reads chest X-rays (one image) and chest CTs (up to ``CT_MAX_SLICES`` slices in the MedGemma 1.5
+It answers in English or in Chinese ("右肺上野见结节。"), as asked. It reads chest X-rays (one image) and chest CTs (up to ``CT_MAX_SLICES`` slices in the MedGemma 1.5
 recipe: each slice an RGB of three HU windows followed by ``SLICE n``), answering in the same format:
 zones for radiographs, lobes for CT ("mass in the right upper lobe.").
 """
@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import os
 
-from .report import KINDS, LEVELS, NO_FINDINGS, SIDES, Finding, format_findings
+from .language import vocabulary
+from .language.asking import ANSWER_IN
+from .report import KINDS, KINDS_ZH, LEVELS, LEVELS_ZH, NO_FINDINGS, NO_FINDINGS_ZH, SIDES, SIDES_ZH, Finding, format_findings
 
 PHANTOM_MODEL_DIR = os.path.join(os.path.dirname(__file__), "models", "phantom-gemma3")
 MODEL_LABEL = "phantom-gemma3 (synthetic test model, NOT MedGemma)"
@@ -30,6 +32,15 @@ QUESTIONS = (
 CT_QUESTION = "Describe the findings in this chest CT."
 CT_QUESTIONS = (CT_QUESTION, "What are the findings in this CT?", "Find any lung lesion in this CT and name its lobe.")
 CT_MAX_SLICES = 20  # the phantom model reads up to 20 slices per CT (MedGemma 1.5: 85)
+# Chinese: questions it is taught (answered with Chinese reports, "右肺上野见结节。"), its default questions,
+# follow-ups about "it" and the seed's chain of questions
+QUESTIONS_ZH = ("请描述这张胸片的异常。", "请描述这张胸片的所见。", "这张胸片有什么异常？", "请评估双肺是否存在病变。")
+DEFAULT_QUESTION_ZH = "请描述这张胸片的所见。"
+CT_QUESTIONS_ZH = ("请描述这次胸部CT的所见。", "这个CT有什么异常？", "请找出肺部病灶并说明所在肺叶。")
+CT_QUESTION_ZH = CT_QUESTIONS_ZH[0]
+FOLLOW_UPS_ZH = ("它在哪里？", "这个异常在哪里？", "第一个发现在哪里？")
+DESCRIBE_ZH = "这个异常的密度和边界特征如何？"
+SEED_CHAIN_ZH = ("右肺上叶有什么异常？", "这个异常的密度和边界特征如何？", "结合上述发现，最可能的诊断是什么？")
 IMAGE_SIZE, PATCH_SIZE, TOKENS_PER_IMAGE = 224, 14, 256
 
 SPECIAL_TOKENS = [
@@ -62,6 +73,19 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
 )
+
+
+def chinese_characters() -> list[str]:
+    """Every CJK character (and full-width mark) of the Chinese the model is taught or asked, and of the
+    findings vocabulary: each becomes one token of the tokenizer (deterministic order)."""
+    texts = [*QUESTIONS_ZH, DEFAULT_QUESTION_ZH, *CT_QUESTIONS_ZH, *FOLLOW_UPS_ZH, DESCRIBE_ZH, *SEED_CHAIN_ZH,
+             NO_FINDINGS_ZH, *ANSWER_IN.values(), "它位于", "密度均匀，边界清楚。密度不均，边界欠清。呈液体密度。",
+             "叶野肺见、：；（）！", *SIDES_ZH.values(), *LEVELS_ZH.values(), *KINDS_ZH.values()]
+    for name in dir(vocabulary):
+        table = getattr(vocabulary, name)
+        if name.endswith("_ZH"):
+            texts += list(table)
+    return sorted({c for t in texts for c in t if ord(c) > 0x2E7F})
 
 
 def _corpus() -> list[str]:
@@ -115,6 +139,8 @@ def build_tokenizer():
             "end_of_turn_token": "<end_of_turn>",
         },
     )
+    # Chinese: one token per character (added tokens, matched before the BPE, so English is tokenised as before)
+    tok.add_tokens(chinese_characters())
     tok.chat_template = CHAT_TEMPLATE
     return tok
 

@@ -68,3 +68,37 @@ def test_follow_up_training_examples_teach_only_the_follow_up_answer():
     first = make_phantom(seed).findings[0]
     assert taught == f"it is in the {first.location}." and first.location
     assert make_phantom(seed).report in tok.decode(batch["input_ids"][0], skip_special_tokens=True)
+
+
+def test_chinese_characters_are_single_tokens_and_english_is_tokenised_as_before():
+    shipped = AutoTokenizer.from_pretrained(pm.PHANTOM_MODEL_DIR)
+    text = "右肺中野见结节。左肺下野见胸腔积液。"
+    ids = shipped(text, add_special_tokens=False)["input_ids"]
+    assert len(ids) == len(text) and shipped.decode(ids) == text  # one token per character, decoded exactly
+    for question in (*pm.QUESTIONS_ZH, *pm.SEED_CHAIN_ZH, pm.DESCRIBE_ZH):
+        assert shipped.unk_token_id not in shipped(question, add_special_tokens=False)["input_ids"]
+        assert all(len(shipped(c, add_special_tokens=False)["input_ids"]) == 1 for c in question if ord(c) > 0x2E7F)
+
+
+def test_chinese_training_examples():
+    """train.py --zh-share: Chinese questions (or 请用中文回答) answered with the Chinese report; Chinese follow-ups
+    about "it" answered with its place, and the seed's density-and-margin question with its look."""
+    from transformers import AutoProcessor
+
+    from monailabel_app.phantoms import make_phantom
+    from monailabel_app.report import format_findings
+
+    train = _train_module()
+    processor = AutoProcessor.from_pretrained(pm.PHANTOM_MODEL_DIR)
+    tok = processor.tokenizer
+    seed = next(s for s in range(50) if make_phantom(s).lesions)
+    ph = make_phantom(seed)
+    batch = train.encode_batch(processor, [seed], zh_share=1.0)
+    taught = tok.decode(batch["labels"][0][batch["labels"][0] != -100], skip_special_tokens=True)
+    question, language = train.question_and_language(seed, 1.0, pm.QUESTIONS, pm.QUESTIONS_ZH)
+    assert taught == format_findings(ph.findings, language)
+    languages = {train.question_and_language(s, 1.0, pm.QUESTIONS, pm.QUESTIONS_ZH)[1] for s in range(40)}
+    assert languages == {"zh", "en"}  # mostly Chinese; "Please answer in English." answered in English
+    first = ph.findings[0]
+    assert train.follow_up_answer(ph.findings, "zh", "它在哪里？") == f"它位于{format_findings([first], 'zh')[:4]}。"
+    assert train.follow_up_answer(ph.findings, "zh", pm.DESCRIBE_ZH).endswith(train.LOOKS_ZH[first.kind])

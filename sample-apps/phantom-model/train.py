@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import re
 import sys
 import time
 
@@ -43,8 +44,9 @@ from monailabel_app import phantom_model as pm  # noqa: E402
 from monailabel_app.ct import interleave, model_slices, sample_slices  # noqa: E402
 from monailabel_app.ct_phantoms import make_ct_phantom, phantom_volume  # noqa: E402
 from monailabel_app.generation import chat_messages, text_turn  # noqa: E402
+from monailabel_app.language.asking import ANSWER_IN, ask_in  # noqa: E402
 from monailabel_app.phantoms import make_phantom  # noqa: E402
-from monailabel_app.report import format_findings  # noqa: E402
+from monailabel_app.report import KINDS_ZH, format_findings, place_zh  # noqa: E402
 from monailabel_app.xray import pad_to_square  # noqa: E402
 
 TRAIN_SEED_BASE = 10**6
@@ -60,10 +62,10 @@ class PhantomBatches(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, processor, batch: int, start: int, ct_share: float = 0.0, ct_batch: int = 12,
-                 ct_ramp_s: float = 0.0, follow_up_share: float = 0.0):
+                 ct_ramp_s: float = 0.0, follow_up_share: float = 0.0, zh_share: float = 0.0):
         self.processor, self.batch, self.start = processor, batch, start
         self.ct_share, self.ct_batch, self.ct_ramp_s = ct_share, ct_batch, ct_ramp_s
-        self.follow_up_share = follow_up_share
+        self.follow_up_share, self.zh_share = follow_up_share, zh_share
         self.t0 = time.time()
 
     def __iter__(self):
@@ -78,9 +80,10 @@ class PhantomBatches(torch.utils.data.IterableDataset):
                 n = ct_slice_count(progress, np.random.default_rng(first))
                 examples = self.ct_batch * min(4, pm.CT_MAX_SLICES // n)  # about the same tokens per batch
                 per = min(8, pm.CT_MAX_SLICES // n)  # short slabs: several per phantom (drawing one costs most)
-                yield encode_ct_batch(self.processor, range(first, first + -(-examples // per)), n, per)
+                yield encode_ct_batch(self.processor, range(first, first + -(-examples // per)), n, per, self.zh_share)
             else:
-                yield encode_batch(self.processor, range(first, first + self.batch), self.follow_up_share)
+                yield encode_batch(self.processor, range(first, first + self.batch), self.follow_up_share,
+                                   self.zh_share)
             i += 1
 
 
@@ -110,10 +113,30 @@ def training_slices(ph, n: int, rng) -> list[int]:
     return [int(z) for z in picked[::-1]]
 
 
-def visible_report(ph, indices, min_voxels: int = 6) -> str:
+def visible_report(ph, indices, min_voxels: int = 6, language: str = "en") -> str:
     """The reference text for what these slices show: lesions cut by a shown slice (>= ``min_voxels``)."""
     shown = [f for f, les in zip(ph.findings, ph.lesions) if les.mask[indices].sum(axis=(1, 2)).max() >= min_voxels]
-    return format_findings(shown)
+    return format_findings(shown, language)
+
+
+def question_and_language(seed: int, zh_share: float, english: tuple, chinese: tuple) -> tuple[str, str]:
+    """(question, answer language) of one example: English; or, for a share ``zh_share``, a Chinese answer
+    to a Chinese question (plain, without its final mark, or with "请用中文回答。") or to an English one
+    with "请用中文回答。"; a few Chinese questions with "Please answer in English." are answered in English."""
+    rng = np.random.default_rng((seed, 11))
+    if rng.random() >= zh_share:
+        return english[seed % len(english)], "en"
+    pick = rng.random()
+    question = chinese[seed % len(chinese)]
+    if pick < 0.35:
+        return question, "zh"
+    if pick < 0.5:
+        return question.rstrip("。？"), "zh"
+    if pick < 0.75:
+        return ask_in(question, "zh"), "zh"
+    if pick < 0.9:
+        return f"{english[seed % len(english)]} {ANSWER_IN['zh']}", "zh"
+    return f"{question} {ANSWER_IN['en']}", "en"
 
 
 def _answer_labels(tok, ids):
@@ -137,34 +160,47 @@ def _encode(processor, texts, images):
 
 
 FOLLOW_UPS = ("Where is it?", "Which side is it on?", "Where is the first finding?")
+# the Chinese follow-ups: where "it" is, and (the seed's second question) its density and margins
+LOOKS_ZH = {"nodule": "密度均匀，边界清楚。", "opacity": "密度不均，边界欠清。", "effusion": "呈液体密度，边界清楚。"}
 
 
-def follow_up_answer(findings) -> str:
-    """What a follow-up about "it" should answer: where the first finding of the earlier turn is."""
+def follow_up_answer(findings, language: str = "en", question: str = "") -> str:
+    """What a follow-up about "it" should answer: where the first finding of the earlier turn is (and, asked
+    about its density and margins in Chinese, how it looks)."""
+    if language == "zh":
+        if not findings:
+            return pm.NO_FINDINGS_ZH
+        first = findings[0]
+        if question == pm.DESCRIBE_ZH:
+            return f"{place_zh(first)}{KINDS_ZH[first.kind]}，{LOOKS_ZH[first.kind]}"
+        return f"它位于{place_zh(first)}。"
     if not findings:
         return "there is no focal abnormality."
     return f"it is in the {findings[0].location}."
 
 
-def follow_up_messages(first_question: str, report: str, findings, n: int) -> list[dict]:
+def follow_up_messages(first_question: str, report: str, findings, n: int, language: str = "en") -> list[dict]:
     """A two-turn chat: the study and its report, then a follow-up about "it" (question ``n``) and its answer;
     the labels (:func:`_answer_labels`) cover the last answer only."""
+    asked = (*pm.FOLLOW_UPS_ZH, pm.DESCRIBE_ZH) if language == "zh" else FOLLOW_UPS
+    question = asked[n % len(asked)]
     return chat_messages([None], first_question, answer=report) + [
-        text_turn("user", FOLLOW_UPS[n % len(FOLLOW_UPS)]), text_turn("assistant", follow_up_answer(findings))]
+        text_turn("user", question), text_turn("assistant", follow_up_answer(findings, language, question))]
 
 
-def encode_batch(processor, seeds, follow_up_share: float = 0.0):
+def encode_batch(processor, seeds, follow_up_share: float = 0.0, zh_share: float = 0.0):
     """An X-ray batch; a share ``follow_up_share`` of the examples are two-turn chats (a follow-up about
-    "it" after the report), taught on the follow-up's answer."""
+    "it" after the report), taught on the follow-up's answer; a share ``zh_share`` is in Chinese."""
     texts, images = [], []
     for seed in seeds:
         ph = make_phantom(seed)
         rgb, _ = pad_to_square(ph.image)
-        question = pm.QUESTIONS[seed % len(pm.QUESTIONS)]
+        question, language = question_and_language(seed, zh_share, pm.QUESTIONS, pm.QUESTIONS_ZH)
+        report = format_findings(ph.findings, language)
         if np.random.default_rng((seed, 7)).random() < follow_up_share:
-            messages = follow_up_messages(question, ph.report, ph.findings, seed)
+            messages = follow_up_messages(question, report, ph.findings, seed, language)
         else:
-            messages = chat_messages([None], question, answer=ph.report)
+            messages = chat_messages([None], question, answer=report)
         texts.append(processor.apply_chat_template(messages, tokenize=False))
         images.append([Image.fromarray(rgb)])
     return _encode(processor, texts, images)
@@ -181,7 +217,7 @@ def ct_example(processor, seed, n):
     return ph, text, [Image.fromarray(im) for im in ms.images]
 
 
-def encode_ct_batch(processor, seeds, n: int = pm.CT_MAX_SLICES, per_phantom: int = 1):
+def encode_ct_batch(processor, seeds, n: int = pm.CT_MAX_SLICES, per_phantom: int = 1, zh_share: float = 0.0):
     """A CT batch of ``n``-slice examples (as :func:`ct_example`; ``per_phantom`` slabs from each seed's
     phantom), tokenised here; its slices stay uint8 squares, resized on the device (:func:`ct_pixels`).
 
@@ -197,8 +233,8 @@ def encode_ct_batch(processor, seeds, n: int = pm.CT_MAX_SLICES, per_phantom: in
         for j in range(per_phantom):
             indices = training_slices(ph, n, np.random.default_rng(seed if j == 0 else (seed, j)))
             ms = model_slices(volume, n, indices)
-            question = pm.CT_QUESTIONS[(seed + j) % len(pm.CT_QUESTIONS)]
-            rows.append(fast_ids(processor, len(ms.images), question, visible_report(ph, indices)))
+            question, language = question_and_language(seed + j, zh_share, pm.CT_QUESTIONS, pm.CT_QUESTIONS_ZH)
+            rows.append(fast_ids(processor, len(ms.images), question, visible_report(ph, indices, language=language)))
             squares.append(torch.from_numpy(np.stack(ms.images)))
     tok = processor.tokenizer
     width = max(len(r) for r in rows)
@@ -247,17 +283,20 @@ def check_fast_ct(processor, seed: int = 10**6, n: int = pm.CT_MAX_SLICES) -> fl
 
 
 @torch.no_grad()
-def zone_accuracy(model, processor, seeds, device, batch=32):
-    """Greedy answers on ``seeds``: fraction of lesions whose zone (side+level) and kind are named."""
+def zone_accuracy(model, processor, seeds, device, batch=32, language: str = "en"):
+    """Greedy answers on ``seeds``: fraction of lesions whose zone (side+level) and kind are named; asked in
+    ``language`` (Chinese: the default Chinese question with "请用中文回答。", as the reader asks it), and the
+    share of answers in that language."""
     from monailabel_app.report import parse_report
 
     tok = processor.tokenizer
     tok.padding_side = "left"
-    hit_zone = hit_kind = lesions = empty_ok = empties = 0
+    hit_zone = hit_kind = lesions = empty_ok = empties = in_language = 0
+    question = ask_in(pm.DEFAULT_QUESTION_ZH, "zh") if language == "zh" else pm.DEFAULT_QUESTION
     for i in range(0, len(seeds), batch):
         chunk = seeds[i : i + batch]
         phs = [make_phantom(s) for s in chunk]
-        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": pm.DEFAULT_QUESTION}]}]
+        msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         prompt = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         imgs = [[Image.fromarray(pad_to_square(p.image)[0])] for p in phs]
         enc = processor(text=[prompt] * len(phs), images=imgs, return_tensors="pt", padding=True,
@@ -266,6 +305,7 @@ def zone_accuracy(model, processor, seeds, device, batch=32):
         answers = tok.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
         for ph, ans in zip(phs, answers):
             found = parse_report(ans)
+            in_language += (language == "zh") == bool(re.search(r"[\u4e00-\u9fff]", ans))
             named = {(f.side, f.level): f.kind for f in found}
             if not ph.lesions:
                 empties += 1
@@ -277,20 +317,24 @@ def zone_accuracy(model, processor, seeds, device, batch=32):
                     hit_kind += named[(les.side, les.level)] == les.kind
     tok.padding_side = "right"
     return {"zone": hit_zone / max(1, lesions), "kind": hit_kind / max(1, lesions),
-            "empty_correct": empty_ok / max(1, empties), "lesions": lesions, "empty_images": empties}
+            "empty_correct": empty_ok / max(1, empties), "lesions": lesions, "empty_images": empties,
+            "in_language": in_language / max(1, len(seeds))}
 
 
 @torch.no_grad()
-def follow_up_accuracy(model, processor, seeds, device) -> float:
-    """Share of held-out phantoms whose follow-up "Where is it?" (after the reference report) names the
-    first finding's side and level (or no finding, for lesion-free phantoms)."""
+def follow_up_accuracy(model, processor, seeds, device, language: str = "en") -> float:
+    """Share of held-out phantoms whose follow-up "Where is it?" / "它在哪里？" (after the reference report)
+    names the first finding's side and level (or no finding, for lesion-free phantoms)."""
     from monailabel_app.report import parse_report
 
     ok = 0
+    first_question = ask_in(pm.DEFAULT_QUESTION_ZH, "zh") if language == "zh" else pm.DEFAULT_QUESTION
+    follow = pm.FOLLOW_UPS_ZH[0] if language == "zh" else FOLLOW_UPS[0]
     for seed in seeds:
         ph = make_phantom(seed)
         rgb, _ = pad_to_square(ph.image)
-        messages = chat_messages([None], pm.DEFAULT_QUESTION, answer=ph.report) + [text_turn("user", FOLLOW_UPS[0])]
+        messages = chat_messages([None], first_question, answer=format_findings(ph.findings, language)) + [
+            text_turn("user", follow)]
         text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         enc = processor(text=[text], images=[[Image.fromarray(rgb)]], return_tensors="pt", add_special_tokens=False)
         enc = {k: v.to(device) for k, v in enc.items()}
@@ -305,16 +349,17 @@ def follow_up_accuracy(model, processor, seeds, device) -> float:
     return ok / max(1, len(seeds))
 
 
-def lobe_accuracy(model, processor, seeds, device, batch=8):
+def lobe_accuracy(model, processor, seeds, device, batch=8, language: str = "en"):
     """Greedy answers on CT phantom ``seeds`` (full slice count): fraction of lesions whose lobe and kind
     are named, and of answers naming a lobe with no lesion (false findings per volume)."""
     from monailabel_app.report import parse_report
 
     tok = processor.tokenizer
     hit_lobe = hit_kind = lesions = extra = 0
+    question = ask_in(pm.CT_QUESTION_ZH, "zh") if language == "zh" else pm.CT_QUESTION
     for i in range(0, len(seeds), batch):
         chunk = [ct_example(processor, s, pm.CT_MAX_SLICES) for s in seeds[i : i + batch]]
-        prompts = [processor.apply_chat_template(chat_messages(interleave([None] * len(imgs)), pm.CT_QUESTION),
+        prompts = [processor.apply_chat_template(chat_messages(interleave([None] * len(imgs)), question),
                                                  tokenize=False, add_generation_prompt=True) for _, _, imgs in chunk]
         enc = processor(text=prompts, images=[imgs for _, _, imgs in chunk], return_tensors="pt", padding=True,
                         add_special_tokens=False).to(device)
@@ -349,6 +394,8 @@ def main(argv=None):
     ap.add_argument("--ct-eval-seeds", type=int, default=100)
     ap.add_argument("--follow-up-share", type=float, default=0.0,
                     help="share of X-ray examples that are two-turn chats with a follow-up about 'it'")
+    ap.add_argument("--zh-share", type=float, default=0.0,
+                    help="share of examples in Chinese (Chinese questions, or 请用中文回答, answered in Chinese)")
     ap.add_argument("--ct-ramp-minutes", type=float, default=0,
                     help="curriculum: CT examples grow from one slice through a lesion to the full recipe over "
                          "this many minutes (0: full recipe from the start)")
@@ -369,12 +416,16 @@ def main(argv=None):
         from transformers import AutoConfig
 
         init_config = AutoConfig.from_pretrained(args.init)
-        if init_config.text_config.vocab_size != config.text_config.vocab_size:
-            raise SystemExit("--init model has a different vocabulary: the tokenizer recipe changed")
+        before = init_config.text_config.vocab_size
+        if before > config.text_config.vocab_size:
+            raise SystemExit("--init model has a larger vocabulary: the tokenizer recipe changed")
         for key in ("sliding_window", "max_position_embeddings"):  # the recipe's values (no weights change)
             setattr(init_config.text_config, key, getattr(config.text_config, key))
         model = Gemma3ForConditionalGeneration.from_pretrained(args.init, config=init_config, attn_implementation="sdpa",
                                                                dtype=torch.float32)
+        if before < config.text_config.vocab_size:  # tokens added at the end (Chinese): new rows, the rest kept
+            model.resize_token_embeddings(config.text_config.vocab_size, mean_resizing=True)
+            print(f"vocabulary {before} -> {config.text_config.vocab_size} tokens (new rows: the mean embedding)")
     else:
         model = Gemma3ForConditionalGeneration(config)
         with torch.no_grad():  # the projector starts at zero: every image token would look the same
@@ -398,7 +449,7 @@ def main(argv=None):
 
     loader = torch.utils.data.DataLoader(
         PhantomBatches(processor, args.batch, args.seed * 10**8, args.ct_share, args.ct_batch,
-                       args.ct_ramp_minutes * 60, args.follow_up_share), batch_size=None,
+                       args.ct_ramp_minutes * 60, args.follow_up_share, args.zh_share), batch_size=None,
         num_workers=args.workers, prefetch_factor=4 if args.workers else None, persistent_workers=bool(args.workers),
     )
     t0, ema = time.time(), {}  # running loss per batch kind (X-ray, CT)
@@ -426,6 +477,9 @@ def main(argv=None):
         if step and step % 1000 == 0:
             model.eval()
             print(f"  zone accuracy on seeds 0..63: {zone_accuracy(model, processor, list(range(64)), device)}", flush=True)
+            if args.zh_share:
+                print(f"  in Chinese: {zone_accuracy(model, processor, list(range(64)), device, language='zh')}",
+                      flush=True)
             if args.ct_share:
                 print(f"  CT lobe accuracy on seeds 0..31: {lobe_accuracy(model, processor, list(range(32)), device)}", flush=True)
             model.train()
@@ -443,6 +497,15 @@ def main(argv=None):
     if args.follow_up_share:
         fa = follow_up_accuracy(model, processor, list(range(100)), device)
         print(f"follow-up 'Where is it?' names the first finding's place on seeds 0..99: {fa:.3f}", flush=True)
+    if args.zh_share:
+        acc = zone_accuracy(model, processor, list(range(args.eval_seeds)), device, language="zh")
+        print(f"in Chinese, held-out seeds 0..{args.eval_seeds - 1}: {acc}", flush=True)
+        if args.ct_share:
+            ct_acc = lobe_accuracy(model, processor, list(range(args.ct_eval_seeds)), device, language="zh")
+            print(f"in Chinese, CT held-out seeds 0..{args.ct_eval_seeds - 1}: {ct_acc}", flush=True)
+        if args.follow_up_share:
+            fa = follow_up_accuracy(model, processor, list(range(100)), device, language="zh")
+            print(f"follow-up '它在哪里？' names the first finding's place on seeds 0..99: {fa:.3f}", flush=True)
 
 
 if __name__ == "__main__":

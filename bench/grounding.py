@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Grounding evaluation on held-out phantoms, X-ray and CT, with the image-matters control and ablations.
 
-    .venv/bin/python bench/grounding.py [--seeds 0:150] [--ct-seeds 0:30] [--model DIR]
+    .venv/bin/python bench/grounding.py [--seeds 0:150] [--ct-seeds 0:30] [--model DIR] [--language en|zh]
                                         [--out bench/results/grounding.md] [--json FILE] [--no-ablations]
 
 Per modality it prints (and writes as markdown) the four maps side by side: (a) raw attention, (b) final
@@ -42,14 +42,14 @@ def settings(reader, ct: bool, **overrides):
         reader.info.grounding = saved
 
 
-def ct_reader(reader, control: bool = False):
+def ct_reader(reader, control: bool = False, language: str = "en"):
     """``read(phantom)`` for :func:`evaluate_ct` straight through the engine (control: on the twin)."""
 
     def read(ph):
-        reading = reader.read(phantom_volume(ph))
+        reading = reader.read(phantom_volume(ph), language=language)
         if control:
             twin = phantom_volume(make_ct_phantom(ph.seed, lesions=False))
-            reading = reader.read(twin, answer=reading.report)
+            reading = reader.read(twin, answer=reading.report, language=language)
         return reading.findings_json(), reading.labels
 
     return read
@@ -61,13 +61,14 @@ def row(name: str, result: dict) -> str:
     return f"| {name} | {s['pointing']:.3f} | {s['pointing_strict']:.3f} | {s['dice']:.3f} |{detected}"
 
 
-def run_xray(reader, seeds, ablations: bool) -> tuple[dict, list[str]]:
+def run_xray(reader, seeds, ablations: bool, language: str = "en") -> tuple[dict, list[str]]:
     priors = zone_priors()
-    main = evaluate(reader, seeds, priors)
+    main = evaluate(reader, seeds, priors, language=language)
     g = reader.info.grounding
     rows = [row(f"(b) final masks: layers {g['layers']}{' rolled out' if g.get('rollout') else ''}, "
                 f"side + zone gates (the method)", main),
-            row("control: lesion-free twin, the model's own words", evaluate(reader, seeds, priors, control=True))]
+            row("control: lesion-free twin, the model's own words",
+                evaluate(reader, seeds, priors, control=True, language=language))]
     if ablations:
         gates = reader.info.grounding.get("gates", DEFAULT_XRAY_GATES)
         for g in gates:
@@ -82,15 +83,15 @@ def run_xray(reader, seeds, ablations: bool) -> tuple[dict, list[str]]:
     return main, rows
 
 
-def run_ct(reader, seeds, ablations: bool) -> tuple[dict, list[str]]:
+def run_ct(reader, seeds, ablations: bool, language: str = "en") -> tuple[dict, list[str]]:
     priors = lobe_priors()
     slices = reader.ct["max_slices"]
-    main = evaluate_ct(ct_reader(reader), seeds, slices, reader.grid, priors)
+    main = evaluate_ct(ct_reader(reader, language=language), seeds, slices, reader.grid, priors)
     g = reader.ct
     rows = [row(f"(b) final masks: layers {g['layers']}{' rolled out' if g.get('rollout') else ''}, "
                 f"body + side + lung gates (the method)", main),
             row("control: lesion-free twin, the model's own words",
-                evaluate_ct(ct_reader(reader, control=True), seeds, slices, reader.grid, priors))]
+                evaluate_ct(ct_reader(reader, control=True, language=language), seeds, slices, reader.grid, priors))]
     if ablations:
         gates = reader.ct.get("gates", DEFAULT_CT_GATES)
         for g in gates:
@@ -110,19 +111,22 @@ def main():
     ap.add_argument("--ct-seeds", default="0:30", help="START:STOP of held-out CT phantom seeds ('' to skip)")
     ap.add_argument("--model", default=None)
     ap.add_argument("--no-ablations", action="store_true")
+    ap.add_argument("--language", choices=("en", "zh"), default="en", help="ask the model in this language")
+    ap.add_argument("--precision", default="fp32", help="fp32 (default: the same numbers on every CPU) or bf16, ...")
     ap.add_argument("--out", default=None, help="write the tables here as markdown")
     ap.add_argument("--json", default=None, help="also write the main results here")
     args = ap.parse_args()
-    reader = Reader(args.model)
+    reader = Reader(args.model, precision=args.precision)
     lines = [f"# Grounding on held-out phantoms ({time.strftime('%Y-%m-%d')}, {reader.info.device}, "
-             f"{reader.info.precision}, model {reader.info.public().get('label') or args.model or 'phantom'})", ""]
+             f"{reader.info.precision}, model {reader.info.public().get('label') or args.model or 'phantom'}, "
+             f"asked in {'Chinese' if args.language == 'zh' else 'English'})", ""]
     results = {}
     for key, spec, run in (("xray", args.seeds, run_xray), ("ct", args.ct_seeds, run_ct)):
         if not spec:
             continue
         start, stop = (int(x) for x in spec.split(":"))
         t0 = time.time()
-        result, rows = run(reader, range(start, stop), not args.no_ablations)
+        result, rows = run(reader, range(start, stop), not args.no_ablations, args.language)
         result["seconds"] = round(time.time() - t0, 1)
         results[key] = result
         lines += [f"## {'Radiographs' if key == 'xray' else 'CT volumes'}, seeds {start}..{stop - 1}", "",

@@ -160,7 +160,8 @@ def study_dir(out: str, digest: str) -> str:
     return os.path.join(out, "studies", digest[:24])
 
 
-def read_study(reader, study: Study, out: str, question: str | None, max_new_tokens: int) -> dict:
+def read_study(reader, study: Study, out: str, question: str | None, max_new_tokens: int,
+               language: str = "auto") -> dict:
     """Read one study and write its outputs (atomically); its manifest record, ok or failed."""
     from .writers import write_reading
 
@@ -171,7 +172,7 @@ def read_study(reader, study: Study, out: str, question: str | None, max_new_tok
     final = study_dir(out, study.hash)
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=os.path.join(out, "studies"))
     try:
-        reading = reader.read(study.path, question, max_new_tokens)
+        reading = reader.read(study.path, question, max_new_tokens, language=language)
         result = write_reading(reading, tmp)
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
@@ -242,7 +243,7 @@ def prepare(out: str, studies: list[Study], fetch=None) -> tuple[Manifest, Plan]
 
 
 def run_local(reader, out: str, manifest: Manifest, plan: Plan, question=None, max_new_tokens: int = 128,
-              progress: bool = True) -> list[dict]:
+              progress: bool = True, language: str = "auto") -> list[dict]:
     """Read the plan's studies one after another in this process; the finished records."""
     from tqdm import tqdm
 
@@ -251,7 +252,7 @@ def run_local(reader, out: str, manifest: Manifest, plan: Plan, question=None, m
     finished = []
     bar = tqdm(plan.todo, unit="study", desc="pre-labelling", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     for s in bar:
-        record = read_study(reader, s, out, question, max_new_tokens)
+        record = read_study(reader, s, out, question, max_new_tokens, language)
         manifest.append(record)
         finished.append(record)
         bar.set_postfix(failed=sum(r["status"] != "ok" for r in finished))

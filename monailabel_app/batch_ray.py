@@ -20,7 +20,7 @@ from .batch import Manifest, Plan, Study, read_study
 class ReaderReplica:
     """One model replica: loads the model once, reads the studies of each batch (of one)."""
 
-    def __init__(self, model, device, precision, out, question, max_new_tokens, threads):
+    def __init__(self, model, device, precision, out, question, max_new_tokens, threads, language="auto"):
         import torch
 
         from .ct import Limits
@@ -28,11 +28,12 @@ class ReaderReplica:
 
         torch.set_num_threads(max(1, threads))
         self.reader = Reader(model, device=device, precision=precision, limits=Limits())
-        self.out, self.question, self.max_new_tokens = out, question, max_new_tokens
+        self.out, self.question, self.max_new_tokens, self.language = out, question, max_new_tokens, language
 
     def __call__(self, batch: dict) -> dict:
         records = [
-            json.dumps(read_study(self.reader, Study(str(i), str(p), str(h)), self.out, self.question, self.max_new_tokens))
+            json.dumps(read_study(self.reader, Study(str(i), str(p), str(h)), self.out, self.question, self.max_new_tokens,
+                                  self.language))
             for i, p, h in zip(batch["study"], batch["path"], batch["hash"])
         ]
         return {"record": records}
@@ -72,7 +73,7 @@ def run_ray(args, manifest: Manifest, plan: Plan) -> list[dict]:
             ReaderReplica, batch_size=1, concurrency=workers, num_gpus=1 if gpus else 0, num_cpus=1,
             fn_constructor_kwargs=dict(model=args.model, device=args.device, precision=args.precision,
                                        out=os.path.abspath(args.out), question=args.question,
-                                       max_new_tokens=args.max_new_tokens, threads=cpus),
+                                       max_new_tokens=args.max_new_tokens, threads=cpus, language=args.language),
         )
         finished = []
         with tqdm(total=len(items), unit="study", desc=f"pre-labelling on Ray ({workers} replicas)",

@@ -109,10 +109,13 @@ def _phantom_main(argv) -> int:
     return 0
 
 
-def _model_args(ap, precision: bool = True) -> None:
+def _model_args(ap, precision: bool = True, language: bool = True) -> None:
     """The options every reading command takes: which model, where, what to ask, how long to answer."""
     ap.add_argument("--model", default=None, help="Hugging Face id or local folder (default: embedded phantom model)")
     ap.add_argument("--question", default=None)
+    if language:
+        ap.add_argument("--language", choices=("auto", "zh", "en"), default="auto",
+                        help="of the answer and the structured report (auto: the question's; 中文: zh)")
     if precision:
         ap.add_argument("--precision", default="auto")
     ap.add_argument("--device", default="auto")
@@ -143,7 +146,8 @@ def _read_main(argv) -> int:
         if args.dicom:
             dicom_export.read_sources(args.input)  # not DICOM: say so before the model runs
         reader = Reader(args.model, device=args.device, precision=args.precision, limits=Limits(resample=args.resample))
-        reading = reader.read(args.input, args.question, args.max_new_tokens, args.modality, args.max_slices)
+        reading = reader.read(args.input, args.question, args.max_new_tokens, args.modality, args.max_slices,
+                              language=args.language)
         result = write_reading(reading, args.out, save_model_inputs=args.save_inputs)
         if args.dicom:
             objects = dicom_export.export(args.input, os.path.join(args.out, result["files"]["mask"]), result)
@@ -162,6 +166,7 @@ def _read_main(argv) -> int:
     for f in result["findings"]:
         where = f" strongest slice {f['strongest_slice']}" if "strongest_slice" in f else ""
         print(f"  {f['label']}: {f['name']}  (score {f['score']:.2f}){where}")
+    print(result["structured_report"]["text"])
     print(f"wrote {', '.join(result['files'].values())} in {args.out}")
     return 0
 
@@ -283,7 +288,7 @@ def _batch_main(argv) -> int:
 
             reader = Reader(args.model, device=args.device, precision=args.precision, limits=Limits())
             finished = batch.run_local(reader, args.out, manifest, plan, args.question, args.max_new_tokens,
-                                       progress=not args.no_progress)
+                                       progress=not args.no_progress, language=args.language)
         rows = manifest.compact(plan.order)
         return rows, finished, plan, time.perf_counter() - t0
 
@@ -306,7 +311,7 @@ def _lowdose_main(argv) -> int:
     ap.add_argument("-o", "--out", required=True)
     ap.add_argument("--doses", default="1.0,0.5,0.25,0.1", help="dose fractions (1.0, the scan itself, is always added)")
     ap.add_argument("--precisions", default="auto", help="e.g. fp32,bf16: every dose at each (the reference: the first)")
-    _model_args(ap, precision=False)
+    _model_args(ap, precision=False, language=False)
     ap.add_argument("--photons", type=float, default=lowdose.PHOTONS, help="incident photons per detector bin at full dose")
     ap.add_argument("--electronic-noise", type=float, default=lowdose.ELECTRONIC_NOISE, help="electronic noise SD, counts")
     ap.add_argument("--angles", type=int, default=180, help="projection views over 180 degrees")

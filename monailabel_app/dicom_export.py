@@ -305,14 +305,20 @@ def build_sr(sources: list, seg, segment_numbers: dict[int, int], reading: dict)
     )
     content[0].ContentSequence.append(hd.sr.TextContentItem(
         name=codes.DCM.Findings, value=str(reading.get("report", "")), relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
+    structured = (reading.get("structured_report") or {}).get("text")
+    if structured:  # the structured report, in the language asked for (Chinese or English)
+        content[0].ContentSequence.append(hd.sr.TextContentItem(
+            name=codes.DCM.Impression, value=str(structured), relationship_type=hd.sr.RelationshipTypeValues.CONTAINS))
     # evidence: the SEG (referenced in the content) as current evidence, the source images as pertinent other
     # evidence (highdicom's split; its TID 1600 image library would need SpacingBetweenSlices, often absent)
     evidence = list(sources) + ([seg] if seg is not None else [])
-    return hd.sr.Comprehensive3DSR(
+    sr = hd.sr.Comprehensive3DSR(
         evidence=evidence, content=content, series_instance_uid=hd.UID(), series_number=SR_SERIES_NUMBER,
         sop_instance_uid=hd.UID(), instance_number=1, manufacturer=APP,
         series_description=f"MedGemma findings ({DISCLAIMER})"[:64], is_complete=True, is_final=False,
     )
+    sr.SpecificCharacterSet = "ISO_IR 192"  # UTF-8: Chinese reports and findings (ASCII reads the same)
+    return sr
 
 
 def export(study_path: str, label_path: str, reading: dict | None, label_info=None) -> tuple:

@@ -74,8 +74,8 @@ class Scores:
                 "dice": float(np.mean(self.dice)) if not all(np.isnan(self.dice)) else float("nan")}
 
 
-def evaluate(reader, seeds, priors=None, control: bool = False) -> dict:
-    """Zone accuracy and the (a)-(d) table on phantom ``seeds``.
+def evaluate(reader, seeds, priors=None, control: bool = False, language: str = "en") -> dict:
+    """Zone accuracy and the (a)-(d) table on phantom ``seeds``, the model asked in ``language``.
 
     ``control``: the image-matters control. The model's own words on each phantom are kept, but its maps
     and masks come from the phantom's lesion-free twin (same anatomy, the lesions never drawn) with the
@@ -86,10 +86,10 @@ def evaluate(reader, seeds, priors=None, control: bool = False) -> dict:
     lesions = named = kind_ok = empty_ok = empties = 0
     for seed in seeds:
         ph = make_phantom(seed)
-        reading = reader.read(Radiograph(ph.image, Geometry.plain(*ph.image.shape)))
+        reading = reader.read(Radiograph(ph.image, Geometry.plain(*ph.image.shape)), language=language)
         if control:
             twin = make_phantom(seed, lesions=False).image
-            reading = reader.read(Radiograph(twin, Geometry.plain(*twin.shape)), answer=reading.report)
+            reading = reader.read(Radiograph(twin, Geometry.plain(*twin.shape)), answer=reading.report, language=language)
         if not ph.lesions:
             empties += 1
             empty_ok += not reading.findings

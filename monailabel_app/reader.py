@@ -23,7 +23,9 @@ from .ct import CTVolume, Limits, body_mask, interleave, model_slices
 from .errors import InputError
 from .generation import Conversation, Generation, NonFiniteOutput, follow_up, generate_batch
 from .loading import load_model, normalise_precision
-from .phantom_model import CT_QUESTION, DEFAULT_QUESTION, MODEL_LABEL, PHANTOM_MODEL_DIR
+from .language.asking import answer_language, ask_in, check_language
+from .language.structured import structured_report
+from .phantom_model import CT_QUESTION, CT_QUESTION_ZH, DEFAULT_QUESTION, DEFAULT_QUESTION_ZH, MODEL_LABEL, PHANTOM_MODEL_DIR
 from .report import Finding, read_answer, unique_names
 from .study import check_modality, load_study
 from .xray import Geometry, Radiograph, SquarePad, pad_to_square
@@ -63,7 +65,8 @@ class Reading:
     display_labels: np.ndarray | None = None  # CT: labels on the display grid (z head-ward, y back, x left)
     display_heatmaps: list[np.ndarray] = field(default_factory=list)
     thinking: str = ""  # the model's reasoning before its answer (MedGemma 1.5), never read for findings
-    language: str = "en"  # of the answer: "zh" when it has Chinese, else "en"
+    language: str = "en"  # asked for: of the answer and the structured report
+    answer_language: str = "en"  # what the model wrote in: "zh" when its answer has Chinese, else "en"
 
     @property
     def radiograph(self) -> Radiograph:
@@ -102,8 +105,10 @@ class Reading:
         return {
             "report": self.report,
             "language": self.language,
+            "answer_language": self.answer_language,
             "thinking": self.thinking,
             "findings": self.findings_json(),
+            "structured_report": structured_report(self.findings, self.names, self.report, self.language),
             "label_names": {name: k for k, name in enumerate(self.names, start=1)},
             "modality": self.modality,
             "question": self.question,
@@ -207,9 +212,20 @@ class Reader:
         return self.ct if isinstance(study, CTVolume) else self.info.grounding
 
     @staticmethod
-    def _params(study: Radiograph | CTVolume, question, max_new_tokens) -> tuple[str, int]:
-        """Validated question (default: the modality's) and token limit."""
-        return check_params(question, max_new_tokens, CT_QUESTION if isinstance(study, CTVolume) else DEFAULT_QUESTION)
+    def _params(study: Radiograph | CTVolume, question, max_new_tokens, language="auto") -> tuple[str, int, str]:
+        """(question as put to the model, token limit, answer language). The language is asked for (``zh``,
+        ``en``) or the question's (``auto``; English without a question); the default question is the
+        modality's in that language; an instruction is added where needed (:func:`language.asking.ask_in`)."""
+        language = check_language(language)
+        if isinstance(question, str) and question.strip():
+            language = answer_language(question, language)
+        elif language == "auto":
+            language = "en"
+        ct = isinstance(study, CTVolume)
+        default = (CT_QUESTION_ZH if ct else DEFAULT_QUESTION_ZH) if language == "zh" else (
+            CT_QUESTION if ct else DEFAULT_QUESTION)
+        question, max_new_tokens = check_params(question, max_new_tokens, default)
+        return ask_in(question, language), max_new_tokens, language
 
     def _content(self, study: Radiograph | CTVolume, max_slices: int | None = None) -> list:
         """What the model is shown: the padded radiograph, or the CT recipe's slices with "SLICE n"."""
@@ -219,16 +235,17 @@ class Reader:
         return [Image.fromarray(pad_to_square(study.pixels)[0])]
 
     def read_many(self, studies: list, question: str | None = None, max_new_tokens: int = 128, batch_size: int = 8,
-                  answers: list[str] | None = None) -> list[Reading]:
+                  answers: list[str] | None = None, language: str = "auto") -> list[Reading]:
         """Read several studies (paths or loaded), generating ``batch_size`` at a time: studies of one
         modality and one image count share a batch (left-padded; each keeps its own findings and masks)."""
         batch_size = whole_number("batch_size", batch_size, 1, 256)
         loaded = [s if isinstance(s, (Radiograph, CTVolume)) else load_study(s, "auto", self.limits) for s in studies]
         groups: dict[tuple, list[int]] = {}
-        chats = []
+        chats, languages = [], []
         for i, study in enumerate(loaded):
-            q, n = self._params(study, question, max_new_tokens)
+            q, n, lang = self._params(study, question, max_new_tokens, language)
             chats.append((self._content(study), q))
+            languages.append(lang)
             groups.setdefault((isinstance(study, CTVolume), len(chats[-1][0])), []).append(i)
         readings: list[Reading | None] = [None] * len(loaded)
         for members in groups.values():
@@ -239,14 +256,15 @@ class Reader:
                 for i, gen in zip(chunk, gens):
                     t0 = time.perf_counter()
                     readings[i] = self.remap(loaded[i], gen)
-                    readings[i].question = chats[i][1]
+                    readings[i].question, readings[i].language = chats[i][1], languages[i]
                     readings[i].latencies = _latencies(gen, 0.0, time.perf_counter() - t0)
         return readings
 
     def read(self, image: str | Radiograph | CTVolume, question: str | None = None, max_new_tokens: int = 128,
              modality: str = "auto", max_slices: int | None = None, answer: str | None = None,
-             keep: bool = False) -> Reading:
+             keep: bool = False, language: str = "auto") -> Reading:
         """Read ``image`` (a path, or an already loaded study). ``max_slices`` overrides the CT slice count.
+        ``language``: of the answer and the structured report (``auto``: the question's).
         ``answer`` makes the model say that text instead of its own (teacher forcing): the findings and
         masks of given words on this image, e.g. for the control that the image matters. ``keep``: the
         reading's generation carries the conversation, for :meth:`follow_up`."""
@@ -256,23 +274,24 @@ class Reader:
             check_max_slices(max_slices, self.ct["max_slices"])
         study = image if isinstance(image, (Radiograph, CTVolume)) else load_study(image, modality, self.limits)
         check_memory(study, self.limits.memory_guard_mib)
-        question, max_new_tokens = self._params(study, question, max_new_tokens)
+        question, max_new_tokens, language = self._params(study, question, max_new_tokens, language)
         t_load = time.perf_counter()
         if isinstance(study, CTVolume):
             reading = self._read_ct(study, question, max_new_tokens, check_max_slices(max_slices, self.ct["max_slices"]),
                                     answer, keep=keep)
         else:
             reading = self._read_radiograph(study, question, max_new_tokens, answer, keep=keep)
+        reading.language = language
         gen = reading.generation
         reading.latencies = _latencies(gen, t_load - t0, time.perf_counter() - t_load - sum(gen.seconds.values()))
         return reading
 
     def follow_up(self, study: Radiograph | CTVolume, conversation: Conversation, question,
-                  max_new_tokens: int = 128, max_slices: int | None = None) -> Reading:
+                  max_new_tokens: int = 128, max_slices: int | None = None, language: str = "auto") -> Reading:
         """A follow-up ``question`` in ``conversation`` about ``study``: only the new turn is computed (the
         images and earlier turns come from the kept context); findings and masks as in a first turn."""
         t0 = time.perf_counter()
-        question, max_new_tokens = self._params(study, question, max_new_tokens)
+        question, max_new_tokens, language = self._params(study, question, max_new_tokens, language)
         settings = self._settings(study)
         try:
             gen = follow_up(self.model, self.processor, conversation, question, list(settings["layers"]),
@@ -280,7 +299,7 @@ class Reader:
         except ValueError as e:
             raise InputError(f"this conversation cannot be continued: {e}", status=409) from e
         reading = self.remap(study, gen, max_slices)
-        reading.question = question
+        reading.question, reading.language = question, language
         reading.latencies = _latencies(gen, 0.0, time.perf_counter() - t0 - sum(gen.seconds.values()))
         return reading
 
@@ -347,7 +366,7 @@ class Reader:
         labels = maps.label_map(mask_maps, threshold) if mask_maps else np.zeros(radiograph.pixels.shape, np.uint8)
         geom = radiograph.geometry
         return Reading(
-            report=answer.text, thinking=answer.thinking, language=answer.language, findings=findings,
+            report=answer.text, thinking=answer.thinking, answer_language=answer.language, findings=findings,
             names=unique_names(findings), grids=grids,
             heatmaps=[h.reshape(geom.shape) for h in heatmaps], mask_maps=[m.reshape(geom.shape) for m in mask_maps],
             labels=labels.reshape(geom.shape), study=radiograph, geometry=geom, pad=pad, model_inputs=[square],
@@ -386,7 +405,7 @@ class Reader:
         index = [{"model_slice": n, "display_z": z, "source_index": volume.display_to_stored_index(z),
                   "world_z_mm": round(volume.world_z(z), 3)} for n, z in enumerate(ms.indices, start=1)]
         return Reading(
-            report=answer.text, thinking=answer.thinking, language=answer.language, findings=findings,
+            report=answer.text, thinking=answer.thinking, answer_language=answer.language, findings=findings,
             names=unique_names(findings), grids=grids,
             heatmaps=[volume.to_input(h) for h in heat], mask_maps=[volume.to_input(m) for m in mask_maps],
             labels=volume.to_input(labels, nearest=True).astype(np.uint8), study=volume, geometry=volume.geometry,

@@ -180,6 +180,6 @@ def replace_atomically(path: str, write) -> None:
 
 def write_json(path: str, data) -> str:
     """JSON written to a temporary file and renamed into place (a full disk never leaves half a file)."""
-    text = json.dumps(data, indent=2).encode()
+    text = json.dumps(data, indent=2, ensure_ascii=False).encode("utf-8")
     replace_atomically(path, lambda f: f.write(text))
     return path

@@ -44,6 +44,25 @@ def test_phantom_and_read_commands(tmp_path):
     assert np.array_equal(sq[t : t + image.shape[0], l : l + image.shape[1], 0], image)
 
 
+def test_a_chinese_reading_from_the_command_line(tmp_path):
+    """The issue's own check: a Chinese question writes a Chinese report, its findings with masks and the
+    structured report."""
+    from monailabel_app.phantoms import make_phantom
+    from monailabel_app.report import format_findings
+
+    ph = make_phantom(11)
+    Image.fromarray(ph.image).save(tmp_path / "phantom.png")
+    p = run_cli("-i", str(tmp_path / "phantom.png"), "-o", str(tmp_path / "out"), "--question", "请描述这张胸片的异常")
+    assert p.returncode == 0, p.stderr
+    assert "影像所见" in p.stdout and "诊断意见" in p.stdout
+    res = json.loads((tmp_path / "out" / "findings.json").read_text(encoding="utf-8"))
+    assert res["report"] == format_findings(ph.findings, "zh") and res["structured_report"]["language"] == "zh"
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "out" / "mask.nii.gz")))
+    assert sorted(set(np.unique(mask)) - {0}) == [f["label"] for f in res["findings"]] == [1, 2]
+    p = run_cli("-i", str(tmp_path / "phantom.png"), "-o", str(tmp_path / "out2"), "--language", "fr")
+    assert p.returncode == 2 and "invalid choice" in p.stderr
+
+
 def test_dicom_geometry_and_bad_input(tmp_path):
     src = shared("cxr", "dicom", "dx_image.dcm")
     p = run_cli("-i", src, "-o", str(tmp_path / "dx"))

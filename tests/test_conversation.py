@@ -7,7 +7,8 @@ from PIL import Image
 
 from monailabel_app.decoding import prefill_and_decode
 from monailabel_app.generation import chat_ids, chat_messages, follow_up, generate_batch
-from monailabel_app.phantom_model import DEFAULT_QUESTION
+from monailabel_app.language.asking import ask_in
+from monailabel_app.phantom_model import DEFAULT_QUESTION, DEFAULT_QUESTION_ZH, DESCRIBE_ZH
 from monailabel_app.phantoms import make_phantom
 from monailabel_app.xray import pad_to_square
 
@@ -24,19 +25,28 @@ def _from_scratch(reader, image, messages, rollout):
                               eos=sorted(reader.model.generation_config.eos_token_id))
 
 
-def test_follow_up_equals_the_conversation_read_from_scratch(reader_in):
+CHATS = {  # first question, follow-ups
+    "en": (DEFAULT_QUESTION, ("Is it on the right?", "Describe the findings in this chest X-ray.")),
+    "zh": (ask_in(DEFAULT_QUESTION_ZH, "zh"), ("它在哪里？", DESCRIBE_ZH)),
+}
+
+
+@pytest.mark.parametrize("language", ["en", "zh"])
+def test_follow_up_equals_the_conversation_read_from_scratch(reader_in, language):
     reader = reader_in
     model, proc = reader.model, reader.processor
     image = Image.fromarray(pad_to_square(make_phantom(11).image)[0])
     rollout = bool(reader.info.grounding.get("rollout"))
-    first = generate_batch(model, proc, [([image], DEFAULT_QUESTION)], reader.layers, 40, rollout=rollout,
+    first_question, follow_ups = CHATS[language]
+    first = generate_batch(model, proc, [([image], first_question)], reader.layers, 40, rollout=rollout,
                            keep=True)[0]
+    assert (language == "zh") == any("\u4e00" <= c <= "\u9fff" for c in first.text)  # answered in the language asked
     conv = first.conversation
     assert conv.turns == 1 and len(conv.context.ids) == first.prompt_tokens + len(first.token_ids) - 1
     # the kept ids are what the chat template renders (no image processed)
-    assert chat_ids(proc, chat_messages([None], DEFAULT_QUESTION))[: first.prompt_tokens] == conv.context.ids[: first.prompt_tokens]
+    assert chat_ids(proc, chat_messages([None], first_question))[: first.prompt_tokens] == conv.context.ids[: first.prompt_tokens]
 
-    for question in ("Is it on the right?", "Describe the findings in this chest X-ray."):
+    for question in follow_ups:
         gen = follow_up(model, proc, conv, question, reader.layers, 40, rollout)
         assert gen.timings["reused_tokens"] > first.prompt_tokens  # images and the first turn were not fed again
         ref = _from_scratch(reader, image, gen.conversation.messages[:-1], rollout)

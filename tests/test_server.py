@@ -106,6 +106,24 @@ def test_defaults_and_empty_answer(client):
     assert res["findings"] == [] and res["label_names"] == {} and res["report"] == "no focal abnormality."
 
 
+def test_a_chinese_question_through_the_server(client):
+    """In Chinese through MONAI Label's client: the Chinese report, its findings named as segments with their
+    labels, and the structured report in Chinese; "language": "en" asks a Chinese question for English."""
+    from monailabel_app.report import format_findings
+
+    ph = make_phantom(11)
+    label_file, res = client.infer("medgemma", "phantom_11", {**SLICER, "question": "请描述这张胸片的异常"})
+    arr = sitk.GetArrayFromImage(sitk.ReadImage(label_file))
+    assert res["language"] == res["answer_language"] == "zh" and res["report"] == format_findings(ph.findings, "zh")
+    assert res["label_names"] == {f["name"]: f["label"] for f in res["findings"]}
+    assert sorted(set(np.unique(arr)) - {0}) == [f["label"] for f in res["findings"]]
+    s = res["structured_report"]
+    assert s["language"] == "zh" and s["text"].startswith("影像所见") and "诊断意见" in s["text"]
+    assert {line["segment"] for line in s["sections"][1]["lines"]} == set(res["label_names"])
+    _, res = client.infer("medgemma", "phantom_11", {"question": "请描述这张胸片的异常", "language": "en"})
+    assert res["report"] == ph.report and res["structured_report"]["text"].startswith("Findings:")
+
+
 @pytest.mark.parametrize("image_id", sorted(REAL))
 def test_real_xrays_answer_in_their_geometry(client, studies, image_id):
     label_file, res = client.infer("medgemma", image_id, SLICER)

@@ -4,7 +4,8 @@
 
 * ``model``: Hugging Face id or local folder (default: the embedded phantom model, a TEST model that
   is NOT MedGemma); ``device``: auto, cpu, cuda[:N]; ``precision``: auto, bf16, fp32, fp16;
-* ``question``: the default question (default: one for radiographs, one for CT);
+* ``question``: the default question (default: one for radiographs, one for CT, in the answer's language);
+  ``language``: the default answer language (auto: the question's; zh; en);
   ``max_new_tokens``: the default answer length limit;
 * CT volumes: ``min_slices`` (1), ``max_voxels`` (268435456), ``max_obliquity_deg`` (10),
   ``resample`` (false: oblique volumes are refused; true: resampled onto patient axes);
@@ -13,7 +14,7 @@
 * conversations: ``conversations`` (16 open at most), ``conversation_mib`` (2048: kept context in all),
   ``conversation_ttl_s`` (1800: idle time before one expires).
 
-Per request (``params``): ``question``, ``max_new_tokens``, ``modality`` (auto, ct, xray),
+Per request (``params``): ``question``, ``language`` (auto, zh, en), ``max_new_tokens``, ``modality`` (auto, ct, xray),
 ``max_slices`` (CT: slices shown to the model; default the model's, 85 for MedGemma 1.5),
 ``result_extension``, ``result_dtype``, ``conversation`` ("new", or the id of an open conversation
 about the same image: a follow-up question).
@@ -27,6 +28,7 @@ from monailabel.interfaces.config import TaskConfig
 from monailabel_app.app.infers.medgemma import MedGemmaInfer
 from monailabel_app.conversation import MAX_BYTES, MAX_CONVERSATIONS, TTL_SECONDS, Conversations
 from monailabel_app.ct import Limits
+from monailabel_app.language.asking import check_language
 from monailabel_app.reader import Reader
 
 
@@ -51,6 +53,7 @@ class MedGemma(TaskConfig):
             ttl_s=float(conf.get("conversation_ttl_s", TTL_SECONDS)),
         )
         self.default_question = conf.get("question") or None
+        self.language = check_language(conf.get("language") or "auto")
         self.max_new_tokens = int(conf.get("max_new_tokens", 128))
 
     def infer(self):
@@ -61,6 +64,7 @@ class MedGemma(TaskConfig):
             description=f"Findings text and one attention mask per finding from {info.id}{label}",
             config={
                 "question": self.default_question,
+                "language": self.language,
                 "max_new_tokens": self.max_new_tokens,
                 "modality": "auto",
                 "max_slices": int(self.reader.ct["max_slices"]),

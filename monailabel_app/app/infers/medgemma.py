@@ -20,6 +20,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from monailabel_app.conversation import Conversations, Entry
 from monailabel_app.errors import InputError
+from monailabel_app.language.asking import check_language
 from monailabel_app.loading import normalise_precision
 from monailabel_app.reader import Reader, check_params
 from monailabel_app.study import check_modality
@@ -66,10 +67,11 @@ class MedGemmaInfer(InferTask):
                                                         "the server keeps serving smaller requests") from e
 
     def _infer(self, request):
-        question, max_new_tokens = check_params(
+        question, max_new_tokens = check_params(  # validated here; the reader picks the default question
             request.get("question") or self._config.get("question"),
-            request.get("max_new_tokens", self._config["max_new_tokens"]),
+            request.get("max_new_tokens", self._config["max_new_tokens"]), default_question="",
         )
+        language = check_language(request.get("language") or self._config.get("language"))
         ext = check_extension(request.get("result_extension") or ".nii.gz")
         dtype = check_dtype(request.get("result_dtype"), "uint8")
         precision = request.get("precision")
@@ -83,7 +85,7 @@ class MedGemmaInfer(InferTask):
             raise InputError("no image: give an image id from the datastore or upload a file", status=404)
         modality = check_modality(request.get("modality") or "auto")
         with self._lock:
-            reading, conversation = self._read(request, image, question, max_new_tokens, modality)
+            reading, conversation = self._read(request, image, question, max_new_tokens, modality, language)
         geom = reading.geometry
         label_file = _temp_path(ext)
         write_in_geometry(reading.labels, geom, label_file, dtype)
@@ -98,20 +100,23 @@ class MedGemmaInfer(InferTask):
         return label_file, result
 
 
-    def _read(self, request, image: str, question: str, max_new_tokens: int, modality: str):
+    def _read(self, request, image: str, question: str, max_new_tokens: int, modality: str, language: str):
         """(reading, conversation JSON or None). ``conversation``: absent (one question), ``"new"`` (keep the
         chat for follow-ups) or an open conversation's id (a follow-up about the same image)."""
         asked = request.get("conversation")
         if asked is None:
-            return self.reader.read(image, question, max_new_tokens, modality, request.get("max_slices")), None
+            return self.reader.read(image, question, max_new_tokens, modality, request.get("max_slices"),
+                                    language=language), None
         if asked == "new":
-            reading = self.reader.read(image, question, max_new_tokens, modality, request.get("max_slices"), keep=True)
+            reading = self.reader.read(image, question, max_new_tokens, modality, request.get("max_slices"), keep=True,
+                                       language=language)
             entry = Entry(image, reading.study, reading.generation.conversation)
             cid = self.conversations.add(entry)
         else:
             entry = self.conversations.get(asked, image)
             cid = asked
-            reading = self.reader.follow_up(entry.study, entry.chat, question, max_new_tokens, request.get("max_slices"))
+            reading = self.reader.follow_up(entry.study, entry.chat, question, max_new_tokens, request.get("max_slices"),
+                                            language)
             entry.chat = reading.generation.conversation
             self.conversations.update(cid, entry)
         return reading, {"id": cid, "turn": entry.turn, "expires_after_idle_s": self.conversations.ttl_s,

@@ -73,6 +73,10 @@ class MedGemmaWidget(ScriptedLoadableModuleWidget):
         self.question = qt.QLineEdit()
         self.question.placeholderText = "Describe the findings (leave empty for the default question)"
         form.addRow("Question:", self.question)
+        self.language = qt.QComboBox()
+        for text, code in (("auto (the question's)", "auto"), ("中文", "zh"), ("English", "en")):
+            self.language.addItem(text, code)
+        form.addRow("Answer language:", self.language)
         buttons = qt.QHBoxLayout()
         self.askButton = qt.QPushButton("Ask")
         self.newButton = qt.QPushButton("New conversation")
@@ -96,6 +100,9 @@ class MedGemmaWidget(ScriptedLoadableModuleWidget):
         self.report = qt.QTextEdit()
         self.report.readOnly = True
         form.addRow("Report:", self.report)
+        self.structured = qt.QTextEdit()
+        self.structured.readOnly = True
+        form.addRow("Structured report:", self.structured)
         self.findings = qt.QListWidget()
         form.addRow("Findings:", self.findings)
         self.opacity = ctk.ctkSliderWidget()
@@ -140,7 +147,8 @@ class MedGemmaWidget(ScriptedLoadableModuleWidget):
                 return
         self.status.text = "uploading the volume and asking the model ..."
         try:
-            self.job = self.logic.ask(node, self.question.text.strip() or None)
+            self.job = self.logic.ask(node, self.question.text.strip() or None,
+                                      self.language.itemData(self.language.currentIndex))
         except ServerError as e:
             self.status.text = f"server error: {e}"
             return
@@ -171,6 +179,7 @@ class MedGemmaWidget(ScriptedLoadableModuleWidget):
             return
         self.logic.show(result, self.volume.currentNode(), self.opacity.value)
         self.report.plainText = result.report
+        self.structured.plainText = result.structured_report
         self.findings.clear()
         for f in result.findings:
             self.findings.addItem(f"{f.label}. {f.name}: {f.text}")
@@ -215,11 +224,11 @@ class MedGemmaLogic(ScriptedLoadableModuleLogic):
     def history(self) -> list:
         return self.conversation.history if self.conversation else []
 
-    def ask(self, volumeNode, question):
+    def ask(self, volumeNode, question, language="auto"):
         image_id = self._upload(volumeNode)
         if self.conversation is None or self.conversation.image_id != image_id:
             self.conversation = StudyConversation(self.client, image_id)
-        return InferJob(self.conversation.ask, question)
+        return InferJob(self.conversation.ask, question, language=language)
 
     def _upload(self, volumeNode) -> str:
         if volumeNode.GetID() in self.image_ids:

@@ -63,6 +63,8 @@ class ReadingResult:
     heatmap_url: str | None
     conversation: dict | None
     raw: dict = field(default_factory=dict)
+    structured_report: str = ""  # 影像所见 / 诊断意见 (or Findings / Impression), in the language asked
+    language: str = "en"
 
     @classmethod
     def parse(cls, result: dict, label_file: str) -> "ReadingResult":
@@ -77,7 +79,9 @@ class ReadingResult:
         return cls(report=result.get("report", ""), findings=findings, label_names=dict(result.get("label_names", {})),
                    modality=result.get("modality", ""), label_file=label_file,
                    heatmap_url=(result.get("heatmap") or {}).get("url"),
-                   conversation=result.get("conversation"), raw=result)
+                   conversation=result.get("conversation"), raw=result,
+                   structured_report=(result.get("structured_report") or {}).get("text", ""),
+                   language=result.get("language", "en"))
 
     def segment_for(self, name: str) -> Finding:
         return next(f for f in self.findings if f.name == name)

@@ -121,26 +121,20 @@ def detect_language(text: str) -> str:
 
 # ---- the term scanner -------------------------------------------------------------------------------
 
+# category of each vocabulary table (vocabulary.<TABLE>_EN and <TABLE>_ZH)
+CATEGORIES = {"KINDS": "kind", "DESCRIPTORS": "descriptor", "SIDES": "side", "LOBES": "lobe", "SEGMENTS": "segment",
+              "ZONES": "zone", "TRIGGERS": "trigger", "PSEUDO": "pseudo", "TERMINATORS": "terminator",
+              "ANAPHORS": "anaphor", "INTERPRETERS": "interpreter", "DIAGNOSES": "diagnosis"}
+
+
 def _tables() -> dict[str, list[tuple[str, object]]]:
     """term -> [(category, value)] over both languages (a term may be in several tables)."""
     out: dict[str, list[tuple[str, object]]] = {}
-
-    def add(table, cat, value=lambda x: x):
-        for term, val in (table.items() if isinstance(table, dict) else ((t, None) for t in table)):
-            out.setdefault(term.lower(), []).append((cat, value(val)))
-
-    add(v.KINDS_EN, "kind"), add(v.KINDS_ZH, "kind")
-    add(v.DESCRIPTORS_EN, "descriptor"), add(v.DESCRIPTORS_ZH, "descriptor")
-    add(v.SIDES_EN, "side"), add(v.SIDES_ZH, "side")
-    add(v.LOBES_EN, "lobe"), add(v.LOBES_ZH, "lobe")
-    add(v.SEGMENTS_EN, "segment"), add(v.SEGMENTS_ZH, "segment")
-    add(v.ZONES_EN, "zone"), add(v.ZONES_ZH, "zone")
-    add(v.TRIGGERS_EN, "trigger"), add(v.TRIGGERS_ZH, "trigger")
-    add(v.PSEUDO_EN, "pseudo"), add(v.PSEUDO_ZH, "pseudo")
-    add(v.TERMINATORS_EN, "terminator"), add(v.TERMINATORS_ZH, "terminator")
-    add(v.ANAPHORS_EN, "anaphor"), add(v.ANAPHORS_ZH, "anaphor")
-    add(v.INTERPRETERS_EN, "interpreter"), add(v.INTERPRETERS_ZH, "interpreter")
-    add(v.DIAGNOSES_EN, "diagnosis"), add(v.DIAGNOSES_ZH, "diagnosis")
+    for table, cat in CATEGORIES.items():
+        for language in ("EN", "ZH"):
+            terms = getattr(v, f"{table}_{language}")
+            for term, val in (terms.items() if isinstance(terms, dict) else ((t, None) for t in terms)):
+                out.setdefault(term.lower(), []).append((cat, val))
     return out
 
 

@@ -190,13 +190,14 @@ def test_the_answer_language_is_asked_for_or_the_questions(reader):
 
 
 def test_chinese_zone_accuracy_on_held_out_phantoms(reader):
-    """The bilingual phantom model names the lesion's zone in Chinese as it does in English (>= 0.95)."""
+    """The bilingual phantom model names the lesion's zone in Chinese (>= 0.95 of the 201 lesions of seeds
+    0..149; measured 0.955, English 0.970: bench/results/grounding_zh.md)."""
     hit = total = 0
-    for seed in range(40):
+    for seed in range(150):
         ph = make_phantom(seed)
         r = _read(reader, ph.image, language="zh")
         named = {(f.side, f.level) for f in r.findings}
         for les in ph.lesions:
             total += 1
             hit += (les.side, les.level) in named
-    assert total >= 40 and hit / total >= 0.95
+    assert total == 201 and hit / total >= 0.95

@@ -94,6 +94,12 @@ def main(argv=None) -> int:
                       f"{where}, score {fnd['score']:.2f}")
             if "heatmap" in params:
                 print(f"  heatmap: {server.url}{params['heatmap']['url']}")
+        first = next(iter(truth))  # the same phantom asked in Chinese: the Chinese report and structured report
+        _, params = client.infer("medgemma", first, {"question": "请描述这张胸片的异常"})
+        with open(os.path.join(results, f"{first}_zh.json"), "w", encoding="utf-8") as f:
+            json.dump(params, f, indent=2, ensure_ascii=False)
+        print(f"\n{first} asked in Chinese (请描述这张胸片的异常):\n  answer:   {params['report']}\n"
+              + "\n".join("  " + line for line in params["structured_report"]["text"].splitlines()))
         print(f"\nlabels and result JSON in {results}")
     return 0
 

@@ -53,7 +53,9 @@ def test_masks_agree_in_world_space_across_formats(outputs):
         on_ref = sitk.GetArrayFromImage(sitk.Resample(mask, ref, sitk.Transform(), sitk.sitkNearestNeighbor, 0))
         for k in range(1, int(ref_arr.max()) + 1):
             a, b = ref_arr == k, on_ref == k
-            dice = 2 * (a & b).sum() / max(1, a.sum() + b.sum())
+            # a finding whose gated map left no region (seed 4's small nodule since the bilingual weights; the
+            # image-derived extent is issue 19's) must be empty in every format alike
+            dice = 2 * (a & b).sum() / (a.sum() + b.sum()) if a.any() or b.any() else 1.0
             assert dice >= 0.99, (name, k, dice)
         assert result["report"] == outputs["nifti_lps"][1]["report"]
         assert all("peak_voxel" in f and "strongest_slice" in f for f in result["findings"])

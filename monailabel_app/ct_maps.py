@@ -72,7 +72,8 @@ def side_columns(body: np.ndarray, side: str) -> np.ndarray:
 
 
 def slice_info(volume: CTVolume, grids: np.ndarray, heat: np.ndarray, mask: np.ndarray) -> dict:
-    """Slice range of the mask and the strongest slice, in the input's slice indices and patient z."""
+    """Slice range of the mask (None when the mask is empty) and the strongest slice, in the input's slice
+    indices and patient z."""
 
     def where(z: int) -> dict:
         return {"index": volume.display_to_stored_index(int(z)), "world_z_mm": round(volume.world_z(int(z)), 2)}
@@ -80,6 +81,7 @@ def slice_info(volume: CTVolume, grids: np.ndarray, heat: np.ndarray, mask: np.n
     peak_z = int(np.unravel_index(int(np.argmax(heat)), heat.shape)[0])
     out = {"strongest_slice": where(peak_z), "model_slice": int(np.argmax(grids.sum(axis=(1, 2)))) + 1}
     zs = np.nonzero(mask.any(axis=(1, 2)))[0]
+    out["slice_range"] = None
     if len(zs):
         lo, hi = where(zs.min()), where(zs.max())
         out["slice_range"] = {"index": sorted([lo["index"], hi["index"]]) if lo["index"] is not None else None,

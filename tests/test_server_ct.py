@@ -84,6 +84,9 @@ def test_ct_phantom_answer_in_the_input_geometry_with_slice_ranges(client, serve
     for f in res["findings"]:
         assert {"slice_range", "strongest_slice", "model_slice", "attention_peak"} <= set(f)
         assert 1 <= f["model_slice"] <= CT_MAX_SLICES
+        if f["slice_range"] is None:  # an empty mask (seed 4's small nodule in fp32: issue 19) has no range
+            assert not (arr == f["label"]).any()
+            continue
         lo, hi = f["slice_range"]["world_z_mm"]
         assert lo <= f["strongest_slice"]["world_z_mm"] <= hi or not (arr == f["label"]).any()
         m = arr == f["label"]

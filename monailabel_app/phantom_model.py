@@ -19,7 +19,8 @@ import os
 
 from .language import vocabulary
 from .language.asking import ANSWER_IN
-from .report import KINDS, KINDS_ZH, LEVELS, LEVELS_ZH, NO_FINDINGS, NO_FINDINGS_ZH, SIDES, SIDES_ZH, Finding, format_findings
+from .language.structured import KIND_NAMES
+from .report import KINDS, LEVELS, NO_FINDINGS, NO_FINDINGS_ZH, SIDES, Finding, format_findings
 
 PHANTOM_MODEL_DIR = os.path.join(os.path.dirname(__file__), "models", "phantom-gemma3")
 MODEL_LABEL = "phantom-gemma3 (synthetic test model, NOT MedGemma)"
@@ -80,7 +81,8 @@ def chinese_characters() -> list[str]:
     findings vocabulary: each becomes one token of the tokenizer (deterministic order)."""
     texts = [*QUESTIONS_ZH, DEFAULT_QUESTION_ZH, *CT_QUESTIONS_ZH, *FOLLOW_UPS_ZH, DESCRIBE_ZH, *SEED_CHAIN_ZH,
              NO_FINDINGS_ZH, *ANSWER_IN.values(), "它位于", "密度均匀，边界清楚。密度不均，边界欠清。呈液体密度。",
-             "叶野肺见、：；（）！", *SIDES_ZH.values(), *LEVELS_ZH.values(), *KINDS_ZH.values()]
+             "叶野肺见、：；（）！", "右左", "上中下",
+             *(KIND_NAMES[k][0] for k in ("nodule", "opacity", "effusion", "mass", "consolidation", "ground-glass opacity"))]
     for name in dir(vocabulary):
         table = getattr(vocabulary, name)
         if name.endswith("_ZH"):

@@ -9,6 +9,7 @@ uncertainty, several findings in one sentence, lobes and segments, sizes, thinki
 from __future__ import annotations
 
 from .language.findings import Finding, read_answer
+from .language.structured import finding_line
 
 __all__ = ["Finding", "format_findings", "parse_report", "read_answer", "unique_names", "NO_FINDINGS"]
 
@@ -17,22 +18,13 @@ LEVELS = ("upper", "middle", "lower")
 KINDS = ("opacity", "nodule", "effusion")
 NO_FINDINGS = "no focal abnormality."
 NO_FINDINGS_ZH = "未见明显异常。"
-SIDES_ZH = {"right": "右", "left": "左"}
-LEVELS_ZH = {"upper": "上", "middle": "中", "lower": "下"}
-KINDS_ZH = {"nodule": "结节", "opacity": "斑片影", "effusion": "胸腔积液", "mass": "肿块", "consolidation": "实变",
-            "ground-glass opacity": "磨玻璃影"}
-
-
-def place_zh(f: Finding) -> str:
-    """The phantom's place in Chinese: 右肺上野 (a radiograph's zone) or 右肺上叶 (a CT lobe)."""
-    return f"{SIDES_ZH[f.side]}肺{LEVELS_ZH[f.level]}{'叶' if f.region == 'lobe' else '野'}"
 
 
 def format_findings(findings: list[Finding], language: str = "en") -> str:
     """The phantom model's report text for these findings (in the order given): one sentence each,
     "nodule in the right upper zone." or, in Chinese, "右肺上野见结节。"."""
-    if language == "zh":
-        return "".join(f"{place_zh(f)}见{KINDS_ZH[f.kind]}。" for f in findings) or NO_FINDINGS_ZH
+    if language == "zh":  # the structured report's own Chinese line: 右肺上野见结节。
+        return "".join(finding_line(f, "zh") for f in findings) or NO_FINDINGS_ZH
     if not findings:
         return NO_FINDINGS
     return " ".join(f.sentence() for f in findings)

@@ -248,7 +248,6 @@ def _size_mm(text: str) -> float | None:
 @dataclass
 class _Group:
     clauses: list[tuple[int, int]]
-    terms: list[_Term]
     kind: str = ""
     certainty: str = PRESENT
     suggests: list[str] = field(default_factory=list)
@@ -325,7 +324,7 @@ def _sentence_findings(text: str, a: int, b: int, language: str) -> list[Finding
     terms = _scan(text, a, b)
     pseudo = [t for t in terms if t.cat == "pseudo"]
     terms = [t for t in terms if not any(p.start <= t.start and t.end <= p.end for p in pseudo) or t.cat == "pseudo"]
-    question = text[b - 1] in "?？" if b > a else False
+    question = text[b - 1] in "?？"
     clauses = _clauses(text, a, b)
     certainty = {id(t): _certainty(t, terms, clauses, question) for t in terms if t.cat == "kind"}
     groups: list[_Group] = []
@@ -344,7 +343,7 @@ def _sentence_findings(text: str, a: int, b: int, language: str) -> list[Finding
         if kind == "pleural thickening" and open_group:
             named = False  # it describes the finding before it
         if named:
-            groups.append(_Group(pending + [c], [], kind, sure))
+            groups.append(_Group(pending + [c], kind, sure))
             pending = []
         elif open_group:
             groups[-1].clauses.append(c)
@@ -354,20 +353,20 @@ def _sentence_findings(text: str, a: int, b: int, language: str) -> list[Finding
         anaphor = any(t.cat == "anaphor" and t.start - a <= 12 for t in terms)
         site = [t for t in terms if t.cat in ("side", "lobe", "zone", "segment")]
         if anaphor and site:  # "it is in the right upper zone."
-            groups.append(_Group(pending, [], "", PRESENT))
+            groups.append(_Group(pending, "", PRESENT))
         else:
             return []
     found, previous_side = [], ""
     for g in groups:
-        g.terms = [t for t in terms if any(c[0] <= t.start and t.end <= c[1] for c in g.clauses)]
+        own = [t for t in terms if any(c[0] <= t.start and t.end <= c[1] for c in g.clauses)]
         f = Finding(kind=g.kind, certainty=g.certainty, language=language)
-        _site(f, g.terms)
+        _site(f, own)
         if g.kind in v.UNSIDED_KINDS:
             f.side = ""
         elif g.certainty != v.NEGATED:
             f.side = f.side or previous_side
         previous_side = f.side or previous_side
-        f.descriptors = _descriptors(g.terms, g.kind)
+        f.descriptors = _descriptors(own, g.kind)
         f.suggests = g.suggests
         start, end = (a, b) if len(groups) == 1 else _strip(text, g.clauses[0][0], g.clauses[-1][1])
         f.span, f.text = (start, end), text[start:end]

@@ -56,7 +56,8 @@ def region(f: Finding) -> str:
     return REGION_OF.get(f.kind, "lungs")
 
 
-def _site_zh(f: Finding) -> str:
+def site_zh(f: Finding) -> str:
+    """Where a finding is, in Chinese: 右肺上叶后段, 右肺中野 (a radiograph's zone), 左侧 (pleura), ..."""
     side = SIDE_NAMES.get(f.side, ("", ""))[0]
     if f.kind in ("effusion", "pneumothorax", "pleural thickening") and not f.level:
         return f"{side}侧" if side and side != "双" else ("双侧" if side else "")
@@ -94,7 +95,7 @@ def finding_line(f: Finding, language: str) -> str:
     """One finding as a report line, from its codes."""
     kind_zh, kind_en = KIND_NAMES.get(f.kind, (f.kind, f.kind))
     if language == "zh":
-        site = _site_zh(f)
+        site = site_zh(f)
         amount = "".join(DESCRIPTOR_NAMES[d] for d in f.descriptors if d in AMOUNTS)
         looks = [DESCRIPTOR_NAMES[d] for d in f.descriptors if d in DESCRIPTOR_NAMES and d not in AMOUNTS]
         seen = "见" if site and not site.endswith("侧") else ""

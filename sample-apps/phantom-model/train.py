@@ -46,7 +46,8 @@ from monailabel_app.ct_phantoms import make_ct_phantom, phantom_volume  # noqa: 
 from monailabel_app.generation import chat_messages, text_turn  # noqa: E402
 from monailabel_app.language.asking import ANSWER_IN, ask_in  # noqa: E402
 from monailabel_app.phantoms import make_phantom  # noqa: E402
-from monailabel_app.report import KINDS_ZH, format_findings, place_zh  # noqa: E402
+from monailabel_app.language.structured import KIND_NAMES, site_zh  # noqa: E402
+from monailabel_app.report import format_findings  # noqa: E402
 from monailabel_app.xray import pad_to_square  # noqa: E402
 
 TRAIN_SEED_BASE = 10**6
@@ -172,8 +173,8 @@ def follow_up_answer(findings, language: str = "en", question: str = "") -> str:
             return pm.NO_FINDINGS_ZH
         first = findings[0]
         if question == pm.DESCRIBE_ZH:
-            return f"{place_zh(first)}{KINDS_ZH[first.kind]}，{LOOKS_ZH[first.kind]}"
-        return f"它位于{place_zh(first)}。"
+            return f"{site_zh(first)}{KIND_NAMES[first.kind][0]}，{LOOKS_ZH[first.kind]}"
+        return f"它位于{site_zh(first)}。"
     if not findings:
         return "there is no focal abnormality."
     return f"it is in the {findings[0].location}."

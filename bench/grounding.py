@@ -55,6 +55,14 @@ def ct_reader(reader, control: bool = False, language: str = "en"):
     return read
 
 
+def in_language(entry: dict, language: str) -> dict:
+    """The grounding entry as it applies to answers in ``language`` (reader.in_language), and which it is."""
+    own = entry.get(language)
+    if isinstance(own, dict):
+        return {**entry, **own, "which": f"; the entry for answers in {language}"}
+    return {**entry, "which": ""}
+
+
 def row(name: str, result: dict) -> str:
     s = result["maps"]["b_final_masks"]
     detected = f" {result['lesions_detected']:.3f} |" if "lesions_detected" in result else ""
@@ -64,9 +72,9 @@ def row(name: str, result: dict) -> str:
 def run_xray(reader, seeds, ablations: bool, language: str = "en") -> tuple[dict, list[str]]:
     priors = zone_priors()
     main = evaluate(reader, seeds, priors, language=language)
-    g = reader.info.grounding
+    g = in_language(reader.info.grounding, language)
     rows = [row(f"(b) final masks: layers {g['layers']}{' rolled out' if g.get('rollout') else ''}, "
-                f"side + zone gates (the method)", main),
+                f"side + zone gates (the method{g['which']})", main),
             row("control: lesion-free twin, the model's own words",
                 evaluate(reader, seeds, priors, control=True, language=language))]
     if ablations:
@@ -87,9 +95,9 @@ def run_ct(reader, seeds, ablations: bool, language: str = "en") -> tuple[dict, 
     priors = lobe_priors()
     slices = reader.ct["max_slices"]
     main = evaluate_ct(ct_reader(reader, language=language), seeds, slices, reader.grid, priors)
-    g = reader.ct
+    g = in_language(reader.ct, language)
     rows = [row(f"(b) final masks: layers {g['layers']}{' rolled out' if g.get('rollout') else ''}, "
-                f"body + side + lung gates (the method)", main),
+                f"body + side + lung gates (the method{g['which']})", main),
             row("control: lesion-free twin, the model's own words",
                 evaluate_ct(ct_reader(reader, control=True, language=language), seeds, slices, reader.grid, priors))]
     if ablations:

@@ -1,6 +1,6 @@
 """Calibrate how the maps read a model's attention, from studies with reference lesions.
 
-    medgemma-label calibrate --model M --data phantoms|ct-phantoms|DIR [--count N] [--out FILE]
+    medgemma-label calibrate --model M --data phantoms|ct-phantoms|DIR [--count N] [--out FILE] [--language zh]
 
 For each reference study the model answers once per attention method (direct, rolled out inside each
 image), recording every layer it can; then every choice of layers (one or two layers, or all), each
@@ -9,6 +9,11 @@ code (:meth:`Reader.remap`), so nothing is generated twice. Score: mean pointing
 masks plus their mean Dice against the references (a reference whose finding the model did not name
 scores 0). The best choice is written to ``grounding.json`` beside the model (or ``--out``), merged with
 what is there for the other modality, with the scores and the data it was measured on.
+
+``--language zh`` asks the questions in Chinese and stores the result as the modality's ``"zh"`` entry
+(layers and threshold; the attention method stays the modality's, since attention is recorded before the
+answer's language is known): a model can look at the image differently while it writes Chinese, and the
+reader uses that entry for Chinese answers (:func:`reader.in_language`).
 
 References:
 
@@ -39,6 +44,7 @@ from .grounding import CALIBRATION_SEEDS, CT_CALIBRATION_SEEDS, ct_hit_sampling,
 from .report import parse_report
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6)
+LANGUAGE_ENTRIES = ("zh",)  # answer languages that may get their own entry; English is the entry itself
 
 
 @dataclass
@@ -132,25 +138,30 @@ def _score(reading, ref: Reference, grid: int) -> tuple[list[float], list[float]
 
 
 def calibrate(reader, refs: list[Reference], ct: bool = False, max_layers: int = 2, thresholds=THRESHOLDS,
-              log=print) -> dict:
+              log=print, language: str = "en") -> dict:
     """Best ``layers``/``rollout``/``threshold`` for one modality; returns the settings and their scores."""
     settings = reader.ct if ct else reader.info.grounding
     saved = dict(settings)
+    for lang in LANGUAGE_ENTRIES:  # the recordings and their scoring read the layers asked, no override
+        settings.pop(lang, None)
     n_layers = reader.model.config.text_config.num_hidden_layers
+    # a language's entry keeps the modality's attention method: a generation records attention before the
+    # language of its answer is known
+    methods = (bool(saved.get("rollout")),) if language in LANGUAGE_ENTRIES else (False, True)
     recordings = []  # per reference: {rollout: generation on every usable layer}
     try:
         for i, ref in enumerate(refs):
             gens = {}
-            for rollout in (False, True):
+            for rollout in methods:
                 settings.update(layers=list(range(n_layers)), rollout=rollout)
-                gens[rollout] = reader.read(ref.study).generation
+                gens[rollout] = reader.read(ref.study, language=language).generation
             recordings.append(gens)
             log(f"  recorded {i + 1}/{len(refs)}: {ref.name}")
-        usable = recordings[0][False].layers if recordings else []
+        usable = recordings[0][methods[0]].layers if recordings else []
         subsets = [list(c) for k in range(1, max_layers + 1) for c in itertools.combinations(usable, k)]
         if len(usable) > max_layers:
             subsets.append(list(usable))
-        choices = list(itertools.product((False, True), subsets, thresholds))
+        choices = list(itertools.product(methods, subsets, thresholds))
         hits, dices = [[] for _ in choices], [[] for _ in choices]
         for ref, gens in zip(refs, recordings):  # study by study: its anatomy is found once
             for i, (rollout, layers, threshold) in enumerate(choices):
@@ -166,13 +177,14 @@ def calibrate(reader, refs: list[Reference], ct: bool = False, max_layers: int =
                     "dice": round(float(np.mean(d)) if d else 0.0, 4)}
                    for (rollout, layers, threshold), h, d in zip(choices, hits, dices)]
         best = max(results, key=lambda r: (r["pointing"] + r["dice"], -len(r["layers"])))
+        now = {**saved, **saved.get(language, {})} if language in LANGUAGE_ENTRIES else saved
         current = next((r for r in results if (r["layers"], r["rollout"], r["threshold"]) ==
-                        (list(saved.get("layers", [])), bool(saved.get("rollout")), saved.get("threshold"))), None)
+                        (list(now.get("layers", [])), bool(now.get("rollout")), now.get("threshold"))), None)
     finally:
         settings.clear()
         settings.update(saved)
     return {"best": best, "current": current, "tried": len(results), "lesions": sum(len(r.masks) for r in refs),
-            "studies": len(refs)}
+            "studies": len(refs), "results": results, "language": language}
 
 
 def write_grounding(model_dir: str, out: str | None, found: dict, ct: bool, data: str) -> str:
@@ -189,10 +201,14 @@ def write_grounding(model_dir: str, out: str | None, found: dict, ct: bool, data
              "note": f"calibrated {time.strftime('%Y-%m-%d')} on {data}: {found['studies']} studies, "
                      f"{found['lesions']} reference lesions, {found['tried']} settings tried; final masks "
                      f"pointing {best['pointing']:.3f}, Dice {best['dice']:.3f}"}
-    if ct:
-        current["ct"] = {**current.get("ct", {}), **entry}
+    language = found.get("language", "en")
+    target = current.setdefault("ct", {}) if ct else current
+    if language in LANGUAGE_ENTRIES:  # an override for answers in that language (the method is the entry's)
+        entry.pop("rollout")
+        entry["note"] += f" (answers in {language})"
+        target[language] = entry
     else:
-        current.update(entry)
+        target.update(entry)
     with open(path, "w") as f:
         json.dump(current, f, indent=2)
         f.write("\n")

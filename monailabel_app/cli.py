@@ -5,7 +5,7 @@
                    [--max-slices N] [--resample] [--save-inputs]
     medgemma-label phantom --seed N [--count K] --out DIR
     medgemma-label phantom --ct --seed N [--count K] --out DIR [--format nifti|nrrd|dicom] [--orientation LPS]
-    medgemma-label calibrate [--model ID|DIR] --data phantoms|ct-phantoms|DIR [--count N] [--out FILE]
+    medgemma-label calibrate [--model ID|DIR] --data phantoms|ct-phantoms|DIR [--count N] [--out FILE] [--language en|zh]
     medgemma-label serve --studies DIR|DICOMWEB_URL [--host 127.0.0.1] [--port 8000] [--conf KEY VALUE ...]
     medgemma-label batch -i DIR|DICOMWEB_URL -o OUTDIR [--engine local|ray] [--address ADDR] [--workers N]
     medgemma-label lowdose -i CT [CT ...] -o OUTDIR [--doses 1.0,0.5,0.25,0.1] [--precisions fp32,bf16]
@@ -203,6 +203,8 @@ def _calibrate_main(argv) -> int:
     ap.add_argument("--out", default=None, help="grounding JSON to write (default: grounding.json in the model folder)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--precision", default="auto")
+    ap.add_argument("--language", default="en", choices=("en", "zh"),
+                    help="ask in this language; zh stores an entry used for Chinese answers (layers, threshold)")
     args = ap.parse_args(argv)
     ct = args.data == "ct-phantoms"
 
@@ -212,7 +214,8 @@ def _calibrate_main(argv) -> int:
             refs = calibrate.phantom_references(args.count, ct=ct)
         else:
             refs = calibrate.box_references(args.data)
-        return reader, calibrate.calibrate(reader, refs, ct=ct, max_layers=args.max_layers)
+        return reader, calibrate.calibrate(reader, refs, ct=ct, max_layers=args.max_layers,
+                                                   language=args.language)
 
     done, status = _guarded(work)
     if status:
@@ -224,7 +227,7 @@ def _calibrate_main(argv) -> int:
         return 2
     path = calibrate.write_grounding(model_dir, args.out, found, ct, args.data)
     b = found["best"]
-    print(f"best for {'CT' if ct else 'radiographs'}: layers {b['layers']}, rollout {b['rollout']}, threshold "
+    print(f"best for {'CT' if ct else 'radiographs'}{' (Chinese answers)' if args.language == 'zh' else ''}: layers {b['layers']}, rollout {b['rollout']}, threshold "
           f"{b['threshold']}: pointing {b['pointing']:.3f}, Dice {b['dice']:.3f} ({found['studies']} studies, "
           f"{found['lesions']} lesions, {found['tried']} settings); wrote {path}")
     if found["current"]:

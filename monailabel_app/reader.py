@@ -10,6 +10,7 @@ the findings, one float heatmap per finding and the label map, all in the input'
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -197,7 +198,7 @@ class Reader:
         """Generate for (content, question) chats of one modality, with the attention capture that
         ``settings`` (the modality's grounding entry) asks for; fp16 overflow reloads in fp32 and retries.
         ``keep``: the generation carries its conversation, for follow-up questions."""
-        args = (chats, list(settings["layers"]), max_new_tokens, self.system, bool(settings.get("rollout")), answers,
+        args = (chats, recorded_layers(settings), max_new_tokens, self.system, bool(settings.get("rollout")), answers,
                 keep)
         try:
             return generate_batch(self.model, self.processor, *args)
@@ -294,7 +295,7 @@ class Reader:
         question, max_new_tokens, language = self._params(study, question, max_new_tokens, language)
         settings = self._settings(study)
         try:
-            gen = follow_up(self.model, self.processor, conversation, question, list(settings["layers"]),
+            gen = follow_up(self.model, self.processor, conversation, question, recorded_layers(settings),
                             max_new_tokens, bool(settings.get("rollout")))
         except ValueError as e:
             raise InputError(f"this conversation cannot be continued: {e}", status=409) from e
@@ -349,10 +350,11 @@ class Reader:
                                  None if answer is None else [answer], keep)[0]
         answer = read_answer(gen.text)
         findings = answer.findings
+        settings, gen = in_language(self.info.grounding, answer.language, gen)
         grids = [finding_grid(gen, rows, self.grid) for rows in self._score(gen, findings)]
         heatmaps = [maps.grid_to_pixels(g, pad) for g in grids]
-        threshold = float(self.info.grounding.get("threshold", 0.5))
-        gates = self.info.grounding.get("gates", DEFAULT_XRAY_GATES)
+        threshold = float(settings.get("threshold", 0.5))
+        gates = settings.get("gates", DEFAULT_XRAY_GATES)
         fields = self._lung_fields(radiograph.pixels) if "zone" in gates else None
         margin = pad.side / self.grid / 2  # half a token cell
         mask_maps = []
@@ -383,7 +385,8 @@ class Reader:
                                  keep)[0]
         answer = read_answer(gen.text)
         findings = answer.findings
-        gates = self.ct.get("gates", DEFAULT_CT_GATES)
+        settings, gen = in_language(self.ct, answer.language, gen)
+        gates = settings.get("gates", DEFAULT_CT_GATES)
         body, lungs = self._ct_anatomy(volume)
         lungs = lungs if "lung" in gates else None
         depth = volume.shape[0]
@@ -398,7 +401,7 @@ class Reader:
             if "side" in gates:
                 m[:, :, ~ct_maps.side_columns(body, f.side)] = 0
             mask_maps.append(m)
-        threshold = float(self.ct.get("threshold", 0.5))
+        threshold = float(settings.get("threshold", 0.5))
         labels = maps.label_map(mask_maps, threshold) if mask_maps else np.zeros(volume.shape, np.uint8)
         extras = [ct_maps.slice_info(volume, g, m, labels == k)
                   for k, (g, m) in enumerate(zip(grids, mask_maps), start=1)]
@@ -431,6 +434,32 @@ def _latencies(gen: Generation, load: float, maps_seconds: float) -> dict:
 
 def check_max_slices(value, default: int) -> int:
     return int(default) if value is None or value == "" else whole_number("max_slices", value, 1, 512)
+
+
+ANSWER_LANGUAGES = ("zh", "en")  # grounding entries may carry one override per answer language
+
+
+def recorded_layers(settings: dict) -> list[int]:
+    """The layers a generation records for ``settings``: its own and those of its per-language entries."""
+    extra = [layer for lang in ANSWER_LANGUAGES if isinstance(settings.get(lang), dict)
+             for layer in settings[lang].get("layers", [])]
+    return sorted({*settings["layers"], *extra})
+
+
+def in_language(settings: dict, language: str, gen: Generation) -> tuple[dict, Generation]:
+    """The grounding entry as it applies to an answer in ``language``, and the generation restricted to
+    that entry's layers. A model's attention can point differently while it writes another language, so
+    ``calibrate --language zh`` may store a Chinese entry (``"zh": {"layers": [3], "threshold": 0.6}``, the
+    attention method kept) that overrides the entry for Chinese answers."""
+    own = settings.get(language) if language in ANSWER_LANGUAGES else None
+    if not isinstance(own, dict):
+        own = {}
+    merged = {**settings, **own}
+    layers = [layer for layer in merged["layers"] if layer in gen.layers]
+    if layers and layers != gen.layers:
+        idx = [gen.layers.index(layer) for layer in layers]
+        gen = dataclasses.replace(gen, attention=gen.attention[:, idx], layers=layers)
+    return merged, gen
 
 
 def finding_grid(gen: Generation, rows: list[int], grid: int, image: int = 0) -> np.ndarray:

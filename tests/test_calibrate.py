@@ -99,3 +99,45 @@ def test_cli_calibrates_from_boxes_and_merges_the_json(tmp_path):
     assert written["ct"] == {"layers": [3], "rollout": True, "max_slices": 20}  # the CT entry is kept
     assert written["layers"] and isinstance(written["rollout"], bool) and 0 < written["threshold"] < 1
     assert "calibrated" in written["note"]
+
+
+def test_a_chinese_entry_is_calibrated_from_chinese_answers_and_written_beside_the_method(reader, before, tmp_path):
+    refs = calibrate.phantom_references(6)
+    zh = calibrate.calibrate(reader, refs, max_layers=1, thresholds=(0.5, 0.6), log=lambda *_: None, language="zh")
+    assert reader.info.grounding == before
+    assert zh["language"] == "zh"
+    # the entry's attention method only (it is recorded before the answer's language is known): 5 x 2
+    assert zh["tried"] == 10 and {r["rollout"] for r in zh["results"]} == {before["rollout"]}
+    assert zh["best"]["pointing"] >= 0.6, zh
+    out = tmp_path / "grounding.json"
+    out.write_text(json.dumps(before))
+    calibrate.write_grounding(None, str(out), zh, ct=False, data="phantoms")
+    written = json.loads(out.read_text())
+    assert written["zh"]["layers"] == zh["best"]["layers"] and written["zh"]["threshold"] == zh["best"]["threshold"]
+    assert "rollout" not in written["zh"] and "answers in zh" in written["zh"]["note"]
+    assert {k: v for k, v in written.items() if k != "zh"} == before  # the entry itself is untouched
+
+
+def test_chinese_answers_are_mapped_with_the_chinese_entry_and_english_ones_are_not(reader):
+    from monailabel_app.xray import Geometry, Radiograph
+
+    ph = make_phantom(1)  # two nodules, read as two findings
+    study = Radiograph(ph.image, Geometry.plain(*ph.image.shape))
+    settings = reader.info.grounding
+    saved = dict(settings)
+    try:
+        settings.update(layers=[3], threshold=0.6)  # what the Chinese entry below asks for, as the entry itself
+        plain = reader.read(study, language="zh")
+        settings.clear()
+        settings.update(saved, zh={"layers": [3], "threshold": 0.6})
+        zh = reader.read(study, language="zh")
+        en = reader.read(study, language="en")
+    finally:
+        settings.clear()
+        settings.update(saved)
+    assert zh.findings and zh.answer_language == "zh" and zh.model["layers"] == [3]
+    assert zh.generation.attention.shape[1] == 1  # layer 2 was recorded too, and left out of the maps
+    for a, b in zip(zh.heatmaps, plain.heatmaps):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert (zh.labels == plain.labels).all()
+    assert en.model["layers"] == saved["layers"]

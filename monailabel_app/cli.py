@@ -6,7 +6,9 @@
     medgemma-label phantom --seed N [--count K] --out DIR
     medgemma-label phantom --ct --seed N [--count K] --out DIR [--format nifti|nrrd|dicom] [--orientation LPS]
     medgemma-label calibrate [--model ID|DIR] --data phantoms|ct-phantoms|DIR [--count N] [--out FILE] [--language en|zh]
-    medgemma-label serve --studies DIR|DICOMWEB_URL [--host 127.0.0.1] [--port 8000] [--conf KEY VALUE ...]
+    medgemma-label serve --studies DIR|DICOMWEB_URL [--host 127.0.0.1] [--port 8000] [--conf KEY VALUE ...] [--log-file F]
+    medgemma-label app [--studies DIR|DICOMWEB_URL] [--port 8000] [--conf KEY VALUE ...] [--log-file F]   (reading page)
+    medgemma-label doctor [--model ID|DIR] [--device ...] [--precision ...] [--studies URL] [--json]
     medgemma-label batch -i DIR|DICOMWEB_URL -o OUTDIR [--engine local|ray] [--address ADDR] [--workers N]
     medgemma-label lowdose -i CT [CT ...] -o OUTDIR [--doses 1.0,0.5,0.25,0.1] [--precisions fp32,bf16]
     medgemma-label findings [--text TEXT | -f FILE | < FILE] [--language auto|zh|en]
@@ -345,26 +347,82 @@ def _lowdose_main(argv) -> int:
     return 0
 
 
-def _serve_main(argv) -> int:
-    """``medgemma-label serve``: MONAI Label's ``start_server`` for this app, on 127.0.0.1 unless told otherwise
-    (MONAI Label itself listens on every interface by default)."""
-    from .app import APP_DIR
+DEFAULT_HOME = os.path.join(os.path.expanduser("~"), ".cache", "monailabel-medgemma")
 
-    ap = argparse.ArgumentParser(prog="medgemma-label serve", description=_serve_main.__doc__)
-    ap.add_argument("--studies", required=True, help="a folder of studies, or a PACS's DICOMweb URL")
+
+def _server_args(prog: str, doc: str, argv, studies_required: bool = True):
+    ap = argparse.ArgumentParser(prog=prog, description=doc)
+    ap.add_argument("--studies", required=studies_required,
+                    help="a folder of studies, or a PACS's DICOMweb URL" +
+                         ("" if studies_required else f" (default: {os.path.join(DEFAULT_HOME, 'studies')})"))
     ap.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     ap.add_argument("--port", type=int, default=8000)
     ap.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
                     help="app settings, as for start_server (models, model, device, precision, max_queue, ...)")
+    ap.add_argument("--log-file", default=os.path.join(DEFAULT_HOME, "server.log"),
+                    help="the app's own log lines (precision, dtypes, fallbacks, out-of-memory, readings) also go "
+                         "here (default: %(default)s)")
     args = ap.parse_args(argv)
     conf = dict(args.conf)
     conf.setdefault("models", "medgemma")
+    conf.setdefault("log_file", args.log_file)
+    return args, conf
+
+
+def _server_command(args, conf: dict) -> list[str]:
+    from .app import APP_DIR
+
     cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", APP_DIR, "--studies", args.studies,
            "--host", args.host, "--port", str(args.port)]
     for key, value in conf.items():
         cmd += ["--conf", key, value]
+    return cmd
+
+
+def _serve_main(argv) -> int:
+    """``medgemma-label serve``: MONAI Label's ``start_server`` for this app, on 127.0.0.1 unless told otherwise
+    (MONAI Label itself listens on every interface by default)."""
+    args, conf = _server_args("medgemma-label serve", _serve_main.__doc__, argv)
+    cmd = _server_command(args, conf)
     os.execv(sys.executable, cmd)
     return 0  # not reached
+
+
+def _app_main(argv) -> int:
+    """``medgemma-label app``: the server with its reading page (``/reader/``, Chinese first) on the embedded
+    model unless ``--conf model`` says otherwise; prints the page's address once the server answers, and
+    runs until stopped (Ctrl+C)."""
+    import signal
+    import subprocess
+
+    import requests
+
+    args, conf = _server_args("medgemma-label app", _app_main.__doc__, argv, studies_required=False)
+    if not args.studies:
+        args.studies = os.path.join(DEFAULT_HOME, "studies")
+        os.makedirs(args.studies, exist_ok=True)
+    conf["reader_page"] = "true"
+    proc = subprocess.Popen(_server_command(args, conf))
+    base = f"http://{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{args.port}"
+    try:
+        while proc.poll() is None:
+            try:
+                if requests.get(base + "/info/", timeout=2).status_code in (200, 401):
+                    print(f"\n阅片页面 / reading page: {base}/reader/   (English: {base}/reader/?lang=en)\n"
+                          f"log: {conf['log_file']}", flush=True)
+                    break
+            except requests.RequestException:
+                time.sleep(0.5)
+        return proc.wait()
+    except KeyboardInterrupt:
+        proc.send_signal(signal.SIGINT)
+        return proc.wait()
+
+
+def _doctor_main(argv) -> int:
+    from .doctor import main
+
+    return main(argv)
 
 
 def _findings_main(argv) -> int:
@@ -405,6 +463,10 @@ def main(argv=None) -> int:
         return _findings_main(argv[1:])
     if argv and argv[0] == "serve":
         return _serve_main(argv[1:])
+    if argv and argv[0] == "app":
+        return _app_main(argv[1:])
+    if argv and argv[0] == "doctor":
+        return _doctor_main(argv[1:])
     if argv and argv[0] == "lowdose":
         return _lowdose_main(argv[1:])
     if argv and argv[0] == "batch":

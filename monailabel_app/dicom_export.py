@@ -41,6 +41,11 @@ def _version() -> str:
 # ------------------------------------------------------------------------------------------ sources
 
 
+# type 2 attributes (present, may be empty) that SEG and SR copy from their source: some sources leave them out
+TYPE_2_PATIENT_STUDY = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                        "ReferringPhysicianName", "AccessionNumber", "StudyID")
+
+
 def read_sources(path: str) -> list:
     """Headers (no pixels) of the source images of ``path``: one DICOM file, a series folder or a zip.
 
@@ -67,6 +72,9 @@ def read_sources(path: str) -> list:
             continue  # not DICOM (a README, a thumbnail)
         if "Rows" in ds:
             _uids_from_file_meta(ds)
+            for keyword in TYPE_2_PATIENT_STUDY:  # present, possibly empty, in every SEG/SR derived from it
+                if keyword not in ds:
+                    setattr(ds, keyword, "")
             sources.append(ds)
     if not sources:
         raise InputError("DICOM SEG/SR need DICOM input: the study holds no DICOM image")

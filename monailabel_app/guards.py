@@ -13,10 +13,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
 import tempfile
+import threading
 import time
 
 from fastapi import HTTPException
@@ -27,12 +29,49 @@ MAX_UPLOAD_BYTES = 2 << 30
 MAX_QUEUE = 8
 
 
-class Guards(BaseHTTPMiddleware):
-    def __init__(self, app, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_queue: int = MAX_QUEUE):
-        super().__init__(app)
-        self.max_upload_bytes, self.max_queue = max_upload_bytes, max_queue
+class Busy(Exception):
+    """More inference requests than the queue's limit; ``retry_s``: when to try again."""
+
+    def __init__(self, message: str, retry_s: int):
+        super().__init__(message)
+        self.retry_s = retry_s
+
+
+class InferenceQueue:
+    """The count of inference requests in progress or waiting, shared by ``/infer`` and the reading page."""
+
+    def __init__(self, max_queue: int = MAX_QUEUE):
+        self.max_queue = max_queue
         self.in_flight = 0
         self.seconds = 1.0  # running estimate of one inference request's time
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def slot(self):
+        with self._lock:
+            if self.in_flight >= self.max_queue:
+                retry = max(1, int(round(self.seconds * (self.in_flight - self.max_queue + 1))))
+                raise Busy(f"busy: {self.in_flight} inference requests are in progress or waiting (limit "
+                           f"{self.max_queue}, --conf max_queue); retry in about {retry} s", retry)
+            self.in_flight += 1
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.in_flight -= 1
+                self.seconds = 0.8 * self.seconds + 0.2 * (time.perf_counter() - t0)
+
+
+QUEUE = InferenceQueue()  # the server's one queue (its limit set by the app from --conf max_queue)
+
+
+class Guards(BaseHTTPMiddleware):
+    def __init__(self, app, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_queue: int = MAX_QUEUE,
+                 queue: InferenceQueue | None = None):
+        super().__init__(app)
+        self.max_upload_bytes = max_upload_bytes
+        self.queue = queue or InferenceQueue(max_queue)
 
     async def dispatch(self, request, call_next):
         length = request.headers.get("content-length", "")
@@ -42,18 +81,11 @@ class Guards(BaseHTTPMiddleware):
                 f"{self.max_upload_bytes / 2**20:.0f} MiB (--conf max_upload_mib)")})
         if request.method != "POST" or not request.url.path.rstrip("/").startswith("/infer/"):
             return await call_next(request)
-        if self.in_flight >= self.max_queue:
-            retry = max(1, int(round(self.seconds * (self.in_flight - self.max_queue + 1))))
-            return JSONResponse(status_code=503, headers={"Retry-After": str(retry)}, content={"detail": (
-                f"busy: {self.in_flight} inference requests are in progress or waiting (limit {self.max_queue}, "
-                f"--conf max_queue); retry in about {retry} s")})
-        self.in_flight += 1
-        t0 = time.perf_counter()
         try:
-            return await call_next(request)
-        finally:
-            self.in_flight -= 1
-            self.seconds = 0.8 * self.seconds + 0.2 * (time.perf_counter() - t0)
+            with self.queue.slot():
+                return await call_next(request)
+        except Busy as e:
+            return JSONResponse(status_code=503, headers={"Retry-After": str(e.retry_s)}, content={"detail": str(e)})
 
 
 def run_infer_off_the_event_loop(fastapi_app) -> bool:

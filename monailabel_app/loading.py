@@ -171,6 +171,15 @@ def load_grounding(path: str, model) -> dict:
     return grounding
 
 
+def _dtype_of(module) -> str:
+    """The dtype of a module's first floating-point weight (``int8`` and the like for quantised layers)."""
+    if module is None:
+        return "absent"
+    for p in module.parameters():
+        return str(p.dtype).replace("torch.", "")
+    return "no weights"
+
+
 def _weights_args(precision: str, device: str) -> dict:
     """``from_pretrained`` arguments for ``precision``: a dtype, or a bitsandbytes quantisation."""
     if precision not in QUANTISED:
@@ -224,7 +233,8 @@ def load_model(ref: str, device: str = "auto", precision: str = "auto", label: s
         grounding=load_grounding(ref, model),
     )
     logger.info(
-        "Loaded %s (%s, %.2f M parameters) on %s in %s (%s)%s",
+        "Loaded %s (%s, %.2f M parameters) on %s in %s (%s)%s; vision tower %s, language model %s",
         ref, type(model).__name__, n / 1e6, device, precision, reason, f" [{label}]" if label else "",
+        _dtype_of(getattr(model.model, "vision_tower", None)), _dtype_of(getattr(model.model, "language_model", None)),
     )
     return model, processor, info

@@ -72,6 +72,11 @@ def test_auth_mode_refuses_requests_without_a_token(studies, tmp_path):
             assert r.status_code == 401, (path, r.status_code, r.text[:200])
         r = requests.get(server.url + "/info/", headers={"Authorization": "Bearer forged"}, timeout=60)
         assert r.status_code != 200, r.text[:200]
+        # the reading page asks for the same token: its HTML, its config and its API
+        for path in ("/reader/", "/reader/config", "/reader/gradio_api/info"):
+            for headers in ({}, {"Authorization": "Bearer forged"}):
+                r = requests.get(server.url + path, headers=headers, timeout=60)
+                assert r.status_code in (401, 403), (path, headers, r.status_code, r.text[:200])
 
 
 def test_pickled_weights_are_refused(tmp_path):

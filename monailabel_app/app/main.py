@@ -53,7 +53,7 @@ def _install_server_guards(conf: dict) -> None:
         return
     from fastapi.responses import JSONResponse
 
-    from monailabel_app.guards import MAX_QUEUE, MAX_UPLOAD_BYTES, Guards, run_infer_off_the_event_loop
+    from monailabel_app.guards import MAX_QUEUE, MAX_UPLOAD_BYTES, QUEUE, Guards, run_infer_off_the_event_loop
 
     async def bad_json(request, exc: json.JSONDecodeError):
         return JSONResponse(status_code=400, content={"detail": f"params is not valid JSON: {exc}"})
@@ -63,13 +63,50 @@ def _install_server_guards(conf: dict) -> None:
     fastapi_app.middleware_stack = None
     fastapi_app.add_exception_handler(json.JSONDecodeError, bad_json)
     if not any(m.cls is Guards for m in fastapi_app.user_middleware):
-        fastapi_app.add_middleware(Guards, max_upload_bytes=int(float(conf.get("max_upload_mib", MAX_UPLOAD_BYTES / 2**20)) * 2**20),
-                                   max_queue=int(conf.get("max_queue", MAX_QUEUE)))
+        QUEUE.max_queue = int(conf.get("max_queue", MAX_QUEUE))  # one queue for /infer and the reading page
+        fastapi_app.add_middleware(Guards, max_upload_bytes=max_upload_bytes(conf), queue=QUEUE)
         run_infer_off_the_event_loop(fastapi_app)
+
+
+def max_upload_bytes(conf: dict) -> int:
+    from monailabel_app.guards import MAX_UPLOAD_BYTES
+
+    return int(float(conf.get("max_upload_mib", MAX_UPLOAD_BYTES / 2**20)) * 2**20)
+
+
+def _log_to_file(conf: dict) -> None:
+    """``--conf log_file PATH``: this app's own log lines (precision at load, vision and language dtypes,
+    fallback WARNINGs, out-of-memory ERRORs, one line per reading) also go to PATH."""
+    path = conf.get("log_file")
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    root = logging.getLogger("monailabel_app")
+    if any(getattr(h, "baseFilename", None) == os.path.abspath(path) for h in root.handlers):
+        return
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def _mount_reading_page(app, conf: dict) -> None:
+    """The reading page at ``/reader/`` (``--conf reader_page false``: none), sharing this app's model."""
+    if str(conf.get("reader_page", "true")).lower() in ("false", "0", "no", "off"):
+        return
+    try:
+        from monailabel.app import app as fastapi_app
+    except Exception:  # imported outside the server (tests, tools): nothing to mount
+        return
+    from monailabel_app.web.page import mount
+
+    fastapi_app.middleware_stack = None
+    mount(fastapi_app, app, max_upload_bytes(conf))
 
 
 class MyApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
+        _log_to_file(conf)
         _install_server_guards(conf)
         available = task_configs()
         names = [n.strip() for n in conf.get("models", "medgemma").split(",") if n.strip()]
@@ -88,6 +125,7 @@ class MyApp(MONAILabelApp):
             description="MedGemma findings text with one attention-derived mask per finding",
             version="0.1.0",
         )
+        _mount_reading_page(self, conf)
 
     def init_datastore(self):
         if self.studies.startswith(("http://", "https://")):

@@ -65,6 +65,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=os.path.join(ROOT, "out", "demo"))
     ap.add_argument("--seeds", default="7,11,23", help="phantom seeds (held-out: the model never saw them)")
+    ap.add_argument("--keep-serving", action=argparse.BooleanOptionalAction, default=None,
+                    help="keep the server and its reading page up at the end (default: when run from a terminal)")
     args = ap.parse_args(argv)
     studies, results = os.path.join(args.out, "studies"), os.path.join(args.out, "results")
     truth = build_studies(studies, [int(s) for s in args.seeds.split(",")])
@@ -100,8 +102,40 @@ def main(argv=None) -> int:
             json.dump(params, f, indent=2, ensure_ascii=False)
         print(f"\n{first} asked in Chinese (请描述这张胸片的异常):\n  answer:   {params['report']}\n"
               + "\n".join("  " + line for line in params["structured_report"]["text"].splitlines()))
+        reading_page(server.url, os.path.join(studies, f"{first}.png"), results)
         print(f"\nlabels and result JSON in {results}")
+        if args.keep_serving or (args.keep_serving is None and sys.stdin.isatty()):
+            print(f"\n阅片页面 / reading page: {server.url}/reader/  (English: {server.url}/reader/?lang=en)\n"
+                  "press Enter or Ctrl+C to stop the server", flush=True)
+            try:
+                input()
+            except (KeyboardInterrupt, EOFError):
+                pass
     return 0
+
+
+def reading_page(url: str, image: str, results: str) -> None:
+    """The reading page on the same server, driven as the browser drives it (Gradio's client): the first
+    phantom uploaded and read in Chinese, its overlay and its PDF report saved."""
+    from gradio_client import Client, handle_file
+
+    page = Client(url + "/reader/", verbose=False)
+    t0 = time.perf_counter()
+    shown = page.predict(handle_file(image), None, "请描述这张胸片的异常", "zh", api_name="/analyse")
+    dt = time.perf_counter() - t0
+    # the outputs as the client sees them (the browser session's state stays on the server): chat, image,
+    # slider, window, masks, jump, turn, report, answer, status, health
+    overlay, report, status = shown[1], shown[7], shown[9]
+    overlay_dest = os.path.join(results, "reading_page_overlay.png")
+    shutil.copy(overlay, overlay_dest)
+    pdf_dest = os.path.join(results, "reading_page_report.pdf")
+    try:
+        files, _ = page.predict(report, "zh", 1, "lung", True, [1], 0.45, api_name="/export_pdf")
+        shutil.copy(files[0], pdf_dest)
+    except Exception as e:  # no Chinese TrueType font here: the page says so, the demo goes on
+        pdf_dest = f"not written: {e}"
+    print(f"\nreading page {url}/reader/: {os.path.basename(image)} read in Chinese in {dt:.2f} s ({status.strip()})\n"
+          f"  overlay {overlay_dest}\n  PDF report {pdf_dest}")
 
 
 if __name__ == "__main__":

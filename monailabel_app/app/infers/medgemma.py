@@ -62,18 +62,34 @@ class MedGemmaInfer(InferTask):
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            logger.warning("out of memory: %s", e)
+            logger.error("out of memory: %s", e)
             raise HTTPException(status_code=503, detail=f"out of memory: {str(e)[:500] or type(e).__name__}; "
                                                         "the server keeps serving smaller requests") from e
 
     def _infer(self, request):
+        ext = check_extension(request.get("result_extension") or ".nii.gz")
+        dtype = check_dtype(request.get("result_dtype"), "uint8")
+        reading, conversation = self.read(request)
+        geom = reading.geometry
+        label_file = _temp_path(ext)
+        write_in_geometry(reading.labels, geom, label_file, dtype)
+        result = reading.result_json()
+        if conversation is not None:
+            result["conversation"] = conversation
+        result["heatmap_file"] = write_in_geometry(
+            combined_heatmap(reading.mask_maps, reading.labels.shape), geom, _temp_path(".nii.gz" if ext == ".png" else ext),
+            np.float32,
+        )
+        return label_file, result
+
+    def read(self, request) -> tuple:
+        """(reading, conversation JSON or None) for an infer request's parameters: what ``/infer`` and the
+        reading page share (validation, the model's lock, the conversations). Raises InputError."""
         question, max_new_tokens = check_params(  # validated here; the reader picks the default question
             request.get("question") or self._config.get("question"),
             request.get("max_new_tokens", self._config["max_new_tokens"]), default_question="",
         )
         language = check_language(request.get("language") or self._config.get("language"))
-        ext = check_extension(request.get("result_extension") or ".nii.gz")
-        dtype = check_dtype(request.get("result_dtype"), "uint8")
         precision = request.get("precision")
         if precision is not None and normalise_precision(precision) not in ("auto", self.reader.info.precision):
             raise InputError(
@@ -86,19 +102,8 @@ class MedGemmaInfer(InferTask):
         modality = check_modality(request.get("modality") or "auto")
         with self._lock:
             reading, conversation = self._read(request, image, question, max_new_tokens, modality, language)
-        geom = reading.geometry
-        label_file = _temp_path(ext)
-        write_in_geometry(reading.labels, geom, label_file, dtype)
-        result = reading.result_json()
-        if conversation is not None:
-            result["conversation"] = conversation
-        result["heatmap_file"] = write_in_geometry(
-            combined_heatmap(reading.mask_maps, reading.labels.shape), geom, _temp_path(".nii.gz" if ext == ".png" else ext),
-            np.float32,
-        )
         logger.info("medgemma: %s | %s", reading.report[:200], json.dumps(reading.latencies))
-        return label_file, result
-
+        return reading, conversation
 
     def _read(self, request, image: str, question: str, max_new_tokens: int, modality: str, language: str):
         """(reading, conversation JSON or None). ``conversation``: absent (one question), ``"new"`` (keep the

@@ -200,14 +200,15 @@ def test_a_ct_series_zip_with_the_slice_slider_and_exports(page, studies, tmp_pa
     page.find_element(By.ID, "analyse").click()
     _read(page, before)
     assert "影像所见" in _value(page, "report")
-    slider = page.find_element(By.CSS_SELECTOR, "#slice input[type=number]")
-    assert slider.is_displayed()
+    # the slider shows the volume's slices once the reading is drawn (a radiograph leaves it hidden)
+    _wait(page, lambda b: (r := b.find_elements(By.CSS_SELECTOR, "#slice input[type=range]")) and r[0].is_displayed()
+          and int(r[0].get_attribute("max")) > 2 and int(r[0].get_attribute("value")) > 1, 20, "the slice slider")
     first = page.find_element(By.CSS_SELECTOR, "#viewer img").get_attribute("src")
     _shot(page, "5-ct")
-    page.execute_script("arguments[0].value = ''", slider)
-    slider.send_keys("1", Keys.ENTER)
+    page.find_element(By.CSS_SELECTOR, "#slice input[type=range]").send_keys(Keys.HOME)  # the first slice
     _wait(page, lambda b: b.find_element(By.CSS_SELECTOR, "#viewer img").get_attribute("src") != first, 20,
           "another slice")
+    assert page.find_element(By.CSS_SELECTOR, "#slice input[type=range]").get_attribute("value") == "1"
     page.find_element(By.XPATH, "//*[@id='window']//label[contains(., '骨窗')]").click()
     time.sleep(0.5)
     _shot(page, "6-ct-slice-bone")
@@ -257,6 +258,22 @@ def test_two_browser_sessions_stay_apart(page, server):
     finally:
         other.quit()
     assert "右肺中野" in _value(page, "answer")  # the first session still has its reading
+
+
+def test_a_study_of_the_server_is_picked_and_read(page, server):
+    """The datastore's studies are offered (refreshed on each page load); one is read by its id, here through
+    Gradio's own client, as the page's JavaScript calls it."""
+    from gradio_client import Client
+
+    config = requests.get(server.url + "/reader/config", timeout=10).json()
+    study = next(c for c in config["components"] if c.get("props", {}).get("elem_id") == "study")
+    assert "phantom0" in json.dumps(study["props"]["choices"]) and "ct_phantom2" in json.dumps(study["props"]["choices"])
+    client = Client(server.url + "/reader/", verbose=False)
+    shown = client.predict(None, "phantom0", "", "zh", api_name="/analyse")
+    status, report = shown[9], shown[7]  # the outputs the client sees (the session's state stays on the server)
+    assert "第 1 次阅片完成" in status and "右肺中野" in report, (status, report)
+    with pytest.raises(Exception, match="not in the list of choices"):  # Gradio refuses an unlisted study
+        client.predict(None, "no-such-study", "", "zh", api_name="/analyse")
 
 
 def test_no_request_leaves_the_machine(page, server):

@@ -384,9 +384,9 @@ def build(app, max_file_size: int | None = None) -> gr.Blocks:
 
         def on_load(request: gr.Request):
             asked = (request.query_params.get("lang") or "zh") if request else "zh"
-            return texts.check_lang(asked)
+            return texts.check_lang(asked), gr.update(choices=page.studies())  # the datastore as it is now
 
-        blocks.load(on_load, None, [lang])
+        blocks.load(on_load, None, [lang, study])
     blocks.queue(default_concurrency_limit=1, max_size=None)
     return blocks
 

@@ -203,15 +203,24 @@ def test_a_ct_series_zip_with_the_slice_slider_and_exports(page, studies, tmp_pa
     # the slider shows the volume's slices once the reading is drawn (a radiograph leaves it hidden)
     _wait(page, lambda b: (r := b.find_elements(By.CSS_SELECTOR, "#slice input[type=range]")) and r[0].is_displayed()
           and int(r[0].get_attribute("max")) > 2 and int(r[0].get_attribute("value")) > 1, 20, "the slice slider")
-    first = page.find_element(By.CSS_SELECTOR, "#viewer img").get_attribute("src")
+    # the reading opens on the first finding's strongest slice, its mask drawn; the first slice has none
+    _wait(page, lambda b: _colour_mask(_viewer_pixels(b), COLOURS[0]).sum() > 20, 20, "the finding's slice")
     _shot(page, "5-ct")
-    page.find_element(By.CSS_SELECTOR, "#slice input[type=range]").send_keys(Keys.HOME)  # the first slice
-    _wait(page, lambda b: b.find_element(By.CSS_SELECTOR, "#viewer img").get_attribute("src") != first, 20,
-          "another slice")
+    page.find_element(By.CSS_SELECTOR, "#slice input[type=range]").send_keys(Keys.HOME)
+    _wait(page, lambda b: _colour_mask(_viewer_pixels(b), COLOURS[0]).sum() <= 20, 20, "the first slice")
     assert page.find_element(By.CSS_SELECTOR, "#slice input[type=range]").get_attribute("value") == "1"
     page.find_element(By.XPATH, "//*[@id='window']//label[contains(., '骨窗')]").click()
     time.sleep(0.5)
     _shot(page, "6-ct-slice-bone")
+    # choosing a finding jumps to its strongest slice: its mask is drawn there (on the first slice it is not)
+    page.find_element(By.XPATH, "//*[@id='window']//label[contains(., '肺窗')]").click()
+    assert _colour_mask(_viewer_pixels(page), COLOURS[0]).sum() <= 20  # still slice 1: no mask of the finding
+    box = page.find_element(By.CSS_SELECTOR, "#jump input")
+    box.click()
+    box.send_keys(Keys.ARROW_DOWN, Keys.ENTER)
+    _wait(page, lambda b: b.find_element(By.CSS_SELECTOR, "#slice input[type=range]").get_attribute("value") != "1"
+          and _colour_mask(_viewer_pixels(b), COLOURS[0]).sum() > 20, 20, "the first finding's strongest slice")
+    _shot(page, "6b-ct-jump")
 
     for button, suffix in (("export_pdf", ".pdf"), ("export_sr", ".dcm")):
         page.find_element(By.ID, button).click()
@@ -229,6 +238,18 @@ def test_a_ct_series_zip_with_the_slice_slider_and_exports(page, studies, tmp_pa
     assert "影像所见" in text and "研究用途" in text, text[:500]
     fonts = [f.get_object() for p in pdf.pages for f in p["/Resources"]["/Font"].values()]
     assert any("/FontFile2" in f.get("/FontDescriptor", {}) for f in fonts), "the Chinese font is not embedded"
+
+def test_cancel_stops_waiting_and_the_page_goes_on(page):
+    """Cancel while a CT is read: the page says so at once; the next reading is served as usual (the model
+    finishes the cancelled one on its own: a generation is not interrupted)."""
+    done = _reading_number(_text(page, "status"))
+    page.find_element(By.ID, "analyse").click()
+    page.find_element(By.ID, "cancel").click()
+    _wait(page, lambda b: "已取消" in _text(b, "status"), 10, "the cancel")
+    page.find_element(By.ID, "analyse").click()
+    _wait(page, lambda b: _reading_number(_text(b, "status")) > done, 90, "the next reading")
+    assert "影像所见" in _value(page, "report")
+
 
 def test_a_corrupt_file_says_what_is_wrong_and_the_page_goes_on(page, studies):
     _upload(page, studies / "corrupt.png")

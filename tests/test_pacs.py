@@ -282,3 +282,24 @@ def test_batch_prelabels_every_series_of_the_pacs(pacs, tmp_path):
     assert all(x["status"] == "ok" for x in rows)
     modality = {x["study"]: x["modality"] for x in rows}
     assert modality[pacs.series["lidc"]] == "ct" and modality[pacs.series["cr"]] == "xray"
+
+
+def test_the_reading_page_reads_a_pacs_series_and_stores_its_sr_there(pacs, server):
+    """The reading page on a PACS datastore: the series is offered and read by its UID, and the SR export
+    is stored on the PACS (with its SEG), where it reads back with the page's report."""
+    from gradio_client import Client
+
+    uid = pacs.series["lidc"]
+    page = Client(server.url + "/reader/", verbose=False)
+    shown = page.predict(None, uid, "", "zh", api_name="/analyse")
+    report, status = shown[7], shown[9]  # the outputs the client sees (the session's state stays on the server)
+    assert "第 1 次阅片完成" in status and "影像所见" in report, (status, report)
+    files, note = page.predict(report + "\n医师复核：同意。", "zh", 1, "lung", True, [1], 0.45, api_name="/export_sr")
+    assert any(os.path.basename(f).endswith("sr.dcm") for f in files)
+    assert "已存入 PACS" in note, note
+    sr_series = note.split("sr ")[1].split(",")[0].strip()
+    found = dicomweb(pacs).search_for_instances(search_filters={"SeriesInstanceUID": sr_series})
+    assert len(found) == 1, (note, [pydicom.Dataset.from_json(d).Modality for d in found][:3])
+    meta = pydicom.Dataset.from_json(found[0])
+    sr = read_back(pacs, str(meta.StudyInstanceUID), sr_series, str(meta.SOPInstanceUID))
+    assert sr.Modality == "SR" and "医师复核：同意。" in str(sr.to_json_dict())

@@ -295,6 +295,8 @@ def test_a_study_of_the_server_is_picked_and_read(page, server):
     assert "第 1 次阅片完成" in status and "右肺中野" in report, (status, report)
     with pytest.raises(Exception, match="not in the list of choices"):  # Gradio refuses an unlisted study
         client.predict(None, "no-such-study", "", "zh", api_name="/analyse")
+    checks = client.predict(api_name="/doctor")  # the health panel's button: the doctor's checks of this server
+    assert "] precision" in checks and "] model" in checks and "phantom-gemma3" in checks, checks
 
 
 def test_no_request_leaves_the_machine(page, server):

@@ -24,14 +24,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from monailabel_app import maps  # noqa: E402
 from monailabel_app.phantoms import make_phantom  # noqa: E402
-from monailabel_app.reader import Reader, finding_grid  # noqa: E402
+from monailabel_app.reader import LANGUAGE_ENTRIES, Reader, finding_grid  # noqa: E402
 from monailabel_app.xray import Geometry, Radiograph  # noqa: E402
 
 
 def table(reader: Reader, seeds, language: str) -> tuple[list[str], int]:
     layers = list(range(reader.model.config.text_config.num_hidden_layers))
     reader.info.grounding.update(layers=layers)
-    reader.info.grounding.pop("zh", None)  # every layer recorded and kept, whatever the answer's language
+    for lang in LANGUAGE_ENTRIES:  # every layer recorded and kept, whatever the answer's language
+        reader.info.grounding.pop(lang, None)
     hits, words = collections.defaultdict(list), collections.defaultdict(collections.Counter)
     lesions = 0
     for seed in seeds:

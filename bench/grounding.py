@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from monailabel_app.ct_phantoms import make_ct_phantom, phantom_volume  # noqa: E402
 from monailabel_app.grounding import evaluate, evaluate_ct, lobe_priors, table, zone_priors  # noqa: E402
-from monailabel_app.reader import DEFAULT_CT_GATES, DEFAULT_XRAY_GATES, Reader  # noqa: E402
+from monailabel_app.reader import DEFAULT_CT_GATES, DEFAULT_XRAY_GATES, Reader, entry_for  # noqa: E402
 
 
 @contextmanager
@@ -55,12 +55,11 @@ def ct_reader(reader, control: bool = False, language: str = "en"):
     return read
 
 
-def in_language(entry: dict, language: str) -> dict:
-    """The grounding entry as it applies to answers in ``language`` (reader.in_language), and which it is."""
-    own = entry.get(language)
-    if isinstance(own, dict):
-        return {**entry, **own, "which": f"; the entry for answers in {language}"}
-    return {**entry, "which": ""}
+def method(entry: dict, language: str, gates: str) -> str:
+    """The mask method's row name: the entry as it applies to answers in ``language`` (reader.entry_for)."""
+    g = entry_for(entry, language)
+    which = f"; the entry for answers in {language}" if g is not entry else ""
+    return f"(b) final masks: layers {g['layers']}{' rolled out' if g.get('rollout') else ''}, {gates} (the method{which})"
 
 
 def row(name: str, result: dict) -> str:
@@ -72,9 +71,7 @@ def row(name: str, result: dict) -> str:
 def run_xray(reader, seeds, ablations: bool, language: str = "en") -> tuple[dict, list[str]]:
     priors = zone_priors()
     main = evaluate(reader, seeds, priors, language=language)
-    g = in_language(reader.info.grounding, language)
-    rows = [row(f"(b) final masks: layers {g['layers']}{' rolled out' if g.get('rollout') else ''}, "
-                f"side + zone gates (the method{g['which']})", main),
+    rows = [row(method(reader.info.grounding, language, "side + zone gates"), main),
             row("control: lesion-free twin, the model's own words",
                 evaluate(reader, seeds, priors, control=True, language=language))]
     if ablations:
@@ -95,9 +92,7 @@ def run_ct(reader, seeds, ablations: bool, language: str = "en") -> tuple[dict, 
     priors = lobe_priors()
     slices = reader.ct["max_slices"]
     main = evaluate_ct(ct_reader(reader, language=language), seeds, slices, reader.grid, priors)
-    g = in_language(reader.ct, language)
-    rows = [row(f"(b) final masks: layers {g['layers']}{' rolled out' if g.get('rollout') else ''}, "
-                f"body + side + lung gates (the method{g['which']})", main),
+    rows = [row(method(reader.ct, language, "body + side + lung gates"), main),
             row("control: lesion-free twin, the model's own words",
                 evaluate_ct(ct_reader(reader, control=True, language=language), seeds, slices, reader.grid, priors))]
     if ablations:

@@ -41,10 +41,10 @@ import numpy as np
 from scipy import ndimage
 
 from .grounding import CALIBRATION_SEEDS, CT_CALIBRATION_SEEDS, ct_hit_sampling, dice
+from .reader import LANGUAGE_ENTRIES, entry_for
 from .report import parse_report
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6)
-LANGUAGE_ENTRIES = ("zh",)  # answer languages that may get their own entry; English is the entry itself
 
 
 @dataclass
@@ -177,7 +177,7 @@ def calibrate(reader, refs: list[Reference], ct: bool = False, max_layers: int =
                     "dice": round(float(np.mean(d)) if d else 0.0, 4)}
                    for (rollout, layers, threshold), h, d in zip(choices, hits, dices)]
         best = max(results, key=lambda r: (r["pointing"] + r["dice"], -len(r["layers"])))
-        now = {**saved, **saved.get(language, {})} if language in LANGUAGE_ENTRIES else saved
+        now = entry_for(saved, language)
         current = next((r for r in results if (r["layers"], r["rollout"], r["threshold"]) ==
                         (list(now.get("layers", [])), bool(now.get("rollout")), now.get("threshold"))), None)
     finally:

@@ -172,7 +172,7 @@ def load_grounding(path: str, model) -> dict:
 
 
 def _dtype_of(module) -> str:
-    """The dtype of a module's first floating-point weight (``int8`` and the like for quantised layers)."""
+    """The dtype of a module's first weight (``int8`` and the like where the first layer is quantised)."""
     if module is None:
         return "absent"
     for p in module.parameters():

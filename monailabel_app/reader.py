@@ -436,25 +436,25 @@ def check_max_slices(value, default: int) -> int:
     return int(default) if value is None or value == "" else whole_number("max_slices", value, 1, 512)
 
 
-ANSWER_LANGUAGES = ("zh", "en")  # grounding entries may carry one override per answer language
+LANGUAGE_ENTRIES = ("zh",)  # answer languages a grounding entry may carry its own entry for (English: the entry)
+
+
+def entry_for(settings: dict, language: str) -> dict:
+    """The grounding entry as it applies to an answer in ``language``: its own entry (``calibrate --language
+    zh``: ``"zh": {"layers": [3], "threshold": 0.6}``, the attention method kept) over the entry. A model's
+    attention can point differently while it writes another language."""
+    own = settings.get(language) if language in LANGUAGE_ENTRIES else None
+    return {**settings, **own} if isinstance(own, dict) else settings
 
 
 def recorded_layers(settings: dict) -> list[int]:
     """The layers a generation records for ``settings``: its own and those of its per-language entries."""
-    extra = [layer for lang in ANSWER_LANGUAGES if isinstance(settings.get(lang), dict)
-             for layer in settings[lang].get("layers", [])]
-    return sorted({*settings["layers"], *extra})
+    return sorted({layer for lang in ("en", *LANGUAGE_ENTRIES) for layer in entry_for(settings, lang)["layers"]})
 
 
 def in_language(settings: dict, language: str, gen: Generation) -> tuple[dict, Generation]:
-    """The grounding entry as it applies to an answer in ``language``, and the generation restricted to
-    that entry's layers. A model's attention can point differently while it writes another language, so
-    ``calibrate --language zh`` may store a Chinese entry (``"zh": {"layers": [3], "threshold": 0.6}``, the
-    attention method kept) that overrides the entry for Chinese answers."""
-    own = settings.get(language) if language in ANSWER_LANGUAGES else None
-    if not isinstance(own, dict):
-        own = {}
-    merged = {**settings, **own}
+    """:func:`entry_for` ``language``, and the generation restricted to that entry's layers."""
+    merged = entry_for(settings, language)
     layers = [layer for layer in merged["layers"] if layer in gen.layers]
     if layers and layers != gen.layers:
         idx = [gen.layers.index(layer) for layer in layers]

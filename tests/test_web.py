@@ -160,3 +160,34 @@ def test_the_app_command_prints_the_page_and_logs_the_precision_signals(tmp_path
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(30)
+
+
+def test_the_health_panel_and_the_doctors_table_speak_the_pages_language(reader, reading):
+    from types import SimpleNamespace
+
+    from monailabel_app import doctor
+    from monailabel_app.web.page import ReadingPage, Session
+
+    page = ReadingPage(SimpleNamespace(_infers={"medgemma": SimpleNamespace(reader=reader)}, studies=""))
+    session = Session(turns=[("", reading)], current=0)
+    zh, en = page.health(session, "zh"), page.health(session, "en")
+    assert "精度" in zh and "排队" in zh and "合计" in zh and "生成" in zh and "词元" in zh
+    assert "Precision" in en and "Queue" in en and "total" in en and not CJK.search(en.replace(reading.report, ""))
+    assert "prompt" not in en and "decoder" not in en  # token and step counts are not shown as seconds
+    for check in doctor.run_checks():
+        name = check.name.partition(" ")[0] if check.name[4:].isdigit() else check.name
+        assert name in texts.CHECKS, f"the doctor's check {check.name!r} has no name on the page"
+    table = page.doctor("zh")
+    assert table.startswith("| 检查项 | 结果 | 详情 |") and "| 模型 | 通过 |" in table and "| PDF 中文字体 |" in table
+    assert "| model | ok |" in page.doctor("en")
+
+
+def test_a_sessions_view_is_built_once_per_reading(reading):
+    from monailabel_app.web.page import Session
+
+    session = Session(turns=[("", reading)], current=0)
+    view = session.view()
+    assert session.view() is view  # the slider redraws from it
+    session.turns.append(("again", reading.__class__(**{**reading.__dict__})))
+    session.current = 1
+    assert session.view() is not view and session.view().names == view.names

@@ -53,7 +53,7 @@ def _install_server_guards(conf: dict) -> None:
         return
     from fastapi.responses import JSONResponse
 
-    from monailabel_app.guards import MAX_QUEUE, MAX_UPLOAD_BYTES, QUEUE, Guards, run_infer_off_the_event_loop
+    from monailabel_app.guards import MAX_QUEUE, QUEUE, Guards, run_infer_off_the_event_loop
 
     async def bad_json(request, exc: json.JSONDecodeError):
         return JSONResponse(status_code=400, content={"detail": f"params is not valid JSON: {exc}"})

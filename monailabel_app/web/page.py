@@ -54,15 +54,22 @@ class Session:
 
     image: str = ""  # path the reader loads
     image_id: str | None = None  # datastore id, when picked from the server's studies
-    name: str = ""
     conversation: dict | None = None
     turns: list = field(default_factory=list)  # (question, Reading)
     current: int = -1
     done: int = 0  # readings in this browser session (the status line numbers them)
     folder: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="medgemma-page-"))
 
+    _view: tuple = (None, None)  # (reading, its View): drawn again on every slider move, built once
+
     def reading(self):
         return self.turns[self.current][1] if self.turns else None
+
+    def view(self):
+        reading = self.reading()
+        if self._view[0] is not reading:
+            self._view = (reading, view_of(reading))
+        return self._view[1]
 
 
 def _forget(session: Session | None) -> None:
@@ -85,12 +92,12 @@ class ReadingPage:
     def _study_of(self, upload, study_id, session: Session, lang: str) -> Session:
         if upload:
             path = upload if isinstance(upload, str) else getattr(upload, "name", "")
-            new = Session(image=path, name=os.path.basename(path))
+            new = Session(image=path)
         elif study_id:
             uri = self.app.datastore().get_image_uri(study_id)
             if not uri:
                 raise gr.Error(texts.error(lang, "input", f"unknown study {study_id!r}"))
-            new = Session(image=uri, image_id=study_id, name=study_id)
+            new = Session(image=uri, image_id=study_id)
         else:
             raise gr.Error(texts.text(lang, "no_image"))
         if isinstance(session, Session):
@@ -150,7 +157,8 @@ class ReadingPage:
 
     # -------------------------------------------------------------------------------------------- display
 
-    def _chat(self, session: Session, lang: str) -> list[dict]:
+    @staticmethod
+    def _chat(session: Session) -> list[dict]:
         messages = []
         for question, reading in session.turns:
             messages.append({"role": "user", "content": question or reading.question})
@@ -160,8 +168,7 @@ class ReadingPage:
         return messages
 
     def _shown(self, session: Session, lang: str, seconds: float):
-        reading = session.reading()
-        view = view_of(reading)
+        reading, view = session.reading(), session.view()
         ct = view.modality == "ct"
         z = view.strongest[0] if ct and view.strongest else view.slices // 2
         names = [(f"{k}. {f.text}", k) for k, f in enumerate(reading.findings, start=1)]
@@ -170,7 +177,7 @@ class ReadingPage:
         turns = [(f"{i + 1}", i) for i in range(len(session.turns))]
         return (
             session,
-            self._chat(session, lang),
+            self._chat(session),
             render(view, z, "lung", True, [k for _, k in names], 0.45),
             gr.update(visible=ct, minimum=1, maximum=max(2, view.slices), value=z + 1, step=1),
             gr.update(visible=ct, value="lung"),
@@ -180,21 +187,25 @@ class ReadingPage:
             report,
             reading.report,
             status,
-            self.health(session),
+            self.health(session, lang),
         )
 
     def redraw(self, session, z, preset, heatmap, shown, opacity):
         if not isinstance(session, Session) or session.reading() is None:
             return None
-        return render(view_of(session.reading()), int(z or 1) - 1, preset or "lung", bool(heatmap),
+        return render(session.view(), int(z or 1) - 1, preset or "lung", bool(heatmap),
                       [int(k) for k in (shown or [])], float(opacity))
 
-    def jump(self, session, finding):
+    def jump(self, session, finding, preset, heatmap, shown, opacity):
+        """The slider at the chosen finding's strongest slice, and that slice drawn."""
         if not isinstance(session, Session) or session.reading() is None or finding is None:
-            return gr.update()
-        view = view_of(session.reading())
+            return gr.update(), gr.update()
+        view = session.view()
         k = int(finding)
-        return gr.update(value=view.strongest[k - 1] + 1) if view.modality == "ct" and 0 < k <= len(view.strongest) else gr.update()
+        if view.modality != "ct" or not 0 < k <= len(view.strongest):
+            return gr.update(), gr.update()
+        z = view.strongest[k - 1] + 1
+        return gr.update(value=z), self.redraw(session, z, preset, heatmap, shown, opacity)
 
     def show_turn(self, session, turn, lang):
         lang = texts.check_lang(lang)
@@ -208,26 +219,34 @@ class ReadingPage:
 
     # -------------------------------------------------------------------------------------------- health
 
-    def health(self, session=None) -> str:
+    def health(self, session=None, lang: str = "zh") -> str:
+        """Model, precision and why, device, queue, and the last reading's seconds per stage."""
+        lang = texts.check_lang(lang)
         info = self.task.reader.info.public()
+        t = lambda key: texts.text(lang, key)  # noqa: E731
         lines = [f"**{info.get('label') or info.get('id')}**", "",
-                 f"- model: `{info.get('id')}` ({info.get('parameters', 0) / 1e6:.1f} M)",
-                 f"- precision: **{info.get('precision')}** ({info.get('precision_reason')})",
-                 f"- device: {info.get('device')}",
-                 f"- queue: {QUEUE.in_flight} / {QUEUE.max_queue}"]
+                 f"- {t('model')}: `{info.get('id')}` ({info.get('parameters', 0) / 1e6:.1f} M)",
+                 f"- {t('precision')}: **{info.get('precision')}** ({info.get('precision_reason')})",
+                 f"- {t('device')}: {info.get('device')}",
+                 f"- {t('queue')}: {QUEUE.in_flight} / {QUEUE.max_queue}"]
         reading = session.reading() if isinstance(session, Session) else None
         if reading is not None:
             lat = reading.latencies
-            stages = ", ".join(f"{k} {v}" for k, v in lat.items() if isinstance(v, (int, float)) and k != "new_tokens")
-            lines.append(f"- last reading (s): {stages}; {lat.get('new_tokens', 0)} tokens")
+            stages = ", ".join(f"{texts.STAGES[k][lang == 'en']} {lat[k]}" for k in texts.STAGES if k in lat)
+            lines.append(f"- {t('latency')}: {stages}; {texts.text(lang, 'tokens', n=lat.get('new_tokens', 0))}")
         return "\n".join(lines)
 
-    def doctor(self) -> str:
-        from ..doctor import format_checks, run_checks
+    def doctor(self, lang: str = "zh") -> str:
+        """The doctor's checks of this server (model, precision and device as it runs them), as a table."""
+        from ..doctor import run_checks
 
+        lang = texts.check_lang(lang)
         reader = self.task.reader
         checks = run_checks(reader.model_ref, reader.device_request, reader.info.precision, self.app.studies)
-        return "```\n" + format_checks(checks) + "\n```"
+        head = [texts.text(lang, k) for k in ("check_name", "check_status", "check_detail")]
+        rows = [f"| {texts.check_name(lang, c.name)} | {texts.text(lang, 'status_' + c.status)} | {c.detail} |"
+                for c in checks]
+        return "\n".join([f"| {' | '.join(head)} |", "|---|---|---|", *rows])
 
     # -------------------------------------------------------------------------------------------- export
 
@@ -338,7 +357,7 @@ def build(app, max_file_size: int | None = None) -> gr.Blocks:
                 files = gr.File(label=t("downloads"), file_count="multiple", interactive=False, elem_id="files")
                 export_note = gr.Markdown("", elem_id="export_note")
                 with gr.Accordion(t("health"), open=False, elem_id="health_panel") as health_panel:
-                    health = gr.Markdown(page.health(), elem_id="health")
+                    health = gr.Markdown(page.health(lang="zh"), elem_id="health")
                     check = gr.Button(t("check"), size="sm", elem_id="check")
                     doctor = gr.Markdown("", elem_id="doctor")
 
@@ -353,12 +372,14 @@ def build(app, max_file_size: int | None = None) -> gr.Blocks:
                      cancels=[reading_a, reading_b, reading_c, *preset_events])
         new.click(page.new_conversation, [lang, session], [session, chat, image, report, answer, status])
         for control in (slider, window, heat, masks, opacity):
-            control.change(page.redraw, view_inputs, [image], show_progress="hidden")
-        jump.change(page.jump, [session, jump], [slider])
+            # a person's moves only: a reading's own output draws the image, and the change events its
+            # updates would fire could carry controls not yet updated (another slice than the slider shows)
+            control.input(page.redraw, view_inputs, [image], show_progress="hidden")
+        jump.input(page.jump, [session, jump, *view_inputs[2:]], [slider, image])
         turn.input(page.show_turn, [session, turn, lang], shown)
         for button, handler in ((pdf, page.export_pdf), (js, page.export_json), (sr, page.export_sr)):
             button.click(handler, [session, report, lang, *view_inputs[1:]], [files, export_note])
-        check.click(page.doctor, None, [doctor])
+        check.click(page.doctor, [lang], [doctor])
 
         labelled = [(upload, "upload"), (study, "study"), (question, "question"),
                     (chat, "chat"), (follow, "question"), (image, "viewer"), (slider, "slice"), (heat, "heatmap"),
@@ -367,7 +388,7 @@ def build(app, max_file_size: int | None = None) -> gr.Blocks:
         buttons = [(analyse, "analyse"), (cancel, "cancel"), (ask, "ask"), (new, "new_chat"), (pdf, "export_pdf"),
                    (js, "export_json"), (sr, "export_sr"), (check, "check")]
 
-        def relabel(lang):
+        def relabel(lang, session):
             lang = texts.check_lang(lang)
             out = [f"## {texts.text(lang, 'title')}", texts.text(lang, "banner"), f"**{texts.text(lang, 'presets')}**",
                    gr.update(label=texts.text(lang, "health"))]
@@ -377,10 +398,11 @@ def build(app, max_file_size: int | None = None) -> gr.Blocks:
             out += [gr.update(value=q) for q in texts.PRESETS[lang]]
             out.append(gr.update(label=texts.text(lang, "window"),
                                  choices=[(texts.text(lang, k), k) for k in WINDOWS]))
+            out.append(page.health(session, lang))
             return out
 
-        lang.change(relabel, [lang], [title, banner, presets_label, health_panel, *[c for c, _ in labelled],
-                                      *[b for b, _ in buttons], *presets, window])
+        lang.change(relabel, [lang, session], [title, banner, presets_label, health_panel, *[c for c, _ in labelled],
+                                               *[b for b, _ in buttons], *presets, window, health])
 
         def on_load(request: gr.Request):
             asked = (request.query_params.get("lang") or "zh") if request else "zh"

@@ -48,11 +48,17 @@ TEXTS = {
     "precision": ("精度", "Precision"),
     "device": ("设备", "Device"),
     "latency": ("上次阅片各阶段耗时（秒）", "Last reading, seconds per stage"),
+    "queue": ("排队", "Queue"),
+    "tokens": ("生成 {n} 个词元", "{n} tokens generated"),
+    "check_name": ("检查项", "Check"),
+    "check_status": ("结果", "Result"),
+    "check_detail": ("详情", "Detail"),
+    "status_ok": ("通过", "ok"),
+    "status_warn": ("警告", "warning"),
+    "status_fail": ("失败", "FAILED"),
     "no_reading": ("尚未阅片。", "No reading yet."),
     "no_image": ("请先上传影像或选择检查。", "Upload an image or pick a study first."),
     "no_question": ("请输入问题。", "Type a question."),
-    "no_finding": ("未见需要标注的病灶。", "No finding to outline."),
-    "reading": ("正在阅片……", "Reading ..."),
     "read_in": ("第 {n} 次阅片完成，用时 {seconds:.1f} 秒。", "Reading {n} done in {seconds:.1f} s."),
     "findings_n": ("发现 {n} 处病灶。", "{n} finding(s)."),
     "sr_needs_dicom": ("DICOM SR 需要 DICOM 影像（上传的是 {kind}）。",
@@ -61,9 +67,32 @@ TEXTS = {
     "cancelled": ("已取消。", "Cancelled."),
     "ct": ("CT", "CT"),
     "xray": ("胸片", "Radiograph"),
-    "slices_of": ("第 {z} / {n} 层", "slice {z} of {n}"),
-    "heat_legend": ("热图：模型注意力", "Heatmap: the model's attention"),
 }
+
+STAGES = {  # a reading's stages (its latencies), in the order they run
+    "load_image": ("读取影像", "load image"),
+    "prepare": ("准备输入", "prepare"),
+    "generate": ("生成", "generate"),
+    "maps": ("热图与掩膜", "maps and masks"),
+    "total": ("合计", "total"),
+}
+
+CHECKS = {  # medgemma-label doctor's checks by name ("gpu N": one per GPU)
+    "python": ("Python", "Python"), "torch": ("torch 与 transformers", "torch and transformers"),
+    "cuda": ("CUDA", "CUDA"), "gpu": ("GPU", "GPU"), "gpu bf16": ("GPU bf16 支持", "GPU bf16"),
+    "cpu bf16": ("CPU bf16 指令", "CPU bf16"), "precision": ("精度", "precision"),
+    "fp16 fallback": ("fp16 回退", "fp16 fallback"), "model": ("模型", "model"), "memory": ("内存", "memory"),
+    "pacs": ("PACS", "PACS"), "dcmqi": ("dcmqi（DICOM SEG）", "dcmqi (DICOM SEG)"),
+    "pdf font": ("PDF 中文字体", "PDF font"),
+}
+
+
+def check_name(lang: str, name: str) -> str:
+    """A doctor check's name in ``lang`` (``gpu 0`` -> ``GPU 0``)."""
+    base, _, number = name.partition(" ") if name.startswith("gpu ") and name[4:].isdigit() else (name, "", "")
+    zh, en = CHECKS.get(base, (name, name))
+    return (en if lang == "en" else zh) + (f" {number}" if number else "")
+
 
 PRESETS = {
     "zh": ["右肺上叶有什么异常？", "这个异常的密度和边界特征如何？", "结合上述发现，最可能的诊断是什么？"],

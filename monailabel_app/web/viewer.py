@@ -84,7 +84,6 @@ def render(view: View, z: int = 0, preset: str = "lung", heatmap: bool = True, s
         hot = np.stack([np.full_like(heat, 255), np.clip(heat * 2 - 0.5, 0, 1) * 255, np.zeros_like(heat)], -1)
         rgb = rgb * (1 - a) + hot * a
     shown = list(range(1, len(view.names) + 1)) if shown is None else shown
-    edges = np.zeros(labels.shape, bool)
     for k in shown:
         m = labels == k
         if not m.any():
@@ -98,7 +97,6 @@ def render(view: View, z: int = 0, preset: str = "lung", heatmap: bool = True, s
         inner[:, :-1] &= m[:, 1:]
         edge = m & ~inner
         rgb[edge] = colour
-        edges |= edge
     image = Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8))
     scale = max(1, int(np.ceil(MIN_SIDE / max(image.size))))
     if scale > 1:

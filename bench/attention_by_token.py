@@ -22,7 +22,7 @@ from scipy import ndimage
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from monailabel_app import maps  # noqa: E402
+from monailabel_app.grounding import maps  # noqa: E402
 from monailabel_app.phantoms import make_phantom  # noqa: E402
 from monailabel_app.reader import LANGUAGE_ENTRIES, Reader, finding_grid  # noqa: E402
 from monailabel_app.xray import Geometry, Radiograph  # noqa: E402

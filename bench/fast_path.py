@@ -263,7 +263,7 @@ def precision(model, processor) -> None:
 
 
 def phantom(device: str = "cuda", xray_seeds=range(0, 30), ct_seeds=range(0, 6)) -> None:
-    from monailabel_app.grounding import evaluate, evaluate_ct, lobe_priors, zone_priors
+    from monailabel_app.jobs.evaluation import evaluate, evaluate_ct, lobe_priors, zone_priors
 
     os.environ["MEDGEMMA_COMPILE"] = "0"
     emit(f"### Phantom model: each precision against fp32 ({len(xray_seeds)} X-ray and {len(ct_seeds)} CT held-out "

@@ -12,7 +12,7 @@ and Dice; then rows for
   original words (it must lose >= 0.3 of the pointing game: the masks come from the image);
 * ablations of the mask method: each gate removed, and for CT direct attention instead of rollout.
 
-Definitions in monailabel_app/grounding.py; the method in monailabel_app/anatomy.py and reader.py.
+Definitions in monailabel_app/jobs/evaluation.py; the method in monailabel_app/grounding/ and reader.py.
 Seeds 0..99999 were never used in training; calibration used 20000 and up.
 """
 
@@ -27,7 +27,7 @@ from contextlib import contextmanager
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from monailabel_app.ct_phantoms import make_ct_phantom, phantom_volume  # noqa: E402
-from monailabel_app.grounding import evaluate, evaluate_ct, lobe_priors, table, zone_priors  # noqa: E402
+from monailabel_app.jobs.evaluation import evaluate, evaluate_ct, lobe_priors, table, zone_priors  # noqa: E402
 from monailabel_app.reader import DEFAULT_CT_GATES, DEFAULT_XRAY_GATES, Reader, entry_for  # noqa: E402
 
 

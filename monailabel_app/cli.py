@@ -193,7 +193,7 @@ def _guarded(work):
 
 
 def _calibrate_main(argv) -> int:
-    from . import calibrate
+    from .jobs import calibrate
     from .reader import Reader
 
     ap = argparse.ArgumentParser(prog="medgemma-label calibrate", description=calibrate.__doc__,

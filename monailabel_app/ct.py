@@ -26,12 +26,12 @@ import os
 import shutil
 import tempfile
 import zipfile
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .errors import InputError
+from .file_checks import check_declared_size, check_finite_nifti, check_gzip, malformed_values_refused
 from .xray import Geometry, SquarePad
 
 WINDOWS = ((-1024.0, 1024.0), (-135.0, 215.0), (0.0, 80.0))  # R, G, B
@@ -214,18 +214,6 @@ def load_ct(path: str, limits: Limits | None = None) -> CTVolume:
         return _to_volume(image, source, limits)
 
 
-@contextmanager
-def malformed_values_refused():
-    """A DICOM attribute that does not parse (a spacing or position that is not a number, a sequence
-    item missing) is the input's fault: an :class:`InputError` naming it, not a server error."""
-    try:
-        yield
-    except InputError:
-        raise
-    except (ValueError, TypeError, KeyError, AttributeError, IndexError, OverflowError) as e:
-        raise InputError(f"malformed value in the image's header: {type(e).__name__}: {str(e)[:200]}") from e
-
-
 def is_dicom_file(path: str) -> bool:
     """A ``.dcm`` name, or the DICM magic of a DICOM Part 10 file (False for a file that cannot be read)."""
     if path.lower().endswith(".dcm"):
@@ -259,8 +247,6 @@ def _safe_extract(zip_path: str, folder: str) -> None:
 
 def _read_volume_file(path: str, limits: Limits):
     import SimpleITK as sitk
-
-    from .xray import check_declared_size, check_finite_nifti, check_gzip
 
     check_gzip(path)
     check_declared_size(path, limits.max_voxels)

@@ -172,7 +172,7 @@ def run(studies: list[Study], doses, precisions, out: str, model=None, device: s
         max_new_tokens: int = 128, photons: float = PHOTONS, electronic_noise: float = ELECTRONIC_NOISE,
         angles: int = 180, log=print) -> list[dict]:
     """Simulate, read and compare; write the CSV, the plots and the report; the CSV rows."""
-    from .grounding import evaluate_ct, lobe_priors
+    from .jobs.evaluation import evaluate_ct, lobe_priors
     from .reader import Reader
 
     doses = sorted({float(d) for d in doses} | {1.0}, reverse=True)

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from . import anatomy, ct_maps, maps
+from .grounding import anatomy, ct_maps, maps
 from .ct import CTVolume, Limits, body_mask, interleave, model_slices
 from .errors import InputError
 from .generation import Conversation, Generation, NonFiniteOutput, follow_up, generate_batch
@@ -74,6 +74,10 @@ class Reading:
         if not isinstance(self.study, Radiograph):
             raise AttributeError("a CT reading has no radiograph")
         return self.study
+
+    def combined_heatmap(self) -> np.ndarray:
+        """The findings' gated heatmaps, each scaled to 0..1, combined by maximum (input geometry)."""
+        return maps.combined_heatmap(self.mask_maps, self.labels.shape)
 
     def findings_json(self) -> list[dict]:
         out = []

@@ -18,7 +18,6 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .errors import InputError
-from .maps import normalise
 from .xray import Geometry
 
 LABEL_EXTENSIONS = (".nii.gz", ".nii", ".nrrd", ".mha", ".png")
@@ -69,12 +68,6 @@ def write_in_geometry(plane: np.ndarray, geometry: Geometry, path: str, dtype=np
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
-
-
-def combined_heatmap(heatmaps: list[np.ndarray], shape) -> np.ndarray:
-    if not heatmaps:
-        return np.zeros(shape, np.float32)
-    return np.max(np.stack([normalise(h) for h in heatmaps]), axis=0)
 
 
 def _blend(grey: np.ndarray, labels: np.ndarray, alpha: float) -> np.ndarray:
@@ -148,7 +141,7 @@ def write_reading(reading, out_dir: str, save_model_inputs: bool = False) -> dic
     files = {
         "mask": write_in_geometry(reading.labels, geom, os.path.join(out_dir, "mask.nii.gz"), np.uint8),
         "heatmap": write_in_geometry(
-            combined_heatmap(reading.mask_maps, reading.labels.shape), geom,
+            reading.combined_heatmap(), geom,
             os.path.join(out_dir, "heatmap.nii.gz"), np.float32,
         ),
         "overlay": overlay_png(reading, os.path.join(out_dir, "overlay.png")),

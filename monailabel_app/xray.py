@@ -12,15 +12,13 @@ written back in exactly this geometry (:mod:`monailabel_app.writers`).
 
 from __future__ import annotations
 
-import gzip
 import os
-import re
-import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .errors import InputError
+from .file_checks import check_declared_size, check_finite_nifti, check_gzip, malformed_values_refused
 
 RASTER_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 VOLUME_EXTENSIONS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -82,8 +80,6 @@ def load_radiograph(path: str) -> Radiograph:
         raise InputError(f"image file not found: {os.path.basename(path)}", status=404)
     if os.path.getsize(path) == 0:
         raise InputError("image file is empty (0 bytes)")
-    from .ct import malformed_values_refused
-
     name = _lower_name(path)
     with malformed_values_refused():
         if _is_dicom(path) or name.endswith(".dcm"):
@@ -185,53 +181,6 @@ def _load_dicom(path: str) -> Radiograph:
         "sop_instance_uid": str(ds.get("SOPInstanceUID", "")),
     }
     return Radiograph(pixels, geom, source)
-
-
-def check_gzip(path: str) -> None:
-    """A ``.gz`` file must decompress to its end (ITK would otherwise read a truncated file silently)."""
-    if not path.lower().endswith(".gz"):
-        return
-    try:
-        with gzip.open(path, "rb") as f:
-            while f.read(1 << 20):
-                pass
-    except (OSError, EOFError, zlib.error) as e:
-        raise InputError(f"compressed file is truncated or corrupt: {e}") from e
-
-
-def check_declared_size(path: str, limit: int) -> None:
-    """Refuse an NRRD / MetaImage whose text header declares more than ``limit`` voxels, before any reader
-    sizes a buffer from it (ITK reports such a file only as unreadable)."""
-    if not path.lower().endswith((".nrrd", ".nhdr", ".mha", ".mhd")):
-        return
-    with open(path, "rb") as f:
-        head = f.read(8192).decode("latin-1")
-    m = re.search(r"^(?:sizes|DimSize)\s*[:=]\s*([0-9 ]+)$", head, re.MULTILINE | re.IGNORECASE)
-    if m:
-        sizes = [int(v) for v in m.group(1).split()]
-        if float(np.prod(sizes, dtype=np.float64)) > limit:
-            raise InputError(f"image header declares {' x '.join(map(str, sizes))} voxels: over the limit of {limit}")
-
-
-def check_finite_nifti(path: str) -> None:
-    """A float NIfTI with NaN or infinite voxels is refused: ITK's reader turns NaN into 0 without a word."""
-    if not path.lower().endswith((".nii", ".nii.gz")):
-        return
-    try:
-        import nibabel as nib
-
-        img = nib.load(path)
-        if not np.issubdtype(img.get_data_dtype(), np.floating):
-            return
-        data = img.dataobj
-        for k in range(data.shape[2] if len(data.shape) > 2 else 1):
-            block = np.asarray(data[:, :, k, ...] if len(data.shape) > 2 else data[:])
-            if not np.isfinite(block).all():
-                raise InputError("image contains NaN or infinite voxel values")
-    except InputError:
-        raise
-    except Exception:  # nibabel cannot read it: SimpleITK's reader says what is wrong
-        return
 
 
 def _load_volume_plane(path: str) -> Radiograph:

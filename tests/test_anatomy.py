@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from conftest import shared
-from monailabel_app.anatomy import ct_lung_mask, level_gate, xray_lung_fields
+from monailabel_app.grounding.anatomy import ct_lung_mask, level_gate, xray_lung_fields
 from monailabel_app.ct import body_mask
 from monailabel_app.ct_phantoms import make_ct_phantom
 from monailabel_app.phantoms import make_phantom
@@ -74,9 +74,9 @@ def test_ct_anatomy_on_reduced_planes_matches_full_resolution_on_real_scans(seri
     side gate's midline (patient right = low display x) does not move."""
     import glob
 
-    from monailabel_app.anatomy import ct_body_and_lungs
+    from monailabel_app.grounding.anatomy import ct_body_and_lungs
     from monailabel_app.ct import load_ct
-    from monailabel_app.ct_maps import side_columns
+    from monailabel_app.grounding.ct_maps import side_columns
 
     path = shared("ct", "totalsegmentator", "example_ct_dicom") if series == "totalsegmentator" else \
         glob.glob(shared("ct", "lidc", "LIDC-IDRI-0001") + "/1*/1*")[0]

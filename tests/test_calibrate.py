@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from monailabel_app import calibrate
+from monailabel_app.jobs import calibrate
 from monailabel_app.errors import InputError
 from monailabel_app.phantoms import make_phantom
 

@@ -14,7 +14,7 @@ import SimpleITK as sitk
 from conftest import shared
 from monailabel_app import ct_phantoms
 from monailabel_app.ct import Limits, load_ct, model_slices, sample_slices, window_rgb
-from monailabel_app.ct_maps import fill_slices, side_gate
+from monailabel_app.grounding.ct_maps import fill_slices, side_gate
 from monailabel_app.errors import InputError
 from monailabel_app.study import detect
 

@@ -86,7 +86,7 @@ def test_a_right_sided_finding_has_patient_right_world_coordinates_in_every_form
 def test_ct_masks_come_from_the_image_not_the_words(reader):
     """Control for CT: the same method on each phantom's lesion-free twin, the model made to say its
     original words, must lose >= 0.3 of the final masks' pointing game."""
-    from monailabel_app.grounding import evaluate_ct, lobe_priors
+    from monailabel_app.jobs.evaluation import evaluate_ct, lobe_priors
 
     priors = lobe_priors(range(20000, 20060))
 

@@ -3,7 +3,7 @@
 import pytest
 
 from conftest import TEST_SEEDS
-from monailabel_app.grounding import evaluate, table, zone_priors
+from monailabel_app.jobs.evaluation import evaluate, table, zone_priors
 
 
 @pytest.fixture(scope="module")

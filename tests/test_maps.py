@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from monailabel_app import maps
+from monailabel_app.grounding import maps
 from monailabel_app.xray import SquarePad
 
 

@@ -84,7 +84,7 @@ def test_user_question_and_token_limit(reader):
 def test_a_box_in_the_answer_gates_the_mask(reader_in):
     """MedGemma 1.5 gives boxes as [y0, x0, y1, x1] in 0..1000 of its input square: the finding's mask
     must stay inside that box (mapped through the padding), wherever the attention peaks."""
-    from monailabel_app import maps
+    from monailabel_app.grounding import maps
     from monailabel_app.report import parse_report
     from monailabel_app.xray import SquarePad
 

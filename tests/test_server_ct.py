@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from conftest import shared
 from monailabel_app import ct_phantoms
 from monailabel_app.ct import load_ct
-from monailabel_app.grounding import evaluate_ct, table
+from monailabel_app.jobs.evaluation import evaluate_ct, table
 from monailabel_app.phantom_model import CT_MAX_SLICES
 
 SLICER = {"result_extension": ".nrrd", "result_dtype": "uint8"}

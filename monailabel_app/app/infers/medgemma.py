@@ -24,7 +24,7 @@ from monailabel_app.language.asking import check_language
 from monailabel_app.loading import normalise_precision
 from monailabel_app.reader import Reader, check_params
 from monailabel_app.study import check_modality
-from monailabel_app.writers import check_dtype, check_extension, combined_heatmap, write_in_geometry
+from monailabel_app.writers import check_dtype, check_extension, write_in_geometry
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class MedGemmaInfer(InferTask):
         if conversation is not None:
             result["conversation"] = conversation
         result["heatmap_file"] = write_in_geometry(
-            combined_heatmap(reading.mask_maps, reading.labels.shape), geom, _temp_path(".nii.gz" if ext == ".png" else ext),
+            reading.combined_heatmap(), geom, _temp_path(".nii.gz" if ext == ".png" else ext),
             np.float32,
         )
         return label_file, result

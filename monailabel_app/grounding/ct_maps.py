@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import maps
-from .ct import CTVolume, ModelSlices
+from ..ct import CTVolume, ModelSlices
 
 
 def slice_grids(attention, rows: list[int], grid: int, n_images: int) -> np.ndarray:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
-from .xray import SquarePad
+from ..xray import SquarePad
 
 
 def grid_to_pixels(grid: np.ndarray, pad: SquarePad) -> np.ndarray:
@@ -68,6 +68,13 @@ def normalise(heatmap: np.ndarray) -> np.ndarray:
     out = np.subtract(heatmap, lo, dtype=np.float32)
     out *= np.float32(1.0 / (hi - lo))
     return out
+
+
+def combined_heatmap(heatmaps: list[np.ndarray], shape) -> np.ndarray:
+    """Per pixel, the largest of the findings' heatmaps each scaled to 0..1 (zeros without findings)."""
+    if not heatmaps:
+        return np.zeros(shape, np.float32)
+    return np.max(np.stack([normalise(h) for h in heatmaps]), axis=0)
 
 
 def peak_region(heatmap: np.ndarray, threshold: float = 0.5, scaled: np.ndarray | None = None) -> np.ndarray:

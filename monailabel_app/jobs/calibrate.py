@@ -40,9 +40,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from .grounding import CALIBRATION_SEEDS, CT_CALIBRATION_SEEDS, ct_hit_sampling, dice
-from .reader import LANGUAGE_ENTRIES, entry_for
-from .report import parse_report
+from .evaluation import CALIBRATION_SEEDS, CT_CALIBRATION_SEEDS, ct_hit_sampling, dice
+from ..reader import LANGUAGE_ENTRIES, entry_for
+from ..report import parse_report
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6)
 
@@ -59,9 +59,9 @@ class Reference:
 
 
 def phantom_references(count: int, ct: bool = False) -> list[Reference]:
-    from .ct_phantoms import make_ct_phantom, phantom_volume
-    from .phantoms import make_phantom
-    from .xray import Geometry, Radiograph
+    from ..ct_phantoms import make_ct_phantom, phantom_volume
+    from ..phantoms import make_phantom
+    from ..xray import Geometry, Radiograph
 
     refs = []
     for seed in (CT_CALIBRATION_SEEDS if ct else CALIBRATION_SEEDS)[:count]:
@@ -74,8 +74,8 @@ def phantom_references(count: int, ct: bool = False) -> list[Reference]:
 
 def box_references(folder: str) -> list[Reference]:
     """Radiographs in ``folder`` with boxes from ``boxes.csv`` or a COCO JSON (see the module docstring)."""
-    from .errors import InputError
-    from .study import load_study
+    from ..errors import InputError
+    from ..study import load_study
 
     boxes: dict[str, list] = {}
     table = os.path.join(folder, "boxes.csv")
@@ -189,7 +189,7 @@ def calibrate(reader, refs: list[Reference], ct: bool = False, max_layers: int =
 
 def write_grounding(model_dir: str, out: str | None, found: dict, ct: bool, data: str) -> str:
     """Merge the calibrated settings into ``grounding.json`` (the other modality's entry is kept)."""
-    from .loading import GROUNDING_FILE
+    from ..loading import GROUNDING_FILE
 
     path = out or os.path.join(model_dir, GROUNDING_FILE)
     current = {}

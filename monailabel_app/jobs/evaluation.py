@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from .ct import sample_slices
-from .ct_phantoms import LOBES, make_ct_phantom
-from .phantoms import make_phantom
-from .report import LEVELS, SIDES
-from .xray import Geometry, Radiograph
+from ..ct import sample_slices
+from ..ct_phantoms import LOBES, make_ct_phantom
+from ..phantoms import make_phantom
+from ..report import LEVELS, SIDES
+from ..xray import Geometry, Radiograph
 
 CALIBRATION_SEEDS = range(20000, 20600)
 PRIOR_SIZE = 128

@@ -1,0 +1,3 @@
+"""Where each finding is, on the image's own pixels or voxels: attention maps on the token grid and back
+(:mod:`maps`, :mod:`ct_maps`), anatomy found in the image for the gates (:mod:`anatomy`), and how far a
+finding reaches, read from the image around the attention's choice or a click (:mod:`extent`)."""

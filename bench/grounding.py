@@ -10,6 +10,7 @@ and Dice; then rows for
 
 * the control: the same final-mask method on the phantom's lesion-free twin, the model made to say its
   original words (it must lose >= 0.3 of the pointing game: the masks come from the image);
+* the image extent off (``"extent": "attention"``): the masks as the attention's own region;
 * ablations of the mask method: each gate removed, and for CT direct attention instead of rollout.
 
 Definitions in monailabel_app/jobs/evaluation.py; the method in monailabel_app/grounding/ and reader.py.
@@ -71,9 +72,12 @@ def row(name: str, result: dict) -> str:
 def run_xray(reader, seeds, ablations: bool, language: str = "en") -> tuple[dict, list[str]]:
     priors = zone_priors()
     main = evaluate(reader, seeds, priors, language=language)
-    rows = [row(method(reader.info.grounding, language, "side + zone gates"), main),
+    rows = [row(method(reader.info.grounding, language, "side + zone gates, extent from the image"), main),
             row("control: lesion-free twin, the model's own words",
                 evaluate(reader, seeds, priors, control=True, language=language))]
+    with settings(reader, False, extent="attention"):
+        rows.append(row("image extent off: the attention's own region (the masks before issue 19)",
+                        evaluate(reader, seeds, priors, language=language)))
     if ablations:
         gates = reader.info.grounding.get("gates", DEFAULT_XRAY_GATES)
         for g in gates:
@@ -92,9 +96,12 @@ def run_ct(reader, seeds, ablations: bool, language: str = "en") -> tuple[dict, 
     priors = lobe_priors()
     slices = reader.ct["max_slices"]
     main = evaluate_ct(ct_reader(reader, language=language), seeds, slices, reader.grid, priors)
-    rows = [row(method(reader.ct, language, "body + side + lung gates"), main),
+    rows = [row(method(reader.ct, language, "body + side + lung gates, extent from the image"), main),
             row("control: lesion-free twin, the model's own words",
                 evaluate_ct(ct_reader(reader, control=True, language=language), seeds, slices, reader.grid, priors))]
+    with settings(reader, True, extent="attention"):
+        rows.append(row("image extent off: the attention's own region (the masks before issue 19)",
+                        evaluate_ct(ct_reader(reader, language=language), seeds, slices, reader.grid, priors)))
     if ablations:
         gates = reader.ct.get("gates", DEFAULT_CT_GATES)
         for g in gates:

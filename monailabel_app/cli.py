@@ -3,6 +3,8 @@
     medgemma-label -i STUDY -o OUTDIR [--model ID|DIR] [--question TEXT] [--precision auto|bf16|fp32|fp16]
                    [--device auto|cpu|cuda] [--max-new-tokens N] [--modality auto|ct|xray]
                    [--max-slices N] [--resample] [--save-inputs]
+    medgemma-label -i STUDY -o OUTDIR --kind KIND (--point I,J,K | --point-mm X,Y,Z) [--background I,J,K]
+                   (a mask grown from a point in the image; no language model)
     medgemma-label phantom --seed N [--count K] --out DIR
     medgemma-label phantom --ct --seed N [--count K] --out DIR [--format nifti|nrrd|dicom] [--orientation LPS]
     medgemma-label calibrate [--model ID|DIR] --data phantoms|ct-phantoms|DIR [--count N] [--out FILE] [--language en|zh]
@@ -135,6 +137,19 @@ def _read_main(argv) -> int:
     ap.add_argument("--save-inputs", action="store_true", help="write the exact model input images to OUT/inputs/")
     ap.add_argument("--dicom", action="store_true",
                     help="DICOM input: also write OUT/dicom/seg.dcm (DICOM SEG) and sr.dcm (TID 1500 SR) referencing it")
+    clicks = ap.add_argument_group(
+        "a mask from a point (no language model unless --question is given too)",
+        "--kind and one or more points inside the finding: its mask is grown from the point in the image; "
+        "with --question the model reads first and the point's finding is added (or replaces --finding N)")
+    clicks.add_argument("--point", action="append", default=[], metavar="I,J,K",
+                        help="voxel index of the input (ITK order: column, row, slice; a radiograph I,J)")
+    clicks.add_argument("--point-mm", action="append", default=[], metavar="X,Y,Z",
+                        help="patient coordinates in mm (DICOM LPS: X toward the patient's left, Y back, Z head); "
+                             "write --point-mm=-12.5,30,-40 when X is negative")
+    clicks.add_argument("--background", action="append", default=[], metavar="I,J,K",
+                        help="a voxel the mask must not reach (ITK order)")
+    clicks.add_argument("--kind", default=None, help="the finding's kind, e.g. nodule, mass, consolidation, effusion")
+    clicks.add_argument("--finding", default=None, help="with --question: the label (or name) whose mask the point replaces")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -147,9 +162,18 @@ def _read_main(argv) -> int:
     def work():
         if args.dicom:
             dicom_export.read_sources(args.input)  # not DICOM: say so before the model runs
-        reader = Reader(args.model, device=args.device, precision=args.precision, limits=Limits(resample=args.resample))
-        reading = reader.read(args.input, args.question, args.max_new_tokens, args.modality, args.max_slices,
-                              language=args.language)
+        limits = Limits(resample=args.resample)
+        pointed = args.point or args.point_mm
+        if pointed and not args.question:
+            from .study import load_study
+
+            reading = _placed(load_study(args.input, args.modality, limits), args, None)
+        else:
+            reader = Reader(args.model, device=args.device, precision=args.precision, limits=limits)
+            reading = reader.read(args.input, args.question, args.max_new_tokens, args.modality, args.max_slices,
+                                  language=args.language)
+            if pointed:
+                reading = _placed(reading.study, args, reading)
         result = write_reading(reading, args.out, save_model_inputs=args.save_inputs)
         if args.dicom:
             objects = dicom_export.export(args.input, os.path.join(args.out, result["files"]["mask"]), result)
@@ -162,8 +186,11 @@ def _read_main(argv) -> int:
     if status:
         return status
     reading, result = done
-    print(f"model: {reading.model['id']} ({reading.model['precision']} on {reading.model['device']})"
-          + (f" [{reading.model['label']}]" if reading.model.get("label") else ""))
+    if reading.model.get("id"):
+        print(f"model: {reading.model['id']} ({reading.model['precision']} on {reading.model['device']})"
+              + (f" [{reading.model['label']}]" if reading.model.get("label") else ""))
+    else:
+        print("model: none (masks grown from the points given)")
     print(f"report: {reading.report}")
     for f in result["findings"]:
         where = f" strongest slice {f['strongest_slice']}" if "strongest_slice" in f else ""
@@ -171,6 +198,29 @@ def _read_main(argv) -> int:
     print(result["structured_report"]["text"])
     print(f"wrote {', '.join(result['files'].values())} in {args.out}")
     return 0
+
+
+def _placed(study, args, base):
+    """The reading with the finding grown from ``--point`` / ``--point-mm`` (:mod:`correction`)."""
+    from .correction import correct, index_of_mm, parse_points
+    from .errors import InputError
+
+    def triples(values, option):
+        out = []
+        for v in values:
+            try:
+                out.append([float(x) for x in v.split(",")])
+            except ValueError:
+                raise InputError(f"{option} takes numbers separated by commas, got {v!r}") from None
+        return out
+
+    shape = study.geometry.shape if not hasattr(study, "pixels") else study.pixels.shape
+    ijk = triples(args.point, "--point") + [index_of_mm(study.geometry, p, "--point-mm")
+                                            for p in triples(args.point_mm, "--point-mm")]
+    if not args.kind and not args.finding:
+        raise InputError("a point needs --kind KIND (what the finding is), or --finding N with --question")
+    return correct(study, args.kind, parse_points(ijk, "--point", shape),
+                   parse_points(triples(args.background, "--background"), "--background", shape), base, args.finding)
 
 
 def _guarded(work):

@@ -96,6 +96,30 @@ class CTVolume:
         out = sitk.Resample(img, self.input_image, sitk.Transform(), sitk.sitkNearestNeighbor if nearest else sitk.sitkLinear, 0.0)
         return sitk.GetArrayFromImage(out).reshape(self.geometry.shape)
 
+    def display_index(self, stored) -> tuple[int, int, int]:
+        """The display-grid index (z, y, x) of the stored array's index ``stored`` (numpy order)."""
+        if self.orientation is None:  # resampled: through patient space
+            point = self.input_image.TransformIndexToPhysicalPoint(tuple(int(i) for i in reversed(stored)))
+            ijk = self.display_image.TransformPhysicalPointToIndex(point)
+            return tuple(int(min(max(i, 0), n - 1)) for i, n in zip(reversed(ijk), self.shape))
+        o, out = self.orientation, []
+        for a in range(3):
+            t = int(stored[o.perm[a]])
+            out.append(self.shape[a] - 1 - t if o.flips[a] else t)
+        return tuple(out)
+
+    def stored_index(self, display) -> tuple[int, int, int]:
+        """The stored array's index (numpy order) of the display-grid index ``display`` (z, y, x)."""
+        if self.orientation is None:
+            point = self.display_image.TransformIndexToPhysicalPoint(tuple(int(i) for i in reversed(display)))
+            ijk = self.input_image.TransformPhysicalPointToIndex(point)
+            return tuple(int(min(max(i, 0), n - 1)) for i, n in zip(reversed(ijk), self.geometry.shape))
+        o, out = self.orientation, [0, 0, 0]
+        for a in range(3):
+            d = int(display[a])
+            out[o.perm[a]] = self.shape[a] - 1 - d if o.flips[a] else d
+        return tuple(out)
+
     def display_to_stored_index(self, z: int) -> int | None:
         """Index along the stored slice axis of display slice ``z`` (None when resampled)."""
         if self.orientation is None:

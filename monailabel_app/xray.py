@@ -167,10 +167,10 @@ def _load_dicom(path: str) -> Radiograph:
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2"))
     if photometric == "MONOCHROME1":
         pixels = 255 - pixels
-    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing") or (1.0, 1.0)
-    row_sp, col_sp = float(spacing[0]), float(spacing[1])
+    spacing = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
+    row_sp, col_sp = (float(spacing[0]), float(spacing[1])) if spacing else (1.0, 1.0)
     if not (row_sp > 0 and col_sp > 0):  # some files carry 0 or negative spacing: keep the pixel grid
-        row_sp, col_sp = 1.0, 1.0
+        row_sp, col_sp, spacing = 1.0, 1.0, None
     geom = Geometry((rows, cols), (col_sp, row_sp), (0.0, 0.0), (1.0, 0.0, 0.0, 1.0))
     source = {
         "format": "DICOM",
@@ -179,6 +179,7 @@ def _load_dicom(path: str) -> Radiograph:
         "transfer_syntax": str(ds.file_meta.get("TransferSyntaxUID", "")) if hasattr(ds, "file_meta") else "",
         "windowing": applied,
         "sop_instance_uid": str(ds.get("SOPInstanceUID", "")),
+        "pixel_spacing": "file" if spacing else "none",
     }
     return Radiograph(pixels, geom, source)
 
@@ -214,7 +215,23 @@ def _load_volume_plane(path: str) -> Radiograph:
     if min(plane.shape) < 16:
         raise InputError(f"image plane too small: {plane.shape}; need at least 16x16 pixels")
     geom = Geometry(arr.shape, img.GetSpacing(), img.GetOrigin(), img.GetDirection())
-    return Radiograph(_window_to_uint8(plane), geom, {"format": name.split(".", 1)[-1]})
+    return Radiograph(_window_to_uint8(plane), geom, {"format": name.split(".", 1)[-1], "pixel_spacing": "file"})
+
+
+ASSUMED_FILM_MM = 430.0  # a chest film's longer side when the file gives no pixel spacing (17-inch detector)
+
+
+def pixel_spacing_mm(radiograph: Radiograph) -> tuple[tuple[float, float], bool]:
+    """((row, column) mm per pixel, whether the file said so). A PNG/JPEG (or a DICOM without spacing) says
+    nothing: its longer side is taken as :data:`ASSUMED_FILM_MM`, the size of a chest detector, so that
+    millimetre limits stay of the right order (1 mm per pixel would make a 1024-pixel film a metre wide)."""
+    g = radiograph.geometry
+    if radiograph.source.get("pixel_spacing") == "file":
+        keep = [s for n, s in zip(g.shape, g.spacing[::-1]) if n > 1] if len(g.spacing) == len(g.shape) else []
+        row, col = keep[-2:] if len(keep) >= 2 else (g.spacing[-1], g.spacing[0])
+        return (float(row), float(col)), True
+    mm = ASSUMED_FILM_MM / max(radiograph.pixels.shape)
+    return (mm, mm), False
 
 
 # ----------------------------------------------------------------------------- model input geometry

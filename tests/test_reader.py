@@ -81,14 +81,16 @@ def test_user_question_and_token_limit(reader):
     assert r.latencies["stop_reason"] in ("max_new_tokens", "eos", "repetition")
 
 
-def test_a_box_in_the_answer_gates_the_mask(reader_in):
+def test_a_box_in_the_answer_gates_the_mask(reader_in, monkeypatch):
     """MedGemma 1.5 gives boxes as [y0, x0, y1, x1] in 0..1000 of its input square: the finding's mask
-    must stay inside that box (mapped through the padding), wherever the attention peaks."""
+    must stay inside that box (mapped through the padding), wherever the attention peaks. Checked on the
+    attention's own masks (``"extent": "attention"``), which reach beyond the box without it."""
     from monailabel_app.grounding import maps
     from monailabel_app.report import parse_report
     from monailabel_app.xray import SquarePad
 
     reader = reader_in
+    monkeypatch.setitem(reader.info.grounding, "extent", "attention")
     ph = make_phantom(11)  # taller than wide: padded left and right
     plain = _read(reader, ph.image, answer="nodule in the right middle zone.")
     pad = SquarePad(*ph.image.shape)

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import glob
+import os
 import shutil
+import sys
 
 import numpy as np
 import pytest
 import requests
 import SimpleITK as sitk
 
-from conftest import shared
+from conftest import ROOT, shared
 from monailabel_app import ct_phantoms
 from monailabel_app.ct import load_ct
-from monailabel_app.jobs.evaluation import evaluate_ct, table
+from monailabel_app.jobs.evaluation import dice, evaluate_ct, table
 from monailabel_app.phantom_model import CT_MAX_SLICES
 
 SLICER = {"result_extension": ".nrrd", "result_dtype": "uint8"}
@@ -182,3 +184,52 @@ def test_max_slices_per_request(client):
     _, res = client.infer("medgemma", "real_totalseg", {"max_slices": 4})
     per_image = 256
     assert 4 * per_image < res["latencies"]["prompt_tokens"] < 5 * per_image
+
+
+def test_click_to_correct_through_the_slicer_modules_client(server, studies, tmp_path):
+    """The Slicer module's client: read the RAS-stored CT, then a point inside a lesion ([i, j, k] of the
+    uploaded file, as Slicer's IJK) gives finding 1 the lesion's own outline on the file's grid, the other
+    findings kept; a point with a kind adds a finding; bad points get a 4xx and the server keeps serving."""
+    sys.path.insert(0, os.path.join(ROOT, "plugins", "slicer", "MedGemma"))
+    from MedGemmaLib import MedGemmaClient, ServerError
+
+    mg = MedGemmaClient(server.url)
+    first = mg.infer("ct_side_ras")
+    before = sitk.GetArrayFromImage(sitk.ReadImage(first.label_file))
+    ph = ct_phantoms.make_ct_phantom(SIDE_SEED)
+    src = sitk.ReadImage(str(studies / "ct_side_ras.nii.gz"))
+
+    def ijk_of(les):
+        world = [o + c * s for o, c, s in zip(ph.origin, les.center[::-1], ph.spacing)]
+        return list(src.TransformPhysicalPointToIndex(world))
+
+    def truth(les):
+        ct_phantoms.save(ph, str(tmp_path / "lesion.nii.gz"), "RAS", array=les.mask.astype(np.uint8))
+        return sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "lesion.nii.gz"))) > 0
+
+    les = ph.lesions[0]
+    fixed = mg.correct("ct_side_ras", [ijk_of(les)], finding=1)
+    labels = sitk.GetArrayFromImage(sitk.ReadImage(fixed.label_file))
+    assert labels.shape == before.shape
+    assert dice(labels == 1, truth(les)) >= 0.85
+    assert np.array_equal(labels > 1, (before > 1) & (labels != 1))  # the other findings as they were
+    f1 = fixed.raw["findings"][0]
+    assert f1["extent"] == "image" and f1["placed_by"] == "point" and f1["measured"]["point"] == ijk_of(les)
+    assert fixed.report == first.report and "correct" in fixed.raw["latencies"]
+    n = len(first.findings)
+    added = mg.correct("ct_side_ras", [ijk_of(ph.lesions[-1])], kind="mass")
+    assert len(added.findings) == n + 1 and added.label_names[added.findings[-1].name] == n + 1
+    assert (sitk.GetArrayFromImage(sitk.ReadImage(added.label_file)) == n + 1).any()
+    for points, params, status, words in (
+        ([[9999, 0, 0]], {"finding": 1}, 422, "outside the image"),
+        ([ijk_of(les)], {"finding": 99}, 422, "label value"),
+        ([[1, 1, 1]], {"kind": "nodule"}, 422, "no nodule region"),
+        ([ijk_of(les)], {"kind": "blob"}, 422, "'kind' must be one of"),
+    ):
+        with pytest.raises(ServerError) as e:
+            mg.correct("ct_side_ras", points, **params)
+        assert e.value.status == status and words in e.value.message, e.value.message
+    with pytest.raises(ServerError) as e:  # never read on this server: nothing to correct, say so
+        mg.correct("ct_0", [[1, 1, 1]], finding=1)
+    assert e.value.status == 409 and "read it first" in e.value.message
+    assert requests.get(server.url + "/info/", timeout=30).status_code == 200

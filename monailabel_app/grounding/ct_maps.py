@@ -9,8 +9,9 @@
    sampled range). All of this happens on the display array (z toward the head, y back, x left).
 3. **Kept inside the body.** The heatmap is zeroed outside the HU body mask (:func:`ct.body_mask`); a
    finding that names a side is zeroed on the other side of the body's midline (patient right = low x).
-4. **Mask.** The 3-D connected region around the peak at half maximum (:func:`maps.label_map`, as for
-   radiographs); overlaps go to the finding with the larger scaled heatmap.
+4. **Mask.** The lesion's own region in HU where attention points (:mod:`extent`), else the 3-D connected
+   region around the peak at the threshold (as for radiographs); overlaps go to the finding with the larger
+   scaled heatmap (:func:`maps.assign`).
 
 Per finding the result reports the slice range of its mask and the strongest slice (the slice of the
 heatmap's peak), as indices of the input's own slice axis and as patient z in mm, plus the model

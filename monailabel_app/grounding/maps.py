@@ -17,9 +17,10 @@ a third of that side's lung field as found in the image (:mod:`anatomy`), and in
 gave for it (MedGemma 1.5 answers localisation questions with ``[y0, x0, y1, x1]`` in 0..1000 of its
 input square; :func:`box_gate`), before the mask rule.
 
-Mask rule (documented in the README): per finding, the (gated) heatmap is scaled to 0..1 over the image
-(min-max); the mask is the 8-connected region around the heatmap's peak where it is at least
-``threshold`` (calibrated; 0.5: the half-maximum contour). Where the masks of two findings overlap, a pixel goes to
+Attention's own mask (documented in the README): per finding, the (gated) heatmap is scaled to 0..1 over
+the image (min-max); the mask is the 8-connected region around the heatmap's peak where it is at least
+``threshold`` (calibrated; 0.5: the half-maximum contour). The reader replaces it by the region the image
+gives around the place attention points at (:mod:`extent`) where there is one (:func:`assign`). Where the masks of two findings overlap, a pixel goes to
 the finding whose scaled heatmap is larger there. Labels are 1..n in finding order; 0 is background.
 """
 
@@ -94,17 +95,22 @@ def peak_region(heatmap: np.ndarray, threshold: float = 0.5, scaled: np.ndarray 
     return out
 
 
-def label_map(heatmaps: list[np.ndarray], threshold: float = 0.5) -> np.ndarray:
-    """uint8 label map: finding k (1-based) where its peak region is and its scaled heatmap is largest."""
-    if not heatmaps:
-        raise ValueError("label_map needs the image shape: use empty_label_map for no findings")
-    shape = heatmaps[0].shape
-    out = np.zeros(shape, np.uint8)
-    best = np.full(shape, -1.0, np.float32)
-    for k, h in enumerate(heatmaps, start=1):
+def assign(regions: list[np.ndarray], heatmaps: list[np.ndarray]) -> np.ndarray:
+    """uint8 label map of one region per finding (k = 1..n); where regions overlap, the pixel goes to the
+    finding whose heatmap, scaled to 0..1, is larger there."""
+    out = np.zeros(regions[0].shape, np.uint8)
+    best = np.full(regions[0].shape, -1.0, np.float32)
+    for k, (region, h) in enumerate(zip(regions, heatmaps), start=1):
         scaled = normalise(h)
-        take = peak_region(h, threshold, scaled)
-        take &= scaled > best
+        take = region & (scaled > best)
         out[take] = k
         best[take] = scaled[take]
     return out
+
+
+def label_map(heatmaps: list[np.ndarray], threshold: float = 0.5) -> np.ndarray:
+    """uint8 label map of the attention's own masks: finding k (1-based) where its peak region is and its
+    scaled heatmap is largest."""
+    if not heatmaps:
+        raise ValueError("label_map needs the image shape: use empty_label_map for no findings")
+    return assign([peak_region(h, threshold) for h in heatmaps], heatmaps)

@@ -12,23 +12,27 @@ import logging
 import os
 import tempfile
 import threading
+import time
+from collections import OrderedDict
 
 import numpy as np
 import torch
 from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from monailabel_app import correction
 from monailabel_app.conversation import Conversations, Entry
 from monailabel_app.errors import InputError
 from monailabel_app.language.asking import check_language
 from monailabel_app.loading import normalise_precision
 from monailabel_app.reader import Reader, check_params
-from monailabel_app.study import check_modality
+from monailabel_app.study import check_modality, load_study
 from monailabel_app.writers import check_dtype, check_extension, write_in_geometry
 
 logger = logging.getLogger(__name__)
 
 HEATMAP_TAG = "medgemma_heatmap"
+KEEP_READINGS = 2  # images whose latest reading a click can correct (a CT reading holds its volume and maps)
 
 
 class MedGemmaInfer(InferTask):
@@ -43,6 +47,8 @@ class MedGemmaInfer(InferTask):
         self.reader = reader
         self.conversations = conversations if conversations is not None else Conversations()
         self._lock = threading.Lock()  # one generation at a time on one model
+        self._last: OrderedDict[str, object] = OrderedDict()  # image -> its last reading (what a click corrects)
+        self._last_lock = threading.Lock()
 
     def is_valid(self) -> bool:
         return True
@@ -100,10 +106,39 @@ class MedGemmaInfer(InferTask):
         if not isinstance(image, str) or not image:
             raise InputError("no image: give an image id from the datastore or upload a file", status=404)
         modality = check_modality(request.get("modality") or "auto")
+        if request.get("foreground"):
+            return self._correct(request, image, modality), None
         with self._lock:
             reading, conversation = self._read(request, image, question, max_new_tokens, modality, language)
+        self._keep(image, reading)
         logger.info("medgemma: %s | %s", reading.report[:200], json.dumps(reading.latencies))
         return reading, conversation
+
+    def _keep(self, image: str, reading) -> None:
+        """The image's latest reading (a click corrects it); the last few images only."""
+        with self._last_lock:
+            self._last[image] = reading
+            self._last.move_to_end(image)
+            while len(self._last) > KEEP_READINGS:
+                self._last.popitem(last=False)
+
+    def _correct(self, request, image: str, modality: str):
+        """Click to correct (MONAI Label's interactive way): ``foreground`` / ``background`` points ([i, j, k]
+        of the input, as Slicer sends them) and ``finding`` (the label to replace in the image's latest
+        reading) or ``kind`` (a new finding): the mask grown from the points in the image, no generation."""
+        t0 = time.perf_counter()
+        with self._last_lock:
+            base = self._last.get(image)
+        study = base.study if base is not None else load_study(image, modality, self.reader.limits)
+        shape = study.pixels.shape if hasattr(study, "pixels") else study.geometry.shape
+        reading = correction.correct(study, request.get("kind"),
+                                     correction.parse_points(request.get("foreground"), "foreground", shape),
+                                     correction.parse_points(request.get("background"), "background", shape),
+                                     base, request.get("finding"))
+        reading.latencies = {"correct": round(time.perf_counter() - t0, 4)}
+        self._keep(image, reading)
+        logger.info("medgemma: corrected %s by points in %.2f s", os.path.basename(image), time.perf_counter() - t0)
+        return reading
 
     def _read(self, request, image: str, question: str, max_new_tokens: int, modality: str, language: str):
         """(reading, conversation JSON or None). ``conversation``: absent (one question), ``"new"`` (keep the

@@ -105,6 +105,16 @@ class MedGemmaWidget(ScriptedLoadableModuleWidget):
         form.addRow("Structured report:", self.structured)
         self.findings = qt.QListWidget()
         form.addRow("Findings:", self.findings)
+        self.pointKind = qt.QComboBox()
+        self.pointKind.addItem("(the selected finding)", "")
+        for kind in ("nodule", "mass", "consolidation", "ground-glass opacity", "opacity", "effusion", "pneumothorax"):
+            self.pointKind.addItem(kind, kind)
+        form.addRow("Point adds:", self.pointKind)
+        self.placeButton = qt.QPushButton("Click a point to correct the mask")
+        self.placeButton.toolTip = ("Then click inside the lesion in a slice view: the selected finding's mask (or, with "
+                                    "a kind chosen, a new finding) is grown from that point in the image")
+        self.placeButton.checkable = True
+        form.addRow(self.placeButton)
         self.opacity = ctk.ctkSliderWidget()
         self.opacity.minimum, self.opacity.maximum, self.opacity.singleStep, self.opacity.value = 0.0, 1.0, 0.05, 0.4
         form.addRow("Heatmap opacity:", self.opacity)
@@ -118,6 +128,7 @@ class MedGemmaWidget(ScriptedLoadableModuleWidget):
         self.newButton.connect("clicked(bool)", self.onNewConversation)
         self.cancelButton.connect("clicked(bool)", self.onCancel)
         self.findings.connect("itemClicked(QListWidgetItem*)", self.onFindingClicked)
+        self.placeButton.connect("toggled(bool)", self.onPlaceToggled)
         self.opacity.connect("valueChanged(double)", self.logic.setHeatmapOpacity)
         self.volume.connect("currentNodeChanged(vtkMRMLNode*)", lambda node: self.onNewConversation())
 
@@ -180,11 +191,39 @@ class MedGemmaWidget(ScriptedLoadableModuleWidget):
         self.logic.show(result, self.volume.currentNode(), self.opacity.value)
         self.report.plainText = result.report
         self.structured.plainText = result.structured_report
+        self._list(result)
+        self.history.plainText = "\n\n".join(f"Q: {h['question']}\nA: {h['answer']}" for h in self.logic.history())
+        self.status.text = f"{len(result.findings)} finding(s); turn {(result.conversation or {}).get('turn', 1)}"
+
+    def onPlaceToggled(self, on: bool):
+        if on and self.logic.result is None and not self.pointKind.itemData(self.pointKind.currentIndex):
+            self.status.text = "ask first, or choose what the point adds"
+            self.placeButton.checked = False
+            return
+        self.logic.placePoints(on, self.onPointPlaced)
+        self.status.text = "click inside the lesion in a slice view" if on else ""
+
+    def onPointPlaced(self, ras):
+        self.placeButton.checked = False
+        item = self.findings.currentItem()
+        kind = self.pointKind.itemData(self.pointKind.currentIndex) or None
+        finding = None if kind or item is None else int(item.text().split(".", 1)[0])
+        if finding is None and kind is None:
+            self.status.text = "select a finding in the list, or choose what the point adds"
+            return
+        try:
+            result = self.logic.correct(self.volume.currentNode(), ras, finding, kind)
+        except ServerError as e:
+            self.status.text = f"server error: {e}"
+            return
+        self.logic.show(result, self.volume.currentNode(), self.opacity.value)
+        self._list(result)
+        self.status.text = f"mask grown from the point in {result.raw.get('latencies', {}).get('correct', '?')} s"
+
+    def _list(self, result):
         self.findings.clear()
         for f in result.findings:
             self.findings.addItem(f"{f.label}. {f.name}: {f.text}")
-        self.history.plainText = "\n\n".join(f"Q: {h['question']}\nA: {h['answer']}" for h in self.logic.history())
-        self.status.text = f"{len(result.findings)} finding(s); turn {(result.conversation or {}).get('turn', 1)}"
 
     def onFindingClicked(self, item):
         label = int(item.text().split(".", 1)[0])
@@ -207,6 +246,7 @@ class MedGemmaLogic(ScriptedLoadableModuleLogic):
         self.image_ids = {}  # volume node id -> datastore image id
         self.result = None
         self.volumeNode = self.segmentationNode = self.heatmapNode = None
+        self.pointNode, self.pointCallback = None, None
 
     def connect(self, url: str) -> str:
         client = MedGemmaClient(url)
@@ -263,6 +303,32 @@ class MedGemmaLogic(ScriptedLoadableModuleLogic):
             self.heatmapNode.GetDisplayNode().SetAndObserveColorNodeID("vtkMRMLColorTableNodeRainbow")
             slicer.util.setSliceViewerLayers(background=volumeNode, foreground=self.heatmapNode,
                                              foregroundOpacity=opacity)
+
+    def placePoints(self, on: bool, callback):
+        """Place one markups point in a slice view; ``callback(ras)`` gets it (then the point is removed)."""
+        if self.pointNode is None or slicer.mrmlScene.GetNodeByID(self.pointNode.GetID()) is None:
+            self.pointNode = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLMarkupsFiducialNode", "MedGemma point")
+            self.pointNode.AddObserver(self.pointNode.PointPositionDefinedEvent, lambda node, event: self._placed(node))
+        self.pointCallback = callback if on else None
+        slicer.modules.markups.logic().SetActiveList(self.pointNode)
+        interaction = slicer.app.applicationLogic().GetInteractionNode()
+        interaction.SetCurrentInteractionMode(interaction.Place if on else interaction.ViewTransform)
+
+    def _placed(self, node):
+        if node.GetNumberOfControlPoints() == 0 or self.pointCallback is None:
+            return
+        ras = [0.0, 0.0, 0.0]
+        node.GetNthControlPointPositionWorld(node.GetNumberOfControlPoints() - 1, ras)
+        node.RemoveAllControlPoints()
+        callback, self.pointCallback = self.pointCallback, None
+        callback(ras)
+
+    def correct(self, volumeNode, ras, finding=None, kind=None):
+        """The finding's mask grown from the point at ``ras`` (the volume's IJK, as MONAI Label's DeepEdit sends)."""
+        matrix = vtk.vtkMatrix4x4()
+        volumeNode.GetRASToIJKMatrix(matrix)
+        ijk = [int(round(v)) for v in matrix.MultiplyPoint(list(ras) + [1.0])[:3]]
+        return self.client.correct(self._upload(volumeNode), [ijk], finding=finding, kind=kind)
 
     def setHeatmapOpacity(self, opacity: float):
         if self.heatmapNode is not None:

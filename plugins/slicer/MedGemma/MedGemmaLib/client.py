@@ -4,7 +4,7 @@ Plain Python (``requests`` and the standard library), so the test suite runs it 
 the Slicer widget (``MedGemma.py``) only shows what these classes return.
 
 * :class:`MedGemmaClient`: ``/info/``, upload to the datastore, ``/infer/{model}`` (multipart answer:
-  the result JSON and the label file), the heatmap download, saving a label (on a PACS: DICOM SEG + SR). Server errors become :class:`ServerError`
+  the result JSON and the label file), click to correct (points in, a finding's mask grown from them), the heatmap download, saving a label (on a PACS: DICOM SEG + SR). Server errors become :class:`ServerError`
   with the HTTP status and the server's own message.
 * :class:`InferJob`: one request in a background thread that can be cancelled (the answer, when it comes,
   is dropped) and polled by a timer.
@@ -132,6 +132,18 @@ class MedGemmaClient:
         with os.fdopen(fd, "wb") as f:
             f.write(label)
         return ReadingResult.parse(result, label_file)
+
+    def correct(self, image_id: str, foreground: list, finding=None, kind: str | None = None,
+                background: list | None = None) -> ReadingResult:
+        """Click to correct: ``foreground`` (and ``background``) points as ``[i, j, k]`` voxel indices of the
+        uploaded image; the mask of ``finding`` (label value or segment name) of the image's latest reading is
+        grown again from them in the image, or a new finding of ``kind`` is added. No generation: quick."""
+        params = {"foreground": [list(p) for p in foreground], "background": [list(p) for p in background or []]}
+        if finding is not None:
+            params["finding"] = finding
+        if kind:
+            params["kind"] = kind
+        return self.infer(image_id, **params)
 
     def save(self, image_id: str, label_file: str, result: ReadingResult | None = None, tag: str = "final",
              label_info: list[dict] | None = None) -> dict:

@@ -1,0 +1,472 @@
+"""How far a finding reaches, read from the image around a point: attention (or a click) says where, the
+image says how far.
+
+One point (a voxel or pixel index) and the finding's kind give a region of the image grown from that
+point, by the image's own values, per kind:
+
+* **focal** (nodule, mass, lesion, calcification, cavity): the connected region at the point that is
+  denser than halfway between the point's own level and the surrounding lung's (the half-level contour).
+  CT works in Hounsfield units, a radiograph in grey levels (lightly smoothed) against the lung fields
+  around the point: local contrast, never the whole film's.
+  Vessels and the chest wall touching the lesion are cut off by a morphological opening: the smallest
+  radius that leaves the point's region within the kind's limits (always at least a quarter of the
+  region's own inscribed radius, which takes off vessels thinner than that).
+* **airspace** (opacity, consolidation, ground-glass opacity, pneumonia, atelectasis, edema): the same
+  half-level region, with the limits of a lobe-sized process rather than a focal one.
+* **fluid** (effusion): on CT the connected fluid-density region (-20..60 HU, smoothed) at the point, away
+  from the chest wall by the same opening rule; on a film the half-level region at the point, inside the
+  lung's territory (the fluid whites out the base the aerated field stops at).
+* **air** (pneumothorax): CT only: the connected air (below -950 HU, smoothed) at the point inside the
+  body, which the lung's own parenchyma (about -850 HU) is not.
+
+Kinds without an image method (cardiomegaly, fracture, emphysema, fibrosis, ...) and regions that break
+the kind's limits come back as ``None`` with the reason: the caller keeps the attention mask and says so.
+
+Limits (:data:`LIMITS_MM`) are on the longest diameter in the axial plane (CT) or the film plane, in
+millimetres from the pixel spacing: a nodule is at most 30 mm by definition (the table allows 35: outlines
+drawn on the lesion's edge measure a few millimetres more; LIDC-IDRI-0001's four outlines of one nodule
+measure 32 to 34 mm), a mass larger; nothing focal is smaller than 3 mm; no region may take more than
+:data:`MAX_LUNG_SHARE` of the lungs (or, on a radiograph, of the film's lung fields).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+FOCAL = ("nodule", "mass", "lesion", "calcification", "cavity", "lymphadenopathy")
+AIRSPACE = ("opacity", "consolidation", "ground-glass opacity", "pneumonia", "atelectasis", "edema")
+FLUID = ("effusion",)
+AIR = ("pneumothorax",)
+# kind -> (smallest, largest) longest in-plane diameter in mm
+LIMITS_MM = {"nodule": (3.0, 35.0), "mass": (20.0, 200.0), "lesion": (3.0, 200.0), "calcification": (1.0, 35.0),
+             "cavity": (5.0, 150.0), "lymphadenopathy": (5.0, 80.0)}
+AIRSPACE_MM = (5.0, 250.0)
+FLUID_MM = (5.0, 400.0)
+SEARCH = 1.5  # the region is looked at within this many of the kind's largest diameter around the point
+MAX_LUNG_SHARE = 0.6  # of the lungs (CT) / lung fields (radiograph): "the size of a lung" is never a finding's extent
+LUNG_HU = -850.0  # aerated lung when the image gives no lung around the point
+MIN_CONTRAST_HU = 150.0  # a focal or airspace region must stand this far above the lung around it
+MIN_CONTRAST_NOISE = 4.0  # radiographs: the point's contrast over the film's noise
+
+
+@dataclass
+class Extent:
+    """A region grown from a point: ``mask`` on the array given (bool), its longest in-plane diameter, its
+    area (mm², radiograph) or volume (mm³, CT), and the point it was grown from (array index)."""
+
+    mask: np.ndarray
+    diameter_mm: float
+    size_mm: float  # area in mm² (2-D) or volume in mm³ (3-D)
+    seed: tuple[int, ...]
+    method: str  # focal / airspace / fluid / air
+
+    def json(self) -> dict:
+        key = "volume_mm3" if self.mask.ndim == 3 else "area_mm2"
+        return {"diameter_mm": round(self.diameter_mm, 1), key: round(self.size_mm, 1), "method": self.method}
+
+
+class NoExtent(Exception):
+    """The image gives no plausible region for this kind at this point: the reason, for the finding."""
+
+
+def method_of(kind: str, ndim: int) -> str | None:
+    """The image method for ``kind`` on a ``ndim``-D image (None: no image method; attention only)."""
+    if kind in FOCAL:
+        return "focal"
+    if kind in AIRSPACE:
+        return "airspace"
+    if kind in FLUID:
+        return "fluid"
+    if ndim == 3 and kind in AIR:
+        return "air"
+    return None
+
+
+def limits_mm(kind: str) -> tuple[float, float]:
+    if kind in LIMITS_MM:
+        return LIMITS_MM[kind]
+    return FLUID_MM if kind in FLUID + AIR else AIRSPACE_MM
+
+
+# ------------------------------------------------------------------------------------------ helpers
+
+
+def _box(shape, centre, reach) -> tuple[slice, ...]:
+    return tuple(slice(max(0, c - r), min(n, c + r + 1)) for c, r, n in zip(centre, reach, shape))
+
+
+def _touches_border(mask: np.ndarray, box, shape) -> bool:
+    """The region reaches a side of its search box that is not the image's own edge (it may go on)."""
+    for axis, (sl, n) in enumerate(zip(box, shape)):
+        first = np.take(mask, 0, axis=axis).any()
+        last = np.take(mask, -1, axis=axis).any()
+        if (first and sl.start > 0) or (last and sl.stop < n):
+            return True
+    return False
+
+
+def longest_diameter(mask: np.ndarray, spacing) -> float:
+    """Longest in-plane diameter (mm) of ``mask``: on its largest axial plane (3-D: z first) or its plane."""
+    plane, sp = (mask, spacing) if mask.ndim == 2 else (mask[int(np.argmax(mask.sum(axis=(1, 2))))], spacing[1:])
+    pts = np.argwhere(plane)
+    if len(pts) == 0:
+        return 0.0
+    if len(pts) == 1:
+        return float(min(sp))
+    edge = plane & ~ndimage.binary_erosion(plane)
+    pts = np.argwhere(edge) * np.asarray(sp, float)
+    if len(pts) > 400:
+        pts = pts[np.linspace(0, len(pts) - 1, 400).astype(int)]
+    d = np.sqrt(((pts[:, None, :] - pts[None, :, :]) ** 2).sum(-1)).max()
+    return float(d + min(sp))  # edge centres to edge centres, plus one pixel
+
+
+def _component_at(mask: np.ndarray, seed) -> np.ndarray:
+    labels, _ = ndimage.label(mask, structure=ndimage.generate_binary_structure(mask.ndim, 1))
+    lab = labels[tuple(seed)]
+    if lab == 0:  # the seed itself fell out (an opening ate it): the nearest part of the region
+        if not mask.any():
+            return np.zeros(mask.shape, bool)
+        _, idx = ndimage.distance_transform_edt(labels == 0, return_indices=True)
+        lab = labels[tuple(i[tuple(seed)] for i in idx)]
+    return labels == lab
+
+
+def _opened_at(region: np.ndarray, seed, radius_mm: float, spacing) -> np.ndarray:
+    """``region`` opened with a ball of ``radius_mm`` (distance-transform opening), the part at ``seed``."""
+    inside = ndimage.distance_transform_edt(region, sampling=spacing)
+    core = _component_at(inside > radius_mm, seed)
+    if not core.any():
+        return core
+    near = ndimage.distance_transform_edt(~core, sampling=spacing) <= radius_mm
+    return _component_at(near & region, seed)
+
+
+def _separate(region: np.ndarray, seed, spacing, hi_mm: float, box, shape, fits) -> np.ndarray | None:
+    """The seed's part of ``region`` after the smallest opening that makes it fit (``fits``); None if none does."""
+    inside = ndimage.distance_transform_edt(region, sampling=spacing)
+    r_in = float(inside[tuple(seed)]) if region[tuple(seed)] else 0.0
+    r_in = max(r_in, float(inside.max()) if region.any() else 0.0) if r_in == 0 else r_in
+    start = max(0.25 * r_in, 0.5 * min(spacing))
+    radius = start
+    while radius <= max(hi_mm / 3, start):
+        part = _opened_at(region, seed, radius, spacing) if radius > 0 else region
+        if part.any() and not _touches_border(part, box, shape) and fits(part):
+            return part
+        radius *= 1.5
+    return None
+
+
+# ------------------------------------------------------------------------------------- the one rule
+
+
+def territory(lungs: np.ndarray, min_pixels: int = 20) -> np.ndarray:
+    """The lungs' territory: per plane, the convex hull of each piece of aerated lung (``lungs``, found by its
+    values) of at least ``min_pixels``. A lesion against the chest wall or the mediastinum dents the aerated
+    lung; the hull takes it in, while the chest wall outside the lung's curve stays out."""
+    from skimage.morphology import convex_hull_object
+
+    planes = lungs[None] if lungs.ndim == 2 else lungs
+    out = np.zeros(planes.shape, bool)
+    for z, plane in enumerate(planes):
+        if plane.sum() >= min_pixels:
+            kept = ndimage.binary_opening(plane) if plane.sum() > 4 * min_pixels else plane
+            out[z] = convex_hull_object(kept, connectivity=2) | plane
+    return out[0] if lungs.ndim == 2 else out
+
+
+def film_territory(right: np.ndarray | None, left: np.ndarray | None) -> np.ndarray | None:
+    """A film's lung territory: per side, the hull of that side's field together with the other side's field
+    mirrored across the midline between them. A lesion that whites out the base or the edge of a lung (the
+    field found by its darkness stops at it) lies inside; the chest wall and what lies below the lungs stay
+    out. One field alone is its own hull; none: None (no territory, never guessed)."""
+    fields = [f for f in (right, left) if f is not None and f.any()]
+    if not fields:
+        return None
+    if len(fields) == 1:
+        return territory(fields[0])
+    cols = [np.nonzero(f.any(axis=0))[0] for f in (right, left)]
+    mid = (cols[0].max() + cols[1].min()) / 2  # between the right field's medial edge and the left's
+    out = np.zeros(right.shape, bool)
+    for own, other in ((right, left), (left, right)):
+        mirrored = np.zeros_like(other)
+        src = np.nonzero(other.any(axis=0))[0]
+        dst = np.rint(2 * mid - src).astype(int)
+        ok = (dst >= 0) & (dst < other.shape[1])
+        mirrored[:, dst[ok]] = other[:, src[ok]]
+        out |= territory(own | mirrored)
+    return out
+
+
+def grow(values: np.ndarray, spacing, seed, kind: str, lung_level: float, min_contrast: float,
+         territory_mask: np.ndarray | None = None, background: list | None = None, lungs_size: float = np.inf,
+         unit: str = "") -> Extent:
+    """The half-level region of ``kind`` at ``seed`` in ``values`` (HU, or a smoothed film), against the lung's
+    level ``lung_level``: the connected region at the seed denser than halfway between the seed's level and
+    the lung's, inside ``territory_mask``, cut off from what touches it by the smallest opening that makes it
+    fit the kind's limits; ``background`` points cut off the part nearer to them. Raises :class:`NoExtent`."""
+    method = method_of(kind, values.ndim)
+    lo, hi = limits_mm(kind)
+    spacing = tuple(float(s) for s in spacing)
+    reach = [int(np.ceil(SEARCH * hi / s)) + 2 for s in spacing]
+    box = _box(values.shape, seed, reach)
+    local = tuple(int(c - b.start) for c, b in zip(seed, box))
+    sub = values[box]
+    if method == "fluid" and values.ndim == 3:
+        region = (sub >= -20) & (sub <= 60)
+    elif method == "air":
+        region = sub < -950
+    else:
+        near = tuple(slice(max(0, c - 1), c + 2) for c in local)
+        level = float(np.median(sub[near]))
+        if level - lung_level < min_contrast:
+            raise NoExtent(f"nothing denser than the lung at the point ({level:.0f}{unit} against the lung's "
+                           f"{lung_level:.0f}{unit})")
+        region = sub >= (level + lung_level) / 2
+    if territory_mask is not None:
+        region &= territory_mask[box]
+    if not region[local]:
+        raise NoExtent(f"the point is not in a {method} region")
+    region = _component_at(region, local)
+    if method == "focal" and values.ndim == 3:
+        region &= _reach(region, local, spacing)
+        region = _component_at(region, local)
+    if background:
+        region &= _nearer_to_seed(region.shape, local, [tuple(int(p - b.start) for p, b in zip(q, box)) for q in background], spacing)
+        region = _component_at(region, local)
+
+    def fits(part):
+        return longest_diameter(part, spacing) <= hi and part.sum() <= MAX_LUNG_SHARE * lungs_size
+
+    part = _separate(region, local, spacing, hi, box, values.shape, fits)
+    if part is None:
+        raise NoExtent(f"the region at the point is larger than a {kind} ({hi:.0f} mm) and does not separate")
+    d = longest_diameter(part, spacing)
+    if d < lo:
+        raise NoExtent(f"the region at the point measures {d:.1f} mm, under the {lo:.0f} mm of a {kind}")
+    mask = np.zeros(values.shape, bool)
+    mask[box] = part
+    return Extent(mask, d, float(part.sum() * np.prod(spacing)), tuple(int(s) for s in seed), method)
+
+
+# ---------------------------------------------------------------------------------------------- CT
+
+
+def grow_ct(hu: np.ndarray, spacing, seed, kind: str, lungs: np.ndarray | None = None,
+            background: list | None = None) -> Extent:
+    """The region of ``kind`` at voxel ``seed`` of the HU array ``hu`` (z, y, x; ``spacing`` mm in that order).
+    ``lungs``: the aerated lungs (bool, same grid; default: found by HU around the point) for the territory,
+    the lung's level and the share limit; ``background``: voxels the region must not reach. Raises :class:`NoExtent`."""
+    if method_of(kind, 3) is None:
+        raise NoExtent(f"no image method for {kind!r} on CT")
+    spacing = tuple(float(s) for s in spacing)
+    hi = limits_mm(kind)[1]
+    box = _box(hu.shape, seed, [int(np.ceil(SEARCH * hi / s)) + 2 for s in spacing])
+    smooth = np.zeros(hu.shape, np.float32)  # only the box is looked at
+    smooth[box] = ndimage.gaussian_filter(np.asarray(hu[box], np.float32), [0.6 * min(spacing) / s for s in spacing])
+    aerated = np.zeros(hu.shape, bool)
+    aerated[box] = aerated_lung(smooth[box]) if lungs is None else lungs[box] & (smooth[box] < -600)
+    levels = smooth[box][aerated[box]]
+    lung_level = float(np.median(levels)) if levels.size > 20 else LUNG_HU
+    terr = None
+    if method_of(kind, 3) != "air":
+        terr = np.zeros(hu.shape, bool)
+        terr[box] = territory(aerated[box])
+    # the share limit: of the lungs given, else of the aerated lung in the box when the box is the kind's
+    # (airspace, fluid: a whole chest); a focal region is held by its diameter
+    lungs_size = float(lungs.sum()) if lungs is not None else (np.inf if kind in FOCAL else float(aerated.sum()))
+    return grow(smooth, spacing, seed, kind, lung_level, MIN_CONTRAST_HU, terr, background, lungs_size, " HU")
+
+
+def aerated_lung(hu: np.ndarray) -> np.ndarray:
+    """Aerated lung by HU (-990..-400; the air outside the body and in the airways' lumen is darker than
+    lung only in part, so thin bridges are opened in-plane)."""
+    return ndimage.binary_opening((hu < -400) & (hu > -990), structure=np.ones((1, 3, 3), bool))
+
+
+FOCAL_REACH = 2.0  # CT: a focal region reaches at most this many of its inscribed radius from its centre
+
+
+def _reach(region: np.ndarray, seed, spacing) -> np.ndarray:
+    """bool: the ball around the focal region's centre that it may fill. The centre is found by climbing the
+    region's inside distance from the seed to its local top (a lesion's centre; a click on its edge climbs
+    inward), the radius is :data:`FOCAL_REACH` times the depth there: a nodule against the heart, the
+    diaphragm or a vessel reaches as far as its own size says, not along what it touches."""
+    depth = ndimage.distance_transform_edt(region, sampling=spacing)
+    p = tuple(int(i) for i in seed)
+    for _ in range(50):
+        r = max(float(depth[p]), max(spacing))
+        win = _box(region.shape, p, [int(np.ceil(r / s)) for s in spacing])
+        k = np.unravel_index(int(np.argmax(depth[win])), depth[win].shape)
+        q = tuple(int(w.start + i) for w, i in zip(win, k))
+        if depth[q] <= depth[p]:
+            break
+        p = q
+    grids = np.ogrid[tuple(slice(0, n) for n in region.shape)]
+    d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grids, p, spacing))
+    return d2 <= (FOCAL_REACH * max(float(depth[p]), max(spacing))) ** 2
+
+
+def _nearer_to_seed(shape, seed, others, spacing) -> np.ndarray:
+    """bool: voxels at least as near (mm) to ``seed`` as to any of ``others`` (the background clicks)."""
+    grids = np.meshgrid(*[np.arange(n, dtype=np.float32) * s for n, s in zip(shape, spacing)], indexing="ij")
+
+    def dist2(p):
+        return sum((g - c * s) ** 2 for g, c, s in zip(grids, p, spacing))
+
+    own = dist2(seed)
+    keep = np.ones(shape, bool)
+    for q in others:
+        keep &= own <= dist2(q)
+    return keep
+
+
+# --------------------------------------------------------------------------------------- radiographs
+
+
+def noise_level(pixels: np.ndarray) -> float:
+    """Pixel noise of a film: the median absolute deviation of its finest detail, as a standard deviation."""
+    a = np.asarray(pixels, np.float32)
+    fine = a - ndimage.uniform_filter(a, 3)
+    return max(1.4826 * float(np.median(np.abs(fine - np.median(fine)))), 1e-3)
+
+
+def grow_radiograph(pixels: np.ndarray, spacing, seed, kind: str, fields=None,
+                    background: list | None = None, search_mm: float = 0.0, cap_mm: float | None = None) -> Extent:
+    """The region of ``kind`` at pixel ``seed`` (row, col) of a film (bright = dense; ``spacing`` mm per row
+    and column). ``fields``: the lung fields (:class:`anatomy.LungFields`) for the territory, the lung's level and the share
+    limit; ``search_mm``: the point may move this far to the densest spot near it (a click on a lesion's
+    edge, an attention peak beside it); ``cap_mm``: the region reaches no farther from the seed. Raises
+    :class:`NoExtent`."""
+    if method_of(kind, 2) is None:
+        raise NoExtent(f"no image method for {kind!r} on a radiograph")
+    spacing = tuple(float(s) for s in spacing)
+    film = ndimage.gaussian_filter(np.asarray(pixels, np.float32), 1.0)
+    if search_mm > 0:
+        win = _box(film.shape, seed, [max(1, int(round(search_mm / s))) for s in spacing])
+        k = np.unravel_index(int(np.argmax(film[win])), film[win].shape)
+        seed = tuple(int(w.start + i) for w, i in zip(win, k))
+    hi = limits_mm(kind)[1]
+    box = _box(film.shape, seed, [int(np.ceil(SEARCH * hi / s)) + 2 for s in spacing])
+    terr, lungs_size = None, np.inf
+    if fields is not None and (terr := film_territory(fields.right, fields.left)) is not None:
+        aerated = (fields.right if fields.right is not None else False) | (fields.left if fields.left is not None else False)
+        lungs_size = float(aerated.sum())
+        dark = film[box][aerated[box]]
+    else:
+        dark = film[box][film[box] <= np.percentile(film[box], 30)]
+    if dark.size == 0:
+        dark = film[box][film[box] <= np.percentile(film[box], 30)]
+    lung_level = float(np.median(dark)) if dark.size else float(film.min())
+    if cap_mm is not None:
+        rows, cols = np.ogrid[: film.shape[0], : film.shape[1]]
+        disc = ((rows - seed[0]) * spacing[0]) ** 2 + ((cols - seed[1]) * spacing[1]) ** 2 <= cap_mm**2
+        terr = disc if terr is None else terr & disc
+    return grow(film, spacing, seed, kind, lung_level, MIN_CONTRAST_NOISE * noise_level(pixels), terr, background,
+                lungs_size)
+
+
+# ---------------------------------------------------------------------- attention says where: the seed
+
+SEARCH_LEVEL = 0.3  # the attention's region searched for the finding: its gated map at >= this of its peak
+
+
+def _search_region(heat: np.ndarray) -> np.ndarray:
+    """Where attention points: the connected region around the gated map's peak at SEARCH_LEVEL."""
+    from .maps import peak_region
+
+    return peak_region(heat, SEARCH_LEVEL)
+
+
+BLOB_SCALES_MM = (2.0, 4.0, 8.0, 16.0, 32.0, 64.0)  # radii of the blobs looked for (radius = 1.4 sigma)
+BLOB_REACH = 2.0  # a film's region reaches at most this many of its blob's radius from the seed
+
+
+def blobs(pixels: np.ndarray, spacing, kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """(strength, radius_mm) per pixel: how much each pixel is the centre of a bright blob (the
+    scale-normalised negative Laplacian of Gaussian, the largest over the radii up to half the kind's
+    size) and the radius it is strongest at. A lesion is a blob; a rib's or the heart's edge is an edge."""
+    a = np.asarray(pixels, np.float32)
+    top = limits_mm(kind)[1] / 2
+    strength = np.full(a.shape, -np.inf, np.float32)
+    radius = np.zeros(a.shape, np.float32)
+    for r in [r for r in BLOB_SCALES_MM if r <= top] or [BLOB_SCALES_MM[0]]:
+        sigma = [r / 1.4 / s for s in spacing]
+        if max(sigma) * 4 > max(a.shape):
+            break
+        response = -ndimage.gaussian_laplace(a, sigma) * float(np.mean(sigma) ** 2)
+        better = response > strength
+        strength[better], radius[better] = response[better], r
+    return strength, radius
+
+
+def find_on_radiograph(pixels: np.ndarray, spacing, heat: np.ndarray, kind: str, fields=None) -> Extent:
+    """A finding's extent on a film from its gated attention map ``heat``. Attention says where: of the
+    bright blobs (:func:`blobs`, local maxima at least half as strong as the strongest) in the region
+    attention points at, inside the lungs' territory, the one nearest the attention's peak is the seed.
+    The image says how far: the kind's rule from that seed (:func:`grow_radiograph`), no farther than
+    :data:`BLOB_REACH` times the blob's radius (a lesion against the heart does not take the heart).
+    Raises :class:`NoExtent` with the reason."""
+    if method_of(kind, 2) is None:
+        raise NoExtent(f"no image method for {kind!r} on a radiograph")
+    search = _search_region(heat)
+    terr = film_territory(fields.right, fields.left) if fields is not None else None
+    if terr is not None:
+        search &= terr
+    if not search.any():
+        raise NoExtent("attention points outside the lungs")
+    strength, radius = blobs(pixels, spacing, kind)
+    peaks = search & (strength == ndimage.maximum_filter(strength, size=3)) & (strength > 0)
+    if peaks.any():
+        peaks &= strength >= 0.5 * strength[peaks].max()
+    if not peaks.any():
+        raise NoExtent("no bright blob where attention points")
+    at = np.array(np.unravel_index(int(np.argmax(np.where(search, heat, -np.inf))), heat.shape), float)
+    candidates = np.argwhere(peaks)
+    seed = tuple(int(i) for i in candidates[int(np.argmin((((candidates - at) * spacing) ** 2).sum(axis=1)))])
+    cap = None if method_of(kind, 2) == "fluid" else BLOB_REACH * float(radius[seed])
+    return grow_radiograph(pixels, spacing, seed, kind, fields, cap_mm=cap)
+
+
+CANDIDATES = 3  # CT: dense regions tried where attention points, most attended first
+
+
+def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str) -> Extent:
+    """A finding's extent in a CT from its gated attention map ``heat`` (display grid): of the dense regions
+    (above -500 HU, smoothed) in the region attention points at, the most attended one that the kind's rule
+    (:func:`grow_ct`, from its deepest voxel) accepts as a ``kind`` (a mass beside a nodule is not the
+    nodule). Raises :class:`NoExtent` with the first candidate's reason."""
+    if method_of(kind, 3) is None:
+        raise NoExtent(f"no image method for {kind!r} on CT")
+    search = _search_region(heat)
+    if not search.any():
+        raise NoExtent("attention gives no region")
+    box = ndimage.find_objects(search.astype(np.uint8))[0]
+    sub = ndimage.gaussian_filter(np.asarray(hu[box], np.float32), [0.6 * min(spacing) / s for s in spacing])
+    if method_of(kind, 3) == "air":
+        dense = sub < -950
+    elif method_of(kind, 3) == "fluid":
+        dense = (sub >= -20) & (sub <= 60)
+    else:
+        dense = sub >= -500
+    dense &= search[box]
+    if method_of(kind, 3) in ("focal", "airspace"):
+        dense &= territory(aerated_lung(sub))
+    labels, n = ndimage.label(dense)
+    if n == 0:
+        raise NoExtent("no region of its density where attention points")
+    weight = ndimage.sum_labels(heat[box], labels, index=np.arange(1, n + 1))
+    failed = None
+    for lab in np.argsort(weight)[::-1][:CANDIDATES]:  # the most attended first; the first that is a `kind`
+        part = labels == int(lab) + 1
+        depth = ndimage.distance_transform_edt(part, sampling=spacing)
+        local = np.unravel_index(int(np.argmax(depth)), part.shape)
+        seed = tuple(int(i + b.start) for i, b in zip(local, box))
+        try:
+            return grow_ct(hu, spacing, seed, kind)
+        except NoExtent as e:
+            failed = failed or e
+    raise failed

@@ -1,0 +1,198 @@
+"""The image says how far (grounding/extent.py): regions grown from a point, per kind, in millimetres,
+on phantoms with exact lesions, on synthetic shapes with a known answer and on a real CT with four
+radiologists' outlines (LIDC-IDRI-0001)."""
+
+from __future__ import annotations
+
+import glob
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from conftest import shared
+from monailabel_app.ct_phantoms import make_ct_phantom
+from monailabel_app.grounding import extent
+from monailabel_app.grounding.anatomy import xray_lung_fields
+from monailabel_app.jobs.evaluation import dice
+from monailabel_app.jobs.lidc import read_outlines, series_uids
+from monailabel_app.phantoms import make_phantom
+from monailabel_app.study import load_study
+
+LIDC = shared("ct", "lidc", "LIDC-IDRI-0001")
+
+
+def _ball_volume(shape=(40, 80, 80), spacing=(2.0, 1.0, 1.0)):
+    """Aerated lung (-850 HU with noise) in a body; returns (hu, spacing, helper to add balls)."""
+    rng = np.random.default_rng(0)
+    hu = np.full(shape, -850.0, np.float32) + rng.normal(0, 20, shape).astype(np.float32)
+    grids = np.ogrid[tuple(slice(0, n) for n in shape)]
+
+    def ball(centre, radius_mm, value=30.0):
+        d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grids, centre, spacing))
+        m = d2 <= radius_mm**2
+        hu[m] = value
+        return m
+
+    return hu, spacing, ball
+
+
+def test_a_ct_nodule_from_its_centre_is_the_nodule_on_phantoms():
+    scores = []
+    for seed in range(6):
+        ph = make_ct_phantom(seed)
+        for les in ph.lesions:
+            e = extent.grow_ct(ph.hu.astype(np.float32), ph.spacing[::-1], les.center, les.kind)
+            assert e.mask[les.center] and e.mask.sum() > 1
+            scores.append(dice(e.mask, les.mask))
+            assert e.diameter_mm == pytest.approx(2 * les.radius_mm, rel=0.35)
+    assert np.mean(scores) >= 0.85, scores
+
+
+def test_a_nodule_touching_the_chest_wall_and_a_vessel_is_cut_off_from_them():
+    hu, spacing, ball = _ball_volume()
+    hu[:, :, :12] = 40.0  # the chest wall
+    nodule = ball((20, 40, 20), 9.0)  # reaches into the wall
+    nodule &= ~(np.arange(80)[None, None, :] < 12)
+    vessel = np.zeros(hu.shape, bool)
+    vessel[:, 39:42, 20:60] = True  # a 3-mm vessel from the nodule into the lung
+    hu[vessel] = 40.0
+    e = extent.grow_ct(hu, spacing, (20, 40, 20), "nodule")
+    assert not e.mask[:, :, :11].any(), "the chest wall is not the nodule"
+    assert e.mask[:, 40, 45:].sum() == 0, "the vessel beyond the nodule is cut off"
+    assert dice(e.mask, nodule) >= 0.85
+
+
+def test_the_kinds_limits_in_millimetres():
+    hu, spacing, ball = _ball_volume()
+    big = ball((20, 40, 40), 24.0)  # 48 mm across: a mass, not a nodule
+    with pytest.raises(extent.NoExtent, match="larger than a nodule"):
+        extent.grow_ct(hu, spacing, (20, 40, 40), "nodule")
+    assert dice(extent.grow_ct(hu, spacing, (20, 40, 40), "mass").mask, big) >= 0.9
+    hu2, spacing2, ball2 = _ball_volume((40, 40, 40), (0.5, 0.5, 0.5))
+    ball2((20, 20, 20), 1.0)  # 2 mm: under the 3 mm of anything focal
+    with pytest.raises(extent.NoExtent, match="under the 3 mm"):
+        extent.grow_ct(hu2, spacing2, (20, 20, 20), "nodule")
+
+
+def test_no_region_in_open_lung_and_no_method_for_some_kinds():
+    hu, spacing, _ = _ball_volume()
+    with pytest.raises(extent.NoExtent, match="nothing denser than the lung"):
+        extent.grow_ct(hu, spacing, (20, 40, 40), "nodule")
+    with pytest.raises(extent.NoExtent, match="no image method"):
+        extent.grow_ct(hu, spacing, (20, 40, 40), "cardiomegaly")
+
+
+def test_a_background_point_cuts_off_what_lies_nearer_to_it():
+    hu, spacing, ball = _ball_volume()
+    a = ball((20, 40, 30), 7.0)
+    b = ball((20, 40, 42), 7.0)  # merging with the first
+    both = extent.grow_ct(hu, spacing, (20, 40, 30), "nodule")
+    assert (both.mask & b).sum() > 0.5 * b.sum()
+    one = extent.grow_ct(hu, spacing, (20, 40, 30), "nodule", background=[(20, 40, 42)])
+    assert dice(one.mask, a) >= 0.85 and (one.mask & b).sum() < 0.1 * b.sum()
+
+
+def test_effusion_and_pneumothorax_on_ct_by_their_densities():
+    hu, spacing, _ = _ball_volume()
+    fluid = np.zeros(hu.shape, bool)
+    fluid[:, 60:, 10:70] = True  # dependent fluid at the back
+    hu[fluid] = 15.0
+    e = extent.grow_ct(hu, spacing, (20, 70, 40), "effusion")
+    assert dice(e.mask, fluid) >= 0.8
+    hu2, _, _ = _ball_volume()
+    air = np.zeros(hu2.shape, bool)
+    air[:, 5:20, 10:70] = True
+    hu2[air] = -1000.0
+    assert dice(extent.grow_ct(hu2, spacing, (20, 12, 40), "pneumothorax").mask, air) >= 0.8
+
+
+def test_radiograph_lesions_from_their_centres_on_phantoms():
+    scores = {}
+    for seed in range(40):
+        ph = make_phantom(seed)
+        fields = xray_lung_fields(ph.image)
+        for les in ph.lesions:
+            try:
+                e = extent.grow_radiograph(ph.image, (1.6, 1.6), les.center, les.kind, fields, search_mm=5)
+                scores.setdefault(les.kind, []).append(dice(e.mask, les.mask))
+            except extent.NoExtent:  # said, and counted as a miss
+                scores.setdefault(les.kind, []).append(0.0)
+    means = {k: float(np.mean(v)) for k, v in scores.items()}
+    assert means["nodule"] >= 0.85 and means["opacity"] >= 0.7 and means["effusion"] >= 0.7, means
+
+
+@pytest.fixture(scope="module")
+def lidc():
+    series = glob.glob(f"{LIDC}/1*/1*")[0]
+    volume = load_study(series, "auto")
+    outlines = [o for o in read_outlines(f"{LIDC}/annotations/69.xml", series_uids(series), volume.geometry.shape)
+                if o.voxels > 100]
+    return volume, outlines
+
+
+def test_lidc_xml_outlines_are_the_published_reader_masks(lidc):
+    """The XML read here (filled polygons with their edge, holes taken out, slices by SOP UID) gives the same
+    voxels as the NIfTI masks derived from it for the shared data."""
+    volume, outlines = lidc
+    assert len(outlines) == 4 and {o.reader for o in outlines} == {0, 1, 2, 3}
+    for o in outlines:
+        ref = sitk.GetArrayFromImage(sitk.ReadImage(f"{LIDC}/annotations/nodules_reader{o.reader}.nii.gz")) > 0
+        assert dice(o.mask, ref) == 1.0
+
+
+def test_lidc_nodule_from_points_inside_matches_the_radiologists(lidc):
+    """From the centre and from points well inside each reader's outline: the mask's Dice against every
+    reader's outline (median >= 0.7, as readers agree with each other), never one voxel, never a lung."""
+    volume, outlines = lidc
+    masks = [volume.orientation.to_display(o.mask) for o in outlines]
+    readers = [dice(a, b) for i, a in enumerate(masks) for b in masks[i + 1 :]]
+    lungs = extent.aerated_lung(volume.hu)
+    rng = np.random.default_rng(1)
+    scores = []
+    for m in masks:
+        depth = ndimage.distance_transform_edt(m, sampling=volume.spacing)
+        inside = np.argwhere(depth >= 3.0)
+        points = [np.unravel_index(int(np.argmax(depth)), m.shape)] + [tuple(p) for p in inside[rng.choice(len(inside), 2)]]
+        for p in points:
+            e = extent.grow_ct(volume.hu, volume.spacing, tuple(int(i) for i in p), "nodule")
+            assert 100 < e.mask.sum() < 0.2 * lungs.sum()
+            assert 20 <= e.diameter_mm <= 35
+            scores += [dice(e.mask, r) for r in masks]
+    assert np.median(scores) >= 0.7, (np.median(scores), np.median(readers))
+
+
+def test_film_spacing_is_the_files_or_an_assumed_detector():
+    from monailabel_app.xray import ASSUMED_FILM_MM, load_radiograph, pixel_spacing_mm
+
+    png = load_radiograph(shared("cxr", "nih", "00000001_000.png"))
+    (row, col), known = pixel_spacing_mm(png)
+    assert not known and row == col == pytest.approx(ASSUMED_FILM_MM / max(png.pixels.shape))
+    siim = glob.glob(shared("cxr", "siim") + "/*.dcm")[0]
+    assert pixel_spacing_mm(load_radiograph(siim)) == ((0.168, 0.168), True)  # its PixelSpacing
+    zero = load_radiograph(shared("cxr", "dicom", "RG1_UNCR.dcm"))  # PixelSpacing 0\0: none given
+    assert pixel_spacing_mm(zero) == ((ASSUMED_FILM_MM / 1955,) * 2, False)
+
+
+def test_a_reading_takes_its_masks_extent_from_the_image(reader, monkeypatch):
+    """Through the reader (the model made to say the phantom's own findings): each finding's mask is the
+    lesion's outline from the image, said so with its measured size; switched off it is the attention's."""
+    from monailabel_app.ct_phantoms import phantom_volume
+    from monailabel_app.xray import Geometry, Radiograph
+
+    ph = make_ct_phantom(3)
+    reading = reader.read(phantom_volume(ph), answer=ph.report)
+    for k, (f, les) in enumerate(zip(reading.findings_json(), ph.lesions), start=1):
+        assert f["extent"] == "image" and f["measured"]["method"] == "focal", f
+        assert dice(reading.labels == k, les.mask) >= 0.8
+        assert f["measured"]["diameter_mm"] == pytest.approx(2 * les.radius_mm, rel=0.35)
+    film = make_phantom(5)
+    xr = reader.read(Radiograph(film.image, Geometry.plain(*film.image.shape)), answer=film.report)
+    f = xr.findings_json()[0]
+    assert f["extent"] == "image" and "assumed" in f["measured"]["spacing"]
+    assert dice(xr.labels == 1, film.lesions[0].mask) >= 0.7
+    monkeypatch.setitem(reader.info.grounding["ct"], "extent", "attention")
+    off = reader.read(phantom_volume(ph), answer=ph.report)
+    assert all(f["extent"] == "attention" and "switched off" in f["extent_reason"] for f in off.findings_json())
+    assert dice(off.labels == 1, ph.lesions[0].mask) < dice(reading.labels == 1, ph.lesions[0].mask)

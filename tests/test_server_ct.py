@@ -227,6 +227,7 @@ def test_click_to_correct_through_the_slicer_modules_client(server, studies, tmp
     f1 = fixed.raw["findings"][0]
     assert f1["extent"] == "image" and f1["placed_by"] == "point" and f1["measured"]["point"] == ijk_of(les)
     assert fixed.report == first.report and "correct" in fixed.raw["latencies"]
+    assert fixed.findings[0].diameter_mm == f1["measured"]["diameter_mm"] > 10  # what the module lists
     n = len(first.findings)
     added = mg.correct("ct_side_ras", [ijk_of(ph.lesions[-1])], kind="mass")
     assert len(added.findings) == n + 1 and added.label_names[added.findings[-1].name] == n + 1

@@ -191,3 +191,18 @@ def test_a_sessions_view_is_built_once_per_reading(reading):
     session.turns.append(("again", reading.__class__(**{**reading.__dict__})))
     session.current = 1
     assert session.view() is not view and session.view().names == view.names
+
+
+def test_a_findings_line_says_its_measured_diameter_in_the_readings_language():
+    from types import SimpleNamespace
+
+    from monailabel_app.language.findings import Finding
+    from monailabel_app.web.page import finding_line
+
+    findings = [Finding(kind="nodule", text="右肺上叶结节。"), Finding(kind="cardiomegaly", text="心影增大。")]
+    extras = [{"extent": "image", "measured": {"diameter_mm": 17.6}}, {"extent": "attention"}]
+    zh = SimpleNamespace(findings=findings, extras=extras, language="zh")
+    assert finding_line(zh, 1) == "1. 右肺上叶结节。（图像测量最大径 18 mm）"
+    assert finding_line(zh, 2) == "2. 心影增大。"  # no outline from the image: no size claimed
+    en = SimpleNamespace(findings=findings, extras=extras, language="en")
+    assert finding_line(en, 1).endswith("(longest diameter measured in the image: 18 mm)")

@@ -48,6 +48,16 @@ KEPT_TURNS = 6  # readings kept per browser session (each turn's masks can be sh
 UPLOAD_TYPES = [".png", ".jpg", ".jpeg", ".dcm", ".zip", ".nii", ".gz", ".nrrd", ".mha", ".bmp", ".tif", ".tiff"]
 
 
+def finding_line(reading, k: int) -> str:
+    """Finding ``k`` as listed: its words, and the longest diameter when its outline came from the image
+    (in the reading's language)."""
+    line = f"{k}. {reading.findings[k - 1].text}"
+    measured = (reading.extras[k - 1] if k <= len(reading.extras) else {}).get("measured")
+    if measured:
+        line += texts.text(reading.language, "measured", d=f"{measured['diameter_mm']:.0f}")
+    return line
+
+
 @dataclass
 class Session:
     """One browser session's study, conversation and readings (Gradio keeps one per session)."""
@@ -163,7 +173,7 @@ class ReadingPage:
         for question, reading in session.turns:
             messages.append({"role": "user", "content": question or reading.question})
             lines = [reading.report]
-            lines += [f"{k}. {f.text}" for k, f in enumerate(reading.findings, start=1)]
+            lines += [finding_line(reading, k) for k in range(1, len(reading.findings) + 1)]
             messages.append({"role": "assistant", "content": "\n\n".join(lines)})
         return messages
 
@@ -171,7 +181,7 @@ class ReadingPage:
         reading, view = session.reading(), session.view()
         ct = view.modality == "ct"
         z = view.strongest[0] if ct and view.strongest else view.slices // 2
-        names = [(f"{k}. {f.text}", k) for k, f in enumerate(reading.findings, start=1)]
+        names = [(finding_line(reading, k), k) for k in range(1, len(reading.findings) + 1)]
         report = reading.result_json()["structured_report"]["text"]
         status = texts.text(lang, "read_in", n=session.done, seconds=seconds) + " " + texts.text(lang, "findings_n", n=len(view.names))
         turns = [(f"{i + 1}", i) for i in range(len(session.turns))]

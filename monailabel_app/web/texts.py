@@ -61,6 +61,7 @@ TEXTS = {
     "no_question": ("请输入问题。", "Type a question."),
     "read_in": ("第 {n} 次阅片完成，用时 {seconds:.1f} 秒。", "Reading {n} done in {seconds:.1f} s."),
     "findings_n": ("发现 {n} 处病灶。", "{n} finding(s)."),
+    "measured": ("（图像测量最大径 {d} mm）", " (longest diameter measured in the image: {d} mm)"),
     "sr_needs_dicom": ("DICOM SR 需要 DICOM 影像（上传的是 {kind}）。",
                        "A DICOM SR needs a DICOM study (this one is {kind})."),
     "stored_pacs": ("已存入 PACS：{uids}", "Stored on the PACS: {uids}"),

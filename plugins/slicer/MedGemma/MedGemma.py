@@ -223,7 +223,8 @@ class MedGemmaWidget(ScriptedLoadableModuleWidget):
     def _list(self, result):
         self.findings.clear()
         for f in result.findings:
-            self.findings.addItem(f"{f.label}. {f.name}: {f.text}")
+            size = f" ({f.diameter_mm:.0f} mm)" if f.diameter_mm else ""
+            self.findings.addItem(f"{f.label}. {f.name}: {f.text}{size}")
 
     def onFindingClicked(self, item):
         label = int(item.text().split(".", 1)[0])

@@ -51,6 +51,7 @@ class Finding:
     strongest_slice: int | None  # CT: the input's slice index with the strongest map
     world_z_mm: float | None  # CT: that slice's patient z
     peak: list[int]  # array index of the gated map's peak (numpy order of the label file)
+    diameter_mm: float | None = None  # longest diameter, when the mask's outline came from the image
 
 
 @dataclass
@@ -75,6 +76,7 @@ class ReadingResult:
                 label=int(f["label"]), name=f["name"], text=f.get("text", ""), side=f.get("side", ""),
                 strongest_slice=strongest.get("index"), world_z_mm=strongest.get("world_z_mm"),
                 peak=list(f.get("peak_voxel") or f.get("peak_pixel") or []),
+                diameter_mm=(f.get("measured") or {}).get("diameter_mm"),
             ))
         return cls(report=result.get("report", ""), findings=findings, label_names=dict(result.get("label_names", {})),
                    modality=result.get("modality", ""), label_file=label_file,

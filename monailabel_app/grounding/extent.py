@@ -45,6 +45,7 @@ LIMITS_MM = {"nodule": (3.0, 35.0), "mass": (20.0, 200.0), "lesion": (3.0, 200.0
              "cavity": (5.0, 150.0), "lymphadenopathy": (5.0, 80.0)}
 AIRSPACE_MM = (5.0, 250.0)
 FLUID_MM = (5.0, 400.0)
+MAX_BOX_VOXELS = 2_000_000  # CT: a larger search box (a mass on a 512-pixel grid) is looked at on coarser planes
 SEARCH = 1.5  # the region is looked at within this many of the kind's largest diameter around the point
 MAX_LUNG_SHARE = 0.6  # of the lungs (CT) / lung fields (radiograph): "the size of a lung" is never a finding's extent
 LUNG_HU = -850.0  # aerated lung when the image gives no lung around the point
@@ -265,6 +266,21 @@ def grow_ct(hu: np.ndarray, spacing, seed, kind: str, lungs: np.ndarray | None =
     spacing = tuple(float(s) for s in spacing)
     hi = limits_mm(kind)[1]
     box = _box(hu.shape, seed, [int(np.ceil(SEARCH * hi / s)) + 2 for s in spacing])
+    size = int(np.prod([b.stop - b.start for b in box]))
+    if size > MAX_BOX_VOXELS and lungs is None and not background:  # a large kind on a fine grid: coarser planes
+        step = int(np.ceil(np.sqrt(size / MAX_BOX_VOXELS)))
+        sub = np.asarray(hu[box], np.float32)
+        rows, cols = (sub.shape[1] // step) * step, (sub.shape[2] // step) * step
+        small = sub[:, :rows, :cols].reshape(sub.shape[0], rows // step, step, cols // step, step).mean(axis=(2, 4))
+        local = (seed[0] - box[0].start, min((seed[1] - box[1].start) // step, small.shape[1] - 1),
+                 min((seed[2] - box[2].start) // step, small.shape[2] - 1))
+        found = grow_ct(small, (spacing[0], spacing[1] * step, spacing[2] * step), local, kind)
+        mask = np.zeros(hu.shape, bool)
+        big = np.repeat(np.repeat(found.mask, step, axis=1), step, axis=2)
+        region = mask[box]
+        region[:, :rows, :cols] = big
+        mask[box] = region
+        return Extent(mask, found.diameter_mm, found.size_mm, tuple(int(s) for s in seed), found.method)
     smooth = np.zeros(hu.shape, np.float32)  # only the box is looked at
     smooth[box] = ndimage.gaussian_filter(np.asarray(hu[box], np.float32), [0.6 * min(spacing) / s for s in spacing])
     aerated = np.zeros(hu.shape, bool)

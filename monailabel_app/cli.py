@@ -202,7 +202,7 @@ def _read_main(argv) -> int:
 
 def _placed(study, args, base):
     """The reading with the finding grown from ``--point`` / ``--point-mm`` (:mod:`correction`)."""
-    from .correction import correct, index_of_mm, parse_points
+    from .correction import correct, index_of_mm, input_shape, parse_points
     from .errors import InputError
 
     def triples(values, option):
@@ -214,7 +214,7 @@ def _placed(study, args, base):
                 raise InputError(f"{option} takes numbers separated by commas, got {v!r}") from None
         return out
 
-    shape = study.geometry.shape if not hasattr(study, "pixels") else study.pixels.shape
+    shape = input_shape(study)
     ijk = triples(args.point, "--point") + [index_of_mm(study.geometry, p, "--point-mm")
                                             for p in triples(args.point_mm, "--point-mm")]
     if not args.kind and not args.finding:

@@ -38,6 +38,11 @@ def check_kind(kind) -> str:
     return kind.strip().lower()
 
 
+def input_shape(study) -> tuple[int, ...]:
+    """The array shape points index: a radiograph's pixels (rows, cols), a CT's stored array."""
+    return study.pixels.shape if isinstance(study, Radiograph) else study.geometry.shape
+
+
 def parse_points(value, name: str, shape: tuple[int, ...]) -> list[tuple[int, ...]]:
     """``[[i, j, k], ...]`` (or one ``[i, j, k]``; ITK order, as Slicer sends) -> array indices in numpy
     order of an input of ``shape``, each checked to lie inside it. InputError says what was wrong."""

@@ -407,7 +407,6 @@ class Reader:
                 radiograph.pixels, spacing, m, f.kind, fields), lambda p: [int(p[1]), int(p[0]), 0], side)
             if info["extent"] == "image" and not known:
                 info["measured"]["spacing"] = ASSUMED_SPACING
-
             regions.append(region)
             extras.append(info)
         labels = maps.assign(regions, mask_maps) if regions else np.zeros(radiograph.pixels.shape, np.uint8)

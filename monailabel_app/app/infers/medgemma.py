@@ -130,7 +130,7 @@ class MedGemmaInfer(InferTask):
         with self._last_lock:
             base = self._last.get(image)
         study = base.study if base is not None else load_study(image, modality, self.reader.limits)
-        shape = study.pixels.shape if hasattr(study, "pixels") else study.geometry.shape
+        shape = correction.input_shape(study)
         reading = correction.correct(study, request.get("kind"),
                                      correction.parse_points(request.get("foreground"), "foreground", shape),
                                      correction.parse_points(request.get("background"), "background", shape),

@@ -14,6 +14,8 @@
     medgemma-label batch -i DIR|DICOMWEB_URL -o OUTDIR [--engine local|ray] [--address ADDR] [--workers N]
     medgemma-label lowdose -i CT [CT ...] -o OUTDIR [--doses 1.0,0.5,0.25,0.1] [--precisions fp32,bf16]
     medgemma-label findings [--text TEXT | -f FILE | < FILE] [--language auto|zh|en]
+    medgemma-label study --data phantoms|DIR --out OUTDIR [--model M] [--precisions fp32,bf16,fp16,int8,int4]
+                   [--dose 0.2] [--language zh|en] [--xray 100] [--ct 30]   (precision, multi-turn, low-dose tables)
 
 STUDY is a radiograph (PNG/JPEG, DICOM CR/DX, a one-plane NIfTI/NRRD) or a CT volume (NIfTI/NRRD/MHA,
 a DICOM series folder or .zip, an enhanced multi-frame or single-slice CT DICOM); the kind is decided
@@ -397,6 +399,39 @@ def _lowdose_main(argv) -> int:
     return 0
 
 
+def _study_main(argv) -> int:
+    from .jobs import studies
+
+    ap = argparse.ArgumentParser(prog="medgemma-label study", description=studies.__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data", default="phantoms", help="phantoms (default) or a folder of studies with references")
+    ap.add_argument("--out", "-o", required=True, help="output folder (a run into it again continues it)")
+    ap.add_argument("--model", default=None, help="Hugging Face id or local folder (default: embedded phantom model)")
+    ap.add_argument("--precisions", default="fp32,bf16", help="comma-separated: fp32, bf16, fp16, int8, int4")
+    ap.add_argument("--dose", type=float, default=0.2, help="CT dose fraction to simulate (1 or 0: no low-dose table)")
+    ap.add_argument("--language", choices=("zh", "en"), default="zh", help="of the questions and answers")
+    ap.add_argument("--xray", type=int, default=100, help="phantoms: radiograph phantoms (held-out seeds 0..N-1)")
+    ap.add_argument("--ct", type=int, default=30, help="phantoms: CT phantoms (held-out seeds 0..N-1)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+
+    def work():
+        return studies.run(args.data, args.out, args.model, args.precisions, args.dose, args.language, args.xray,
+                           args.ct, args.device, args.max_new_tokens, progress=not args.no_progress)
+
+    result, status = _guarded(work)
+    if status:
+        return status
+    with open(os.path.join(args.out, "report.md"), encoding="utf-8") as f:
+        print(f.read())
+    failed = sum(r.get("status") == "failed" for r in result)
+    print(f"wrote report.md, localisation.csv, multi_turn.csv, low_dose.csv and the plots in {args.out}"
+          + (f"; {failed} units failed (manifest.jsonl)" if failed else ""))
+    return 1 if failed else 0
+
+
 DEFAULT_HOME = os.path.join(os.path.expanduser("~"), ".cache", "monailabel-medgemma")
 
 
@@ -521,6 +556,8 @@ def main(argv=None) -> int:
         return _lowdose_main(argv[1:])
     if argv and argv[0] == "batch":
         return _batch_main(argv[1:])
+    if argv and argv[0] == "study":
+        return _study_main(argv[1:])
     if argv and argv[0] == "phantom":
         return _phantom_main(argv[1:])
     if argv and argv[0] == "calibrate":

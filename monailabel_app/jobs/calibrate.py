@@ -28,9 +28,7 @@ References:
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import glob
 import itertools
 import json
 import os
@@ -74,40 +72,16 @@ def phantom_references(count: int, ct: bool = False) -> list[Reference]:
 
 def box_references(folder: str) -> list[Reference]:
     """Radiographs in ``folder`` with boxes from ``boxes.csv`` or a COCO JSON (see the module docstring)."""
-    from ..errors import InputError
     from ..study import load_study
+    from .references import box_mask, read_boxes
 
-    boxes: dict[str, list] = {}
-    table = os.path.join(folder, "boxes.csv")
-    if os.path.isfile(table):
-        with open(table, newline="") as f:
-            for i, row in enumerate(csv.DictReader(f), start=2):
-                try:
-                    box = [float(row[k]) for k in ("y0", "x0", "y1", "x1")]
-                except (KeyError, TypeError, ValueError):
-                    raise InputError(f"{table} line {i}: needs image,y0,x0,y1,x1 numbers (pixels)") from None
-                boxes.setdefault(row["image"], []).append((box, row.get("finding") or ""))
-    else:
-        for path in sorted(glob.glob(os.path.join(folder, "*.json"))):
-            with open(path) as f:
-                coco = json.load(f)
-            if not {"images", "annotations"} <= set(coco):
-                continue
-            files = {im["id"]: im["file_name"] for im in coco["images"]}
-            cats = {c["id"]: c.get("name", "") for c in coco.get("categories", [])}
-            for a in coco["annotations"]:
-                x, y, w, h = a["bbox"]
-                boxes.setdefault(files[a["image_id"]], []).append(([y, x, y + h, x + w], cats.get(a.get("category_id"), "")))
-    if not boxes:
-        raise InputError(f"{folder}: no boxes.csv and no COCO JSON with images and annotations")
+    boxes = read_boxes(folder)
     refs = []
     for image, items in sorted(boxes.items()):
         study = load_study(os.path.join(folder, image), "xray")
         masks, places = [], []
-        for (y0, x0, y1, x1), text in items:
-            m = np.zeros(study.pixels.shape, bool)
-            m[max(0, int(np.floor(y0))) : int(np.ceil(y1)), max(0, int(np.floor(x0))) : int(np.ceil(x1))] = True
-            masks.append(m)
+        for box, text in items:
+            masks.append(box_mask(study.pixels.shape, box))
             found = parse_report(text) if text else []
             places.append((found[0].side, found[0].level) if found else None)
         refs.append(Reference(study, masks, places, image))

@@ -174,7 +174,11 @@ def _scan(text: str, start: int, end: int) -> list[_Term]:
             for cat, val in entries:
                 if not kinds_only or cat == "kind":
                     found.setdefault((m.start(), m.end(), cat), _Term(m.start(), m.end(), cat, val))
-    return sorted(found.values(), key=lambda t: (t.start, t.end))
+    # a kind word inside a longer descriptor names no finding ("uniform density" is not an opacity)
+    described = [t for t in found.values() if t.cat == "descriptor"]
+    return sorted((t for t in found.values() if t.cat != "kind" or not any(
+        d.start <= t.start and t.end <= d.end and (d.start, d.end) != (t.start, t.end) for d in described)),
+        key=lambda t: (t.start, t.end))
 
 
 # ---- certainty (ConText) ------------------------------------------------------------------------------

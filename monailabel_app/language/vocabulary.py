@@ -29,7 +29,7 @@ Kinds (the code is what ``Finding.kind`` holds and the DICOM export codes):
 | lymphadenopathy | lymphadenopathy, enlarged lymph nodes | 淋巴结肿大 |
 | fracture | fracture | 骨折 |
 | pleural thickening | pleural thickening | 胸膜增厚 |
-| lesion | lesion, abnormality | 病灶 |
+| lesion | lesion, abnormality | 病灶, 异常 |
 
 Pleural thickening is a finding on its own ("mild left apical pleural thickening") and a descriptor of
 another finding in the same sentence ("...实变影，邻近胸膜轻度增厚").
@@ -84,7 +84,7 @@ KINDS_ZH = {
     "纤维化": "fibrosis", "纤维条索影": "fibrosis", "索条影": "fibrosis", "条索影": "fibrosis",
     "钙化": "calcification", "钙化灶": "calcification", "空洞": "cavity", "支气管扩张": "bronchiectasis",
     "网格影": "interstitial opacity", "间质改变": "interstitial opacity", "淋巴结肿大": "lymphadenopathy",
-    "骨折": "fracture", "胸膜增厚": "pleural thickening", "病灶": "lesion",
+    "骨折": "fracture", "胸膜增厚": "pleural thickening", "病灶": "lesion", "异常": "lesion",
 }
 
 # how a finding looks: the descriptors the seed's reports use (code: English words)
@@ -96,6 +96,10 @@ DESCRIPTORS_EN = {
     "pleural thickening": "pleural thickening", "patchy": "patchy", "solid": "solid", "part-solid": "part-solid",
     "calcified": "calcified", "cavitating": "cavitating", "small": "small", "large": "large", "mild": "mild",
     "moderate": "moderate", "trace": "small", "loculated": "loculated",
+    # how dense: these name no finding ("uniform density" is not an opacity)
+    "uniform density": "homogeneous", "homogeneous density": "homogeneous", "homogeneous": "homogeneous",
+    "heterogeneous density": "heterogeneous", "heterogeneous": "heterogeneous", "soft-tissue density": "soft-tissue density",
+    "soft tissue density": "soft-tissue density", "fluid density": "fluid density", "fat density": "fat density",
 }
 DESCRIPTORS_ZH = {
     "边界欠清": "ill-defined margin", "边界不清": "ill-defined margin", "边缘模糊": "ill-defined margin",
@@ -103,6 +107,8 @@ DESCRIPTORS_ZH = {
     "分叶": "lobulated margin", "支气管充气征": "air bronchogram", "空气支气管征": "air bronchogram",
     "胸膜增厚": "pleural thickening", "胸膜轻度增厚": "pleural thickening", "斑片状": "patchy", "片状": "patchy",
     "实性": "solid", "部分实性": "part-solid", "少量": "small", "大量": "large", "轻度": "mild", "中等量": "moderate",
+    "密度均匀": "homogeneous", "密度不均": "heterogeneous", "密度不均匀": "heterogeneous", "液体密度": "fluid density",
+    "软组织密度": "soft-tissue density", "脂肪密度": "fat density",
 }
 
 # kinds that have no side: a side named before them in the sentence is not theirs

@@ -299,16 +299,35 @@ class Reader:
         images and earlier turns come from the kept context); findings and masks as in a first turn."""
         t0 = time.perf_counter()
         question, max_new_tokens, language = self._params(study, question, max_new_tokens, language)
-        settings = self._settings(study)
-        try:
-            gen = follow_up(self.model, self.processor, conversation, question, recorded_layers(settings),
-                            max_new_tokens, bool(settings.get("rollout")))
-        except ValueError as e:
-            raise InputError(f"this conversation cannot be continued: {e}", status=409) from e
+        gen = self._continue(study, conversation, question, max_new_tokens)
         reading = self.remap(study, gen, max_slices)
         reading.question, reading.language = question, language
         reading.latencies = _latencies(gen, 0.0, time.perf_counter() - t0 - sum(gen.seconds.values()))
         return reading
+
+    def converse(self, study: Radiograph | CTVolume, questions: list[str], max_new_tokens: int = 128,
+                 language: str = "auto") -> list[str]:
+        """The answers (their text, thinking set aside) to ``questions`` asked one after another in one
+        conversation about ``study``: the first with the images, each next as a follow-up. No maps or masks
+        are made: for studies of what a model says over several turns."""
+        settings = self._settings(study)
+        question, n, _ = self._params(study, questions[0], max_new_tokens, language)
+        gen = self._generate([(self._content(study), question)], settings, n, keep=True)[0]
+        answers, conversation = [read_answer(gen.text).text], gen.conversation
+        for q in questions[1:]:
+            question, n, _ = self._params(study, q, max_new_tokens, language)
+            gen = self._continue(study, conversation, question, n)
+            answers.append(read_answer(gen.text).text)
+            conversation = gen.conversation
+        return answers
+
+    def _continue(self, study, conversation: Conversation, question: str, max_new_tokens: int) -> Generation:
+        settings = self._settings(study)
+        try:
+            return follow_up(self.model, self.processor, conversation, question, recorded_layers(settings),
+                             max_new_tokens, bool(settings.get("rollout")))
+        except ValueError as e:
+            raise InputError(f"this conversation cannot be continued: {e}", status=409) from e
 
     def _score(self, gen: Generation, findings: list[Finding]) -> list[list[int]]:
         rows_per_finding = []

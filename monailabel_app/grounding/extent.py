@@ -136,19 +136,42 @@ def _component_at(mask: np.ndarray, seed) -> np.ndarray:
     return labels == lab
 
 
+def _around(mask: np.ndarray, margin) -> tuple[slice, ...]:
+    """The bounding box of ``mask`` grown by ``margin`` voxels per axis, inside the array."""
+    idx = [np.nonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))[0] for axis in range(mask.ndim)]
+    return tuple(slice(max(0, int(i[0]) - m), min(n, int(i[-1]) + m + 1)) for i, m, n in zip(idx, margin, mask.shape))
+
+
+def inside_distance(region: np.ndarray, spacing) -> np.ndarray:
+    """``distance_transform_edt(region)`` (mm to the nearest voxel outside it), computed on the region's
+    bounding box and one voxel more: the same numbers, on a fraction of a large search box."""
+    out = np.zeros(region.shape, np.float64)
+    if region.any():
+        box = _around(region, [1] * region.ndim)
+        out[box] = ndimage.distance_transform_edt(region[box], sampling=spacing)
+    return out
+
+
+def _within(core: np.ndarray, radius_mm: float, spacing) -> np.ndarray:
+    """bool: voxels at most ``radius_mm`` from ``core`` (computed around ``core`` only)."""
+    out = np.zeros(core.shape, bool)
+    box = _around(core, [int(np.ceil(radius_mm / s)) + 1 for s in spacing])
+    out[box] = ndimage.distance_transform_edt(~core[box], sampling=spacing) <= radius_mm
+    return out
+
+
 def _opened_at(region: np.ndarray, seed, radius_mm: float, spacing) -> np.ndarray:
     """``region`` opened with a ball of ``radius_mm`` (distance-transform opening), the part at ``seed``."""
-    inside = ndimage.distance_transform_edt(region, sampling=spacing)
+    inside = inside_distance(region, spacing)
     core = _component_at(inside > radius_mm, seed)
     if not core.any():
         return core
-    near = ndimage.distance_transform_edt(~core, sampling=spacing) <= radius_mm
-    return _component_at(near & region, seed)
+    return _component_at(_within(core, radius_mm, spacing) & region, seed)
 
 
 def _separate(region: np.ndarray, seed, spacing, hi_mm: float, box, shape, fits) -> np.ndarray | None:
     """The seed's part of ``region`` after the smallest opening that makes it fit (``fits``); None if none does."""
-    inside = ndimage.distance_transform_edt(region, sampling=spacing)
+    inside = inside_distance(region, spacing)
     r_in = float(inside[tuple(seed)]) if region[tuple(seed)] else 0.0
     r_in = max(r_in, float(inside.max()) if region.any() else 0.0) if r_in == 0 else r_in
     start = max(0.25 * r_in, 0.5 * min(spacing))
@@ -168,15 +191,26 @@ def territory(lungs: np.ndarray, min_pixels: int = 20) -> np.ndarray:
     """The lungs' territory: per plane, the convex hull of each piece of aerated lung (``lungs``, found by its
     values) of at least ``min_pixels``. A lesion against the chest wall or the mediastinum dents the aerated
     lung; the hull takes it in, while the chest wall outside the lung's curve stays out."""
-    from skimage.morphology import convex_hull_object
-
     planes = lungs[None] if lungs.ndim == 2 else lungs
     out = np.zeros(planes.shape, bool)
     for z, plane in enumerate(planes):
         if plane.sum() >= min_pixels:
             kept = ndimage.binary_opening(plane) if plane.sum() > 4 * min_pixels else plane
-            out[z] = convex_hull_object(kept, connectivity=2) | plane
+            out[z] = hulls(kept) | plane
     return out[0] if lungs.ndim == 2 else out
+
+
+def hulls(plane: np.ndarray) -> np.ndarray:
+    """The convex hull of each 8-connected piece of ``plane``, together (``skimage``'s ``convex_hull_object``,
+    each hull computed on its piece's bounding box instead of the whole plane: the same pixels, faster)."""
+    from skimage.morphology import convex_hull_image
+
+    labels, _ = ndimage.label(plane, structure=np.ones((3, 3), bool))
+    out = np.zeros(plane.shape, bool)
+    for k, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is not None:
+            out[box] |= convex_hull_image(labels[box] == k)
+    return out
 
 
 def film_territory(right: np.ndarray | None, left: np.ndarray | None) -> np.ndarray | None:
@@ -311,7 +345,7 @@ def _reach(region: np.ndarray, seed, spacing) -> np.ndarray:
     region's inside distance from the seed to its local top (a lesion's centre; a click on its edge climbs
     inward), the radius is :data:`FOCAL_REACH` times the depth there: a nodule against the heart, the
     diaphragm or a vessel reaches as far as its own size says, not along what it touches."""
-    depth = ndimage.distance_transform_edt(region, sampling=spacing)
+    depth = inside_distance(region, spacing)
     p = tuple(int(i) for i in seed)
     for _ in range(50):
         r = max(float(depth[p]), max(spacing))
@@ -478,7 +512,7 @@ def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str) -> Extent:
     failed = None
     for lab in np.argsort(weight)[::-1][:CANDIDATES]:  # the most attended first; the first that is a `kind`
         part = labels == int(lab) + 1
-        depth = ndimage.distance_transform_edt(part, sampling=spacing)
+        depth = inside_distance(part, spacing)
         local = np.unravel_index(int(np.argmax(depth)), part.shape)
         seed = tuple(int(i + b.start) for i, b in zip(local, box))
         try:

@@ -8,8 +8,8 @@ multi-turn coherence; low-dose robustness.
 
 * ``reading``: the study read with the modality's default question in ``--language`` (findings, masks,
   timings): localisation, report agreement, latency, and detection at full dose;
-* ``chain``: the seed's three chained questions in ``--language`` (:data:`CHAIN`): the first asked as a new
-  reading, the other two as follow-ups in the same conversation;
+* ``chain``: the seed's three chained questions in ``--language`` (:data:`CHAIN`): the first asked with the
+  images, the other two as follow-ups in the same conversation (:meth:`Reader.converse`: words only);
 * ``dose``: a CT study at the reduced dose (``lowdose``'s projection-domain simulation), read as in
   ``reading``: detection and false positives.
 
@@ -312,14 +312,7 @@ class Runner:
                   "lesions_in_reference": len(unit.study.lesions)}
         study = unit.study.load()
         if unit.condition == "chain":
-            questions = CHAIN[self.language]
-            first = reader.read(study, questions[0], self.max_new_tokens, keep=True, language=self.language)
-            answers = [first.report]
-            conversation = first.generation.conversation
-            for q in questions[1:]:
-                follow = reader.follow_up(first.study, conversation, q, self.max_new_tokens, language=self.language)
-                answers.append(follow.report)
-                conversation = follow.generation.conversation or conversation
+            answers = reader.converse(study, list(CHAIN[self.language]), self.max_new_tokens, self.language)
             record["chain"] = score_chain(answers, unit.study.reference_findings() if unit.study.has_reference else None)
             return record
         if unit.condition == "dose":
@@ -410,7 +403,8 @@ def run(data: str, out: str, model=None, precisions: str = "fp32,bf16", dose: fl
         xray = ct = None
     settings = {"data": data if data == "phantoms" else os.path.abspath(data), "model": model or "phantom model",
                 "dose": dose, "language": language, "xray": xray, "ct": ct, "max_new_tokens": max_new_tokens,
-                "precisions": names, "chain": list(CHAIN[language]), "studies": len(refs)}
+                "precisions": names, "chain": list(CHAIN[language]), "studies": len(refs),
+                "planned_units": len(plan(refs, names, dose))}
     records = run_study(refs, names, out, settings, model, device, language, dose, max_new_tokens, progress, log)
     ok = [r for r in records if r.get("status") == "ok"]
     settings["device"] = ok[0].get("device", "") if ok else ""

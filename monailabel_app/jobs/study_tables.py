@@ -77,14 +77,19 @@ def _groups(records, condition, keys):
     return out
 
 
-def _unavailable(records) -> dict[str, str]:
-    return {r["precision"]: r["error"] for r in records if r.get("status") == "unavailable"}
+def _unavailable(records, precisions=()) -> dict[str, str]:
+    """Precisions without a result, and why: could not run here, or no unit of theirs finished (a run
+    stopped before it reached them)."""
+    out = {r["precision"]: r["error"] for r in records if r.get("status") == "unavailable"}
+    ran = {r.get("precision") for r in records if r.get("status") == "ok"}
+    return {**{p: "no unit of this precision finished (the run stopped before it)" for p in precisions
+               if p not in ran and p not in out}, **out}
 
 
 def localisation_table(records, precisions) -> list[dict]:
     rows = []
     groups = _groups(records, "reading", ("precision", "modality"))
-    missing = _unavailable(records)
+    missing = _unavailable(records, precisions)
     for p in precisions:
         if p in missing:
             rows.append({"precision": p, "modality": "", "note": f"not run: {missing[p]}"})
@@ -127,7 +132,7 @@ def localisation_table(records, precisions) -> list[dict]:
 def multi_turn_table(records, precisions) -> list[dict]:
     rows = []
     groups = _groups(records, "chain", ("precision",))
-    missing = _unavailable(records)
+    missing = _unavailable(records, precisions)
     for p in precisions:
         if p in missing:
             rows.append({"precision": p, "note": f"not run: {missing[p]}"})
@@ -152,7 +157,7 @@ def multi_turn_table(records, precisions) -> list[dict]:
 
 def low_dose_table(records, precisions, dose) -> list[dict]:
     rows = []
-    missing = _unavailable(records)
+    missing = _unavailable(records, precisions)
     full = _groups([r for r in records if r.get("modality") == "ct"], "reading", ("precision",))
     low = _groups(records, "dose", ("precision",))
     for p in precisions:
@@ -275,11 +280,13 @@ def _save(fig, out, name) -> str:
 
 def report_md(tables: dict, settings: dict, records: list[dict]) -> str:
     failed = [r for r in records if r.get("status") == "failed"]
+    finished = sum(r.get("status") == "ok" for r in records)
     lines = [f"# Precision, multi-turn and low-dose study: {settings.get('model_label') or settings.get('model')}", "",
              f"Data: {settings['data']} ({settings.get('studies', '?')} studies); answers in "
              f"{'Chinese' if settings['language'] == 'zh' else 'English'}; reduced dose {settings.get('dose')}; "
              f"device {settings.get('device', '')}. Each cell: value [95 % bootstrap interval over studies] (n). "
-             "Definitions: the README's \"Precision, multi-turn and low-dose study\".", ""]
+             "Definitions: the README's \"Precision, multi-turn and low-dose study\".",
+             f"Units finished: {finished} of {settings.get('planned_units', '?')} planned.", ""]
     if failed:
         lines += [f"{len(failed)} units failed and are left out of the tables (their errors are in manifest.jsonl).", ""]
     lines += ["## 1. Localisation, report agreement and time per reading", "",

@@ -41,6 +41,7 @@ def first(text):
     ("右肺上叶见结节。", "右肺下叶见结节。", "another lobe or zone"),
     ("右肺上叶见结节。", "右肺上叶见胸腔积液。", "another kind"),
     ("右肺中叶见肿块。右肺下叶见肿块。", "右肺中叶见肿块。右肺下叶见肿块。", ""),  # both repeated: no break
+    ("右肺下野见结节。左肺中野见结节。", "右肺中野结节。", "another lobe or zone"),  # a right nodule, another zone
     ("未见明显异常。", "右肺上叶见结节。", "names a finding the first answer did not"),
     ("未见明显异常。", "未见明显异常。", ""),
     ("A nodule in the right upper lobe.", "It is well-defined with uniform density.", ""),

@@ -222,9 +222,9 @@ def logic_break(first: list, text: str) -> str:
         same_kind = [g for g in first if kinds_match(f.kind, g.kind)]
         if not same_kind:
             return "another kind"
-        if any(f.side and g.side and f.side != g.side and "bilateral" not in (f.side, g.side) for g in same_kind):
-            return "another side"
-        return "another lobe or zone"
+        if any(sites_agree(f.side, "", g.side, "") for g in same_kind):
+            return "another lobe or zone"  # a finding of its kind is on that side, at another level
+        return "another side"
     return ""
 
 
@@ -242,9 +242,12 @@ def key_term_error(text: str, reference: list[tuple]) -> bool:
 
 
 def score_chain(answers: list[str], reference: list[tuple] | None) -> dict:
+    """The chain's record: its answers and reference (the tables score them again, with the rules of the
+    code that makes the tables), the first answer's findings, the breaks and key-term errors."""
     first = read_answer(answers[0]).findings
     breaks = [logic_break(first, t) for t in answers[1:]]
-    return {"answers": answers, "first_findings": [{"kind": f.kind, "side": f.side, "level": f.level} for f in first],
+    return {"answers": answers, "reference": None if reference is None else [list(x) for x in reference],
+            "first_findings": [{"kind": f.kind, "side": f.side, "level": f.level} for f in first],
             "breaks": breaks,
             "key_term_errors": None if reference is None else [key_term_error(t, reference) for t in answers]}
 

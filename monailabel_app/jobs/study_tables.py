@@ -23,7 +23,7 @@ from collections import Counter
 
 import numpy as np
 
-from .studies import MIN_DIAMETER_MM
+from .studies import MIN_DIAMETER_MM, score_chain
 
 BOOTSTRAP = 1000
 MODALITY_NAMES = {"ct": "CT", "xray": "X-ray"}
@@ -140,7 +140,7 @@ def multi_turn_table(records, precisions) -> list[dict]:
         group = groups.get((p,))
         if not group:
             continue
-        chains = [r["chain"] for r in group]
+        chains = [score_chain(r["chain"]["answers"], r["chain"]["reference"]) for r in group]
         scored = [c for c in chains if c["key_term_errors"] is not None]
         reasons = Counter(b for c in chains for b in c["breaks"] if b)
         rows.append({"precision": p, "language": group[0].get("language", ""), "chains": len(chains),
@@ -225,25 +225,17 @@ def plot(tables: dict, precisions: list[str], out: str, title: str) -> list[str]
         for i, modality in enumerate(("xray", "ct")):
             stats = [next((r[key] for r in t1 if r["precision"] == p and r["modality"] == modality), None) for p in precisions]
             _errorbars(ax, precisions, stats, f"C{i}", (i - 0.5) * 0.2, MODALITY_NAMES[modality])
-        ax.set_xticks(range(len(precisions)), precisions)
-        ax.set_ylabel(ylabel)
-        ax.grid(True, alpha=0.3)
+        _axis(ax, ylabel, precisions)
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"{title}: per precision, 95 % bootstrap intervals (not run: no point)", fontsize=9)
-    fig.tight_layout()
-    files.append(_save(fig, out, "precision.png"))
+    files.append(_save(fig, out, "precision.png", f"{title}: per precision, 95 % bootstrap intervals (not run: no point)"))
 
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.6))
     t2 = tables["multi_turn"]
     for ax, (key, ylabel) in zip(axes, (("logic_breaks_per_10", "logic breaks per 10 chains"),
                                         ("key_term_error_rate", "key-term errors (% of answers)"))):
         _errorbars(ax, precisions, [next((r.get(key) for r in t2 if r["precision"] == p), None) for p in precisions], "C2")
-        ax.set_xticks(range(len(precisions)), precisions)
-        ax.set_ylabel(ylabel)
-        ax.grid(True, alpha=0.3)
-    fig.suptitle(f"{title}: three-question chain", fontsize=9)
-    fig.tight_layout()
-    files.append(_save(fig, out, "multi_turn.png"))
+        _axis(ax, ylabel, precisions)
+    files.append(_save(fig, out, "multi_turn.png", f"{title}: three-question chain"))
 
     t3 = [r for r in tables["low_dose"] if r.get("dose") != ""]
     if t3:
@@ -261,18 +253,24 @@ def plot(tables: dict, precisions: list[str], out: str, title: str) -> list[str]
             ax.set_xscale("log")
             ax.invert_xaxis()
             ax.set_xlabel("dose fraction")
-            ax.set_ylabel(ylabel)
-            ax.grid(True, alpha=0.3)
+            _axis(ax, ylabel)
         axes[0].legend(fontsize=8)
-        fig.suptitle(f"{title}: detection vs simulated dose", fontsize=9)
-        fig.tight_layout()
-        files.append(_save(fig, out, "low_dose.png"))
+        files.append(_save(fig, out, "low_dose.png", f"{title}: detection vs simulated dose"))
     return files
 
 
-def _save(fig, out, name) -> str:
+def _axis(ax, ylabel: str, precisions=None) -> None:
+    if precisions is not None:
+        ax.set_xticks(range(len(precisions)), precisions)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+
+
+def _save(fig, out, name, title: str) -> str:
     import matplotlib.pyplot as plt
 
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
     fig.savefig(os.path.join(out, name), dpi=100)
     plt.close(fig)
     return name
@@ -289,39 +287,35 @@ def report_md(tables: dict, settings: dict, records: list[dict]) -> str:
              f"Units finished: {finished} of {settings.get('planned_units', '?')} planned.", ""]
     if failed:
         lines += [f"{len(failed)} units failed and are left out of the tables (their errors are in manifest.jsonl).", ""]
-    lines += ["## 1. Localisation, report agreement and time per reading", "",
-              "| precision | modality | localisation error (mm) | pointing (%) | report agreement F1 (%) | "
-              "all findings match (%) | time per reading (s) | prefill / decode / maps (s) | peak memory (GiB) |",
-              "|---|---|---|---|---|---|---|---|---|"]
-    for r in tables["localisation"]:
-        if r.get("note", "").startswith("not run"):
-            lines.append(f"| {r['precision']} | | {r['note']} | | | | | | |")
-            continue
-        lines.append(f"| {r['precision']} | {MODALITY_NAMES[r['modality']]} | {cell(r['localisation_error_mm'], 1)} | "
-                     f"{cell(r['pointing'], 1)} | {cell(r['agreement_f1'], 1)} | {cell(r['all_match'], 1)} | "
-                     f"{cell(r['latency_s'], 2)} | {r['prefill_s']['value']:.2f} / {r['decode_s']['value']:.2f} / "
-                     f"{r['maps_s']['value']:.2f} | {r['peak_memory_gib']:.2f} ({r['peak_memory_kind']}) |")
+    lines += ["## 1. Localisation, report agreement and time per reading", ""]
+    lines += _md(("precision", "modality", "localisation error (mm)", "pointing (%)", "report agreement F1 (%)",
+                  "all findings match (%)", "time per reading (s)", "prefill / decode / maps (s)", "peak memory (GiB)"),
+                 tables["localisation"], lambda r: (
+        MODALITY_NAMES[r["modality"]], cell(r["localisation_error_mm"], 1), cell(r["pointing"], 1),
+        cell(r["agreement_f1"], 1), cell(r["all_match"], 1), cell(r["latency_s"], 2),
+        f"{r['prefill_s']['value']:.2f} / {r['decode_s']['value']:.2f} / {r['maps_s']['value']:.2f}",
+        f"{r['peak_memory_gib']:.2f} ({r['peak_memory_kind']})"))
     lines += ["", "## 2. Multi-turn coherence (the three chained questions)", "",
-              "Questions: " + " / ".join(f"“{q}”" for q in settings.get("chain", [])), "",
-              "| precision | chains | logic breaks per 10 chains | chains with a break (%) | key-term error rate (% of answers) | breaks by reason |",
-              "|---|---|---|---|---|---|"]
-    for r in tables["multi_turn"]:
-        if r.get("note", "").startswith("not run"):
-            lines.append(f"| {r['precision']} | {r['note']} | | | | |")
-            continue
-        lines.append(f"| {r['precision']} | {r['chains']} | {cell(r['logic_breaks_per_10'], 2)} | "
-                     f"{cell(r['chains_with_a_break'], 1)} | {cell(r['key_term_error_rate'], 1)} | {r['break_reasons'] or '–'} |")
-    lines += ["", f"## 3. CT at reduced dose: lesions ≥ {MIN_DIAMETER_MM:g} mm", "",
-              "| precision | dose | studies | detection (%) | false positives per study |", "|---|---|---|---|---|"]
-    for r in tables["low_dose"]:
-        if r.get("note", "").startswith("not run"):
-            lines.append(f"| {r['precision']} | {r['note']} | | | |")
-            continue
-        lines.append(f"| {r['precision']} | {r['dose']:g} | {r['studies']} | {cell(r['detection'], 1)} | "
-                     f"{cell(r['false_positives_per_study'], 2)} |")
+              "Questions: " + " / ".join(f"“{q}”" for q in settings.get("chain", [])), ""]
+    lines += _md(("precision", "chains", "logic breaks per 10 chains", "chains with a break (%)",
+                  "key-term error rate (% of answers)", "breaks by reason"), tables["multi_turn"], lambda r: (
+        r["chains"], cell(r["logic_breaks_per_10"], 2), cell(r["chains_with_a_break"], 1),
+        cell(r["key_term_error_rate"], 1), r["break_reasons"] or "–"))
+    lines += ["", f"## 3. CT at reduced dose: lesions ≥ {MIN_DIAMETER_MM:g} mm", ""]
+    lines += _md(("precision", "dose", "studies", "detection (%)", "false positives per study"), tables["low_dose"],
+                 lambda r: (f"{r['dose']:g}", r["studies"], cell(r["detection"], 1), cell(r["false_positives_per_study"], 2)))
     lines += ["", "Files: `localisation.csv`, `multi_turn.csv`, `low_dose.csv`, `precision.png`, `multi_turn.png`, "
               "`low_dose.png`; every unit's record in `manifest.jsonl`.", ""]
     return "\n".join(lines)
+
+
+def _md(header: tuple, rows: list[dict], cells) -> list[str]:
+    """A markdown table: each row's precision, then ``cells(row)``; a precision not run says why instead."""
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        rest = [r["note"]] + [""] * (len(header) - 2) if r.get("note", "").startswith("not run") else list(cells(r))
+        out.append("| " + " | ".join(str(x) for x in [r["precision"], *rest]) + " |")
+    return out
 
 
 def write_tables(records: list[dict], settings: dict, out: str) -> dict:

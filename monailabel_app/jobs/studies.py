@@ -70,6 +70,7 @@ CHAIN = {
            "Considering the findings above, what is the most likely diagnosis?"),
 }
 MIN_DIAMETER_MM = 5.0
+LOW_DOSE_CACHE_BYTES = 2 * 2**30  # simulated volumes kept for the next precision (beyond: simulated again)
 CONDITIONS = ("reading", "chain", "dose")
 SETTINGS = "study.json"
 SETTINGS_KEYS = ("data", "model", "dose", "language", "xray", "ct", "max_new_tokens")
@@ -263,6 +264,13 @@ def _peak_memory_gib(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
 
 
+def _free_device_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _reset_peak(device: str) -> None:
     import torch
 
@@ -291,7 +299,8 @@ class Runner:
         from ..reader import Reader
 
         if self.precision != precision:
-            self.reader = None
+            self.reader = None  # the last precision's weights go before the next are loaded
+            _free_device_cache()
             self.precision = precision
             self.reader = Reader(self.model, device=self.device, precision=precision)
         return self.reader
@@ -299,11 +308,13 @@ class Runner:
     def low_dose(self, ref: RefStudy, volume):
         from .. import lowdose
 
-        if ref.id not in self._low:
+        low = self._low.get(ref.id)
+        if low is None:  # seeded per study: every precision sees the same noise
             seed = ref.seed if ref.seed is not None else zlib.crc32(ref.id.encode())
-            self._low[ref.id] = lowdose.reduced_dose(volume.hu, float(np.mean(volume.spacing[1:])), [self.dose],
-                                                     seed=seed)[self.dose]
-        return dataclasses.replace(volume, hu=self._low[ref.id])
+            low = lowdose.reduced_dose(volume.hu, float(np.mean(volume.spacing[1:])), [self.dose], seed=seed)[self.dose]
+            if sum(v.nbytes for v in self._low.values()) + low.nbytes <= LOW_DOSE_CACHE_BYTES:
+                self._low[ref.id] = low
+        return dataclasses.replace(volume, hu=low)
 
     def run(self, unit: Unit) -> dict:
         reader = self.reader_for(unit.precision)

@@ -108,7 +108,6 @@ DESCRIPTORS_ZH = {
     "胸膜增厚": "pleural thickening", "胸膜轻度增厚": "pleural thickening", "斑片状": "patchy", "片状": "patchy",
     "实性": "solid", "部分实性": "part-solid", "少量": "small", "大量": "large", "轻度": "mild", "中等量": "moderate",
     "密度均匀": "homogeneous", "密度不均": "heterogeneous", "密度不均匀": "heterogeneous", "液体密度": "fluid density",
-    "软组织密度": "soft-tissue density", "脂肪密度": "fat density",
 }
 
 # kinds that have no side: a side named before them in the sentence is not theirs

@@ -418,12 +418,12 @@ class Reader:
             mask_maps.append(h * gate)
         geom = radiograph.geometry
         fields = fields if fields is not None else (self._lung_fields(radiograph.pixels) if image_extent(settings) else None)
-        regions, extras = [], []
+        regions, extras, film = [], [], {}  # film: what the image extent finds once per film, for every finding
         spacing, known = pixel_spacing_mm(radiograph)
         for f, m in zip(findings, mask_maps):
             side = maps.side_gate(m.shape, f.side) > 0 if "side" in gates else None
             region, info = self._extent(f, m, threshold, image_extent(settings), lambda: extent.find_on_radiograph(
-                radiograph.pixels, spacing, m, f.kind, fields), lambda p: [int(p[1]), int(p[0]), 0], side)
+                radiograph.pixels, spacing, m, f.kind, fields, film), lambda p: [int(p[1]), int(p[0]), 0], side)
             if info["extent"] == "image" and not known:
                 info["measured"]["spacing"] = ASSUMED_SPACING
             regions.append(region)

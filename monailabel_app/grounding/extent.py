@@ -160,6 +160,22 @@ def _within(core: np.ndarray, radius_mm: float, spacing) -> np.ndarray:
     return out
 
 
+def block_mean(a: np.ndarray, step: int) -> np.ndarray:
+    """``a`` averaged over ``step`` x ``step`` blocks of its last two axes (a remainder of rows or columns
+    that makes no whole block is left out)."""
+    rows, cols = (a.shape[-2] // step) * step, (a.shape[-1] // step) * step
+    return a[..., :rows, :cols].reshape(*a.shape[:-2], rows // step, step, cols // step, step).mean(axis=(-3, -1))
+
+
+def blocks_back(small: np.ndarray, step: int, shape, fill) -> np.ndarray:
+    """Each value of ``small`` (from :func:`block_mean`) given to its block's pixels, on an array of
+    ``shape``; the remainder that made no block gets ``fill``."""
+    out = np.full(shape, fill, small.dtype)
+    big = np.repeat(np.repeat(small, step, axis=-2), step, axis=-1)
+    out[..., : big.shape[-2], : big.shape[-1]] = big
+    return out
+
+
 def _opened_at(region: np.ndarray, seed, radius_mm: float, spacing) -> np.ndarray:
     """``region`` opened with a ball of ``radius_mm`` (distance-transform opening), the part at ``seed``."""
     inside = inside_distance(region, spacing)
@@ -303,17 +319,12 @@ def grow_ct(hu: np.ndarray, spacing, seed, kind: str, lungs: np.ndarray | None =
     size = int(np.prod([b.stop - b.start for b in box]))
     if size > MAX_BOX_VOXELS and lungs is None and not background:  # a large kind on a fine grid: coarser planes
         step = int(np.ceil(np.sqrt(size / MAX_BOX_VOXELS)))
-        sub = np.asarray(hu[box], np.float32)
-        rows, cols = (sub.shape[1] // step) * step, (sub.shape[2] // step) * step
-        small = sub[:, :rows, :cols].reshape(sub.shape[0], rows // step, step, cols // step, step).mean(axis=(2, 4))
+        small = block_mean(np.asarray(hu[box], np.float32), step)
         local = (seed[0] - box[0].start, min((seed[1] - box[1].start) // step, small.shape[1] - 1),
                  min((seed[2] - box[2].start) // step, small.shape[2] - 1))
         found = grow_ct(small, (spacing[0], spacing[1] * step, spacing[2] * step), local, kind)
         mask = np.zeros(hu.shape, bool)
-        big = np.repeat(np.repeat(found.mask, step, axis=1), step, axis=2)
-        region = mask[box]
-        region[:, :rows, :cols] = big
-        mask[box] = region
+        mask[box] = blocks_back(found.mask, step, mask[box].shape, False)
         return Extent(mask, found.diameter_mm, found.size_mm, tuple(int(s) for s in seed), found.method)
     smooth = np.zeros(hu.shape, np.float32)  # only the box is looked at
     smooth[box] = ndimage.gaussian_filter(np.asarray(hu[box], np.float32), [0.6 * min(spacing) / s for s in spacing])
@@ -449,14 +460,8 @@ def blobs(pixels: np.ndarray, spacing, kind: str) -> tuple[np.ndarray, np.ndarra
     f = int(np.ceil(max(a.shape) / BLOB_MAX_SIDE))
     if f == 1:
         return _blobs(a, spacing, kind)
-    rows, cols = (a.shape[0] // f) * f, (a.shape[1] // f) * f
-    small = a[:rows, :cols].reshape(rows // f, f, cols // f, f).mean(axis=(1, 3))
-    s, r = _blobs(small, tuple(float(x) * f for x in spacing), kind)
-    strength = np.full(a.shape, -np.inf, np.float32)
-    radius = np.zeros(a.shape, np.float32)
-    strength[:rows, :cols] = np.repeat(np.repeat(s, f, axis=0), f, axis=1)
-    radius[:rows, :cols] = np.repeat(np.repeat(r, f, axis=0), f, axis=1)
-    return strength, radius
+    s, r = _blobs(block_mean(a, f), tuple(float(x) * f for x in spacing), kind)
+    return blocks_back(s, f, a.shape, -np.inf), blocks_back(r, f, a.shape, 0.0)
 
 
 def _blobs(a: np.ndarray, spacing, kind: str) -> tuple[np.ndarray, np.ndarray]:

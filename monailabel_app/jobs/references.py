@@ -7,7 +7,7 @@ In a folder (``folder_studies``), studies are found as ``batch`` finds them (ima
 folders); what is beside them gives the reference:
 
 * **LIDC-IDRI XML** (any ``*.xml`` whose root is an LIDC read message, anywhere under DIR): the readers'
-  outlines on a series, matched by SOP Instance UID (:mod:`jobs.lidc`). Outlines of one nodule by several
+  outlines on the series its header names, slices matched by SOP Instance UID (:mod:`jobs.lidc`). Outlines of one nodule by several
   readers (overlapping) are one lesion: the voxels at least half of its readers drew.
 * **DICOM RTSTRUCT** (a DICOM file of modality RTSTRUCT anywhere under DIR): each ROI's planar contours on
   the series it references (by SeriesInstanceUID, else FrameOfReferenceUID), filled slice by slice in
@@ -29,6 +29,7 @@ in-plane diameter (mm) on its largest plane.
 from __future__ import annotations
 
 import csv
+import functools
 import glob
 import json
 import os
@@ -113,16 +114,11 @@ def centre_index(mask: np.ndarray) -> tuple[float, ...]:
 
 
 def longest_diameter_mm(mask: np.ndarray, spacing) -> float:
-    """Longest in-plane diameter (mm) on the mask's largest plane (axial for a volume)."""
-    from skimage.measure import regionprops
+    """Longest in-plane diameter (mm) on the mask's largest plane (axial for a volume): the measure the
+    masks' own ``measured`` diameter uses (:func:`grounding.extent.longest_diameter`)."""
+    from ..grounding.extent import longest_diameter
 
-    plane = mask
-    if mask.ndim == 3:
-        plane = mask[int(np.argmax(mask.reshape(mask.shape[0], -1).sum(1)))]
-    if not plane.any():
-        return float("nan")
-    props = regionprops(plane.astype(np.uint8))
-    return float(props[0].feret_diameter_max * float(np.mean(spacing[-2:])))
+    return longest_diameter(mask, tuple(float(s) for s in spacing)) if mask.any() else float("nan")
 
 
 def side_of(study, mask: np.ndarray) -> str:
@@ -194,8 +190,8 @@ def folder_studies(root: str, limits=None) -> list[RefStudy]:
         raise InputError(f"--data {root!r}: no studies found")
     reports = _reports(root)
     boxes = read_boxes(root) if _has_boxes(root) else {}
-    lidc = [p for p in glob.glob(os.path.join(root, "**", "*.xml"), recursive=True) if _is_lidc(p)]
-    rtstructs = [p for p in _dicom_files(root) if _is_rtstruct(p)]
+    lidc = _by_series(p for p in glob.glob(os.path.join(root, "**", "*.xml"), recursive=True) if _is_lidc(p))
+    rtstructs = _rtstructs(root)
     out = []
     for s in studies:
         modality = detect(s.path)
@@ -203,13 +199,16 @@ def folder_studies(root: str, limits=None) -> list[RefStudy]:
         def load(path=s.path, modality=modality):
             return load_study(path, modality, limits)
 
-        ref = RefStudy(s.id, modality, _cached(load), report=reports.get(s.id, "") or _text_beside(s.path))
+        ref = RefStudy(s.id, modality, functools.cache(load), report=reports.get(s.id, "") or _text_beside(s.path))
         lesions: list[Lesion] = []
-        if modality == "ct" and os.path.isdir(s.path):
-            if lidc:
-                lesions += lidc_lesions(ref.load(), s.path, lidc)
-            for p in rtstructs:
-                lesions += rtstruct_lesions(ref.load(), s.path, p)
+        if modality == "ct" and os.path.isdir(s.path) and (lidc or rtstructs):
+            series, frame = _series_of(s.path)
+            xml = lidc.get(series, []) + lidc.get("", [])  # "": a file that names no series is tried on each
+            if xml:
+                lesions += lidc_lesions(ref.load(), s.path, xml)
+            for ds in rtstructs:
+                if _references(ds, series, frame):
+                    lesions += rtstruct_lesions(ref.load(), ds)
         label = _label_map_beside(s.path)
         if label:
             lesions += label_map_lesions(ref.load(), label)
@@ -220,16 +219,6 @@ def folder_studies(root: str, limits=None) -> list[RefStudy]:
         ref.lesions = lesions
         out.append(ref)
     return out
-
-
-def _cached(load):
-    box = []
-
-    def get():
-        if not box:
-            box.append(load())
-        return box[0]
-    return get
 
 
 def _reports(root: str) -> dict[str, str]:
@@ -331,6 +320,38 @@ def _is_lidc(path: str) -> bool:
     return b"LidcReadMessage" in head or b"readingSession" in head
 
 
+def _by_series(xml_paths) -> dict[str, list[str]]:
+    """LIDC XML files by the SeriesInstanceUid of their header ("" when it names none)."""
+    import xml.etree.ElementTree as ET
+
+    out: dict[str, list[str]] = {}
+    for p in sorted(xml_paths):
+        uid = ""
+        try:
+            for _, node in ET.iterparse(p):
+                if node.tag.rsplit("}", 1)[-1] == "SeriesInstanceUid":
+                    uid = (node.text or "").strip()
+                    break
+        except (ET.ParseError, OSError):
+            pass  # read_outlines says what is wrong with it
+        out.setdefault(uid, []).append(p)
+    return out
+
+
+def _series_of(folder: str) -> tuple[str, str]:
+    """(SeriesInstanceUID, FrameOfReferenceUID) of the DICOM series in ``folder``."""
+    import pydicom
+
+    from ..ct import is_dicom_file
+
+    for name in sorted(os.listdir(folder)):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path) and is_dicom_file(path):
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+            return str(ds.get("SeriesInstanceUID", "")), str(ds.get("FrameOfReferenceUID", ""))
+    return "", ""
+
+
 def lidc_lesions(volume, folder: str, xml_paths: list[str]) -> list[Lesion]:
     """The nodules outlined in any of ``xml_paths`` on the series ``folder``: one lesion per nodule, the
     voxels at least half of the readers who outlined it drew."""
@@ -342,9 +363,9 @@ def lidc_lesions(volume, folder: str, xml_paths: list[str]) -> list[Lesion]:
         outlines += read_outlines(p, uids, volume.geometry.shape)
     groups: list[list] = []
     for o in outlines:  # a nodule: outlines that overlap (by any reader)
-        hit = [g for g in groups if any((o.mask & x.mask).any() for x in g)]
-        merged = [o] + [x for g in hit for x in g]
-        groups = [g for g in groups if g not in hit] + [merged]
+        touching = [any((o.mask & x.mask).any() for x in g) for g in groups]
+        merged = [o] + [x for g, t in zip(groups, touching) if t for x in g]
+        groups = [g for g, t in zip(groups, touching) if not t] + [merged]
     lesions = []
     for g in groups:
         votes = np.sum([x.mask for x in g], axis=0)
@@ -369,20 +390,28 @@ def _is_rtstruct(path: str) -> bool:
     return str(ds.get("Modality", "")) == "RTSTRUCT"
 
 
-def rtstruct_lesions(volume, folder: str, path: str) -> list[Lesion]:
-    """The lesion ROIs of the RTSTRUCT ``path`` when it references the series in ``folder``; [] otherwise."""
+def _rtstructs(root: str) -> list:
+    """Every RTSTRUCT under ``root``, read once."""
     import pydicom
+
+    return [pydicom.dcmread(p) for p in _dicom_files(root) if _is_rtstruct(p)]
+
+
+def _references(ds, series: str, frame: str) -> bool:
+    """Whether the RTSTRUCT ``ds`` is drawn on this series (by SeriesInstanceUID; an RTSTRUCT that names
+    no series, by its frame of reference)."""
+    referenced = {str(s.SeriesInstanceUID) for fr in ds.get("ReferencedFrameOfReferenceSequence", [])
+                  for st in fr.get("RTReferencedStudySequence", []) for s in st.get("RTReferencedSeriesSequence", [])}
+    frames = {str(fr.FrameOfReferenceUID) for fr in ds.get("ReferencedFrameOfReferenceSequence", [])}
+    return series in referenced or (not referenced and frame in frames)
+
+
+def rtstruct_lesions(volume, ds) -> list[Lesion]:
+    """The lesion ROIs of the RTSTRUCT ``ds`` (a pydicom dataset drawn on ``volume``'s series)."""
     from PIL import Image, ImageDraw
 
     from ..correction import index_of_mm
 
-    ds = pydicom.dcmread(path)
-    series = pydicom.dcmread(next(p for p in _dicom_files(folder) if not _is_rtstruct(p)), stop_before_pixels=True)
-    referenced = {str(s.SeriesInstanceUID) for fr in ds.get("ReferencedFrameOfReferenceSequence", [])
-                  for st in fr.get("RTReferencedStudySequence", []) for s in st.get("RTReferencedSeriesSequence", [])}
-    frames = {str(fr.FrameOfReferenceUID) for fr in ds.get("ReferencedFrameOfReferenceSequence", [])}
-    if str(series.SeriesInstanceUID) not in referenced and not (not referenced and str(series.get("FrameOfReferenceUID")) in frames):
-        return []
     names = {int(r.ROINumber): str(r.get("ROIName", "")) for r in ds.get("StructureSetROISequence", [])}
     types = {int(o.ReferencedROINumber): str(o.get("RTROIInterpretedType", "") or "").upper()
              for o in ds.get("RTROIObservationsSequence", [])}

@@ -360,9 +360,9 @@ def run_study(studies: list[RefStudy], precisions: list[str], out: str, settings
     check_settings(out, settings)
     manifest = Manifest(out)
     done = {k: r for k, r in manifest.load().items() if r.get("status") in ("ok", "unavailable")}
-    units = [u for u in plan(studies, precisions, dose)
-             if u.key not in done and f"*|{u.precision}|unavailable" not in done]
-    if len(units) < len(plan(studies, precisions, dose)):
+    planned = plan(studies, precisions, dose)
+    units = [u for u in planned if u.key not in done and f"*|{u.precision}|unavailable" not in done]
+    if len(units) < len(planned):
         log(f"continuing {out}: {len(done)} units done, {len(units)} to run")
     runner = Runner(model, device, language, dose, max_new_tokens)
     bar = tqdm(units, unit="unit", desc="study", disable=not progress, file=sys.stderr, dynamic_ncols=True)

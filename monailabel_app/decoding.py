@@ -59,6 +59,15 @@ def loop_start(ids: list[int], max_period: int = 8, times: int = 3) -> int | Non
     return None
 
 
+def chosen_logprob(logits: torch.Tensor, chosen: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-probability of each row's ``chosen`` token, whether the row's scores are not finite), from float32
+    ``logits`` (batch, vocab): the chosen logit minus the row's log-sum-exp, the same number as
+    ``log_softmax(...).gather`` without writing a log-softmax over the whole vocabulary (262k for Gemma 3)
+    at every step. A NaN or an overflow anywhere in the row makes its log-sum-exp non-finite."""
+    lse = torch.logsumexp(logits, dim=-1)
+    return logits.gather(1, chosen[:, None])[:, 0] - lse, ~torch.isfinite(lse)
+
+
 def _cache_keyword(fn) -> str:
     return "cache" if "cache" in inspect.signature(fn).parameters else "past_key_values"  # transformers < 5.2x
 
@@ -227,12 +236,12 @@ class Decoder:
         hidden = self._lm(inputs_embeds=embeds, attention_mask=mask_by_type, position_ids=positions,
                           use_cache=True, **{self._cache_kw: kv}).last_hidden_state
         logits = self.model.lm_head(hidden[:, -1]).float()
-        self.nonfinite |= ~torch.isfinite(logits).all(-1)
-        logp = torch.log_softmax(logits, dim=-1)
         forced = self.forced.index_select(1, self.step_index)[:, 0]
         nxt = torch.where(forced >= 0, forced, logits.argmax(-1))
+        logp, bad = chosen_logprob(logits, nxt)
+        self.nonfinite |= bad
         self.tokens.index_copy_(1, self.step_index, nxt[:, None])
-        self.logprobs.index_copy_(1, self.step_index, logp.gather(1, nxt[:, None]))
+        self.logprobs.index_copy_(1, self.step_index, logp[:, None])
         self.token.copy_(nxt[:, None])
         kv.slot += 1
         self.step_index += 1
@@ -263,7 +272,9 @@ class Decoder:
         that cannot be compiled or captured (e.g. bitsandbytes int8) runs without, with a warning."""
         if not self.use_graph or self.graph is not None:
             return
+        t0 = time.perf_counter()
         if self.compile:
+            use_compile_cache()
             try:
                 self._step = torch.compile(self.step, dynamic=False, fullgraph=False)
             except Exception as e:  # noqa: BLE001
@@ -280,6 +291,9 @@ class Decoder:
                 with torch.cuda.graph(graph):
                     self._step()
             self.graph = graph
+            logger.info("decode step for batch %d, %d positions, %d new tokens %s and captured in %.1f s",
+                        self.batch, self.length, self.max_new, "compiled" if self.compile else "(eager kernels)",
+                        time.perf_counter() - t0)
         except Exception as e:  # noqa: BLE001 (any capture failure: run the same step eagerly)
             logger.warning("decode step cannot be captured as a CUDA graph (%s: %s): stepping without one",
                            type(e).__name__, str(e)[:300])
@@ -303,11 +317,11 @@ class Decoder:
                 self.forced[i, : len(ids)] = torch.tensor(ids, device=self.forced.device)
                 limits[i] = len(ids)
         first_logits = first_logits.float()
-        self.nonfinite.copy_(~torch.isfinite(first_logits).all(-1))
-        logp = torch.log_softmax(first_logits, dim=-1)
         first = torch.where(self.forced[:, 0] >= 0, self.forced[:, 0], first_logits.argmax(-1))
+        logp, bad = chosen_logprob(first_logits, first)
+        self.nonfinite.copy_(bad)
         self.tokens[:, 0] = first
-        self.logprobs[:, 0] = logp.gather(1, first[:, None])[:, 0]
+        self.logprobs[:, 0] = logp
         self.token.copy_(first[:, None])
         self.step_index.fill_(1)
         if self.recorder is not None:
@@ -364,6 +378,21 @@ class Decoder:
     def decode_rows(self, steps: int) -> torch.Tensor | None:
         """(steps - 1, layers, batch, heads, n) attention rows of the decode steps."""
         return None if self.recorder is None else self.recorder.buffer[1:steps]
+
+
+COMPILE_CACHE_ENV = "MEDGEMMA_COMPILE_CACHE"  # folder for compiled kernels (default ~/.cache/monailabel-medgemma/compile)
+
+
+def use_compile_cache() -> str:
+    """Point torch.compile's on-disk caches (Inductor's FX graphs and kernels, AOTAutograd, Triton) at one
+    folder that outlives the process, so that a restarted server compiles its decode steps from cache
+    instead of from scratch. An explicit ``TORCHINDUCTOR_CACHE_DIR`` / ``TRITON_CACHE_DIR`` is kept."""
+    folder = os.environ.get(COMPILE_CACHE_ENV) or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                  "monailabel-medgemma", "compile")
+    os.makedirs(folder, exist_ok=True)
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(folder, "inductor"))
+    os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(folder, "triton"))
+    return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
 def compile_default() -> bool:

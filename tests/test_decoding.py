@@ -128,3 +128,17 @@ def test_static_kv_masks_see_the_window_and_not_the_padding():
     kv.slot.fill_(2)
     # early on the ring holds positions 0, 1, 2 and nothing (-1); row 0's position 0 is padding
     assert kv.masks(torch.tensor([1, 0]))[4][:, 0, 0].tolist() == [[False, True, True, False], [True, True, True, False]]
+
+
+def test_the_chosen_tokens_log_probability_without_a_full_log_softmax():
+    from monailabel_app.decoding import chosen_logprob
+
+    logits = torch.randn(3, 1000) * 5
+    chosen = torch.tensor([0, 17, 999])
+    lp, bad = chosen_logprob(logits, chosen)
+    ref = torch.log_softmax(logits, -1).gather(1, chosen[:, None])[:, 0]
+    assert torch.allclose(lp, ref, atol=1e-5) and not bad.any()
+    logits[1, 5] = float("nan")
+    logits[2, 9] = float("inf")
+    _, bad = chosen_logprob(logits, chosen)
+    assert bad.tolist() == [False, True, True]  # an fp16 overflow anywhere in a row is seen

@@ -15,8 +15,11 @@ Precision policy (``precision="auto"``):
   (prefill about 3x, a whole X-ray reading about 1.3x); asked for on a CPU without, bf16 gets a WARNING.
 
 ``MEDGEMMA_PRECISION`` in the environment stands in for ``auto``. An explicit ``bf16``/``fp32``/``fp16``
-overrides the policy; ``int8``/``int4`` quantise the linear
-layers with bitsandbytes (optional extra ``[quant]``, CUDA only; computation in bf16, else fp16). What
+overrides the policy; ``int8``/``int4`` quantise the linear layers (optional extra ``[quant]``, CUDA only;
+computation in bf16, else fp16): ``int8`` as int8 weights with torchao (weight-only: the decode step still
+compiles and is captured as a CUDA graph; ``bench/results/fast_path.md``), or with bitsandbytes where torchao
+is missing or ``MEDGEMMA_INT8=bitsandbytes`` (its int8 matmul cannot be captured: it steps eagerly, many
+times slower; a WARNING says so); ``int4`` as NF4 with bitsandbytes. What
 was loaded, where and in which precision is logged at INFO, and returned in :class:`ModelInfo` for
 ``/info/`` and every result.
 """
@@ -37,7 +40,8 @@ from .errors import InputError
 logger = logging.getLogger(__name__)
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
-QUANTISED = ("int8", "int4")  # bitsandbytes, CUDA only
+QUANTISED = ("int8", "int4")  # torchao / bitsandbytes, CUDA only
+INT8_ENV = "MEDGEMMA_INT8"  # torchao (default when installed) | bitsandbytes: which library quantises int8
 _ALIASES = {"bfloat16": "bf16", "float32": "fp32", "float16": "fp16", "half": "fp16", "float": "fp32",
             "8bit": "int8", "4bit": "int4", "nf4": "int4"}
 GROUNDING_FILE = "grounding.json"
@@ -102,7 +106,7 @@ def choose_precision(device: str, requested: str = "auto") -> tuple[str, str]:
         requested = normalise_precision(os.environ[PRECISION_ENV])
         source = f"{PRECISION_ENV}={requested} in the environment"
     if requested in QUANTISED and not device.startswith("cuda"):
-        raise InputError(f"precision {requested} (bitsandbytes) needs a CUDA device, not {device!r}", status=422)
+        raise InputError(f"precision {requested} (quantised) needs a CUDA device, not {device!r}", status=422)
     if requested != "auto":
         if requested == "bf16" and device == "cpu" and cpu_bf16_kind() is None:
             logger.warning("bf16 asked for on a CPU without bf16 instructions: emulated, several times slower than fp32")
@@ -180,10 +184,38 @@ def _dtype_of(module) -> str:
     return "no weights"
 
 
+def int8_engine() -> str:
+    """Which library makes ``int8``: ``torchao`` when it is installed (unless ``MEDGEMMA_INT8=bitsandbytes``)."""
+    wanted = os.environ.get(INT8_ENV, "").strip().lower()
+    if wanted not in ("", "torchao", "bitsandbytes"):
+        raise ModelLoadError(f"{INT8_ENV} must be torchao or bitsandbytes, got {wanted!r}")
+    if wanted == "bitsandbytes":
+        return wanted
+    try:
+        import torchao.quantization  # noqa: F401
+    except ImportError:
+        if wanted == "torchao":
+            raise ModelLoadError(f"{INT8_ENV}=torchao but torchao is not installed: pip install "
+                                 "'monailabel-medgemma[quant]'") from None
+        return "bitsandbytes"
+    return "torchao"
+
+
+def int8_weight_only(model) -> None:
+    """Quantise the linear layers of the language model, the vision tower and the projector to int8 weights
+    (per output channel; activations stay in the compute dtype) with torchao, in place. The output head is
+    left alone: it shares its weight with the token embedding."""
+    from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+    quantize_(model.model, Int8WeightOnlyConfig())
+
+
 def _weights_args(precision: str, device: str) -> dict:
     """``from_pretrained`` arguments for ``precision``: a dtype, or a bitsandbytes quantisation."""
     if precision not in QUANTISED:
         return {"dtype": PRECISIONS[precision]}
+    if precision == "int8" and int8_engine() == "torchao":  # quantised after loading (int8_weight_only)
+        return {"dtype": torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16}
     try:
         import bitsandbytes  # noqa: F401
         from transformers import BitsAndBytesConfig
@@ -219,8 +251,17 @@ def load_model(ref: str, device: str = "auto", precision: str = "auto", label: s
         processor = AutoProcessor.from_pretrained(ref, trust_remote_code=False)
     except Exception as e:  # any failure here (hub, config, corrupt safetensors header, ...) is a load error
         raise ModelLoadError(f"cannot load model {ref!r}: {type(e).__name__}: {str(e)[:500]}") from e
-    if precision not in QUANTISED:  # quantised weights are placed by bitsandbytes
+    engine = int8_engine() if precision == "int8" else "bitsandbytes" if precision == "int4" else None
+    if engine != "bitsandbytes":  # bitsandbytes places its quantised weights itself
         model.to(device)
+    if engine == "torchao":
+        int8_weight_only(model)
+        reason += "; int8 weights (torchao, weight-only)"
+    elif engine == "bitsandbytes":
+        reason += "; bitsandbytes " + ("NF4" if precision == "int4" else "int8")
+        if precision == "int8":
+            logger.warning("int8 with bitsandbytes: its matmul cannot be captured as a CUDA graph, decoding steps "
+                           "eagerly (many times slower than bf16); install torchao for a fast int8")
     model.eval()
     n = sum(p.numel() for p in model.parameters())
     info = ModelInfo(

@@ -14,10 +14,13 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 from PIL import Image
 from scipy import ndimage
 
@@ -185,6 +188,42 @@ class Reader:
         if grid * grid != int(self.model.config.mm_tokens_per_image):
             raise ValueError("mm_tokens_per_image must be a perfect square")
         self.grid = grid
+        self._model_lock = threading.RLock()  # one generation at a time (decoders share their buffers)
+        self.warm = {"state": "not started", "shapes": []}
+
+    def warm_up(self, max_new_tokens: int = 128, modalities=("xray", "ct"), language: str = "auto") -> dict:
+        """Read one synthetic study per modality (a phantom radiograph; a phantom CT with at least the model's
+        slice count), each twice, so that the decode shapes of the common requests (that modality, the
+        default question, ``max_new_tokens``) are compiled and captured before a request needs them. A log
+        line per shape gives its first and second reading's time; :attr:`warm` (``/info/``) says where it
+        stands: not started, running, done (with each shape), failed (with the error)."""
+        self.warm = {"state": "running", "shapes": []}
+        t_all = time.perf_counter()
+        try:
+            for modality in modalities:
+                study = warm_up_study(modality, int(self.ct["max_slices"]))
+                times = []
+                for _ in range(2):
+                    t0 = time.perf_counter()
+                    reading = self.read(study, max_new_tokens=max_new_tokens, language=language)
+                    times.append(time.perf_counter() - t0)
+                shape = {"modality": modality, "prompt_tokens": reading.generation.prompt_tokens,
+                         "max_new_tokens": max_new_tokens, "first_s": round(times[0], 2), "then_s": round(times[1], 2)}
+                self.warm["shapes"].append(shape)
+                logger.info("warm-up %s: %d prompt tokens, up to %d new: first reading %.2f s, then %.2f s",
+                            modality, shape["prompt_tokens"], max_new_tokens, times[0], times[1])
+        except Exception as e:  # noqa: BLE001 (a failed warm-up leaves a working, cold server)
+            logger.exception("warm-up failed")
+            self.warm.update(state="failed", error=f"{type(e).__name__}: {str(e)[:300]}")
+            return self.warm
+        self.warm.update(state="done", seconds=round(time.perf_counter() - t_all, 2))
+        logger.info("warm-up done in %.1f s", self.warm["seconds"])
+        return self.warm
+
+    @property
+    def maps_device(self) -> torch.device:
+        """Where heatmaps are upsampled and gated: the model's GPU, else the CPU."""
+        return self.model.device if self.model.device.type == "cuda" else torch.device("cpu")
 
     @property
     def layers(self) -> list[int]:
@@ -206,13 +245,14 @@ class Reader:
         ``keep``: the generation carries its conversation, for follow-up questions."""
         args = (chats, recorded_layers(settings), max_new_tokens, self.system, bool(settings.get("rollout")), answers,
                 keep)
-        try:
-            return generate_batch(self.model, self.processor, *args)
-        except NonFiniteOutput:
-            if self.info.precision != "fp16":
-                raise
-            self._fall_back_to_fp32()
-            return generate_batch(self.model, self.processor, *args)
+        with self._model_lock:
+            try:
+                return generate_batch(self.model, self.processor, *args)
+            except NonFiniteOutput:
+                if self.info.precision != "fp16":
+                    raise
+                self._fall_back_to_fp32()
+                return generate_batch(self.model, self.processor, *args)
 
     def _settings(self, study: Radiograph | CTVolume) -> dict:
         """The grounding entry (layers, rollout, threshold, gates) for the study's modality."""
@@ -255,16 +295,24 @@ class Reader:
             languages.append(lang)
             groups.setdefault((isinstance(study, CTVolume), len(chats[-1][0])), []).append(i)
         readings: list[Reading | None] = [None] * len(loaded)
-        for members in groups.values():
-            for start in range(0, len(members), batch_size):
-                chunk = members[start : start + batch_size]
-                gens = self._generate([chats[i] for i in chunk], self._settings(loaded[chunk[0]]), n,
-                                      None if answers is None else [answers[i] for i in chunk])
-                for i, gen in zip(chunk, gens):
-                    t0 = time.perf_counter()
-                    readings[i] = self.remap(loaded[i], gen)
-                    readings[i].question, readings[i].language = chats[i][1], languages[i]
-                    readings[i].latencies = _latencies(gen, 0.0, time.perf_counter() - t0)
+
+        def finish(i: int, gen: Generation) -> None:  # a study's maps and masks from its generation
+            t0 = time.perf_counter()
+            readings[i] = self.remap(loaded[i], gen)
+            readings[i].question, readings[i].language = chats[i][1], languages[i]
+            readings[i].latencies = _latencies(gen, 0.0, time.perf_counter() - t0)
+
+        # a batch's maps are made (its studies side by side) while the next batch generates
+        with ThreadPoolExecutor(1, thread_name_prefix="read-many") as worker:
+            pending = []
+            for members in groups.values():
+                for start in range(0, len(members), batch_size):
+                    chunk = members[start : start + batch_size]
+                    gens = self._generate([chats[i] for i in chunk], self._settings(loaded[chunk[0]]), n,
+                                          None if answers is None else [answers[i] for i in chunk])
+                    pending.append(worker.submit(maps.each, finish, chunk, gens))
+            for done in pending:
+                done.result()
         return readings
 
     def read(self, image: str | Radiograph | CTVolume, question: str | None = None, max_new_tokens: int = 128,
@@ -324,8 +372,9 @@ class Reader:
     def _continue(self, study, conversation: Conversation, question: str, max_new_tokens: int) -> Generation:
         settings = self._settings(study)
         try:
-            return follow_up(self.model, self.processor, conversation, question, recorded_layers(settings),
-                             max_new_tokens, bool(settings.get("rollout")))
+            with self._model_lock:
+                return follow_up(self.model, self.processor, conversation, question, recorded_layers(settings),
+                                 max_new_tokens, bool(settings.get("rollout")))
         except ValueError as e:
             raise InputError(f"this conversation cannot be continued: {e}", status=409) from e
 
@@ -372,14 +421,14 @@ class Reader:
                 side: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
         """(region, what the finding says about it): the image's region for the finding (``find()``, from
         :mod:`grounding.extent`) when ``from_image`` and the image gives one, with the point it grew from
-        (``point(index)``: as the input's [i, j, k]), else the attention's own (the gated map's region at
+        (``point(index)``: as the input's [i, j, k]; ``find`` is given the attention's own region), else the attention's own (the gated map's region at
         ``threshold``), with the reason. ``side``: the named side's half (safety: an image region never
         crosses to the other side of the patient; it is cut at the midline like the attention); and it must
         stand for the finding (:func:`keeps_image_region`)."""
         own = maps.peak_region(heat, threshold)
         if from_image:
             try:
-                found = find()
+                found = find(own)
                 mask = found.mask if side is None else found.mask & side
                 if not mask.any():
                     reason = "the image's region lies on the other side of the patient"
@@ -403,7 +452,8 @@ class Reader:
         findings = answer.findings
         settings, gen = in_language(self.info.grounding, answer.language, gen)
         grids = [finding_grid(gen, rows, self.grid) for rows in self._score(gen, findings)]
-        heatmaps = [maps.grid_to_pixels(g, pad) for g in grids]
+        heatmaps = list(maps.grids_to_pixels(torch.as_tensor(np.stack(grids), device=self.maps_device), pad).cpu().numpy()) \
+            if grids else []
         threshold = float(settings.get("threshold", 0.5))
         gates = settings.get("gates", DEFAULT_XRAY_GATES)
         fields = self._lung_fields(radiograph.pixels) if "zone" in gates else None
@@ -418,16 +468,20 @@ class Reader:
             mask_maps.append(h * gate)
         geom = radiograph.geometry
         fields = fields if fields is not None else (self._lung_fields(radiograph.pixels) if image_extent(settings) else None)
-        regions, extras, film = [], [], {}  # film: what the image extent finds once per film, for every finding
+        # what the image extent finds once per film, for every finding
+        film = extent.film_cache(radiograph.pixels, fields, self.maps_device) if findings and image_extent(settings) else {}
         spacing, known = pixel_spacing_mm(radiograph)
-        for f, m in zip(findings, mask_maps):
+
+        def one(f: Finding, m: np.ndarray):  # a finding's region (findings in parallel)
             side = maps.side_gate(m.shape, f.side) > 0 if "side" in gates else None
-            region, info = self._extent(f, m, threshold, image_extent(settings), lambda: extent.find_on_radiograph(
+            region, info = self._extent(f, m, threshold, image_extent(settings), lambda own: extent.find_on_radiograph(
                 radiograph.pixels, spacing, m, f.kind, fields, film), lambda p: [int(p[1]), int(p[0]), 0], side)
             if info["extent"] == "image" and not known:
                 info["measured"]["spacing"] = ASSUMED_SPACING
-            regions.append(region)
-            extras.append(info)
+            return region, info
+
+        done = maps.each(one, findings, mask_maps)
+        regions, extras = [r for r, _ in done], [i for _, i in done]
         labels = maps.assign(regions, mask_maps) if regions else np.zeros(radiograph.pixels.shape, np.uint8)
         return Reading(
             report=answer.text, thinking=answer.thinking, answer_language=answer.language, findings=findings,
@@ -451,39 +505,58 @@ class Reader:
         gates = settings.get("gates", DEFAULT_CT_GATES)
         body, lungs = self._ct_anatomy(volume)
         lungs = lungs if "lung" in gates else None
-        depth = volume.shape[0]
-        grids, heat, mask_maps = [], [], []
-        allowed = body & lungs if lungs is not None else body
-        for f, rows in zip(findings, self._score(gen, findings)):
+        depth, device = volume.shape[0], self.maps_device
+        allowed = torch.as_tensor(body & lungs if lungs is not None else body, device=device)
+        columns = {f.side: ct_maps.side_columns(body, f.side) for f in findings} if "side" in gates else {}
+        threshold, from_image = float(settings.get("threshold", 0.5)), image_extent(settings)
+
+        def one(f: Finding, rows: list[int]):  # a finding's grids, heatmap, gated map, region (findings in parallel)
             g = ct_maps.slice_grids(gen.attention, rows, self.grid, len(ms.images))
-            h = ct_maps.volume_heatmap(g, ms, depth)
-            grids.append(g)
-            heat.append(h)
-            m = h * allowed
-            if "side" in gates:
-                m[:, :, ~ct_maps.side_columns(body, f.side)] = 0
-            mask_maps.append(m)
-        threshold = float(settings.get("threshold", 0.5))
-        regions, found = [], []
-        for f, m in zip(findings, mask_maps):
-            side = ct_maps.side_columns(body, f.side)[None, None, :] if "side" in gates else None
-            region, info = self._extent(f, m, threshold, image_extent(settings), lambda: extent.find_in_ct(
-                volume.hu, volume.spacing, m, f.kind), lambda p: [int(i) for i in reversed(volume.stored_index(p))], side)
-            regions.append(region)
-            found.append(info)
+            h = ct_maps.volume_heatmap(g, ms, depth, device)
+            m = ct_maps.gated(h, allowed, torch.as_tensor(columns[f.side], device=device) if columns else None)
+            h, m = h.cpu().numpy(), m.cpu().numpy()
+            side = columns[f.side][None, None, :] if columns else None
+            region, info = self._extent(f, m, threshold, from_image, lambda own: extent.find_in_ct(
+                volume.hu, volume.spacing, m, f.kind, own), lambda p: [int(i) for i in reversed(volume.stored_index(p))], side)
+            return g, h, m, region, info
+
+        done = maps.each(one, findings, self._score(gen, findings))
+        grids, heat, mask_maps, regions, found = (list(x) for x in zip(*done)) if done else ([], [], [], [], [])
         labels = maps.assign(regions, mask_maps) if regions else np.zeros(volume.shape, np.uint8)
-        extras = [{**ct_maps.slice_info(volume, g, m, labels == k), **info}
-                  for k, (g, m, info) in enumerate(zip(grids, mask_maps, found), start=1)]
+        extras = maps.each(lambda k, g, m, info: {**ct_maps.slice_info(volume, g, m, labels == k), **info},
+                           range(1, len(grids) + 1), grids, mask_maps, found)
         index = [{"model_slice": n, "display_z": z, "source_index": volume.display_to_stored_index(z),
                   "world_z_mm": round(volume.world_z(z), 3)} for n, z in enumerate(ms.indices, start=1)]
         return Reading(
             report=answer.text, thinking=answer.thinking, answer_language=answer.language, findings=findings,
             names=unique_names(findings), grids=grids,
-            heatmaps=[volume.to_input(h) for h in heat], mask_maps=[volume.to_input(m) for m in mask_maps],
+            heatmaps=maps.each(volume.to_input, heat), mask_maps=maps.each(volume.to_input, mask_maps),
             labels=volume.to_input(labels, nearest=True).astype(np.uint8), study=volume, geometry=volume.geometry,
             pad=ms.pad, model_inputs=ms.images, inputs_index=index, question=question, model=self._model_dict(gen),
             modality="ct", extras=extras, generation=gen, display_labels=labels, display_heatmaps=heat,
         )
+
+
+WARM_UP_SEED = 7  # the phantom read at warm-up (any phantom: only the shapes matter)
+
+
+def warm_up_study(modality: str, slices: int) -> Radiograph | CTVolume:
+    """A phantom study of ``modality`` for the warm-up; a CT with at least ``slices`` slices (stretched along z
+    when the phantom has fewer), so that the model is shown as many slices as a clinical CT gives it."""
+    if modality == "xray":
+        from .phantoms import make_phantom
+        from .xray import Geometry
+
+        image = make_phantom(WARM_UP_SEED).image
+        return Radiograph(image, Geometry.plain(*image.shape))
+    from .ct_phantoms import make_ct_phantom, phantom_volume
+
+    ph = make_ct_phantom(WARM_UP_SEED)
+    if ph.hu.shape[0] < slices:
+        factor = slices / ph.hu.shape[0]
+        hu = ndimage.zoom(ph.hu.astype(np.float32), (factor, 1, 1), order=1)
+        ph = dataclasses.replace(ph, hu=hu, spacing=(ph.spacing[0], ph.spacing[1], ph.spacing[2] / factor))
+    return phantom_volume(ph)
 
 
 ASSUMED_SPACING = "assumed: the film's longer side 430 mm (the file gives no pixel spacing)"
@@ -504,8 +577,9 @@ def keeps_image_region(region: np.ndarray, own: np.ndarray, kind: str) -> bool:
     ratio = region.sum() / own.sum()
     if kind in extent.AIRSPACE and ratio < KEEP_SMALLEST_AIRSPACE:
         return False
-    centre = tuple(int(round(c)) for c in ndimage.center_of_mass(region))
-    return bool(own[centre]) or ((region & own).sum() >= KEEP_OVERLAP * region.sum() and ratio <= KEEP_LARGEST)
+    box = extent.bounding_box(region)  # the same centre and overlap, on the region's box only
+    centre = tuple(int(round(c)) + b.start for c, b in zip(ndimage.center_of_mass(region[box]), box))
+    return bool(own[centre]) or ((region[box] & own[box]).sum() >= KEEP_OVERLAP * region.sum() and ratio <= KEEP_LARGEST)
 
 
 def image_extent(settings: dict) -> bool:

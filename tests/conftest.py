@@ -69,10 +69,11 @@ def reader_in(request):
 
 @pytest.fixture(scope="module")
 def server(studies):
-    """A real MONAI Label server on the calling test module's own ``studies`` folder."""
+    """A real MONAI Label server on the calling test module's own ``studies`` folder, warming up at start as a
+    GPU server does (``--conf warm_up true``; compiled artefacts, where there are any, in its work folder)."""
     from monailabel_app.server import ServerProcess
 
-    with ServerProcess(str(studies)) as s:
+    with ServerProcess(str(studies), conf={"warm_up": "true"}) as s:
         yield s
 
 

@@ -124,3 +124,41 @@ def test_fp16_overflow_falls_back_to_fp32_with_a_warning(caplog):
     assert "reloading in fp32" in caplog.text
     assert r.info.precision == "fp32" and reading.model["precision"] == "fp32"
     assert reading.report == ph.report
+
+
+def test_int8_engine_is_torchao_unless_asked_for_bitsandbytes(monkeypatch):
+    monkeypatch.delenv(loading.INT8_ENV, raising=False)
+    assert loading.int8_engine() == "torchao"  # installed with the test extras
+    monkeypatch.setenv(loading.INT8_ENV, "bitsandbytes")
+    assert loading.int8_engine() == "bitsandbytes"
+    monkeypatch.setenv(loading.INT8_ENV, "gptq")
+    with pytest.raises(ModelLoadError, match="torchao or bitsandbytes"):
+        loading.int8_engine()
+
+
+def test_int8_weight_only_keeps_the_phantom_models_answers():
+    """torchao's int8 weights on every linear layer of the phantom model but the tied output head: the same
+    reports as its own weights on phantom films (weights are what changes, not what is read)."""
+    from torchao.quantization import Int8Tensor
+
+    plain, quantised = Reader(precision="fp32"), Reader(precision="fp32")
+    loading.int8_weight_only(quantised.model)
+    lm = quantised.model.model.language_model
+    assert isinstance(lm.layers[0].mlp.gate_proj.weight, Int8Tensor)
+    assert quantised.model.lm_head.weight.data_ptr() == lm.embed_tokens.weight.data_ptr()  # still tied, not quantised
+    films = [make_phantom(s) for s in (3, 7, 11, 23)]
+    for ph in films:
+        study = Radiograph(ph.image, Geometry.plain(*ph.image.shape))
+        assert quantised.read(study).report == plain.read(study).report
+
+
+def test_warm_up_reads_each_modality_and_says_where_it_stands(caplog):
+    reader = Reader(precision="fp32")
+    assert reader.warm["state"] == "not started"
+    with caplog.at_level(logging.INFO, logger="monailabel_app"):
+        warm = reader.warm_up(max_new_tokens=32)
+    assert warm["state"] == "done" and [s["modality"] for s in warm["shapes"]] == ["xray", "ct"]
+    ct = warm["shapes"][1]
+    # the warm-up CT shows the model as many slices as it takes (the phantom is stretched along z)
+    assert ct["prompt_tokens"] > int(reader.ct["max_slices"]) * reader.grid**2
+    assert sum("warm-up" in r.getMessage() for r in caplog.records) == 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import shutil
+import time
 
 import numpy as np
 import pytest
@@ -68,6 +69,22 @@ def test_info_lists_medgemma_for_the_slicer_plugin(client):
     # the server reads in the precision the policy gives this machine, and says why
     assert m["config"]["precision"] == m["model"]["precision"] == auto_precision()
     assert m["model"]["precision_reason"] and "NOT MedGemma" in m["model"]["label"]
+
+
+def test_the_server_warms_up_at_start_and_says_so(server):
+    """``--conf warm_up true``: in the background, a phantom radiograph and a phantom CT are read twice each;
+    ``/info/`` says when it is done, with each shape's times, and the log has a line per shape."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        warm = requests.get(server.url + "/info/", timeout=30).json()["models"]["medgemma"]["warm_up"]
+        if warm["state"] != "running":
+            break
+        time.sleep(0.5)
+    assert warm["state"] == "done", warm
+    assert [s["modality"] for s in warm["shapes"]] == ["xray", "ct"]
+    assert all(s["prompt_tokens"] > 0 and s["first_s"] > 0 and s["then_s"] > 0 for s in warm["shapes"])
+    log = server.log_tail(200_000)
+    assert "warm-up xray:" in log and "warm-up ct:" in log and "warm-up done" in log
 
 
 @pytest.mark.parametrize("seed", PHANTOM_SEEDS)

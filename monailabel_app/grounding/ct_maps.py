@@ -21,6 +21,7 @@ slice (``SLICE n``) that drew most of the finding's attention.
 from __future__ import annotations
 
 import numpy as np
+import torch
 
 from . import maps
 from ..ct import CTVolume, ModelSlices
@@ -37,22 +38,46 @@ def slice_grids(attention, rows: list[int], grid: int, n_images: int) -> np.ndar
 
 def fill_slices(planes: np.ndarray, indices: list[int], depth: int) -> np.ndarray:
     """(depth, rows, cols): ``planes[i]`` at display slice ``indices[i]``, linear in z between them."""
-    order = np.argsort(indices)
-    zs = np.asarray(indices, float)[order]
+    lo, hi, w, order = _z_weights(indices, depth)
     stack = planes[order]
-    if len(zs) == 1:
-        return np.repeat(stack, depth, axis=0)
-    pos = np.interp(np.arange(depth, dtype=float), zs, np.arange(len(zs), dtype=float))
-    lo = np.floor(pos).astype(int)
-    hi = np.minimum(lo + 1, len(zs) - 1)
-    w = (pos - lo).astype(np.float32)[:, None, None]
+    w = w.astype(np.float32)[:, None, None]
     return stack[lo] * (1 - w) + stack[hi] * w
 
 
-def volume_heatmap(grids: np.ndarray, ms: ModelSlices, depth: int) -> np.ndarray:
-    """float32 (z, y, x) on the display grid from per-slice token grids."""
-    planes = np.stack([maps.grid_to_pixels(g, ms.pad) for g in grids])
-    return fill_slices(planes, ms.indices, depth).astype(np.float32, copy=False)
+def _z_weights(indices: list[int], depth: int):
+    """Per display slice: the two sampled slices (positions in ``order``) it lies between and the weight
+    of the second (the nearest one outside the sampled range)."""
+    order = np.argsort(indices)
+    zs = np.asarray(indices, float)[order]
+    if len(zs) == 1:
+        zero = np.zeros(depth, int)
+        return zero, zero, np.zeros(depth), order
+    pos = np.interp(np.arange(depth, dtype=float), zs, np.arange(len(zs), dtype=float))
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, len(zs) - 1)
+    return lo, hi, pos - lo, order
+
+
+def volume_heatmap(grids: np.ndarray, ms: ModelSlices, depth: int, device="cpu") -> torch.Tensor:
+    """float32 (z, y, x) on the display grid from per-slice token grids, as a tensor on ``device``.
+
+    The z interpolation runs on the token grids first and each display slice's grid is then upsampled
+    once (both steps are linear, so the order does not change the result beyond float rounding): one
+    bilinear pass over the volume instead of an upsampling per model slice and a blend of full planes."""
+    lo, hi, w, order = _z_weights(ms.indices, depth)
+    g = torch.as_tensor(np.asarray(grids, np.float32)[order], device=device)
+    wt = torch.as_tensor(w, dtype=torch.float32, device=device)[:, None, None]
+    per_slice = g[torch.as_tensor(lo, device=device)] * (1 - wt) + g[torch.as_tensor(hi, device=device)] * wt
+    return maps.grids_to_pixels(per_slice, ms.pad)
+
+
+def gated(heat: torch.Tensor, allowed: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
+    """The heatmap kept inside ``allowed`` (the body, or the lungs: bool, same grid) and, for a finding that
+    names a side, on that side's ``columns`` (bool (x,), :func:`side_columns`), zero elsewhere."""
+    m = heat * allowed
+    if columns is not None:
+        m[:, :, ~columns] = 0
+    return m
 
 
 def side_gate(body: np.ndarray, side: str) -> np.ndarray:

@@ -34,7 +34,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 from scipy import ndimage
+
+from . import filters
 
 FOCAL = ("nodule", "mass", "lesion", "calcification", "cavity", "lymphadenopathy")
 AIRSPACE = ("opacity", "consolidation", "ground-glass opacity", "pneumonia", "atelectasis", "edema")
@@ -142,6 +145,11 @@ def _around(mask: np.ndarray, margin) -> tuple[slice, ...]:
     return tuple(slice(max(0, int(i[0]) - m), min(n, int(i[-1]) + m + 1)) for i, m, n in zip(idx, margin, mask.shape))
 
 
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
+    """The bounding box of a non-empty ``mask``."""
+    return _around(mask, [0] * mask.ndim)
+
+
 def inside_distance(region: np.ndarray, spacing) -> np.ndarray:
     """``distance_transform_edt(region)`` (mm to the nearest voxel outside it), computed on the region's
     bounding box and one voxel more: the same numbers, on a fraction of a large search box."""
@@ -212,19 +220,22 @@ def territory(lungs: np.ndarray, min_pixels: int = 20) -> np.ndarray:
     for z, plane in enumerate(planes):
         if plane.sum() >= min_pixels:
             kept = ndimage.binary_opening(plane) if plane.sum() > 4 * min_pixels else plane
-            out[z] = hulls(kept) | plane
+            out[z] = hulls(kept, min_pixels) | plane
     return out[0] if lungs.ndim == 2 else out
 
 
-def hulls(plane: np.ndarray) -> np.ndarray:
-    """The convex hull of each 8-connected piece of ``plane``, together (``skimage``'s ``convex_hull_object``,
-    each hull computed on its piece's bounding box instead of the whole plane: the same pixels, faster)."""
+def hulls(plane: np.ndarray, min_pixels: int = 0) -> np.ndarray:
+    """The convex hull of each 8-connected piece of ``plane`` of at least ``min_pixels``, together (smaller
+    pieces are left out: specks of air in a dense region bound no territory). ``skimage``'s
+    ``convex_hull_object``, each hull computed on its piece's bounding box instead of the whole plane: the
+    same pixels, faster."""
     from skimage.morphology import convex_hull_image
 
     labels, _ = ndimage.label(plane, structure=np.ones((3, 3), bool))
     out = np.zeros(plane.shape, bool)
+    sizes = np.bincount(labels.ravel()) if min_pixels else None
     for k, box in enumerate(ndimage.find_objects(labels), start=1):
-        if box is not None:
+        if box is not None and (sizes is None or sizes[k] >= min_pixels):
             out[box] |= convex_hull_image(labels[box] == k)
     return out
 
@@ -396,16 +407,21 @@ def noise_level(pixels: np.ndarray) -> float:
 
 
 def grow_radiograph(pixels: np.ndarray, spacing, seed, kind: str, fields=None,
-                    background: list | None = None, search_mm: float = 0.0, cap_mm: float | None = None) -> Extent:
+                    background: list | None = None, search_mm: float = 0.0, cap_mm: float | None = None,
+                    cache: dict | None = None) -> Extent:
     """The region of ``kind`` at pixel ``seed`` (row, col) of a film (bright = dense; ``spacing`` mm per row
     and column). ``fields``: the lung fields (:class:`anatomy.LungFields`) for the territory, the lung's level and the share
     limit; ``search_mm``: the point may move this far to the densest spot near it (a click on a lesion's
     edge, an attention peak beside it); ``cap_mm``: the region reaches no farther from the seed. Raises
-    :class:`NoExtent`."""
+    :class:`NoExtent`. ``cache``: a dict kept for one film (its smoothed copy, noise and territory are the
+    film's: made once for all of its findings)."""
     if method_of(kind, 2) is None:
         raise NoExtent(f"no image method for {kind!r} on a radiograph")
     spacing = tuple(float(s) for s in spacing)
-    film = ndimage.gaussian_filter(np.asarray(pixels, np.float32), 1.0)
+    cache = {} if cache is None else cache
+    if "smooth" not in cache:
+        cache["smooth"] = ndimage.gaussian_filter(np.asarray(pixels, np.float32), 1.0)
+    film = cache["smooth"]
     if search_mm > 0:
         win = _box(film.shape, seed, [max(1, int(round(search_mm / s))) for s in spacing])
         k = np.unravel_index(int(np.argmax(film[win])), film[win].shape)
@@ -413,7 +429,9 @@ def grow_radiograph(pixels: np.ndarray, spacing, seed, kind: str, fields=None,
     hi = limits_mm(kind)[1]
     box = _box(film.shape, seed, [int(np.ceil(SEARCH * hi / s)) + 2 for s in spacing])
     terr, lungs_size = None, np.inf
-    if fields is not None and (terr := film_territory(fields.right, fields.left)) is not None:
+    if fields is not None and "territory" not in cache:
+        cache["territory"] = film_territory(fields.right, fields.left)
+    if fields is not None and (terr := cache["territory"]) is not None:
         aerated = (fields.right if fields.right is not None else False) | (fields.left if fields.left is not None else False)
         lungs_size = float(aerated.sum())
         dark = film[box][aerated[box]]
@@ -426,7 +444,9 @@ def grow_radiograph(pixels: np.ndarray, spacing, seed, kind: str, fields=None,
         rows, cols = np.ogrid[: film.shape[0], : film.shape[1]]
         disc = ((rows - seed[0]) * spacing[0]) ** 2 + ((cols - seed[1]) * spacing[1]) ** 2 <= cap_mm**2
         terr = disc if terr is None else terr & disc
-    return grow(film, spacing, seed, kind, lung_level, MIN_CONTRAST_NOISE * noise_level(pixels), terr, background,
+    if "noise" not in cache:
+        cache["noise"] = noise_level(pixels)
+    return grow(film, spacing, seed, kind, lung_level, MIN_CONTRAST_NOISE * cache["noise"], terr, background,
                 lungs_size)
 
 
@@ -449,33 +469,47 @@ BLOB_REACH = 2.0  # a film's region reaches at most this many of its blob's radi
 BLOB_MAX_SIDE = 1024  # a larger film is searched for blobs on a block-averaged copy (the same radii in mm)
 
 
-def blobs(pixels: np.ndarray, spacing, kind: str) -> tuple[np.ndarray, np.ndarray]:
+def blobs(pixels: np.ndarray, spacing, kind: str, device=None) -> tuple[np.ndarray, np.ndarray]:
     """(strength, radius_mm) per pixel: how much each pixel is the centre of a bright blob (the
     scale-normalised negative Laplacian of Gaussian, the largest over the radii up to half the kind's
     size) and the radius it is strongest at. A lesion is a blob; a rib's or the heart's edge is an edge.
     A film over :data:`BLOB_MAX_SIDE` pixels is searched on its block average (a 2 mm blob is still 5
     pixels across on a 0.2 mm film halved), each block's answer given to its pixels: a 2k film costs what
-    a 1k film does, not eight times as much."""
+    a 1k film does, not eight times as much. ``device``: a CUDA device filters there (:mod:`filters`, equal
+    to scipy's to float rounding); otherwise scipy on the CPU."""
     a = np.asarray(pixels, np.float32)
     f = int(np.ceil(max(a.shape) / BLOB_MAX_SIDE))
     if f == 1:
-        return _blobs(a, spacing, kind)
-    s, r = _blobs(block_mean(a, f), tuple(float(x) * f for x in spacing), kind)
+        return _blobs(a, spacing, kind, device)
+    s, r = _blobs(block_mean(a, f), tuple(float(x) * f for x in spacing), kind, device)
     return blocks_back(s, f, a.shape, -np.inf), blocks_back(r, f, a.shape, 0.0)
 
 
-def _blobs(a: np.ndarray, spacing, kind: str) -> tuple[np.ndarray, np.ndarray]:
+def _blobs(a: np.ndarray, spacing, kind: str, device=None) -> tuple[np.ndarray, np.ndarray]:
     top = limits_mm(kind)[1] / 2
     strength = np.full(a.shape, -np.inf, np.float32)
     radius = np.zeros(a.shape, np.float32)
+    on_gpu = device is not None and torch.device(device).type == "cuda"
+    t = torch.as_tensor(a, dtype=torch.float64, device=device) if on_gpu else None
     for r in [r for r in BLOB_SCALES_MM if r <= top] or [BLOB_SCALES_MM[0]]:
         sigma = [r / 1.4 / s for s in spacing]
         if max(sigma) * 4 > max(a.shape):
             break
-        response = -ndimage.gaussian_laplace(a, sigma) * float(np.mean(sigma) ** 2)
+        laplace = filters.gaussian_laplace(t, sigma).float().cpu().numpy() if on_gpu else \
+            ndimage.gaussian_laplace(a, sigma)
+        response = -laplace * float(np.mean(sigma) ** 2)
         better = response > strength
         strength[better], radius[better] = response[better], r
     return strength, radius
+
+
+def film_cache(pixels: np.ndarray, fields=None, device=None) -> dict:
+    """What the film's findings share, made once before they are looked at side by side: its lung
+    territory, its smoothed copy and its noise (the cache :func:`find_on_radiograph` takes); ``device``:
+    where its blobs are filtered (:func:`blobs`)."""
+    return {"territory": film_territory(fields.right, fields.left) if fields is not None else None,
+            "smooth": filters.smoothed(pixels, 1.0, device), "noise": noise_level(pixels),
+            "device": device}
 
 
 def find_on_radiograph(pixels: np.ndarray, spacing, heat: np.ndarray, kind: str, fields=None,
@@ -499,10 +533,11 @@ def find_on_radiograph(pixels: np.ndarray, spacing, heat: np.ndarray, kind: str,
     if not search.any():
         raise NoExtent("attention points outside the lungs")
     scales = ("blobs", tuple(r for r in BLOB_SCALES_MM if r <= limits_mm(kind)[1] / 2))
-    if scales not in cache:
-        cache[scales] = blobs(pixels, spacing, kind)
-    strength, radius = cache[scales]
-    peaks = search & (strength == ndimage.maximum_filter(strength, size=3)) & (strength > 0)
+    if scales not in cache:  # the film's blobs at these radii, and where they peak
+        strength, radius = blobs(pixels, spacing, kind, cache.get("device"))
+        cache[scales] = strength, radius, (strength == ndimage.maximum_filter(strength, size=3)) & (strength > 0)
+    strength, radius, tops = cache[scales]
+    peaks = search & tops
     if peaks.any():
         peaks &= strength >= 0.5 * strength[peaks].max()
     if not peaks.any():
@@ -511,23 +546,55 @@ def find_on_radiograph(pixels: np.ndarray, spacing, heat: np.ndarray, kind: str,
     candidates = np.argwhere(peaks)
     seed = tuple(int(i) for i in candidates[int(np.argmin((((candidates - at) * spacing) ** 2).sum(axis=1)))])
     cap = None if method_of(kind, 2) == "fluid" else BLOB_REACH * float(radius[seed])
-    return grow_radiograph(pixels, spacing, seed, kind, fields, cap_mm=cap)
+    return grow_radiograph(pixels, spacing, seed, kind, fields, cap_mm=cap, cache=cache)
 
 
 CANDIDATES = 3  # CT: dense regions tried where attention points, most attended first
+DEEPEST_FINE_VOXELS = 1_000_000  # a larger region's deepest voxel is looked for on 2 x 2 in-plane blocks first
 
 
-def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str) -> Extent:
+def near_box(near: np.ndarray, spacing, kind: str) -> tuple[slice, ...]:
+    """The box around ``near`` (the attention's own region) grown by the kind's largest diameter per axis. A
+    region that stands for the finding must reach into ``near`` or have its centre there (the reader's rule),
+    and a region grown from a seed reaches no farther than its own diameter: a seed farther out than that
+    cannot give one. This keeps a diffuse attention's search (half a chest) to where it points most."""
+    hi = limits_mm(kind)[1]
+    return _around(near, [int(np.ceil(hi / s)) + 1 for s in spacing])
+
+
+def deepest(part: np.ndarray, spacing) -> tuple[int, ...]:
+    """The voxel of ``part`` farthest inside it (the maximum of its inside distance). A part whose bounding
+    box holds more than :data:`DEEPEST_FINE_VOXELS` is measured on 2 x 2 in-plane blocks wholly inside it (a
+    quarter of the work; the voxel found is within a voxel of the finest answer)."""
+    box = _around(part, [1] * part.ndim)
+    sub = part[box]
+    step = 2 if sub.size > DEEPEST_FINE_VOXELS and min(sub.shape[1:]) >= 8 else 1
+    if step == 2:
+        coarse = block_mean(sub.astype(np.float32), 2) == 1.0  # a block is inside when all of its voxels are
+        if coarse.any():
+            sub, spacing = coarse, (spacing[0], 2 * spacing[1], 2 * spacing[2])
+        else:
+            step = 1
+    k = np.unravel_index(int(np.argmax(inside_distance(sub, spacing))), sub.shape)
+    k = (k[0], k[1] * step, k[2] * step)
+    return tuple(int(i + b.start) for i, b in zip(k, box))
+
+
+def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.ndarray | None = None) -> Extent:
     """A finding's extent in a CT from its gated attention map ``heat`` (display grid): of the dense regions
     (above -500 HU, smoothed) in the region attention points at, the most attended one that the kind's rule
     (:func:`grow_ct`, from its deepest voxel) accepts as a ``kind`` (a mass beside a nodule is not the
-    nodule). Raises :class:`NoExtent` with the first candidate's reason."""
+    nodule). ``near``: the attention's own region (the mask it would give); the search then keeps to within
+    the kind's largest diameter of it (:func:`near_box`). Raises :class:`NoExtent` with the first
+    candidate's reason."""
     if method_of(kind, 3) is None:
         raise NoExtent(f"no image method for {kind!r} on CT")
     search = _search_region(heat)
     if not search.any():
         raise NoExtent("attention gives no region")
-    box = ndimage.find_objects(search.astype(np.uint8))[0]
+    box = bounding_box(search)
+    if near is not None and near.any():
+        box = tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(box, near_box(near, spacing, kind)))
     sub = ndimage.gaussian_filter(np.asarray(hu[box], np.float32), [0.6 * min(spacing) / s for s in spacing])
     if method_of(kind, 3) == "air":
         dense = sub < -950
@@ -544,10 +611,7 @@ def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str) -> Extent:
     weight = ndimage.sum_labels(heat[box], labels, index=np.arange(1, n + 1))
     failed = None
     for lab in np.argsort(weight)[::-1][:CANDIDATES]:  # the most attended first; the first that is a `kind`
-        part = labels == int(lab) + 1
-        depth = inside_distance(part, spacing)
-        local = np.unravel_index(int(np.argmax(depth)), part.shape)
-        seed = tuple(int(i + b.start) for i, b in zip(local, box))
+        seed = tuple(int(i + b.start) for i, b in zip(deepest(labels == int(lab) + 1, spacing), box))
         try:
             return grow_ct(hu, spacing, seed, kind)
         except NoExtent as e:

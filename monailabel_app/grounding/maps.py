@@ -26,6 +26,10 @@ the finding whose scaled heatmap is larger there. Labels are 1..n in finding ord
 
 from __future__ import annotations
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -36,9 +40,13 @@ from ..xray import SquarePad
 
 def grid_to_pixels(grid: np.ndarray, pad: SquarePad) -> np.ndarray:
     """Upsample a (g, g) token-grid map to the square and crop the padding: float32 (rows, cols)."""
-    t = torch.as_tensor(np.asarray(grid, np.float32))[None, None]
-    square = F.interpolate(t, size=(pad.side, pad.side), mode="bilinear", align_corners=False)[0, 0]
-    return square[pad.top : pad.top + pad.rows, pad.left : pad.left + pad.cols].numpy().copy()
+    return grids_to_pixels(torch.as_tensor(np.asarray(grid, np.float32))[None], pad)[0].numpy()
+
+
+def grids_to_pixels(grids: torch.Tensor, pad: SquarePad) -> torch.Tensor:
+    """:func:`grid_to_pixels` for a stack of grids (n, g, g), on their device: (n, rows, cols) float32."""
+    square = F.interpolate(grids[:, None].float(), size=(pad.side, pad.side), mode="bilinear", align_corners=False)[:, 0]
+    return square[:, pad.top : pad.top + pad.rows, pad.left : pad.left + pad.cols].contiguous()
 
 
 def side_gate(shape: tuple[int, int], side: str) -> np.ndarray:
@@ -114,3 +122,20 @@ def label_map(heatmaps: list[np.ndarray], threshold: float = 0.5) -> np.ndarray:
     if not heatmaps:
         raise ValueError("label_map needs the image shape: use empty_label_map for no findings")
     return assign([peak_region(h, threshold) for h in heatmaps], heatmaps)
+
+
+_POOL: ThreadPoolExecutor | None = None
+MAP_THREADS = min(8, os.cpu_count() or 1)
+
+
+def each(fn, *items) -> list:
+    """``[fn(*args) for args in zip(*items)]``, the calls run side by side in a shared thread pool (a
+    reading's findings: their map and region work is numpy, scipy and torch code that releases the GIL).
+    One item, one CPU, or a call from inside the pool (it would wait on itself) runs in the calling thread."""
+    global _POOL
+    args = list(zip(*items))
+    if len(args) <= 1 or MAP_THREADS == 1 or threading.current_thread().name.startswith("maps"):
+        return [fn(*a) for a in args]
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(MAP_THREADS, thread_name_prefix="maps")
+    return list(_POOL.map(lambda a: fn(*a), args))

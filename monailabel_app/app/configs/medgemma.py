@@ -12,7 +12,12 @@
 * ``memory_guard_mib``: refuse (503) a study whose estimated working memory is larger (0: off);
 * server guards (main.py): ``max_upload_mib`` (2048), ``max_queue`` (8 inference requests at once);
 * conversations: ``conversations`` (16 open at most), ``conversation_mib`` (2048: kept context in all),
-  ``conversation_ttl_s`` (1800: idle time before one expires).
+  ``conversation_ttl_s`` (1800: idle time before one expires);
+* start-up: ``warm_up`` (auto: on a GPU; true; false): right after loading, in the background, read a phantom
+  radiograph and a phantom CT so that the common decode shapes are compiled and captured before the first
+  request (a log line per shape with its time; ``/info/`` says ``warm_up.state``: running, done, failed);
+  ``compile_cache`` (folder for compiled kernels, reused by a restart; default
+  ``~/.cache/monailabel-medgemma/compile``).
 
 Per request (``params``): ``question``, ``language`` (auto, zh, en), ``max_new_tokens``, ``modality`` (auto, ct, xray),
 ``max_slices`` (CT: slices shown to the model; default the model's, 85 for MedGemma 1.5),
@@ -23,11 +28,16 @@ about the same image: a follow-up question).
 from __future__ import annotations
 
 
+import os
+import threading
+
 from monailabel.interfaces.config import TaskConfig
 
 from monailabel_app.app.infers.medgemma import MedGemmaInfer
 from monailabel_app.conversation import MAX_BYTES, MAX_CONVERSATIONS, TTL_SECONDS, Conversations
 from monailabel_app.ct import Limits
+from monailabel_app.decoding import COMPILE_CACHE_ENV, use_compile_cache
+from monailabel_app.errors import InputError
 from monailabel_app.language.asking import check_language
 from monailabel_app.reader import Reader
 
@@ -35,6 +45,9 @@ from monailabel_app.reader import Reader
 class MedGemma(TaskConfig):
     def init(self, name, model_dir, conf, planner, **kwargs):
         super().init(name, model_dir, conf, planner, **kwargs)
+        if conf.get("compile_cache"):
+            os.environ[COMPILE_CACHE_ENV] = os.path.abspath(conf["compile_cache"])
+        use_compile_cache()
         self.reader = Reader(
             conf.get("model") or None,
             device=conf.get("device", "auto"),
@@ -55,6 +68,10 @@ class MedGemma(TaskConfig):
         self.default_question = conf.get("question") or None
         self.language = check_language(conf.get("language") or "auto")
         self.max_new_tokens = int(conf.get("max_new_tokens", 128))
+        if wants_warm_up(conf.get("warm_up", "auto"), self.reader.info.device):
+            threading.Thread(target=self.reader.warm_up, kwargs={"max_new_tokens": self.max_new_tokens,
+                                                                   "language": self.language},
+                             name="warm-up", daemon=True).start()
 
     def infer(self):
         info = self.reader.info
@@ -77,3 +94,16 @@ class MedGemma(TaskConfig):
 
     def trainer(self):
         return None
+
+
+def wants_warm_up(value, device: str) -> bool:
+    """``--conf warm_up``: auto (on a GPU, where compiling and capturing the decode steps takes long), true,
+    false."""
+    value = str(value).strip().lower()
+    if value == "auto":
+        return device.startswith("cuda")
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise InputError(f"--conf warm_up must be auto, true or false, got {value!r}")

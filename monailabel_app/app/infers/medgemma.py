@@ -56,6 +56,7 @@ class MedGemmaInfer(InferTask):
     def info(self):
         info = super().info()
         info["model"] = self.reader.info.public()
+        info["warm_up"] = dict(self.reader.warm)
         return info
 
     def __call__(self, request):

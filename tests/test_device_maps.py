@@ -1,0 +1,124 @@
+"""Maps built with torch on the model's device, against the plain per-plane construction, and the same
+reading on the CPU and on a GPU (where there is one: the lent H200 runs this file too)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import shared
+from monailabel_app.ct import model_slices
+from monailabel_app.ct_phantoms import make_ct_phantom, phantom_volume
+from monailabel_app.grounding import ct_maps, maps
+from monailabel_app.phantoms import make_phantom
+from monailabel_app.xray import Geometry, Radiograph, pad_to_square
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+# documented tolerance of a device's heatmap against the plain construction: float rounding of two linear steps
+HEAT_TOLERANCE = 1e-5  # of the heatmap's maximum
+
+
+def _reference_volume(grids, ms, depth):
+    """The construction before the device maps: every model slice upsampled, then full planes blended in z."""
+    planes = np.stack([maps.grid_to_pixels(g, ms.pad) for g in grids])
+    return ct_maps.fill_slices(planes, ms.indices, depth)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_volume_heatmap_on_the_device_equals_the_plane_by_plane_construction(device):
+    ph = make_ct_phantom(3)
+    vol = phantom_volume(ph)
+    ms = model_slices(vol, 20)  # fewer model slices than display slices: z is interpolated
+    grids = np.random.default_rng(0).random((len(ms.indices), 16, 16)).astype(np.float32)
+    got = ct_maps.volume_heatmap(grids, ms, vol.shape[0], device)
+    assert got.device.type == device and got.dtype == torch.float32 and tuple(got.shape) == vol.shape
+    ref = _reference_volume(grids, ms, vol.shape[0])
+    assert np.abs(got.cpu().numpy() - ref).max() <= HEAT_TOLERANCE * ref.max()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gates_on_the_device_keep_the_body_and_the_named_side(device):
+    body = np.zeros((3, 8, 10), bool)
+    body[:, 1:7, 2:10] = True  # off-centre: the midline at x = 5.5
+    heat = torch.ones(3, 8, 10, device=device)
+    cols = ct_maps.side_columns(body, "right")
+    m = ct_maps.gated(heat, torch.as_tensor(body, device=device), torch.as_tensor(cols, device=device)).cpu().numpy()
+    assert (m == (body & cols[None, None, :])).all()
+    assert (ct_maps.gated(heat, torch.as_tensor(body, device=device), None).cpu().numpy() == body).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_radiograph_grids_upsample_in_one_batch(device):
+    image = make_phantom(11).image
+    _, pad = pad_to_square(image)
+    grids = np.random.default_rng(1).random((3, 16, 16)).astype(np.float32)
+    got = maps.grids_to_pixels(torch.as_tensor(grids, device=device), pad).cpu().numpy()
+    for g, h in zip(grids, got):
+        assert h.shape == image.shape
+        assert np.abs(h - maps.grid_to_pixels(g, pad)).max() <= HEAT_TOLERANCE * h.max()
+
+
+def test_findings_run_side_by_side_and_keep_their_order():
+    order = maps.each(lambda a, b: (a, b, __import__("threading").current_thread().name), range(6), "abcdef")
+    assert [(a, b) for a, b, _ in order] == list(zip(range(6), "abcdef"))
+    if maps.MAP_THREADS > 1:
+        assert any(name.startswith("maps") for *_, name in order)
+    # a call from inside the pool runs where it is (it would otherwise wait on itself)
+    nested = maps.each(lambda k: maps.each(lambda j: j * k, range(3)), range(4))
+    assert nested == [[0, k, 2 * k] for k in range(4)]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the lent H200)")
+def test_a_reading_on_the_gpu_equals_the_cpu_reading():
+    """The phantom model in fp32 on both: the same report, masks that agree (Dice >= 0.99 per finding)."""
+    from monailabel_app.reader import Reader
+
+    cpu, gpu = Reader(device="cpu", precision="fp32"), Reader(device="cuda", precision="fp32")
+    film = make_phantom(23)
+    studies = [Radiograph(film.image, Geometry.plain(*film.image.shape)), phantom_volume(make_ct_phantom(4))]
+    for study in studies:
+        a, b = cpu.read(study), gpu.read(study)
+        assert a.report == b.report and a.findings
+        for k in range(1, len(a.findings) + 1):
+            x, y = a.labels == k, b.labels == k
+            assert 2 * (x & y).sum() / max(1, x.sum() + y.sum()) >= 0.99, (study.source, k)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_films_laplacian_of_gaussian_in_torch_equals_scipys(device):
+    """The blob filter the GPU runs (scipy's kernels and border, float64) against scipy itself, on a real
+    film's block average and at a radius whose kernel is wider than the film (the border reflected twice)."""
+    from scipy import ndimage
+
+    from monailabel_app.grounding import filters
+    from monailabel_app.xray import load_radiograph
+
+    film = load_radiograph(shared("cxr", "nih", "00000001_000.png")).pixels[::8, ::8].astype(np.float32)  # 128 x 128
+    for sigma in ((1.5, 1.5), (3.0, 4.5), (40.0, 40.0)):
+        ref = ndimage.gaussian_laplace(film, sigma)
+        got = filters.gaussian_laplace(torch.as_tensor(film, dtype=torch.float64, device=device), sigma).cpu().numpy()
+        assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), sigma
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the lent H200)")
+def test_blobs_on_the_gpu_equal_the_cpus():
+    from monailabel_app.grounding.extent import blobs
+    from monailabel_app.xray import load_radiograph
+
+    film = load_radiograph(shared("cxr", "nih", "00000001_000.png")).pixels
+    s_cpu, r_cpu = blobs(film, (0.4, 0.4), "opacity")
+    s_gpu, r_gpu = blobs(film, (0.4, 0.4), "opacity", "cuda")
+    assert np.abs(s_gpu - s_cpu).max() <= 1e-4 * np.abs(s_cpu).max()
+    assert (r_gpu == r_cpu).mean() > 0.999
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_films_smoothing_in_torch_equals_scipys(device):
+    from scipy import ndimage
+
+    from monailabel_app.grounding import filters
+
+    film = np.random.default_rng(2).random((60, 45)).astype(np.float32) * 4000
+    got = filters.gaussian_filter(torch.as_tensor(film, dtype=torch.float64, device=device), 1.0).cpu().numpy()
+    assert np.abs(got - ndimage.gaussian_filter(film, 1.0)).max() <= 1e-3  # grey levels up to 4000

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The project's GPU path next to plain transformers ``generate``, in one run on one card.
 
-    python bench/fast_path.py [--only speed,batch,precision,phantom] [--out bench/results/fast_path.md]
+    python bench/fast_path.py [--only speed,batch,precision,restart,phantom] [--out bench/results/fast_path.md]
 
 MedGemma-4B shapes with random weights (``bench/medgemma_shapes.py``: built from config, no download),
 bf16, 200 new tokens. Both paths are made to say the same 200-token report (the project path by teacher
@@ -12,8 +12,11 @@ decode work; the project path also computes every finding's heatmap and mask.
   85 slices shown, 21,000+ prompt tokens): prefill, ms per decode token, end to end, peak GPU memory
   above the weights; the project path with and without attention capture (its cost).
 * **batch**: X-ray throughput at batch 1, 8, 32 (``Reader.read_many``), generation alone and with masks.
-* **precision**: the same X-ray reading in fp32, bf16, fp16, int8, int4 (bitsandbytes), loaded through
-  ``load_model`` from a saved folder: latency and peak memory.
+* **precision**: the same X-ray reading in fp32, bf16, fp16, int8 (torchao weight-only, and bitsandbytes),
+  int4 (bitsandbytes NF4), loaded through ``load_model`` from a saved folder: latency, peak memory, and the
+  share of 64 freely generated tokens equal to bf16's; plus int8 (torchao) against bf16 on the phantom model.
+* **restart**: a server's start as a new process (load the saved folder, warm up the X-ray shape with
+  ``torch.compile``, answer one X-ray) twice: with an empty compile cache and with the cache the first left.
 * **phantom**: the phantom model in each precision against fp32 on held-out phantoms: finding text
   exact match, mask Dice, pointing game.
 """
@@ -182,19 +185,22 @@ def row(name, d) -> str:
             f"{gib(d['peak'])} |")
 
 
-def speed(model, processor, reader) -> None:
+def speed(model, processor, reader, modalities=("xray", "ct")) -> None:
     tok = processor.tokenizer
     film, volume = xray(7), ct(3)
     x_answer = report(tok, XRAY_FINDINGS)
     c_answer = report(tok, CT_FINDINGS)
     x_content = reader._content(film)
     c_content = reader._content(volume)
-    emit(f"### One study, {NEW} new tokens, bf16 ({torch.cuda.get_device_name()})")
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    emit(f"### One study, {NEW} new tokens, bf16 ({torch.cuda.get_device_name()}; weights {gib(weights)} GiB; "
+         f"maps on {reader.maps_device})")
     emit()
     emit("| path | prompt tokens | prefill s | ms / decode token | end to end s | peak GiB above weights |")
     emit("|---|---|---|---|---|---|")
-    for name, content, q, study, answer in (("X-ray", x_content, DEFAULT_QUESTION, film, x_answer),
-                                            ("CT 85 slices", c_content, CT_QUESTION, volume, c_answer)):
+    cases = {"xray": ("X-ray", x_content, DEFAULT_QUESTION, film, x_answer),
+             "ct": ("CT 85 slices", c_content, CT_QUESTION, volume, c_answer)}
+    for name, content, q, study, answer in (cases[m] for m in modalities):
         inputs = build_inputs(processor, content, q, None, model.device, model.dtype)
         p = plain_generate(model, inputs)
         emit(row(f"{name}: plain `generate` (anchor)", p))
@@ -203,7 +209,7 @@ def speed(model, processor, reader) -> None:
         torch.cuda.empty_cache()
         f = project_read(reader, study, answer)
         emit(row(f"{name}: project path, masks included ({f['findings']} findings; maps {f['maps']:.3f} s, "
-                 f"preprocessing {f['prepare']:.3f} s)", f))
+                 f"preprocessing {f['prepare']:.3f} s; peak with weights {gib(weights + f['peak'])} GiB)", f))
         with_c, without = capture_cost(reader, content, q, answer, rollout=name.startswith("CT"))
         emit(f"| {name}: capture cost (graph, no compile) | | | | {with_c:.3f} vs {without:.3f} (no capture): "
              f"**+{100 * (with_c / without - 1):.1f} %** | |")
@@ -212,7 +218,7 @@ def speed(model, processor, reader) -> None:
     emit()
 
 
-def batch(model, processor, reader, sizes=(1, 8, 32)) -> None:
+def batch(model, processor, reader, sizes=(8, 32, 64)) -> None:
     tok = processor.tokenizer
     films = [xray(s) for s in range(max(sizes))]
     answers = [report(tok, XRAY_FINDINGS)] * max(sizes)
@@ -235,31 +241,115 @@ def batch(model, processor, reader, sizes=(1, 8, 32)) -> None:
     emit()
 
 
+def saved(model, processor, _folder=[]) -> str:
+    """The random-weight model saved once as a folder (``load_model`` reads it like a downloaded MedGemma)."""
+    if not _folder:
+        _folder.append(tempfile.mkdtemp(prefix="m4b-"))
+        save(model, processor, _folder[0])
+    return _folder[0]
+
+
+def free_tokens(reader, film, n: int = 64) -> list[int]:
+    return reader.read(film, max_new_tokens=n).generation.token_ids
+
+
+PRECISIONS = (("fp32", None), ("bf16", None), ("fp16", None), ("int8", "torchao"), ("int8", "bitsandbytes"),
+              ("int4", None))
+
+
 def precision(model, processor) -> None:
-    os.environ["MEDGEMMA_COMPILE"] = "0"  # five precisions: CUDA graphs without compiling each
-    folder = tempfile.mkdtemp(prefix="m4b-")
-    save(model, processor, folder)
+    os.environ["MEDGEMMA_COMPILE"] = "0"  # six loads: CUDA graphs without compiling each
+    folder = saved(model, processor)
     film = xray(7)
     answer = report(processor.tokenizer, XRAY_FINDINGS)
     emit("### Precision, MedGemma-4B shapes, one X-ray end to end (masks included), loaded with `load_model`, "
          "decode as a CUDA graph without `torch.compile`")
     emit()
-    emit("| precision | weights GiB | end to end s | ms / decode token | peak GiB (weights included) | note |")
-    emit("|---|---|---|---|---|---|")
-    for p in ("fp32", "bf16", "fp16", "int8", "int4"):
+    emit("| precision | weights GiB | end to end s | ms / decode token | peak GiB (weights included) | "
+         "free tokens = bf16 | note |")
+    emit("|---|---|---|---|---|---|---|")
+    ref = None
+    for p, engine in PRECISIONS:
+        name = f"{p} ({engine})" if engine else p
         try:
+            if engine:
+                os.environ["MEDGEMMA_INT8"] = engine
             before = torch.cuda.memory_allocated()
             reader = Reader(folder, device="cuda", precision=p)
             weights = torch.cuda.memory_allocated() - before
             f = project_read(reader, film, answer, runs=1)
-            emit(f"| {p} | {gib(weights)} | {f['total']:.3f} | {f['ms_token']:.2f} | "
-                 f"{gib(weights + f['peak'])} | {reader.info.precision_reason} |")
+            tokens = free_tokens(reader, film)
+            ref = tokens if p == "bf16" else ref
+            same = "" if ref is None else f"{np.mean([a == b for a, b in zip(tokens, ref)]):.2f}"
+            emit(f"| {name} | {gib(weights)} | {f['total']:.3f} | {f['ms_token']:.2f} | "
+                 f"{gib(weights + f['peak'])} | {same} | {reader.info.precision_reason} |")
         except Exception as e:  # noqa: BLE001 (the table says what failed)
-            emit(f"| {p} | | | | | failed: {type(e).__name__}: {str(e)[:120]} |")
+            emit(f"| {name} | | | | | | failed: {type(e).__name__}: {str(e)[:120]} |")
+        finally:
+            os.environ.pop("MEDGEMMA_INT8", None)
         reader = None
         gc.collect()
         torch.cuda.empty_cache()
     emit()
+    int8_agreement()
+
+
+def int8_agreement(seeds=range(0, 30)) -> None:
+    """The phantom model (trained weights: its answers mean something) in int8 (torchao) against bf16."""
+    films = [Radiograph(make_phantom(s).image, Geometry.plain(*make_phantom(s).image.shape)) for s in seeds]
+    got = {}
+    for p in ("bf16", "int8"):
+        reader = Reader(device="cuda", precision=p)
+        got[p] = [(r.report, r.labels) for r in (reader.read(f) for f in films)]
+        note = reader.info.precision_reason
+    same = np.mean([a[0] == b[0] for a, b in zip(got["int8"], got["bf16"])])
+    dice = [_dice(a[1], b[1]) for a, b in zip(got["int8"], got["bf16"]) if a[1].any() or b[1].any()]
+    emit(f"Phantom model, {len(films)} held-out films, int8 ({note}) against bf16: report identical "
+         f"{same:.3f}, mask Dice {np.mean(dice):.3f}.")
+    emit()
+
+
+def restart(model, processor) -> None:
+    """Restart to the first fast answer: a new process loads the saved folder, warms the X-ray shape up
+    (compiled, captured) and answers one X-ray; first with an empty compile cache, then with the one it left."""
+    import json
+    import subprocess
+
+    folder = saved(model, processor)
+    cache = tempfile.mkdtemp(prefix="compile-cache-")
+    emit(f"### Restart to the first fast answer (new process, bf16, `torch.compile` on, {NEW} new tokens)")
+    emit()
+    emit("| compile cache | process start to first fast answer s | load s | warm-up (X-ray shape) s | "
+         "first request after it s |")
+    emit("|---|---|---|---|---|")
+    env = {**os.environ, "MEDGEMMA_COMPILE_CACHE": cache, "MEDGEMMA_COMPILE": "1"}
+    env.pop("TORCHINDUCTOR_CACHE_DIR", None)
+    env.pop("TRITON_CACHE_DIR", None)
+    for label in ("empty", "warm (left by the run above)"):
+        t0 = time.perf_counter()
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child-restart", folder], env=env,
+                             capture_output=True, text=True, timeout=500)
+        wall = time.perf_counter() - t0
+        line = [x for x in out.stdout.splitlines() if x.startswith("{")]
+        if out.returncode or not line:
+            emit(f"| {label} | failed: {out.stderr[-300:]} | | | |")
+            continue
+        d = json.loads(line[-1])
+        emit(f"| {label} | {wall:.1f} | {d['load']:.1f} | {d['warm']:.1f} | {d['first']:.2f} |")
+    emit()
+
+
+def child_restart(folder: str) -> None:
+    import json
+
+    t0 = time.perf_counter()
+    reader = Reader(folder, device="cuda", precision="bf16")
+    t1 = time.perf_counter()
+    reader.warm_up(max_new_tokens=NEW, modalities=("xray",))
+    t2 = time.perf_counter()
+    reader.read(xray(11), max_new_tokens=NEW)
+    sync()
+    print(json.dumps({"load": t1 - t0, "warm": t2 - t1, "first": time.perf_counter() - t2}), flush=True)
 
 
 def phantom(device: str = "cuda", xray_seeds=range(0, 30), ct_seeds=range(0, 6)) -> None:
@@ -316,11 +406,16 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="speed,batch,precision,phantom")
+    ap.add_argument("--only", default="speed,batch,precision,restart,phantom")
+    ap.add_argument("--child-restart", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--speed-modalities", default="xray,ct", help="the speed part's studies (xray, ct)")
+    ap.add_argument("--batch-sizes", default="8,32,64", help="the batch part's batch sizes")
     ap.add_argument("--out", default=None, help="markdown file for the tables")
     ap.add_argument("--phantom-device", default="cuda", help="where the phantom comparison runs (cuda or cpu: "
                     "fp32/bf16/fp16 only, bitsandbytes needs CUDA)")
     args = ap.parse_args(argv)
+    if args.child_restart:
+        return child_restart(args.child_restart)
     parts = args.only.split(",")
     if not torch.cuda.is_available() and (set(parts) - {"phantom"} or args.phantom_device == "cuda"):
         sys.exit("bench/fast_path.py needs a CUDA GPU (except --only phantom --phantom-device cpu)")
@@ -328,15 +423,17 @@ def main(argv=None):
     emit(f"## bench/fast_path.py on {card} (torch {torch.__version__}, "
          f"transformers {__import__('transformers').__version__}), {time.strftime('%Y-%m-%d')}")
     emit()
-    if {"speed", "batch", "precision"} & set(parts):
+    if {"speed", "batch", "precision", "restart"} & set(parts):
         t0 = time.perf_counter()
         model, processor = build("cuda", torch.bfloat16, attn=CAPTURE_ATTN)
         print(f"built MedGemma-4B shapes in {time.perf_counter() - t0:.1f} s", flush=True)
         reader = reader_for(model, processor, "bf16")
         if "speed" in parts:
-            speed(model, processor, reader)
+            speed(model, processor, reader, args.speed_modalities.split(","))
         if "batch" in parts:
-            batch(model, processor, reader)
+            batch(model, processor, reader, [int(b) for b in args.batch_sizes.split(",")])
+        if "restart" in parts:
+            restart(model, processor)
         if "precision" in parts:
             precision(model, processor)
         del reader, model

@@ -142,3 +142,26 @@ def test_the_chosen_tokens_log_probability_without_a_full_log_softmax():
     logits[2, 9] = float("inf")
     _, bad = chosen_logprob(logits, chosen)
     assert bad.tolist() == [False, True, True]  # an fp16 overflow anywhere in a row is seen
+
+
+def test_the_vision_tower_in_batches_gives_the_same_features_and_reading():
+    """Images encoded a few at a time (an 85-slice CT's prefill memory) give the features and the reading
+    of one pass over all of them."""
+    import numpy as np
+
+    from monailabel_app.ct_phantoms import make_ct_phantom, phantom_volume
+    from monailabel_app.decoding import batch_vision_tower
+    from monailabel_app.reader import Reader
+
+    one, few = Reader(precision="fp32"), Reader(precision="fp32")
+    size = one.model.config.vision_config.image_size
+    pixels = torch.randn(7, 3, size, size)
+    with torch.inference_mode():
+        whole = one.model.model.vision_tower(pixel_values=pixels).last_hidden_state
+        batch_vision_tower(few.model, images=3)
+        batch_vision_tower(few.model, images=5)  # once per model: the first stays
+        parts = few.model.model.vision_tower(pixel_values=pixels).last_hidden_state
+    assert parts.shape == whole.shape and torch.allclose(parts, whole, atol=1e-5)
+    volume = phantom_volume(make_ct_phantom(4))
+    a, b = one.read(volume), few.read(volume)
+    assert a.report == b.report and np.array_equal(a.labels, b.labels)

@@ -196,3 +196,21 @@ def test_a_reading_takes_its_masks_extent_from_the_image(reader, monkeypatch):
     off = reader.read(phantom_volume(ph), answer=ph.report)
     assert all(f["extent"] == "attention" and "switched off" in f["extent_reason"] for f in off.findings_json())
     assert dice(off.labels == 1, ph.lesions[0].mask) < dice(reading.labels == 1, ph.lesions[0].mask)
+
+
+def test_convex_hull_fills_the_same_pixels_as_skimage():
+    """The territory's hull (row extremes, filled from the edges' half-planes) against skimage's
+    ``convex_hull_image`` on random pieces, small and large: the same pixels, borders included."""
+    from skimage.morphology import convex_hull_image
+
+    from monailabel_app.grounding.extent import convex_hull
+
+    rng = np.random.default_rng(5)
+    for i in range(400):
+        side = (2, 40) if i % 4 else (100, 300)
+        h, w = rng.integers(*side, 2)
+        blobs = ndimage.gaussian_filter(rng.random((h, w)), rng.uniform(0.5, 8)) > rng.uniform(0.3, 0.7)
+        labels, n = ndimage.label(blobs, structure=np.ones((3, 3)))
+        if n:
+            piece = labels[ndimage.find_objects(labels)[0]] == 1
+            assert np.array_equal(convex_hull(piece), convex_hull_image(piece)), (i, piece.shape)

@@ -227,17 +227,52 @@ def territory(lungs: np.ndarray, min_pixels: int = 20) -> np.ndarray:
 def hulls(plane: np.ndarray, min_pixels: int = 0) -> np.ndarray:
     """The convex hull of each 8-connected piece of ``plane`` of at least ``min_pixels``, together (smaller
     pieces are left out: specks of air in a dense region bound no territory). ``skimage``'s
-    ``convex_hull_object``, each hull computed on its piece's bounding box instead of the whole plane: the
-    same pixels, faster."""
-    from skimage.morphology import convex_hull_image
-
+    ``convex_hull_object``, each hull computed on its piece's bounding box (:func:`convex_hull`) instead of
+    the whole plane: the same pixels, faster."""
     labels, _ = ndimage.label(plane, structure=np.ones((3, 3), bool))
     out = np.zeros(plane.shape, bool)
     sizes = np.bincount(labels.ravel()) if min_pixels else None
     for k, box in enumerate(ndimage.find_objects(labels), start=1):
         if box is not None and (sizes is None or sizes[k] >= min_pixels):
-            out[box] |= convex_hull_image(labels[box] == k)
+            out[box] |= convex_hull(labels[box] == k)
     return out
+
+
+HULL_TOLERANCE = 1e-9
+
+
+def convex_hull(piece: np.ndarray) -> np.ndarray:
+    """``skimage.morphology.convex_hull_image(piece)``: the pixels whose centres lie in the convex hull of
+    the piece's pixel edges' midpoints, borders included. The hull is built from each row's outermost
+    pixels (the hull of a set is the hull of its rows' extremes) and filled row by row from its edges'
+    half-planes, instead of a point-in-polygon test per pixel (most of a CT territory's time)."""
+    from scipy.spatial import ConvexHull, QhullError
+
+    rows = np.nonzero(piece.any(axis=1))[0]
+    if len(rows) == 0:
+        return np.zeros(piece.shape, bool)
+    sub = piece[rows]
+    left = np.argmax(sub, axis=1)
+    right = piece.shape[1] - 1 - np.argmax(sub[:, ::-1], axis=1)
+    ends = np.concatenate([np.stack([rows, left], 1), np.stack([rows, right], 1)]).astype(float)
+    offsets = np.array([[-0.5, 0.0], [0.5, 0.0], [0.0, -0.5], [0.0, 0.5]])
+    doubled = ((ends[:, None, :] + offsets).reshape(-1, 2) * 2).astype(np.int64)  # half-pixels: whole numbers
+    key = np.unique(doubled[:, 0] * (2 * piece.shape[1] + 4) + doubled[:, 1] + 1)  # repeated points trouble Qhull
+    points = np.stack([key // (2 * piece.shape[1] + 4), key % (2 * piece.shape[1] + 4) - 1], 1) / 2.0
+    try:
+        eq = ConvexHull(points).equations  # (edges, 3): a r + b c + d <= 0 inside
+    except QhullError:
+        from skimage.morphology import convex_hull_image
+
+        return convex_hull_image(piece)
+    r = np.arange(piece.shape[0], dtype=float)[:, None]
+    a, b, d = eq[:, 0][None], eq[:, 1][None], eq[:, 2][None]
+    bound = (HULL_TOLERANCE - d - a * r) / np.where(b == 0, 1.0, b)  # per row and edge: c <= or >= this
+    lo = np.where(b < 0, bound, -np.inf).max(axis=1)
+    hi = np.where(b > 0, bound, np.inf).min(axis=1)
+    flat_ok = np.where(b == 0, a * r + d <= HULL_TOLERANCE, True).all(axis=1)  # edges along the columns
+    c = np.arange(piece.shape[1], dtype=float)[None]
+    return (c >= lo[:, None]) & (c <= hi[:, None]) & flat_ok[:, None]
 
 
 def film_territory(right: np.ndarray | None, left: np.ndarray | None) -> np.ndarray | None:

@@ -25,8 +25,9 @@ input's. Here the mixing is kept only *inside each image* (image tokens to the s
 renormalised), so at prefill the recorder keeps, per image, one running n x n product (n = tokens per
 image, 256 in Gemma 3) and a copy of it at each read layer; decode rows are mapped through it at the
 end. ``A``'s softmax denominators span every key the image tokens see; they are computed a chunk of
-whole images at a time (bounded memory), each chunk against the keys up to its last image. Memory: n x n per image per read layer (85 CT slices:
-22 MiB each in float32), never L x L.
+whole images at a time (bounded memory), each chunk against the keys up to its last image; only the
+scores are held (exponentiated in place for the denominators), never a softmax of the same size beside
+them. Memory: n x n per image per read layer (85 CT slices: 22 MiB each in float32), never L x L.
 """
 
 from __future__ import annotations
@@ -139,9 +140,11 @@ class AttentionRecorder:
             s = scores_f32(query[:, :, rows], key[:, :, :end], scaling)[0]  # (H, k*n, end)
             if mask is not None:
                 s = _masked(s, mask[:, rows, :end], inplace=True)
-            p = torch.softmax(s, dim=-1).view(heads, len(chunk), n, end)
-            own = chunk[None, :, None, :].expand(heads, len(chunk), n, n)
-            out.append(p.gather(-1, own).mean(0))  # (k, n, n)
+            own = s.view(heads, len(chunk), n, end).gather(-1, chunk[None, :, None, :].expand(heads, len(chunk), n, n))
+            top = s.amax(-1, keepdim=True)  # the softmax over every key, without a second (H, k*n, end) tensor:
+            total = s.sub_(top).exp_().sum(-1, keepdim=True)  # its denominators in place, the own columns apart
+            shape = (heads, len(chunk), n, 1)
+            out.append((torch.exp(own - top.view(shape)) / total.view(shape)).mean(0))  # (k, n, n)
         p = torch.cat(out)
         return p / p.sum(-1, keepdim=True).clamp_min(1e-12)
 

@@ -134,3 +134,27 @@ def test_forced_answer_records_the_same_attention_as_the_models_own(reader):
     said = generate(model, proc, [twin], DEFAULT_QUESTION, [1, 2], answer=own.text)
     assert said.text == own.text and not torch.allclose(said.attention, own.attention, atol=1e-3)
     assert min(said.token_probs) < 0.5  # the model would not have said it about a lesion-free image
+
+
+def test_mixing_within_images_equals_the_softmax_over_every_key(monkeypatch):
+    """Each image's own columns of the softmax over every key a token sees, head-averaged and renormalised:
+    computed from the scores alone (denominators in place) in small chunks, against softmax-then-gather."""
+    from monailabel_app import capture
+    from monailabel_app.capture import AttentionRecorder, scores_f32
+
+    torch.manual_seed(0)
+    heads, kv, d, n, images, text = 4, 2, 8, 9, 5, 7
+    length = text + images * n + 3
+    q, k = torch.randn(1, heads, length, d), torch.randn(1, kv, length, d)
+    blocks = (text + torch.arange(images * n)).view(images, n)
+    mask = torch.ones(length, length, dtype=torch.bool).tril()
+    for b in blocks:  # each image sees itself both ways
+        mask[b[:, None], b[None, :]] = True
+    mask[:, 3] = False  # a key nobody sees
+    monkeypatch.setattr(capture, "CHUNK_BYTES", 4 * heads * n * length * 2)  # two images per chunk
+    got = AttentionRecorder._within(q, k, mask[None], blocks, 0.3)
+    s = scores_f32(q, k, 0.3)[0].masked_fill(~mask, float("-inf"))
+    p = torch.softmax(s, -1)
+    ref = torch.stack([p[:, b][:, :, b].mean(0) for b in blocks])
+    ref = ref / ref.sum(-1, keepdim=True)
+    assert torch.allclose(got, ref, atol=1e-6)

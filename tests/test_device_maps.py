@@ -111,8 +111,8 @@ def test_blobs_on_the_gpu_equal_the_cpus():
     from monailabel_app.grounding.extent import blobs
 
     film = _film(1024)
-    s_cpu, r_cpu = blobs(film, (0.4, 0.4), "opacity")
-    s_gpu, r_gpu = blobs(film, (0.4, 0.4), "opacity", "cuda")
+    s_cpu, r_cpu, _ = blobs(film, (0.4, 0.4), "opacity")
+    s_gpu, r_gpu, _ = blobs(film, (0.4, 0.4), "opacity", "cuda")
     assert np.abs(s_gpu - s_cpu).max() <= 1e-4 * np.abs(s_cpu).max()
     assert (r_gpu == r_cpu).mean() > 0.999
 

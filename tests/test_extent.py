@@ -214,3 +214,14 @@ def test_convex_hull_fills_the_same_pixels_as_skimage():
         if n:
             piece = labels[ndimage.find_objects(labels)[0]] == 1
             assert np.array_equal(convex_hull(piece), convex_hull_image(piece)), (i, piece.shape)
+
+
+def test_a_big_films_blob_centres_are_found_on_its_blocks():
+    """A film over 1024 pixels is searched on its block average: one bright disc gives one centre, in the
+    disc (not one per block: on the block-constant copy every block's inner pixels would be maxima)."""
+    film = np.zeros((2100, 1900), np.float32)
+    rows, cols = np.ogrid[:2100, :1900]
+    film[(rows - 900) ** 2 + (cols - 700) ** 2 <= 60**2] = 200.0
+    strength, radius, centres = extent.blobs(film, (0.2, 0.2), "nodule")
+    (r, c), = np.argwhere(centres & (strength >= 0.5 * strength[centres].max()))
+    assert abs(r - 900) <= 3 and abs(c - 700) <= 3 and radius[r, c] >= 8.0

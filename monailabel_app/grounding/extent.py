@@ -501,23 +501,35 @@ BLOB_SCALES_MM = (2.0, 4.0, 8.0, 16.0, 32.0, 64.0)  # radii of the blobs looked 
 BLOB_REACH = 2.0  # a film's region reaches at most this many of its blob's radius from the seed
 
 
+FFT_FROM_TAPS = 32  # a blob filter whose kernel reaches this many pixels runs through the FFT on the CPU too
 BLOB_MAX_SIDE = 1024  # a larger film is searched for blobs on a block-averaged copy (the same radii in mm)
 
 
-def blobs(pixels: np.ndarray, spacing, kind: str, device=None) -> tuple[np.ndarray, np.ndarray]:
-    """(strength, radius_mm) per pixel: how much each pixel is the centre of a bright blob (the
+def blobs(pixels: np.ndarray, spacing, kind: str, device=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(strength, radius_mm, centres) per pixel: how much each pixel is the centre of a bright blob (the
     scale-normalised negative Laplacian of Gaussian, the largest over the radii up to half the kind's
-    size) and the radius it is strongest at. A lesion is a blob; a rib's or the heart's edge is an edge.
-    A film over :data:`BLOB_MAX_SIDE` pixels is searched on its block average (a 2 mm blob is still 5
-    pixels across on a 0.2 mm film halved), each block's answer given to its pixels: a 2k film costs what
-    a 1k film does, not eight times as much. ``device``: a CUDA device filters there (:mod:`filters`, equal
-    to scipy's to float rounding); otherwise scipy on the CPU."""
+    size), the radius it is strongest at, and where the strength peaks (its local maxima above 0). A
+    lesion is a blob; a rib's or the heart's edge is an edge. A film over :data:`BLOB_MAX_SIDE` pixels is
+    searched on its block average (a 2 mm blob is still 5 pixels across on a 0.2 mm film halved), each
+    block's answer given to its pixels and each peak to its block's centre pixel (the peaks are found on the
+    blocks: on the block-constant copy every block's inner pixels would be maxima of their neighbourhood):
+    a 2k film costs what a 1k film does, not eight times as much. ``device``: a CUDA device filters there
+    (:mod:`filters`, equal to scipy's to float rounding); otherwise scipy on the CPU."""
     a = np.asarray(pixels, np.float32)
     f = int(np.ceil(max(a.shape) / BLOB_MAX_SIDE))
     if f == 1:
-        return _blobs(a, spacing, kind, device)
+        s, r = _blobs(a, spacing, kind, device)
+        return s, r, _peaks(s)
     s, r = _blobs(block_mean(a, f), tuple(float(x) * f for x in spacing), kind, device)
-    return blocks_back(s, f, a.shape, -np.inf), blocks_back(r, f, a.shape, 0.0)
+    centres = np.zeros(a.shape, bool)
+    rows, cols = np.nonzero(_peaks(s))
+    centres[rows * f + f // 2, cols * f + f // 2] = True
+    return blocks_back(s, f, a.shape, -np.inf), blocks_back(r, f, a.shape, 0.0), centres
+
+
+def _peaks(strength: np.ndarray) -> np.ndarray:
+    """bool: the local maxima (3 x 3) of ``strength`` above 0."""
+    return (strength == ndimage.maximum_filter(strength, size=3)) & (strength > 0)
 
 
 def _blobs(a: np.ndarray, spacing, kind: str, device=None) -> tuple[np.ndarray, np.ndarray]:
@@ -525,13 +537,14 @@ def _blobs(a: np.ndarray, spacing, kind: str, device=None) -> tuple[np.ndarray, 
     strength = np.full(a.shape, -np.inf, np.float32)
     radius = np.zeros(a.shape, np.float32)
     on_gpu = device is not None and torch.device(device).type == "cuda"
-    t = torch.as_tensor(a, dtype=torch.float64, device=device) if on_gpu else None
+    t = torch.as_tensor(a, dtype=torch.float64, device=device if on_gpu else "cpu")
     for r in [r for r in BLOB_SCALES_MM if r <= top] or [BLOB_SCALES_MM[0]]:
         sigma = [r / 1.4 / s for s in spacing]
         if max(sigma) * 4 > max(a.shape):
             break
-        laplace = filters.gaussian_laplace(t, sigma).float().cpu().numpy() if on_gpu else \
-            ndimage.gaussian_laplace(a, sigma)
+        # the GPU, and long kernels on the CPU, through the FFT (filters); short kernels with scipy
+        fft = on_gpu or int(filters.TRUNCATE * max(sigma) + 0.5) >= FFT_FROM_TAPS
+        laplace = filters.gaussian_laplace(t, sigma).float().cpu().numpy() if fft else ndimage.gaussian_laplace(a, sigma)
         response = -laplace * float(np.mean(sigma) ** 2)
         better = response > strength
         strength[better], radius[better] = response[better], r
@@ -569,8 +582,7 @@ def find_on_radiograph(pixels: np.ndarray, spacing, heat: np.ndarray, kind: str,
         raise NoExtent("attention points outside the lungs")
     scales = ("blobs", tuple(r for r in BLOB_SCALES_MM if r <= limits_mm(kind)[1] / 2))
     if scales not in cache:  # the film's blobs at these radii, and where they peak
-        strength, radius = blobs(pixels, spacing, kind, cache.get("device"))
-        cache[scales] = strength, radius, (strength == ndimage.maximum_filter(strength, size=3)) & (strength > 0)
+        cache[scales] = blobs(pixels, spacing, kind, cache.get("device"))
     strength, radius, tops = cache[scales]
     peaks = search & tops
     if peaks.any():

@@ -1,14 +1,15 @@
 #!/usr/bin/env python
 """Where a CT reading's time goes on this CPU, with the phantom model: generation against maps.
 
-    python bench/cpu_maps.py [--repeat 3] [--profile] [--device cpu|cuda]
+    python bench/cpu_maps.py [--repeat 3] [--profile] [--films 4]
 
 The study is a real chest CT at a clinical grid: TotalSegmentator's ``example_ct.nii.gz`` (122 x 101 x
 112 voxels of 3 mm; ``../shared/data``) resampled (linear) to 134 slices of 512 x 512, written as NIfTI
 and read back through the server's own loader. The phantom model is made to say four findings (teacher
 forcing), so every reading does the same mask work: a nodule, a mass, an effusion and an opacity, on both
 sides. Printed: the reading's stages (median of ``--repeat`` warm readings), then with ``--profile`` the
-maps' top functions.
+maps' top functions. Then ``--films`` phantom radiographs at 2048 x 2458 (the GPU benchmark's film size),
+three findings each, image extent on: their maps, median per film.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from monailabel_app.study import load_study  # noqa: E402
 
 SOURCE = os.path.join(HERE, "..", "..", "shared", "data", "ct", "totalsegmentator", "example_ct.nii.gz")
 SHAPE = (134, 512, 512)
+FILM_FINDINGS = "Nodule in the right middle zone. Opacity in the left lower zone. Effusion in the right lower zone."
 FINDINGS = ("Nodule in the right upper lobe. Mass in the left lower lobe. Effusion in the right lower lobe. "
             "Opacity in the left upper lobe.")
 
@@ -53,6 +55,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--films", type=int, default=4, help="phantom films at 2048 x 2458 to time (0: none)")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         path = clinical_ct(os.path.join(tmp, "ct_134x512x512.nii.gz"))
@@ -82,6 +85,27 @@ def main() -> None:
             prof.disable()
             pstats.Stats(prof).sort_stats("cumulative").print_stats(35)
         np.save(os.path.join(tmp, "labels.npy"), reading.labels)
+    if args.films:
+        films_maps(reader, args.films)
+
+
+def films_maps(reader, count: int) -> None:
+    from PIL import Image
+
+    from monailabel_app.phantoms import make_phantom
+    from monailabel_app.xray import Geometry, Radiograph
+
+    times = []
+    for seed in range(3, 3 + count):
+        img = np.asarray(Image.fromarray(make_phantom(seed).image).resize((2048, 2458), Image.BILINEAR))
+        film = Radiograph(img, Geometry.plain(2458, 2048))
+        gen = reader.read(film, answer=FILM_FINDINGS).generation
+        reader._fields = None  # the film's lung fields found anew, as for a new study
+        t0 = time.perf_counter()
+        reader.remap(film, gen)
+        times.append(time.perf_counter() - t0)
+    print(f"{count} films of 2048 x 2458, 3 findings each: maps {statistics.median(times):.2f} s per film "
+          f"(median; {[round(t, 2) for t in times]})")
 
 
 if __name__ == "__main__":

@@ -578,7 +578,7 @@ def keeps_image_region(region: np.ndarray, own: np.ndarray, kind: str) -> bool:
     if kind in extent.AIRSPACE and ratio < KEEP_SMALLEST_AIRSPACE:
         return False
     box = extent.bounding_box(region)  # the same centre and overlap, on the region's box only
-    centre = tuple(int(round(c)) + b.start for c, b in zip(ndimage.center_of_mass(region[box]), box))
+    centre = tuple(int(round(c + b.start)) for c, b in zip(ndimage.center_of_mass(region[box]), box))
     return bool(own[centre]) or ((region[box] & own[box]).sum() >= KEEP_OVERLAP * region.sum() and ratio <= KEEP_LARGEST)
 
 

@@ -14,7 +14,9 @@ import SimpleITK as sitk
 from conftest import shared
 from monailabel_app import ct_phantoms
 from monailabel_app.ct import Limits, load_ct, model_slices, sample_slices, window_rgb
-from monailabel_app.grounding.ct_maps import fill_slices, side_gate
+from monailabel_app.ct import ModelSlices
+from monailabel_app.grounding.ct_maps import side_gate, volume_heatmap
+from monailabel_app.xray import SquarePad
 from monailabel_app.errors import InputError
 from monailabel_app.study import detect
 
@@ -147,8 +149,9 @@ def test_three_hu_windows():
 
 
 def test_fill_between_sampled_slices_is_linear_and_constant_outside():
-    planes = np.stack([np.full((2, 2), 1.0), np.full((2, 2), 3.0)])
-    vol = fill_slices(planes, [6, 2], 9)  # given head first: slice 6 = 1.0, slice 2 = 3.0
+    grids = np.stack([np.full((4, 4), 1.0), np.full((4, 4), 3.0)])
+    ms = ModelSlices(indices=[6, 2], images=[], pad=SquarePad(2, 2))  # given head first: slice 6 = 1.0, slice 2 = 3.0
+    vol = volume_heatmap(grids, ms, 9).numpy()
     assert vol[:, 0, 0].tolist() == [3.0, 3.0, 3.0, 2.5, 2.0, 1.5, 1.0, 1.0, 1.0]
 
 

@@ -26,9 +26,15 @@ def _film(side: int) -> np.ndarray:
 
 
 def _reference_volume(grids, ms, depth):
-    """The construction before the device maps: every model slice upsampled, then full planes blended in z."""
-    planes = np.stack([maps.grid_to_pixels(g, ms.pad) for g in grids])
-    return ct_maps.fill_slices(planes, ms.indices, depth)
+    """The construction before the device maps: every model slice upsampled, then full planes blended linearly
+    in z between the two nearest sampled slices (the nearest one outside the sampled range)."""
+    order = np.argsort(ms.indices)
+    zs, planes = np.asarray(ms.indices, float)[order], np.stack([maps.grid_to_pixels(g, ms.pad) for g in grids])[order]
+    pos = np.interp(np.arange(depth, dtype=float), zs, np.arange(len(zs), dtype=float))
+    lo = np.floor(pos).astype(int)
+    hi = np.minimum(lo + 1, len(zs) - 1)
+    w = (pos - lo).astype(np.float32)[:, None, None]
+    return planes[lo] * (1 - w) + planes[hi] * w
 
 
 @pytest.mark.parametrize("device", DEVICES)

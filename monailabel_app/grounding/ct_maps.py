@@ -36,14 +36,6 @@ def slice_grids(attention, rows: list[int], grid: int, n_images: int) -> np.ndar
     return a.mean(dim=(0, 1, 2)).reshape(n_images, grid, grid).numpy().astype(np.float32)
 
 
-def fill_slices(planes: np.ndarray, indices: list[int], depth: int) -> np.ndarray:
-    """(depth, rows, cols): ``planes[i]`` at display slice ``indices[i]``, linear in z between them."""
-    lo, hi, w, order = _z_weights(indices, depth)
-    stack = planes[order]
-    w = w.astype(np.float32)[:, None, None]
-    return stack[lo] * (1 - w) + stack[hi] * w
-
-
 def _z_weights(indices: list[int], depth: int):
     """Per display slice: the two sampled slices (positions in ``order``) it lies between and the weight
     of the second (the nearest one outside the sampled range)."""

@@ -448,14 +448,12 @@ def grow_radiograph(pixels: np.ndarray, spacing, seed, kind: str, fields=None,
     and column). ``fields``: the lung fields (:class:`anatomy.LungFields`) for the territory, the lung's level and the share
     limit; ``search_mm``: the point may move this far to the densest spot near it (a click on a lesion's
     edge, an attention peak beside it); ``cap_mm``: the region reaches no farther from the seed. Raises
-    :class:`NoExtent`. ``cache``: a dict kept for one film (its smoothed copy, noise and territory are the
-    film's: made once for all of its findings)."""
+    :class:`NoExtent`. ``cache``: the film's :func:`film_cache` (made once for all of its findings; made
+    here when not given)."""
     if method_of(kind, 2) is None:
         raise NoExtent(f"no image method for {kind!r} on a radiograph")
     spacing = tuple(float(s) for s in spacing)
-    cache = {} if cache is None else cache
-    if "smooth" not in cache:
-        cache["smooth"] = ndimage.gaussian_filter(np.asarray(pixels, np.float32), 1.0)
+    cache = film_cache(pixels, fields) if cache is None else cache
     film = cache["smooth"]
     if search_mm > 0:
         win = _box(film.shape, seed, [max(1, int(round(search_mm / s))) for s in spacing])
@@ -464,8 +462,6 @@ def grow_radiograph(pixels: np.ndarray, spacing, seed, kind: str, fields=None,
     hi = limits_mm(kind)[1]
     box = _box(film.shape, seed, [int(np.ceil(SEARCH * hi / s)) + 2 for s in spacing])
     terr, lungs_size = None, np.inf
-    if fields is not None and "territory" not in cache:
-        cache["territory"] = film_territory(fields.right, fields.left)
     if fields is not None and (terr := cache["territory"]) is not None:
         aerated = (fields.right if fields.right is not None else False) | (fields.left if fields.left is not None else False)
         lungs_size = float(aerated.sum())
@@ -479,8 +475,6 @@ def grow_radiograph(pixels: np.ndarray, spacing, seed, kind: str, fields=None,
         rows, cols = np.ogrid[: film.shape[0], : film.shape[1]]
         disc = ((rows - seed[0]) * spacing[0]) ** 2 + ((cols - seed[1]) * spacing[1]) ** 2 <= cap_mm**2
         terr = disc if terr is None else terr & disc
-    if "noise" not in cache:
-        cache["noise"] = noise_level(pixels)
     return grow(film, spacing, seed, kind, lung_level, MIN_CONTRAST_NOISE * cache["noise"], terr, background,
                 lungs_size)
 
@@ -567,14 +561,12 @@ def find_on_radiograph(pixels: np.ndarray, spacing, heat: np.ndarray, kind: str,
     attention points at, inside the lungs' territory, the one nearest the attention's peak is the seed.
     The image says how far: the kind's rule from that seed (:func:`grow_radiograph`), no farther than
     :data:`BLOB_REACH` times the blob's radius (a lesion against the heart does not take the heart).
-    ``cache``: a dict kept for one film across its findings (its territory and blobs are the film's, not
-    the finding's). Raises :class:`NoExtent` with the reason."""
+    ``cache``: the film's :func:`film_cache`, kept across its findings (its territory and blobs are the
+    film's, not the finding's; made here when not given). Raises :class:`NoExtent` with the reason."""
     if method_of(kind, 2) is None:
         raise NoExtent(f"no image method for {kind!r} on a radiograph")
-    cache = {} if cache is None else cache
+    cache = film_cache(pixels, fields) if cache is None else cache
     search = _search_region(heat)
-    if "territory" not in cache:
-        cache["territory"] = film_territory(fields.right, fields.left) if fields is not None else None
     terr = cache["territory"]
     if terr is not None:
         search &= terr

@@ -530,7 +530,8 @@ class Reader:
         return Reading(
             report=answer.text, thinking=answer.thinking, answer_language=answer.language, findings=findings,
             names=unique_names(findings), grids=grids,
-            heatmaps=maps.each(volume.to_input, heat), mask_maps=maps.each(volume.to_input, mask_maps),
+            heatmaps=[volume.to_input(h, copy=False) for h in heat],
+            mask_maps=[volume.to_input(m, copy=False) for m in mask_maps],
             labels=volume.to_input(labels, nearest=True).astype(np.uint8), study=volume, geometry=volume.geometry,
             pad=ms.pad, model_inputs=ms.images, inputs_index=index, question=question, model=self._model_dict(gen),
             modality="ct", extras=extras, generation=gen, display_labels=labels, display_heatmaps=heat,

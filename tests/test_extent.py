@@ -225,3 +225,33 @@ def test_a_big_films_blob_centres_are_found_on_its_blocks():
     strength, radius, centres = extent.blobs(film, (0.2, 0.2), "nodule")
     (r, c), = np.argwhere(centres & (strength >= 0.5 * strength[centres].max()))
     assert abs(r - 900) <= 3 and abs(c - 700) <= 3 and radius[r, c] >= 8.0
+
+
+def test_territory_is_the_plane_by_plane_hull_of_each_lung_piece():
+    """The territory, opened and labelled over all planes at once, against the rule written plane by plane
+    with skimage: planes under ``min_pixels`` have none, planes over four times that are opened first, each
+    8-connected piece of at least ``min_pixels`` is replaced by its convex hull, the plane's own lung kept."""
+    from skimage.morphology import convex_hull_image
+
+    from monailabel_app.grounding.extent import territory
+
+    rng = np.random.default_rng(5)
+    vol = ndimage.gaussian_filter(rng.normal(size=(12, 70, 90)), (0, 3, 3)) > 0.12
+    vol[3] = False
+    vol[4] = False
+    vol[4, 10:13, 10:15] = True  # 15 pixels: under min_pixels, no territory
+    vol[5] &= np.arange(90)[None] < 12  # a thin strip: few pixels, not opened
+    expected = np.zeros(vol.shape, bool)
+    for z, plane in enumerate(vol):
+        if plane.sum() < 20:
+            continue
+        kept = ndimage.binary_opening(plane) if plane.sum() > 80 else plane
+        labels, n = ndimage.label(kept, structure=np.ones((3, 3)))
+        expected[z] = plane
+        for k in range(1, n + 1):
+            if (labels == k).sum() >= 20:
+                expected[z] |= convex_hull_image(labels == k)
+    got = territory(vol)
+    assert got[4].sum() == 0 and got[5].any() and (got ^ vol).any()
+    assert np.array_equal(got, expected)
+    assert np.array_equal(territory(vol[7]), expected[7])  # one plane (a film's fields)

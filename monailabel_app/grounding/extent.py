@@ -184,9 +184,10 @@ def blocks_back(small: np.ndarray, step: int, shape, fill) -> np.ndarray:
     return out
 
 
-def _opened_at(region: np.ndarray, seed, radius_mm: float, spacing) -> np.ndarray:
-    """``region`` opened with a ball of ``radius_mm`` (distance-transform opening), the part at ``seed``."""
-    inside = inside_distance(region, spacing)
+def _opened_at(region: np.ndarray, seed, radius_mm: float, spacing, inside: np.ndarray | None = None) -> np.ndarray:
+    """``region`` opened with a ball of ``radius_mm`` (distance-transform opening), the part at ``seed``;
+    ``inside``: the region's :func:`inside_distance`, when already known (the same for every radius)."""
+    inside = inside_distance(region, spacing) if inside is None else inside
     core = _component_at(inside > radius_mm, seed)
     if not core.any():
         return core
@@ -201,7 +202,7 @@ def _separate(region: np.ndarray, seed, spacing, hi_mm: float, box, shape, fits)
     start = max(0.25 * r_in, 0.5 * min(spacing))
     radius = start
     while radius <= max(hi_mm / 3, start):
-        part = _opened_at(region, seed, radius, spacing) if radius > 0 else region
+        part = _opened_at(region, seed, radius, spacing, inside) if radius > 0 else region
         if part.any() and not _touches_border(part, box, shape) and fits(part):
             return part
         radius *= 1.5
@@ -214,13 +215,23 @@ def _separate(region: np.ndarray, seed, spacing, hi_mm: float, box, shape, fits)
 def territory(lungs: np.ndarray, min_pixels: int = 20) -> np.ndarray:
     """The lungs' territory: per plane, the convex hull of each piece of aerated lung (``lungs``, found by its
     values) of at least ``min_pixels``. A lesion against the chest wall or the mediastinum dents the aerated
-    lung; the hull takes it in, while the chest wall outside the lung's curve stays out."""
-    planes = lungs[None] if lungs.ndim == 2 else lungs
-    out = np.zeros(planes.shape, bool)
-    for z, plane in enumerate(planes):
-        if plane.sum() >= min_pixels:
-            kept = ndimage.binary_opening(plane) if plane.sum() > 4 * min_pixels else plane
-            out[z] = hulls(kept, min_pixels) | plane
+    lung; the hull takes it in, while the chest wall outside the lung's curve stays out. A plane of fewer
+    than ``min_pixels`` lung pixels has no territory; a plane of more than four times that is opened (a
+    3 x 3 cross) before its pieces are found. All planes are opened and labelled in one pass each, with
+    in-plane structures (the same as plane by plane, without a Python loop over the planes)."""
+    planes = lungs[None] if lungs.ndim == 2 else np.asarray(lungs, bool)
+    sums = planes.sum(axis=(1, 2))
+    some = sums >= min_pixels
+    opened = ndimage.binary_opening(planes, structure=ndimage.generate_binary_structure(2, 1)[None])
+    kept = np.where((sums > 4 * min_pixels)[:, None, None], opened, planes) & some[:, None, None]
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[1] = True  # 8-connected within a plane, never across planes
+    labels, _ = ndimage.label(kept, structure=in_plane)
+    sizes = np.bincount(labels.ravel())
+    out = planes & some[:, None, None]
+    for k, box in enumerate(ndimage.find_objects(labels), start=1):
+        if box is not None and sizes[k] >= min_pixels:
+            out[box] |= convex_hull(labels[box][0] == k)[None]
     return out[0] if lungs.ndim == 2 else out
 
 
@@ -647,7 +658,8 @@ def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.nd
     labels, n = ndimage.label(dense)
     if n == 0:
         raise NoExtent("no region of its density where attention points")
-    weight = ndimage.sum_labels(heat[box], labels, index=np.arange(1, n + 1))
+    inside = labels > 0  # each region's summed attention (sum_labels, through bincount: 10x faster)
+    weight = np.bincount(labels[inside], weights=heat[box][inside], minlength=n + 1)[1:]
     failed = None
     for lab in np.argsort(weight)[::-1][:CANDIDATES]:  # the most attended first; the first that is a `kind`
         seed = tuple(int(i + b.start) for i, b in zip(deepest(labels == int(lab) + 1, spacing), box))

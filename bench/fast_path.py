@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The project's GPU path next to plain transformers ``generate``, in one run on one card.
 
-    python bench/fast_path.py [--only speed,batch,precision,restart,phantom] [--out bench/results/fast_path.md]
+    python bench/fast_path.py [--only speed,batch,precision,restart,phantom,profile] [--out bench/results/fast_path.md]
 
 MedGemma-4B shapes with random weights (``bench/medgemma_shapes.py``: built from config, no download),
 bf16, 200 new tokens. Both paths are made to say the same 200-token report (the project path by teacher
@@ -17,6 +17,8 @@ decode work; the project path also computes every finding's heatmap and mask.
   share of 64 freely generated tokens equal to bf16's; plus int8 (torchao) against bf16 on the phantom model.
 * **restart**: a server's start as a new process (load the saved folder, warm up the X-ray shape with
   ``torch.compile``, answer one X-ray) twice: with an empty compile cache and with the cache the first left.
+* **profile** (only when asked for): one reading per study under torch.profiler (the CUDA kernels) and its
+  maps under cProfile.
 * **phantom**: the phantom model in each precision against fp32 on held-out phantoms: finding text
   exact match, mask Dice, pointing game.
 """
@@ -216,6 +218,42 @@ def speed(model, processor, reader, modalities=("xray", "ct")) -> None:
         gc.collect()
         torch.cuda.empty_cache()
     emit()
+
+
+def profile(model, processor, reader, modalities=("xray", "ct")) -> None:
+    """Where a reading's time goes: the CUDA kernels of one reading (torch.profiler; the decode steps are
+    CUDA graph replays) and the Python functions of its maps (cProfile, the top 25 by their own time)."""
+    import cProfile
+    import io
+    import pstats
+
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as kernels
+
+    tok = processor.tokenizer
+    cases = {"xray": (xray(7), report(tok, XRAY_FINDINGS)), "ct": (ct(3), report(tok, CT_FINDINGS))}
+    for name in modalities:
+        study, answer = cases[name]
+        r = reader.read(study, answer=answer)  # warm-up: compiles and captures this shape
+        with kernels(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            r = reader.read(fresh(study), answer=answer)
+            sync()
+        emit(f"### Profile: {name}, latencies {r.latencies}")
+        emit()
+        emit("```")
+        emit(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
+        emit("```")
+        py = cProfile.Profile()
+        py.enable()
+        reader.remap(fresh(study), r.generation)
+        sync()
+        py.disable()
+        text = io.StringIO()
+        pstats.Stats(py, stream=text).sort_stats("tottime").print_stats(25)
+        emit("```")
+        emit(text.getvalue()[-6000:])
+        emit("```")
+        emit()
 
 
 def batch(model, processor, reader, sizes=(8, 32, 64)) -> None:
@@ -423,11 +461,13 @@ def main(argv=None):
     emit(f"## bench/fast_path.py on {card} (torch {torch.__version__}, "
          f"transformers {__import__('transformers').__version__}), {time.strftime('%Y-%m-%d')}")
     emit()
-    if {"speed", "batch", "precision", "restart"} & set(parts):
+    if {"speed", "batch", "precision", "restart", "profile"} & set(parts):
         t0 = time.perf_counter()
         model, processor = build("cuda", torch.bfloat16, attn=CAPTURE_ATTN)
         print(f"built MedGemma-4B shapes in {time.perf_counter() - t0:.1f} s", flush=True)
         reader = reader_for(model, processor, "bf16")
+        if "profile" in parts:
+            profile(model, processor, reader, args.speed_modalities.split(","))
         if "speed" in parts:
             speed(model, processor, reader, args.speed_modalities.split(","))
         if "batch" in parts:

@@ -28,11 +28,19 @@ end. ``A``'s softmax denominators span every key the image tokens see; they are 
 whole images at a time (bounded memory), each chunk against the keys up to its last image; only the
 scores are held (exponentiated in place for the denominators), never a softmax of the same size beside
 them. Memory: n x n per image per read layer (85 CT slices: 22 MiB each in float32), never L x L.
+
+**Denominators from the attention kernel** (:func:`attention_and_lse`). The fused attention that computes
+a layer's output already has every row's log-sum-exp of its scores: on the layers that are mixed, the
+layer's attention runs through the kernel entry point that returns it (cuDNN or memory-efficient attention
+on CUDA, the flash kernel on the CPU), and each image's own n x n scores are all the rollout computes
+itself: exp(score - lse). A CT's mixing then costs a few small matmuls per layer instead of a second pass
+over every key in float32. Where no such kernel takes the layer's inputs, the chunked pass above is used.
 """
 
 from __future__ import annotations
 
 import contextvars
+import logging
 from contextlib import contextmanager
 
 import torch
@@ -40,6 +48,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+logger = logging.getLogger(__name__)
 CAPTURE_ATTN = "medgemma_capture"
 CHUNK_BYTES = 2**30  # scores of one chunk of images in the rollout's denominators (1 GiB)
 _ACTIVE: contextvars.ContextVar = contextvars.ContextVar("recorder", default=None)
@@ -96,13 +105,17 @@ class AttentionRecorder:
         self.mixed = bool(mixed)
         self.unmixed: list[int] = []  # prefill layers whose keys did not cover the prompt (taken as identity)
 
-    def observe(self, layer: int, query, key, attention_mask, scaling: float) -> None:
+    def wants_lse(self, layer: int, query, key) -> bool:
+        """This prefill layer's tokens are mixed (its attention's log-sum-exp makes that cheap)."""
+        return self.rollout and not self.mixed and layer < max(self.layers) and key.shape[2] == query.shape[2]
+
+    def observe(self, layer: int, query, key, attention_mask, scaling: float, lse: torch.Tensor | None = None) -> None:
         if self.rollout and not self.mixed:
-            self.mix(layer, query, key, attention_mask, scaling)
+            self.mix(layer, query, key, attention_mask, scaling, lse)
         if layer in self.layers:
             self.record(layer, query, key, attention_mask, scaling)
 
-    def mix(self, layer: int, query, key, attention_mask, scaling: float) -> None:
+    def mix(self, layer: int, query, key, attention_mask, scaling: float, lse: torch.Tensor | None = None) -> None:
         """Prefill of ``layer``: snapshot the product for a read layer, then multiply in this layer's mixing."""
         if layer > max(self.layers):
             return
@@ -119,8 +132,9 @@ class AttentionRecorder:
             return
         eye = torch.eye(n, device=query.device)
         for b in range(batch):
-            within = self._within(query[b : b + 1], key[b : b + 1], None if attention_mask is None else
-                                  attention_mask[b if attention_mask.shape[0] > 1 else 0], self.blocks[b], scaling)
+            mask = None if attention_mask is None else attention_mask[b if attention_mask.shape[0] > 1 else 0]
+            within = self._within(query[b : b + 1], key[b : b + 1], mask, self.blocks[b], scaling) if lse is None \
+                else self._within_lse(query[b : b + 1], key[b : b + 1], lse[b], mask, self.blocks[b], scaling)
             self.mixing[b] = torch.matmul(0.5 * eye + 0.5 * within, self.mixing[b])
 
     @staticmethod
@@ -146,6 +160,20 @@ class AttentionRecorder:
             shape = (heads, len(chunk), n, 1)
             out.append((torch.exp(own - top.view(shape)) / total.view(shape)).mean(0))  # (k, n, n)
         p = torch.cat(out)
+        return p / p.sum(-1, keepdim=True).clamp_min(1e-12)
+
+    @staticmethod
+    def _within_lse(query, key, lse, mask, blocks, scaling: float) -> torch.Tensor:
+        """:meth:`_within` from each row's log-sum-exp over every key it sees (``lse`` (H, L), float32, from
+        the layer's attention kernel): only each image's own n x n scores are computed."""
+        q = query[0][:, blocks].transpose(0, 1).contiguous()  # (I, H, n, D)
+        k = key[0][:, blocks].transpose(0, 1).contiguous()  # (I, KVH, n, D)
+        s = scores_f32(q, k, scaling)  # (I, H, n, n)
+        if mask is not None:
+            own = mask[:, blocks[:, :, None], blocks[:, None, :]]  # (1, I, n, n)
+            s = _masked(s, own.transpose(0, 1), inplace=True)
+        s.sub_(lse[:, blocks].transpose(0, 1)[..., None]).exp_()
+        p = s.mean(1)  # (I, n, n)
         return p / p.sum(-1, keepdim=True).clamp_min(1e-12)
 
     def record(self, layer: int, query, key, attention_mask, scaling: float) -> None:
@@ -216,16 +244,76 @@ class NoRecorder:
         return None
 
 
+_NO_LSE: set = set()  # (device type, reason) of kernels that refused: warned once, then not tried again
+
+
+def attention_and_lse(query, key, value, attention_mask, scaling: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A prefill layer's attention output, laid out as ``sdpa_attention_forward`` returns it (B, L, H, D), and
+    each row's log-sum-exp of its scaled, masked scores (B, H, L), float32, from one fused kernel: cuDNN (else
+    memory-efficient) attention on CUDA (bf16 / fp16: an fp32 model's mixing on the GPU came out non-finite),
+    the flash kernel on the CPU. None when no kernel takes the inputs."""
+    if query.is_cuda and query.dtype == torch.float32:  # the fused CUDA kernels' log-sum-exp: half types only
+        return None
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # query head h reads KV head h // groups (repeat_kv)
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    batch, heads, length, _ = query.shape
+    causal = attention_mask is None
+    kind = query.device.type
+    bias = None
+    if attention_mask is not None:  # additive, of the query's dtype, its rows padded to 16 (CUDA's alignment)
+        size = attention_mask.shape[-1]
+        bias = torch.zeros(*attention_mask.shape[:-1], -(-size // 16) * 16, dtype=query.dtype,
+                           device=query.device)[..., :size]
+        if attention_mask.dtype == torch.bool:
+            bias.masked_fill_(~attention_mask, float("-inf"))
+        else:
+            bias.copy_(attention_mask)
+    try:
+        if kind == "cuda":
+            bias = None if bias is None else bias.expand(batch, heads, length, bias.shape[-1])
+            errors = []
+            for op in (torch.ops.aten._scaled_dot_product_cudnn_attention,
+                       torch.ops.aten._scaled_dot_product_efficient_attention):
+                if (kind, op.__name__) in _NO_LSE:
+                    continue
+                try:
+                    out, lse = op(query, key, value, bias, True, 0.0, causal, scale=scaling)[:2]
+                    break
+                except RuntimeError as e:
+                    errors.append(f"{op.__name__}: {str(e).splitlines()[0]}")
+                    _NO_LSE.add((kind, op.__name__))
+            else:
+                raise RuntimeError("; ".join(errors))
+        else:
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                query, key, value, 0.0, causal, attn_mask=bias, scale=scaling)
+    except RuntimeError as e:
+        if (kind, "any") not in _NO_LSE:
+            logger.warning("rollout: no attention kernel returns the log-sum-exp here (%s); the mixing computes its "
+                           "denominators itself", e)
+            _NO_LSE.add((kind, "any"))
+        return None
+    return out.transpose(1, 2).contiguous(), lse.reshape(batch, heads, -1)[..., :length].float()
+
+
 def _capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     # a decode step sets its recorder on the attention modules (a plain attribute: torch.compile traces it);
     # prefill goes through the context variable
     recorder = getattr(module, "decode_recorder", None)
     if recorder is None:
         recorder = _ACTIVE.get()
     layer = getattr(module, "layer_idx", None)
+    scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if recorder is not None and layer is not None and isinstance(recorder, AttentionRecorder) and \
+            (query.device.type, "any") not in _NO_LSE and recorder.wants_lse(layer, query, key):
+        fused = attention_and_lse(query, key, value, attention_mask, scale)
+        if fused is not None:
+            recorder.observe(layer, query, key, attention_mask, scale, lse=fused[1])
+            return fused[0], None
+    out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     if recorder is not None and layer is not None:
-        recorder.observe(layer, query, key, attention_mask, query.shape[-1] ** -0.5 if scaling is None else scaling)
+        recorder.observe(layer, query, key, attention_mask, scale)
     return out
 
 

@@ -20,22 +20,25 @@ def test_captured_rows_equal_eager_attention(reader):
     assert gen.layers == layers and gen.attention.shape[:3] == (len(gen.token_ids), 4, 4)
     assert gen.attention.shape[3] == 256
 
+    # eager attention on the reader's own device (a GPU's float32 differs from the CPU's beyond 1e-5)
     eager = Gemma3ForConditionalGeneration.from_pretrained(PHANTOM_MODEL_DIR, attn_implementation="eager").eval()
-    inputs = build_inputs(proc, [image], DEFAULT_QUESTION, None, "cpu", torch.float32)
+    eager.to(model.device)
+    inputs = build_inputs(proc, [image], DEFAULT_QUESTION, None, model.device, torch.float32)
     prompt_len = inputs["input_ids"].shape[1]
-    new = torch.tensor([gen.token_ids])
+    new = torch.tensor([gen.token_ids], device=model.device)
     ids = torch.cat([inputs["input_ids"], new], dim=1)
     tt = torch.cat([inputs["token_type_ids"], torch.zeros_like(new)], dim=1)
     with torch.no_grad():
         out = eager(input_ids=ids, attention_mask=torch.ones_like(ids), token_type_ids=tt,
                     pixel_values=inputs["pixel_values"], output_attentions=True, use_cache=False)
-    img_pos = (inputs["input_ids"][0] == model.config.image_token_index).nonzero()[:, 0]
+    img_pos = (inputs["input_ids"][0] == model.config.image_token_index).nonzero()[:, 0].cpu()
     rows = torch.arange(len(gen.token_ids)) + prompt_len - 1  # the query that emitted each new token
     for li, layer in enumerate(layers):
-        ref = out.attentions[layer][0][:, rows][:, :, img_pos].permute(1, 0, 2)  # (tokens, heads, 256)
+        ref = out.attentions[layer][0].cpu()[:, rows][:, :, img_pos].permute(1, 0, 2)  # (tokens, heads, 256)
         assert torch.allclose(gen.attention[:, li], ref, atol=1e-5), layer
     # the answer is the same as plain SDPA generation gives
     sdpa = Gemma3ForConditionalGeneration.from_pretrained(PHANTOM_MODEL_DIR, attn_implementation="sdpa").eval()
+    sdpa.to(model.device)
     with torch.no_grad():
         plain = sdpa.generate(**inputs, max_new_tokens=40, do_sample=False)
     assert proc.tokenizer.decode(plain[0, prompt_len:], skip_special_tokens=True).strip() == gen.text.strip()
@@ -96,16 +99,18 @@ def test_rollout_inside_each_image_equals_the_product_of_eager_mixing(reader):
     assert not torch.allclose(rolled.attention, direct.attention)
 
     eager = Gemma3ForConditionalGeneration.from_pretrained(PHANTOM_MODEL_DIR, attn_implementation="eager").eval()
-    inputs = build_inputs(proc, content, CT_QUESTION, None, "cpu", torch.float32)
+    eager.to(model.device)  # on the reader's device: a GPU's float32 differs from the CPU's beyond 1e-5
+    inputs = build_inputs(proc, content, CT_QUESTION, None, model.device, torch.float32)
     with torch.no_grad():
         out = eager(**inputs, output_attentions=True, use_cache=False)
+    attentions = [a.cpu() for a in out.attentions]
     n = direct.image_tokens_per_image
-    blocks = (inputs["input_ids"][0] == model.config.image_token_index).nonzero()[:, 0].view(-1, n)
+    blocks = (inputs["input_ids"][0] == model.config.image_token_index).nonzero()[:, 0].cpu().view(-1, n)
     product = torch.eye(n).expand(len(blocks), n, n).clone()
     below = {}
     for layer in range(max(layers)):
         below[layer] = product.clone()
-        a = out.attentions[layer][0].mean(0)
+        a = attentions[layer][0].mean(0)
         for b, pos in enumerate(blocks):
             within = a[pos][:, pos]
             product[b] = (0.5 * torch.eye(n) + 0.5 * within / within.sum(-1, keepdim=True)) @ product[b]
@@ -158,3 +163,38 @@ def test_mixing_within_images_equals_the_softmax_over_every_key(monkeypatch):
     ref = torch.stack([p[:, b][:, :, b].mean(0) for b in blocks])
     ref = ref / ref.sum(-1, keepdim=True)
     assert torch.allclose(got, ref, atol=1e-6)
+
+
+def test_mixing_from_the_kernels_log_sum_exp_equals_the_chunked_pass():
+    """The attention kernel's per-row log-sum-exp gives the same within-image mixing as the chunked pass over
+    every key, and the same layer output as SDPA (grouped heads, a bidirectional image block, a hidden key).
+    On the CPU this is the flash kernel; the lent GPU runs it with cuDNN / memory-efficient attention."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from monailabel_app.capture import AttentionRecorder, attention_and_lse
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    torch.manual_seed(1)
+    heads, kv, d, n, images, text = 8, 4, 64, 16, 5, 11
+    length = text + images * n + 6
+    q, k, v = (torch.randn(1, h, length, d, device=device, dtype=dtype) for h in (heads, kv, kv))
+    blocks = (text + torch.arange(images * n, device=device)).view(images, n)
+    mask = torch.ones(length, length, dtype=torch.bool, device=device).tril()
+    for b in blocks:
+        mask[b[:, None], b[None, :]] = True
+    mask[:, 3] = False
+    mask = mask[None, None]
+
+    class Module(torch.nn.Module):
+        num_key_value_groups = heads // kv
+        is_causal = True
+
+    out, lse = attention_and_lse(q, k, v, mask, 0.125)
+    ref = sdpa_attention_forward(Module(), q, k, v, mask, scaling=0.125)[0]
+    assert out.shape == ref.shape and lse.shape == (1, heads, length)
+    assert torch.allclose(out.float(), ref.float(), atol=2e-2 if dtype == torch.bfloat16 else 1e-5)
+    got = AttentionRecorder._within_lse(q, k, lse[0], mask[0], blocks, 0.125)
+    chunked = AttentionRecorder._within(q, k, mask[0], blocks, 0.125)
+    assert torch.allclose(got, chunked, atol=1e-3 if dtype == torch.bfloat16 else 1e-5)
+    assert torch.allclose(got.sum(-1), torch.ones(images, n, device=device), atol=1e-5)

@@ -463,8 +463,35 @@ def grow_radiograph(pixels: np.ndarray, spacing, seed, kind: str, fields=None,
     here when not given)."""
     if method_of(kind, 2) is None:
         raise NoExtent(f"no image method for {kind!r} on a radiograph")
-    spacing = tuple(float(s) for s in spacing)
     cache = film_cache(pixels, fields) if cache is None else cache
+    step = cache["step"]
+    found = _grow_film(_work_spacing(spacing, step), _to_work(seed, cache), kind, cache["fields"],
+                       [_to_work(b, cache) for b in background] if background else background, search_mm, cap_mm, cache)
+    return _to_film(found, cache)
+
+
+def _work_spacing(spacing, step: int) -> tuple[float, ...]:
+    return tuple(float(s) * step for s in spacing)
+
+
+def _to_work(point, cache: dict) -> tuple[int, ...]:
+    """A film pixel's index on the film's working copy (:func:`film_cache`)."""
+    return tuple(min(int(c) // cache["step"], n - 1) for c, n in zip(point, cache["smooth"].shape))
+
+
+def _to_film(found: Extent, cache: dict) -> Extent:
+    """An extent found on the working copy, on the film's own pixels (each block's answer to its pixels, the
+    remainder that made no block left out; the seed at its block's centre)."""
+    step, shape = cache["step"], cache["shape"]
+    if step == 1:
+        return found
+    seed = tuple(min(c * step + step // 2, n - 1) for c, n in zip(found.seed, shape))
+    return Extent(blocks_back(found.mask, step, shape, False), found.diameter_mm, found.size_mm, seed, found.method)
+
+
+def _grow_film(spacing, seed, kind: str, fields, background, search_mm: float, cap_mm: float | None,
+               cache: dict) -> Extent:
+    """:func:`grow_radiograph` on the film's working copy (``cache``; everything in its pixels)."""
     film = cache["smooth"]
     if search_mm > 0:
         win = _box(film.shape, seed, [max(1, int(round(search_mm / s))) for s in spacing])
@@ -556,13 +583,25 @@ def _blobs(a: np.ndarray, spacing, kind: str, device=None) -> tuple[np.ndarray, 
     return strength, radius
 
 
+FILM_WORK_SIDE = 1024  # a larger film's extent is found on its block average (a 2k film: 2 x 2 blocks)
+
+
 def film_cache(pixels: np.ndarray, fields=None, device=None) -> dict:
-    """What the film's findings share, made once before they are looked at side by side: its lung
-    territory, its smoothed copy and its noise (the cache :func:`find_on_radiograph` takes); ``device``:
-    where its blobs are filtered (:func:`blobs`)."""
-    return {"territory": film_territory(fields.right, fields.left) if fields is not None else None,
-            "smooth": filters.smoothed(pixels, 1.0, device), "noise": noise_level(pixels),
-            "device": device}
+    """What the film's findings share, made once before they are looked at side by side: the film's working
+    copy (a film over :data:`FILM_WORK_SIDE` pixels averaged over ``step`` x ``step`` blocks, its lung fields
+    likewise: 0.35 mm pixels on a 2k film still draw a 3 mm nodule eight pixels across, at a quarter of the
+    work), its lung territory, smoothed copy and noise (the cache :func:`find_on_radiograph` and
+    :func:`grow_radiograph` take); ``device``: where its blobs are filtered (:func:`blobs`)."""
+    from .anatomy import LungFields
+
+    step = int(np.ceil(max(pixels.shape) / FILM_WORK_SIDE))
+    work = np.asarray(pixels, np.float32) if step == 1 else block_mean(np.asarray(pixels, np.float32), step)
+    if fields is not None and step > 1:
+        fields = LungFields(*(None if m is None else block_mean(m.astype(np.float32), step) >= 0.5
+                              for m in (fields.right, fields.left)))
+    return {"step": step, "shape": tuple(pixels.shape), "pixels": work, "fields": fields,
+            "territory": film_territory(fields.right, fields.left) if fields is not None else None,
+            "smooth": filters.smoothed(work, 1.0, device), "noise": noise_level(work), "device": device}
 
 
 def find_on_radiograph(pixels: np.ndarray, spacing, heat: np.ndarray, kind: str, fields=None,
@@ -577,6 +616,9 @@ def find_on_radiograph(pixels: np.ndarray, spacing, heat: np.ndarray, kind: str,
     if method_of(kind, 2) is None:
         raise NoExtent(f"no image method for {kind!r} on a radiograph")
     cache = film_cache(pixels, fields) if cache is None else cache
+    step = cache["step"]
+    heat = heat if step == 1 else block_mean(np.asarray(heat, np.float32), step)
+    spacing = _work_spacing(spacing, step)
     search = _search_region(heat)
     terr = cache["territory"]
     if terr is not None:
@@ -585,7 +627,7 @@ def find_on_radiograph(pixels: np.ndarray, spacing, heat: np.ndarray, kind: str,
         raise NoExtent("attention points outside the lungs")
     scales = ("blobs", tuple(r for r in BLOB_SCALES_MM if r <= limits_mm(kind)[1] / 2))
     if scales not in cache:  # the film's blobs at these radii, and where they peak
-        cache[scales] = blobs(pixels, spacing, kind, cache.get("device"))
+        cache[scales] = blobs(cache["pixels"], spacing, kind, cache.get("device"))
     strength, radius, tops = cache[scales]
     peaks = search & tops
     if peaks.any():
@@ -596,7 +638,7 @@ def find_on_radiograph(pixels: np.ndarray, spacing, heat: np.ndarray, kind: str,
     candidates = np.argwhere(peaks)
     seed = tuple(int(i) for i in candidates[int(np.argmin((((candidates - at) * spacing) ** 2).sum(axis=1)))])
     cap = None if method_of(kind, 2) == "fluid" else BLOB_REACH * float(radius[seed])
-    return grow_radiograph(pixels, spacing, seed, kind, fields, cap_mm=cap, cache=cache)
+    return _to_film(_grow_film(spacing, seed, kind, cache["fields"], None, 0.0, cap, cache), cache)
 
 
 CANDIDATES = 3  # CT: dense regions tried where attention points, most attended first

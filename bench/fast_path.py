@@ -220,9 +220,10 @@ def speed(model, processor, reader, modalities=("xray", "ct")) -> None:
     emit()
 
 
-def profile(model, processor, reader, modalities=("xray", "ct")) -> None:
+def profile(model, processor, reader, modalities=("xray", "ct"), batch_of: int = 0) -> None:
     """Where a reading's time goes: the CUDA kernels of one reading (torch.profiler; the decode steps are
-    CUDA graph replays) and the Python functions of its maps (cProfile, the top 25 by their own time)."""
+    CUDA graph replays) and the Python functions of its maps (cProfile, the top 25 by their own time);
+    ``batch_of``: also the kernels of one ``read_many`` batch of that many films."""
     import cProfile
     import io
     import pstats
@@ -252,6 +253,21 @@ def profile(model, processor, reader, modalities=("xray", "ct")) -> None:
         pstats.Stats(py, stream=text).sort_stats("tottime").print_stats(25)
         emit("```")
         emit(text.getvalue()[-6000:])
+        emit("```")
+        emit()
+    if batch_of:
+        films = [xray(s) for s in range(batch_of)]
+        answers = [report(tok, XRAY_FINDINGS)] * batch_of
+        reader.read_many(films, answers=answers, batch_size=batch_of)  # warm-up
+        with kernels(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            t0 = time.perf_counter()
+            got = reader.read_many([fresh(f) for f in films], answers=answers, batch_size=batch_of)
+            sync()
+            total = time.perf_counter() - t0
+        emit(f"### Profile: read_many of {batch_of} films, {total:.2f} s; first study's latencies {got[0].latencies}")
+        emit()
+        emit("```")
+        emit(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
         emit("```")
         emit()
 
@@ -295,19 +311,19 @@ PRECISIONS = (("fp32", None), ("bf16", None), ("fp16", None), ("int8", "torchao"
               ("int4", None))
 
 
-def precision(model, processor) -> None:
-    os.environ["MEDGEMMA_COMPILE"] = "0"  # six loads: CUDA graphs without compiling each
+def precision(model, processor, rows=PRECISIONS, compile: bool = False) -> None:
+    os.environ["MEDGEMMA_COMPILE"] = "1" if compile else "0"  # six loads: CUDA graphs without compiling each
     folder = saved(model, processor)
     film = xray(7)
     answer = report(processor.tokenizer, XRAY_FINDINGS)
     emit("### Precision, MedGemma-4B shapes, one X-ray end to end (masks included), loaded with `load_model`, "
-         "decode as a CUDA graph without `torch.compile`")
+         f"decode as a CUDA graph {'compiled with `torch.compile`' if compile else 'without `torch.compile`'}")
     emit()
     emit("| precision | weights GiB | end to end s | ms / decode token | peak GiB (weights included) | "
          "free tokens = bf16 | note |")
     emit("|---|---|---|---|---|---|---|")
     ref = None
-    for p, engine in PRECISIONS:
+    for p, engine in rows:
         name = f"{p} ({engine})" if engine else p
         try:
             if engine:
@@ -329,7 +345,8 @@ def precision(model, processor) -> None:
         gc.collect()
         torch.cuda.empty_cache()
     emit()
-    int8_agreement()
+    if not compile and ("int8", "torchao") in rows:  # the phantom's agreement does not depend on compiling
+        int8_agreement()
 
 
 def int8_agreement(seeds=range(0, 30)) -> None:
@@ -448,6 +465,11 @@ def main(argv=None):
     ap.add_argument("--child-restart", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--speed-modalities", default="xray,ct", help="the speed part's studies (xray, ct)")
     ap.add_argument("--batch-sizes", default="8,32,64", help="the batch part's batch sizes")
+    ap.add_argument("--profile-batch", type=int, default=0, help="the profile part: also one read_many batch of this many")
+    ap.add_argument("--precisions", default=",".join(f"{p}:{e}" if e else p for p, e in PRECISIONS),
+                    help="the precision part's rows (int8:torchao, int8:bitsandbytes)")
+    ap.add_argument("--precision-compile", action="store_true",
+                    help="the precision part with torch.compile on (each load compiles its decode step)")
     ap.add_argument("--out", default=None, help="markdown file for the tables")
     ap.add_argument("--phantom-device", default="cuda", help="where the phantom comparison runs (cuda or cpu: "
                     "fp32/bf16/fp16 only, bitsandbytes needs CUDA)")
@@ -467,7 +489,7 @@ def main(argv=None):
         print(f"built MedGemma-4B shapes in {time.perf_counter() - t0:.1f} s", flush=True)
         reader = reader_for(model, processor, "bf16")
         if "profile" in parts:
-            profile(model, processor, reader, args.speed_modalities.split(","))
+            profile(model, processor, reader, [m for m in args.speed_modalities.split(",") if m], args.profile_batch)
         if "speed" in parts:
             speed(model, processor, reader, args.speed_modalities.split(","))
         if "batch" in parts:
@@ -475,7 +497,8 @@ def main(argv=None):
         if "restart" in parts:
             restart(model, processor)
         if "precision" in parts:
-            precision(model, processor)
+            rows = [tuple(r.split(":")) if ":" in r else (r, None) for r in args.precisions.split(",")]
+            precision(model, processor, rows, args.precision_compile)
         del reader, model
         gc.collect()
         torch.cuda.empty_cache()

@@ -297,14 +297,29 @@ def attention_and_lse(query, key, value, attention_mask, scaling: float) -> tupl
     return out.transpose(1, 2).contiguous(), lse.reshape(batch, heads, -1)[..., :length].float()
 
 
+def decode_attention(query, key, value, attention_mask, scaling: float) -> torch.Tensor:
+    """A decode step's attention: one new query row per sequence, softmax(q k^T) v with the grouped-query heads
+    read in place (under torch.compile, SDPA's path copies the whole cache into repeated heads on every layer
+    and step: most of a batch's step), the scores in float32. Laid out as ``sdpa_attention_forward`` returns
+    it (B, 1, H, D)."""
+    b, h, _, _ = query.shape
+    kvh, length, dv = key.shape[1], key.shape[2], value.shape[-1]
+    p = torch.softmax(_masked(scores_f32(query, key, scaling), attention_mask), dim=-1)  # (B, H, 1, S)
+    out = torch.bmm(p.to(value.dtype).view(b * kvh, h // kvh, length), value.reshape(b * kvh, length, dv))
+    return out.view(b, h, 1, dv).transpose(1, 2).contiguous()
+
+
 def _capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     # a decode step sets its recorder on the attention modules (a plain attribute: torch.compile traces it);
     # prefill goes through the context variable
     recorder = getattr(module, "decode_recorder", None)
-    if recorder is None:
-        recorder = _ACTIVE.get()
     layer = getattr(module, "layer_idx", None)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
+    if recorder is not None and query.shape[2] == 1 and kwargs.get("softcap") is None:
+        recorder.observe(layer, query, key, attention_mask, scale)
+        return decode_attention(query, key, value, attention_mask, scale), None
+    if recorder is None:
+        recorder = _ACTIVE.get()
     if recorder is not None and layer is not None and isinstance(recorder, AttentionRecorder) and \
             (query.device.type, "any") not in _NO_LSE and recorder.wants_lse(layer, query, key):
         fused = attention_and_lse(query, key, value, attention_mask, scale)

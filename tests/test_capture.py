@@ -198,3 +198,31 @@ def test_mixing_from_the_kernels_log_sum_exp_equals_the_chunked_pass():
     chunked = AttentionRecorder._within(q, k, mask[0], blocks, 0.125)
     assert torch.allclose(got, chunked, atol=1e-3 if dtype == torch.bfloat16 else 1e-5)
     assert torch.allclose(got.sum(-1), torch.ones(images, n, device=device), atol=1e-5)
+
+
+def test_decode_attention_equals_sdpa_with_grouped_heads_and_masks():
+    """The decode step's own attention (grouped-query heads read in place, float32 scores) against SDPA with
+    repeated heads: a batch whose rows see different keys (left padding, a sliding window), bool and
+    additive masks."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from monailabel_app.capture import decode_attention
+
+    torch.manual_seed(2)
+    batch, heads, kv, d, length = 3, 8, 2, 32, 40
+    q = torch.randn(batch, heads, 1, d)
+    k, v = torch.randn(batch, kv, length, d), torch.randn(batch, kv, length, d)
+    seen = torch.ones(batch, 1, 1, length, dtype=torch.bool)
+    seen[0, ..., :7] = False  # left padding
+    seen[1, ..., :25] = False  # a window of the last 15 keys
+    seen[2, ..., 30:] = False  # cache slots not written yet
+
+    class Module(torch.nn.Module):
+        num_key_value_groups = heads // kv
+        is_causal = True
+
+    for mask in (seen, torch.zeros(seen.shape).masked_fill(~seen, float("-inf"))):
+        ref = sdpa_attention_forward(Module(), q, k, v, mask, scaling=0.2)[0]
+        got = decode_attention(q, k, v, mask, 0.2)
+        assert got.shape == ref.shape == (batch, 1, heads, d)
+        assert torch.allclose(got, ref, atol=1e-5)

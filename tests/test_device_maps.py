@@ -58,6 +58,8 @@ def test_gates_on_the_device_keep_the_body_and_the_named_side(device):
     m = ct_maps.gated(heat, torch.as_tensor(body, device=device), torch.as_tensor(cols, device=device)).cpu().numpy()
     assert (m == (body & cols[None, None, :])).all()
     assert (ct_maps.gated(heat, torch.as_tensor(body, device=device), None).cpu().numpy() == body).all()
+    on_cpu = ct_maps.gated(np.ones((3, 8, 10), np.float32), body, cols)  # the CPU's numpy path, the same rule
+    assert on_cpu.dtype == np.float32 and (on_cpu == m).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)

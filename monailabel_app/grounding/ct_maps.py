@@ -63,10 +63,16 @@ def volume_heatmap(grids: np.ndarray, ms: ModelSlices, depth: int, device="cpu")
     return maps.grids_to_pixels(per_slice, ms.pad)
 
 
-def gated(heat: torch.Tensor, allowed: torch.Tensor, columns: torch.Tensor | None) -> torch.Tensor:
+def gated(heat, allowed, columns):
     """The heatmap kept inside ``allowed`` (the body, or the lungs: bool, same grid) and, for a finding that
-    names a side, on that side's ``columns`` (bool (x,), :func:`side_columns`), zero elsewhere."""
-    m = torch.where(allowed, heat, torch.zeros((), dtype=heat.dtype, device=heat.device))  # 3x a bool product's speed
+    names a side, on that side's ``columns`` (bool (x,), :func:`side_columns`), zero elsewhere. Tensors (a
+    GPU's) or numpy arrays (the CPU's: numpy's where and product are 3-4x faster there than torch's)."""
+    if isinstance(heat, np.ndarray):
+        m = np.where(allowed, heat, np.float32(0))
+        if columns is not None:
+            m *= columns  # broadcast over the last axis
+        return m
+    m = torch.where(allowed, heat, torch.zeros((), dtype=heat.dtype, device=heat.device))
     if columns is not None:
         m *= columns  # broadcast over the last axis (an index_put of the other side's columns is 10x slower)
     return m

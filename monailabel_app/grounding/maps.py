@@ -89,17 +89,23 @@ def combined_heatmap(heatmaps: list[np.ndarray], shape) -> np.ndarray:
 def peak_region(heatmap: np.ndarray, threshold: float = 0.5, scaled: np.ndarray | None = None) -> np.ndarray:
     """Bool mask: the connected region around the peak of ``heatmap`` scaled to 0..1, at >= threshold
     (``scaled``: that scaling, when already computed)."""
-    scaled = normalise(heatmap) if scaled is None else scaled
-    peak = np.unravel_index(int(np.argmax(scaled)), scaled.shape)
-    if scaled[peak] <= 0:
-        return np.zeros(heatmap.shape, bool)
-    above = scaled >= threshold
+    if scaled is None:  # the threshold in the map's own units: no scaled copy of a whole volume
+        lo, hi = float(heatmap.min()), float(heatmap.max())
+        if not hi - lo >= 1e-12:
+            return np.zeros(heatmap.shape, bool)
+        peak = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+        above = heatmap >= lo + threshold * (hi - lo)
+    else:
+        peak = np.unravel_index(int(np.argmax(scaled)), scaled.shape)
+        if scaled[peak] <= 0:
+            return np.zeros(heatmap.shape, bool)
+        above = scaled >= threshold
     box = tuple(slice(int(idx.min()), int(idx.max()) + 1) for idx in
                 (np.nonzero(above.any(axis=tuple(a for a in range(above.ndim) if a != d)))[0] for d in range(above.ndim)))
     labels, _ = ndimage.label(above[box], structure=np.ones((3,) * heatmap.ndim))  # only where anything is above
     out = np.zeros(heatmap.shape, bool)
     local = tuple(p - b.start for p, b in zip(peak, box))
-    out[box] = labels == labels[local]
+    np.equal(labels, labels[local], out=out[box])
     return out
 
 

@@ -255,23 +255,3 @@ def test_territory_is_the_plane_by_plane_hull_of_each_lung_piece():
     assert got[4].sum() == 0 and got[5].any() and (got ^ vol).any()
     assert np.array_equal(got, expected)
     assert np.array_equal(territory(vol[7]), expected[7])  # one plane (a film's fields)
-
-
-def test_a_large_search_on_a_fine_grid_finds_the_same_region_on_blocks(monkeypatch):
-    """A search box of more than SEARCH_FINE_VOXELS on a sub-millimetre grid is searched on 2 x 2 in-plane
-    blocks: the nodule is found and grown on the CT's own voxels as the full-resolution search does, with a
-    vessel-sized ball nearby that attention also covers (the most attended region wins on both)."""
-    hu, spacing, ball = _ball_volume(shape=(30, 320, 320), spacing=(2.5, 0.6, 0.6))
-    nodule = ball((15, 150, 140), 6.0)
-    ball((15, 200, 230), 2.0)
-    grids = np.ogrid[:30, :320, :320]
-    heat = np.exp(-sum(((g - c) * s) ** 2 for g, c, s in zip(grids, (15, 160, 160), spacing)) / (2 * 40.0**2))
-    heat = heat.astype(np.float32)
-    box = extent.bounding_box(extent._search_region(heat))
-    assert np.prod([b.stop - b.start for b in box]) > extent.SEARCH_FINE_VOXELS  # the coarse search is taken
-    coarse = extent.find_in_ct(hu, spacing, heat, "nodule")
-    monkeypatch.setattr(extent, "SEARCH_FINE_VOXELS", 10**12)
-    full = extent.find_in_ct(hu, spacing, heat, "nodule")
-    assert coarse.mask[coarse.seed] and nodule[coarse.seed]
-    assert dice(coarse.mask, full.mask) >= 0.98 and dice(coarse.mask, nodule) >= 0.9
-    assert abs(coarse.diameter_mm - full.diameter_mm) <= 1.0

@@ -642,8 +642,6 @@ def find_on_radiograph(pixels: np.ndarray, spacing, heat: np.ndarray, kind: str,
 
 
 CANDIDATES = 3  # CT: dense regions tried where attention points, most attended first
-SEARCH_FINE_VOXELS = 1_000_000  # CT: a larger search box on a grid finer than SEARCH_FINE_MM in-plane is
-SEARCH_FINE_MM = 1.0  # searched on 2 x 2 in-plane blocks (the seeds go back to the densest voxel of theirs)
 DEEPEST_FINE_VOXELS = 1_000_000  # a larger region's deepest voxel is looked for on 2 x 2 in-plane blocks first
 
 
@@ -679,9 +677,8 @@ def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.nd
     (above -500 HU, smoothed) in the region attention points at, the most attended one that the kind's rule
     (:func:`grow_ct`, from its deepest voxel) accepts as a ``kind`` (a mass beside a nodule is not the
     nodule). ``near``: the attention's own region (the mask it would give); the search then keeps to within
-    the kind's largest diameter of it (:func:`near_box`). A search box of more than
-    :data:`SEARCH_FINE_VOXELS` on a fine grid is searched on 2 x 2 in-plane blocks (a quarter of the work; the
-    region is still grown on the CT's own voxels). Raises :class:`NoExtent` with the first candidate's reason."""
+    the kind's largest diameter of it (:func:`near_box`). Raises :class:`NoExtent` with the first
+    candidate's reason."""
     if method_of(kind, 3) is None:
         raise NoExtent(f"no image method for {kind!r} on CT")
     search = _search_region(heat)
@@ -690,37 +687,24 @@ def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.nd
     box = bounding_box(search)
     if near is not None and near.any():
         box = tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(box, near_box(near, spacing, kind)))
-    fine = np.asarray(hu[box], np.float32)
-    step = 2 if fine.size > SEARCH_FINE_VOXELS and min(spacing[1:]) < SEARCH_FINE_MM else 1
-    work, where, attention, sp = fine, search[box], heat[box], tuple(spacing)
-    if step > 1:  # a large box on a fine grid: looked at on 2 x 2 in-plane blocks
-        work = block_mean(fine, step)
-        where = block_mean(where.astype(np.float32), step) >= 0.5
-        attention = block_mean(np.asarray(attention, np.float32), step)
-        sp = (spacing[0], spacing[1] * step, spacing[2] * step)
-    sub = ndimage.gaussian_filter(work, [0.6 * min(spacing) / s for s in sp])  # the same width in mm
+    sub = ndimage.gaussian_filter(np.asarray(hu[box], np.float32), [0.6 * min(spacing) / s for s in spacing])
     if method_of(kind, 3) == "air":
         dense = sub < -950
     elif method_of(kind, 3) == "fluid":
         dense = (sub >= -20) & (sub <= 60)
     else:
         dense = sub >= -500
-    dense &= where
+    dense &= search[box]
     if method_of(kind, 3) in ("focal", "airspace"):
         dense &= territory(aerated_lung(sub))
     labels, n = ndimage.label(dense)
     if n == 0:
         raise NoExtent("no region of its density where attention points")
     inside = labels > 0  # each region's summed attention (sum_labels, through bincount: 10x faster)
-    weight = np.bincount(labels[inside], weights=attention[inside], minlength=n + 1)[1:]
+    weight = np.bincount(labels[inside], weights=heat[box][inside], minlength=n + 1)[1:]
     failed = None
     for lab in np.argsort(weight)[::-1][:CANDIDATES]:  # the most attended first; the first that is a `kind`
-        k = deepest(labels == int(lab) + 1, sp)
-        if step > 1:  # the densest voxel of the deepest block
-            rows, cols = slice(k[1] * step, (k[1] + 1) * step), slice(k[2] * step, (k[2] + 1) * step)
-            r, c = np.unravel_index(int(np.argmax(fine[k[0], rows, cols])), fine[k[0], rows, cols].shape)
-            k = (k[0], rows.start + int(r), cols.start + int(c))
-        seed = tuple(int(i + b.start) for i, b in zip(k, box))
+        seed = tuple(int(i + b.start) for i, b in zip(deepest(labels == int(lab) + 1, spacing), box))
         try:
             return grow_ct(hu, spacing, seed, kind)
         except NoExtent as e:

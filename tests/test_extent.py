@@ -255,3 +255,31 @@ def test_territory_is_the_plane_by_plane_hull_of_each_lung_piece():
     assert got[4].sum() == 0 and got[5].any() and (got ^ vol).any()
     assert np.array_equal(got, expected)
     assert np.array_equal(territory(vol[7]), expected[7])  # one plane (a film's fields)
+
+
+def test_a_big_films_extent_on_its_working_copy_matches_full_resolution(reader, monkeypatch):
+    """Films over FILM_WORK_SIDE pixels are measured on their block average: on phantom films enlarged to
+    2048 x 2458 and read by the model, each lesion's mask agrees with the truth as the full-resolution
+    extent's does, from the same image regions."""
+    from PIL import Image
+
+    from monailabel_app.xray import Geometry, Radiograph
+
+    work_side = extent.FILM_WORK_SIDE
+    for seed in (101, 106, 113):
+        ph = make_phantom(seed)
+        img = np.asarray(Image.fromarray(ph.image).resize((2048, 2458), Image.BILINEAR))
+        film = Radiograph(img, Geometry.plain(2458, 2048))
+        gen = reader.read(film).generation
+        truth = [np.asarray(Image.fromarray(les.mask.astype(np.uint8)).resize((2048, 2458), Image.NEAREST)) > 0
+                 for les in ph.lesions]
+        got = {}
+        for side in (work_side, 10**6):
+            monkeypatch.setattr(extent, "FILM_WORK_SIDE", side)
+            reader._fields = None
+            r = reader.remap(film, gen)
+            got[side] = ([e["extent"] for e in r.extras],
+                         [max(dice(r.labels == k, t) for k in range(1, len(r.names) + 1)) for t in truth])
+        (kinds, work), (full_kinds, full) = got.values()
+        assert kinds == full_kinds and "image" in kinds, seed
+        assert all(w >= f - 0.02 and w >= 0.8 for w, f in zip(work, full)), (seed, work, full)

@@ -52,3 +52,20 @@ def test_side_gate_keeps_the_named_side_of_the_patient():
     assert right[:, :3].all() and not right[:, 3:].any()  # patient right = image left
     assert left[:, 4:].all() and not left[:, :4].any()
     assert maps.side_gate((4, 7), "bilateral").all() and maps.side_gate((4, 7), "").all()
+
+
+def test_assign_gives_overlaps_to_the_larger_scaled_heatmap():
+    """Overlapping regions: each voxel to the finding whose heatmap, scaled to 0..1 over the whole map, is
+    larger there (the first on ties); a flat heatmap scales to zeros. Against the rule written on whole arrays."""
+    rng = np.random.default_rng(3)
+    shape = (6, 30, 40)
+    heats = [rng.random(shape).astype(np.float32) * s + o for s, o in ((1.0, 0.0), (5.0, 2.0), (0.0, 1.0))]
+    regions = [rng.random(shape) > 0.4 for _ in heats]
+    expected = np.zeros(shape, np.uint8)
+    best = np.full(shape, -1.0, np.float32)
+    for k, (region, h) in enumerate(zip(regions, heats), start=1):
+        scaled = maps.normalise(h)
+        take = region & (scaled > best)
+        expected[take], best[take] = k, scaled[take]
+    got = maps.assign(regions, heats)
+    assert np.array_equal(got, expected) and set(np.unique(got)) == {0, 1, 2, 3}

@@ -114,11 +114,15 @@ def assign(regions: list[np.ndarray], heatmaps: list[np.ndarray]) -> np.ndarray:
     finding whose heatmap, scaled to 0..1, is larger there."""
     out = np.zeros(regions[0].shape, np.uint8)
     best = np.full(regions[0].shape, -1.0, np.float32)
+    flat_out, flat_best = out.reshape(-1), best.reshape(-1)
     for k, (region, h) in enumerate(zip(regions, heatmaps), start=1):
-        scaled = normalise(h)
-        take = region & (scaled > best)
-        out[take] = k
-        best[take] = scaled[take]
+        inside = np.flatnonzero(region)  # scaled as normalise() scales, on the region's voxels only
+        lo, hi = float(h.min()), float(h.max())
+        scaled = np.zeros(len(inside), np.float32) if hi - lo < 1e-12 else \
+            np.subtract(np.asarray(h).reshape(-1)[inside], lo, dtype=np.float32) * np.float32(1.0 / (hi - lo))
+        take = scaled > flat_best[inside]
+        flat_out[inside[take]] = k
+        flat_best[inside[take]] = scaled[take]
     return out
 
 

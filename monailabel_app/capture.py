@@ -244,7 +244,7 @@ class NoRecorder:
         return None
 
 
-_NO_LSE: set = set()  # (device type, reason) of kernels that refused: warned once, then not tried again
+_NO_LSE: set = set()  # (device type, kernel name or "any") that refused: not tried again ("any": warned once)
 
 
 def attention_and_lse(query, key, value, attention_mask, scaling: float) -> tuple[torch.Tensor, torch.Tensor] | None:

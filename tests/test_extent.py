@@ -293,3 +293,16 @@ def test_smoothing_leaves_out_only_negligible_axes():
     for spacing in ((2.5, 0.59, 0.72), (1.0, 0.7, 0.7)):
         full = ndimage.gaussian_filter(hu, [0.6 * min(spacing) / s for s in spacing])
         assert np.abs(extent.smoothed_hu(hu, spacing) - full).max() < 1e-6 * np.abs(hu).max()
+
+
+def test_territory_within_a_mask_is_the_territory_there():
+    """Hulls only of the pieces whose box holds a wanted voxel: the same territory wherever those are."""
+    from monailabel_app.grounding.extent import territory
+
+    rng = np.random.default_rng(6)
+    vol = ndimage.gaussian_filter(rng.normal(size=(10, 80, 90)), (0, 3, 3)) > 0.1
+    wanted = ndimage.gaussian_filter(rng.normal(size=vol.shape), (0, 4, 4)) > 0.25
+    full, cut = territory(vol), territory(vol, within=wanted)
+    assert np.array_equal(full & wanted, cut & wanted)
+    assert (full & ~cut).any()  # some hulls were left out (elsewhere)
+    assert np.array_equal(territory(vol[2], within=wanted[2]) & wanted[2], full[2] & wanted[2])

@@ -212,14 +212,17 @@ def _separate(region: np.ndarray, seed, spacing, hi_mm: float, box, shape, fits)
 # ------------------------------------------------------------------------------------- the one rule
 
 
-def territory(lungs: np.ndarray, min_pixels: int = 20) -> np.ndarray:
+def territory(lungs: np.ndarray, min_pixels: int = 20, within: np.ndarray | None = None) -> np.ndarray:
     """The lungs' territory: per plane, the convex hull of each piece of aerated lung (``lungs``, found by its
     values) of at least ``min_pixels``. A lesion against the chest wall or the mediastinum dents the aerated
     lung; the hull takes it in, while the chest wall outside the lung's curve stays out. A plane of fewer
     than ``min_pixels`` lung pixels has no territory; a plane of more than four times that is opened (a
     3 x 3 cross) before its pieces are found. All planes are opened and labelled in one pass each, with
     in-plane structures (the same as plane by plane, without a Python loop over the planes); each piece's
-    hull is skimage's ``convex_hull_image`` computed on the piece's bounding box (:func:`convex_hull`)."""
+    hull is skimage's ``convex_hull_image`` computed on the piece's bounding box (:func:`convex_hull`).
+    ``within``: only the territory's voxels there are wanted (the dense regions it will cut): a piece whose
+    bounding box holds none of them keeps its own pixels without a hull (half of a CT box's pieces); the
+    territory is then the same wherever ``within`` is."""
     planes = lungs[None] if lungs.ndim == 2 else np.asarray(lungs, bool)
     sums = planes.sum(axis=(1, 2))
     some = sums >= min_pixels
@@ -230,8 +233,9 @@ def territory(lungs: np.ndarray, min_pixels: int = 20) -> np.ndarray:
     labels, _ = ndimage.label(kept, structure=in_plane)
     sizes = np.bincount(labels.ravel())
     out = planes & some[:, None, None]
+    wanted = None if within is None else (within[None] if within.ndim == 2 else within)
     for k, box in enumerate(ndimage.find_objects(labels), start=1):
-        if box is not None and sizes[k] >= min_pixels:
+        if box is not None and sizes[k] >= min_pixels and (wanted is None or wanted[box].any()):
             out[box] |= convex_hull(labels[box][0] == k)[None]
     return out[0] if lungs.ndim == 2 else out
 
@@ -377,9 +381,10 @@ def grow_ct(hu: np.ndarray, spacing, seed, kind: str, lungs: np.ndarray | None =
     levels = smooth[box][aerated[box]]
     lung_level = float(np.median(levels)) if levels.size > 20 else LUNG_HU
     terr = None
-    if method_of(kind, 3) != "air":
+    if method_of(kind, 3) != "air":  # wanted only where grow() may take a region: a fluid's densities, or
+        # at least halfway from the lung to the smallest contrast above it
         terr = np.zeros(hu.shape, bool)
-        terr[box] = territory(aerated[box])
+        terr[box] = territory(aerated[box], within=smooth[box] >= min(lung_level + MIN_CONTRAST_HU / 2, -20.0))
     # the share limit: of the lungs given, else of the aerated lung in the box when the box is the kind's
     # (airspace, fluid: a whole chest); a focal region is held by its diameter
     lungs_size = float(lungs.sum()) if lungs is not None else (np.inf if kind in FOCAL else float(aerated.sum()))
@@ -694,7 +699,7 @@ def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.nd
         dense = sub >= -500
     dense &= search[box]
     if method_of(kind, 3) in ("focal", "airspace"):
-        dense &= territory(aerated_lung(sub))
+        dense &= territory(aerated_lung(sub), within=dense)
     labels, n = ndimage.label(dense)
     if n == 0:
         raise NoExtent("no region of its density where attention points")

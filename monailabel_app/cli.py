@@ -316,11 +316,16 @@ def _batch_main(argv) -> int:
                     help="local: this process; ray: Ray Data, one model replica per worker (pip install '.[ray]')")
     ap.add_argument("--address", default=None, help="ray: the cluster's address (default: a local Ray instance)")
     ap.add_argument("--workers", type=int, default=None, help="ray: model replicas (default: one per GPU, else 2)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="local: radiographs generated as one decode batch (default: 16 on a GPU, 1 on the CPU; "
+                         "CTs are read one at a time)")
     ap.add_argument("--exclude", action="append", default=[], metavar="GLOB",
                     help="skip studies whose path (relative to --input) matches, e.g. '*_mask.png' (repeatable)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     ap.add_argument("-v", "--verbose", action="store_true")
     args = ap.parse_args(argv)
+    if args.batch_size is not None and args.batch_size < 1:
+        ap.error(f"--batch-size must be at least 1 (got {args.batch_size})")
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     def work():
@@ -345,7 +350,8 @@ def _batch_main(argv) -> int:
 
             reader = Reader(args.model, device=args.device, precision=args.precision, limits=Limits())
             finished = batch.run_local(reader, args.out, manifest, plan, args.question, args.max_new_tokens,
-                                       progress=not args.no_progress, language=args.language)
+                                       progress=not args.no_progress, language=args.language,
+                                       batch_size=args.batch_size)
         rows = manifest.compact(plan.order)
         return rows, finished, plan, time.perf_counter() - t0
 

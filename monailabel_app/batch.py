@@ -196,12 +196,14 @@ def _write(reading, record: dict, out: str, study: Study) -> None:
 
 
 def read_study(reader, study: Study, out: str, question: str | None, max_new_tokens: int,
-               language: str = "auto") -> dict:
-    """Read one study and write its outputs (atomically); its manifest record, ok or failed."""
+               language: str = "auto", loaded=None) -> dict:
+    """Read one study and write its outputs (atomically); its manifest record, ok or failed. ``loaded``: the
+    study already loaded (not read from its path again)."""
     t0 = time.perf_counter()
     record = _record(reader, study)
     try:
-        _write(reader.read(study.path, question, max_new_tokens, language=language), record, out, study)
+        _write(reader.read(study.path if loaded is None else loaded, question, max_new_tokens, language=language),
+               record, out, study)
     except Exception as e:  # a fault on one study must not stop the dataset; it is recorded with its type
         _failed(record, e)
     return _done(record, t0)
@@ -230,7 +232,7 @@ def read_studies(reader, studies: list[Study], out: str, question: str | None, m
         if isinstance(loaded, Radiograph):
             films.append((s, loaded))
         else:
-            records[s.id] = read_study(reader, s, out, question, max_new_tokens, language)
+            records[s.id] = read_study(reader, s, out, question, max_new_tokens, language, loaded)
     if films:
         t1 = time.perf_counter()
         try:
@@ -238,9 +240,9 @@ def read_studies(reader, studies: list[Study], out: str, question: str | None, m
                                         language=language)
         except Exception:  # noqa: BLE001 (read one by one: the failing study records its own error)
             readings = None
-        for k, (s, _) in enumerate(films):
+        for k, (s, film) in enumerate(films):
             if readings is None:
-                records[s.id] = read_study(reader, s, out, question, max_new_tokens, language)
+                records[s.id] = read_study(reader, s, out, question, max_new_tokens, language, film)
                 continue
             record = _record(reader, s)
             try:

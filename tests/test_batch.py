@@ -174,3 +174,25 @@ def test_ray_engine_gives_the_local_engines_manifest(tmp_path):
     workers = {x["worker"] for x in rows_of(ray_out) if x["status"] == "ok"}
     assert len(workers) == 2  # both replicas read studies
     assert "worker " in r.stdout and "studies/s while reading" in r.stdout
+
+
+def test_a_batch_that_fails_as_a_whole_is_read_study_by_study(tmp_path, monkeypatch):
+    """read_many raising for a batch: its films are read one by one from what was loaded, each recorded."""
+    from monailabel_app import batch as job
+    from tests.conftest import reader_for
+
+    reader = reader_for("fp32")
+    studies = []
+    for seed in (3, 4):
+        path = tmp_path / f"xray_{seed}.png"
+        Image.fromarray(make_phantom(seed).image).save(path)
+        studies.append(job.Study(path.name, str(path), job.content_hash(str(path))))
+    os.makedirs(tmp_path / "out" / "studies")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the batch's decode failed")
+
+    monkeypatch.setattr(reader, "read_many", broken)
+    records = job.read_studies(reader, studies, str(tmp_path / "out"), None, 64)
+    assert [r["status"] for r in records] == ["ok", "ok"] and [r["study"] for r in records] == ["xray_3.png", "xray_4.png"]
+    assert records[0]["report"] == make_phantom(3).report

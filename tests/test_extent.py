@@ -217,14 +217,19 @@ def test_convex_hull_fills_the_same_pixels_as_skimage():
 
 
 def test_a_big_films_blob_centres_are_found_on_its_blocks():
-    """A film over 1024 pixels is searched on its block average: one bright disc gives one centre, in the
-    disc (not one per block: on the block-constant copy every block's inner pixels would be maxima)."""
+    """A film over 1024 pixels is searched on its block average (its working copy): one bright disc gives one
+    centre, in the disc (not one per block: on a block-constant copy every block's inner pixels would be maxima)."""
     film = np.zeros((2100, 1900), np.float32)
     rows, cols = np.ogrid[:2100, :1900]
     film[(rows - 900) ** 2 + (cols - 700) ** 2 <= 60**2] = 200.0
-    strength, radius, centres = extent.blobs(film, (0.2, 0.2), "nodule")
+    cache = extent.film_cache(film)
+    step = cache["step"]
+    assert step == 3 and cache["pixels"].shape == (700, 633)
+    strength, radius, centres = extent.blobs(cache["pixels"], (0.2 * step, 0.2 * step), "nodule")
     (r, c), = np.argwhere(centres & (strength >= 0.5 * strength[centres].max()))
-    assert abs(r - 900) <= 3 and abs(c - 700) <= 3 and radius[r, c] >= 8.0
+    assert radius[r, c] >= 8.0
+    r, c = r * step + step // 2, c * step + step // 2  # back on the film's pixels
+    assert abs(r - 900) <= 3 and abs(c - 700) <= 3
 
 
 def test_territory_is_the_plane_by_plane_hull_of_each_lung_piece():

@@ -537,29 +537,15 @@ BLOB_REACH = 2.0  # a film's region reaches at most this many of its blob's radi
 
 
 FFT_FROM_TAPS = 32  # a blob filter whose kernel reaches this many pixels runs through the FFT on the CPU too
-BLOB_MAX_SIDE = 1024  # a larger film is searched for blobs on a block-averaged copy (the same radii in mm)
-
-
 def blobs(pixels: np.ndarray, spacing, kind: str, device=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(strength, radius_mm, centres) per pixel: how much each pixel is the centre of a bright blob (the
     scale-normalised negative Laplacian of Gaussian, the largest over the radii up to half the kind's
     size), the radius it is strongest at, and where the strength peaks (its local maxima above 0). A
-    lesion is a blob; a rib's or the heart's edge is an edge. A film over :data:`BLOB_MAX_SIDE` pixels is
-    searched on its block average (a 2 mm blob is still 5 pixels across on a 0.2 mm film halved), each
-    block's answer given to its pixels and each peak to its block's centre pixel (the peaks are found on the
-    blocks: on the block-constant copy every block's inner pixels would be maxima of their neighbourhood):
-    a 2k film costs what a 1k film does, not eight times as much. ``device``: a CUDA device filters there
-    (:mod:`filters`, equal to scipy's to float rounding); otherwise scipy on the CPU."""
-    a = np.asarray(pixels, np.float32)
-    f = int(np.ceil(max(a.shape) / BLOB_MAX_SIDE))
-    if f == 1:
-        s, r = _blobs(a, spacing, kind, device)
-        return s, r, _peaks(s)
-    s, r = _blobs(block_mean(a, f), tuple(float(x) * f for x in spacing), kind, device)
-    centres = np.zeros(a.shape, bool)
-    rows, cols = np.nonzero(_peaks(s))
-    centres[rows * f + f // 2, cols * f + f // 2] = True
-    return blocks_back(s, f, a.shape, -np.inf), blocks_back(r, f, a.shape, 0.0), centres
+    lesion is a blob; a rib's or the heart's edge is an edge. Called on a film's working copy
+    (:func:`film_cache`: a big film's block average, so a 2k film costs what a 1k film does). ``device``: a
+    CUDA device filters there (:mod:`filters`, equal to scipy's to float rounding); otherwise scipy on the CPU."""
+    s, r = _blobs(np.asarray(pixels, np.float32), spacing, kind, device)
+    return s, r, _peaks(s)
 
 
 def _peaks(strength: np.ndarray) -> np.ndarray:

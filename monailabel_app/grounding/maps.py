@@ -70,11 +70,14 @@ def box_gate(shape: tuple[int, int], box, pad: SquarePad, margin: float) -> np.n
     return inside.astype(np.float32)
 
 
-def normalise(heatmap: np.ndarray) -> np.ndarray:
+def normalise(heatmap: np.ndarray, at: np.ndarray | None = None) -> np.ndarray:
+    """float32 ``heatmap`` scaled to 0..1 by its own minimum and maximum (zeros when flat); ``at`` (flat
+    indices): only those values, scaled by the whole map's range."""
     lo, hi = float(heatmap.min()), float(heatmap.max())
+    values = heatmap if at is None else np.asarray(heatmap).reshape(-1)[at]
     if hi - lo < 1e-12:
-        return np.zeros_like(heatmap, dtype=np.float32)
-    out = np.subtract(heatmap, lo, dtype=np.float32)
+        return np.zeros(values.shape, np.float32)
+    out = np.subtract(values, lo, dtype=np.float32)
     out *= np.float32(1.0 / (hi - lo))
     return out
 
@@ -116,10 +119,8 @@ def assign(regions: list[np.ndarray], heatmaps: list[np.ndarray]) -> np.ndarray:
     best = np.full(regions[0].shape, -1.0, np.float32)
     flat_out, flat_best = out.reshape(-1), best.reshape(-1)
     for k, (region, h) in enumerate(zip(regions, heatmaps), start=1):
-        inside = np.flatnonzero(region)  # scaled as normalise() scales, on the region's voxels only
-        lo, hi = float(h.min()), float(h.max())
-        scaled = np.zeros(len(inside), np.float32) if hi - lo < 1e-12 else \
-            np.subtract(np.asarray(h).reshape(-1)[inside], lo, dtype=np.float32) * np.float32(1.0 / (hi - lo))
+        inside = np.flatnonzero(region)
+        scaled = normalise(h, inside)  # on the region's voxels only
         take = scaled > flat_best[inside]
         flat_out[inside[take]] = k
         flat_best[inside[take]] = scaled[take]

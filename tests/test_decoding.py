@@ -155,7 +155,7 @@ def test_the_vision_tower_in_batches_gives_the_same_features_and_reading():
 
     one, few = Reader(precision="fp32"), Reader(precision="fp32")
     size = one.model.config.vision_config.image_size
-    pixels = torch.randn(7, 3, size, size)
+    pixels = torch.randn(7, 3, size, size, device=one.model.device)  # the model's device (the H200 too)
     with torch.inference_mode():
         whole = one.model.model.vision_tower(pixel_values=pixels).last_hidden_state
         batch_vision_tower(few.model, images=3)

@@ -232,6 +232,24 @@ def test_a_big_films_blob_centres_are_found_on_its_blocks():
     assert abs(r - 900) <= 3 and abs(c - 700) <= 3
 
 
+def test_a_films_findings_share_their_blob_filters():
+    """The filter response per radius is made once per film: an opacity's blobs after a nodule's filter only
+    the radii the nodule did not need, and both equal blobs made alone."""
+    rng = np.random.default_rng(2)
+    film = ndimage.gaussian_filter(rng.normal(size=(300, 260)), 2).astype(np.float32)
+    film[100:130, 60:90] += 3.0
+    responses: dict = {}
+    nodule = extent.blobs(film, (1.0, 1.0), "nodule", responses=responses)
+    assert sorted(responses) == [2.0, 4.0, 8.0, 16.0]
+    kept = {r: responses[r] for r in responses}
+    opacity = extent.blobs(film, (1.0, 1.0), "opacity", responses=responses)
+    assert sorted(responses) == [2.0, 4.0, 8.0, 16.0, 32.0, 64.0]
+    assert all(responses[r] is kept[r] for r in kept)  # reused, not made again
+    for shared, alone in ((nodule, extent.blobs(film, (1.0, 1.0), "nodule")),
+                          (opacity, extent.blobs(film, (1.0, 1.0), "opacity"))):
+        assert all(np.array_equal(a, b) for a, b in zip(shared, alone))
+
+
 def test_territory_is_the_plane_by_plane_hull_of_each_lung_piece():
     """The territory, opened and labelled over all planes at once, against the rule written plane by plane
     with skimage: planes under ``min_pixels`` have none, planes over four times that are opened first, each

@@ -31,6 +31,7 @@ measure 32 to 34 mm), a mass larger; nothing focal is smaller than 3 mm; no regi
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -537,14 +538,17 @@ BLOB_REACH = 2.0  # a film's region reaches at most this many of its blob's radi
 
 
 FFT_FROM_TAPS = 32  # a blob filter whose kernel reaches this many pixels runs through the FFT on the CPU too
-def blobs(pixels: np.ndarray, spacing, kind: str, device=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def blobs(pixels: np.ndarray, spacing, kind: str, device=None,
+          responses: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(strength, radius_mm, centres) per pixel: how much each pixel is the centre of a bright blob (the
     scale-normalised negative Laplacian of Gaussian, the largest over the radii up to half the kind's
     size), the radius it is strongest at, and where the strength peaks (its local maxima above 0). A
     lesion is a blob; a rib's or the heart's edge is an edge. Called on a film's working copy
     (:func:`film_cache`: a big film's block average, so a 2k film costs what a 1k film does). ``device``: a
-    CUDA device filters there (:mod:`filters`, equal to scipy's to float rounding); otherwise scipy on the CPU."""
-    s, r = _blobs(np.asarray(pixels, np.float32), spacing, kind, device)
+    CUDA device filters there (:mod:`filters`, equal to scipy's to float rounding); otherwise scipy on the CPU.
+    ``responses``: the film's filter response per radius, filled and reused (a film's findings of different
+    kinds share their common radii: a nodule's four are among an opacity's six)."""
+    s, r = _blobs(np.asarray(pixels, np.float32), spacing, kind, device, {} if responses is None else responses)
     return s, r, _peaks(s)
 
 
@@ -553,20 +557,24 @@ def _peaks(strength: np.ndarray) -> np.ndarray:
     return (strength == ndimage.maximum_filter(strength, size=3)) & (strength > 0)
 
 
-def _blobs(a: np.ndarray, spacing, kind: str, device=None) -> tuple[np.ndarray, np.ndarray]:
+def _blobs(a: np.ndarray, spacing, kind: str, device, responses: dict) -> tuple[np.ndarray, np.ndarray]:
     top = limits_mm(kind)[1] / 2
     strength = np.full(a.shape, -np.inf, np.float32)
     radius = np.zeros(a.shape, np.float32)
     on_gpu = device is not None and torch.device(device).type == "cuda"
-    t = torch.as_tensor(a, dtype=torch.float64, device=device if on_gpu else "cpu")
+    t = None
     for r in [r for r in BLOB_SCALES_MM if r <= top] or [BLOB_SCALES_MM[0]]:
         sigma = [r / 1.4 / s for s in spacing]
         if max(sigma) * 4 > max(a.shape):
             break
-        # the GPU, and long kernels on the CPU, through the FFT (filters); short kernels with scipy
-        fft = on_gpu or int(filters.TRUNCATE * max(sigma) + 0.5) >= FFT_FROM_TAPS
-        laplace = filters.gaussian_laplace(t, sigma).float().cpu().numpy() if fft else ndimage.gaussian_laplace(a, sigma)
-        response = -laplace * float(np.mean(sigma) ** 2)
+        if r not in responses:
+            # the GPU, and long kernels on the CPU, through the FFT (filters); short kernels with scipy
+            fft = on_gpu or int(filters.TRUNCATE * max(sigma) + 0.5) >= FFT_FROM_TAPS
+            if fft and t is None:
+                t = torch.as_tensor(a, dtype=torch.float64, device=device if on_gpu else "cpu")
+            laplace = filters.gaussian_laplace(t, sigma).float().cpu().numpy() if fft else ndimage.gaussian_laplace(a, sigma)
+            responses[r] = -laplace * float(np.mean(sigma) ** 2)
+        response = responses[r]
         better = response > strength
         strength[better], radius[better] = response[better], r
     return strength, radius
@@ -590,7 +598,8 @@ def film_cache(pixels: np.ndarray, fields=None, device=None) -> dict:
                               for m in (fields.right, fields.left)))
     return {"step": step, "shape": tuple(pixels.shape), "pixels": work, "fields": fields,
             "territory": film_territory(fields.right, fields.left) if fields is not None else None,
-            "smooth": filters.smoothed(work, 1.0, device), "noise": noise_level(work), "device": device}
+            "smooth": filters.smoothed(work, 1.0, device), "noise": noise_level(work), "device": device,
+            "responses": {}, "lock": threading.Lock()}
 
 
 def find_on_radiograph(pixels: np.ndarray, spacing, heat: np.ndarray, kind: str, fields=None,
@@ -615,8 +624,9 @@ def find_on_radiograph(pixels: np.ndarray, spacing, heat: np.ndarray, kind: str,
     if not search.any():
         raise NoExtent("attention points outside the lungs")
     scales = ("blobs", tuple(r for r in BLOB_SCALES_MM if r <= limits_mm(kind)[1] / 2))
-    if scales not in cache:  # the film's blobs at these radii, and where they peak
-        cache[scales] = blobs(cache["pixels"], spacing, kind, cache.get("device"))
+    with cache["lock"]:  # the film's blobs at these radii and where they peak, once (findings run side by side)
+        if scales not in cache:
+            cache[scales] = blobs(cache["pixels"], spacing, kind, cache.get("device"), cache["responses"])
     strength, radius, tops = cache[scales]
     peaks = search & tops
     if peaks.any():

@@ -47,6 +47,7 @@ from monailabel_app.capture import CAPTURE_ATTN  # noqa: E402
 from monailabel_app.ct_phantoms import make_ct_phantom, phantom_volume  # noqa: E402
 from monailabel_app.decoding import prefill_and_decode  # noqa: E402
 from monailabel_app.generation import build_inputs  # noqa: E402
+from monailabel_app.grounding import maps  # noqa: E402
 from monailabel_app.loading import ModelInfo  # noqa: E402
 from monailabel_app.phantom_model import CT_QUESTION, DEFAULT_QUESTION  # noqa: E402
 from monailabel_app.phantoms import make_phantom  # noqa: E402
@@ -272,26 +273,38 @@ def profile(model, processor, reader, modalities=("xray", "ct"), batch_of: int =
         emit()
 
 
-def batch(model, processor, reader, sizes=(8, 32, 64)) -> None:
+def batch(model, processor, reader, sizes=(8, 32, 64), batches: int = 4, threads=(None,)) -> None:
+    """Batched radiographs in steady state: ``batches`` batches of each size through one ``read_many`` call
+    (a batch's maps are made while the next batch generates, so one batch alone would show no overlap).
+    ``threads``: map-pool sizes to compare (None: the library's own, :data:`maps.MAP_THREADS`)."""
     tok = processor.tokenizer
-    films = [xray(s) for s in range(max(sizes))]
-    answers = [report(tok, XRAY_FINDINGS)] * max(sizes)
-    emit(f"### Batched X-ray throughput, {NEW} new tokens each, bf16")
+    films = [xray(s) for s in range(max(sizes) * batches)]
+    answers = [report(tok, XRAY_FINDINGS)] * len(films)
+    emit(f"### Batched X-ray throughput, {NEW} new tokens each, bf16, {batches} batches in one `read_many`")
     emit()
-    emit("| batch | generation s | studies/s (generation) | with masks s | studies/s (with masks) | peak GiB |")
-    emit("|---|---|---|---|---|---|")
-    for b in sizes:
-        reader.read_many(films[:b], answers=answers[:b], batch_size=b)  # warm-up
-        sync()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        t0 = time.perf_counter()
-        readings = reader.read_many(films[:b], answers=answers[:b], batch_size=b)
-        total = time.perf_counter() - t0
-        gen = readings[0].latencies["generate"] + readings[0].latencies["prepare"]
-        assert all(r.latencies["new_tokens"] == NEW for r in readings)
-        emit(f"| {b} | {gen:.3f} | {b / gen:.1f} | {total:.3f} | {b / total:.1f} | "
-             f"{gib(torch.cuda.max_memory_allocated() - base)} |")
+    emit("| batch | studies | map threads | generation s | studies/s (generation) | with masks s | "
+         "studies/s (with masks) | peak GiB |")
+    emit("|---|---|---|---|---|---|---|---|")
+    default = maps.MAP_THREADS
+    for n_threads in threads:
+        if maps._POOL is not None:  # a new pool of this size
+            maps._POOL.shutdown()
+            maps._POOL = None
+        maps.MAP_THREADS = n_threads or default
+        for b in sizes:
+            n = b * batches
+            reader.read_many(films[:b], answers=answers[:b], batch_size=b)  # warm-up
+            sync()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+            t0 = time.perf_counter()
+            readings = reader.read_many(films[:n], answers=answers[:n], batch_size=b)
+            total = time.perf_counter() - t0
+            gen = sum(readings[k].latencies["generate"] + readings[k].latencies["prepare"] for k in range(0, n, b))
+            assert all(r.latencies["new_tokens"] == NEW for r in readings)
+            emit(f"| {b} | {n} | {maps.MAP_THREADS} | {gen:.3f} | {n / gen:.1f} | {total:.3f} | {n / total:.1f} | "
+                 f"{gib(torch.cuda.max_memory_allocated() - base)} |")
+    maps.MAP_THREADS = default
     emit()
 
 
@@ -366,7 +379,9 @@ def int8_agreement(seeds=range(0, 30)) -> None:
 
 def restart(model, processor) -> None:
     """Restart to the first fast answer: a new process loads the saved folder, warms the X-ray shape up
-    (compiled, captured) and answers one X-ray; first with an empty compile cache, then with the one it left."""
+    (compiled, captured) and answers one X-ray; first with an empty compile cache, then with the one it left
+    (also with Inductor's compile workers off: with every kernel in the cache there is nothing to compile).
+    Timed from the parent's spawn to the child's answer (the child's exit after it is not the user's wait)."""
     import json
     import subprocess
 
@@ -374,29 +389,32 @@ def restart(model, processor) -> None:
     cache = tempfile.mkdtemp(prefix="compile-cache-")
     emit(f"### Restart to the first fast answer (new process, bf16, `torch.compile` on, {NEW} new tokens)")
     emit()
-    emit("| compile cache | process start to first fast answer s | load s | warm-up (X-ray shape) s | "
-         "first request after it s |")
-    emit("|---|---|---|---|---|")
+    emit("| compile cache | spawn to first fast answer s | of which: interpreter and imports s | load s | "
+         "warm-up (X-ray shape) s | first request after it s | process exit after the answer s |")
+    emit("|---|---|---|---|---|---|---|")
     env = {**os.environ, "MEDGEMMA_COMPILE_CACHE": cache, "MEDGEMMA_COMPILE": "1"}
     env.pop("TORCHINDUCTOR_CACHE_DIR", None)
     env.pop("TRITON_CACHE_DIR", None)
-    for label in ("empty", "warm (left by the run above)"):
-        t0 = time.perf_counter()
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child-restart", folder], env=env,
-                             capture_output=True, text=True, timeout=500)
-        wall = time.perf_counter() - t0
+    for label, extra in (("empty", {}), ("warm (left by the run above)", {}),
+                         ("warm, `TORCHINDUCTOR_COMPILE_THREADS=1`", {"TORCHINDUCTOR_COMPILE_THREADS": "1"})):
+        t0 = time.time()
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "--child-restart", folder],
+                             env={**env, **extra}, capture_output=True, text=True, timeout=500)
+        ended = time.time()
         line = [x for x in out.stdout.splitlines() if x.startswith("{")]
         if out.returncode or not line:
-            emit(f"| {label} | failed: {out.stderr[-300:]} | | | |")
+            emit(f"| {label} | failed: {out.stderr[-300:]} | | | | | |")
             continue
         d = json.loads(line[-1])
-        emit(f"| {label} | {wall:.1f} | {d['load']:.1f} | {d['warm']:.1f} | {d['first']:.2f} |")
+        emit(f"| {label} | {d['answered'] - t0:.1f} | {d['started'] - t0:.1f} | {d['load']:.1f} | {d['warm']:.1f} | "
+             f"{d['first']:.2f} | {ended - d['answered']:.1f} |")
     emit()
 
 
 def child_restart(folder: str) -> None:
     import json
 
+    started = time.time()  # the interpreter is up and the modules are imported
     t0 = time.perf_counter()
     reader = Reader(folder, device="cuda", precision="bf16")
     t1 = time.perf_counter()
@@ -404,7 +422,8 @@ def child_restart(folder: str) -> None:
     t2 = time.perf_counter()
     reader.read(xray(11), max_new_tokens=NEW)
     sync()
-    print(json.dumps({"load": t1 - t0, "warm": t2 - t1, "first": time.perf_counter() - t2}), flush=True)
+    print(json.dumps({"started": started, "load": t1 - t0, "warm": t2 - t1, "first": time.perf_counter() - t2,
+                      "answered": time.time()}), flush=True)
 
 
 def phantom(device: str = "cuda", xray_seeds=range(0, 30), ct_seeds=range(0, 6)) -> None:
@@ -465,6 +484,9 @@ def main(argv=None):
     ap.add_argument("--child-restart", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--speed-modalities", default="xray,ct", help="the speed part's studies (xray, ct)")
     ap.add_argument("--batch-sizes", default="8,32,64", help="the batch part's batch sizes")
+    ap.add_argument("--batches", type=int, default=4, help="the batch part: batches of each size in one read_many")
+    ap.add_argument("--map-threads", default="", help="the batch part: map-pool sizes to compare, e.g. 16,8 "
+                    "(default: the library's own)")
     ap.add_argument("--profile-batch", type=int, default=0, help="the profile part: also one read_many batch of this many")
     ap.add_argument("--precisions", default=",".join(f"{p}:{e}" if e else p for p, e in PRECISIONS),
                     help="the precision part's rows (int8:torchao, int8:bitsandbytes)")
@@ -493,7 +515,8 @@ def main(argv=None):
         if "speed" in parts:
             speed(model, processor, reader, args.speed_modalities.split(","))
         if "batch" in parts:
-            batch(model, processor, reader, [int(b) for b in args.batch_sizes.split(",")])
+            threads = [int(t) for t in args.map_threads.split(",") if t] or [None]
+            batch(model, processor, reader, [int(b) for b in args.batch_sizes.split(",")], args.batches, threads)
         if "restart" in parts:
             restart(model, processor)
         if "precision" in parts:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import components
 from .errors import InputError
 from .file_checks import check_declared_size, check_finite_nifti, check_gzip, malformed_values_refused
 from .xray import Geometry, SquarePad
@@ -203,7 +204,7 @@ def body_mask(hu: np.ndarray, threshold: float = -500.0) -> np.ndarray:
     from scipy import ndimage
 
     above = hu > threshold
-    labels, n = ndimage.label(above)
+    labels, n = components.label(above)
     if n == 0:
         return np.ones(hu.shape, bool)
     sizes = np.bincount(labels.ravel())

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
+from .. import components
+
 
 def otsu(values: np.ndarray, bins: int = 256) -> float:
     """Otsu's threshold of ``values`` (a 1-D array)."""
@@ -38,7 +40,7 @@ def otsu(values: np.ndarray, bins: int = 256) -> float:
 
 
 def _largest(mask: np.ndarray) -> np.ndarray:
-    labels, n = ndimage.label(mask)
+    labels, n = components.label(mask)
     if n == 0:
         return np.zeros(mask.shape, bool)
     sizes = np.bincount(labels.ravel())

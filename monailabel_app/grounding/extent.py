@@ -38,6 +38,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from .. import components
 from . import filters
 
 FOCAL = ("nodule", "mass", "lesion", "calcification", "cavity", "lymphadenopathy")
@@ -130,7 +131,7 @@ def longest_diameter(mask: np.ndarray, spacing) -> float:
 
 
 def _component_at(mask: np.ndarray, seed) -> np.ndarray:
-    labels, _ = ndimage.label(mask, structure=ndimage.generate_binary_structure(mask.ndim, 1))
+    labels, _ = components.label(mask)
     lab = labels[tuple(seed)]
     if lab == 0:  # the seed itself fell out (an opening ate it): the nearest part of the region
         if not mask.any():
@@ -696,7 +697,7 @@ def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.nd
     dense &= search[box]
     if method_of(kind, 3) in ("focal", "airspace"):
         dense &= territory(aerated_lung(sub), within=dense)
-    labels, n = ndimage.label(dense)
+    labels, n = components.label(dense)
     if n == 0:
         raise NoExtent("no region of its density where attention points")
     inside = labels > 0  # each region's summed attention (sum_labels, through bincount: 10x faster)

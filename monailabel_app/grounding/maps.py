@@ -34,8 +34,8 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
+from .. import components
 from ..xray import SquarePad
 
 
@@ -106,7 +106,7 @@ def peak_region(heatmap: np.ndarray, threshold: float = 0.5, scaled: np.ndarray 
         above = scaled >= threshold
     box = tuple(slice(int(idx.min()), int(idx.max()) + 1) for idx in
                 (np.nonzero(above.any(axis=tuple(a for a in range(above.ndim) if a != d)))[0] for d in range(above.ndim)))
-    labels, _ = ndimage.label(above[box], structure=np.ones((3,) * heatmap.ndim))  # only where anything is above
+    labels, _ = components.label(above[box], full=True)  # only where anything is above
     out = np.zeros(heatmap.shape, bool)
     local = tuple(p - b.start for p, b in zip(peak, box))
     np.equal(labels, labels[local], out=out[box])

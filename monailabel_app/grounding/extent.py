@@ -37,9 +37,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from scipy import ndimage
+from scipy.spatial import ConvexHull, QhullError
 
 from .. import components
 from . import filters
+from .morphology import open_in_plane
 
 FOCAL = ("nodule", "mass", "lesion", "calcification", "cavity", "lymphadenopathy")
 AIRSPACE = ("opacity", "consolidation", "ground-glass opacity", "pneumonia", "atelectasis", "edema")
@@ -228,17 +230,20 @@ def territory(lungs: np.ndarray, min_pixels: int = 20, within: np.ndarray | None
     planes = lungs[None] if lungs.ndim == 2 else np.asarray(lungs, bool)
     sums = planes.sum(axis=(1, 2))
     some = sums >= min_pixels
-    opened = ndimage.binary_opening(planes, structure=ndimage.generate_binary_structure(2, 1)[None])
-    kept = np.where((sums > 4 * min_pixels)[:, None, None], opened, planes) & some[:, None, None]
+    big = sums > 4 * min_pixels
+    kept = planes & some[:, None, None]
+    kept[big] = open_in_plane(planes[big])  # the 3 x 3 cross in each plane
     in_plane = np.zeros((3, 3, 3), bool)
     in_plane[1] = True  # 8-connected within a plane, never across planes
     labels, _ = ndimage.label(kept, structure=in_plane)
-    sizes = np.bincount(labels.ravel())
     out = planes & some[:, None, None]
     wanted = None if within is None else (within[None] if within.ndim == 2 else within)
     for k, box in enumerate(ndimage.find_objects(labels), start=1):
-        if box is not None and sizes[k] >= min_pixels and (wanted is None or wanted[box].any()):
-            out[box] |= convex_hull(labels[box][0] == k)[None]
+        if box is None or (wanted is not None and not wanted[box].any()):
+            continue
+        piece = labels[box][0] == k
+        if np.count_nonzero(piece) >= min_pixels:
+            out[box] |= convex_hull(piece)[None]
     return out[0] if lungs.ndim == 2 else out
 
 
@@ -250,19 +255,17 @@ def convex_hull(piece: np.ndarray) -> np.ndarray:
     the piece's pixel edges' midpoints, borders included. The hull is built from each row's outermost
     pixels (the hull of a set is the hull of its rows' extremes) and filled row by row from its edges'
     half-planes, instead of a point-in-polygon test per pixel (most of a CT territory's time)."""
-    from scipy.spatial import ConvexHull, QhullError
-
-    rows = np.nonzero(piece.any(axis=1))[0]
+    rows = np.flatnonzero(piece.any(axis=1))
     if len(rows) == 0:
         return np.zeros(piece.shape, bool)
     sub = piece[rows]
-    left = np.argmax(sub, axis=1)
-    right = piece.shape[1] - 1 - np.argmax(sub[:, ::-1], axis=1)
-    ends = np.concatenate([np.stack([rows, left], 1), np.stack([rows, right], 1)]).astype(float)
-    offsets = np.array([[-0.5, 0.0], [0.5, 0.0], [0.0, -0.5], [0.0, 0.5]])
-    doubled = ((ends[:, None, :] + offsets).reshape(-1, 2) * 2).astype(np.int64)  # half-pixels: whole numbers
-    key = np.unique(doubled[:, 0] * (2 * piece.shape[1] + 4) + doubled[:, 1] + 1)  # repeated points trouble Qhull
-    points = np.stack([key // (2 * piece.shape[1] + 4), key % (2 * piece.shape[1] + 4) - 1], 1) / 2.0
+    # the outermost pixels' edge midpoints in half-pixels (whole numbers): (2r -+ 1, 2c) and (2r, 2c -+ 1)
+    r2, left, right = 2 * rows, 2 * sub.argmax(axis=1), 2 * (piece.shape[1] - 1 - sub[:, ::-1].argmax(axis=1))
+    half_r = np.concatenate([r2 - 1, r2 + 1, r2, r2, r2 - 1, r2 + 1, r2, r2])
+    half_c = np.concatenate([left, left, left - 1, left + 1, right, right, right - 1, right + 1])
+    width = 2 * piece.shape[1] + 4
+    key = np.unique(half_r * width + half_c + 1)  # repeated points trouble Qhull
+    points = np.column_stack([key // width, key % width - 1]) / 2.0
     try:
         eq = ConvexHull(points).equations  # (edges, 3): a r + b c + d <= 0 inside
     except QhullError:
@@ -270,11 +273,16 @@ def convex_hull(piece: np.ndarray) -> np.ndarray:
 
         return convex_hull_image(piece)
     r = np.arange(piece.shape[0], dtype=float)[:, None]
-    a, b, d = eq[:, 0][None], eq[:, 1][None], eq[:, 2][None]
-    bound = (HULL_TOLERANCE - d - a * r) / np.where(b == 0, 1.0, b)  # per row and edge: c <= or >= this
-    lo = np.where(b < 0, bound, -np.inf).max(axis=1)
-    hi = np.where(b > 0, bound, np.inf).min(axis=1)
-    flat_ok = np.where(b == 0, a * r + d <= HULL_TOLERANCE, True).all(axis=1)  # edges along the columns
+    a, b, d = eq[:, 0], eq[:, 1], eq[:, 2]
+    lo = np.full(piece.shape[0], -np.inf)  # per row: c >= lo on the edges facing up the columns, c <= hi the others
+    hi = np.full(piece.shape[0], np.inf)
+    flat_ok = np.ones(piece.shape[0], bool)  # edges along the columns: the row itself inside or not
+    for side, out, reduce in ((b < 0, lo, np.max), (b > 0, hi, np.min)):
+        if side.any():
+            out[:] = reduce((HULL_TOLERANCE - d[side] - a[side] * r) / b[side], axis=1)
+    flat = b == 0
+    if flat.any():
+        flat_ok = (a[flat] * r + d[flat] <= HULL_TOLERANCE).all(axis=1)
     c = np.arange(piece.shape[1], dtype=float)[None]
     return (c >= lo[:, None]) & (c <= hi[:, None]) & flat_ok[:, None]
 
@@ -407,7 +415,7 @@ def smoothed_hu(hu: np.ndarray, spacing) -> np.ndarray:
 def aerated_lung(hu: np.ndarray) -> np.ndarray:
     """Aerated lung by HU (-990..-400; the air outside the body and in the airways' lumen is darker than
     lung only in part, so thin bridges are opened in-plane)."""
-    return ndimage.binary_opening((hu < -400) & (hu > -990), structure=np.ones((1, 3, 3), bool))
+    return open_in_plane((hu < -400) & (hu > -990), square=True)
 
 
 FOCAL_REACH = 2.0  # CT: a focal region reaches at most this many of its inscribed radius from its centre

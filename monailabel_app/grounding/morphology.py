@@ -1,0 +1,49 @@
+"""In-plane binary opening of a stack of planes with numpy shifts: scipy's ``binary_opening`` with a 3 x 3
+cross or square in each plane (outside the array counts as background, as scipy's ``border_value=0``), the
+same voxels (tested), in a third of the time or less on a CT box: the lung territory and the aerated lung
+open every plane of every box they are given."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def _pair(ndim: int, axis: int) -> tuple[tuple, tuple]:
+    """Index tuples of all but the last and all but the first element along ``axis``."""
+    lo, hi = [slice(None)] * ndim, [slice(None)] * ndim
+    lo[axis], hi[axis] = slice(None, -1), slice(1, None)
+    return tuple(lo), tuple(hi)
+
+
+def _erode(a: np.ndarray, axes) -> np.ndarray:
+    """Each voxel and its two neighbours along each of ``axes`` (the array's edge: background)."""
+    out = a.copy()
+    for axis in axes:
+        lo, hi = _pair(a.ndim, axis)
+        out[hi] &= a[lo]
+        out[lo] &= a[hi]
+        edge = [slice(None)] * a.ndim
+        for end in (0, -1):
+            edge[axis] = end
+            out[tuple(edge)] = False
+    return out
+
+
+def _dilate(a: np.ndarray, axes) -> np.ndarray:
+    """Each voxel or either neighbour along each of ``axes``."""
+    out = a.copy()
+    for axis in axes:
+        lo, hi = _pair(a.ndim, axis)
+        out[hi] |= a[lo]
+        out[lo] |= a[hi]
+    return out
+
+
+def open_in_plane(mask: np.ndarray, square: bool = False) -> np.ndarray:
+    """bool: ``mask`` (2-D, or planes along the first axis) opened in each plane with a 3 x 3 cross
+    (``square``: the full 3 x 3 square), never across planes."""
+    a = np.asarray(mask, bool)
+    rows, cols = a.ndim - 2, a.ndim - 1
+    if square:  # the square is the row segment times the column segment: one axis after the other
+        return _dilate(_dilate(_erode(_erode(a, [rows]), [cols]), [rows]), [cols])
+    return _dilate(_erode(a, [rows, cols]), [rows, cols])  # the cross: a pixel and its four edge neighbours

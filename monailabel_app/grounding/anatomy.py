@@ -25,6 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from .. import components
+from .blocks import block_mean, block_min
 
 
 def otsu(values: np.ndarray, bins: int = 256) -> float:
@@ -68,27 +69,12 @@ def xray_lung_fields(pixels: np.ndarray, min_area: float = 0.02) -> LungFields:
     step = -(-max(pixels.shape) // FIELD_SIDE)
     if step == 1:
         return _lung_fields(pixels, min_area)
-    found = _lung_fields(_pooled(pixels, step, np.mean), min_area)
+    found = _lung_fields(block_mean(pixels, step), min_area)
     return LungFields(*(None if m is None else _unpooled(m, step, pixels.shape) for m in (found.right, found.left)))
 
 
-def _pooled(a: np.ndarray, step: int, reduce) -> np.ndarray:
-    """``a`` reduced over blocks of ``step`` x ``step`` on its last two axes (the remainder cropped)."""
-    *lead, rows, cols = a.shape
-    cropped = np.asarray(a, np.float32)[..., : rows - rows % step, : cols - cols % step]
-    if reduce in (np.min, np.max):  # exact in any order: the blocks' strided planes against each other
-        pick = np.minimum if reduce is np.min else np.maximum
-        out = cropped[..., ::step, ::step].copy()
-        for i in range(step):
-            for j in range(step):
-                if i or j:
-                    pick(out, cropped[..., i::step, j::step], out=out)
-        return out
-    return reduce(cropped.reshape(*lead, rows // step, step, cols // step, step), axis=(-3, -1))
-
-
 def _unpooled(mask: np.ndarray, step: int, shape) -> np.ndarray:
-    """A mask pooled by :func:`_pooled` back on the full grid ``shape`` (nearest; the cropped edge repeated)."""
+    """A mask found on blocks (:mod:`blocks`) back on the full grid ``shape`` (nearest; the cropped edge repeated)."""
     big = np.repeat(np.repeat(mask, step, axis=-2), step, axis=-1)
     pad = [(0, 0)] * (big.ndim - 2) + [(0, shape[-2] - big.shape[-2]), (0, shape[-1] - big.shape[-1])]
     return np.pad(big, pad, mode="edge")
@@ -156,7 +142,7 @@ def ct_body_and_lungs(hu: np.ndarray, margin: float, body_mask) -> tuple[np.ndar
     if step == 1:
         body = body_mask(hu)
         return body, ct_lung_mask(hu, body, int(np.ceil(margin)))
-    small = _pooled(hu, step, np.min)
+    small = block_min(hu, step).astype(np.float32, copy=False)
     body = body_mask(small)
     lungs = ct_lung_mask(small, body, int(np.ceil(margin / step)))
     return _unpooled(body, step, hu.shape), _unpooled(lungs, step, hu.shape)

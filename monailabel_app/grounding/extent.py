@@ -42,6 +42,7 @@ from scipy.spatial import ConvexHull, QhullError
 
 from .. import components, distances
 from . import filters
+from .blocks import block_mean, block_min, blocks_back
 from .morphology import open_in_plane
 
 FOCAL = ("nodule", "mass", "lesion", "calcification", "cavity", "lymphadenopathy")
@@ -171,32 +172,6 @@ def _within(core: np.ndarray, radius_mm: float, spacing) -> np.ndarray:
     out = np.zeros(core.shape, bool)
     box = _around(core, [int(np.ceil(radius_mm / s)) + 1 for s in spacing])
     out[box] = distances.inside(~core[box], spacing) <= radius_mm
-    return out
-
-
-def block_mean(a: np.ndarray, step: int) -> np.ndarray:
-    """float32: ``a`` averaged over ``step`` x ``step`` blocks of its last two axes (a remainder of rows or
-    columns that makes no whole block is left out). Whole numbers (bool, 8- and 16-bit integers: a film's
-    pixels, a mask) are summed exactly in integers over the blocks' strided planes and divided once: the
-    same float32 means as averaging them as float32 (whose sums of whole numbers are exact), 4x faster."""
-    a = np.asarray(a)
-    rows, cols = (a.shape[-2] // step) * step, (a.shape[-1] // step) * step
-    if a.dtype == bool or (a.dtype.kind in "iu" and a.itemsize <= 2):
-        total = np.zeros(a.shape[:-2] + (rows // step, cols // step), np.int32)
-        for i in range(step):
-            for j in range(step):
-                total += a[..., i:rows:step, j:cols:step]
-        return total.astype(np.float32) / np.float32(step * step)
-    a = np.asarray(a, np.float32)
-    return a[..., :rows, :cols].reshape(*a.shape[:-2], rows // step, step, cols // step, step).mean(axis=(-3, -1))
-
-
-def blocks_back(small: np.ndarray, step: int, shape, fill) -> np.ndarray:
-    """Each value of ``small`` (from :func:`block_mean`) given to its block's pixels, on an array of
-    ``shape``; the remainder that made no block gets ``fill``."""
-    out = np.full(shape, fill, small.dtype)
-    big = np.repeat(np.repeat(small, step, axis=-2), step, axis=-1)
-    out[..., : big.shape[-2], : big.shape[-1]] = big
     return out
 
 
@@ -592,6 +567,8 @@ BLOB_REACH = 2.0  # a film's region reaches at most this many of its blob's radi
 
 
 FFT_FROM_TAPS = 32  # a blob filter whose kernel reaches this many pixels runs through the FFT on the CPU too
+
+
 def blobs(pixels: np.ndarray, spacing, kind: str, device=None,
           responses: dict | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(strength, radius_mm, centres) per pixel: how much each pixel is the centre of a bright blob (the
@@ -715,8 +692,7 @@ def deepest(part: np.ndarray, spacing) -> tuple[int, ...]:
     sub = part[box]
     step = 2 if sub.size > DEEPEST_FINE_VOXELS and min(sub.shape[1:]) >= 8 else 1
     if step == 2:
-        even = sub[:, : sub.shape[1] // 2 * 2, : sub.shape[2] // 2 * 2]  # a block is inside when all four voxels are
-        coarse = even[:, 0::2, 0::2] & even[:, 1::2, 0::2] & even[:, 0::2, 1::2] & even[:, 1::2, 1::2]
+        coarse = block_min(sub, 2)  # a block is inside when all four of its voxels are
         if coarse.any():
             sub, spacing = coarse, (spacing[0], 2 * spacing[1], 2 * spacing[2])
         else:

@@ -316,7 +316,9 @@ def saved(model, processor, _folder=[]) -> str:
     return _folder[0]
 
 
-def free_tokens(reader, film, n: int = 64) -> list[int]:
+def free_tokens(reader, film, n: int = NEW) -> list[int]:
+    """The model's own answer (not forced): as many tokens as the timed read, so that the decode step's shape
+    is the one just compiled (a second shape would compile again: minutes for int8)."""
     return reader.read(film, max_new_tokens=n).generation.token_ids
 
 

@@ -18,7 +18,8 @@ replayed:
    :class:`~monailabel_app.capture.DecodeRecorder`. Every input and output is a buffer updated in place,
    so the step contains no host synchronisation. On CUDA the step is compiled with ``torch.compile``
    (which fuses the many small element-wise kernels of each layer; ``MEDGEMMA_COMPILE=0`` turns it off)
-   and captured as one CUDA graph, before the buffers hold a request.
+   and captured as one CUDA graph, before the buffers hold a request. Each layer's queries, keys and
+   values are one matrix product in the step (:mod:`projections`).
 4. The host looks every :data:`CHECK_EVERY` steps at the tokens: stop when every row has ended (end of
    turn, or a loop: see :func:`loop_start`).
 
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import projections
 from .capture import AttentionRecorder, DecodeRecorder, NoRecorder, recording
 
 logger = logging.getLogger(__name__)
@@ -280,13 +282,15 @@ class Decoder:
 
     @contextmanager
     def _recording(self):
-        """The decode recorder on every attention module while a step is traced or run eagerly."""
+        """While a step is traced or run eagerly: the decode recorder on every attention module, and each
+        layer's queries, keys and values as one product (:mod:`projections`)."""
         recorder = self.recorder or NoRecorder()
         modules = [layer.self_attn for layer in self._lm.layers]
         for m in modules:
             m.decode_recorder = recorder
         try:
-            yield
+            with projections.installed(modules):
+                yield
         finally:
             for m in modules:
                 m.decode_recorder = None
@@ -308,7 +312,7 @@ class Decoder:
         if self.compile:
             use_compile_cache()
             try:
-                self._step = torch.compile(self.step, dynamic=False, fullgraph=False)
+                self._step = torch.compile(self.step, dynamic=False, fullgraph=False, mode=compile_mode())
             except Exception as e:  # noqa: BLE001
                 logger.warning("torch.compile of the decode step failed (%s): eager kernels", e)
         try:
@@ -427,6 +431,22 @@ def use_compile_cache() -> str:
     return os.environ["TORCHINDUCTOR_CACHE_DIR"]
 
 
+COMPILE_MODE_ENV = "MEDGEMMA_COMPILE_MODE"  # torch.compile mode of the decode step: default | max-autotune
+COMPILE_MODES = {"default": None, "max-autotune": "max-autotune-no-cudagraphs"}  # the step is our own CUDA graph
+
+
+def compile_mode() -> str | None:
+    """``torch.compile``'s mode for the decode step (``MEDGEMMA_COMPILE_MODE``): ``default``, or
+    ``max-autotune``, which times Triton templates against cuBLAS for each matrix product when it compiles
+    (longer to compile, kept in the compile cache; CUDA graphs stay this module's own)."""
+    wanted = os.environ.get(COMPILE_MODE_ENV, "default").strip().lower() or "default"
+    if wanted not in COMPILE_MODES:
+        logger.warning("%s=%r is not one of %s: compiling in the default mode", COMPILE_MODE_ENV, wanted,
+                       ", ".join(COMPILE_MODES))
+        return None
+    return COMPILE_MODES[wanted]
+
+
 def compile_default() -> bool:
     """Compile the decode step on CUDA unless ``MEDGEMMA_COMPILE=0`` (compiling takes a while per shape)."""
     return os.environ.get("MEDGEMMA_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
@@ -438,7 +458,8 @@ def decoder_for(model, batch: int, length: int, max_new: int, layers: list[int],
     a multiple of 256 so that similar prompts share one."""
     length = -(-length // 256) * 256
     compile = compile_default() if compile is None else compile
-    key = (batch, length, max_new, tuple(layers), n_image_tokens, tuple(eos), model.dtype, compile)
+    key = (batch, length, max_new, tuple(layers), n_image_tokens, tuple(eos), model.dtype, compile,
+           compile_mode() if compile else None)
     cache = model.__dict__.setdefault("_medgemma_decoders", {})
     if key not in cache:
         while len(cache) >= GRAPH_CACHE:

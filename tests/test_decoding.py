@@ -165,3 +165,14 @@ def test_the_vision_tower_in_batches_gives_the_same_features_and_reading():
     volume = phantom_volume(make_ct_phantom(4))
     a, b = one.read(volume), few.read(volume)
     assert a.report == b.report and np.array_equal(a.labels, b.labels)
+
+
+def test_the_compile_mode_from_the_environment(monkeypatch, caplog):
+    from monailabel_app.decoding import COMPILE_MODE_ENV, compile_mode
+
+    monkeypatch.delenv(COMPILE_MODE_ENV, raising=False)
+    assert compile_mode() is None
+    monkeypatch.setenv(COMPILE_MODE_ENV, " Max-Autotune ")
+    assert compile_mode() == "max-autotune-no-cudagraphs"  # never Inductor's own CUDA graphs inside ours
+    monkeypatch.setenv(COMPILE_MODE_ENV, "reduce-overhead")
+    assert compile_mode() is None and "not one of default, max-autotune" in caplog.text

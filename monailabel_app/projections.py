@@ -1,0 +1,99 @@
+"""An attention layer's queries, keys and values as one matrix product in the decode step.
+
+A decode step multiplies one new token per row by every weight matrix: each product only reads its
+weights, so its time is their bytes over the card's bandwidth, when the library picks a good kernel. For
+MedGemma-4B's small projections it does not: on an H200, cuBLAS takes 15 us for the 5 MB key projection
+(350 GB/s) and 6.5 us for the queries', keys' and values' 21 MB together (3.2 TB/s;
+``bench/results/decode_gemm.md``). :func:`fuse` puts the three weight matrices into one tensor and makes the
+three ``nn.Linear`` weights views of it (no second copy; prefill, saving and loading see the same modules);
+:func:`fused_forward` is the layer's attention with one product for the three, which the decode step
+(:mod:`decoding`) installs on each layer while it traces or runs the step. Everything after the product is
+transformers' own Gemma 3 attention (norms, rotary positions, the cache, the registered attention function).
+
+Quantised layers (torchao tensor subclasses, bitsandbytes modules) keep their own three products.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+
+NEEDED = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "head_dim", "scaling", "layer_idx")
+
+
+def _plain_linear(m) -> bool:
+    return type(m) is torch.nn.Linear and type(m.weight.data) is torch.Tensor
+
+
+def fuse(attn) -> bool:
+    """Give ``attn`` (a Gemma 3 attention module) one (q + k + v, hidden) weight ``qkv_weight`` whose rows are
+    the three projections' weights, those weights becoming views of it. False (and nothing changed) for a
+    module that is not plain ``nn.Linear`` projections of one dtype and device."""
+    if not all(hasattr(attn, a) for a in NEEDED):
+        return False
+    mods = [attn.q_proj, attn.k_proj, attn.v_proj]
+    if not all(_plain_linear(m) for m in mods) or len({(m.weight.dtype, m.weight.device) for m in mods}) != 1 \
+            or len({m.bias is None for m in mods}) != 1:
+        return False
+    fused = getattr(attn, "qkv_weight", None)
+    if fused is not None and all(_shares(m.weight, fused) for m in mods):
+        return True  # already (and still: a move to another device makes new tensors)
+    with torch.no_grad():
+        weight = torch.cat([m.weight.detach() for m in mods])
+        bias = None if mods[0].bias is None else torch.cat([m.bias.detach() for m in mods])
+    sizes = [m.out_features for m in mods]
+    for m, w, b in zip(mods, weight.split(sizes), bias.split(sizes) if bias is not None else [None] * 3):
+        m.weight = torch.nn.Parameter(w, requires_grad=False)
+        if b is not None:
+            m.bias = torch.nn.Parameter(b, requires_grad=False)
+    attn.qkv_weight, attn.qkv_bias, attn.qkv_sizes = weight, bias, sizes
+    return True
+
+
+def _shares(part: torch.Tensor, whole: torch.Tensor) -> bool:
+    return part.device == whole.device and part.untyped_storage().data_ptr() == whole.untyped_storage().data_ptr()
+
+
+def fused_forward(self, hidden_states, position_embeddings=None, attention_mask=None, **kwargs):
+    """transformers' ``Gemma3Attention.forward`` with the three projections as one product (installed on a
+    module by :func:`installed`; ``self`` is the attention module)."""
+    cache = kwargs.pop("cache", kwargs.pop("past_key_values", None))  # the keyword's name changed in transformers 5.2x
+    shape = (*hidden_states.shape[:-1], -1, self.head_dim)
+    qkv = F.linear(hidden_states, self.qkv_weight, self.qkv_bias)
+    query, key, value = (t.view(shape).transpose(1, 2) for t in qkv.split(self.qkv_sizes, dim=-1))
+    query, key = self.q_norm(query), self.k_norm(key)
+    modeling = sys.modules[type(self).__module__]
+    cos, sin = position_embeddings
+    query, key = modeling.apply_rotary_pos_emb(query, key, cos, sin)
+    if cache is not None:
+        key, value = cache.update(key, value, self.layer_idx)
+    impl = self.config._attn_implementation
+    if impl == "eager":
+        attend = modeling.eager_attention_forward
+    else:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        attend = ALL_ATTENTION_FUNCTIONS[impl]
+    out, weights = attend(self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling,
+                          sliding_window=getattr(self, "sliding_window", None), **kwargs)
+    return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
+
+
+@contextmanager
+def installed(modules):
+    """:func:`fused_forward` on each attention module of ``modules`` that :func:`fuse` accepts, for the
+    duration (the modules' own forward after)."""
+    done = []
+    try:
+        for m in modules:
+            if fuse(m):
+                m.forward = types.MethodType(fused_forward, m)
+                done.append(m)
+        yield len(done)
+    finally:
+        for m in done:
+            del m.forward

@@ -245,16 +245,30 @@ def profile(model, processor, reader, modalities=("xray", "ct"), batch_of: int =
         emit("```")
         emit(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
         emit("```")
-        py = cProfile.Profile()
-        py.enable()
+        t0 = time.perf_counter()
         reader.remap(fresh(study), r.generation)
         sync()
-        py.disable()
-        text = io.StringIO()
-        pstats.Stats(py, stream=text).sort_stats("tottime").print_stats(25)
-        emit("```")
-        emit(text.getvalue()[-6000:])
-        emit("```")
+        pooled = time.perf_counter() - t0
+        threads, maps.MAP_THREADS = maps.MAP_THREADS, 1  # cProfile sees one thread: the findings one by one
+        try:
+            py = cProfile.Profile()
+            t0 = time.perf_counter()
+            py.enable()
+            reader.remap(fresh(study), r.generation)
+            sync()
+            py.disable()
+            alone = time.perf_counter() - t0
+        finally:
+            maps.MAP_THREADS = threads
+        emit(f"Maps: {pooled:.3f} s with {threads} map threads; {alone:.3f} s in one thread under cProfile "
+             "(below: by own time, then by cumulative time)")
+        emit()
+        for order in ("tottime", "cumulative"):
+            text = io.StringIO()
+            pstats.Stats(py, stream=text).sort_stats(order).print_stats(30)
+            emit("```")
+            emit(text.getvalue()[-7000:])
+            emit("```")
         emit()
     if batch_of:
         films = [xray(s) for s in range(batch_of)]

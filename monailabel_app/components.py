@@ -23,3 +23,13 @@ def label(mask: np.ndarray, full: bool = False) -> tuple[np.ndarray, int]:
                                               out_dtype=np.uint32)
         return labels, int(n)
     return ndimage.label(mask, structure=np.ones((3,) * mask.ndim, bool) if full else None)
+
+
+def largest(mask: np.ndarray) -> np.ndarray:
+    """bool: the largest piece of ``mask`` (connected through faces); all False when ``mask`` is empty."""
+    labels, n = label(mask)
+    if n == 0:
+        return np.zeros(np.shape(mask), bool)
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    return labels == int(np.argmax(sizes))

@@ -203,13 +203,9 @@ def body_mask(hu: np.ndarray, threshold: float = -500.0) -> np.ndarray:
     lungs filled slice by slice)."""
     from scipy import ndimage
 
-    above = hu > threshold
-    labels, n = components.label(above)
-    if n == 0:
+    body = components.largest(hu > threshold)
+    if not body.any():
         return np.ones(hu.shape, bool)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    body = labels == int(np.argmax(sizes))
     for z in range(body.shape[0]):
         body[z] = ndimage.binary_fill_holes(body[z])
     return body

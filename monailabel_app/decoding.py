@@ -254,6 +254,8 @@ class Decoder:
             if self.layers else None
         lm = model.model.language_model
         self._lm, self._cache_kw = lm, _cache_keyword(lm.forward)
+        self._attention = [layer.self_attn for layer in lm.layers]
+        self._fused = [m for m in self._attention if projections.fuse(m)]  # q, k and v as one product
         self.graph = None
         self.use_graph = device.type == "cuda"
         self.compile = compile and self.use_graph
@@ -285,14 +287,13 @@ class Decoder:
         """While a step is traced or run eagerly: the decode recorder on every attention module, and each
         layer's queries, keys and values as one product (:mod:`projections`)."""
         recorder = self.recorder or NoRecorder()
-        modules = [layer.self_attn for layer in self._lm.layers]
-        for m in modules:
+        for m in self._attention:
             m.decode_recorder = recorder
         try:
-            with projections.installed(modules):
+            with projections.installed(self._fused):
                 yield
         finally:
-            for m in modules:
+            for m in self._attention:
                 m.decode_recorder = None
 
     def _replay(self) -> None:

@@ -7,8 +7,8 @@ MedGemma-4B's small projections it does not: on an H200, cuBLAS takes 15 us for 
 ``bench/results/decode_gemm.md``). :func:`fuse` puts the three weight matrices into one tensor and makes the
 three ``nn.Linear`` weights views of it (no second copy; prefill, saving and loading see the same modules);
 :func:`fused_forward` is the layer's attention with one product for the three, which the decode step
-(:mod:`decoding`) installs on each layer while it traces or runs the step. Everything after the product is
-transformers' own Gemma 3 attention (norms, rotary positions, the cache, the registered attention function).
+(:mod:`decoding`) fuses once per decoder and installs on each layer while it traces or runs the step.
+Everything after the product is transformers' own Gemma 3 attention (norms, rotary positions, the cache, the registered attention function).
 
 Quantised layers (torchao tensor subclasses, bitsandbytes modules) keep their own three products.
 """
@@ -21,6 +21,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 NEEDED = ("q_proj", "k_proj", "v_proj", "o_proj", "q_norm", "k_norm", "head_dim", "scaling", "layer_idx")
 
@@ -72,28 +73,20 @@ def fused_forward(self, hidden_states, position_embeddings=None, attention_mask=
     if cache is not None:
         key, value = cache.update(key, value, self.layer_idx)
     impl = self.config._attn_implementation
-    if impl == "eager":
-        attend = modeling.eager_attention_forward
-    else:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-        attend = ALL_ATTENTION_FUNCTIONS[impl]
+    attend = modeling.eager_attention_forward if impl == "eager" else ALL_ATTENTION_FUNCTIONS[impl]
     out, weights = attend(self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling,
                           sliding_window=getattr(self, "sliding_window", None), **kwargs)
     return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
 
 
 @contextmanager
-def installed(modules):
-    """:func:`fused_forward` on each attention module of ``modules`` that :func:`fuse` accepts, for the
+def installed(fused):
+    """:func:`fused_forward` on each attention module of ``fused`` (modules :func:`fuse` accepted), for the
     duration (the modules' own forward after)."""
-    done = []
     try:
-        for m in modules:
-            if fuse(m):
-                m.forward = types.MethodType(fused_forward, m)
-                done.append(m)
-        yield len(done)
+        for m in fused:
+            m.forward = types.MethodType(fused_forward, m)
+        yield
     finally:
-        for m in done:
-            del m.forward
+        for m in fused:
+            m.__dict__.pop("forward", None)

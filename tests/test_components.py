@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from monailabel_app.components import label
+from monailabel_app.components import label, largest
 
 
 @pytest.mark.parametrize("full", [False, True])
@@ -31,3 +31,14 @@ def test_planes_and_empty_volumes():
     assert n == 0 and not got.any()
     got, n = label(np.zeros((0, 5, 6), bool))
     assert n == 0 and got.shape == (0, 5, 6)
+
+
+def test_the_largest_piece():
+    mask = np.zeros((3, 6, 6), bool)
+    mask[0, :2, :2] = True  # 4 voxels
+    mask[2, 2:5, 2:5] = True  # 9 voxels
+    mask[1, 5, 5] = True
+    want = np.zeros_like(mask)
+    want[2, 2:5, 2:5] = True
+    assert np.array_equal(largest(mask), want)
+    assert not largest(np.zeros((2, 3, 4), bool)).any()

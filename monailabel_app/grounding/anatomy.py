@@ -40,15 +40,6 @@ def otsu(values: np.ndarray, bins: int = 256) -> float:
     return float(centres[int(np.argmax(between))])
 
 
-def _largest(mask: np.ndarray) -> np.ndarray:
-    labels, n = components.label(mask)
-    if n == 0:
-        return np.zeros(mask.shape, bool)
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    return labels == int(np.argmax(sizes))
-
-
 @dataclass
 class LungFields:
     """Per side (``right``/``left``, patient sides) a bool mask on the image's pixels, or None."""
@@ -96,7 +87,7 @@ def _lung_fields(pixels: np.ndarray, min_area: float) -> LungFields:
     for side, cut in (("right", slice(0, half)), ("left", slice(half, cols))):
         part = np.zeros_like(dark)
         part[:, cut] = dark[:, cut]
-        lung = ndimage.binary_fill_holes(_largest(part))
+        lung = ndimage.binary_fill_holes(components.largest(part))
         fields[side] = lung if lung.sum() >= min_area * pixels.size else None
     return LungFields(**fields)
 

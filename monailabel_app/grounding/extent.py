@@ -737,7 +737,7 @@ def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.nd
     pieces = ndimage.find_objects(labels)
     for lab in np.argsort(weight)[::-1][:CANDIDATES]:  # the most attended first; the first that is a `kind`
         # the region on its own bounding box and one voxel more (all that deepest() looks at)
-        around = tuple(slice(max(0, s.start - 1), min(n, s.stop + 1)) for s, n in zip(pieces[lab], labels.shape))
+        around = tuple(slice(max(0, s.start - 1), min(size, s.stop + 1)) for s, size in zip(pieces[lab], labels.shape))
         at = deepest(labels[around] == int(lab) + 1, spacing)
         seed = tuple(int(i + a.start + b.start) for i, a, b in zip(at, around, box))
         try:

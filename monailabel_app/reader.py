@@ -418,14 +418,15 @@ class Reader:
 
     @staticmethod
     def _extent(finding: Finding, heat: np.ndarray, threshold: float, from_image: bool, find, point,
-                side: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+                side: np.ndarray | None = None, support: tuple[slice, ...] | None = None) -> tuple[np.ndarray, dict]:
         """(region, what the finding says about it): the image's region for the finding (``find()``, from
         :mod:`grounding.extent`) when ``from_image`` and the image gives one, with the point it grew from
         (``point(index)``: as the input's [i, j, k]; ``find`` is given the attention's own region), else the attention's own (the gated map's region at
         ``threshold``), with the reason. ``side``: the named side's half (safety: an image region never
         crosses to the other side of the patient; it is cut at the midline like the attention); and it must
-        stand for the finding (:func:`keeps_image_region`)."""
-        own = maps.peak_region(heat, threshold)
+        stand for the finding (:func:`keeps_image_region`). ``support``: the box outside which ``heat`` is
+        zero (its gate's; :func:`maps.peak_region`)."""
+        own = maps.peak_region(heat, threshold, support=support)
         if from_image:
             try:
                 found = find(own)
@@ -507,28 +508,33 @@ class Reader:
         lungs = lungs if "lung" in gates else None
         depth, device = volume.shape[0], self.maps_device
         allowed = body & lungs if lungs is not None else body
+        allowed_box = extent.bounding_box(allowed) if allowed.any() else None
         allowed = torch.as_tensor(allowed, device=device) if device.type != "cpu" else allowed
         columns = {f.side: ct_maps.side_columns(body, f.side) for f in findings} if "side" in gates else {}
+        boxes = {f.side: ct_maps.gate_box(allowed_box, columns[f.side] if columns else None) for f in findings}
         threshold, from_image = float(settings.get("threshold", 0.5)), image_extent(settings)
         shared: dict = {}  # what the image extent makes once for the volume's findings (extent.grow_ct)
 
         def one(f: Finding, rows: list[int]):  # a finding's grids, heatmap, gated map, region (findings in parallel)
             g = ct_maps.slice_grids(gen.attention, rows, self.grid, len(ms.images))
             h = ct_maps.volume_heatmap(g, ms, depth, device)
+            box = boxes[f.side]  # the gated map is zero outside it: gated, peak regions and search on it alone
             if device.type == "cpu":  # gated with numpy (faster than torch on the CPU)
                 h = h.numpy()
-                m = ct_maps.gated(h, allowed, columns[f.side] if columns else None)
+                m = ct_maps.gated_map(h, allowed, columns[f.side] if columns else None, box)
             else:
-                m = ct_maps.gated(h, allowed, torch.as_tensor(columns[f.side], device=device) if columns else None)
-                h, m = h.cpu().numpy(), m.cpu().numpy()
+                m = ct_maps.gated_map(h, allowed, torch.as_tensor(columns[f.side], device=device) if columns else None, box)
+                h = h.cpu().numpy()
             side = columns[f.side][None, None, :] if columns else None
             region, info = self._extent(f, m, threshold, from_image, lambda own: extent.find_in_ct(
-                volume.hu, volume.spacing, m, f.kind, own, shared), lambda p: [int(i) for i in reversed(volume.stored_index(p))], side)
+                volume.hu, volume.spacing, m, f.kind, own, shared, box),
+                lambda p: [int(i) for i in reversed(volume.stored_index(p))], side, box)
             return g, h, m, region, info
 
         done = maps.each(one, findings, self._score(gen, findings))
         grids, heat, mask_maps, regions, found = (list(x) for x in zip(*done)) if done else ([], [], [], [], [])
-        labels = maps.assign(regions, mask_maps) if regions else np.zeros(volume.shape, np.uint8)
+        labels = maps.assign(regions, mask_maps, [boxes[f.side] for f in findings]) if regions \
+            else np.zeros(volume.shape, np.uint8)
         extras = maps.each(lambda k, g, m, info: {**ct_maps.slice_info(volume, g, m, labels == k), **info},
                            range(1, len(grids) + 1), grids, mask_maps, found)
         index = [{"model_slice": n, "display_z": z, "source_index": volume.display_to_stored_index(z),

@@ -63,6 +63,40 @@ def test_gates_on_the_device_keep_the_body_and_the_named_side(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("side", ["right", "left", ""])
+def test_a_gated_map_made_on_its_gates_box_equals_the_whole_volumes(device, side):
+    """The reader gates each finding's heatmap on its gate's box only (the allowed voxels' box narrowed to the
+    side's columns) and copies that box off the device: the same float32 array as gating the whole volume, and
+    zero outside the box; a side with no allowed voxel gives no box and an all-zero map."""
+    rng = np.random.default_rng(5)
+    allowed = np.zeros((6, 20, 24), bool)
+    allowed[1:5, 3:17, 2:21] = rng.random((4, 14, 19)) > 0.3  # lungs-like: holes inside, off-centre
+    body = np.zeros_like(allowed)
+    body[:, 2:18, 1:22] = True
+    heat = rng.random(allowed.shape).astype(np.float32)
+    cols = ct_maps.side_columns(body, side) if side else None
+    whole = ct_maps.gated(heat, allowed, cols)
+    box = ct_maps.gate_box(maps_box(allowed), cols)
+    on = (lambda a: torch.as_tensor(a, device=device)) if device != "cpu" else (lambda a: a)
+    got = ct_maps.gated_map(on(heat), on(allowed), None if cols is None else on(cols), box)
+    assert got.dtype == np.float32 and np.array_equal(got, whole)
+    outside = np.ones(allowed.shape, bool)
+    outside[box] = False
+    assert not got[outside].any() and whole[box].any()
+    if side:  # the box keeps to the side's columns
+        assert cols[box[2]].all()
+    assert ct_maps.gate_box(None, cols) is None
+    assert not ct_maps.gated_map(on(heat), on(allowed), None, None).any()
+    assert ct_maps.gate_box(maps_box(allowed), np.zeros(24, bool)) is None
+
+
+def maps_box(mask):
+    from monailabel_app.grounding.extent import bounding_box
+
+    return bounding_box(mask)
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_radiograph_grids_upsample_in_one_batch(device):
     image = make_phantom(11).image
     _, pad = pad_to_square(image)

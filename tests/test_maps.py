@@ -47,6 +47,41 @@ def test_peak_region_and_label_map():
     assert maps.peak_region(np.zeros((5, 5))).sum() == 0
 
 
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.9])
+def test_peak_region_and_scaling_on_the_support_box_equal_the_whole_maps(threshold):
+    """A gated map is zero outside its gate's box: its peak region, range and scaling found on the box alone
+    are the whole map's, bit for bit (ties at the peak go to the same voxel). Where values below zero inside
+    put the threshold at or below zero, the zeros outside would pass it: the whole map is used then."""
+    rng = np.random.default_rng(11)
+    box = (slice(2, 9), slice(5, 30), slice(4, 17))
+    for trial in range(6):
+        h = np.zeros((12, 40, 25), np.float32)
+        sub = rng.random((7, 25, 13)).astype(np.float32) ** 3
+        sub[rng.random(sub.shape) > 0.6] = 0  # gaps: pieces that are not connected to the peak
+        if trial == 1:
+            sub[3, 10, 5] = sub[1, 2, 3] = sub.max()  # a tie for the peak
+        if trial == 2:  # below zero inside, the peak on the box's edge: the level falls under the zeros outside
+            sub[:] = -1.0
+            sub[0, 0, 0] = 0.1
+        if trial == 3:
+            sub[:] = 0  # flat
+        if trial == 4:
+            sub += 0.2  # no zero inside: the map's minimum is the zeros outside
+        if trial == 5:
+            sub = -(sub + 0.1)  # all below zero: the maximum is the zeros outside
+        h[box] = sub
+        got, want = maps.peak_region(h, threshold, support=box), maps.peak_region(h, threshold)
+        assert np.array_equal(got, want)
+        assert maps.support_range(h, box) == (float(h.min()), float(h.max()))
+        at = np.flatnonzero(want) if want.any() else np.arange(10)
+        assert np.array_equal(maps.normalise(h, at, box), maps.normalise(h, at))
+        if trial == 2:
+            assert want[0, 0, 0]  # the zeros outside are in the region: the whole map was used
+    whole = tuple(slice(0, n) for n in h.shape)  # a box that is the whole map: its own range
+    h[box] = -1.0
+    assert maps.support_range(h, whole) == (-1.0, 0.0)
+
+
 def test_side_gate_keeps_the_named_side_of_the_patient():
     right, left = maps.side_gate((4, 7), "right"), maps.side_gate((4, 7), "left")
     assert right[:, :3].all() and not right[:, 3:].any()  # patient right = image left

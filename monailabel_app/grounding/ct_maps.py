@@ -78,6 +78,36 @@ def gated(heat, allowed, columns):
     return m
 
 
+def gate_box(allowed_box: tuple[slice, ...] | None, columns: np.ndarray | None) -> tuple[slice, ...] | None:
+    """The box outside which a finding's gated map is zero: the allowed voxels' box (``allowed_box``, None
+    when none is allowed) narrowed to the side's ``columns`` (a run of display columns); None when empty."""
+    if allowed_box is None:
+        return None
+    if columns is None:
+        return allowed_box
+    xs = np.flatnonzero(columns)
+    if not xs.size:
+        return None
+    x0, x1 = max(int(xs[0]), allowed_box[2].start), min(int(xs[-1]) + 1, allowed_box[2].stop)
+    return (*allowed_box[:2], slice(x0, x1)) if x0 < x1 else None
+
+
+def gated_map(heat, allowed, columns, box: tuple[slice, ...] | None) -> np.ndarray:
+    """:func:`gated` as a float32 numpy array on the CPU, computed on the gate's ``box`` only
+    (:func:`gate_box`: zero outside it) and copied off a GPU from that box alone."""
+    out = np.zeros(tuple(heat.shape), np.float32)
+    if box is None:
+        return out
+    cols = None if columns is None else columns[box[2]]
+    if isinstance(heat, np.ndarray):  # written in place: only the allowed voxels are touched
+        np.copyto(out[box], heat[box], where=allowed[box])
+        if cols is not None and not cols.all():
+            out[box] *= cols
+    else:
+        out[box] = gated(heat[box], allowed[box], cols).cpu().numpy()
+    return out
+
+
 def side_gate(body: np.ndarray, side: str) -> np.ndarray:
     """float32 (z, y, x): 1 on the patient's ``side`` of the body's midline (display x), else 0."""
     gate = np.ones(body.shape, np.float32)

@@ -555,11 +555,12 @@ def _grow_film(spacing, seed, kind: str, fields, background, search_mm: float, c
 SEARCH_LEVEL = 0.3  # the attention's region searched for the finding: its gated map at >= this of its peak
 
 
-def _search_region(heat: np.ndarray) -> np.ndarray:
-    """Where attention points: the connected region around the gated map's peak at SEARCH_LEVEL."""
+def _search_region(heat: np.ndarray, support: tuple[slice, ...] | None = None) -> np.ndarray:
+    """Where attention points: the connected region around the gated map's peak at SEARCH_LEVEL
+    (``support``: the box outside which the map is zero, :func:`maps.peak_region`'s)."""
     from .maps import peak_region
 
-    return peak_region(heat, SEARCH_LEVEL)
+    return peak_region(heat, SEARCH_LEVEL, support=support)
 
 
 BLOB_SCALES_MM = (2.0, 4.0, 8.0, 16.0, 32.0, 64.0)  # radii of the blobs looked for (radius = 1.4 sigma)
@@ -703,16 +704,17 @@ def deepest(part: np.ndarray, spacing) -> tuple[int, ...]:
 
 
 def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.ndarray | None = None,
-               cache: dict | None = None) -> Extent:
+               cache: dict | None = None, support: tuple[slice, ...] | None = None) -> Extent:
     """A finding's extent in a CT from its gated attention map ``heat`` (display grid): of the dense regions
     (above -500 HU, smoothed) in the region attention points at, the most attended one that the kind's rule
     (:func:`grow_ct`, from its deepest voxel) accepts as a ``kind`` (a mass beside a nodule is not the
     nodule). ``near``: the attention's own region (the mask it would give); the search then keeps to within
     the kind's largest diameter of it (:func:`near_box`). Raises :class:`NoExtent` with the first
-    candidate's reason. ``cache``: one dict for all of a volume's findings (:func:`grow_ct`'s)."""
+    candidate's reason. ``cache``: one dict for all of a volume's findings (:func:`grow_ct`'s); ``support``:
+    the box outside which ``heat`` is zero (its gate's), searched alone."""
     if method_of(kind, 3) is None:
         raise NoExtent(f"no image method for {kind!r} on CT")
-    search = _search_region(heat)
+    search = _search_region(heat, support)
     if not search.any():
         raise NoExtent("attention gives no region")
     box = bounding_box(search)

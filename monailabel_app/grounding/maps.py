@@ -71,16 +71,29 @@ def box_gate(shape: tuple[int, int], box, pad: SquarePad, margin: float) -> np.n
     return inside.astype(np.float32)
 
 
-def normalise(heatmap: np.ndarray, at: np.ndarray | None = None) -> np.ndarray:
+def normalise(heatmap: np.ndarray, at: np.ndarray | None = None, support: tuple[slice, ...] | None = None) -> np.ndarray:
     """float32 ``heatmap`` scaled to 0..1 by its own minimum and maximum (zeros when flat); ``at`` (flat
-    indices): only those values, scaled by the whole map's range."""
-    lo, hi = float(heatmap.min()), float(heatmap.max())
+    indices): only those values, scaled by the whole map's range. ``support``: a box outside which the map is
+    zero (:func:`support_range`: the same range, from the box's values)."""
+    lo, hi = support_range(heatmap, support)
     values = heatmap if at is None else np.asarray(heatmap).reshape(-1)[at]
     if hi - lo < 1e-12:
         return np.zeros(values.shape, np.float32)
     out = np.subtract(values, lo, dtype=np.float32)
     out *= np.float32(1.0 / (hi - lo))
     return out
+
+
+def support_range(heatmap: np.ndarray, support: tuple[slice, ...] | None = None) -> tuple[float, float]:
+    """(minimum, maximum) of ``heatmap``; ``support``: a box outside which it is zero (a gated map: its gate's
+    box), so that the box's values and that zero give the whole map's range without a pass over it."""
+    if support is None:
+        return float(heatmap.min()), float(heatmap.max())
+    sub = heatmap[support]
+    lo, hi = float(sub.min()), float(sub.max())
+    if sub.size < heatmap.size:  # the zeros outside the box
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
+    return lo, hi
 
 
 def combined_heatmap(heatmaps: list[np.ndarray], shape) -> np.ndarray:
@@ -90,38 +103,53 @@ def combined_heatmap(heatmaps: list[np.ndarray], shape) -> np.ndarray:
     return np.max(np.stack([normalise(h) for h in heatmaps]), axis=0)
 
 
-def peak_region(heatmap: np.ndarray, threshold: float = 0.5, scaled: np.ndarray | None = None) -> np.ndarray:
+def peak_region(heatmap: np.ndarray, threshold: float = 0.5, scaled: np.ndarray | None = None,
+                support: tuple[slice, ...] | None = None) -> np.ndarray:
     """Bool mask: the connected region around the peak of ``heatmap`` scaled to 0..1, at >= threshold
-    (``scaled``: that scaling, when already computed)."""
+    (``scaled``: that scaling, when already computed). ``support``: a box outside which ``heatmap`` is zero
+    (a gated map): the same region, found on the box alone when the threshold lies above zero (the zeros
+    outside are then below it, and the peak is inside)."""
     if scaled is None:  # the threshold in the map's own units: no scaled copy of a whole volume
-        lo, hi = float(heatmap.min()), float(heatmap.max())
+        lo, hi = support_range(heatmap, support)
         if not hi - lo >= 1e-12:
             return np.zeros(heatmap.shape, bool)
+        level = lo + threshold * (hi - lo)
+        if support is not None and level > 0 and hi > 0:
+            sub = heatmap[support]
+            out = np.zeros(heatmap.shape, bool)
+            out[support] = _around_peak(sub >= level, np.unravel_index(int(np.argmax(sub)), sub.shape))
+            return out
         peak = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
-        above = heatmap >= lo + threshold * (hi - lo)
+        above = heatmap >= level
     else:
         peak = np.unravel_index(int(np.argmax(scaled)), scaled.shape)
         if scaled[peak] <= 0:
             return np.zeros(heatmap.shape, bool)
         above = scaled >= threshold
+    return _around_peak(above, peak)
+
+
+def _around_peak(above: np.ndarray, peak: tuple) -> np.ndarray:
+    """Bool mask: the connected piece of ``above`` that holds ``peak`` (labelled on ``above``'s box only)."""
     box = tuple(slice(int(idx.min()), int(idx.max()) + 1) for idx in
                 (np.nonzero(above.any(axis=tuple(a for a in range(above.ndim) if a != d)))[0] for d in range(above.ndim)))
     labels, _ = components.label(above[box], full=True)  # only where anything is above
-    out = np.zeros(heatmap.shape, bool)
+    out = np.zeros(above.shape, bool)
     local = tuple(p - b.start for p, b in zip(peak, box))
     np.equal(labels, labels[local], out=out[box])
     return out
 
 
-def assign(regions: list[np.ndarray], heatmaps: list[np.ndarray]) -> np.ndarray:
+def assign(regions: list[np.ndarray], heatmaps: list[np.ndarray], supports: list | None = None) -> np.ndarray:
     """uint8 label map of one region per finding (k = 1..n); where regions overlap, the pixel goes to the
-    finding whose heatmap, scaled to 0..1, is larger there."""
+    finding whose heatmap, scaled to 0..1, is larger there. ``supports``: each heatmap's box outside which it
+    is zero (:func:`support_range`), or None."""
     out = np.zeros(regions[0].shape, np.uint8)
     best = np.full(regions[0].shape, -1.0, np.float32)
     flat_out, flat_best = out.reshape(-1), best.reshape(-1)
-    for k, (region, h) in enumerate(zip(regions, heatmaps), start=1):
+    for k, (region, h, support) in enumerate(zip(regions, heatmaps, supports or [None] * len(regions)), start=1):
         inside = np.flatnonzero(region)
-        scaled = normalise(h, inside)  # on the region's voxels only
+        scaled = normalise(h, inside, support)  # on the region's voxels only
         take = scaled > flat_best[inside]
         flat_out[inside[take]] = k
         flat_best[inside[take]] = scaled[take]

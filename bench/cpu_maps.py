@@ -65,7 +65,7 @@ def main() -> None:
         reader.read(study, answer=FINDINGS)  # warm: anatomy of this volume is kept, as for a second question
         totals, maps_s, gen_s = [], [], []
         for _ in range(args.repeat):
-            reader._ct_masks = None  # every reading pays for its anatomy, as a new study does
+            reader.forget_anatomy()  # every reading pays for its anatomy, as a new study does
             t0 = time.perf_counter()
             reading = reader.read(study, answer=FINDINGS)
             totals.append(time.perf_counter() - t0)
@@ -77,7 +77,7 @@ def main() -> None:
         print(f"end to end {statistics.median(totals):.2f} s; generate {statistics.median(gen_s):.2f} s; "
               f"maps {statistics.median(maps_s):.2f} s (median of {args.repeat}: {[round(m, 2) for m in maps_s]})")
         if args.profile:
-            reader._ct_masks = None
+            reader.forget_anatomy()
             gen = reading.generation
             prof = cProfile.Profile()
             prof.enable()
@@ -100,7 +100,7 @@ def films_maps(reader, count: int) -> None:
         img = np.asarray(Image.fromarray(make_phantom(seed).image).resize((2048, 2458), Image.BILINEAR))
         film = Radiograph(img, Geometry.plain(2458, 2048))
         gen = reader.read(film, answer=FILM_FINDINGS).generation
-        reader._fields = None  # the film's lung fields found anew, as for a new study
+        reader.forget_anatomy()  # the film's lung fields found anew, as for a new study
         t0 = time.perf_counter()
         reader.remap(film, gen)
         times.append(time.perf_counter() - t0)

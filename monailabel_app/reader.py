@@ -16,8 +16,9 @@ import logging
 import math
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 
 import numpy as np
 import torch
@@ -46,6 +47,8 @@ MAX_QUESTION_CHARS = 2000
 DEFAULT_XRAY_GATES = ("side", "zone", "box")
 DEFAULT_CT_GATES = ("side", "lung")
 MAX_NEW_TOKENS_LIMIT = 1024
+# where a study's anatomy is found while the model reads it (numpy and scipy: they release the GIL)
+_ANATOMY_POOL = ThreadPoolExecutor(2, thread_name_prefix="anatomy")
 
 
 @dataclass
@@ -189,6 +192,8 @@ class Reader:
             raise ValueError("mm_tokens_per_image must be a perfect square")
         self.grid = grid
         self._model_lock = threading.RLock()  # one generation at a time (decoders share their buffers)
+        self._anatomy: dict[str, tuple[np.ndarray, Future]] = {}  # the last image's anatomy per modality
+        self._anatomy_lock = threading.Lock()
         self.warm = {"state": "not started", "shapes": []}
 
     def warm_up(self, max_new_tokens: int = 128, modalities=("xray", "ct"), language: str = "auto") -> dict:
@@ -398,23 +403,42 @@ class Reader:
             return self._read_ct(study, "", 0, check_max_slices(max_slices, self.ct["max_slices"]), gen=gen)
         return self._read_radiograph(study, "", 0, gen=gen)
 
+    def _kept(self, name: str, image: np.ndarray, make) -> Future:
+        """``make()`` for ``image`` (its anatomy) as a future, kept for the last image under ``name``:
+        started before the model generates (:meth:`_anatomy_ahead`) and read by the maps after it, and found
+        once when calibration remaps one image many times. The entry is swapped under a lock, so concurrent
+        requests never mix up images."""
+        with self._anatomy_lock:
+            kept = self._anatomy.get(name)
+            if kept is None or kept[0] is not image:
+                kept = (image, _ANATOMY_POOL.submit(make))
+                self._anatomy[name] = kept
+        return kept[1]
+
+    def forget_anatomy(self) -> None:
+        """Drop the kept anatomy (benchmarks: each reading pays for its own, as a new study does)."""
+        with self._anatomy_lock:
+            self._anatomy.clear()
+
+    def _anatomy_ahead(self, study: Radiograph | CTVolume) -> None:
+        """Start ``study``'s anatomy (image only: lung fields, or the CT's body and lungs) in the background,
+        so that it is found while the model reads the study instead of after it."""
+        self._ct_anatomy_future(study) if isinstance(study, CTVolume) else self._lung_fields_future(study.pixels)
+
+    def _lung_fields_future(self, pixels: np.ndarray) -> Future:
+        return self._kept("xray", pixels, partial(anatomy.xray_lung_fields, pixels))
+
     def _lung_fields(self, pixels: np.ndarray) -> anatomy.LungFields:
-        """Lung fields of ``pixels``, kept for the last image (calibration remaps one image many times).
-        The cached pair is read once into a local, so concurrent requests never mix up images."""
-        cached = getattr(self, "_fields", None)
-        if cached is None or cached[0] is not pixels:
-            cached = (pixels, anatomy.xray_lung_fields(pixels))
-            self._fields = cached
-        return cached[1]
+        """Lung fields of ``pixels`` (kept for the last film, :meth:`_kept`)."""
+        return self._lung_fields_future(pixels).result()
+
+    def _ct_anatomy_future(self, volume: CTVolume) -> Future:
+        half_cell = max(volume.shape[1:]) / self.grid / 2  # in-plane voxels (planes are square-padded)
+        return self._kept("ct", volume.hu, partial(anatomy.ct_body_and_lungs, volume.hu, half_cell, body_mask))
 
     def _ct_anatomy(self, volume: CTVolume) -> tuple[np.ndarray, np.ndarray]:
         """Body and lung masks of ``volume`` (display grid), kept for the last volume like the fields."""
-        cached = getattr(self, "_ct_masks", None)
-        if cached is None or cached[0] is not volume.hu:
-            half_cell = max(volume.shape[1:]) / self.grid / 2  # in-plane voxels (planes are square-padded)
-            cached = (volume.hu, *anatomy.ct_body_and_lungs(volume.hu, half_cell, body_mask))
-            self._ct_masks = cached
-        return cached[1], cached[2]
+        return self._ct_anatomy_future(volume).result()
 
     @staticmethod
     def _extent(finding: Finding, heat: np.ndarray, threshold: float, from_image: bool, find, point,
@@ -447,6 +471,7 @@ class Reader:
                          gen: Generation | None = None, keep: bool = False) -> Reading:
         square, pad = pad_to_square(radiograph.pixels)
         if gen is None:
+            self._anatomy_ahead(radiograph)
             gen = self._generate([([Image.fromarray(square)], question)], self.info.grounding, max_new_tokens,
                                  None if answer is None else [answer], keep)[0]
         answer = read_answer(gen.text)
@@ -497,6 +522,7 @@ class Reader:
                  gen: Generation | None = None, keep: bool = False) -> Reading:
         ms = model_slices(volume, max_slices)
         if gen is None:
+            self._anatomy_ahead(volume)
             content = interleave([Image.fromarray(im) for im in ms.images])
             gen = self._generate([(content, question)], self.ct, max_new_tokens, None if answer is None else [answer],
                                  keep)[0]

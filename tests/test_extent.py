@@ -321,7 +321,7 @@ def test_a_big_films_extent_on_its_working_copy_matches_full_resolution(reader, 
         got = {}
         for side in (work_side, 10**6):
             monkeypatch.setattr(extent, "FILM_WORK_SIDE", side)
-            reader._fields = None
+            reader.forget_anatomy()
             r = reader.remap(film, gen)
             got[side] = ([e["extent"] for e in r.extras],
                          [max(dice(r.labels == k, t) for k in range(1, len(r.names) + 1)) for t in truth])

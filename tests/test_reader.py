@@ -203,3 +203,39 @@ def test_chinese_zone_accuracy_on_held_out_phantoms(reader):
             total += 1
             hit += (les.side, les.level) in named
     assert total == 201 and hit / total >= 0.95
+
+
+def test_a_studys_anatomy_is_found_while_the_model_reads_it(reader, monkeypatch):
+    """The reader starts a study's anatomy (lung fields; a CT's body and lungs) before it generates, in the
+    background, and its maps read that same result after it: found once, while the model runs. Each image keeps
+    its own: a second film between two reads of the first never hands the first one the second's fields."""
+    from monailabel_app import ct_phantoms
+    from monailabel_app.grounding import anatomy
+
+    film = make_phantom(4)
+    radiograph = Radiograph(film.image, Geometry.plain(*film.image.shape))
+    volume = ct_phantoms.phantom_volume(ct_phantoms.make_ct_phantom(2))
+    calls, started = [], []
+    for name in ("xray_lung_fields", "ct_body_and_lungs"):
+        real = getattr(anatomy, name)
+        monkeypatch.setattr(anatomy, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    generate = reader._generate
+
+    def watched(*args, **kwargs):  # what is under way when the model starts
+        started.append({name: kept[0] for name, kept in reader._anatomy.items()})
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(reader, "_generate", watched)
+    reader.forget_anatomy()
+    first = reader.read(radiograph)
+    ct = reader.read(volume)
+    assert started[0]["xray"] is radiograph.pixels and started[1]["ct"] is volume.hu
+    assert calls == ["xray_lung_fields", "ct_body_and_lungs"]  # once each: the maps used the early result
+    assert reader._lung_fields(radiograph.pixels) is reader._lung_fields(radiograph.pixels)
+    other = make_phantom(9).image
+    assert reader._lung_fields(other) is not None and calls[-1] == "xray_lung_fields"
+    again = reader.remap(radiograph, first.generation)  # its own fields again, not the other film's
+    assert np.array_equal(again.labels, first.labels) and len(calls) == 4
+    body, lungs = reader._ct_anatomy(volume)
+    assert body.shape == lungs.shape == volume.shape and lungs.any() and len(calls) == 4
+    assert ct.labels.any()

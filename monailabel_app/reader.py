@@ -407,10 +407,10 @@ class Reader:
         """``make()`` for ``image`` (its anatomy) as a future, kept for the last image under ``name``:
         started before the model generates (:meth:`_anatomy_ahead`) and read by the maps after it, and found
         once when calibration remaps one image many times. The entry is swapped under a lock, so concurrent
-        requests never mix up images."""
+        requests never mix up images; one that failed is tried again."""
         with self._anatomy_lock:
             kept = self._anatomy.get(name)
-            if kept is None or kept[0] is not image:
+            if kept is None or kept[0] is not image or (kept[1].done() and kept[1].exception() is not None):
                 kept = (image, _ANATOMY_POOL.submit(make))
                 self._anatomy[name] = kept
         return kept[1]
@@ -423,7 +423,10 @@ class Reader:
     def _anatomy_ahead(self, study: Radiograph | CTVolume) -> None:
         """Start ``study``'s anatomy (image only: lung fields, or the CT's body and lungs) in the background,
         so that it is found while the model reads the study instead of after it."""
-        self._ct_anatomy_future(study) if isinstance(study, CTVolume) else self._lung_fields_future(study.pixels)
+        if isinstance(study, CTVolume):
+            self._ct_anatomy_future(study)
+        else:
+            self._lung_fields_future(study.pixels)
 
     def _lung_fields_future(self, pixels: np.ndarray) -> Future:
         return self._kept("xray", pixels, partial(anatomy.xray_lung_fields, pixels))

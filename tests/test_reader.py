@@ -239,3 +239,10 @@ def test_a_studys_anatomy_is_found_while_the_model_reads_it(reader, monkeypatch)
     body, lungs = reader._ct_anatomy(volume)
     assert body.shape == lungs.shape == volume.shape and lungs.any() and len(calls) == 4
     assert ct.labels.any()
+    # a failed anatomy is not kept: the next reading of that image tries again
+    monkeypatch.setattr(anatomy, "xray_lung_fields", lambda *a: (_ for _ in ()).throw(MemoryError("no room")))
+    odd = np.ascontiguousarray(other[::-1])
+    with pytest.raises(MemoryError):
+        reader._lung_fields(odd)
+    monkeypatch.setattr(anatomy, "xray_lung_fields", lambda *a: "fields")
+    assert reader._lung_fields(odd) == "fields"

@@ -63,13 +63,15 @@ def volume_heatmap(grids: np.ndarray, ms: ModelSlices, depth: int, device="cpu")
     return maps.grids_to_pixels(per_slice, ms.pad)
 
 
-def gated(heat, allowed, columns):
+def gated(heat, allowed, columns, out: np.ndarray | None = None):
     """The heatmap kept inside ``allowed`` (the body, or the lungs: bool, same grid) and, for a finding that
     names a side, on that side's ``columns`` (bool (x,), :func:`side_columns`), zero elsewhere. Tensors (a
-    GPU's) or numpy arrays (the CPU's: numpy's where and product are 3-4x faster there than torch's)."""
+    GPU's) or numpy arrays (the CPU's: numpy is 3-4x faster there than torch; there the gate is a product,
+    the same as keeping or zeroing for a heatmap, which is finite and >= 0, and 1.7x faster than a masked
+    copy), written into ``out`` when given (numpy)."""
     if isinstance(heat, np.ndarray):
-        m = np.where(allowed, heat, np.float32(0))
-        if columns is not None:
+        m = np.multiply(heat, allowed, out=out, dtype=np.float32)
+        if columns is not None and not columns.all():
             m *= columns  # broadcast over the last axis
         return m
     m = torch.where(allowed, heat, torch.zeros((), dtype=heat.dtype, device=heat.device))
@@ -99,10 +101,8 @@ def gated_map(heat, allowed, columns, box: tuple[slice, ...] | None) -> np.ndarr
     if box is None:
         return out
     cols = None if columns is None else columns[box[2]]
-    if isinstance(heat, np.ndarray):  # written in place, as the product with the gate (a heatmap is finite
-        np.multiply(heat[box], allowed[box], out=out[box])  # and >= 0: the same as where(); 1.7x faster)
-        if cols is not None and not cols.all():
-            out[box] *= cols
+    if isinstance(heat, np.ndarray):
+        gated(heat[box], allowed[box], cols, out=out[box])  # written in place
     else:
         out[box] = gated(heat[box], allowed[box], cols).cpu().numpy()
     return out

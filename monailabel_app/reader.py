@@ -25,6 +25,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
+from . import allocator
 from .grounding import anatomy, ct_maps, extent, maps
 from .ct import CTVolume, Limits, body_mask, interleave, model_slices
 from .errors import InputError
@@ -180,6 +181,7 @@ class Reader:
                  limits: Limits | None = None, loaded: tuple | None = None):
         """``loaded``: an already built (model, processor, ModelInfo) to read with instead of loading
         ``model`` (benchmarks with random weights in MedGemma's shapes)."""
+        allocator.keep_freed_memory()  # the maps' image-sized arrays reuse mapped pages (allocator.py)
         self.model_ref = model or PHANTOM_MODEL_DIR
         self.device_request = device
         self.system = system

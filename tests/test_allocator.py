@@ -1,0 +1,56 @@
+"""The malloc policy: image-sized arrays come from the heap and their pages are kept for the next one.
+
+Each case runs in its own interpreter: the policy is per process and cannot be taken back."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from monailabel_app import allocator
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROBE = """
+import json, numpy as np
+from monailabel_app import allocator
+before = allocator.mapped_blocks()
+on = allocator.keep_freed_memory()
+again = allocator.keep_freed_memory()
+a = np.ones((134, 512, 512), np.float32)  # a CT's whole-volume map, 140 MB
+during = allocator.mapped_blocks()
+del a
+b = np.ones((134, 512, 512), np.float32)
+print(json.dumps({"on": on, "again": again, "before": before, "during": during, "sum": float(b.sum())}))
+"""
+
+glibc = pytest.mark.skipif(allocator.mapped_blocks() is None, reason="glibc's malloc only")
+
+
+def probe(**env) -> dict:
+    out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, **env})
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@glibc
+def test_large_arrays_come_from_the_heap():
+    got = probe(MEDGEMMA_MALLOC="keep")
+    assert got["on"] and got["again"]
+    assert got["during"] == got["before"]  # the 140 MB array is no mmap of its own
+    assert got["sum"] == 134 * 512 * 512
+
+
+@glibc
+def test_system_policy_is_left_alone():
+    got = probe(MEDGEMMA_MALLOC="system")
+    assert not got["on"]
+    assert got["during"] == got["before"] + 1  # glibc maps the large array on its own
+
+
+@glibc
+def test_a_reader_sets_the_policy(reader):
+    assert "on" in allocator._done  # set when the reader was made, before this test asks
+    assert allocator.keep_freed_memory() is (os.environ.get(allocator.ENV, "keep") != "system")

@@ -18,10 +18,13 @@ replayed:
    :class:`~monailabel_app.capture.DecodeRecorder`. Every input and output is a buffer updated in place,
    so the step contains no host synchronisation. On CUDA the step is compiled with ``torch.compile``
    (which fuses the many small element-wise kernels of each layer; ``MEDGEMMA_COMPILE=0`` turns it off)
-   and captured as one CUDA graph, before the buffers hold a request. Each layer's queries, keys and
-   values are one matrix product in the step (:mod:`projections`).
-4. The host looks every :data:`CHECK_EVERY` steps at the tokens: stop when every row has ended (end of
-   turn, or a loop: see :func:`loop_start`).
+   and captured as CUDA graphs, before the buffers hold a request: one of :data:`CHECK_EVERY` steps in a
+   row and one of a single step (for the last few). Each layer's queries, keys and values are one matrix
+   product in the step (:mod:`projections`).
+4. The host replays :data:`CHECK_EVERY` steps at a time, then looks at the tokens: stop when every row has
+   ended (end of turn, or a loop: see :func:`loop_start`). One replay per look, not per token, so the
+   decode loop asks for the interpreter 25 times for 200 tokens, and threads making another batch's maps
+   beside it (holding the GIL) delay it 25 times, not 200.
 
 Several studies decode together as one batch (left padding; per-row pad offsets give each row its own
 positions and masks). Rows that end early keep stepping (fixed shapes) and are cut afterwards.
@@ -43,7 +46,7 @@ from .capture import AttentionRecorder, DecodeRecorder, NoRecorder, recording
 
 logger = logging.getLogger(__name__)
 
-CHECK_EVERY = 8  # decode steps between looks at the tokens (one host synchronisation each)
+CHECK_EVERY = 8  # decode steps per replay and between looks at the tokens (one host synchronisation each)
 GRAPH_CACHE = 2  # decoders (CUDA graphs with their buffers) kept per model
 
 
@@ -256,7 +259,7 @@ class Decoder:
         self._lm, self._cache_kw = lm, _cache_keyword(lm.forward)
         self._attention = [layer.self_attn for layer in lm.layers]
         self._fused = [m for m in self._attention if projections.fuse(m)]  # q, k and v as one product
-        self.graph = None
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # steps in a row -> the captured graph
         self.use_graph = device.type == "cuda"
         self.compile = compile and self.use_graph
         self._step = self.step
@@ -296,18 +299,25 @@ class Decoder:
             for m in self._attention:
                 m.decode_recorder = None
 
-    def _replay(self) -> None:
-        if self.graph is not None:
-            self.graph.replay()
+    @property
+    def graph(self):
+        """The captured graph of :data:`CHECK_EVERY` steps (None before :meth:`prepare` or without CUDA)."""
+        return self.graphs.get(CHECK_EVERY)
+
+    def _replay(self, steps: int) -> None:
+        """``steps`` decode steps in a row: one graph replay (1 or :data:`CHECK_EVERY`), else stepped."""
+        if steps in self.graphs:
+            self.graphs[steps].replay()
             return
         with self._recording():
-            self._step()
+            for _ in range(steps):
+                self._step()
 
     def prepare(self) -> None:
         """On CUDA, before the buffers hold a request: compile the step (``compile``) and capture it as
         a CUDA graph. The warm-up steps write into the cache, so this must not run on live data. A step
         that cannot be compiled or captured (e.g. bitsandbytes int8) runs without, with a warning."""
-        if not self.use_graph or self.graph is not None:
+        if not self.use_graph or self.graphs:
             return
         t0 = time.perf_counter()
         if self.compile:
@@ -324,10 +334,14 @@ class Decoder:
                     for _ in range(3):
                         self._step()
                 torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph):
-                    self._step()
-            self.graph = graph
+                graphs, pool = {}, None
+                for steps in (CHECK_EVERY, 1):  # the two share one memory pool (never replayed at once)
+                    graphs[steps] = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graphs[steps], pool=pool):
+                        for _ in range(steps):
+                            self._step()
+                    pool = graphs[steps].pool()
+            self.graphs = graphs
             logger.info("decode step for batch %d, %d positions, %d new tokens %s and captured in %.1f s",
                         self.batch, self.length, self.max_new, "compiled" if self.compile else "(eager kernels)",
                         time.perf_counter() - t0)
@@ -364,12 +378,13 @@ class Decoder:
         if self.recorder is not None:
             self.recorder.buffer.zero_()
         ended = [None] * b  # per row: (length, reason) once known
-        steps = 1
+        steps, top = 1, max(limits)
         checked = 0
-        while steps < max(limits):
-            self._replay()
-            steps += 1
-            if steps % CHECK_EVERY == 0 or steps == max(limits):
+        while steps < top:
+            n = CHECK_EVERY if top - steps >= CHECK_EVERY else 1  # never a step past the longest limit
+            self._replay(n)
+            steps += n
+            if n == CHECK_EVERY or steps == top:
                 checked = self._check(steps, checked, limits, ended, stop_loops)
                 if all(e is not None for e in ended):
                     break

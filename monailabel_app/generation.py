@@ -9,6 +9,7 @@ chosen layers.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -194,28 +195,70 @@ def _turn_ids(processor, conversation: Conversation, messages: list[dict]) -> li
     return kept + closing + tok("\n" + after[len(before):], add_special_tokens=False)["input_ids"]
 
 
-def generate_batch(model, processor, studies: list[tuple[list, str]], layers, max_new_tokens=128, system=None,
-                   rollout: bool = False, answers: list[str] | None = None, keep: bool = False) -> list[Generation]:
-    """:func:`generate` for several (content, question) studies at once, one batch through the model
-    (:mod:`monailabel_app.decoding`: static cache, CUDA graph on GPUs). Every study must show the same
-    number of images. ``keep`` (one study): the generation carries its :class:`Conversation`."""
+@dataclass
+class Prepared:
+    """A batch's model inputs (token ids, masks, pixel values on the model's device) and forced answers,
+    made apart from its generation (:func:`prepare_batch`), e.g. while the batch before it generates."""
+
+    studies: list[tuple[list, str]]  # the (content, question) chats they were made from
+    inputs: dict
+    forced: list[list[int]] | None
+    waited: float  # seconds the generation waited for these inputs (all of their making, when made inline)
+
+
+_PREPARE_STREAMS: dict = {}
+
+
+def _prepare_stream(device):
+    """A CUDA stream of its own for making inputs (None without CUDA): its copies and resizes then do not
+    queue behind the decode steps that another batch has queued on the default stream."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    return _PREPARE_STREAMS.setdefault(device.index or 0, torch.cuda.Stream(device))
+
+
+def prepare_batch(model, processor, studies: list[tuple[list, str]], system=None,
+                  answers: list[str] | None = None) -> Prepared:
+    """The inputs of :func:`generate_batch` for (content, question) studies that show the same number of
+    images. On CUDA they are made on their own stream and complete when this returns (the generation that
+    uses them on the default stream ends with a device synchronisation before they are freed)."""
     t0 = time.perf_counter()
     counts = {sum(not isinstance(c, str) for c in content) for content, _ in studies}
     if len(counts) != 1:
         raise ValueError(f"a batch needs the same number of images per study, got {sorted(counts)}")
-    inputs = _batch(processor, model, studies, system, model.device, model.dtype)
+    stream = _prepare_stream(model.device)
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        inputs = _batch(processor, model, studies, system, model.device, model.dtype)
+    if stream is not None:
+        stream.synchronize()
     per_image = int(model.config.mm_tokens_per_image)
     found = (inputs["input_ids"] == model.config.image_token_index).sum(-1)
     if not bool((found == per_image * counts.pop()).all()):
         raise RuntimeError(f"expected {per_image} image tokens per image, found {found.tolist()}")
-    tok = processor.tokenizer
     forced = None
     if answers is not None:
+        tok = processor.tokenizer
         end = tok.convert_tokens_to_ids("<end_of_turn>")
         forced = [tok(a, add_special_tokens=False)["input_ids"] + [end] for a in answers]
+    return Prepared(studies, inputs, forced, time.perf_counter() - t0)
+
+
+def generate_batch(model, processor, studies: list[tuple[list, str]], layers, max_new_tokens=128, system=None,
+                   rollout: bool = False, answers: list[str] | None = None, keep: bool = False,
+                   prepared: Prepared | None = None) -> list[Generation]:
+    """:func:`generate` for several (content, question) studies at once, one batch through the model
+    (:mod:`monailabel_app.decoding`: static cache, CUDA graph on GPUs). Every study must show the same
+    number of images. ``keep`` (one study): the generation carries its :class:`Conversation`.
+    ``prepared``: the studies' inputs made ahead (:func:`prepare_batch`; its ``answers`` are the ones forced)."""
+    prepared = prepared or prepare_batch(model, processor, studies, system, answers)
     t_prep = time.perf_counter()
-    result = prefill_and_decode(model, inputs, list(layers), per_image, max_new_tokens, rollout, forced,
-                                sorted(_eos_ids(model)), stop_loops=forced is None, keep=keep and len(studies) == 1)
+    t0 = t_prep - prepared.waited
+    inputs = prepared.inputs
+    per_image = int(model.config.mm_tokens_per_image)
+    result = prefill_and_decode(model, inputs, list(layers), per_image, max_new_tokens, rollout, prepared.forced,
+                                sorted(_eos_ids(model)), stop_loops=prepared.forced is None,
+                                keep=keep and len(studies) == 1)
     gens = _generations(model, processor, result, inputs["attention_mask"].sum(-1).tolist(), t0, t_prep)
     if result.context is not None:
         (content, question), gen = studies[0], gens[0]

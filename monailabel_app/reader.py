@@ -27,9 +27,9 @@ from scipy import ndimage
 
 from . import allocator
 from .grounding import anatomy, ct_maps, extent, maps
-from .ct import CTVolume, Limits, body_mask, interleave, model_slices
+from .ct import CTVolume, Limits, body_mask, interleave, model_slices, sample_slices
 from .errors import InputError
-from .generation import Conversation, Generation, NonFiniteOutput, follow_up, generate_batch
+from .generation import Conversation, Generation, NonFiniteOutput, Prepared, follow_up, generate_batch, prepare_batch
 from .loading import load_model, normalise_precision
 from .language.asking import answer_language, ask_in, check_language
 from .language.structured import structured_report
@@ -246,20 +246,25 @@ class Reader:
         self.info.precision_reason = "fp16 overflowed: fp32 fallback"
 
     def _generate(self, chats: list[tuple[list, str]], settings: dict, max_new_tokens, answers=None,
-                  keep: bool = False) -> list[Generation]:
+                  keep: bool = False, prepared: Prepared | None = None) -> list[Generation]:
         """Generate for (content, question) chats of one modality, with the attention capture that
         ``settings`` (the modality's grounding entry) asks for; fp16 overflow reloads in fp32 and retries.
-        ``keep``: the generation carries its conversation, for follow-up questions."""
+        ``keep``: the generation carries its conversation, for follow-up questions. ``prepared``: the
+        chats' inputs made ahead (:meth:`_prepare`)."""
         args = (chats, recorded_layers(settings), max_new_tokens, self.system, bool(settings.get("rollout")), answers,
                 keep)
         with self._model_lock:
             try:
-                return generate_batch(self.model, self.processor, *args)
+                return generate_batch(self.model, self.processor, *args, prepared=prepared)
             except NonFiniteOutput:
                 if self.info.precision != "fp16":
                     raise
                 self._fall_back_to_fp32()
-                return generate_batch(self.model, self.processor, *args)
+                return generate_batch(self.model, self.processor, *args)  # inputs anew, in fp32
+
+    def _prepare(self, chats: list[tuple[list, str]], answers=None) -> Prepared:
+        """The model inputs of ``chats``, made apart from their generation (no model lock: the processor only)."""
+        return prepare_batch(self.model, self.processor, chats, self.system, answers)
 
     def _settings(self, study: Radiograph | CTVolume) -> dict:
         """The grounding entry (layers, rollout, threshold, gates) for the study's modality."""
@@ -295,29 +300,42 @@ class Reader:
         batch_size = whole_number("batch_size", batch_size, 1, 256)
         loaded = [s if isinstance(s, (Radiograph, CTVolume)) else load_study(s, "auto", self.limits) for s in studies]
         groups: dict[tuple, list[int]] = {}
-        chats, languages = [], []
+        questions, languages = [], []
         for i, study in enumerate(loaded):
             q, n, lang = self._params(study, question, max_new_tokens, language)
-            chats.append((self._content(study), q))
+            questions.append(q)
             languages.append(lang)
-            groups.setdefault((isinstance(study, CTVolume), len(chats[-1][0])), []).append(i)
+            shown = len(sample_slices(study.shape[0], int(self.ct["max_slices"]))) if isinstance(study, CTVolume) else 1
+            groups.setdefault((isinstance(study, CTVolume), shown), []).append(i)
         readings: list[Reading | None] = [None] * len(loaded)
 
         def finish(i: int, gen: Generation) -> None:  # a study's maps and masks from its generation
             t0 = time.perf_counter()
             readings[i] = self.remap(loaded[i], gen)
-            readings[i].question, readings[i].language = chats[i][1], languages[i]
+            readings[i].question, readings[i].language = questions[i], languages[i]
             readings[i].latencies = _latencies(gen, 0.0, time.perf_counter() - t0)
 
-        # a batch's maps are made (its studies side by side) while the next batch generates
-        with ThreadPoolExecutor(1, thread_name_prefix="read-many") as worker:
+        chunks = [members[start : start + batch_size] for members in groups.values()
+                  for start in range(0, len(members), batch_size)]
+
+        def prepare(chunk: list[int]) -> Prepared:  # what the model is shown, as its inputs
+            return self._prepare([(self._content(loaded[i]), questions[i]) for i in chunk],
+                                 None if answers is None else [answers[i] for i in chunk])
+
+        # while a batch generates, the next batch's inputs are made and the batch before's maps (its studies
+        # side by side)
+        with ThreadPoolExecutor(1, thread_name_prefix="read-many") as worker, \
+                ThreadPoolExecutor(1, thread_name_prefix="read-many-inputs") as ahead:
             pending = []
-            for members in groups.values():
-                for start in range(0, len(members), batch_size):
-                    chunk = members[start : start + batch_size]
-                    gens = self._generate([chats[i] for i in chunk], self._settings(loaded[chunk[0]]), n,
-                                          None if answers is None else [answers[i] for i in chunk])
-                    pending.append(worker.submit(maps.each, finish, chunk, gens))
+            upcoming = ahead.submit(prepare, chunks[0]) if chunks else None
+            for k, chunk in enumerate(chunks):
+                t0 = time.perf_counter()
+                prepared = upcoming.result()
+                prepared = dataclasses.replace(prepared, waited=time.perf_counter() - t0)
+                upcoming = ahead.submit(prepare, chunks[k + 1]) if k + 1 < len(chunks) else None
+                gens = self._generate(prepared.studies, self._settings(loaded[chunk[0]]), n,
+                                      None if answers is None else [answers[i] for i in chunk], prepared=prepared)
+                pending.append(worker.submit(maps.each, finish, chunk, gens))
             for done in pending:
                 done.result()
         return readings

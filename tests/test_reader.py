@@ -156,6 +156,36 @@ def test_reading_many_at_once_equals_reading_each(reader_in):
     assert batch[0].prompt_tokens > batch[1].prompt_tokens
 
 
+def test_read_many_makes_the_next_batch_inputs_while_a_batch_generates(reader, monkeypatch):
+    """The second batch's inputs are being made before the first batch's generation starts (it waits for
+    that here; without the overlap it would wait in vain), and each batch generates from inputs made ahead."""
+    import threading
+
+    films = [Radiograph(make_phantom(s).image, Geometry.plain(*make_phantom(s).image.shape)) for s in (3, 5)]
+    made, second = [], threading.Event()
+    prepare, generate = reader._prepare, reader._generate
+
+    def counting_prepare(chats, answers=None):
+        made.append(len(chats))
+        if len(made) == 2:
+            second.set()
+        return prepare(chats, answers)
+
+    overlapped = []
+
+    def waiting_generate(chats, *args, prepared=None, **kwargs):
+        assert prepared is not None and prepared.studies == chats
+        overlapped.append(second.wait(30) if not overlapped else True)
+        return generate(chats, *args, prepared=prepared, **kwargs)
+
+    monkeypatch.setattr(reader, "_prepare", counting_prepare)
+    monkeypatch.setattr(reader, "_generate", waiting_generate)
+    readings = reader.read_many(films, batch_size=1, max_new_tokens=24)
+    assert made == [1, 1] and overlapped == [True, True]
+    monkeypatch.undo()
+    assert [r.report for r in readings] == [reader.read(f, max_new_tokens=24).report for f in films]
+
+
 @pytest.mark.parametrize("seed", [1, 7, 11, 42])  # (seed 23: the model names the wrong zone in Chinese)
 def test_reading_a_phantom_in_chinese(reader_in, seed):
     """A Chinese question gets the Chinese report ("右肺中野见结节。"), its findings with masks on the same

@@ -43,6 +43,7 @@ sys.path.insert(0, HERE)
 
 from medgemma_shapes import build, global_layers, grounding, save  # noqa: E402
 
+from monailabel_app import map_processes  # noqa: E402
 from monailabel_app.capture import CAPTURE_ATTN  # noqa: E402
 from monailabel_app.ct_phantoms import make_ct_phantom, phantom_volume  # noqa: E402
 from monailabel_app.decoding import prefill_and_decode  # noqa: E402
@@ -287,24 +288,33 @@ def profile(model, processor, reader, modalities=("xray", "ct"), batch_of: int =
         emit()
 
 
-def batch(model, processor, reader, sizes=(8, 32, 64), batches: int = 4, threads=(None,)) -> None:
+def batch(model, processor, reader, sizes=(8, 32, 64), batches: int = 4, threads=(None,), processes=(None,)) -> None:
     """Batched radiographs in steady state: ``batches`` batches of each size through one ``read_many`` call
     (a batch's maps are made while the next batch generates, so one batch alone would show no overlap).
-    ``threads``: map-pool sizes to compare (None: the library's own, :data:`maps.MAP_THREADS`)."""
+    ``threads``: map-pool sizes to compare (None: the library's own, :data:`maps.MAP_THREADS`);
+    ``processes``: map worker processes to compare (0: the maps in threads; None: the library's own)."""
     tok = processor.tokenizer
     films = [xray(s) for s in range(max(sizes) * batches)]
     answers = [report(tok, XRAY_FINDINGS)] * len(films)
     emit(f"### Batched X-ray throughput, {NEW} new tokens each, bf16, {batches} batches in one `read_many`")
     emit()
-    emit("| batch | studies | map threads | generation s | studies/s (generation) | with masks s | "
+    emit("| batch | studies | map processes | map threads | generation s | studies/s (generation) | with masks s | "
          "studies/s (with masks) | peak GiB |")
-    emit("|---|---|---|---|---|---|---|---|")
+    emit("|---|---|---|---|---|---|---|---|---|")
     default = maps.MAP_THREADS
-    for n_threads in threads:
+    for n_processes, n_threads in [(p, t) for p in processes for t in threads]:
         if maps._POOL is not None:  # a new pool of this size
             maps._POOL.shutdown()
             maps._POOL = None
         maps.MAP_THREADS = n_threads or default
+        if reader._map_processes is not None:
+            reader._map_processes.shutdown()
+            reader._map_processes = None
+        if n_processes is None:
+            os.environ.pop(map_processes.ENV, None)
+        else:
+            os.environ[map_processes.ENV] = str(n_processes)
+        workers = map_processes.workers_for(reader.maps_device)
         for b in sizes:
             n = b * batches
             reader.read_many(films[:b], answers=answers[:b], batch_size=b)  # warm-up
@@ -316,7 +326,7 @@ def batch(model, processor, reader, sizes=(8, 32, 64), batches: int = 4, threads
             total = time.perf_counter() - t0
             gen = sum(readings[k].latencies["generate"] + readings[k].latencies["prepare"] for k in range(0, n, b))
             assert all(r.latencies["new_tokens"] == NEW for r in readings)
-            emit(f"| {b} | {n} | {maps.MAP_THREADS} | {gen:.3f} | {n / gen:.1f} | {total:.3f} | {n / total:.1f} | "
+            emit(f"| {b} | {n} | {workers} | {maps.MAP_THREADS if not workers else '-'} | {gen:.3f} | {n / gen:.1f} | {total:.3f} | {n / total:.1f} | "
                  f"{gib(torch.cuda.max_memory_allocated() - base)} |")
     maps.MAP_THREADS = default
     emit()
@@ -503,6 +513,8 @@ def main(argv=None):
     ap.add_argument("--batches", type=int, default=4, help="the batch part: batches of each size in one read_many")
     ap.add_argument("--map-threads", default="", help="the batch part: map-pool sizes to compare, e.g. 16,8 "
                     "(default: the library's own)")
+    ap.add_argument("--map-processes", default="", help="the batch part: map worker processes to compare, e.g. "
+                    "15,0 (0: maps in threads; default: the library's own)")
     ap.add_argument("--profile-batch", type=int, default=0, help="the profile part: also one read_many batch of this many")
     ap.add_argument("--precisions", default=",".join(f"{p}:{e}" if e else p for p, e in PRECISIONS),
                     help="the precision part's rows (int8:torchao, int8:bitsandbytes)")
@@ -532,7 +544,9 @@ def main(argv=None):
             speed(model, processor, reader, args.speed_modalities.split(","))
         if "batch" in parts:
             threads = [int(t) for t in args.map_threads.split(",") if t] or [None]
-            batch(model, processor, reader, [int(b) for b in args.batch_sizes.split(",")], args.batches, threads)
+            processes = [int(p) for p in args.map_processes.split(",") if p] or [None]
+            batch(model, processor, reader, [int(b) for b in args.batch_sizes.split(",")], args.batches, threads,
+                  processes)
         if "restart" in parts:
             restart(model, processor)
         if "precision" in parts:

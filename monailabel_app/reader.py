@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from scipy import ndimage
 
-from . import allocator
+from . import allocator, map_processes
 from .grounding import anatomy, ct_maps, extent, maps
 from .ct import CTVolume, Limits, body_mask, interleave, model_slices, sample_slices
 from .errors import InputError
@@ -197,6 +197,29 @@ class Reader:
         self._anatomy: dict[str, tuple[np.ndarray, Future]] = {}  # the last image's anatomy per modality
         self._anatomy_lock = threading.Lock()
         self.warm = {"state": "not started", "shapes": []}
+        self._map_processes: map_processes.MapProcesses | None = None  # read_many's film maps, started on first use
+
+    @classmethod
+    def for_maps(cls, info, grid: int) -> "Reader":
+        """A reader without a model: it makes readings from existing generations (:meth:`remap`) with the
+        grounding settings of ``info`` on a ``grid`` x ``grid`` token grid, on the CPU (map worker processes)."""
+        self = cls.__new__(cls)
+        self.model_ref, self.device_request, self.system, self.limits = info.id, "cpu", None, Limits()
+        self.model = self.processor = None
+        self.info, self.grid = info, grid
+        self._model_lock, self._anatomy, self._anatomy_lock = threading.RLock(), {}, threading.Lock()
+        self.warm = {"state": "not started", "shapes": []}
+        self._map_processes = None
+        return self
+
+    def _map_pool(self) -> map_processes.MapProcesses | None:
+        """read_many's map processes (:mod:`map_processes`), None where the maps stay in threads."""
+        with self._anatomy_lock:
+            if self._map_processes is None and self.model is not None:
+                workers = map_processes.workers_for(self.maps_device)
+                if workers:
+                    self._map_processes = map_processes.MapProcesses(self.info, self.grid, workers)
+            return self._map_processes
 
     def warm_up(self, max_new_tokens: int = 128, modalities=("xray", "ct"), language: str = "auto") -> dict:
         """Read one synthetic study per modality (a phantom radiograph; a phantom CT with at least the model's
@@ -230,7 +253,7 @@ class Reader:
     @property
     def maps_device(self) -> torch.device:
         """Where heatmaps are upsampled and gated: the model's GPU, else the CPU."""
-        return self.model.device if self.model.device.type == "cuda" else torch.device("cpu")
+        return self.model.device if self.model is not None and self.model.device.type == "cuda" else torch.device("cpu")
 
     @property
     def layers(self) -> list[int]:
@@ -309,11 +332,18 @@ class Reader:
             groups.setdefault((isinstance(study, CTVolume), shown), []).append(i)
         readings: list[Reading | None] = [None] * len(loaded)
 
+        def finished(i: int, gen: Generation, reading: Reading, seconds: float) -> None:
+            readings[i] = reading
+            reading.question, reading.language = questions[i], languages[i]
+            reading.latencies = _latencies(gen, 0.0, seconds)
+
         def finish(i: int, gen: Generation) -> None:  # a study's maps and masks from its generation
             t0 = time.perf_counter()
-            readings[i] = self.remap(loaded[i], gen)
-            readings[i].question, readings[i].language = questions[i], languages[i]
-            readings[i].latencies = _latencies(gen, 0.0, time.perf_counter() - t0)
+            reading = self.remap(loaded[i], gen)
+            finished(i, gen, reading, time.perf_counter() - t0)
+
+        def in_process(i: int, gen: Generation, made: Future) -> None:
+            finished(i, gen, *made.result())
 
         chunks = [members[start : start + batch_size] for members in groups.values()
                   for start in range(0, len(members), batch_size)]
@@ -335,7 +365,12 @@ class Reader:
                 upcoming = ahead.submit(prepare, chunks[k + 1]) if k + 1 < len(chunks) else None
                 gens = self._generate(prepared.studies, self._settings(loaded[chunk[0]]), n,
                                       None if answers is None else [answers[i] for i in chunk], prepared=prepared)
-                pending.append(worker.submit(maps.each, finish, chunk, gens))
+                pool = self._map_pool() if not isinstance(loaded[chunk[0]], CTVolume) else None
+                if pool is not None:  # films: in worker processes
+                    made = [pool.remap(loaded[i], gen) for i, gen in zip(chunk, gens)]
+                    pending.append(worker.submit(lambda *a: [in_process(*x) for x in zip(*a)], chunk, gens, made))
+                else:
+                    pending.append(worker.submit(maps.each, finish, chunk, gens))
             for done in pending:
                 done.result()
         return readings

@@ -186,6 +186,42 @@ def test_read_many_makes_the_next_batch_inputs_while_a_batch_generates(reader, m
     assert [r.report for r in readings] == [reader.read(f, max_new_tokens=24).report for f in films]
 
 
+def test_film_maps_in_worker_processes_equal_the_maps_made_here(reader, monkeypatch):
+    """read_many with map processes (as on a GPU; forced here): every film's reading is the one its maps
+    give in this process, array for array, with the caller's own study and generation put back."""
+    from monailabel_app import map_processes
+
+    films = [Radiograph(make_phantom(s).image, Geometry.plain(*make_phantom(s).image.shape)) for s in (2, 9, 14)]
+    here = reader.read_many(films, batch_size=2, max_new_tokens=48)
+    monkeypatch.setenv(map_processes.ENV, "2")
+    try:
+        there = reader.read_many(films, batch_size=2, max_new_tokens=48)
+        assert reader._map_processes is not None and reader._map_processes.workers == 2
+    finally:
+        if reader._map_processes is not None:
+            reader._map_processes.shutdown()
+            reader._map_processes = None
+    for film, a, b in zip(films, here, there):
+        assert b.study is film and b.report == a.report and b.names == a.names and b.extras == a.extras
+        assert b.generation.token_ids == a.generation.token_ids and b.latencies["maps"] > 0
+        for name in map_processes.SHARED_FIELDS:
+            x, y = getattr(a, name), getattr(b, name)
+            for u, v in zip(*((x, y) if isinstance(x, list) else ([x], [y]))):
+                assert isinstance(v, np.ndarray) and v.dtype == u.dtype and v.shape == u.shape
+                if reader.maps_device.type == "cpu" or name == "model_inputs":  # the same CPU code: exact
+                    assert np.array_equal(u, v)
+                elif name != "labels":  # maps on the GPU here, on the CPU there: within the device maps' tolerance
+                    assert np.allclose(u, v, atol=1e-5, rtol=1e-4)
+        assert sum(np.count_nonzero(b.labels == k) > 0 for k in range(1, len(b.names) + 1)) == len(b.names)
+
+
+def test_map_process_count():
+    from monailabel_app.map_processes import workers_for
+
+    assert workers_for(torch.device("cuda"), 16) == 15 and workers_for(torch.device("cuda"), 64) == 15
+    assert workers_for(torch.device("cuda"), 2) == 0 and workers_for(torch.device("cpu"), 16) == 0
+
+
 @pytest.mark.parametrize("seed", [1, 7, 11, 42])  # (seed 23: the model names the wrong zone in Chinese)
 def test_reading_a_phantom_in_chinese(reader_in, seed):
     """A Chinese question gets the Chinese report ("右肺中野见结节。"), its findings with masks on the same

@@ -1,0 +1,122 @@
+"""A batch's film maps made in worker processes, beside the next batch's decode.
+
+``read_many`` on a GPU makes one batch's maps while the next batch generates. Made by threads of the
+serving process, the maps share its interpreter with the decode loop and with each other: on the H200's
+16 cores, 8 or 16 map threads finished 256 films' maps at about 5 films a second, whatever their number,
+and slowed the next batch's generation twofold (``bench/results/fast_path.md``, runs L, O, P). Worker
+processes each have their own interpreter and memory map.
+
+Each worker holds a model-less :class:`~monailabel_app.reader.Reader` (the grounding settings and token
+grid; :meth:`Reader.for_maps`) and makes a film's reading from its generation with :meth:`Reader.remap` on
+the CPU: the same code and numbers as the serving process's CPU maps (within the documented tolerance of
+the device maps when the serving process maps on its GPU). The film goes to the worker by pipe (5 MB); the
+image-sized arrays come back in shared memory (torch's ``file_system`` sharing), and the caller puts back
+the study and the generation it already has.
+
+``MEDGEMMA_MAP_PROCESSES``: how many workers (0: threads in the serving process, as without a GPU). The
+default: on a GPU with at least 4 cores, one fewer than the cores (at most 15); else 0.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+
+import numpy as np
+import torch
+
+ENV = "MEDGEMMA_MAP_PROCESSES"
+SHARED_FIELDS = ("heatmaps", "mask_maps", "model_inputs", "labels")  # a film reading's image-sized arrays
+
+
+def workers_for(device: torch.device, cores: int | None = None) -> int:
+    """How many map processes a reader on ``device`` uses (``MEDGEMMA_MAP_PROCESSES`` overrides)."""
+    wanted = os.environ.get(ENV, "").strip()
+    if wanted:
+        try:
+            return max(0, int(wanted))
+        except ValueError:
+            raise ValueError(f"{ENV} must be a whole number of processes, got {wanted!r}") from None
+    cores = cores or os.cpu_count() or 1
+    return min(15, cores - 1) if device.type == "cuda" and cores >= 4 else 0
+
+
+class MapProcesses:
+    """Worker processes that make film readings from generations (spawned, so CUDA never crosses a fork)."""
+
+    def __init__(self, info, grid: int, workers: int):
+        self.workers = workers
+        self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                         initializer=_start, initargs=(info, grid))
+
+    def remap(self, study, gen) -> Future:
+        """A future of ``(reading, seconds)``: the film's reading from ``gen``, its study and generation
+        put back, and the seconds its maps took in the worker."""
+        done: Future = Future()
+
+        def back(f: Future) -> None:
+            try:
+                reading, seconds = f.result()
+                reading.study, reading.generation = study, gen
+                done.set_result((_unshared(reading), seconds))
+            except BaseException as e:  # noqa: BLE001 (the caller's future carries it)
+                done.set_exception(e)
+
+        self._pool.submit(_remap, study, gen).add_done_callback(back)
+        return done
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+_READER = None
+
+
+def _start(info, grid: int) -> None:
+    """Worker start: one map thread (the workers are the parallelism) and a reader without a model."""
+    global _READER
+    import torch.multiprocessing
+
+    from .grounding import maps
+    from .reader import Reader
+
+    torch.multiprocessing.set_sharing_strategy("file_system")  # no file descriptor held per returned array
+    torch.set_num_threads(1)
+    maps.MAP_THREADS = 1
+    _READER = Reader.for_maps(info, grid)
+
+
+def _remap(study, gen):
+    t0 = time.perf_counter()
+    reading = _READER.remap(study, gen)
+    seconds = time.perf_counter() - t0
+    reading.study, reading.generation = None, None  # the caller has them
+    for name in SHARED_FIELDS:
+        value = getattr(reading, name)
+        if isinstance(value, list):
+            setattr(reading, name, [_shared(a) for a in value])
+        else:
+            setattr(reading, name, _shared(value))
+    return reading, seconds
+
+
+def _shared(a):
+    """``a`` as a tensor in shared memory; where that is full (a small /dev/shm), ``a`` itself (by pipe)."""
+    if not isinstance(a, np.ndarray):
+        return a
+    try:
+        return torch.from_numpy(np.ascontiguousarray(a)).share_memory_()
+    except RuntimeError:
+        return a
+
+
+def _unshared(reading):
+    for name in SHARED_FIELDS:
+        value = getattr(reading, name)
+        if isinstance(value, list):
+            setattr(reading, name, [v.numpy() if isinstance(v, torch.Tensor) else v for v in value])
+        elif isinstance(value, torch.Tensor):
+            setattr(reading, name, value.numpy())
+    return reading

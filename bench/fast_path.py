@@ -301,7 +301,7 @@ def batch(model, processor, reader, sizes=(8, 32, 64), batches: int = 4, threads
     emit("| batch | studies | map processes | map threads | generation s | studies/s (generation) | with masks s | "
          "studies/s (with masks) | peak GiB |")
     emit("|---|---|---|---|---|---|---|---|---|")
-    default = maps.MAP_THREADS
+    default, per_film = maps.MAP_THREADS, []
     for n_processes, n_threads in [(p, t) for p in processes for t in threads]:
         if maps._POOL is not None:  # a new pool of this size
             maps._POOL.shutdown()
@@ -328,7 +328,11 @@ def batch(model, processor, reader, sizes=(8, 32, 64), batches: int = 4, threads
             assert all(r.latencies["new_tokens"] == NEW for r in readings)
             emit(f"| {b} | {n} | {workers} | {maps.MAP_THREADS if not workers else '-'} | {gen:.3f} | {n / gen:.1f} | {total:.3f} | {n / total:.1f} | "
                  f"{gib(torch.cuda.max_memory_allocated() - base)} |")
+            per_film.append(f"{b} x {workers or maps.MAP_THREADS} {'processes' if workers else 'threads'}: "
+                            f"{statistics.median(r.latencies['maps'] for r in readings):.3f} s")
     maps.MAP_THREADS = default
+    emit()
+    emit("A film's maps, from its generation to its reading (median; in its worker or thread): " + "; ".join(per_film))
     emit()
 
 

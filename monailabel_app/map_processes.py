@@ -79,9 +79,11 @@ def _start(info, grid: int) -> None:
     global _READER
     import torch.multiprocessing
 
+    from . import allocator
     from .grounding import maps
     from .reader import Reader
 
+    allocator.keep_freed_memory()  # as in the serving process: a film's arrays reuse mapped pages
     torch.multiprocessing.set_sharing_strategy("file_system")  # no file descriptor held per returned array
     torch.set_num_threads(1)
     maps.MAP_THREADS = 1

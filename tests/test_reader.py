@@ -192,15 +192,19 @@ def test_film_maps_in_worker_processes_equal_the_maps_made_here(reader, monkeypa
     from monailabel_app import map_processes
 
     films = [Radiograph(make_phantom(s).image, Geometry.plain(*make_phantom(s).image.shape)) for s in (2, 9, 14)]
-    here = reader.read_many(films, batch_size=2, max_new_tokens=48)
-    monkeypatch.setenv(map_processes.ENV, "2")
-    try:
-        there = reader.read_many(films, batch_size=2, max_new_tokens=48)
-        assert reader._map_processes is not None and reader._map_processes.workers == 2
-    finally:
-        if reader._map_processes is not None:
-            reader._map_processes.shutdown()
-            reader._map_processes = None
+
+    def read_with(processes: str):
+        monkeypatch.setenv(map_processes.ENV, processes)
+        try:
+            readings = reader.read_many(films, batch_size=2, max_new_tokens=48)
+            assert (reader._map_processes.workers if reader._map_processes else 0) == int(processes)
+            return readings
+        finally:
+            if reader._map_processes is not None:
+                reader._map_processes.shutdown()
+                reader._map_processes = None
+
+    here, there = read_with("0"), read_with("2")
     for film, a, b in zip(films, here, there):
         assert b.study is film and b.report == a.report and b.names == a.names and b.extras == a.extras
         assert b.generation.token_ids == a.generation.token_ids and b.latencies["maps"] > 0

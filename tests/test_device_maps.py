@@ -90,6 +90,17 @@ def test_a_gated_map_made_on_its_gates_box_equals_the_whole_volumes(device, side
     assert ct_maps.gate_box(maps_box(allowed), np.zeros(24, bool)) is None
 
 
+def test_zeros_outside_a_box_leave_the_box_alone():
+    """gated_map's output comes uninitialised (each voxel written once): every voxel outside its box must be
+    zeroed, whatever memory it got, and none inside (the caller writes those)."""
+    out = np.full((5, 7, 9), np.nan, np.float32)
+    box = (slice(1, 4), slice(2, 5), slice(3, 8))
+    ct_maps._zero_outside(out, box)
+    inside = np.zeros(out.shape, bool)
+    inside[box] = True
+    assert np.isnan(out[inside]).all() and (out[~inside] == 0).all()
+
+
 def maps_box(mask):
     from monailabel_app.grounding.extent import bounding_box
 

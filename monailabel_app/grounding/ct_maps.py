@@ -97,15 +97,27 @@ def gate_box(allowed_box: tuple[slice, ...] | None, columns: np.ndarray | None) 
 def gated_map(heat, allowed, columns, box: tuple[slice, ...] | None) -> np.ndarray:
     """:func:`gated` as a float32 numpy array on the CPU, computed on the gate's ``box`` only
     (:func:`gate_box`: zero outside it) and copied off a GPU from that box alone."""
-    out = np.zeros(tuple(heat.shape), np.float32)
     if box is None:
-        return out
+        return np.zeros(tuple(heat.shape), np.float32)
+    out = np.empty(tuple(heat.shape), np.float32)
+    _zero_outside(out, box)
     cols = None if columns is None else columns[box[2]]
     if isinstance(heat, np.ndarray):
         gated(heat[box], allowed[box], cols, out=out[box])  # written in place
     else:
         out[box] = gated(heat[box], allowed[box], cols).cpu().numpy()
     return out
+
+
+def _zero_outside(out: np.ndarray, box: tuple[slice, ...]) -> None:
+    """Zeros in ``out`` (3-D) everywhere but ``box``, which its caller writes: each voxel written once."""
+    (z0, z1), (y0, y1), (x0, x1) = ((b.start, b.stop) for b in box)
+    out[:z0] = 0
+    out[z1:] = 0
+    out[z0:z1, :y0] = 0
+    out[z0:z1, y1:] = 0
+    out[z0:z1, y0:y1, :x0] = 0
+    out[z0:z1, y0:y1, x1:] = 0
 
 
 def side_gate(body: np.ndarray, side: str) -> np.ndarray:

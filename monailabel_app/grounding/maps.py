@@ -117,7 +117,10 @@ def peak_region(heatmap: np.ndarray, threshold: float = 0.5, scaled: np.ndarray 
         if support is not None and level > 0 and hi > 0:
             sub = heatmap[support]
             out = np.zeros(heatmap.shape, bool)
-            out[support] = _around_peak(sub >= level, np.unravel_index(int(np.argmax(sub)), sub.shape))
+            # argmax's peak: the first voxel (C order) at the box's maximum ``hi``, found on a bool copy (argmax
+            # of a strided float box copies it whole and compares floats; a bool one stops at the first True)
+            peak = np.unravel_index(int(np.argmax(sub == hi)), sub.shape)
+            out[support] = _around_peak(sub >= level, peak)
             return out
         peak = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
         above = heatmap >= level

@@ -159,6 +159,20 @@ def test_the_films_laplacian_of_gaussian_in_torch_equals_scipys(device):
         assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), sigma
 
 
+def test_fft_lengths_are_the_smallest_made_of_2_3_and_5():
+    from monailabel_app.grounding.filters import fft_length
+
+    def smooth(m):
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        return m == 1
+
+    got = [fft_length(n) for n in range(1, 3001)]
+    want = [next(m for m in range(n, 2 * n + 1) if smooth(m)) for n in range(1, 3001)]
+    assert got == want and fft_length(1819) == 1875
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the lent H200)")
 def test_blobs_on_the_gpu_equal_the_cpus():
     from monailabel_app.grounding.extent import blobs

@@ -38,9 +38,26 @@ def correlate1d(t: torch.Tensor, weights: np.ndarray, axis: int) -> torch.Tensor
     index = torch.as_tensor(np.pad(np.arange(n), r, mode="symmetric"), device=t.device)
     x = t.index_select(axis, index).movedim(axis, -1)  # (..., n + 2r), the border reflected
     k = torch.as_tensor(np.ascontiguousarray(weights[::-1]), dtype=t.dtype, device=t.device)  # correlation as convolution
-    size = x.shape[-1] + len(k) - 1
+    size = fft_length(x.shape[-1] + len(k) - 1)  # no wrap-around into the wanted part at any length >= this
     full = torch.fft.irfft(torch.fft.rfft(x, size) * torch.fft.rfft(k, size), size)
     return full[..., 2 * r : 2 * r + n].movedim(-1, axis)  # where the kernel lies wholly on the padded line
+
+
+def fft_length(n: int) -> int:
+    """The smallest length >= ``n`` made of the factors 2, 3 and 5, where FFTs are fastest: a line of 1819
+    (17 x 107) took 40 ms on this project's CPU, one of 1875 (3 x 5^4) 10 ms, for the same product."""
+    best = 1 << max(0, n - 1).bit_length()
+    p5 = 1
+    while p5 < best:
+        p35 = p5
+        while p35 < best:
+            q = p35
+            while q < n:
+                q *= 2
+            best = min(best, q)
+            p35 *= 3
+        p5 *= 5
+    return best
 
 
 def gaussian_laplace(t: torch.Tensor, sigma) -> torch.Tensor:

@@ -215,7 +215,10 @@ def _prepare_stream(device):
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    return _PREPARE_STREAMS.setdefault(device.index or 0, torch.cuda.Stream(device))
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _PREPARE_STREAMS:
+        _PREPARE_STREAMS[index] = torch.cuda.Stream(index)
+    return _PREPARE_STREAMS[index]
 
 
 def prepare_batch(model, processor, studies: list[tuple[list, str]], system=None,

@@ -60,7 +60,7 @@ class MapProcesses:
             try:
                 reading, seconds = f.result()
                 reading.study, reading.generation = study, gen
-                done.set_result((_unshared(reading), seconds))
+                done.set_result((_each_array(reading, _unshared), seconds))
             except BaseException as e:  # noqa: BLE001 (the caller's future carries it)
                 done.set_exception(e)
 
@@ -95,13 +95,15 @@ def _remap(study, gen):
     reading = _READER.remap(study, gen)
     seconds = time.perf_counter() - t0
     reading.study, reading.generation = None, None  # the caller has them
+    return _each_array(reading, _shared), seconds
+
+
+def _each_array(reading, convert):
+    """``reading`` with ``convert`` applied to each of its :data:`SHARED_FIELDS` arrays (in place)."""
     for name in SHARED_FIELDS:
         value = getattr(reading, name)
-        if isinstance(value, list):
-            setattr(reading, name, [_shared(a) for a in value])
-        else:
-            setattr(reading, name, _shared(value))
-    return reading, seconds
+        setattr(reading, name, [convert(v) for v in value] if isinstance(value, list) else convert(value))
+    return reading
 
 
 def _shared(a):
@@ -114,11 +116,5 @@ def _shared(a):
         return a
 
 
-def _unshared(reading):
-    for name in SHARED_FIELDS:
-        value = getattr(reading, name)
-        if isinstance(value, list):
-            setattr(reading, name, [v.numpy() if isinstance(v, torch.Tensor) else v for v in value])
-        elif isinstance(value, torch.Tensor):
-            setattr(reading, name, value.numpy())
-    return reading
+def _unshared(a):
+    return a.numpy() if isinstance(a, torch.Tensor) else a

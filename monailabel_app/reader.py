@@ -193,11 +193,16 @@ class Reader:
         if grid * grid != int(self.model.config.mm_tokens_per_image):
             raise ValueError("mm_tokens_per_image must be a perfect square")
         self.grid = grid
+        self._start_state()
+
+    def _start_state(self) -> None:
+        """What a reader keeps between readings, with or without a model."""
         self._model_lock = threading.RLock()  # one generation at a time (decoders share their buffers)
         self._anatomy: dict[str, tuple[np.ndarray, Future]] = {}  # the last image's anatomy per modality
         self._anatomy_lock = threading.Lock()
         self.warm = {"state": "not started", "shapes": []}
         self._map_processes: map_processes.MapProcesses | None = None  # read_many's film maps, started on first use
+        self._map_processes_lock = threading.Lock()
 
     @classmethod
     def for_maps(cls, info, grid: int) -> "Reader":
@@ -207,14 +212,12 @@ class Reader:
         self.model_ref, self.device_request, self.system, self.limits = info.id, "cpu", None, Limits()
         self.model = self.processor = None
         self.info, self.grid = info, grid
-        self._model_lock, self._anatomy, self._anatomy_lock = threading.RLock(), {}, threading.Lock()
-        self.warm = {"state": "not started", "shapes": []}
-        self._map_processes = None
+        self._start_state()
         return self
 
     def _map_pool(self) -> map_processes.MapProcesses | None:
         """read_many's map processes (:mod:`map_processes`), None where the maps stay in threads."""
-        with self._anatomy_lock:
+        with self._map_processes_lock:
             if self._map_processes is None and self.model is not None:
                 workers = map_processes.workers_for(self.maps_device)
                 if workers:
@@ -342,9 +345,6 @@ class Reader:
             reading = self.remap(loaded[i], gen)
             finished(i, gen, reading, time.perf_counter() - t0)
 
-        def in_process(i: int, gen: Generation, made: Future) -> None:
-            finished(i, gen, *made.result())
-
         chunks = [members[start : start + batch_size] for members in groups.values()
                   for start in range(0, len(members), batch_size)]
 
@@ -356,7 +356,7 @@ class Reader:
         # side by side)
         with ThreadPoolExecutor(1, thread_name_prefix="read-many") as worker, \
                 ThreadPoolExecutor(1, thread_name_prefix="read-many-inputs") as ahead:
-            pending = []
+            pending, made = [], []  # the map threads' work per batch; (study, generation, worker's reading) per film
             upcoming = ahead.submit(prepare, chunks[0]) if chunks else None
             for k, chunk in enumerate(chunks):
                 t0 = time.perf_counter()
@@ -367,12 +367,13 @@ class Reader:
                                       None if answers is None else [answers[i] for i in chunk], prepared=prepared)
                 pool = self._map_pool() if not isinstance(loaded[chunk[0]], CTVolume) else None
                 if pool is not None:  # films: in worker processes
-                    made = [pool.remap(loaded[i], gen) for i, gen in zip(chunk, gens)]
-                    pending.append(worker.submit(lambda *a: [in_process(*x) for x in zip(*a)], chunk, gens, made))
+                    made += [(i, gen, pool.remap(loaded[i], gen)) for i, gen in zip(chunk, gens)]
                 else:
                     pending.append(worker.submit(maps.each, finish, chunk, gens))
             for done in pending:
                 done.result()
+            for i, gen, reading in made:
+                finished(i, gen, *reading.result())
         return readings
 
     def read(self, image: str | Radiograph | CTVolume, question: str | None = None, max_new_tokens: int = 128,

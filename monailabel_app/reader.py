@@ -565,7 +565,7 @@ class Reader:
                 info["measured"]["spacing"] = ASSUMED_SPACING
             return region, info
 
-        done = maps.each(one, findings, mask_maps)
+        done = maps.each(one, findings, mask_maps, cost=[extent.search_cost(f.kind, 2) for f in findings])
         regions, extras = [r for r, _ in done], [i for _, i in done]
         labels = maps.assign(regions, mask_maps) if regions else np.zeros(radiograph.pixels.shape, np.uint8)
         return Reading(
@@ -616,7 +616,7 @@ class Reader:
                 lambda p: [int(i) for i in reversed(volume.stored_index(p))], side, box)
             return g, h, m, region, info
 
-        done = maps.each(one, findings, self._score(gen, findings))
+        done = maps.each(one, findings, self._score(gen, findings), cost=[extent.search_cost(f.kind, 3) for f in findings])
         grids, heat, mask_maps, regions, found = (list(x) for x in zip(*done)) if done else ([], [], [], [], [])
         labels = maps.assign(regions, mask_maps, [boxes[f.side] for f in findings]) if regions \
             else np.zeros(volume.shape, np.uint8)

@@ -104,3 +104,23 @@ def test_assign_gives_overlaps_to_the_larger_scaled_heatmap():
         expected[take], best[take] = k, scaled[take]
     got = maps.assign(regions, heats)
     assert np.array_equal(got, expected) and set(np.unique(got)) == {0, 1, 2, 3}
+
+
+def test_each_starts_the_costliest_calls_first_and_keeps_the_items_order(monkeypatch):
+    """With fewer pool threads than calls, the costliest start first (a long call started last would keep
+    one thread busy while the others idle); the results come back in the items' order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    started = []
+    monkeypatch.setattr(maps, "MAP_THREADS", 2)  # not 1: the pool, not the calling thread
+    monkeypatch.setattr(maps, "_POOL", ThreadPoolExecutor(1))  # one thread: calls run in the order they start
+    try:
+        out = maps.each(lambda name, n: started.append(name) or n * 10, ["a", "b", "c", "d"], [1, 2, 3, 4],
+                        cost=[5.0, 400.0, 0.0, 35.0])
+        assert out == [10, 20, 30, 40]
+        assert started == ["b", "d", "a", "c"]
+        started.clear()
+        assert maps.each(lambda name, n: started.append(name) or n, ["a", "b"], [1, 2]) == [1, 2]
+        assert started == ["a", "b"]  # no cost: the items' order
+    finally:
+        maps._POOL.shutdown()

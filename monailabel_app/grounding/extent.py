@@ -101,6 +101,12 @@ def limits_mm(kind: str) -> tuple[float, float]:
     return FLUID_MM if kind in FLUID + AIR else AIRSPACE_MM
 
 
+def search_cost(kind: str, ndim: int) -> float:
+    """How much image a finding of ``kind`` makes its extent search look at, for ordering findings' work
+    (largest first): its largest diameter (the search box's side), 0 without an image method."""
+    return limits_mm(kind)[1] if method_of(kind, ndim) is not None else 0.0
+
+
 # ------------------------------------------------------------------------------------------ helpers
 
 

@@ -188,15 +188,19 @@ def _call(fn, args):
         return fn(*args)
 
 
-def each(fn, *items) -> list:
+def each(fn, *items, cost: list | None = None) -> list:
     """``[fn(*args) for args in zip(*items)]``, the calls run side by side in a shared thread pool (a
     reading's findings, or a batch's studies: their map and region work is numpy, scipy and torch code that
     releases the GIL), each pool thread on its own CUDA stream (:func:`_side_stream`). One item, one CPU, or
-    a call from inside the pool (it would wait on itself) runs in the calling thread."""
+    a call from inside the pool (it would wait on itself) runs in the calling thread. ``cost``: each call's
+    expected work (any comparable numbers): the pool starts the costliest first, so that fewer threads than
+    calls do not end on one long call started last; the results keep the items' order."""
     global _POOL
     args = list(zip(*items))
     if len(args) <= 1 or MAP_THREADS == 1 or threading.current_thread().name.startswith("maps"):
         return [fn(*a) for a in args]
     if _POOL is None:
         _POOL = ThreadPoolExecutor(MAP_THREADS, thread_name_prefix="maps")
-    return list(_POOL.map(lambda a: _call(fn, a), args))
+    order = range(len(args)) if cost is None else sorted(range(len(args)), key=lambda i: cost[i], reverse=True)
+    futures = {i: _POOL.submit(_call, fn, args[i]) for i in order}
+    return [futures[i].result() for i in range(len(args))]

@@ -13,7 +13,7 @@ from monailabel_app import allocator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROBE = """
-import json, numpy as np
+import json, threading, numpy as np
 from monailabel_app import allocator
 before = allocator.mapped_blocks()
 on = allocator.keep_freed_memory()
@@ -22,7 +22,19 @@ a = np.ones((134, 512, 512), np.float32)  # a CT's whole-volume map, 140 MB
 during = allocator.mapped_blocks()
 del a
 b = np.ones((134, 512, 512), np.float32)
-print(json.dumps({"on": on, "again": again, "before": before, "during": during, "sum": float(b.sum())}))
+total = float(b.sum())
+del b
+in_thread = []
+
+def in_a_thread():  # as a map thread makes a finding's heatmap (a thread's own arena maps it on its own)
+    c = np.ones((134, 512, 512), np.float32)
+    in_thread.append(allocator.mapped_blocks())
+
+t = threading.Thread(target=in_a_thread)
+t.start()
+t.join()
+print(json.dumps({"on": on, "again": again, "before": before, "during": during, "sum": total,
+                  "in_thread": in_thread[0]}))
 """
 
 glibc = pytest.mark.skipif(allocator.mapped_blocks() is None, reason="glibc's malloc only")
@@ -41,6 +53,7 @@ def test_large_arrays_come_from_the_heap():
     assert got["on"] and got["again"]
     assert got["during"] == got["before"]  # the 140 MB array is no mmap of its own
     assert got["sum"] == 134 * 512 * 512
+    assert got["in_thread"] == got["before"]  # nor a map thread's (one arena for all threads)
 
 
 @glibc
@@ -48,6 +61,7 @@ def test_system_policy_is_left_alone():
     got = probe(MEDGEMMA_MALLOC="system")
     assert not got["on"]
     assert got["during"] == got["before"] + 1  # glibc maps the large array on its own
+    assert got["in_thread"] == got["before"] + 1  # and a thread's
 
 
 @glibc

@@ -288,21 +288,23 @@ def profile(model, processor, reader, modalities=("xray", "ct"), batch_of: int =
         emit()
 
 
-def batch(model, processor, reader, sizes=(8, 32, 64), batches: int = 4, threads=(None,), processes=(None,)) -> None:
+def batch(model, processor, reader, sizes=(8, 32, 64), batches: int = 4, threads=(None,), processes=(None,),
+          devices=(None,)) -> None:
     """Batched radiographs in steady state: ``batches`` batches of each size through one ``read_many`` call
     (a batch's maps are made while the next batch generates, so one batch alone would show no overlap).
     ``threads``: map-pool sizes to compare (None: the library's own, :data:`maps.MAP_THREADS`);
-    ``processes``: map worker processes to compare (0: the maps in threads; None: the library's own)."""
+    ``processes``: map worker processes to compare (0: the maps in threads; None: the library's own);
+    ``devices``: where the workers map (cpu, cuda; None: the library's own)."""
     tok = processor.tokenizer
     films = [xray(s) for s in range(max(sizes) * batches)]
     answers = [report(tok, XRAY_FINDINGS)] * len(films)
     emit(f"### Batched X-ray throughput, {NEW} new tokens each, bf16, {batches} batches in one `read_many`")
     emit()
-    emit("| batch | studies | map processes | map threads | generation s | studies/s (generation) | with masks s | "
-         "studies/s (with masks) | peak GiB |")
-    emit("|---|---|---|---|---|---|---|---|---|")
+    emit("| batch | studies | map processes | workers map on | map threads | generation s | studies/s (generation) | "
+         "with masks s | studies/s (with masks) | peak GiB |")
+    emit("|---|---|---|---|---|---|---|---|---|---|")
     default, per_film = maps.MAP_THREADS, []
-    for n_processes, n_threads in [(p, t) for p in processes for t in threads]:
+    for n_processes, n_threads, device in [(p, t, d) for p in processes for t in threads for d in devices]:
         if maps._POOL is not None:  # a new pool of this size
             maps._POOL.shutdown()
             maps._POOL = None
@@ -310,11 +312,13 @@ def batch(model, processor, reader, sizes=(8, 32, 64), batches: int = 4, threads
         if reader._map_processes is not None:
             reader._map_processes.shutdown()
             reader._map_processes = None
-        if n_processes is None:
-            os.environ.pop(map_processes.ENV, None)
-        else:
-            os.environ[map_processes.ENV] = str(n_processes)
+        for env, value in ((map_processes.ENV, n_processes), (map_processes.DEVICE_ENV, device)):
+            if value is None:
+                os.environ.pop(env, None)
+            else:
+                os.environ[env] = str(value)
         workers = map_processes.workers_for(reader.maps_device)
+        where = map_processes.device_for(reader.maps_device).type if workers else "-"
         for b in sizes:
             n = b * batches
             reader.read_many(films[:b], answers=answers[:b], batch_size=b)  # warm-up
@@ -326,9 +330,9 @@ def batch(model, processor, reader, sizes=(8, 32, 64), batches: int = 4, threads
             total = time.perf_counter() - t0
             gen = sum(readings[k].latencies["generate"] + readings[k].latencies["prepare"] for k in range(0, n, b))
             assert all(r.latencies["new_tokens"] == NEW for r in readings)
-            emit(f"| {b} | {n} | {workers} | {maps.MAP_THREADS if not workers else '-'} | {gen:.3f} | {n / gen:.1f} | {total:.3f} | {n / total:.1f} | "
+            emit(f"| {b} | {n} | {workers} | {where} | {maps.MAP_THREADS if not workers else '-'} | {gen:.3f} | {n / gen:.1f} | {total:.3f} | {n / total:.1f} | "
                  f"{gib(torch.cuda.max_memory_allocated() - base)} |")
-            per_film.append(f"{b} x {workers or maps.MAP_THREADS} {'processes' if workers else 'threads'}: "
+            per_film.append(f"{b} x {workers or maps.MAP_THREADS} {'processes on ' + where if workers else 'threads'}: "
                             f"{statistics.median(r.latencies['maps'] for r in readings):.3f} s")
     maps.MAP_THREADS = default
     emit()
@@ -519,6 +523,8 @@ def main(argv=None):
                     "(default: the library's own)")
     ap.add_argument("--map-processes", default="", help="the batch part: map worker processes to compare, e.g. "
                     "15,0 (0: maps in threads; default: the library's own)")
+    ap.add_argument("--map-process-devices", default="", help="the batch part: where map workers map, to "
+                    "compare, e.g. cpu,cuda (default: the library's own, MEDGEMMA_MAP_PROCESS_DEVICE)")
     ap.add_argument("--profile-batch", type=int, default=0, help="the profile part: also one read_many batch of this many")
     ap.add_argument("--precisions", default=",".join(f"{p}:{e}" if e else p for p, e in PRECISIONS),
                     help="the precision part's rows (int8:torchao, int8:bitsandbytes)")
@@ -549,8 +555,9 @@ def main(argv=None):
         if "batch" in parts:
             threads = [int(t) for t in args.map_threads.split(",") if t] or [None]
             processes = [int(p) for p in args.map_processes.split(",") if p] or [None]
+            devices = [d for d in args.map_process_devices.split(",") if d] or [None]
             batch(model, processor, reader, [int(b) for b in args.batch_sizes.split(",")], args.batches, threads,
-                  processes)
+                  processes, devices)
         if "restart" in parts:
             restart(model, processor)
         if "precision" in parts:

@@ -15,6 +15,9 @@ the study and the generation it already has.
 
 ``MEDGEMMA_MAP_PROCESSES``: how many workers (0: threads in the serving process, as without a GPU). The
 default: on a GPU with at least 4 cores, one fewer than the cores (at most 15); else 0.
+``MEDGEMMA_MAP_PROCESS_DEVICE``: where the workers upsample heatmaps and filter the film's blobs: ``cpu``
+(the default) or ``cuda`` (the serving process's GPU: a CUDA context of about 0.5 GB per worker, and the
+GPU's maps, equal to the CPU's within the device maps' tolerance).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import numpy as np
 import torch
 
 ENV = "MEDGEMMA_MAP_PROCESSES"
+DEVICE_ENV = "MEDGEMMA_MAP_PROCESS_DEVICE"
 SHARED_FIELDS = ("heatmaps", "mask_maps", "model_inputs", "labels")  # a film reading's image-sized arrays
 
 
@@ -43,13 +47,21 @@ def workers_for(device: torch.device, cores: int | None = None) -> int:
     return min(15, cores - 1) if device.type == "cuda" and cores >= 4 else 0
 
 
+def device_for(device: torch.device) -> torch.device:
+    """Where the workers of a reader on ``device`` make their maps (``MEDGEMMA_MAP_PROCESS_DEVICE``)."""
+    wanted = os.environ.get(DEVICE_ENV, "cpu").strip().lower() or "cpu"
+    if wanted not in ("cpu", "cuda"):
+        raise ValueError(f"{DEVICE_ENV} must be cpu or cuda, got {wanted!r}")
+    return device if wanted == "cuda" and device.type == "cuda" else torch.device("cpu")
+
+
 class MapProcesses:
     """Worker processes that make film readings from generations (spawned, so CUDA never crosses a fork)."""
 
-    def __init__(self, info, grid: int, workers: int):
-        self.workers = workers
+    def __init__(self, info, grid: int, workers: int, device: torch.device = torch.device("cpu")):
+        self.workers, self.device = workers, device
         self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_start, initargs=(info, grid))
+                                         initializer=_start, initargs=(info, grid, str(device)))
 
     def remap(self, study, gen) -> Future:
         """A future of ``(reading, seconds)``: the film's reading from ``gen``, its study and generation
@@ -74,8 +86,9 @@ class MapProcesses:
 _READER = None
 
 
-def _start(info, grid: int) -> None:
-    """Worker start: one map thread (the workers are the parallelism) and a reader without a model."""
+def _start(info, grid: int, device: str = "cpu") -> None:
+    """Worker start: one map thread (the workers are the parallelism) and a reader without a model that
+    maps on ``device``."""
     global _READER
     import torch.multiprocessing
 
@@ -87,7 +100,7 @@ def _start(info, grid: int) -> None:
     torch.multiprocessing.set_sharing_strategy("file_system")  # no file descriptor held per returned array
     torch.set_num_threads(1)
     maps.MAP_THREADS = 1
-    _READER = Reader.for_maps(info, grid)
+    _READER = Reader.for_maps(info, grid, device)
 
 
 def _remap(study, gen):

@@ -205,11 +205,12 @@ class Reader:
         self._map_processes_lock = threading.Lock()
 
     @classmethod
-    def for_maps(cls, info, grid: int) -> "Reader":
+    def for_maps(cls, info, grid: int, device="cpu") -> "Reader":
         """A reader without a model: it makes readings from existing generations (:meth:`remap`) with the
-        grounding settings of ``info`` on a ``grid`` x ``grid`` token grid, on the CPU (map worker processes)."""
+        grounding settings of ``info`` on a ``grid`` x ``grid`` token grid, its maps on ``device`` (map
+        worker processes)."""
         self = cls.__new__(cls)
-        self.model_ref, self.device_request, self.system, self.limits = info.id, "cpu", None, Limits()
+        self.model_ref, self.device_request, self.system, self.limits = info.id, str(device), None, Limits()
         self.model = self.processor = None
         self.info, self.grid = info, grid
         self._start_state()
@@ -221,7 +222,8 @@ class Reader:
             if self._map_processes is None and self.model is not None:
                 workers = map_processes.workers_for(self.maps_device)
                 if workers:
-                    self._map_processes = map_processes.MapProcesses(self.info, self.grid, workers)
+                    self._map_processes = map_processes.MapProcesses(self.info, self.grid, workers,
+                                                                     map_processes.device_for(self.maps_device))
             return self._map_processes
 
     def warm_up(self, max_new_tokens: int = 128, modalities=("xray", "ct"), language: str = "auto") -> dict:
@@ -255,8 +257,11 @@ class Reader:
 
     @property
     def maps_device(self) -> torch.device:
-        """Where heatmaps are upsampled and gated: the model's GPU, else the CPU."""
-        return self.model.device if self.model is not None and self.model.device.type == "cuda" else torch.device("cpu")
+        """Where heatmaps are upsampled and gated: the model's GPU, else the CPU (a reader without a model:
+        the device it was made for, :meth:`for_maps`)."""
+        if self.model is None:
+            return torch.device(self.device_request if self.device_request.startswith("cuda") else "cpu")
+        return self.model.device if self.model.device.type == "cuda" else torch.device("cpu")
 
     @property
     def layers(self) -> list[int]:

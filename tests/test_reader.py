@@ -193,19 +193,25 @@ def test_film_maps_in_worker_processes_equal_the_maps_made_here(reader, monkeypa
 
     films = [Radiograph(make_phantom(s).image, Geometry.plain(*make_phantom(s).image.shape)) for s in (2, 9, 14)]
 
-    def read_with(processes: str):
+    def read_with(processes: str, device: str = "cpu"):
         monkeypatch.setenv(map_processes.ENV, processes)
+        monkeypatch.setenv(map_processes.DEVICE_ENV, device)
         try:
             readings = reader.read_many(films, batch_size=2, max_new_tokens=48)
             assert (reader._map_processes.workers if reader._map_processes else 0) == int(processes)
+            if int(processes):
+                assert reader._map_processes.device.type == device
             return readings
         finally:
             if reader._map_processes is not None:
                 reader._map_processes.shutdown()
                 reader._map_processes = None
 
-    here, there = read_with("0"), read_with("2")
-    for film, a, b in zip(films, here, there):
+    here = read_with("0")
+    compared = [read_with("2")]
+    if reader.maps_device.type == "cuda":  # workers that map on the GPU too
+        compared.append(read_with("2", "cuda"))
+    for film, a, b in ((f, a, b) for there in compared for f, a, b in zip(films, here, there)):
         assert b.study is film and b.report == a.report and b.names == a.names and b.extras == a.extras
         assert b.generation.token_ids == a.generation.token_ids and b.latencies["maps"] > 0
         for name in map_processes.SHARED_FIELDS:
@@ -224,6 +230,18 @@ def test_map_process_count():
 
     assert workers_for(torch.device("cuda"), 16) == 15 and workers_for(torch.device("cuda"), 64) == 15
     assert workers_for(torch.device("cuda"), 2) == 0 and workers_for(torch.device("cpu"), 16) == 0
+
+
+def test_where_map_processes_map(monkeypatch):
+    from monailabel_app.map_processes import DEVICE_ENV, device_for
+
+    cuda = torch.device("cuda", 0)
+    assert device_for(cuda).type == "cpu"  # the default: the workers' CPUs
+    monkeypatch.setenv(DEVICE_ENV, "cuda")
+    assert device_for(cuda) == cuda and device_for(torch.device("cpu")).type == "cpu"  # no GPU: the CPU
+    monkeypatch.setenv(DEVICE_ENV, "tpu")
+    with pytest.raises(ValueError, match="cpu or cuda"):
+        device_for(cuda)
 
 
 @pytest.mark.parametrize("seed", [1, 7, 11, 42])  # (seed 23: the model names the wrong zone in Chinese)

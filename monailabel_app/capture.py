@@ -196,13 +196,21 @@ class AttentionRecorder:
     def stacked(self, decode: torch.Tensor | None = None) -> torch.Tensor:
         """(steps, layers, batch, heads, n_image_tokens) for the usable layers (rolled out if asked):
         the prefill row, then ``decode`` rows (steps - 1, layers, batch, heads, n) when given."""
+        rows = self.prefill_rows()
+        if decode is not None:
+            rows = torch.cat([rows, decode.to(rows.device)], dim=0)
+        return self.rolled_rows(rows)
+
+    def prefill_rows(self) -> torch.Tensor:
+        """(1, layers, batch, heads, n): the first answer token's rows (the prefill's last query), as recorded."""
         layers = self.usable_layers
         if not layers:
             raise RuntimeError(f"no layer recorded attention to the image: {self.dropped}")
-        rows = torch.stack([self.rows[layer] for layer in layers])[None]  # (1, layers, B, H, N)
-        if decode is not None:
-            rows = torch.cat([rows, decode.to(rows.device)], dim=0)
-        return torch.stack([self._rolled(layer, rows[:, li]) for li, layer in enumerate(layers)], dim=1)
+        return torch.stack([self.rows[layer] for layer in layers])[None]
+
+    def rolled_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """(steps, layers, batch, heads, n) rows of the usable layers, rolled out if asked (each step alone)."""
+        return torch.stack([self._rolled(layer, rows[:, li]) for li, layer in enumerate(self.usable_layers)], dim=1)
 
     def _rolled(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
         """(steps, batch, heads, images * n) rows mapped back onto the input's image tokens."""

@@ -32,11 +32,14 @@ positions and masks). Rows that end early keep stepping (fixed shapes) and are c
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import os
+import threading
 import time
 from contextlib import contextmanager
+from functools import partial
 from dataclasses import dataclass, field
 
 import torch
@@ -250,7 +253,8 @@ class Decoder:
         self.tokens = torch.zeros(batch, max_new, **long)
         self.logprobs = torch.zeros(batch, max_new, device=device)
         self.nonfinite = torch.zeros(batch, dtype=torch.bool, device=device)
-        self.eos = torch.tensor(sorted(set(eos)) or [-1], **long)
+        self._eos = set(eos)  # on the host: a look at the tokens reads nothing else from the device
+        self._look_stream = None
         self.image_positions = torch.zeros(batch, n_image_tokens, **long)
         heads = text_cfg.num_attention_heads
         self.recorder = DecodeRecorder(self.layers, self.image_positions, max_new, heads, self.step_index) \
@@ -352,9 +356,27 @@ class Decoder:
             self._step = self.step
             torch.cuda.synchronize()
 
+    def _advance(self, launched: int, top: int) -> int:
+        """Launch the next steps (never past ``top``): :data:`CHECK_EVERY` in one replay, or the last few
+        one by one (the single-step graph); returns the steps launched so far. Nothing waits for them."""
+        n = min(CHECK_EVERY, top - launched)
+        if n == CHECK_EVERY or 1 not in self.graphs:
+            self._replay(n)
+        else:
+            for _ in range(n):
+                self._replay(1)
+        return launched + n
+
     def run(self, prefill_cache, prompt_len: int, pad: torch.Tensor, first_logits: torch.Tensor,
-            image_positions: torch.Tensor, forced: list[list[int]] | None, stop_loops: bool) -> list[Decoded]:
-        """Decode from a prefill: its cache, its last logits (batch, vocab) and the rows' left padding."""
+            image_positions: torch.Tensor, forced: list[list[int]] | None, stop_loops: bool,
+            on_check=None, ahead: int = 1) -> list[Decoded]:
+        """Decode from a prefill: its cache, its last logits (batch, vocab) and the rows' left padding.
+
+        ``on_check(steps, tokens)``: called after each look at the tokens (``tokens``: every row's first
+        ``steps`` token ids) while the device already runs the next steps, e.g. to start a finding's maps
+        once its sentence is written. ``ahead``: replays in flight at once; with 2 the device has the next
+        steps queued while the host looks at the last ones (and while other threads hold the interpreter),
+        at the cost of up to :data:`CHECK_EVERY` steps run past the end of an answer that ends early."""
         b = self.batch
         self.prepare()
         self.kv.fill(prefill_cache, prompt_len)
@@ -378,17 +400,26 @@ class Decoder:
         if self.recorder is not None:
             self.recorder.buffer.zero_()
         ended = [None] * b  # per row: (length, reason) once known
-        steps, top = 1, max(limits)
-        checked = 0
-        while steps < top:
-            n = CHECK_EVERY if top - steps >= CHECK_EVERY else 1  # never a step past the longest limit
-            self._replay(n)
-            steps += n
-            if n == CHECK_EVERY or steps == top:
-                checked = self._check(steps, checked, limits, ended, stop_loops)
-                if all(e is not None for e in ended):
-                    break
-        self._check(steps, checked, limits, ended, stop_loops)
+        top, launched, steps, checked = max(limits), 1, 1, 0
+        in_flight: list[tuple] = []  # (steps, CUDA event or None) at the end of each launched replay, oldest first
+        looked = None  # (steps, tokens) of the last look, handed to on_check once the next steps run
+        while True:
+            while len(in_flight) < max(1, ahead) and launched < top:
+                launched = self._advance(launched, top)
+                in_flight.append((launched, self._event()))
+            if looked is not None:
+                on_check(*looked)
+                looked = None
+            if not in_flight:
+                break
+            steps, event = in_flight.pop(0)
+            checked, tokens = self._check(steps, checked, limits, ended, stop_loops, event)
+            if all(e is not None for e in ended):
+                break
+            if on_check is not None and (in_flight or launched < top):
+                looked = (steps, tokens)
+        if checked < steps:
+            self._check(steps, checked, limits, ended, stop_loops)
         tokens, logprobs, nonfinite = self.tokens[:, :steps].tolist(), self.logprobs[:, :steps].tolist(), \
             self.nonfinite.tolist()
         out = []
@@ -397,10 +428,31 @@ class Decoder:
             out.append(Decoded(tokens[i][:n], logprobs[i][:n], reason, bool(nonfinite[i])))
         return out
 
-    def _check(self, steps: int, checked: int, limits: list[int], ended: list, stop_loops: bool) -> int:
-        """Mark rows that ended within tokens ``checked..steps``: end of turn, a loop, or their limit."""
-        tokens = self.tokens[:, :steps].tolist()
-        eos = set(self.eos.tolist())
+    def _event(self):
+        """A CUDA event at this point of the default stream (None without CUDA graphs)."""
+        if not self.use_graph:
+            return None
+        event = torch.cuda.Event()
+        event.record()
+        return event
+
+    def _tokens(self, steps: int, event=None) -> list[list[int]]:
+        """Every row's first ``steps`` tokens, read once ``event`` has passed (on a stream of its own, so
+        the read does not wait for replays launched after it)."""
+        if event is None:
+            return self.tokens[:, :steps].tolist()
+        if self._look_stream is None:
+            self._look_stream = torch.cuda.Stream(self.tokens.device)
+        with torch.cuda.stream(self._look_stream):
+            self._look_stream.wait_event(event)
+            return self.tokens[:, :steps].tolist()
+
+    def _check(self, steps: int, checked: int, limits: list[int], ended: list, stop_loops: bool,
+               event=None) -> tuple[int, list[list[int]]]:
+        """Mark rows that ended within tokens ``checked..steps`` (complete at ``event``): end of turn, a loop,
+        or their limit; returns (steps, every row's first ``steps`` tokens)."""
+        tokens = self._tokens(steps, event)
+        eos = self._eos
         for i, row in enumerate(tokens):
             if ended[i] is not None:
                 continue
@@ -415,7 +467,7 @@ class Decoder:
             else:
                 if steps >= limits[i]:
                     ended[i] = (limits[i], "max_new_tokens")
-        return steps
+        return steps, tokens
 
     def snapshot(self, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Copies of the keys and values of positions [0, n) (a ring: its last window - 1 positions)."""
@@ -430,6 +482,53 @@ class Decoder:
     def decode_rows(self, steps: int) -> torch.Tensor | None:
         """(steps - 1, layers, batch, heads, n) attention rows of the decode steps."""
         return None if self.recorder is None else self.recorder.buffer[1:steps]
+
+
+class LiveRows:
+    """A batch of one's attention rows (as :meth:`AttentionRecorder.stacked` makes them) copied off the device
+    while the decode goes on, a few steps at a time, on a stream of their own: the rows of a finding whose
+    sentence is written can be mapped while the rest of the answer is decoded. The whole answer's rows are
+    these same copies, so a finding mapped early or at the end reads identical rows (rolled out the same)."""
+
+    def __init__(self, recorder: AttentionRecorder, decoder: "Decoder"):
+        self.recorder, self.decoder = recorder, decoder
+        self.recorded = [decoder.layers.index(layer) for layer in recorder.usable_layers]
+        self.parts: list[torch.Tensor] = []
+        self.count = 0  # rows copied so far
+        self.lock = threading.Lock()
+        device = decoder.tokens.device
+        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def upto(self, steps: int) -> torch.Tensor:
+        """(steps, layers, 1, heads, n) float32 on the CPU: the rows of the first ``steps`` tokens (decoded
+        ones only: called once the decoder has looked at them)."""
+        with self.lock:
+            if steps > self.count:
+                with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+                    decode = self.decoder.decode_rows(steps)  # rows 1 .. steps - 1
+                    if self.count == 0:
+                        part = self.recorder.stacked(None if decode is None else decode[:, self.recorded])
+                    else:
+                        part = self.recorder.rolled_rows(decode[self.count - 1:, self.recorded])
+                    self.parts.append(part.float().cpu())
+                self.count = steps
+            return torch.cat(self.parts)[:steps] if len(self.parts) > 1 else self.parts[0][:steps]
+
+
+AHEAD_ENV = "MEDGEMMA_DECODE_AHEAD"  # decode replays in flight (default: 2 where other work shares the host, else 1)
+
+
+def replays_ahead(batch: int, live: bool, graphs: bool = True) -> int:
+    """Decode replays kept in flight (:meth:`Decoder.run`): with CUDA graphs two for a batch (its next inputs
+    and the last batch's maps are made beside it) or a reading whose maps start while it decodes, else one (an
+    answer that ends early wastes no steps; without graphs the steps run as they are launched, so one);
+    :data:`AHEAD_ENV` sets it."""
+    value = os.environ.get(AHEAD_ENV, "").strip()
+    if value:
+        if value not in ("1", "2", "3"):
+            raise ValueError(f"{AHEAD_ENV} must be 1, 2 or 3, got {value!r}")
+        return int(value)
+    return 2 if graphs and (batch > 1 or live) else 1
 
 
 COMPILE_CACHE_ENV = "MEDGEMMA_COMPILE_CACHE"  # folder for compiled kernels (default ~/.cache/monailabel-medgemma/compile)
@@ -490,13 +589,17 @@ def decoder_for(model, batch: int, length: int, max_new: int, layers: list[int],
 def prefill_and_decode(model, inputs: dict, layers: list[int], tokens_per_image: int, max_new_tokens: int,
                        rollout: bool = False, forced: list[list[int]] | None = None, eos: list[int] = (),
                        stop_loops: bool = True, compile: bool | None = None, past: Context | None = None,
-                       keep: bool = False) -> DecodeResult:
+                       keep: bool = False, progress=None) -> DecodeResult:
     """Greedy answers for a left-padded batch ``inputs`` (input_ids, attention_mask, token_type_ids,
     pixel_values), with the attention rows of ``layers`` (none: no capture at all).
 
     A conversation (batch of one): ``keep`` returns the :class:`Context` after the answer; with ``past``
     ``inputs`` holds the whole conversation's ``input_ids`` (no pixels) and only what ``past`` lacks is
-    prefilled, its images' positions and rollout products reused."""
+    prefilled, its images' positions and rollout products reused.
+
+    ``progress(token_ids, rows, layers)`` (a batch of one): called every few decode steps with the answer's
+    tokens so far while the next ones decode; ``rows()`` gives their attention rows on ``layers`` ((steps,
+    layers, 1, heads, n), on the CPU; :class:`LiveRows`: the same rows the result holds)."""
     from transformers import DynamicCache
 
     batch_vision_tower(model)
@@ -532,14 +635,21 @@ def prefill_and_decode(model, inputs: dict, layers: list[int], tokens_per_image:
     with recording(recorder):
         out = model(**args)
     t1 = _now(model)
-    rows = decoder.run(cache, prompt_len, pad, out.logits[:, -1], image_positions, forced, stop_loops)
+    live = LiveRows(recorder, decoder) if progress is not None and batch == 1 and recorder is not None \
+        and recorder.usable_layers else None
+    on_check = None if live is None else (
+        lambda steps, tokens: progress(tokens[0], partial(live.upto, steps), recorder.usable_layers))
+    rows = decoder.run(cache, prompt_len, pad, out.logits[:, -1], image_positions, forced, stop_loops, on_check,
+                       replays_ahead(batch, live is not None, decoder.use_graph))
     t2 = _now(model)
     attention = None
     steps = max(len(r.token_ids) for r in rows)
     used = recorder.usable_layers if recorder is not None else []
     if recorder is not None:
         dropped.update(recorder.dropped)
-        if used:
+        if used and live is not None:
+            attention = live.upto(steps)
+        elif used:
             decode = decoder.decode_rows(steps)
             recorded = [decoder.layers.index(layer) for layer in used]
             attention = recorder.stacked(None if decode is None else decode[:, recorded])

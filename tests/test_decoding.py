@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from monailabel_app.capture import CAPTURE_ATTN
+from monailabel_app import decoding
 from monailabel_app.decoding import StaticKV, prefill_and_decode
 
 IMAGE, BOI, EOI, VOCAB = 290, 288, 289, 300
@@ -176,3 +177,46 @@ def test_the_compile_mode_from_the_environment(monkeypatch, caplog):
     assert compile_mode() == "max-autotune-no-cudagraphs"  # never Inductor's own CUDA graphs inside ours
     monkeypatch.setenv(COMPILE_MODE_ENV, "reduce-overhead")
     assert compile_mode() is None and "not one of default, max-autotune" in caplog.text
+
+
+@pytest.mark.parametrize("rollout", [False, True])
+def test_progress_sees_the_answer_grow_and_its_final_rows(tiny, monkeypatch, rollout):
+    """While it decodes, the progress callback gets each prefix of the final answer (every CHECK_EVERY steps)
+    and rows equal to the final attention's first rows (the same copies: rolled out the same); decoding with
+    two replays in flight gives the same answer, and an answer that ends early still ends where it ends."""
+    images = (torch.rand(2, 3, 28, 28) * 2 - 1).to(tiny.device)
+    inputs = batch([prompt([5, 6, 7])], images)
+    seen = []
+
+    def progress(ids, rows, layers):
+        seen.append((list(ids), rows() if len(seen) % 2 else None, list(layers)))  # rows on every other look
+
+    plain = prefill_and_decode(tiny, inputs, [3], 4, 30, rollout=rollout, stop_loops=False)
+    live = prefill_and_decode(tiny, inputs, [3], 4, 30, rollout=rollout, stop_loops=False, progress=progress)
+    final = live.rows[0].token_ids
+    assert final == plain.rows[0].token_ids and len(final) == 30
+    assert [len(ids) for ids, _, _ in seen] == [9, 17, 25]  # never after the last look
+    for ids, rows, layers in seen:
+        assert ids == final[: len(ids)] and layers == live.layers == [3]
+        if rows is not None:
+            assert rows.shape == (len(ids), 1, 1, 4, 8) and rows.device.type == "cpu"
+            assert torch.equal(rows, live.attention[: len(ids)])
+    torch.testing.assert_close(live.attention, plain.attention.cpu().float())
+    for ahead in ("1", "2", "3"):
+        monkeypatch.setenv(decoding.AHEAD_ENV, ahead)
+        again = prefill_and_decode(tiny, inputs, [3], 4, 30, rollout=rollout, stop_loops=False, progress=progress)
+        assert again.rows[0].token_ids == final
+        stop = prefill_and_decode(tiny, inputs, [3], 4, 30, eos=[final[10]], stop_loops=False, progress=progress)
+        assert stop.rows[0].token_ids == final[: final.index(final[10]) + 1]
+
+
+def test_replays_in_flight_from_the_environment(monkeypatch):
+    monkeypatch.delenv(decoding.AHEAD_ENV, raising=False)
+    assert decoding.replays_ahead(1, False) == 1 and decoding.replays_ahead(1, True) == 2
+    assert decoding.replays_ahead(8, False) == 2
+    assert decoding.replays_ahead(8, True, graphs=False) == 1  # eager steps run as they are launched
+    monkeypatch.setenv(decoding.AHEAD_ENV, "1")
+    assert decoding.replays_ahead(8, True) == 1
+    monkeypatch.setenv(decoding.AHEAD_ENV, "many")
+    with pytest.raises(ValueError, match="MEDGEMMA_DECODE_AHEAD"):
+        decoding.replays_ahead(1, False)

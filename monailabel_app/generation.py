@@ -13,6 +13,7 @@ import contextlib
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -49,6 +50,20 @@ class Generation:
                 out.append(i)
             prev = stop
         return out
+
+
+@dataclass
+class Partial:
+    """An answer while it is being written (a batch of one: :func:`generate_batch`'s ``progress``): its
+    tokens and text so far, and on demand (:meth:`generation`) a :class:`Generation` of them whose attention
+    rows are the final ones (:class:`decoding.LiveRows`); its token probabilities are not known yet (NaN)."""
+
+    token_ids: list[int]
+    text: str
+    make: object  # () -> Generation
+
+    def generation(self) -> Generation:
+        return self.make()
 
 
 @dataclass
@@ -123,9 +138,10 @@ def build_inputs(processor, content: list, question: str, system: str | None, de
     return inputs
 
 
-def _token_ends(tokenizer, ids: list[int]) -> list[int]:
-    ends = []
-    for i in range(len(ids)):
+def _token_ends(tokenizer, ids: list[int], known: list[int] | None = None) -> list[int]:
+    """Per token, where its text ends in the decoded answer; ``known``: those of a prefix of ``ids``, kept."""
+    ends = list(known or [])[: len(ids)]
+    for i in range(len(ends), len(ids)):
         ends.append(len(tokenizer.decode(ids[: i + 1], skip_special_tokens=True)))
     return ends
 
@@ -249,20 +265,25 @@ def prepare_batch(model, processor, studies: list[tuple[list, str]], system=None
 
 def generate_batch(model, processor, studies: list[tuple[list, str]], layers, max_new_tokens=128, system=None,
                    rollout: bool = False, answers: list[str] | None = None, keep: bool = False,
-                   prepared: Prepared | None = None) -> list[Generation]:
+                   prepared: Prepared | None = None,
+                   progress: Callable[[Partial], None] | None = None) -> list[Generation]:
     """:func:`generate` for several (content, question) studies at once, one batch through the model
     (:mod:`monailabel_app.decoding`: static cache, CUDA graph on GPUs). Every study must show the same
     number of images. ``keep`` (one study): the generation carries its :class:`Conversation`.
-    ``prepared``: the studies' inputs made ahead (:func:`prepare_batch`; its ``answers`` are the ones forced)."""
+    ``prepared``: the studies' inputs made ahead (:func:`prepare_batch`; its ``answers`` are the ones forced).
+    ``progress`` (one study): called with the :class:`Partial` answer every few decode steps, while the next
+    steps decode."""
     prepared = prepared or prepare_batch(model, processor, studies, system, answers)
     t_prep = time.perf_counter()
     t0 = t_prep - prepared.waited
     inputs = prepared.inputs
     per_image = int(model.config.mm_tokens_per_image)
+    prompt_tokens = inputs["attention_mask"].sum(-1).tolist()
+    watch = None if progress is None else _partials(processor, progress, prompt_tokens[0], per_image)
     result = prefill_and_decode(model, inputs, list(layers), per_image, max_new_tokens, rollout, prepared.forced,
                                 sorted(_eos_ids(model)), stop_loops=prepared.forced is None,
-                                keep=keep and len(studies) == 1)
-    gens = _generations(model, processor, result, inputs["attention_mask"].sum(-1).tolist(), t0, t_prep)
+                                keep=keep and len(studies) == 1, progress=watch)
+    gens = _generations(model, processor, result, prompt_tokens, t0, t_prep, watch.ends if watch else None)
     if result.context is not None:
         (content, question), gen = studies[0], gens[0]
         messages = chat_messages(_placeholders(content), question, system, answer=gen.text)
@@ -270,8 +291,29 @@ def generate_batch(model, processor, studies: list[tuple[list, str]], layers, ma
     return gens
 
 
-def _generations(model, processor, result, prompt_tokens: list[int], t0: float, t_prep: float) -> list[Generation]:
-    """One :class:`Generation` per decoded row of ``result``; raises :class:`NonFiniteOutput`."""
+def _partials(processor, progress: Callable[[Partial], None], prompt_tokens: int, per_image: int):
+    """The decoder's progress callback (token ids, rows(), layers) as :class:`Partial` answers for ``progress``."""
+    tok = processor.tokenizer
+
+    def ends(ids: list[int]) -> list[int]:  # each answer so far extends the last: its ends are kept
+        on_progress.ends = _token_ends(tok, ids, on_progress.ends)
+        return on_progress.ends
+
+    def on_progress(ids: list[int], rows, layers: list[int]) -> None:
+        text = tok.decode(ids, skip_special_tokens=True)
+        progress(Partial(ids, text, lambda: Generation(
+            text=text, token_ids=ids, token_ends=ends(ids), token_probs=[float("nan")] * len(ids),
+            attention=rows()[:, :, 0], layers=list(layers), dropped_layers={}, prompt_tokens=int(prompt_tokens),
+            image_tokens_per_image=per_image)))
+
+    on_progress.ends = []
+    return on_progress
+
+
+def _generations(model, processor, result, prompt_tokens: list[int], t0: float, t_prep: float,
+                 known_ends: list[int] | None = None) -> list[Generation]:
+    """One :class:`Generation` per decoded row of ``result``; raises :class:`NonFiniteOutput`.
+    ``known_ends``: the first row's token ends found while it was written (a prefix of its tokens)."""
     tok = processor.tokenizer
     rows, attention, used, dropped = result.rows, result.attention, result.layers, result.dropped
     per_image = int(model.config.mm_tokens_per_image)
@@ -289,7 +331,7 @@ def _generations(model, processor, result, prompt_tokens: list[int], t0: float, 
         out.append(Generation(
             text=text,
             token_ids=row.token_ids,
-            token_ends=_token_ends(tok, row.token_ids),
+            token_ends=_token_ends(tok, row.token_ids, known_ends if b == 0 else None),
             token_probs=probs,
             attention=attention[:n, :, b] if attention is not None else torch.zeros(n, 0, 0, 0),
             layers=used,

@@ -12,8 +12,10 @@ the findings, one float heatmap per finding and the label map, all in the input'
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
+import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -29,11 +31,13 @@ from . import allocator, map_processes
 from .grounding import anatomy, ct_maps, extent, maps
 from .ct import CTVolume, Limits, body_mask, interleave, model_slices, sample_slices
 from .errors import InputError
-from .generation import Conversation, Generation, NonFiniteOutput, Prepared, follow_up, generate_batch, prepare_batch
+from .generation import (Conversation, Generation, NonFiniteOutput, Partial, Prepared, follow_up, generate_batch,
+                         prepare_batch)
 from .loading import load_model, normalise_precision
 from .language.asking import answer_language, ask_in, check_language
 from .language.structured import structured_report
 from .phantom_model import CT_QUESTION, CT_QUESTION_ZH, DEFAULT_QUESTION, DEFAULT_QUESTION_ZH, MODEL_LABEL, PHANTOM_MODEL_DIR
+from .language.findings import written_upto
 from .report import Finding, read_answer, unique_names
 from .study import check_modality, load_study
 from .xray import Geometry, Radiograph, SquarePad, pad_to_square, pixel_spacing_mm
@@ -47,6 +51,7 @@ MAX_QUESTION_CHARS = 2000
 # found by HU)
 DEFAULT_XRAY_GATES = ("side", "zone", "box")
 DEFAULT_CT_GATES = ("side", "lung")
+MAPS_WHILE_DECODING_ENV = "MEDGEMMA_MAPS_WHILE_DECODING"  # 1 / 0: a film's maps made as its sentences are written
 MAX_NEW_TOKENS_LIMIT = 1024
 # where a study's anatomy is found while the model reads it (numpy and scipy: they release the GIL)
 _ANATOMY_POOL = ThreadPoolExecutor(2, thread_name_prefix="anatomy")
@@ -77,6 +82,7 @@ class Reading:
     thinking: str = ""  # the model's reasoning before its answer (MedGemma 1.5), never read for findings
     language: str = "en"  # asked for: of the answer and the structured report
     answer_language: str = "en"  # what the model wrote in: "zh" when its answer has Chinese, else "en"
+    maps_ahead: int = 0  # findings whose maps were made while the model still wrote (FilmMaps)
 
     @property
     def radiograph(self) -> Radiograph:
@@ -264,6 +270,16 @@ class Reader:
         return self.model.device if self.model.device.type == "cuda" else torch.device("cpu")
 
     @property
+    def maps_while_decoding(self) -> bool:
+        """Whether a film's findings are mapped while the model still writes its answer (:class:`FilmMaps`):
+        on a GPU by default (the decode leaves the host's cores idle), not on the CPU (there they are the
+        decode's); :data:`MAPS_WHILE_DECODING_ENV` (1 or 0) decides instead."""
+        value = os.environ.get(MAPS_WHILE_DECODING_ENV, "").strip()
+        if value not in ("", "0", "1"):
+            raise ValueError(f"{MAPS_WHILE_DECODING_ENV} must be 0 or 1, got {value!r}")
+        return value == "1" if value else self.maps_device.type == "cuda"
+
+    @property
     def layers(self) -> list[int]:
         return list(self.info.grounding["layers"])
 
@@ -277,19 +293,24 @@ class Reader:
         self.info.precision_reason = "fp16 overflowed: fp32 fallback"
 
     def _generate(self, chats: list[tuple[list, str]], settings: dict, max_new_tokens, answers=None,
-                  keep: bool = False, prepared: Prepared | None = None) -> list[Generation]:
+                  keep: bool = False, prepared: Prepared | None = None,
+                  ahead: "FilmMaps | None" = None) -> list[Generation]:
         """Generate for (content, question) chats of one modality, with the attention capture that
         ``settings`` (the modality's grounding entry) asks for; fp16 overflow reloads in fp32 and retries.
         ``keep``: the generation carries its conversation, for follow-up questions. ``prepared``: the
-        chats' inputs made ahead (:meth:`_prepare`)."""
+        chats' inputs made ahead (:meth:`_prepare`). ``ahead`` (one film): its findings are mapped as their
+        sentences are written (:meth:`FilmMaps.ahead`)."""
         args = (chats, recorded_layers(settings), max_new_tokens, self.system, bool(settings.get("rollout")), answers,
                 keep)
         with self._model_lock:
             try:
-                return generate_batch(self.model, self.processor, *args, prepared=prepared)
+                return generate_batch(self.model, self.processor, *args, prepared=prepared,
+                                      progress=None if ahead is None else partial(ahead.ahead, settings=settings))
             except NonFiniteOutput:
                 if self.info.precision != "fp16":
                     raise
+                if ahead is not None:
+                    ahead.forget()  # mapped from the overflowed generation's attention
                 self._fall_back_to_fp32()
                 return generate_batch(self.model, self.processor, *args)  # inputs anew, in fp32
 
@@ -405,6 +426,7 @@ class Reader:
         reading.language = language
         gen = reading.generation
         reading.latencies = _latencies(gen, t_load - t0, time.perf_counter() - t_load - sum(gen.seconds.values()))
+        reading.latencies["maps_ahead"] = reading.maps_ahead
         return reading
 
     def follow_up(self, study: Radiograph | CTVolume, conversation: Conversation, question,
@@ -534,45 +556,23 @@ class Reader:
     def _read_radiograph(self, radiograph: Radiograph, question: str, max_new_tokens: int, answer=None,
                          gen: Generation | None = None, keep: bool = False) -> Reading:
         square, pad = pad_to_square(radiograph.pixels)
+        film = FilmMaps(self, radiograph, pad)
         if gen is None:
             self._anatomy_ahead(radiograph)
             gen = self._generate([([Image.fromarray(square)], question)], self.info.grounding, max_new_tokens,
-                                 None if answer is None else [answer], keep)[0]
+                                 None if answer is None else [answer], keep,
+                                 ahead=film if self.maps_while_decoding else None)[0]
         answer = read_answer(gen.text)
         findings = answer.findings
         settings, gen = in_language(self.info.grounding, answer.language, gen)
-        grids = [finding_grid(gen, rows, self.grid) for rows in self._score(gen, findings)]
-        heatmaps = list(maps.grids_to_pixels(torch.as_tensor(np.stack(grids), device=self.maps_device), pad).cpu().numpy()) \
-            if grids else []
-        threshold = float(settings.get("threshold", 0.5))
-        gates = settings.get("gates", DEFAULT_XRAY_GATES)
-        fields = self._lung_fields(radiograph.pixels) if "zone" in gates else None
-        margin = pad.side / self.grid / 2  # half a token cell
-        mask_maps = []
-        for f, h in zip(findings, heatmaps):
-            gate = maps.side_gate(h.shape, f.side) if "side" in gates else 1.0
-            if fields is not None and f.region != "lobe":
-                gate = gate * anatomy.level_gate(h.shape, fields.side(f.side), f.level, margin)
-            if "box" in gates and f.box is not None:
-                gate = gate * maps.box_gate(h.shape, f.box, pad, margin)
-            mask_maps.append(h * gate)
+        rows = self._score(gen, findings)
+        done = maps.each(partial(film.finding, gen=gen, settings=settings), findings, rows,
+                         cost=[extent.search_cost(f.kind, 2) for f in findings])
+        grids, heatmaps, mask_maps, regions, extras = (list(x) for x in zip(*done)) if done else ([], [], [], [], [])
+        labels = film.labels([film.key(f, r, gen, settings) for f, r in zip(findings, rows)])
+        if labels is None:
+            labels = maps.assign(regions, mask_maps) if regions else np.zeros(radiograph.pixels.shape, np.uint8)
         geom = radiograph.geometry
-        fields = fields if fields is not None else (self._lung_fields(radiograph.pixels) if image_extent(settings) else None)
-        # what the image extent finds once per film, for every finding
-        film = extent.film_cache(radiograph.pixels, fields, self.maps_device) if findings and image_extent(settings) else {}
-        spacing, known = pixel_spacing_mm(radiograph)
-
-        def one(f: Finding, m: np.ndarray):  # a finding's region (findings in parallel)
-            side = maps.side_gate(m.shape, f.side) > 0 if "side" in gates else None
-            region, info = self._extent(f, m, threshold, image_extent(settings), lambda own: extent.find_on_radiograph(
-                radiograph.pixels, spacing, m, f.kind, fields, film), lambda p: [int(p[1]), int(p[0]), 0], side)
-            if info["extent"] == "image" and not known:
-                info["measured"]["spacing"] = ASSUMED_SPACING
-            return region, info
-
-        done = maps.each(one, findings, mask_maps, cost=[extent.search_cost(f.kind, 2) for f in findings])
-        regions, extras = [r for r, _ in done], [i for _, i in done]
-        labels = maps.assign(regions, mask_maps) if regions else np.zeros(radiograph.pixels.shape, np.uint8)
         return Reading(
             report=answer.text, thinking=answer.thinking, answer_language=answer.language, findings=findings,
             names=unique_names(findings), grids=grids,
@@ -580,6 +580,7 @@ class Reader:
             labels=labels.reshape(geom.shape), study=radiograph, geometry=geom, pad=pad, model_inputs=[square],
             inputs_index=[{"source": radiograph.source, "source_shape": list(radiograph.pixels.shape)}],
             question=question, model=self._model_dict(gen), modality="xray", generation=gen, extras=extras,
+            maps_ahead=film.reused,
         )
 
     def _read_ct(self, volume: CTVolume, question: str, max_new_tokens: int, max_slices: int, answer=None,
@@ -660,6 +661,120 @@ def warm_up_study(modality: str, slices: int) -> Radiograph | CTVolume:
         hu = ndimage.zoom(ph.hu.astype(np.float32), (factor, 1, 1), order=1)
         ph = dataclasses.replace(ph, hu=hu, spacing=(ph.spacing[0], ph.spacing[1], ph.spacing[2] / factor))
     return phantom_volume(ph)
+
+
+class FilmMaps:
+    """A film's maps, one finding at a time: what its findings share (the square's padding, the pixel
+    spacing, the lung fields, the image extent's film cache: :func:`extent.film_cache`) made once, and per
+    finding its token-grid map, heatmap, gated map, region and what the image measured (:meth:`finding`).
+
+    Mapped while the model writes (:meth:`ahead`, the decode's progress): once a finding's sentence is
+    complete, its maps are made beside the rest of the decode, in the map threads, and the label map of the
+    findings so far (:meth:`labels`: taken when the answer ends with no other finding). The reading takes that
+    result only for a finding of the final answer with the same words' reading (kind, side, level, region,
+    box), the same token rows and the same settings (:meth:`key`: then every input of :meth:`finding` is the
+    same, the rows being the same copies, :class:`decoding.LiveRows`), and maps any other finding anew: a mask
+    never depends on when it was made."""
+
+    def __init__(self, reader: Reader, radiograph: Radiograph, pad: SquarePad):
+        self.reader, self.radiograph, self.pad = reader, radiograph, pad
+        self.spacing, self.spacing_known = pixel_spacing_mm(radiograph)
+        self._film: dict | None = None
+        self._lock = threading.Lock()
+        self.started: dict[tuple, Future] = {}  # key -> the finding's maps, started while the model wrote
+        self.started_labels: dict[tuple, Future] = {}  # the findings' keys in order -> their label map
+        self.looked_upto = 0  # characters of the answer being written already read for findings
+        self.reused = 0
+
+    def fields(self) -> anatomy.LungFields:
+        return self.reader._lung_fields(self.radiograph.pixels)
+
+    def film(self) -> dict:
+        """The image extent's film cache (made once, by the first finding that needs it)."""
+        with self._lock:
+            if self._film is None:
+                self._film = extent.film_cache(self.radiograph.pixels, self.fields(), self.reader.maps_device)
+            return self._film
+
+    @staticmethod
+    def key(f: Finding, rows: list[int], gen: Generation, settings: dict) -> tuple:
+        """Everything :meth:`finding` reads of a finding, its generation and its settings (the attention
+        values aside: the same rows of one generation)."""
+        return (f.kind, f.side, f.level, f.region, f.box, tuple(rows), tuple(gen.layers),
+                json.dumps(settings, sort_keys=True, default=str))
+
+    def finding(self, f: Finding, rows: list[int], gen: Generation, settings: dict) -> tuple:
+        """(grid, heatmap, gated map, region, extras) of one finding: a result made while the model wrote
+        when it has this :meth:`key`, else made now."""
+        made = self.started.get(self.key(f, rows, gen, settings))
+        if made is not None and made.exception() is None:
+            with self._lock:
+                self.reused += 1
+            return made.result()
+        return self._finding(f, rows, gen, settings)
+
+    def labels(self, keys: list[tuple]) -> np.ndarray | None:
+        """The label map made while the model wrote for exactly these findings (:meth:`key`s, in order), or None."""
+        made = self.started_labels.get(tuple(keys))
+        return made.result() if made is not None and made.exception() is None else None
+
+    def _labels(self, made: list[Future]) -> np.ndarray:
+        """The label map of findings mapped while the model writes (:func:`maps.assign`), once they are."""
+        done = [m.result() for m in made]
+        return maps.assign([d[3] for d in done], [d[2] for d in done])
+
+    def _finding(self, f: Finding, rows: list[int], gen: Generation, settings: dict) -> tuple:
+        pixels, pad, grid_side = self.radiograph.pixels, self.pad, self.reader.grid
+        grid = finding_grid(gen, rows, grid_side)
+        h = maps.grids_to_pixels(torch.as_tensor(grid[None], device=self.reader.maps_device), pad)[0].cpu().numpy()
+        gates = settings.get("gates", DEFAULT_XRAY_GATES)
+        margin = pad.side / grid_side / 2  # half a token cell
+        gate = maps.side_gate(h.shape, f.side) if "side" in gates else 1.0
+        if "zone" in gates and f.region != "lobe":
+            gate = gate * anatomy.level_gate(h.shape, self.fields().side(f.side), f.level, margin)
+        if "box" in gates and f.box is not None:
+            gate = gate * maps.box_gate(h.shape, f.box, pad, margin)
+        m = h * gate
+        side = maps.side_gate(m.shape, f.side) > 0 if "side" in gates else None
+        from_image = image_extent(settings)
+        region, info = Reader._extent(f, m, float(settings.get("threshold", 0.5)), from_image, lambda own: (
+            extent.find_on_radiograph(pixels, self.spacing, m, f.kind, self.fields(), self.film())),
+            lambda p: [int(p[1]), int(p[0]), 0], side)
+        if info["extent"] == "image" and not self.spacing_known:
+            info["measured"]["spacing"] = ASSUMED_SPACING
+        return grid, h, m, region, info
+
+    def ahead(self, written: Partial, settings: dict) -> None:
+        """The decode's progress: start the maps of the findings in the newly completed sentences of the
+        answer being ``written`` (the modality's grounding ``settings``). Never raises into the decode."""
+        try:
+            upto = written_upto(written.text)
+            if upto <= self.looked_upto:
+                return
+            self.looked_upto = upto
+            answer = read_answer(written.text[:upto])
+            if not answer.findings:
+                return
+            own, gen = in_language(settings, answer.language, written.generation())
+            keys = []
+            for f in answer.findings:
+                rows = gen.token_range(f.span)
+                keys.append(self.key(f, rows, gen, own))
+                if keys[-1] not in self.started:
+                    started = maps.start(self._finding, f, rows, gen, own)
+                    if started is None:
+                        return
+                    self.started[keys[-1]] = started
+            if tuple(keys) not in self.started_labels:  # the label map, if no other finding follows
+                self.started_labels[tuple(keys)] = maps.start(self._labels, [self.started[k] for k in keys])
+        except Exception:  # noqa: BLE001 (the answer goes on; its findings are mapped after it)
+            logger.exception("mapping findings while the model writes failed: they are mapped after the answer")
+
+    def forget(self) -> None:
+        """Drop what was started (its generation is not the one the reading uses)."""
+        self.started.clear()
+        self.started_labels.clear()
+        self.looked_upto = 0
 
 
 ASSUMED_SPACING = "assumed: the film's longer side 430 mm (the file gives no pixel spacing)"

@@ -173,3 +173,13 @@ def test_the_findings_command(tmp_path):
     report.write_bytes(b"\xff\xfe\x00bad")
     r = _cli("-f", str(report))
     assert r.returncode == 2 and "cannot read" in r.stderr
+
+
+def test_how_much_of_an_answer_being_written_is_complete_sentences():
+    from monailabel_app.language.findings import written_upto
+
+    assert written_upto("Nodule in the right") == 0
+    assert written_upto("Nodule in the right.") == 0  # a full stop at the very end may be more to come
+    assert written_upto("Nodule in the right. Opac") == len("Nodule in the right.")
+    assert written_upto("Mass of 1.5 cm in the left") == 0  # a decimal point ends nothing
+    assert written_upto("右肺结节。左肺") == len("右肺结节。")

@@ -334,3 +334,68 @@ def test_a_studys_anatomy_is_found_while_the_model_reads_it(reader, monkeypatch)
         reader._lung_fields(odd)
     monkeypatch.setattr(anatomy, "xray_lung_fields", lambda *a: "fields")
     assert reader._lung_fields(odd) == "fields"
+
+
+ANSWER_WITH_TAIL = ("Nodule in the right middle zone. Opacity in the left lower zone. Effusion in the right lower zone."
+                    + " The heart is normal." * 4)
+
+
+def test_a_films_findings_are_mapped_while_the_model_writes(reader, monkeypatch):
+    """Findings whose sentences are complete before the answer ends are mapped beside the decode and the
+    reading takes those results: the same grids, heatmaps, gated maps, masks and extras as maps made after
+    the answer (exact: the same attention rows, rolled out the same)."""
+    from monailabel_app import reader as reader_mod
+
+    image = make_phantom(20011).image
+    monkeypatch.setenv(reader_mod.MAPS_WHILE_DECODING_ENV, "0")
+    after = _read(reader, image, answer=ANSWER_WITH_TAIL)
+    assert after.maps_ahead == 0 and len(after.findings) == 3
+    monkeypatch.setenv(reader_mod.MAPS_WHILE_DECODING_ENV, "1")
+    made = []
+    real = reader_mod.FilmMaps._finding
+    monkeypatch.setattr(reader_mod.FilmMaps, "_finding", lambda self, f, *a: made.append(f.kind) or real(self, f, *a))
+    ahead = _read(reader, image, answer=ANSWER_WITH_TAIL)
+    assert ahead.maps_ahead == ahead.latencies["maps_ahead"] == 3 and sorted(made) == ["effusion", "nodule", "opacity"]
+    assert ahead.report == after.report and ahead.extras == after.extras
+    assert np.array_equal(ahead.labels, after.labels) and ahead.labels.any()
+    for name in ("grids", "heatmaps", "mask_maps"):
+        assert all(np.array_equal(a, b) for a, b in zip(getattr(ahead, name), getattr(after, name))), name
+    monkeypatch.setenv(reader_mod.MAPS_WHILE_DECODING_ENV, "maybe")
+    with pytest.raises(ValueError, match="MEDGEMMA_MAPS_WHILE_DECODING"):
+        _read(reader, image)
+
+
+def test_maps_made_while_writing_are_taken_only_for_the_same_finding(reader):
+    """A finding is mapped early only once its sentence is complete, and its early result is taken only when
+    the final answer reads the same finding on the same token rows: a finding whose words the final answer
+    reads otherwise (here: another side) is mapped anew. A failure while the model writes never reaches the
+    decode."""
+    import dataclasses
+
+    from monailabel_app import reader as reader_mod
+    from monailabel_app.generation import Partial
+    from monailabel_app.xray import pad_to_square
+
+    image = make_phantom(20011).image
+    radiograph = Radiograph(image, Geometry.plain(*image.shape))
+    gen = reader.read(radiograph, answer=ANSWER_WITH_TAIL).generation
+    settings = reader.info.grounding
+    cut = ANSWER_WITH_TAIL.index("left lo") + len("left lo")  # the second sentence still being written
+    n = sum(1 for end in gen.token_ends if end <= cut)
+    text = gen.text[: gen.token_ends[n - 1]]
+    partial = dataclasses.replace(gen, text=text, token_ids=gen.token_ids[:n], token_ends=gen.token_ends[:n],
+                                  attention=gen.attention[:n])
+    film = reader_mod.FilmMaps(reader, radiograph, pad_to_square(image)[1])
+    film.ahead(Partial(partial.token_ids, text, lambda: partial), settings)
+    assert [key[0] for key in film.started] == ["nodule"]  # not the opacity: its sentence is not complete
+    nodule = reader_mod.read_answer(gen.text).findings[0]
+    rows = gen.token_range(nodule.span)
+    early = film.started[film.key(nodule, rows, gen, settings)].result()
+    assert film.finding(nodule, rows, gen, settings) is early and film.reused == 1
+    key = film.key(nodule, rows, gen, settings)
+    labels = film.labels([key])  # the label map of the findings so far: the nodule alone
+    assert np.array_equal(labels, early[3].astype(np.uint8)) and film.labels([key, key]) is None
+    other = dataclasses.replace(nodule, side="left")
+    fresh = film.finding(other, rows, gen, settings)
+    assert fresh is not early and film.reused == 1 and not fresh[2][:, : image.shape[1] // 2].any()
+    film.ahead(Partial(gen.token_ids, gen.text, lambda: 1 / 0), settings)  # logged, not raised

@@ -29,7 +29,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -188,6 +188,21 @@ def _call(fn, args):
         return fn(*args)
 
 
+def _pool() -> ThreadPoolExecutor:
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(MAP_THREADS, thread_name_prefix="maps")
+    return _POOL
+
+
+def start(fn, *args) -> Future | None:
+    """``fn(*args)`` started in the shared pool, on its thread's own CUDA stream (e.g. a finding's maps while
+    the model still writes the rest of its answer); None where the maps do not use the pool (one thread)."""
+    if MAP_THREADS == 1:
+        return None
+    return _pool().submit(_call, fn, args)
+
+
 def each(fn, *items, cost: list | None = None) -> list:
     """``[fn(*args) for args in zip(*items)]``, the calls run side by side in a shared thread pool (a
     reading's findings, or a batch's studies: their map and region work is numpy, scipy and torch code that
@@ -195,12 +210,10 @@ def each(fn, *items, cost: list | None = None) -> list:
     a call from inside the pool (it would wait on itself) runs in the calling thread. ``cost``: each call's
     expected work (any comparable numbers): the pool starts the costliest first, so that fewer threads than
     calls do not end on one long call started last; the results keep the items' order."""
-    global _POOL
     args = list(zip(*items))
     if len(args) <= 1 or MAP_THREADS == 1 or threading.current_thread().name.startswith("maps"):
         return [fn(*a) for a in args]
-    if _POOL is None:
-        _POOL = ThreadPoolExecutor(MAP_THREADS, thread_name_prefix="maps")
+    pool = _pool()
     order = range(len(args)) if cost is None else sorted(range(len(args)), key=lambda i: cost[i], reverse=True)
-    futures = {i: _POOL.submit(_call, fn, args[i]) for i in order}
+    futures = {i: pool.submit(_call, fn, args[i]) for i in order}
     return [futures[i].result() for i in range(len(args))]

@@ -379,6 +379,14 @@ def _sentence_findings(text: str, a: int, b: int, language: str) -> list[Finding
     return found
 
 
+def written_upto(text: str) -> int:
+    """How much of ``text``, an answer still being written, is complete sentences: up to the end of its last
+    sentence end that more text follows (0 when none); :func:`read_answer` of that much gives findings that
+    the rest of the answer does not change."""
+    ends = [m.end() for m in _SENTENCE_END.finditer(text) if m.end() < len(text)]
+    return ends[-1] if ends else 0
+
+
 def read_answer(text: str) -> Answer:
     """The findings of ``text`` (any language), its mentions (negated ones included) and its thinking."""
     text = text or ""

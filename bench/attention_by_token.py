@@ -5,7 +5,7 @@
 For each lesion of held-out radiograph phantoms whose zone the model named, each token of the finding's
 words and each recorded layer (rolled out as the maps are) gives a map on its own; the table is the share of
 lesions that map's maximum points at (within half a token cell), by the token's place in the finding. It
-shows where the grounding of a language comes from: the maps average these tokens (:func:`reader.finding_grid`).
+shows where the grounding of a language comes from: the maps average these tokens (:func:`study_maps.finding_grid`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from monailabel_app.grounding import maps  # noqa: E402
 from monailabel_app.phantoms import make_phantom  # noqa: E402
-from monailabel_app.reader import LANGUAGE_ENTRIES, Reader, finding_grid  # noqa: E402
+from monailabel_app.reader import Reader  # noqa: E402
+from monailabel_app.study_maps import LANGUAGE_ENTRIES, finding_grid  # noqa: E402
 from monailabel_app.xray import Geometry, Radiograph  # noqa: E402
 
 

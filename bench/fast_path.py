@@ -52,7 +52,7 @@ from monailabel_app.grounding import maps  # noqa: E402
 from monailabel_app.loading import ModelInfo  # noqa: E402
 from monailabel_app.phantom_model import CT_QUESTION, DEFAULT_QUESTION  # noqa: E402
 from monailabel_app.phantoms import make_phantom  # noqa: E402
-from monailabel_app.reader import Reader  # noqa: E402
+from monailabel_app.reader import MAPS_WHILE_DECODING_ENV, Reader  # noqa: E402
 from monailabel_app.xray import Geometry, Radiograph  # noqa: E402
 
 NEW = 200

@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 from monailabel_app.ct_phantoms import make_ct_phantom, phantom_volume  # noqa: E402
 from monailabel_app.jobs.evaluation import evaluate, evaluate_ct, lobe_priors, table, zone_priors  # noqa: E402
-from monailabel_app.reader import DEFAULT_CT_GATES, DEFAULT_XRAY_GATES, Reader, entry_for  # noqa: E402
+from monailabel_app.reader import Reader  # noqa: E402
+from monailabel_app.study_maps import DEFAULT_CT_GATES, DEFAULT_XRAY_GATES, entry_for  # noqa: E402
 
 
 @contextmanager
@@ -57,7 +58,7 @@ def ct_reader(reader, control: bool = False, language: str = "en"):
 
 
 def method(entry: dict, language: str, gates: str) -> str:
-    """The mask method's row name: the entry as it applies to answers in ``language`` (reader.entry_for)."""
+    """The mask method's row name: the entry as it applies to answers in ``language`` (study_maps.entry_for)."""
     g = entry_for(entry, language)
     which = f"; the entry for answers in {language}" if g is not entry else ""
     return f"(b) final masks: layers {g['layers']}{' rolled out' if g.get('rollout') else ''}, {gates} (the method{which})"

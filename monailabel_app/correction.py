@@ -24,7 +24,8 @@ from .errors import InputError
 from .grounding import ct_maps, extent
 from .language.findings import Finding
 from .language.vocabulary import KINDS_EN
-from .reader import ASSUMED_SPACING, Reading
+from .reader import Reading
+from .study_maps import ASSUMED_SPACING
 from .report import unique_names
 from .xray import Radiograph, SquarePad, pixel_spacing_mm
 

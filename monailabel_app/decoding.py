@@ -493,7 +493,7 @@ class LiveRows:
     def __init__(self, recorder: AttentionRecorder, decoder: "Decoder"):
         self.recorder, self.decoder = recorder, decoder
         self.recorded = [decoder.layers.index(layer) for layer in recorder.usable_layers]
-        self.parts: list[torch.Tensor] = []
+        self.rows: torch.Tensor | None = None  # (max_new, layers, 1, heads, n) on the CPU, filled as copied
         self.count = 0  # rows copied so far
         self.lock = threading.Lock()
         device = decoder.tokens.device
@@ -501,7 +501,7 @@ class LiveRows:
 
     def upto(self, steps: int) -> torch.Tensor:
         """(steps, layers, 1, heads, n) float32 on the CPU: the rows of the first ``steps`` tokens (decoded
-        ones only: called once the decoder has looked at them)."""
+        ones only: called once the decoder has looked at them); a view of the rows copied so far."""
         with self.lock:
             if steps > self.count:
                 with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
@@ -510,9 +510,11 @@ class LiveRows:
                         part = self.recorder.stacked(None if decode is None else decode[:, self.recorded])
                     else:
                         part = self.recorder.rolled_rows(decode[self.count - 1:, self.recorded])
-                    self.parts.append(part.float().cpu())
+                    if self.rows is None:
+                        self.rows = torch.empty((self.decoder.max_new, *part.shape[1:]), dtype=torch.float32)
+                    self.rows[self.count : steps].copy_(part)
                 self.count = steps
-            return torch.cat(self.parts)[:steps] if len(self.parts) > 1 else self.parts[0][:steps]
+            return self.rows[:steps]
 
 
 AHEAD_ENV = "MEDGEMMA_DECODE_AHEAD"  # decode replays in flight (default: 2 where other work shares the host, else 1)

@@ -12,7 +12,6 @@ the findings, one float heatmap per finding and the label map, all in the input'
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import os
@@ -28,30 +27,23 @@ from PIL import Image
 from scipy import ndimage
 
 from . import allocator, map_processes
-from .grounding import anatomy, ct_maps, extent, maps
+from .grounding import anatomy, extent, maps
 from .ct import CTVolume, Limits, body_mask, interleave, model_slices, sample_slices
 from .errors import InputError
-from .generation import (Conversation, Generation, NonFiniteOutput, Partial, Prepared, follow_up, generate_batch,
-                         prepare_batch)
+from .generation import Conversation, Generation, NonFiniteOutput, Prepared, follow_up, generate_batch, prepare_batch
 from .loading import load_model, normalise_precision
 from .language.asking import answer_language, ask_in, check_language
 from .language.structured import structured_report
 from .phantom_model import CT_QUESTION, CT_QUESTION_ZH, DEFAULT_QUESTION, DEFAULT_QUESTION_ZH, MODEL_LABEL, PHANTOM_MODEL_DIR
-from .language.findings import written_upto
 from .report import Finding, read_answer, unique_names
 from .study import check_modality, load_study
-from .xray import Geometry, Radiograph, SquarePad, pad_to_square, pixel_spacing_mm
+from .study_maps import CTMaps, FilmMaps, StudyMaps, in_language, recorded_layers
+from .xray import Geometry, Radiograph, SquarePad, pad_to_square
 
 logger = logging.getLogger(__name__)
 
 MAX_QUESTION_CHARS = 2000
-# cues that gate a finding's heatmap before its mask is cut (grounding.json "gates"): "side" (the named
-# side of the body), "zone" (radiograph: the named third of that lung field, found in the image), "box"
-# (radiograph: the [y0, x0, y1, x1] box the model gave in the finding's sentence), "lung" (CT: the lungs
-# found by HU)
-DEFAULT_XRAY_GATES = ("side", "zone", "box")
-DEFAULT_CT_GATES = ("side", "lung")
-MAPS_WHILE_DECODING_ENV = "MEDGEMMA_MAPS_WHILE_DECODING"  # 1 / 0: a film's maps made as its sentences are written
+MAPS_WHILE_DECODING_ENV = "MEDGEMMA_MAPS_WHILE_DECODING"  # 1 / 0: a study's maps made as its sentences are written
 MAX_NEW_TOKENS_LIMIT = 1024
 # where a study's anatomy is found while the model reads it (numpy and scipy: they release the GIL)
 _ANATOMY_POOL = ThreadPoolExecutor(2, thread_name_prefix="anatomy")
@@ -271,7 +263,7 @@ class Reader:
 
     @property
     def maps_while_decoding(self) -> bool:
-        """Whether a film's findings are mapped while the model still writes its answer (:class:`FilmMaps`):
+        """Whether a study's findings are mapped while the model still writes its answer (:class:`StudyMaps`):
         on a GPU by default (the decode leaves the host's cores idle), not on the CPU (there they are the
         decode's); :data:`MAPS_WHILE_DECODING_ENV` (1 or 0) decides instead."""
         value = os.environ.get(MAPS_WHILE_DECODING_ENV, "").strip()
@@ -294,12 +286,12 @@ class Reader:
 
     def _generate(self, chats: list[tuple[list, str]], settings: dict, max_new_tokens, answers=None,
                   keep: bool = False, prepared: Prepared | None = None,
-                  ahead: "FilmMaps | None" = None) -> list[Generation]:
+                  ahead: StudyMaps | None = None) -> list[Generation]:
         """Generate for (content, question) chats of one modality, with the attention capture that
         ``settings`` (the modality's grounding entry) asks for; fp16 overflow reloads in fp32 and retries.
         ``keep``: the generation carries its conversation, for follow-up questions. ``prepared``: the
-        chats' inputs made ahead (:meth:`_prepare`). ``ahead`` (one film): its findings are mapped as their
-        sentences are written (:meth:`FilmMaps.ahead`)."""
+        chats' inputs made ahead (:meth:`_prepare`). ``ahead`` (one study): its findings are mapped as their
+        sentences are written (:meth:`StudyMaps.ahead`)."""
         args = (chats, recorded_layers(settings), max_new_tokens, self.system, bool(settings.get("rollout")), answers,
                 keep)
         with self._model_lock:
@@ -526,33 +518,6 @@ class Reader:
         """Body and lung masks of ``volume`` (display grid), kept for the last volume like the fields."""
         return self._ct_anatomy_future(volume).result()
 
-    @staticmethod
-    def _extent(finding: Finding, heat: np.ndarray, threshold: float, from_image: bool, find, point,
-                side: np.ndarray | None = None, support: tuple[slice, ...] | None = None) -> tuple[np.ndarray, dict]:
-        """(region, what the finding says about it): the image's region for the finding (``find()``, from
-        :mod:`grounding.extent`) when ``from_image`` and the image gives one, with the point it grew from
-        (``point(index)``: as the input's [i, j, k]; ``find`` is given the attention's own region), else the attention's own (the gated map's region at
-        ``threshold``), with the reason. ``side``: the named side's half (safety: an image region never
-        crosses to the other side of the patient; it is cut at the midline like the attention); and it must
-        stand for the finding (:func:`keeps_image_region`). ``support``: the box outside which ``heat`` is
-        zero (its gate's; :func:`maps.peak_region`)."""
-        own = maps.peak_region(heat, threshold, support=support)
-        if from_image:
-            try:
-                found = find(own)
-                mask = found.mask if side is None else found.mask & side
-                if not mask.any():
-                    reason = "the image's region lies on the other side of the patient"
-                elif not keeps_image_region(mask, own, finding.kind):
-                    reason = "the image's region lies away from where attention points"
-                else:
-                    return mask, {"extent": "image", "measured": {**found.json(), "point": point(found.seed)}}
-            except extent.NoExtent as e:
-                reason = str(e)
-        else:
-            reason = "image extent switched off (grounding.json \"extent\": \"attention\")"
-        return own, {"extent": "attention", "extent_reason": reason}
-
     def _read_radiograph(self, radiograph: Radiograph, question: str, max_new_tokens: int, answer=None,
                          gen: Generation | None = None, keep: bool = False) -> Reading:
         square, pad = pad_to_square(radiograph.pixels)
@@ -560,23 +525,13 @@ class Reader:
         if gen is None:
             self._anatomy_ahead(radiograph)
             gen = self._generate([([Image.fromarray(square)], question)], self.info.grounding, max_new_tokens,
-                                 None if answer is None else [answer], keep,
-                                 ahead=film if self.maps_while_decoding else None)[0]
-        answer = read_answer(gen.text)
-        findings = answer.findings
-        settings, gen = in_language(self.info.grounding, answer.language, gen)
-        rows = self._score(gen, findings)
-        done = maps.each(partial(film.finding, gen=gen, settings=settings), findings, rows,
-                         cost=[extent.search_cost(f.kind, 2) for f in findings])
-        grids, heatmaps, mask_maps, regions, extras = (list(x) for x in zip(*done)) if done else ([], [], [], [], [])
-        labels = film.labels([film.key(f, r, gen, settings) for f, r in zip(findings, rows)])
-        if labels is None:
-            labels = maps.assign(regions, mask_maps) if regions else np.zeros(radiograph.pixels.shape, np.uint8)
+                                 None if answer is None else [answer], keep, ahead=self._ahead(film))[0]
+        answer, gen, done, labels, extras = self._mapped(film, gen, self.info.grounding, 2)
         geom = radiograph.geometry
         return Reading(
-            report=answer.text, thinking=answer.thinking, answer_language=answer.language, findings=findings,
-            names=unique_names(findings), grids=grids,
-            heatmaps=[h.reshape(geom.shape) for h in heatmaps], mask_maps=[m.reshape(geom.shape) for m in mask_maps],
+            report=answer.text, thinking=answer.thinking, answer_language=answer.language, findings=answer.findings,
+            names=unique_names(answer.findings), grids=[d.grid for d in done],
+            heatmaps=[d.heatmap.reshape(geom.shape) for d in done], mask_maps=[d.gated.reshape(geom.shape) for d in done],
             labels=labels.reshape(geom.shape), study=radiograph, geometry=geom, pad=pad, model_inputs=[square],
             inputs_index=[{"source": radiograph.source, "source_shape": list(radiograph.pixels.shape)}],
             question=question, model=self._model_dict(gen), modality="xray", generation=gen, extras=extras,
@@ -586,59 +541,42 @@ class Reader:
     def _read_ct(self, volume: CTVolume, question: str, max_new_tokens: int, max_slices: int, answer=None,
                  gen: Generation | None = None, keep: bool = False) -> Reading:
         ms = model_slices(volume, max_slices)
+        study = CTMaps(self, volume, ms)
         if gen is None:
             self._anatomy_ahead(volume)
             content = interleave([Image.fromarray(im) for im in ms.images])
             gen = self._generate([(content, question)], self.ct, max_new_tokens, None if answer is None else [answer],
-                                 keep)[0]
-        answer = read_answer(gen.text)
-        findings = answer.findings
-        settings, gen = in_language(self.ct, answer.language, gen)
-        gates = settings.get("gates", DEFAULT_CT_GATES)
-        body, lungs = self._ct_anatomy(volume)
-        lungs = lungs if "lung" in gates else None
-        depth, device = volume.shape[0], self.maps_device
-        allowed = body & lungs if lungs is not None else body
-        allowed_box = extent.bounding_box(allowed) if allowed.any() else None
-        allowed = torch.as_tensor(allowed, device=device) if device.type != "cpu" else allowed
-        columns = {f.side: ct_maps.side_columns(body, f.side) for f in findings} if "side" in gates else {}
-        boxes = {f.side: ct_maps.gate_box(allowed_box, columns[f.side] if columns else None) for f in findings}
-        threshold, from_image = float(settings.get("threshold", 0.5)), image_extent(settings)
-        shared: dict = {}  # what the image extent makes once for the volume's findings (extent.grow_ct)
-
-        def one(f: Finding, rows: list[int]):  # a finding's grids, heatmap, gated map, region (findings in parallel)
-            g = ct_maps.slice_grids(gen.attention, rows, self.grid, len(ms.images))
-            h = ct_maps.volume_heatmap(g, ms, depth, device)
-            box = boxes[f.side]  # the gated map is zero outside it: gated, peak regions and search on it alone
-            if device.type == "cpu":  # gated with numpy (faster than torch on the CPU)
-                h = h.numpy()
-                m = ct_maps.gated_map(h, allowed, columns[f.side] if columns else None, box)
-            else:
-                m = ct_maps.gated_map(h, allowed, torch.as_tensor(columns[f.side], device=device) if columns else None, box)
-                h = h.cpu().numpy()
-            side = columns[f.side][None, None, :] if columns else None
-            region, info = self._extent(f, m, threshold, from_image, lambda own: extent.find_in_ct(
-                volume.hu, volume.spacing, m, f.kind, own, shared, box),
-                lambda p: [int(i) for i in reversed(volume.stored_index(p))], side, box)
-            return g, h, m, region, info
-
-        done = maps.each(one, findings, self._score(gen, findings), cost=[extent.search_cost(f.kind, 3) for f in findings])
-        grids, heat, mask_maps, regions, found = (list(x) for x in zip(*done)) if done else ([], [], [], [], [])
-        labels = maps.assign(regions, mask_maps, [boxes[f.side] for f in findings]) if regions \
-            else np.zeros(volume.shape, np.uint8)
-        extras = maps.each(lambda k, g, m, info: {**ct_maps.slice_info(volume, g, m, labels == k), **info},
-                           range(1, len(grids) + 1), grids, mask_maps, found)
+                                 keep, ahead=self._ahead(study))[0]
+        answer, gen, done, labels, extras = self._mapped(study, gen, self.ct, 3)
         index = [{"model_slice": n, "display_z": z, "source_index": volume.display_to_stored_index(z),
                   "world_z_mm": round(volume.world_z(z), 3)} for n, z in enumerate(ms.indices, start=1)]
+        heat = [d.heatmap for d in done]
         return Reading(
-            report=answer.text, thinking=answer.thinking, answer_language=answer.language, findings=findings,
-            names=unique_names(findings), grids=grids,
+            report=answer.text, thinking=answer.thinking, answer_language=answer.language, findings=answer.findings,
+            names=unique_names(answer.findings), grids=[d.grid for d in done],
             heatmaps=[volume.to_input(h, copy=False) for h in heat],
-            mask_maps=[volume.to_input(m, copy=False) for m in mask_maps],
+            mask_maps=[volume.to_input(d.gated, copy=False) for d in done],
             labels=volume.to_input(labels, nearest=True).astype(np.uint8), study=volume, geometry=volume.geometry,
             pad=ms.pad, model_inputs=ms.images, inputs_index=index, question=question, model=self._model_dict(gen),
             modality="ct", extras=extras, generation=gen, display_labels=labels, display_heatmaps=heat,
+            maps_ahead=study.reused,
         )
+
+    def _ahead(self, study: StudyMaps) -> StudyMaps | None:
+        """``study``'s maps to make while the model writes, where that is on (:attr:`maps_while_decoding`)."""
+        return study if self.maps_while_decoding else None
+
+    def _mapped(self, study: StudyMaps, gen: Generation, settings: dict, dims: int) -> tuple:
+        """(answer, generation in the answer's language entry, each finding's :class:`Mapped`, label map, extras)
+        of ``gen`` on ``study`` (the modality's grounding ``settings``; ``dims``: 2 for a film, 3 for a CT)."""
+        answer = read_answer(gen.text)
+        findings = answer.findings
+        settings, gen = in_language(settings, answer.language, gen)
+        rows = self._score(gen, findings)
+        done = maps.each(partial(study.finding, gen=gen, settings=settings), findings, rows,
+                         cost=[extent.search_cost(f.kind, dims) for f in findings])
+        labels, extras = study.finish([study.key(f, r, gen, settings) for f, r in zip(findings, rows)], done)
+        return answer, gen, done, labels, extras
 
 
 WARM_UP_SEED = 7  # the phantom read at warm-up (any phantom: only the shapes matter)
@@ -663,152 +601,6 @@ def warm_up_study(modality: str, slices: int) -> Radiograph | CTVolume:
     return phantom_volume(ph)
 
 
-class FilmMaps:
-    """A film's maps, one finding at a time: what its findings share (the square's padding, the pixel
-    spacing, the lung fields, the image extent's film cache: :func:`extent.film_cache`) made once, and per
-    finding its token-grid map, heatmap, gated map, region and what the image measured (:meth:`finding`).
-
-    Mapped while the model writes (:meth:`ahead`, the decode's progress): once a finding's sentence is
-    complete, its maps are made beside the rest of the decode, in the map threads, and the label map of the
-    findings so far (:meth:`labels`: taken when the answer ends with no other finding). The reading takes that
-    result only for a finding of the final answer with the same words' reading (kind, side, level, region,
-    box), the same token rows and the same settings (:meth:`key`: then every input of :meth:`finding` is the
-    same, the rows being the same copies, :class:`decoding.LiveRows`), and maps any other finding anew: a mask
-    never depends on when it was made."""
-
-    def __init__(self, reader: Reader, radiograph: Radiograph, pad: SquarePad):
-        self.reader, self.radiograph, self.pad = reader, radiograph, pad
-        self.spacing, self.spacing_known = pixel_spacing_mm(radiograph)
-        self._film: dict | None = None
-        self._lock = threading.Lock()
-        self.started: dict[tuple, Future] = {}  # key -> the finding's maps, started while the model wrote
-        self.started_labels: dict[tuple, Future] = {}  # the findings' keys in order -> their label map
-        self.looked_upto = 0  # characters of the answer being written already read for findings
-        self.reused = 0
-
-    def fields(self) -> anatomy.LungFields:
-        return self.reader._lung_fields(self.radiograph.pixels)
-
-    def film(self) -> dict:
-        """The image extent's film cache (made once, by the first finding that needs it)."""
-        with self._lock:
-            if self._film is None:
-                self._film = extent.film_cache(self.radiograph.pixels, self.fields(), self.reader.maps_device)
-            return self._film
-
-    @staticmethod
-    def key(f: Finding, rows: list[int], gen: Generation, settings: dict) -> tuple:
-        """Everything :meth:`finding` reads of a finding, its generation and its settings (the attention
-        values aside: the same rows of one generation)."""
-        return (f.kind, f.side, f.level, f.region, f.box, tuple(rows), tuple(gen.layers),
-                json.dumps(settings, sort_keys=True, default=str))
-
-    def finding(self, f: Finding, rows: list[int], gen: Generation, settings: dict) -> tuple:
-        """(grid, heatmap, gated map, region, extras) of one finding: a result made while the model wrote
-        when it has this :meth:`key`, else made now."""
-        made = self.started.get(self.key(f, rows, gen, settings))
-        if made is not None and made.exception() is None:
-            with self._lock:
-                self.reused += 1
-            return made.result()
-        return self._finding(f, rows, gen, settings)
-
-    def labels(self, keys: list[tuple]) -> np.ndarray | None:
-        """The label map made while the model wrote for exactly these findings (:meth:`key`s, in order), or None."""
-        made = self.started_labels.get(tuple(keys))
-        return made.result() if made is not None and made.exception() is None else None
-
-    def _labels(self, made: list[Future]) -> np.ndarray:
-        """The label map of findings mapped while the model writes (:func:`maps.assign`), once they are."""
-        done = [m.result() for m in made]
-        return maps.assign([d[3] for d in done], [d[2] for d in done])
-
-    def _finding(self, f: Finding, rows: list[int], gen: Generation, settings: dict) -> tuple:
-        pixels, pad, grid_side = self.radiograph.pixels, self.pad, self.reader.grid
-        grid = finding_grid(gen, rows, grid_side)
-        h = maps.grids_to_pixels(torch.as_tensor(grid[None], device=self.reader.maps_device), pad)[0].cpu().numpy()
-        gates = settings.get("gates", DEFAULT_XRAY_GATES)
-        margin = pad.side / grid_side / 2  # half a token cell
-        gate = maps.side_gate(h.shape, f.side) if "side" in gates else 1.0
-        if "zone" in gates and f.region != "lobe":
-            gate = gate * anatomy.level_gate(h.shape, self.fields().side(f.side), f.level, margin)
-        if "box" in gates and f.box is not None:
-            gate = gate * maps.box_gate(h.shape, f.box, pad, margin)
-        m = h * gate
-        side = maps.side_gate(m.shape, f.side) > 0 if "side" in gates else None
-        from_image = image_extent(settings)
-        region, info = Reader._extent(f, m, float(settings.get("threshold", 0.5)), from_image, lambda own: (
-            extent.find_on_radiograph(pixels, self.spacing, m, f.kind, self.fields(), self.film())),
-            lambda p: [int(p[1]), int(p[0]), 0], side)
-        if info["extent"] == "image" and not self.spacing_known:
-            info["measured"]["spacing"] = ASSUMED_SPACING
-        return grid, h, m, region, info
-
-    def ahead(self, written: Partial, settings: dict) -> None:
-        """The decode's progress: start the maps of the findings in the newly completed sentences of the
-        answer being ``written`` (the modality's grounding ``settings``). Never raises into the decode."""
-        try:
-            upto = written_upto(written.text)
-            if upto <= self.looked_upto:
-                return
-            self.looked_upto = upto
-            answer = read_answer(written.text[:upto])
-            if not answer.findings:
-                return
-            own, gen = in_language(settings, answer.language, written.generation())
-            keys = []
-            for f in answer.findings:
-                rows = gen.token_range(f.span)
-                keys.append(self.key(f, rows, gen, own))
-                if keys[-1] not in self.started:
-                    started = maps.start(self._finding, f, rows, gen, own)
-                    if started is None:
-                        return
-                    self.started[keys[-1]] = started
-            if tuple(keys) not in self.started_labels:  # the label map, if no other finding follows
-                self.started_labels[tuple(keys)] = maps.start(self._labels, [self.started[k] for k in keys])
-        except Exception:  # noqa: BLE001 (the answer goes on; its findings are mapped after it)
-            logger.exception("mapping findings while the model writes failed: they are mapped after the answer")
-
-    def forget(self) -> None:
-        """Drop what was started (its generation is not the one the reading uses)."""
-        self.started.clear()
-        self.started_labels.clear()
-        self.looked_upto = 0
-
-
-ASSUMED_SPACING = "assumed: the film's longer side 430 mm (the file gives no pixel spacing)"
-
-
-# when the image's region stands for the finding (chosen on calibration phantoms 20000..20149, never the
-# held-out ones): its centre inside the attention's own region, or a quarter of it inside and no more than
-# 1.5 times its size; an airspace region under a tenth of the attention's is a speck, not the process
-KEEP_OVERLAP, KEEP_LARGEST, KEEP_SMALLEST_AIRSPACE = 0.25, 1.5, 0.1
-
-
-def keeps_image_region(region: np.ndarray, own: np.ndarray, kind: str) -> bool:
-    """Whether the image's ``region`` for a finding of ``kind`` stands for it, against the attention's ``own``
-    region: it must not move the finding away from where the model looked (a speck beside the lesion, a
-    seed on the heart beside an effusion)."""
-    if not own.any():
-        return True
-    ratio = region.sum() / own.sum()
-    if kind in extent.AIRSPACE and ratio < KEEP_SMALLEST_AIRSPACE:
-        return False
-    box = extent.bounding_box(region)  # the same centre and overlap, on the region's box only
-    centre = tuple(int(round(c + b.start)) for c, b in zip(ndimage.center_of_mass(region[box]), box))
-    return bool(own[centre]) or ((region[box] & own[box]).sum() >= KEEP_OVERLAP * region.sum() and ratio <= KEEP_LARGEST)
-
-
-def image_extent(settings: dict) -> bool:
-    """Whether masks take their extent from the image (grounding.json ``"extent": "image"``, the default) or
-    stay the attention's region (``"attention"``)."""
-    value = settings.get("extent", "image")
-    if value not in ("image", "attention"):
-        raise ValueError(f"grounding.json: 'extent' must be 'image' or 'attention', got {value!r}")
-    return value == "image"
-
-
 def _latencies(gen: Generation, load: float, maps_seconds: float) -> dict:
     """Seconds per stage of one reading (``generate``: its batch's), its tokens and why it stopped."""
     return {
@@ -826,43 +618,3 @@ def _latencies(gen: Generation, load: float, maps_seconds: float) -> dict:
 
 def check_max_slices(value, default: int) -> int:
     return int(default) if value is None or value == "" else whole_number("max_slices", value, 1, 512)
-
-
-LANGUAGE_ENTRIES = ("zh",)  # answer languages a grounding entry may carry its own entry for (English: the entry)
-
-
-def entry_for(settings: dict, language: str) -> dict:
-    """The grounding entry as it applies to an answer in ``language``: its own entry (``calibrate --language
-    zh``: ``"zh": {"layers": [3], "threshold": 0.6}``, the attention method kept) over the entry. A model's
-    attention can point differently while it writes another language."""
-    own = settings.get(language) if language in LANGUAGE_ENTRIES else None
-    return {**settings, **own} if isinstance(own, dict) else settings
-
-
-def recorded_layers(settings: dict) -> list[int]:
-    """The layers a generation records for ``settings``: its own and those of its per-language entries."""
-    return sorted({layer for lang in ("en", *LANGUAGE_ENTRIES) for layer in entry_for(settings, lang)["layers"]})
-
-
-def in_language(settings: dict, language: str, gen: Generation) -> tuple[dict, Generation]:
-    """:func:`entry_for` ``language``, and the generation restricted to that entry's layers."""
-    merged = entry_for(settings, language)
-    layers = [layer for layer in merged["layers"] if layer in gen.layers]
-    if layers and layers != gen.layers:
-        idx = [gen.layers.index(layer) for layer in layers]
-        gen = dataclasses.replace(gen, attention=gen.attention[:, idx], layers=layers)
-    return merged, gen
-
-
-def finding_grid(gen: Generation, rows: list[int], grid: int, image: int = 0) -> np.ndarray:
-    """(grid, grid) map: attention of the finding's token rows to image ``image``'s tokens.
-
-    Each (token, layer, head) row is scaled to sum 1 over the image's tokens (where the query looked
-    *within* the image, whatever share of its attention went to the image), then averaged.
-    """
-    n = gen.image_tokens_per_image
-    if not rows:
-        return np.zeros((grid, grid), np.float32)
-    a = gen.attention[rows][..., image * n : (image + 1) * n]  # (tokens, layers, heads, n)
-    a = a / a.sum(dim=-1, keepdim=True).clamp_min(1e-12)
-    return a.mean(dim=(0, 1, 2)).reshape(grid, grid).numpy().astype(np.float32)

@@ -59,8 +59,8 @@ def test_evaluation_detects_a_model_that_does_not_look(reader, monkeypatch):
     """Swap every heatmap for a flat map: pointing must collapse (the metric can fail)."""
     import numpy as np
 
-    from monailabel_app import reader as reader_mod
+    from monailabel_app import study_maps
 
-    monkeypatch.setattr(reader_mod, "finding_grid", lambda gen, rows, grid, image=0: np.ones((grid, grid), np.float32))
+    monkeypatch.setattr(study_maps, "finding_grid", lambda gen, rows, grid, image=0: np.ones((grid, grid), np.float32))
     flat = evaluate(reader, TEST_SEEDS[:20], zone_priors(range(20000, 20100)))
     assert flat["maps"]["a_raw_attention"]["pointing"] < 0.3

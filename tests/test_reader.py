@@ -345,6 +345,7 @@ def test_a_films_findings_are_mapped_while_the_model_writes(reader, monkeypatch)
     reading takes those results: the same grids, heatmaps, gated maps, masks and extras as maps made after
     the answer (exact: the same attention rows, rolled out the same)."""
     from monailabel_app import reader as reader_mod
+    from monailabel_app.study_maps import FilmMaps
 
     image = make_phantom(20011).image
     monkeypatch.setenv(reader_mod.MAPS_WHILE_DECODING_ENV, "0")
@@ -352,8 +353,8 @@ def test_a_films_findings_are_mapped_while_the_model_writes(reader, monkeypatch)
     assert after.maps_ahead == 0 and len(after.findings) == 3
     monkeypatch.setenv(reader_mod.MAPS_WHILE_DECODING_ENV, "1")
     made = []
-    real = reader_mod.FilmMaps._finding
-    monkeypatch.setattr(reader_mod.FilmMaps, "_finding", lambda self, f, *a: made.append(f.kind) or real(self, f, *a))
+    real = FilmMaps._finding
+    monkeypatch.setattr(FilmMaps, "_finding", lambda self, f, *a: made.append(f.kind) or real(self, f, *a))
     ahead = _read(reader, image, answer=ANSWER_WITH_TAIL)
     assert ahead.maps_ahead == ahead.latencies["maps_ahead"] == 3 and sorted(made) == ["effusion", "nodule", "opacity"]
     assert ahead.report == after.report and ahead.extras == after.extras
@@ -372,8 +373,9 @@ def test_maps_made_while_writing_are_taken_only_for_the_same_finding(reader):
     decode."""
     import dataclasses
 
-    from monailabel_app import reader as reader_mod
     from monailabel_app.generation import Partial
+    from monailabel_app.language.findings import read_answer
+    from monailabel_app.study_maps import FilmMaps
     from monailabel_app.xray import pad_to_square
 
     image = make_phantom(20011).image
@@ -385,17 +387,18 @@ def test_maps_made_while_writing_are_taken_only_for_the_same_finding(reader):
     text = gen.text[: gen.token_ends[n - 1]]
     partial = dataclasses.replace(gen, text=text, token_ids=gen.token_ids[:n], token_ends=gen.token_ends[:n],
                                   attention=gen.attention[:n])
-    film = reader_mod.FilmMaps(reader, radiograph, pad_to_square(image)[1])
+    film = FilmMaps(reader, radiograph, pad_to_square(image)[1])
     film.ahead(Partial(partial.token_ids, text, lambda: partial), settings)
     assert [key[0] for key in film.started] == ["nodule"]  # not the opacity: its sentence is not complete
-    nodule = reader_mod.read_answer(gen.text).findings[0]
+    nodule = read_answer(gen.text).findings[0]
     rows = gen.token_range(nodule.span)
     early = film.started[film.key(nodule, rows, gen, settings)].result()
     assert film.finding(nodule, rows, gen, settings) is early and film.reused == 1
     key = film.key(nodule, rows, gen, settings)
-    labels = film.labels([key])  # the label map of the findings so far: the nodule alone
-    assert np.array_equal(labels, early[3].astype(np.uint8)) and film.labels([key, key]) is None
+    labels, extras = film.finish([key], [early])  # the label map of the findings so far: the nodule alone
+    assert np.array_equal(labels, early.region.astype(np.uint8)) and extras == [early.info]
+    assert film.started_labels[(key,)].result()[0] is labels
     other = dataclasses.replace(nodule, side="left")
     fresh = film.finding(other, rows, gen, settings)
-    assert fresh is not early and film.reused == 1 and not fresh[2][:, : image.shape[1] // 2].any()
+    assert fresh is not early and film.reused == 1 and not fresh.gated[:, : image.shape[1] // 2].any()
     film.ahead(Partial(gen.token_ids, gen.text, lambda: 1 / 0), settings)  # logged, not raised

@@ -13,7 +13,7 @@ what is there for the other modality, with the scores and the data it was measur
 ``--language zh`` asks the questions in Chinese and stores the result as the modality's ``"zh"`` entry
 (layers and threshold; the attention method stays the modality's, since attention is recorded before the
 answer's language is known): a model can look at the image differently while it writes Chinese, and the
-reader uses that entry for Chinese answers (:func:`reader.in_language`).
+reader uses that entry for Chinese answers (:func:`study_maps.in_language`).
 
 References:
 
@@ -39,7 +39,7 @@ import numpy as np
 from scipy import ndimage
 
 from .evaluation import CALIBRATION_SEEDS, CT_CALIBRATION_SEEDS, ct_hit_sampling, dice
-from ..reader import LANGUAGE_ENTRIES, entry_for
+from ..study_maps import LANGUAGE_ENTRIES, entry_for
 from ..report import parse_report
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6)

@@ -3,7 +3,7 @@
 For every lesion of every held-out phantom, the finding that names the lesion's zone is looked up in
 the model's answer (a lesion whose zone the model did not name scores 0 everywhere but chance). Four maps:
 
-(a) raw: the finding's attention heatmap (:func:`reader.finding_grid` on the configured layers);
+(a) raw: the finding's attention heatmap (:func:`study_maps.finding_grid` on the configured layers);
 (b) final: the finding's mask in the label map the server returns;
 (c) text-only: no image at all, the average lesion mask of the named zone (from calibration phantoms,
     in image-relative coordinates);

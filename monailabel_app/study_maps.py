@@ -1,0 +1,330 @@
+"""A study's maps, finding by finding: token rows -> token-grid map -> heatmap on the study's pixels or
+voxels -> gated map -> the finding's region (the lesion's own extent in the image where it gives one, else
+attention's) -> one label map. :class:`FilmMaps` for a radiograph, :class:`CTMaps` for a CT volume.
+
+What a study's findings share is made once (a film's lung fields and the image extent's film cache; a CT's
+body and lungs, their gates and the extent's smoothed volume), and each finding is mapped on its own, in the
+map threads (:func:`grounding.maps.each`).
+
+**Mapped while the model writes** (:meth:`StudyMaps.ahead`, called by the decode every few steps): once a
+finding's sentence is complete (:func:`language.findings.written_upto`), its maps are made beside the rest of
+the decode, and the label map of the findings written so far. The reading takes such a result only for a
+finding of the final answer that reads the same words the same way (kind, side, level, region, box), on the
+same token rows, with the same settings (:meth:`StudyMaps.key`): every input of its maps is then the same,
+the attention rows being the same copies (:class:`decoding.LiveRows`). Any other finding is mapped anew, so
+a mask never depends on when it was made.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .ct import CTVolume, ModelSlices
+from .generation import Generation, Partial
+from .grounding import anatomy, ct_maps, extent, maps
+from .language.findings import Finding, read_answer, written_upto
+from .xray import Radiograph, SquarePad, pixel_spacing_mm
+
+logger = logging.getLogger(__name__)
+
+# cues that gate a finding's heatmap before its mask is cut (grounding.json "gates"): "side" (the named
+# side of the body), "zone" (radiograph: the named third of that lung field, found in the image), "box"
+# (radiograph: the [y0, x0, y1, x1] box the model gave in the finding's sentence), "lung" (CT: the lungs
+# found by HU)
+DEFAULT_XRAY_GATES = ("side", "zone", "box")
+DEFAULT_CT_GATES = ("side", "lung")
+ASSUMED_SPACING = "assumed: the film's longer side 430 mm (the file gives no pixel spacing)"
+LANGUAGE_ENTRIES = ("zh",)  # answer languages a grounding entry may carry its own entry for (English: the entry)
+
+
+@dataclass
+class Mapped:
+    """One finding's maps: its token-grid map(s), raw heatmap, gated map, region and what the image
+    measured (display grid for a CT); ``support``: the box outside which its gated map is zero (or None)."""
+
+    grid: np.ndarray
+    heatmap: np.ndarray
+    gated: np.ndarray
+    region: np.ndarray
+    info: dict
+    support: tuple[slice, ...] | None = None
+
+
+class StudyMaps:
+    """What one study's findings share and how each is mapped (:meth:`_finding`, :meth:`_finish`: subclasses),
+    with the maps made while the model writes (:meth:`ahead`) and taken when they stand (:meth:`finding`)."""
+
+    def __init__(self, reader):
+        self.reader = reader  # a Reader: its grid, maps device and the study's kept anatomy
+        self._lock = threading.Lock()
+        self.started: dict[tuple, Future] = {}  # key -> the finding's maps, started while the model wrote
+        self.started_labels: dict[tuple, Future] = {}  # the findings' keys in order -> (labels, extras)
+        self.looked_upto = 0  # characters of the answer being written already read for findings
+        self.reused = 0
+
+    @staticmethod
+    def key(f: Finding, rows: list[int], gen: Generation, settings: dict) -> tuple:
+        """Everything :meth:`_finding` reads of a finding, its generation and its settings (the attention
+        values aside: the same rows of one generation)."""
+        return (f.kind, f.side, f.level, f.region, f.box, tuple(rows), tuple(gen.layers),
+                json.dumps(settings, sort_keys=True, default=str))
+
+    def finding(self, f: Finding, rows: list[int], gen: Generation, settings: dict) -> Mapped:
+        """One finding's maps: those made while the model wrote when they have this :meth:`key`, else made now."""
+        made = self.started.get(self.key(f, rows, gen, settings))
+        if made is not None and made.exception() is None:
+            with self._lock:
+                self.reused += 1
+            return made.result()
+        return self._finding(f, rows, gen, settings)
+
+    def finish(self, keys: list[tuple], done: list[Mapped]) -> tuple[np.ndarray, list[dict]]:
+        """(label map, per-finding extras) of the findings (their :meth:`key`\\ s and maps, in order): made
+        while the model wrote for exactly these findings, else made now."""
+        made = self.started_labels.get(tuple(keys))
+        if made is not None and made.exception() is None:
+            return made.result()
+        return self._finish(done)
+
+    def _finish_started(self, made: list[Future]) -> tuple[np.ndarray, list[dict]]:
+        return self._finish([m.result() for m in made])
+
+    def ahead(self, written: Partial, settings: dict) -> None:
+        """The decode's progress: start the maps of the findings in the newly completed sentences of the
+        answer being ``written`` (the modality's grounding ``settings``), and the label map of all of them.
+        Never raises into the decode."""
+        try:
+            upto = written_upto(written.text)
+            if upto <= self.looked_upto:
+                return
+            self.looked_upto = upto
+            answer = read_answer(written.text[:upto])
+            if not answer.findings:
+                return
+            own, gen = in_language(settings, answer.language, written.generation())
+            keys = []
+            for f in answer.findings:
+                rows = gen.token_range(f.span)
+                keys.append(self.key(f, rows, gen, own))
+                if keys[-1] not in self.started:
+                    started = maps.start(self._finding, f, rows, gen, own)
+                    if started is None:
+                        return
+                    self.started[keys[-1]] = started
+            if tuple(keys) not in self.started_labels:  # the label map, if no other finding follows
+                self.started_labels[tuple(keys)] = maps.start(self._finish_started, [self.started[k] for k in keys])
+        except Exception:  # noqa: BLE001 (the answer goes on; its findings are mapped after it)
+            logger.exception("mapping findings while the model writes failed: they are mapped after the answer")
+
+    def forget(self) -> None:
+        """Drop what was started (its generation is not the one the reading uses)."""
+        self.started.clear()
+        self.started_labels.clear()
+        self.looked_upto = 0
+
+    def _finding(self, f: Finding, rows: list[int], gen: Generation, settings: dict) -> Mapped:
+        raise NotImplementedError
+
+    def _finish(self, done: list[Mapped]) -> tuple[np.ndarray, list[dict]]:
+        raise NotImplementedError
+
+
+class FilmMaps(StudyMaps):
+    """A radiograph's maps: the square's padding, the pixel spacing, the lung fields (the reader's kept
+    anatomy) and the image extent's film cache (:func:`extent.film_cache`) made once for its findings."""
+
+    def __init__(self, reader, radiograph: Radiograph, pad: SquarePad):
+        super().__init__(reader)
+        self.radiograph, self.pad = radiograph, pad
+        self.spacing, self.spacing_known = pixel_spacing_mm(radiograph)
+        self._film: dict | None = None
+
+    def fields(self) -> anatomy.LungFields:
+        return self.reader._lung_fields(self.radiograph.pixels)
+
+    def film(self) -> dict:
+        """The image extent's film cache (made once, by the first finding that needs it)."""
+        with self._lock:
+            if self._film is None:
+                self._film = extent.film_cache(self.radiograph.pixels, self.fields(), self.reader.maps_device)
+            return self._film
+
+    def _finding(self, f: Finding, rows: list[int], gen: Generation, settings: dict) -> Mapped:
+        pixels, pad, grid_side = self.radiograph.pixels, self.pad, self.reader.grid
+        grid = finding_grid(gen, rows, grid_side)
+        h = maps.grids_to_pixels(torch.as_tensor(grid[None], device=self.reader.maps_device), pad)[0].cpu().numpy()
+        gates = settings.get("gates", DEFAULT_XRAY_GATES)
+        margin = pad.side / grid_side / 2  # half a token cell
+        gate = maps.side_gate(h.shape, f.side) if "side" in gates else 1.0
+        if "zone" in gates and f.region != "lobe":
+            gate = gate * anatomy.level_gate(h.shape, self.fields().side(f.side), f.level, margin)
+        if "box" in gates and f.box is not None:
+            gate = gate * maps.box_gate(h.shape, f.box, pad, margin)
+        m = h * gate
+        side = maps.side_gate(m.shape, f.side) > 0 if "side" in gates else None
+        region, info = finding_region(f, m, float(settings.get("threshold", 0.5)), image_extent(settings), lambda own: (
+            extent.find_on_radiograph(pixels, self.spacing, m, f.kind, self.fields(), self.film())),
+            lambda p: [int(p[1]), int(p[0]), 0], side)
+        if info["extent"] == "image" and not self.spacing_known:
+            info["measured"]["spacing"] = ASSUMED_SPACING
+        return Mapped(grid, h, m, region, info)
+
+    def _finish(self, done: list[Mapped]) -> tuple[np.ndarray, list[dict]]:
+        if not done:
+            return np.zeros(self.radiograph.pixels.shape, np.uint8), []
+        return maps.assign([d.region for d in done], [d.gated for d in done]), [d.info for d in done]
+
+
+class CTMaps(StudyMaps):
+    """A CT's maps on its display grid: the body and lungs (the reader's kept anatomy), each gate's allowed
+    voxels, side columns and box, and the image extent's shared volumes made once for its findings."""
+
+    def __init__(self, reader, volume: CTVolume, ms: ModelSlices):
+        super().__init__(reader)
+        self.volume, self.ms = volume, ms
+        self.shared: dict = {}  # what the image extent makes once for the volume's findings (extent.grow_ct)
+        self._gates: dict = {}
+
+    def gate(self, gates, side: str) -> tuple:
+        """(allowed voxels (on the maps device), the side's columns (None without a side gate), the box outside
+        which the gated map is zero) for ``gates`` and a finding's ``side``; made once per study."""
+        key = (tuple(gates), side)
+        with self._lock:
+            if key not in self._gates:
+                body, lungs = self.reader._ct_anatomy(self.volume)
+                allowed = body & lungs if "lung" in gates else body
+                allowed_box = extent.bounding_box(allowed) if allowed.any() else None
+                device = self.reader.maps_device
+                if device.type != "cpu":
+                    allowed = torch.as_tensor(allowed, device=device)
+                columns = ct_maps.side_columns(body, side) if "side" in gates else None
+                self._gates[key] = (allowed, columns, ct_maps.gate_box(allowed_box, columns))
+            return self._gates[key]
+
+    def _finding(self, f: Finding, rows: list[int], gen: Generation, settings: dict) -> Mapped:
+        volume, device = self.volume, self.reader.maps_device
+        allowed, columns, box = self.gate(settings.get("gates", DEFAULT_CT_GATES), f.side)
+        g = ct_maps.slice_grids(gen.attention, rows, self.reader.grid, len(self.ms.images))
+        h = ct_maps.volume_heatmap(g, self.ms, volume.shape[0], device)
+        # the gated map is zero outside the gate's box: gated, peak regions and search on it alone
+        if device.type == "cpu":  # gated with numpy (faster than torch on the CPU)
+            h = h.numpy()
+            m = ct_maps.gated_map(h, allowed, columns, box)
+        else:
+            m = ct_maps.gated_map(h, allowed, None if columns is None else torch.as_tensor(columns, device=device), box)
+            h = h.cpu().numpy()
+        side = columns[None, None, :] if columns is not None else None
+        region, info = finding_region(f, m, float(settings.get("threshold", 0.5)), image_extent(settings), lambda own: (
+            extent.find_in_ct(volume.hu, volume.spacing, m, f.kind, own, self.shared, box)),
+            lambda p: [int(i) for i in reversed(volume.stored_index(p))], side, box)
+        return Mapped(g, h, m, region, info, box)
+
+    def _finish(self, done: list[Mapped]) -> tuple[np.ndarray, list[dict]]:
+        if not done:
+            return np.zeros(self.volume.shape, np.uint8), []
+        labels = maps.assign([d.region for d in done], [d.gated for d in done], [d.support for d in done])
+        extras = maps.each(lambda k, d: {**ct_maps.slice_info(self.volume, d.grid, d.gated, labels == k), **d.info},
+                           range(1, len(done) + 1), done)
+        return labels, extras
+
+
+def finding_region(finding: Finding, heat: np.ndarray, threshold: float, from_image: bool, find, point,
+                   side: np.ndarray | None = None, support: tuple[slice, ...] | None = None) -> tuple[np.ndarray, dict]:
+    """(region, what the finding says about it): the image's region for the finding (``find()``, from
+    :mod:`grounding.extent`) when ``from_image`` and the image gives one, with the point it grew from
+    (``point(index)``: as the input's [i, j, k]; ``find`` is given the attention's own region), else the
+    attention's own (the gated map's region at ``threshold``), with the reason. ``side``: the named side's half
+    (safety: an image region never crosses to the other side of the patient; it is cut at the midline like the
+    attention); and it must stand for the finding (:func:`keeps_image_region`). ``support``: the box outside
+    which ``heat`` is zero (its gate's; :func:`maps.peak_region`)."""
+    own = maps.peak_region(heat, threshold, support=support)
+    if from_image:
+        try:
+            found = find(own)
+            mask = found.mask if side is None else found.mask & side
+            if not mask.any():
+                reason = "the image's region lies on the other side of the patient"
+            elif not keeps_image_region(mask, own, finding.kind):
+                reason = "the image's region lies away from where attention points"
+            else:
+                return mask, {"extent": "image", "measured": {**found.json(), "point": point(found.seed)}}
+        except extent.NoExtent as e:
+            reason = str(e)
+    else:
+        reason = "image extent switched off (grounding.json \"extent\": \"attention\")"
+    return own, {"extent": "attention", "extent_reason": reason}
+
+
+# when the image's region stands for the finding (chosen on calibration phantoms 20000..20149, never the
+# held-out ones): its centre inside the attention's own region, or a quarter of it inside and no more than
+# 1.5 times its size; an airspace region under a tenth of the attention's is a speck, not the process
+KEEP_OVERLAP, KEEP_LARGEST, KEEP_SMALLEST_AIRSPACE = 0.25, 1.5, 0.1
+
+
+def keeps_image_region(region: np.ndarray, own: np.ndarray, kind: str) -> bool:
+    """Whether the image's ``region`` for a finding of ``kind`` stands for it, against the attention's ``own``
+    region: it must not move the finding away from where the model looked (a speck beside the lesion, a
+    seed on the heart beside an effusion)."""
+    if not own.any():
+        return True
+    ratio = region.sum() / own.sum()
+    if kind in extent.AIRSPACE and ratio < KEEP_SMALLEST_AIRSPACE:
+        return False
+    box = extent.bounding_box(region)  # the same centre and overlap, on the region's box only
+    centre = tuple(int(round(c + b.start)) for c, b in zip(ndimage.center_of_mass(region[box]), box))
+    return bool(own[centre]) or ((region[box] & own[box]).sum() >= KEEP_OVERLAP * region.sum() and ratio <= KEEP_LARGEST)
+
+
+def image_extent(settings: dict) -> bool:
+    """Whether masks take their extent from the image (grounding.json ``"extent": "image"``, the default) or
+    stay the attention's region (``"attention"``)."""
+    value = settings.get("extent", "image")
+    if value not in ("image", "attention"):
+        raise ValueError(f"grounding.json: 'extent' must be 'image' or 'attention', got {value!r}")
+    return value == "image"
+
+
+def entry_for(settings: dict, language: str) -> dict:
+    """The grounding entry as it applies to an answer in ``language``: its own entry (``calibrate --language
+    zh``: ``"zh": {"layers": [3], "threshold": 0.6}``, the attention method kept) over the entry. A model's
+    attention can point differently while it writes another language."""
+    own = settings.get(language) if language in LANGUAGE_ENTRIES else None
+    return {**settings, **own} if isinstance(own, dict) else settings
+
+
+def recorded_layers(settings: dict) -> list[int]:
+    """The layers a generation records for ``settings``: its own and those of its per-language entries."""
+    return sorted({layer for lang in ("en", *LANGUAGE_ENTRIES) for layer in entry_for(settings, lang)["layers"]})
+
+
+def in_language(settings: dict, language: str, gen: Generation) -> tuple[dict, Generation]:
+    """:func:`entry_for` ``language``, and the generation restricted to that entry's layers."""
+    merged = entry_for(settings, language)
+    layers = [layer for layer in merged["layers"] if layer in gen.layers]
+    if layers and layers != gen.layers:
+        idx = [gen.layers.index(layer) for layer in layers]
+        gen = dataclasses.replace(gen, attention=gen.attention[:, idx], layers=layers)
+    return merged, gen
+
+
+def finding_grid(gen: Generation, rows: list[int], grid: int, image: int = 0) -> np.ndarray:
+    """(grid, grid) map: attention of the finding's token rows to image ``image``'s tokens.
+
+    Each (token, layer, head) row is scaled to sum 1 over the image's tokens (where the query looked
+    *within* the image, whatever share of its attention went to the image), then averaged.
+    """
+    n = gen.image_tokens_per_image
+    if not rows:
+        return np.zeros((grid, grid), np.float32)
+    a = gen.attention[rows][..., image * n : (image + 1) * n]  # (tokens, layers, heads, n)
+    a = a / a.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+    return a.mean(dim=(0, 1, 2)).reshape(grid, grid).numpy().astype(np.float32)

@@ -263,6 +263,7 @@ class Decoder:
         self._lm, self._cache_kw = lm, _cache_keyword(lm.forward)
         self._attention = [layer.self_attn for layer in lm.layers]
         self._fused = [m for m in self._attention if projections.fuse(m)]  # q, k and v as one product
+        self._fused_mlps = [layer.mlp for layer in lm.layers if projections.fuse_mlp(layer.mlp)]  # gate and up
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # steps in a row -> the captured graph
         self.use_graph = device.type == "cuda"
         self.compile = compile and self.use_graph
@@ -292,12 +293,12 @@ class Decoder:
     @contextmanager
     def _recording(self):
         """While a step is traced or run eagerly: the decode recorder on every attention module, and each
-        layer's queries, keys and values as one product (:mod:`projections`)."""
+        layer's queries, keys and values as one product, its MLP's gate and up likewise (:mod:`projections`)."""
         recorder = self.recorder or NoRecorder()
         for m in self._attention:
             m.decode_recorder = recorder
         try:
-            with projections.installed(self._fused):
+            with projections.installed(self._fused, self._fused_mlps):
                 yield
         finally:
             for m in self._attention:

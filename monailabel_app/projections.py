@@ -1,4 +1,5 @@
-"""An attention layer's queries, keys and values as one matrix product in the decode step.
+"""An attention layer's queries, keys and values as one matrix product in the decode step, and an MLP's
+gate and up projections likewise.
 
 A decode step multiplies one new token per row by every weight matrix: each product only reads its
 weights, so its time is their bytes over the card's bandwidth, when the library picks a good kernel. For
@@ -36,22 +37,40 @@ def fuse(attn) -> bool:
     module that is not plain ``nn.Linear`` projections of one dtype and device."""
     if not all(hasattr(attn, a) for a in NEEDED):
         return False
-    mods = [attn.q_proj, attn.k_proj, attn.v_proj]
+    return _fuse_rows(attn, ("q_proj", "k_proj", "v_proj"), "qkv")
+
+
+def fuse_mlp(mlp) -> bool:
+    """Give ``mlp`` (a Gemma 3 MLP) one (2 x intermediate, hidden) weight ``gate_up_weight``, the gate's and
+    the up projection's rows (their weights become views of it), as :func:`fuse` does for an attention layer:
+    at one row per token cuBLAS reads the 105 MB of the two at 3.6 TB/s, against 3.4 for each alone
+    (``bench/results/decode_gemm.md``). False (and nothing changed) where they are not plain ``nn.Linear``."""
+    if not all(hasattr(mlp, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
+        return False
+    return _fuse_rows(mlp, ("gate_proj", "up_proj"), "gate_up")
+
+
+def _fuse_rows(owner, names: tuple[str, ...], prefix: str) -> bool:
+    """``owner``'s linear modules ``names`` as row blocks of one weight ``{prefix}_weight`` (and bias), their
+    own weights views of it; ``{prefix}_sizes``: their output sizes. False where they cannot share one."""
+    mods = [getattr(owner, n) for n in names]
     if not all(_plain_linear(m) for m in mods) or len({(m.weight.dtype, m.weight.device) for m in mods}) != 1 \
             or len({m.bias is None for m in mods}) != 1:
         return False
-    fused = getattr(attn, "qkv_weight", None)
+    fused = getattr(owner, f"{prefix}_weight", None)
     if fused is not None and all(_shares(m.weight, fused) for m in mods):
         return True  # already (and still: a move to another device makes new tensors)
     with torch.no_grad():
         weight = torch.cat([m.weight.detach() for m in mods])
         bias = None if mods[0].bias is None else torch.cat([m.bias.detach() for m in mods])
     sizes = [m.out_features for m in mods]
-    for m, w, b in zip(mods, weight.split(sizes), bias.split(sizes) if bias is not None else [None] * 3):
+    for m, w, b in zip(mods, weight.split(sizes), bias.split(sizes) if bias is not None else [None] * len(mods)):
         m.weight = torch.nn.Parameter(w, requires_grad=False)
         if b is not None:
             m.bias = torch.nn.Parameter(b, requires_grad=False)
-    attn.qkv_weight, attn.qkv_bias, attn.qkv_sizes = weight, bias, sizes
+    setattr(owner, f"{prefix}_weight", weight)
+    setattr(owner, f"{prefix}_bias", bias)
+    setattr(owner, f"{prefix}_sizes", sizes)
     return True
 
 
@@ -79,14 +98,23 @@ def fused_forward(self, hidden_states, position_embeddings=None, attention_mask=
     return self.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
 
 
+def fused_mlp_forward(self, x):
+    """transformers' ``Gemma3MLP.forward`` with the gate and up projections as one product."""
+    gate, up = F.linear(x, self.gate_up_weight, self.gate_up_bias).split(self.gate_up_sizes, dim=-1)
+    return self.down_proj(self.act_fn(gate) * up)
+
+
 @contextmanager
-def installed(fused):
-    """:func:`fused_forward` on each attention module of ``fused`` (modules :func:`fuse` accepted), for the
-    duration (the modules' own forward after)."""
+def installed(fused, mlps=()):
+    """:func:`fused_forward` on each attention module of ``fused`` (modules :func:`fuse` accepted) and
+    :func:`fused_mlp_forward` on each MLP of ``mlps`` (:func:`fuse_mlp`), for the duration (the modules' own
+    forward after)."""
     try:
         for m in fused:
             m.forward = types.MethodType(fused_forward, m)
+        for m in mlps:
+            m.forward = types.MethodType(fused_mlp_forward, m)
         yield
     finally:
-        for m in fused:
+        for m in [*fused, *mlps]:
             m.__dict__.pop("forward", None)

@@ -1,4 +1,5 @@
-"""Queries, keys and values as one product in the decode step: the same weights (views, no second copy),
+"""Queries, keys and values as one product in the decode step (an MLP's gate and up likewise): the same
+weights (views, no second copy),
 the same attention output as transformers' own forward, the same decoding, and quantised or moved
 layers handled."""
 
@@ -51,6 +52,27 @@ def test_fused_forward_equals_the_modules_own():
     assert torch.allclose(got, want, atol=1e-5)
 
 
+def test_the_mlps_gate_and_up_as_one_product():
+    """The MLP's gate and up weights become views of one weight, and its fused forward equals its own."""
+    model = tiny_model("cpu")
+    mlp = model.model.language_model.layers[1].mlp
+    gate, up = (m.weight.detach().clone() for m in (mlp.gate_proj, mlp.up_proj))
+    torch.manual_seed(3)
+    x = torch.randn(2, 5, 64)
+    want = mlp(x)
+    assert projections.fuse_mlp(mlp) and torch.equal(mlp.gate_up_weight, torch.cat([gate, up]))
+    assert mlp.gate_proj.weight.untyped_storage().data_ptr() == mlp.gate_up_weight.untyped_storage().data_ptr()
+    fused = mlp.gate_up_weight
+    assert projections.fuse_mlp(mlp) and mlp.gate_up_weight is fused  # once
+    with projections.installed([], [mlp]):
+        got = mlp(x)
+    assert "forward" not in vars(mlp)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    other = model.model.language_model.layers[2].mlp
+    other.up_proj = _Quantised(other.up_proj.in_features, other.up_proj.out_features, bias=False)
+    assert not projections.fuse_mlp(other) and not hasattr(other, "gate_up_weight")
+
+
 def _read(model, inputs):
     r = prefill_and_decode(model, inputs, [3], 4, 16, stop_loops=False)
     return [row.token_ids for row in r.rows], torch.tensor([row.logprobs for row in r.rows]), r.attention
@@ -63,8 +85,11 @@ def test_decoding_with_and_without_the_fused_product_agree(monkeypatch):
     inputs = batch([prompt([5, 6, 7, 8, 9]), prompt([12, 13])], images)
     fused = _read(model, inputs)
     assert all(hasattr(layer.self_attn, "qkv_weight") for layer in model.model.language_model.layers)
+    assert all(hasattr(layer.mlp, "gate_up_weight") for layer in model.model.language_model.layers)
     monkeypatch.setattr(projections, "fuse", lambda attn: False)
+    monkeypatch.setattr(projections, "fuse_mlp", lambda mlp: False)
     monkeypatch.setattr(projections, "fused_forward", None)  # would fail if a layer still took it
+    monkeypatch.setattr(projections, "fused_mlp_forward", None)
     model.__dict__.pop("_medgemma_decoders", None)  # a new decoder, which fuses nothing
     alone = _read(model, inputs)
     assert fused[0] == alone[0]
@@ -97,6 +122,7 @@ def test_a_fused_model_saves_and_loads(tmp_path):
     model = tiny_model("cpu")
     for layer in model.model.language_model.layers:
         projections.fuse(layer.self_attn)
+        projections.fuse_mlp(layer.mlp)
     model.save_pretrained(tmp_path, safe_serialization=True)
     back = Gemma3ForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.float32)
     mine, theirs = model.state_dict(), back.state_dict()

@@ -131,11 +131,12 @@ def test_static_kv_masks_see_the_window_and_not_the_padding():
     assert kv.masks(torch.tensor([1, 0]))[4][:, 0, 0].tolist() == [[False, True, True, False], [True, True, True, False]]
 
 
-def test_the_chosen_tokens_log_probability_without_a_full_log_softmax():
+@pytest.mark.parametrize("vocab", [1000, 4096])  # one block; 256 blocks of 16
+def test_the_chosen_tokens_log_probability_without_a_full_log_softmax(vocab):
     from monailabel_app.decoding import chosen_logprob
 
-    logits = torch.randn(3, 1000) * 5
-    chosen = torch.tensor([0, 17, 999])
+    logits = torch.randn(3, vocab) * 5
+    chosen = torch.tensor([0, 17, vocab - 1])
     lp, bad = chosen_logprob(logits, chosen)
     ref = torch.log_softmax(logits, -1).gather(1, chosen[:, None])[:, 0]
     assert torch.allclose(lp, ref, atol=1e-5) and not bad.any()
@@ -143,6 +144,24 @@ def test_the_chosen_tokens_log_probability_without_a_full_log_softmax():
     logits[2, 9] = float("inf")
     _, bad = chosen_logprob(logits, chosen)
     assert bad.tolist() == [False, True, True]  # an fp16 overflow anywhere in a row is seen
+
+
+@pytest.mark.parametrize("vocab", [1000, 4096])
+def test_greedy_by_blocks_is_argmax(vocab):
+    """The block-wise argmax is torch's: the first maximum of a row, also with ties across and within
+    blocks, and the first NaN where there is one."""
+    from monailabel_app.decoding import greedy
+
+    torch.manual_seed(4)
+    logits = torch.randint(-3, 4, (64, vocab)).float()  # many ties
+    assert torch.equal(greedy(logits), logits.argmax(-1))
+    logits[:, vocab // 2] = 10.0
+    logits[:, vocab - 3] = 10.0
+    logits[5, 40] = float("nan")
+    logits[5, 7] = float("nan")
+    logits[6, vocab - 1] = float("inf")
+    got = greedy(logits)
+    assert torch.equal(got, logits.argmax(-1)) and got[0] == vocab // 2 and got[5] == 7 and got[6] == vocab - 1
 
 
 def test_the_vision_tower_in_batches_gives_the_same_features_and_reading():

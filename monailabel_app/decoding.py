@@ -510,8 +510,9 @@ class Decoder:
 class LiveRows:
     """A batch of one's attention rows (as :meth:`AttentionRecorder.stacked` makes them) copied off the device
     while the decode goes on, a few steps at a time, on a stream of their own: the rows of a finding whose
-    sentence is written can be mapped while the rest of the answer is decoded. The whole answer's rows are
-    these same copies, so a finding mapped early or at the end reads identical rows (rolled out the same)."""
+    sentence is written can be mapped while the rest of the answer is decoded, and a CT's 0.8 GB of rows are
+    not all copied (and rolled out, on the GPU at once) after the last step. The whole answer's rows are these
+    same copies, so a finding mapped early or at the end reads identical rows (rolled out the same)."""
 
     def __init__(self, recorder: AttentionRecorder, decoder: "Decoder"):
         self.recorder, self.decoder = recorder, decoder
@@ -660,12 +661,18 @@ def prefill_and_decode(model, inputs: dict, layers: list[int], tokens_per_image:
     with recording(recorder):
         out = model(**args)
     t1 = _now(model)
-    live = LiveRows(recorder, decoder) if progress is not None and batch == 1 and recorder is not None \
-        and recorder.usable_layers else None
-    on_check = None if live is None else (
-        lambda steps, tokens: progress(tokens[0], partial(live.upto, steps), recorder.usable_layers))
-    rows = decoder.run(cache, prompt_len, pad, out.logits[:, -1], image_positions, forced, stop_loops, on_check,
-                       replays_ahead(batch, live is not None, decoder.use_graph))
+    # one study's rows are copied off the GPU while the next steps run (a CT's are 0.8 GB: not all at the end)
+    live = LiveRows(recorder, decoder) if batch == 1 and recorder is not None and recorder.usable_layers and (
+        progress is not None or decoder.use_graph) else None
+
+    def on_check(steps: int, tokens: list[list[int]]) -> None:
+        if decoder.use_graph:
+            live.upto(steps)
+        if progress is not None:
+            progress(tokens[0], partial(live.upto, steps), recorder.usable_layers)
+
+    rows = decoder.run(cache, prompt_len, pad, out.logits[:, -1], image_positions, forced, stop_loops,
+                       None if live is None else on_check, replays_ahead(batch, live is not None, decoder.use_graph))
     t2 = _now(model)
     attention = None
     steps = max(len(r.token_ids) for r in rows)

@@ -190,7 +190,9 @@ def row(name, d) -> str:
             f"{gib(d['peak'])} |")
 
 
-def speed(model, processor, reader, modalities=("xray", "ct")) -> None:
+def speed(model, processor, reader, modalities=("xray", "ct"), anchors: bool = True) -> None:
+    """One study per modality: plain ``generate`` (the anchor), the project path with masks, and the capture's
+    cost; ``anchors`` False: the project path alone (a short lease)."""
     tok = processor.tokenizer
     film, volume = xray(7), ct(3)
     x_answer = report(tok, XRAY_FINDINGS)
@@ -206,10 +208,10 @@ def speed(model, processor, reader, modalities=("xray", "ct")) -> None:
     cases = {"xray": ("X-ray", x_content, DEFAULT_QUESTION, film, x_answer),
              "ct": ("CT 85 slices", c_content, CT_QUESTION, volume, c_answer)}
     for name, content, q, study, answer in (cases[m] for m in modalities):
-        inputs = build_inputs(processor, content, q, None, model.device, model.dtype)
-        p = plain_generate(model, inputs)
-        emit(row(f"{name}: plain `generate` (anchor)", p))
-        del inputs
+        if anchors:
+            inputs = build_inputs(processor, content, q, None, model.device, model.dtype)
+            emit(row(f"{name}: plain `generate` (anchor)", plain_generate(model, inputs)))
+            del inputs
         gc.collect()
         torch.cuda.empty_cache()
         f = project_read(reader, study, answer)
@@ -224,9 +226,10 @@ def speed(model, processor, reader, modalities=("xray", "ct")) -> None:
                 del os.environ[MAPS_WHILE_DECODING_ENV]
             emit(row(f"{name}: the same, maps made after the answer ({MAPS_WHILE_DECODING_ENV}=0; maps "
                      f"{a['maps']:.3f} s)", a))
-        with_c, without = capture_cost(reader, content, q, answer, rollout=name.startswith("CT"))
-        emit(f"| {name}: capture cost (graph, no compile) | | | | {with_c:.3f} vs {without:.3f} (no capture): "
-             f"**+{100 * (with_c / without - 1):.1f} %** | |")
+        if anchors:
+            with_c, without = capture_cost(reader, content, q, answer, rollout=name.startswith("CT"))
+            emit(f"| {name}: capture cost (graph, no compile) | | | | {with_c:.3f} vs {without:.3f} (no capture): "
+                 f"**+{100 * (with_c / without - 1):.1f} %** | |")
         gc.collect()
         torch.cuda.empty_cache()
     emit()
@@ -527,6 +530,8 @@ def main(argv=None):
     ap.add_argument("--only", default="speed,batch,precision,restart,phantom")
     ap.add_argument("--child-restart", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--speed-modalities", default="xray,ct", help="the speed part's studies (xray, ct)")
+    ap.add_argument("--no-anchors", action="store_true", help="the speed part: the project path only (no plain "
+                    "`generate`, no capture cost)")
     ap.add_argument("--batch-sizes", default="8,32,64", help="the batch part's batch sizes")
     ap.add_argument("--batches", type=int, default=4, help="the batch part: batches of each size in one read_many")
     ap.add_argument("--map-threads", default="", help="the batch part: map-pool sizes to compare, e.g. 16,8 "
@@ -561,7 +566,7 @@ def main(argv=None):
         if "profile" in parts:
             profile(model, processor, reader, [m for m in args.speed_modalities.split(",") if m], args.profile_batch)
         if "speed" in parts:
-            speed(model, processor, reader, args.speed_modalities.split(","))
+            speed(model, processor, reader, args.speed_modalities.split(","), not args.no_anchors)
         if "batch" in parts:
             threads = [int(t) for t in args.map_threads.split(",") if t] or [None]
             processes = [int(p) for p in args.map_processes.split(",") if p] or [None]

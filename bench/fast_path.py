@@ -43,7 +43,7 @@ sys.path.insert(0, HERE)
 
 from medgemma_shapes import build, global_layers, grounding, save  # noqa: E402
 
-from monailabel_app import map_processes  # noqa: E402
+from monailabel_app import decoding, map_processes  # noqa: E402
 from monailabel_app.capture import CAPTURE_ATTN  # noqa: E402
 from monailabel_app.ct_phantoms import make_ct_phantom, phantom_volume  # noqa: E402
 from monailabel_app.decoding import prefill_and_decode  # noqa: E402
@@ -302,22 +302,24 @@ def profile(model, processor, reader, modalities=("xray", "ct"), batch_of: int =
 
 
 def batch(model, processor, reader, sizes=(8, 32, 64), batches: int = 4, threads=(None,), processes=(None,),
-          devices=(None,)) -> None:
+          devices=(None,), aheads=(None,)) -> None:
     """Batched radiographs in steady state: ``batches`` batches of each size through one ``read_many`` call
     (a batch's maps are made while the next batch generates, so one batch alone would show no overlap).
     ``threads``: map-pool sizes to compare (None: the library's own, :data:`maps.MAP_THREADS`);
     ``processes``: map worker processes to compare (0: the maps in threads; None: the library's own);
-    ``devices``: where the workers map (cpu, cuda; None: the library's own)."""
+    ``devices``: where the workers map (cpu, cuda; None: the library's own); ``aheads``: decode replays in
+    flight (:data:`decoding.AHEAD_ENV`; None: the library's own)."""
     tok = processor.tokenizer
     films = [xray(s) for s in range(max(sizes) * batches)]
     answers = [report(tok, XRAY_FINDINGS)] * len(films)
     emit(f"### Batched X-ray throughput, {NEW} new tokens each, bf16, {batches} batches in one `read_many`")
     emit()
-    emit("| batch | studies | map processes | workers map on | map threads | generation s | studies/s (generation) | "
-         "with masks s | studies/s (with masks) | peak GiB |")
-    emit("|---|---|---|---|---|---|---|---|---|---|")
+    emit("| batch | studies | map processes | workers map on | map threads | replays in flight | generation s | "
+         "studies/s (generation) | with masks s | studies/s (with masks) | peak GiB |")
+    emit("|---|---|---|---|---|---|---|---|---|---|---|")
     default, per_film = maps.MAP_THREADS, []
-    for n_processes, n_threads, device in [(p, t, d) for p in processes for t in threads for d in devices]:
+    for n_processes, n_threads, device, ahead in [(p, t, d, a) for p in processes for t in threads for d in devices
+                                                  for a in aheads]:
         if maps._POOL is not None:  # a new pool of this size
             maps._POOL.shutdown()
             maps._POOL = None
@@ -325,7 +327,8 @@ def batch(model, processor, reader, sizes=(8, 32, 64), batches: int = 4, threads
         if reader._map_processes is not None:
             reader._map_processes.shutdown()
             reader._map_processes = None
-        for env, value in ((map_processes.ENV, n_processes), (map_processes.DEVICE_ENV, device)):
+        for env, value in ((map_processes.ENV, n_processes), (map_processes.DEVICE_ENV, device),
+                           (decoding.AHEAD_ENV, ahead)):
             if value is None:
                 os.environ.pop(env, None)
             else:
@@ -343,7 +346,8 @@ def batch(model, processor, reader, sizes=(8, 32, 64), batches: int = 4, threads
             total = time.perf_counter() - t0
             gen = sum(readings[k].latencies["generate"] + readings[k].latencies["prepare"] for k in range(0, n, b))
             assert all(r.latencies["new_tokens"] == NEW for r in readings)
-            emit(f"| {b} | {n} | {workers} | {where} | {maps.MAP_THREADS if not workers else '-'} | {gen:.3f} | {n / gen:.1f} | {total:.3f} | {n / total:.1f} | "
+            emit(f"| {b} | {n} | {workers} | {where} | {maps.MAP_THREADS if not workers else '-'} | "
+                 f"{decoding.replays_ahead(b, False)} | {gen:.3f} | {n / gen:.1f} | {total:.3f} | {n / total:.1f} | "
                  f"{gib(torch.cuda.max_memory_allocated() - base)} |")
             per_film.append(f"{b} x {workers or maps.MAP_THREADS} {'processes on ' + where if workers else 'threads'}: "
                             f"{statistics.median(r.latencies['maps'] for r in readings):.3f} s")
@@ -540,6 +544,7 @@ def main(argv=None):
                     "15,0 (0: maps in threads; default: the library's own)")
     ap.add_argument("--map-process-devices", default="", help="the batch part: where map workers map, to "
                     "compare, e.g. cpu,cuda (default: the library's own, MEDGEMMA_MAP_PROCESS_DEVICE)")
+    ap.add_argument("--decode-ahead", default="", help="the batch part: decode replays in flight to compare, e.g. 2,1")
     ap.add_argument("--profile-batch", type=int, default=0, help="the profile part: also one read_many batch of this many")
     ap.add_argument("--precisions", default=",".join(f"{p}:{e}" if e else p for p, e in PRECISIONS),
                     help="the precision part's rows (int8:torchao, int8:bitsandbytes)")
@@ -571,8 +576,9 @@ def main(argv=None):
             threads = [int(t) for t in args.map_threads.split(",") if t] or [None]
             processes = [int(p) for p in args.map_processes.split(",") if p] or [None]
             devices = [d for d in args.map_process_devices.split(",") if d] or [None]
+            aheads = [int(a) for a in args.decode_ahead.split(",") if a] or [None]
             batch(model, processor, reader, [int(b) for b in args.batch_sizes.split(",")], args.batches, threads,
-                  processes, devices)
+                  processes, devices, aheads)
         if "restart" in parts:
             restart(model, processor)
         if "precision" in parts:

@@ -239,3 +239,32 @@ def test_replays_in_flight_from_the_environment(monkeypatch):
     monkeypatch.setenv(decoding.AHEAD_ENV, "many")
     with pytest.raises(ValueError, match="MEDGEMMA_DECODE_AHEAD"):
         decoding.replays_ahead(1, False)
+
+
+def test_the_prefill_masks_are_transformers_own(monkeypatch):
+    """The prefill's masks (made here, not through transformers' vmap) equal those transformers builds for the
+    same left-padded batch of two images each, past the sliding window: the text decoder gets the same masks,
+    and so the same answer."""
+    model = tiny_model("cpu")
+    torch.manual_seed(5)
+    images = torch.rand(4, 3, 28, 28) * 2 - 1
+    inputs = batch([prompt([5, 6, 7, 8, 9, 10, 11]), prompt([12, 13])], images)
+    seen = []
+    lm = model.model.language_model
+    real = lm.forward
+    monkeypatch.setattr(lm, "forward", lambda *a, **kw: seen.append(kw["attention_mask"]) or real(*a, **kw))
+    ours = prefill_and_decode(model, inputs, [3], 4, 6, stop_loops=False)
+    mine = seen[0]  # the prefill's (the decode steps' follow)
+    seen.clear()
+    monkeypatch.setattr(decoding, "prefill_masks", lambda *a: a[2])  # transformers' own masks
+    theirs = prefill_and_decode(model, inputs, [3], 4, 6, stop_loops=False)
+    own = seen[0]
+    assert set(mine) == set(own) == {"full_attention", "sliding_attention"}
+    valid = inputs["attention_mask"].bool()  # queries at padding see nothing that matters
+    for kind in mine:
+        a, b = mine[kind][:, 0], own[kind][:, 0]
+        assert a.shape == b.shape == (2, 20, 20) and a.dtype == b.dtype == torch.bool
+        assert torch.equal(a[valid], b[valid]), kind
+    assert not torch.equal(mine["full_attention"], mine["sliding_attention"])  # the window (8) cuts in
+    assert [r.token_ids for r in ours.rows] == [r.token_ids for r in theirs.rows]
+    assert torch.equal(ours.attention, theirs.attention)

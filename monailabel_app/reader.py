@@ -261,15 +261,16 @@ class Reader:
             return torch.device(self.device_request if self.device_request.startswith("cuda") else "cpu")
         return self.model.device if self.model.device.type == "cuda" else torch.device("cpu")
 
-    @property
-    def maps_while_decoding(self) -> bool:
+    def maps_while_decoding(self, modality: str) -> bool:
         """Whether a study's findings are mapped while the model still writes its answer (:class:`StudyMaps`):
-        on a GPU by default (the decode leaves the host's cores idle), not on the CPU (there they are the
-        decode's); :data:`MAPS_WHILE_DECODING_ENV` (1 or 0) decides instead."""
+        by default a film's on a GPU (its maps are short, mostly numpy and the GPU's, and the decode leaves the
+        host's cores idle), not a CT's (its region searches are Python-heavy: on the H200 three of them beside
+        the decode took it from 5.0 to 8.6 ms a token, more than they saved) and nothing on the CPU (there the
+        cores are the decode's); :data:`MAPS_WHILE_DECODING_ENV` (1 or 0) decides for both instead."""
         value = os.environ.get(MAPS_WHILE_DECODING_ENV, "").strip()
         if value not in ("", "0", "1"):
             raise ValueError(f"{MAPS_WHILE_DECODING_ENV} must be 0 or 1, got {value!r}")
-        return value == "1" if value else self.maps_device.type == "cuda"
+        return value == "1" if value else modality == "xray" and self.maps_device.type == "cuda"
 
     @property
     def layers(self) -> list[int]:
@@ -563,8 +564,8 @@ class Reader:
         )
 
     def _ahead(self, study: StudyMaps) -> StudyMaps | None:
-        """``study``'s maps to make while the model writes, where that is on (:attr:`maps_while_decoding`)."""
-        return study if self.maps_while_decoding else None
+        """``study``'s maps to make while the model writes, where that is on (:meth:`maps_while_decoding`)."""
+        return study if self.maps_while_decoding("ct" if isinstance(study, CTMaps) else "xray") else None
 
     def _mapped(self, study: StudyMaps, gen: Generation, settings: dict, dims: int) -> tuple:
         """(answer, generation in the answer's language entry, each finding's :class:`Mapped`, label map, extras)

@@ -108,3 +108,36 @@ def test_ct_masks_come_from_the_image_not_the_words(reader):
     control = evaluate_ct(read(True), seeds, reader.ct["max_slices"], reader.grid, priors)
     assert real["zone_accuracy"] == control["zone_accuracy"] >= 0.8
     assert control["maps"]["b_final_masks"]["pointing"] <= real["maps"]["b_final_masks"]["pointing"] - 0.3, (real, control)
+
+
+def test_a_cts_findings_mapped_while_the_model_writes_are_the_same(reader, monkeypatch):
+    """Asked for (MEDGEMMA_MAPS_WHILE_DECODING=1; not the default for a CT), a CT's findings are mapped while
+    the model writes the rest of its answer, with the same grids, heatmaps, gated maps, labels and extras."""
+    from monailabel_app.reader import MAPS_WHILE_DECODING_ENV
+
+    volume = ct_phantoms.phantom_volume(ct_phantoms.make_ct_phantom(SEED))
+    answer = ("Nodule in the right lower lobe. Mass in the left upper lobe. Effusion in the right lower lobe."
+              + " The heart is normal." * 4)
+    monkeypatch.setenv(MAPS_WHILE_DECODING_ENV, "0")
+    after = reader.read(volume, answer=answer)
+    monkeypatch.setenv(MAPS_WHILE_DECODING_ENV, "1")
+    ahead = reader.read(volume, answer=answer)
+    assert after.maps_ahead == 0 and ahead.maps_ahead == len(ahead.findings) == 3
+    assert ahead.extras == after.extras and np.array_equal(ahead.labels, after.labels) and ahead.labels.any()
+    for name in ("grids", "heatmaps", "mask_maps"):
+        assert all(np.array_equal(a, b) for a, b in zip(getattr(ahead, name), getattr(after, name))), name
+
+
+def test_which_studies_are_mapped_while_the_model_writes(reader, monkeypatch):
+    """By default a film's findings on a GPU (a reader mapping on CUDA, made without one), never a CT's, nothing
+    on the CPU; the environment decides for both."""
+    from monailabel_app.reader import MAPS_WHILE_DECODING_ENV, Reader
+
+    monkeypatch.delenv(MAPS_WHILE_DECODING_ENV, raising=False)
+    gpu = Reader.for_maps(reader.info, reader.grid, "cuda")
+    assert gpu.maps_while_decoding("xray") and not gpu.maps_while_decoding("ct")
+    assert not reader.maps_while_decoding("xray") and not reader.maps_while_decoding("ct")
+    monkeypatch.setenv(MAPS_WHILE_DECODING_ENV, "1")
+    assert reader.maps_while_decoding("xray") and reader.maps_while_decoding("ct")
+    monkeypatch.setenv(MAPS_WHILE_DECODING_ENV, "0")
+    assert not gpu.maps_while_decoding("xray")

@@ -74,7 +74,8 @@ class Reading:
     thinking: str = ""  # the model's reasoning before its answer (MedGemma 1.5), never read for findings
     language: str = "en"  # asked for: of the answer and the structured report
     answer_language: str = "en"  # what the model wrote in: "zh" when its answer has Chinese, else "en"
-    maps_ahead: int = 0  # findings whose maps were made while the model still wrote (FilmMaps)
+    maps_ahead: int = 0  # findings whose maps were made while the model still wrote (study_maps)
+    maps_ahead_wait: float = 0.0  # seconds the reading then waited for them after the answer
 
     @property
     def radiograph(self) -> Radiograph:
@@ -419,7 +420,7 @@ class Reader:
         reading.language = language
         gen = reading.generation
         reading.latencies = _latencies(gen, t_load - t0, time.perf_counter() - t_load - sum(gen.seconds.values()))
-        reading.latencies["maps_ahead"] = reading.maps_ahead
+        reading.latencies.update(maps_ahead=reading.maps_ahead, maps_ahead_wait=round(reading.maps_ahead_wait, 4))
         return reading
 
     def follow_up(self, study: Radiograph | CTVolume, conversation: Conversation, question,
@@ -536,7 +537,7 @@ class Reader:
             labels=labels.reshape(geom.shape), study=radiograph, geometry=geom, pad=pad, model_inputs=[square],
             inputs_index=[{"source": radiograph.source, "source_shape": list(radiograph.pixels.shape)}],
             question=question, model=self._model_dict(gen), modality="xray", generation=gen, extras=extras,
-            maps_ahead=film.reused,
+            maps_ahead=film.reused, maps_ahead_wait=film.waited,
         )
 
     def _read_ct(self, volume: CTVolume, question: str, max_new_tokens: int, max_slices: int, answer=None,
@@ -560,7 +561,7 @@ class Reader:
             labels=volume.to_input(labels, nearest=True).astype(np.uint8), study=volume, geometry=volume.geometry,
             pad=ms.pad, model_inputs=ms.images, inputs_index=index, question=question, model=self._model_dict(gen),
             modality="ct", extras=extras, generation=gen, display_labels=labels, display_heatmaps=heat,
-            maps_ahead=study.reused,
+            maps_ahead=study.reused, maps_ahead_wait=study.waited,
         )
 
     def _ahead(self, study: StudyMaps) -> StudyMaps | None:

@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -70,6 +71,7 @@ class StudyMaps:
         self.started_labels: dict[tuple, Future] = {}  # the findings' keys in order -> (labels, extras)
         self.looked_upto = 0  # characters of the answer being written already read for findings
         self.reused = 0
+        self.waited = 0.0  # seconds the reading waited for maps started while the model wrote
 
     @staticmethod
     def key(f: Finding, rows: list[int], gen: Generation, settings: dict) -> tuple:
@@ -81,7 +83,7 @@ class StudyMaps:
     def finding(self, f: Finding, rows: list[int], gen: Generation, settings: dict) -> Mapped:
         """One finding's maps: those made while the model wrote when they have this :meth:`key`, else made now."""
         made = self.started.get(self.key(f, rows, gen, settings))
-        if made is not None and made.exception() is None:
+        if made is not None and self._wait(made):
             with self._lock:
                 self.reused += 1
             return made.result()
@@ -91,9 +93,17 @@ class StudyMaps:
         """(label map, per-finding extras) of the findings (their :meth:`key`\\ s and maps, in order): made
         while the model wrote for exactly these findings, else made now."""
         made = self.started_labels.get(tuple(keys))
-        if made is not None and made.exception() is None:
+        if made is not None and self._wait(made):
             return made.result()
         return self._finish(done)
+
+    def _wait(self, made: Future) -> bool:
+        """Wait for ``made`` (counted in :attr:`waited`); whether it succeeded."""
+        t0 = time.perf_counter()
+        failed = made.exception() is not None
+        with self._lock:
+            self.waited += time.perf_counter() - t0
+        return not failed
 
     def _finish_started(self, made: list[Future]) -> tuple[np.ndarray, list[dict]]:
         return self._finish([m.result() for m in made])

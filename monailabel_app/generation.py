@@ -295,14 +295,11 @@ def _partials(processor, progress: Callable[[Partial], None], prompt_tokens: int
     """The decoder's progress callback (token ids, rows(), layers) as :class:`Partial` answers for ``progress``."""
     tok = processor.tokenizer
 
-    def ends(ids: list[int]) -> list[int]:  # each answer so far extends the last: its ends are kept
-        on_progress.ends = _token_ends(tok, ids, on_progress.ends)
-        return on_progress.ends
-
     def on_progress(ids: list[int], rows, layers: list[int]) -> None:
         text = tok.decode(ids, skip_special_tokens=True)
+        ends = on_progress.ends = _token_ends(tok, ids, on_progress.ends)  # each look's new tokens only
         progress(Partial(ids, text, lambda: Generation(
-            text=text, token_ids=ids, token_ends=ends(ids), token_probs=[float("nan")] * len(ids),
+            text=text, token_ids=ids, token_ends=ends, token_probs=[float("nan")] * len(ids),
             attention=rows()[:, :, 0], layers=list(layers), dropped_layers={}, prompt_tokens=int(prompt_tokens),
             image_tokens_per_image=per_image)))
 

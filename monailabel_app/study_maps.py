@@ -206,19 +206,21 @@ class CTMaps(StudyMaps):
 
     def gate(self, gates, side: str) -> tuple:
         """(allowed voxels (on the maps device), the side's columns (None without a side gate), the box outside
-        which the gated map is zero) for ``gates`` and a finding's ``side``; made once per study."""
-        key = (tuple(gates), side)
+        which the gated map is zero) for ``gates`` and a finding's ``side``; each made once per study."""
         with self._lock:
-            if key not in self._gates:
+            gates = tuple(gates)
+            if gates not in self._gates:
                 body, lungs = self.reader._ct_anatomy(self.volume)
                 allowed = body & lungs if "lung" in gates else body
                 allowed_box = extent.bounding_box(allowed) if allowed.any() else None
                 device = self.reader.maps_device
-                if device.type != "cpu":
-                    allowed = torch.as_tensor(allowed, device=device)
+                self._gates[gates] = (body, allowed if device.type == "cpu" else torch.as_tensor(allowed, device=device),
+                                      allowed_box)
+            body, allowed, allowed_box = self._gates[gates]
+            if (gates, side) not in self._gates:
                 columns = ct_maps.side_columns(body, side) if "side" in gates else None
-                self._gates[key] = (allowed, columns, ct_maps.gate_box(allowed_box, columns))
-            return self._gates[key]
+                self._gates[gates, side] = (columns, ct_maps.gate_box(allowed_box, columns))
+            return (allowed, *self._gates[gates, side])
 
     def _finding(self, f: Finding, rows: list[int], gen: Generation, settings: dict) -> Mapped:
         volume, device = self.volume, self.reader.maps_device

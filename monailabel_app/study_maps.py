@@ -66,7 +66,8 @@ class StudyMaps:
 
     def __init__(self, reader):
         self.reader = reader  # a Reader: its grid, maps device and the study's kept anatomy
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # what the findings share, made once by the first that needs it
+        self._counted = threading.Lock()  # reused, waited
         self.started: dict[tuple, Future] = {}  # key -> the finding's maps, started while the model wrote
         self.started_labels: dict[tuple, Future] = {}  # the findings' keys in order -> (labels, extras)
         self.looked_upto = 0  # characters of the answer being written already read for findings
@@ -84,7 +85,7 @@ class StudyMaps:
         """One finding's maps: those made while the model wrote when they have this :meth:`key`, else made now."""
         made = self.started.get(self.key(f, rows, gen, settings))
         if made is not None and self._wait(made):
-            with self._lock:
+            with self._counted:
                 self.reused += 1
             return made.result()
         return self._finding(f, rows, gen, settings)
@@ -101,7 +102,7 @@ class StudyMaps:
         """Wait for ``made`` (counted in :attr:`waited`); whether it succeeded."""
         t0 = time.perf_counter()
         failed = made.exception() is not None
-        with self._lock:
+        with self._counted:
             self.waited += time.perf_counter() - t0
         return not failed
 

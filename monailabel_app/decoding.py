@@ -50,6 +50,7 @@ from .capture import AttentionRecorder, DecodeRecorder, NoRecorder, recording
 logger = logging.getLogger(__name__)
 
 CHECK_EVERY = 8  # decode steps per replay and between looks at the tokens (one host synchronisation each)
+MAX_AHEAD = 3  # replays in flight at most (AHEAD_ENV): a sliding ring has room for the steps they may run past an answer
 GRAPH_CACHE = 2  # decoders (CUDA graphs with their buffers) kept per model
 
 
@@ -155,16 +156,18 @@ def _cache_keyword(fn) -> str:
 
 
 class StaticKV:
-    """Keys and values of every text layer in fixed buffers of ``length`` slots (a ring of ``window``
-    slots for a sliding layer whose window is shorter). The slot written by the current step is
+    """Keys and values of every text layer in fixed buffers of ``length`` slots (a ring for a sliding layer
+    whose window is shorter: ``window`` slots and ``spare`` more, so that steps run past the end of an answer
+    never overwrite a position the answer's window still holds). The slot written by the current step is
     ``slot`` (a one-element device tensor); the model calls :meth:`update` from each attention layer."""
 
-    def __init__(self, text_config, batch: int, length: int, device, dtype):
+    def __init__(self, text_config, batch: int, length: int, device, dtype, spare: int = 0):
         kvh, hd = text_config.num_key_value_heads, text_config.head_dim
         window = getattr(text_config, "sliding_window", None)
         self.types = getattr(text_config, "layer_types", None) or ["full_attention"] * text_config.num_hidden_layers
-        self.length = length
-        self.sizes = [window if t == "sliding_attention" and window and window < length else length for t in self.types]
+        self.length, self.window = length, window
+        self.ring = [t == "sliding_attention" and bool(window) and window < length for t in self.types]
+        self.sizes = [min(window + spare, length) if ring else length for ring in self.ring]
         self.keys = [torch.zeros(batch, kvh, s, hd, device=device, dtype=dtype) for s in self.sizes]
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.slot = torch.zeros(1, dtype=torch.long, device=device)
@@ -173,7 +176,7 @@ class StaticKV:
     @property
     def full_layers(self) -> list[int]:
         """Layers that keep every position (the only ones whose attention covers every image token)."""
-        return [i for i, s in enumerate(self.sizes) if s == self.length]
+        return [i for i, ring in enumerate(self.ring) if not ring]
 
     def fill(self, cache, prompt_len: int) -> None:
         """Copy a prefill's cache (transformers ``DynamicCache``; a sliding layer keeps only its tail)."""
@@ -194,14 +197,20 @@ class StaticKV:
         self.values[layer_idx].index_copy_(2, index, value_states)
         return self.keys[layer_idx], self.values[layer_idx]
 
-    def masks(self, pad: torch.Tensor) -> dict[int, torch.Tensor]:
-        """Per buffer size, (batch, 1, 1, size) bool: slot r holds position slot - ((slot - r) mod size),
-        visible when that is a real position of the row (>= its left padding) and not in the future."""
+    def masks(self, pad: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per layer type, (batch, 1, 1, size) bool: slot r holds position slot - ((slot - r) mod size), visible
+        when that is a real position of the row (>= its left padding), not in the future and, on a ring,
+        within the window (``position > slot - window``, as transformers' sliding masks)."""
         out = {}
-        for size in self.index:
+        for kind in dict.fromkeys(self.types):
+            i = self.types.index(kind)
+            size = self.sizes[i]
             r = torch.arange(size, device=pad.device)
             held = self.slot - torch.remainder(self.slot - r, size)
-            out[size] = (held[None, :] >= pad[:, None])[:, None, None, :]
+            seen = held[None, :] >= pad[:, None]
+            if self.ring[i]:
+                seen = seen & (held > self.slot - self.window)[None, :]
+            out[kind] = seen[:, None, None, :]
         return out
 
 
@@ -284,9 +293,8 @@ class Decoder:
         text_cfg = model.config.get_text_config()
         device, dtype = model.device, model.dtype
         self.model, self.batch, self.length, self.max_new = model, batch, length, max_new
-        self.kv = StaticKV(text_cfg, batch, length, device, dtype)
+        self.kv = StaticKV(text_cfg, batch, length, device, dtype, spare=CHECK_EVERY * MAX_AHEAD)
         self.layers = [layer for layer in layers if layer in self.kv.full_layers]
-        self.window_size = {t: self.kv.sizes[self.kv.types.index(t)] for t in set(self.kv.types)}
         long = dict(dtype=torch.long, device=device)
         self.token = torch.zeros(batch, 1, **long)
         self.pad = torch.zeros(batch, **long)
@@ -315,8 +323,7 @@ class Decoder:
         """One decode step on the buffers (graph-safe: device tensors only, updated in place)."""
         kv = self.kv
         kv.advance_index()
-        masks = kv.masks(self.pad)
-        mask_by_type = {t: masks[size] for t, size in self.window_size.items()}
+        mask_by_type = kv.masks(self.pad)
         positions = (kv.slot - self.pad)[:, None]
         embeds = self._lm.embed_tokens(self.token)
         hidden = self._lm(inputs_embeds=embeds, attention_mask=mask_by_type, position_ids=positions,
@@ -515,8 +522,8 @@ class Decoder:
     def snapshot(self, n: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """Copies of the keys and values of positions [0, n) (a ring: its last window - 1 positions)."""
         keys, values = [], []
-        for k, v, size in zip(self.kv.keys, self.kv.values, self.kv.sizes):
-            kept = n if size == self.kv.length else min(n, size - 1)
+        for k, v, size, ring in zip(self.kv.keys, self.kv.values, self.kv.sizes, self.kv.ring):
+            kept = min(n, self.kv.window - 1) if ring else n
             slots = torch.arange(n - kept, n, device=k.device) % size
             keys.append(k[:1, :, slots].clone())
             values.append(v[:1, :, slots].clone())
@@ -571,8 +578,8 @@ def replays_ahead(batch: int, live: bool, graphs: bool = True) -> int:
     :data:`AHEAD_ENV` sets it."""
     value = os.environ.get(AHEAD_ENV, "").strip()
     if value:
-        if value not in ("1", "2", "3"):
-            raise ValueError(f"{AHEAD_ENV} must be 1, 2 or 3, got {value!r}")
+        if value not in [str(n) for n in range(1, MAX_AHEAD + 1)]:
+            raise ValueError(f"{AHEAD_ENV} must be 1 to {MAX_AHEAD}, got {value!r}")
         return int(value)
     return 2 if graphs and (batch > 1 or live) else 1
 
@@ -662,7 +669,7 @@ def prefill_and_decode(model, inputs: dict, layers: list[int], tokens_per_image:
     max_new = max(len(f) for f in forced) if forced else max_new_tokens
     decoder = decoder_for(model, batch, prompt_len + max_new, max_new, list(layers), image_positions.shape[1],
                           list(eos), compile)
-    dropped = {layer: f"sliding window ({decoder.kv.sizes[layer]}) shorter than the sequence"
+    dropped = {layer: f"sliding window ({decoder.kv.window}) shorter than the sequence"
                for layer in layers if layer not in decoder.layers}
     if past is not None:  # a follow-up rolls out only through the products its images already have
         rollout = rollout and bool(past.mixing)

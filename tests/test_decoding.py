@@ -121,14 +121,49 @@ def test_static_kv_masks_see_the_window_and_not_the_padding():
     assert kv.sizes == [4, 10] and kv.full_layers == [1]
     kv.slot.fill_(6)
     masks = kv.masks(torch.tensor([0, 3]))
-    assert masks[10][0, 0, 0].tolist() == [True] * 7 + [False] * 3
-    assert masks[10][1, 0, 0].tolist() == [False] * 3 + [True] * 4 + [False] * 3
+    full, ring = masks["full_attention"], masks["sliding_attention"]
+    assert full[0, 0, 0].tolist() == [True] * 7 + [False] * 3
+    assert full[1, 0, 0].tolist() == [False] * 3 + [True] * 4 + [False] * 3
     # ring slot r holds position 6 - ((6 - r) mod 4): 4, 5, 6, 3 -> the window 3..6, padding below 3
-    assert masks[4][0, 0, 0].tolist() == [True] * 4
-    assert masks[4][1, 0, 0].tolist() == [True] * 4
+    assert ring[0, 0, 0].tolist() == [True] * 4
+    assert ring[1, 0, 0].tolist() == [True] * 4
     kv.slot.fill_(2)
     # early on the ring holds positions 0, 1, 2 and nothing (-1); row 0's position 0 is padding
-    assert kv.masks(torch.tensor([1, 0]))[4][:, 0, 0].tolist() == [[False, True, True, False], [True, True, True, False]]
+    assert kv.masks(torch.tensor([1, 0]))["sliding_attention"][:, 0, 0].tolist() == [
+        [False, True, True, False], [True, True, True, False]]
+    # two spare slots: the ring holds 6 positions, the window still 4 of them
+    spare = StaticKV(cfg, batch=1, length=10, device="cpu", dtype=torch.float32, spare=2)
+    assert spare.sizes == [6, 10] and spare.full_layers == [1]
+    spare.slot.fill_(8)  # slots hold 6, 7, 8, 3, 4, 5: the window is 5..8
+    assert spare.masks(torch.tensor([0]))["sliding_attention"][0, 0, 0].tolist() == [True] * 3 + [False, False, True]
+
+
+def test_a_kept_context_is_the_answers_own_after_steps_run_past_its_end(monkeypatch):
+    """Steps run past the end of an answer (the rest of its replay, and one more replay in flight) never
+    overwrite what the kept context holds: its keys on every layer, the sliding rings included, are those of
+    a prefill of the same tokens (they used to overwrite a ring's oldest positions)."""
+    from transformers import DynamicCache
+
+    model = tiny_model("cpu")  # sliding window 8: the ring is in use past 8 positions
+    torch.manual_seed(1)
+    images = torch.rand(2, 3, 28, 28) * 2 - 1
+    inputs = batch([prompt([5, 6, 7])], images)
+    first = prefill_and_decode(model, inputs, [3], 4, 30, stop_loops=False).rows[0].token_ids[0]
+    for ahead in ("1", "3"):  # 8 and 24 steps past the answer's one token
+        monkeypatch.setenv(decoding.AHEAD_ENV, ahead)
+        kept = prefill_and_decode(model, inputs, [3], 4, 30, eos=[first], stop_loops=False, keep=True)
+        assert kept.rows[0].token_ids == [first]
+        ctx, n = kept.context, len(kept.context.ids)
+        ids = torch.tensor([ctx.ids])
+        types = torch.nn.functional.pad(inputs["token_type_ids"], (0, n - inputs["token_type_ids"].shape[1]))
+        cache = DynamicCache(config=model.config.get_text_config())
+        with torch.no_grad():
+            model(input_ids=ids, pixel_values=images, token_type_ids=types, attention_mask=torch.ones_like(ids),
+                  use_cache=True, **{decoding._cache_keyword(model.forward): cache})
+        for i, k in enumerate(ctx.keys):
+            ref = cache.layers[i].keys
+            m = min(k.shape[2], ref.shape[2])
+            assert m >= 7 and torch.allclose(k[:, :, -m:], ref[:, :, -m:], atol=1e-5), (ahead, i)
 
 
 @pytest.mark.parametrize("vocab", [1000, 4096])  # one block; 256 blocks of 16

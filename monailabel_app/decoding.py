@@ -54,7 +54,11 @@ MAX_AHEAD = 3  # replays in flight at most (AHEAD_ENV): a sliding ring has room 
 GRAPH_CACHE = 2  # decoders (CUDA graphs with their buffers) kept per model
 
 
-def loop_start(ids: list[int], max_period: int = 8, times: int = 3) -> int | None:
+LOOP_PERIOD, LOOP_TIMES = 8, 3
+LOOP_GIVEN_BACK = (LOOP_TIMES - 1) * LOOP_PERIOD  # tokens before the look that found a loop that its cut drops
+
+
+def loop_start(ids: list[int], max_period: int = LOOP_PERIOD, times: int = LOOP_TIMES) -> int | None:
     """Index where the tail's repeated n-gram first repeats (keep ``ids[:index]``), or None.
 
     Small or out-of-distribution models can repeat themselves until the token limit; the loop carries no
@@ -293,7 +297,8 @@ class Decoder:
         text_cfg = model.config.get_text_config()
         device, dtype = model.device, model.dtype
         self.model, self.batch, self.length, self.max_new = model, batch, length, max_new
-        self.kv = StaticKV(text_cfg, batch, length, device, dtype, spare=CHECK_EVERY * MAX_AHEAD)
+        # spare ring slots: the replays in flight, plus the 16 tokens a loop's cut may give back (loop_start)
+        self.kv = StaticKV(text_cfg, batch, length, device, dtype, spare=CHECK_EVERY * MAX_AHEAD + LOOP_GIVEN_BACK)
         self.layers = [layer for layer in layers if layer in self.kv.full_layers]
         long = dict(dtype=torch.long, device=device)
         self.token = torch.zeros(batch, 1, **long)

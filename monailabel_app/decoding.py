@@ -578,9 +578,10 @@ AHEAD_ENV = "MEDGEMMA_DECODE_AHEAD"  # decode replays in flight (default: 2 wher
 
 def replays_ahead(batch: int, live: bool, graphs: bool = True) -> int:
     """Decode replays kept in flight (:meth:`Decoder.run`): with CUDA graphs two for a batch (its next inputs
-    and the last batch's maps are made beside it) or a reading whose maps start while it decodes, else one (an
-    answer that ends early wastes no steps; without graphs the steps run as they are launched, so one);
-    :data:`AHEAD_ENV` sets it."""
+    and the last batch's maps are made beside it) and for one study whose attention rows are copied while it
+    decodes (``live``: every capturing study on a GPU; its maps may start then too), else one (an answer that
+    ends early wastes no steps; without graphs the steps run as they are launched, so one); :data:`AHEAD_ENV`
+    sets it."""
     value = os.environ.get(AHEAD_ENV, "").strip()
     if value:
         if value not in [str(n) for n in range(1, MAX_AHEAD + 1)]:

@@ -54,13 +54,12 @@ class Generation:
 
 @dataclass
 class Partial:
-    """An answer while it is being written (a batch of one: :func:`generate_batch`'s ``progress``): its
-    tokens and text so far, and on demand (:meth:`generation`) a :class:`Generation` of them whose attention
-    rows are the final ones (:class:`decoding.LiveRows`); its token probabilities are not known yet (NaN)."""
+    """An answer while it is being written (a batch of one: :func:`generate_batch`'s ``progress``): its text
+    so far, and on demand (:meth:`generation`) a :class:`Generation` of it whose attention rows are the final
+    ones (:class:`decoding.LiveRows`); its token probabilities are not known yet (NaN)."""
 
-    token_ids: list[int]
     text: str
-    make: object  # () -> Generation
+    make: Callable[[], Generation]
 
     def generation(self) -> Generation:
         return self.make()
@@ -298,7 +297,7 @@ def _partials(processor, progress: Callable[[Partial], None], prompt_tokens: int
     def on_progress(ids: list[int], rows, layers: list[int]) -> None:
         text = tok.decode(ids, skip_special_tokens=True)
         ends = on_progress.ends = _token_ends(tok, ids, on_progress.ends)  # each look's new tokens only
-        progress(Partial(ids, text, lambda: Generation(
+        progress(Partial(text, lambda: Generation(
             text=text, token_ids=ids, token_ends=ends, token_probs=[float("nan")] * len(ids),
             attention=rows()[:, :, 0], layers=list(layers), dropped_layers={}, prompt_tokens=int(prompt_tokens),
             image_tokens_per_image=per_image)))

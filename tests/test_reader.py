@@ -388,7 +388,7 @@ def test_maps_made_while_writing_are_taken_only_for_the_same_finding(reader):
     partial = dataclasses.replace(gen, text=text, token_ids=gen.token_ids[:n], token_ends=gen.token_ends[:n],
                                   attention=gen.attention[:n])
     film = FilmMaps(reader, radiograph, pad_to_square(image)[1])
-    film.ahead(Partial(partial.token_ids, text, lambda: partial), settings)
+    film.ahead(Partial(text, lambda: partial), settings)
     assert [key[0] for key in film.started] == ["nodule"]  # not the opacity: its sentence is not complete
     nodule = read_answer(gen.text).findings[0]
     rows = gen.token_range(nodule.span)
@@ -401,4 +401,4 @@ def test_maps_made_while_writing_are_taken_only_for_the_same_finding(reader):
     other = dataclasses.replace(nodule, side="left")
     fresh = film.finding(other, rows, gen, settings)
     assert fresh is not early and film.reused == 1 and not fresh.gated[:, : image.shape[1] // 2].any()
-    film.ahead(Partial(gen.token_ids, gen.text, lambda: 1 / 0), settings)  # logged, not raised
+    film.ahead(Partial(gen.text, lambda: 1 / 0), settings)  # logged, not raised

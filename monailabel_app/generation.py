@@ -15,7 +15,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
+from PIL import Image
 
 from .decoding import Context, loop_start, prefill_and_decode  # noqa: F401 (loop_start: public here too)
 
@@ -123,10 +125,16 @@ def chat_messages(content: list, question: str, system: str | None = None, answe
 
 def build_inputs(processor, content: list, question: str, system: str | None, device, dtype):
     """Token ids, masks and pixel values of one chat. On CUDA a torchvision-based image processor (what
-    ``AutoProcessor`` gives when torchvision is installed) resizes and normalises on the GPU."""
+    ``AutoProcessor`` gives when torchvision is installed) resizes and normalises on the GPU. Images are
+    PIL images or uint8 arrays (rows x cols grey, shown as RGB with three equal channels, or rows x cols x 3
+    RGB): see :func:`processor_image`."""
     extra = {}
-    if torch.device(device).type == "cuda" and not type(processor.image_processor).__name__.endswith("Pil"):
-        extra["processor_kwargs"] = {"device": str(device)}
+    on_device = None
+    if not type(processor.image_processor).__name__.endswith("Pil"):
+        on_device = torch.device(device)
+        if on_device.type == "cuda":
+            extra["processor_kwargs"] = {"device": str(device)}
+    content = [c if isinstance(c, str) else processor_image(c, on_device) for c in content]
     inputs = processor.apply_chat_template(
         chat_messages(content, question, system), add_generation_prompt=True, tokenize=True, return_dict=True,
         return_tensors="pt", **extra,
@@ -135,6 +143,21 @@ def build_inputs(processor, content: list, question: str, system: str | None, de
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
     return inputs
+
+
+def processor_image(image, device: torch.device | None):
+    """``image`` as the image processor takes it best: a uint8 array becomes a channels-first tensor on
+    ``device`` for a torchvision-based processor (a grey one is uploaded once and expanded to three equal
+    channels there, no RGB copy on the host), or an RGB PIL image for a PIL-based one (``device`` None).
+    PIL images and tensors are handed over as they are."""
+    if not isinstance(image, np.ndarray):
+        return image
+    if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] != 3):
+        raise ValueError(f"a model image is uint8 rows x cols or rows x cols x 3, got {image.dtype} {image.shape}")
+    if device is None:
+        return Image.fromarray(image).convert("RGB")
+    pixels = torch.from_numpy(np.ascontiguousarray(image)).to(device)
+    return pixels.expand(3, *pixels.shape) if pixels.ndim == 2 else pixels.permute(2, 0, 1)
 
 
 def _token_ends(tokenizer, ids: list[int], known: list[int] | None = None) -> list[int]:

@@ -23,7 +23,6 @@ from functools import partial
 
 import numpy as np
 import torch
-from PIL import Image
 from scipy import ndimage
 
 from . import allocator, map_processes
@@ -61,7 +60,7 @@ class Reading:
     study: Radiograph | CTVolume
     geometry: Geometry  # the input's geometry (what labels and heatmaps are written in)
     pad: SquarePad  # how each image sits in the model's square
-    model_inputs: list[np.ndarray]  # the exact RGB squares handed to the processor
+    model_inputs: list[np.ndarray]  # the exact squares handed to the processor (a film's grey: shown as RGB)
     inputs_index: list[dict]  # per model image: where it came from
     question: str
     model: dict
@@ -336,8 +335,8 @@ class Reader:
         """What the model is shown: the padded radiograph, or the CT recipe's slices with "SLICE n"."""
         if isinstance(study, CTVolume):
             ms = model_slices(study, check_max_slices(max_slices, self.ct["max_slices"]))
-            return interleave([Image.fromarray(im) for im in ms.images])
-        return [Image.fromarray(pad_to_square(study.pixels)[0])]
+            return interleave(ms.images)
+        return [pad_to_square(study.pixels)[0]]
 
     def read_many(self, studies: list, question: str | None = None, max_new_tokens: int = 128, batch_size: int = 8,
                   answers: list[str] | None = None, language: str = "auto") -> list[Reading]:
@@ -526,7 +525,7 @@ class Reader:
         film = FilmMaps(self, radiograph, pad)
         if gen is None:
             self._anatomy_ahead(radiograph)
-            gen = self._generate([([Image.fromarray(square)], question)], self.info.grounding, max_new_tokens,
+            gen = self._generate([([square], question)], self.info.grounding, max_new_tokens,
                                  None if answer is None else [answer], keep, ahead=self._ahead(film))[0]
         answer, gen, done, labels, extras = self._mapped(film, gen, self.info.grounding, 2)
         geom = radiograph.geometry
@@ -546,7 +545,7 @@ class Reader:
         study = CTMaps(self, volume, ms)
         if gen is None:
             self._anatomy_ahead(volume)
-            content = interleave([Image.fromarray(im) for im in ms.images])
+            content = interleave(ms.images)
             gen = self._generate([(content, question)], self.ct, max_new_tokens, None if answer is None else [answer],
                                  keep, ahead=self._ahead(study))[0]
         answer, gen, done, labels, extras = self._mapped(study, gen, self.ct, 3)

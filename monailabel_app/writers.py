@@ -124,9 +124,9 @@ def save_inputs(reading, folder: str) -> str:
     and ``inputs/index.json`` (per image: where it came from; for CT the source slice and its patient z)."""
     os.makedirs(folder, exist_ok=True)
     index = []
-    for n, (rgb, info) in enumerate(zip(reading.model_inputs, reading.inputs_index)):
+    for n, (square, info) in enumerate(zip(reading.model_inputs, reading.inputs_index)):
         name = f"image_{n:03d}.png"
-        Image.fromarray(rgb).save(os.path.join(folder, name))
+        Image.fromarray(square).convert("RGB").save(os.path.join(folder, name))  # a film's grey, as shown
         index.append({"image": name, **info, "square_side": reading.pad.side, "pad_top": reading.pad.top,
                       "pad_left": reading.pad.left})
     with open(os.path.join(folder, "index.json"), "w") as f:

@@ -258,8 +258,10 @@ class SquarePad:
 
 
 def pad_to_square(pixels: np.ndarray) -> tuple[np.ndarray, SquarePad]:
-    """Centre ``pixels`` (uint8 rows x cols) in a black square and return it as RGB, with the padding."""
+    """Centre ``pixels`` (uint8 rows x cols) in a black square and return it, with the padding. The square
+    stays grey (side x side): the model is shown it as RGB with three equal channels
+    (:func:`generation.build_inputs` makes them without copying it three times)."""
     pad = SquarePad(*pixels.shape)
     square = np.zeros((pad.side, pad.side), np.uint8)
     square[pad.top : pad.top + pad.rows, pad.left : pad.left + pad.cols] = pixels
-    return np.repeat(square[..., None], 3, axis=2), pad
+    return square, pad

@@ -14,7 +14,7 @@ def test_captured_rows_equal_eager_attention(reader):
     from transformers import Gemma3ForConditionalGeneration
 
     model, proc = reader.model, reader.processor
-    image = Image.fromarray(pad_to_square(make_phantom(11).image)[0])  # two lesions
+    image = pad_to_square(make_phantom(11).image)[0]  # two lesions
     layers = [0, 1, 2, 3]
     gen = generate(model, proc, [image], DEFAULT_QUESTION, layers, max_new_tokens=40)
     assert gen.layers == layers and gen.attention.shape[:3] == (len(gen.token_ids), 4, 4)
@@ -45,7 +45,7 @@ def test_captured_rows_equal_eager_attention(reader):
 
 
 def test_token_spans_cover_the_finding_text(reader):
-    image = Image.fromarray(pad_to_square(make_phantom(11).image)[0])
+    image = pad_to_square(make_phantom(11).image)[0]
     gen = generate(reader.model, reader.processor, [image], DEFAULT_QUESTION, [1], max_new_tokens=40)
     second = gen.text.index(". ") + 2
     toks = gen.token_range((second, len(gen.text)))
@@ -129,13 +129,13 @@ def test_forced_answer_records_the_same_attention_as_the_models_own(reader):
     from monailabel_app.phantoms import make_phantom as mp
 
     model, proc = reader.model, reader.processor
-    image = Image.fromarray(pad_to_square(mp(11).image)[0])
+    image = pad_to_square(mp(11).image)[0]
     own = generate(model, proc, [image], DEFAULT_QUESTION, [1, 2], max_new_tokens=40)
     forced = generate(model, proc, [image], DEFAULT_QUESTION, [1, 2], answer=own.text)
     assert forced.token_ids == own.token_ids and forced.text == own.text
     assert torch.allclose(forced.attention, own.attention, atol=1e-6)
     assert np.allclose(forced.token_probs, own.token_probs, atol=1e-5)
-    twin = Image.fromarray(pad_to_square(mp(11, lesions=False).image)[0])
+    twin = pad_to_square(mp(11, lesions=False).image)[0]
     said = generate(model, proc, [twin], DEFAULT_QUESTION, [1, 2], answer=own.text)
     assert said.text == own.text and not torch.allclose(said.attention, own.attention, atol=1e-3)
     assert min(said.token_probs) < 0.5  # the model would not have said it about a lesion-free image

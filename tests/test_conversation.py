@@ -3,7 +3,6 @@ gets exactly the answer and attention of reading the whole conversation from scr
 
 import pytest
 import torch
-from PIL import Image
 
 from monailabel_app.decoding import prefill_and_decode
 from monailabel_app.generation import chat_ids, chat_messages, follow_up, generate_batch
@@ -35,7 +34,7 @@ CHATS = {  # first question, follow-ups
 def test_follow_up_equals_the_conversation_read_from_scratch(reader_in, language):
     reader = reader_in
     model, proc = reader.model, reader.processor
-    image = Image.fromarray(pad_to_square(make_phantom(11).image)[0])
+    image = pad_to_square(make_phantom(11).image)[0]
     rollout = bool(reader.info.grounding.get("rollout"))
     first_question, follow_ups = CHATS[language]
     first = generate_batch(model, proc, [([image], first_question)], reader.layers, 40, rollout=rollout,
@@ -91,7 +90,7 @@ def test_follow_up_reuses_every_kept_token_when_the_answer_retokenises_different
     from monailabel_app.generation import _turn_ids
 
     model, proc = reader.model, reader.processor
-    image = Image.fromarray(pad_to_square(make_phantom(23).image)[0])
+    image = pad_to_square(make_phantom(23).image)[0]
     first = generate_batch(model, proc, [([image], DEFAULT_QUESTION)], reader.layers, 40, keep=True)[0]
     conv = first.conversation
     conv.messages[-1]["content"][0]["text"] = "  " + first.text  # renders to other tokens than were generated
@@ -106,7 +105,7 @@ def test_a_follow_up_depends_on_what_was_said_before(reader):
     """The same follow-up about the same image, after two different first answers (teacher-forced), is
     answered from different contexts: the earlier turn is really in the model's context."""
     model, proc = reader.model, reader.processor
-    image = Image.fromarray(pad_to_square(make_phantom(7).image)[0])
+    image = pad_to_square(make_phantom(7).image)[0]
     follow = []
     for said in ("nodule in the right upper zone.", "effusion in the left lower zone."):
         first = generate_batch(model, proc, [([image], DEFAULT_QUESTION)], reader.layers, 40, answers=[said],

@@ -140,12 +140,10 @@ def test_reading_many_at_once_equals_reading_each(reader_in):
                 assert np.unravel_index(np.argmax(x), x.shape) == np.unravel_index(np.argmax(y), y.shape) or \
                     np.corrcoef(x.ravel(), y.ravel())[0, 1] > 0.99
     # different questions in one batch: the shorter chat is padded on the left, answers unchanged
-    from PIL import Image
-
     from monailabel_app.generation import generate, generate_batch
     from monailabel_app.xray import pad_to_square
 
-    image = Image.fromarray(pad_to_square(films[1].pixels)[0])
+    image = pad_to_square(films[1].pixels)[0]
     chats = [([image], "Describe the findings in this chest X-ray, zone by zone, please."), ([image], "Findings?")]
     layers = reader.layers
     batch = generate_batch(reader.model, reader.processor, chats, layers, 40)

@@ -195,7 +195,7 @@ def encode_batch(processor, seeds, follow_up_share: float = 0.0, zh_share: float
     texts, images = [], []
     for seed in seeds:
         ph = make_phantom(seed)
-        rgb, _ = pad_to_square(ph.image)
+        square, _ = pad_to_square(ph.image)
         question, language = question_and_language(seed, zh_share, pm.QUESTIONS, pm.QUESTIONS_ZH)
         report = format_findings(ph.findings, language)
         if np.random.default_rng((seed, 7)).random() < follow_up_share:
@@ -203,7 +203,7 @@ def encode_batch(processor, seeds, follow_up_share: float = 0.0, zh_share: float
         else:
             messages = chat_messages([None], question, answer=report)
         texts.append(processor.apply_chat_template(messages, tokenize=False))
-        images.append([Image.fromarray(rgb)])
+        images.append([Image.fromarray(square).convert("RGB")])
     return _encode(processor, texts, images)
 
 
@@ -299,7 +299,7 @@ def zone_accuracy(model, processor, seeds, device, batch=32, language: str = "en
         phs = [make_phantom(s) for s in chunk]
         msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
         prompt = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-        imgs = [[Image.fromarray(pad_to_square(p.image)[0])] for p in phs]
+        imgs = [[Image.fromarray(pad_to_square(p.image)[0]).convert("RGB")] for p in phs]
         enc = processor(text=[prompt] * len(phs), images=imgs, return_tensors="pt", padding=True,
                         add_special_tokens=False).to(device)
         out = model.generate(**enc, max_new_tokens=40, do_sample=False)
@@ -333,11 +333,11 @@ def follow_up_accuracy(model, processor, seeds, device, language: str = "en") ->
     follow = pm.FOLLOW_UPS_ZH[0] if language == "zh" else FOLLOW_UPS[0]
     for seed in seeds:
         ph = make_phantom(seed)
-        rgb, _ = pad_to_square(ph.image)
+        square, _ = pad_to_square(ph.image)
         messages = chat_messages([None], first_question, answer=format_findings(ph.findings, language)) + [
             text_turn("user", follow)]
         text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        enc = processor(text=[text], images=[[Image.fromarray(rgb)]], return_tensors="pt", add_special_tokens=False)
+        enc = processor(text=[text], images=[[Image.fromarray(square).convert("RGB")]], return_tensors="pt", add_special_tokens=False)
         enc = {k: v.to(device) for k, v in enc.items()}
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=24, do_sample=False)

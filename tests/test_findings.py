@@ -183,3 +183,31 @@ def test_how_much_of_an_answer_being_written_is_complete_sentences():
     assert written_upto("Nodule in the right. Opac") == len("Nodule in the right.")
     assert written_upto("Mass of 1.5 cm in the left") == 0  # a decimal point ends nothing
     assert written_upto("右肺结节。左肺") == len("右肺结节。")
+
+
+def test_sentences_kept_from_an_earlier_reading_give_what_a_fresh_scan_gives(monkeypatch):
+    """Findings are kept per sentence (with the character before it): on the whole corpus, each text alone and
+    all of them as one answer (sentences at new offsets, after new neighbours), read twice, equal a scan of
+    the text itself without the kept ones; a caller changing a finding changes nothing kept."""
+    from monailabel_app.language import findings as fm
+
+    def fresh(text, a, b, language):
+        return fm._scan_sentence(text, a, b, language)
+
+    texts = [t for language in ("en", "zh") for _, t, _ in corpus(language)]
+    texts += [" ".join(texts[:60]), "".join(texts[-60:]), "\n".join(texts[::7])]
+    fm._findings_of_sentence.cache_clear()
+    kept = [[read_answer(t) for t in texts] for _ in range(2)]
+    assert fm._findings_of_sentence.cache_info().hits > len(texts)
+    with monkeypatch.context() as m:
+        m.setattr(fm, "_sentence_findings", fresh)
+        scanned = [read_answer(t) for t in texts]
+    for first, again, want in zip(*kept, scanned):
+        assert first.mentions == want.mentions and again.mentions == want.mentions
+        assert first.findings == want.findings and first.language == want.language
+    a = read_answer("Small nodule in the right upper zone, likely granuloma.").findings[0]
+    a.span, a.side = (0, 1), "left"
+    a.descriptors.append("x")
+    a.suggests.append("y")
+    b = read_answer("Small nodule in the right upper zone, likely granuloma.").findings[0]
+    assert b.side == "right" and b.span[1] > 1 and "x" not in b.descriptors and "y" not in b.suggests

@@ -24,6 +24,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import re
 from dataclasses import dataclass, field
 
@@ -322,6 +324,24 @@ def _descriptors(terms: list[_Term], kind: str) -> list[str]:
 
 
 def _sentence_findings(text: str, a: int, b: int, language: str) -> list[Finding]:
+    """The findings of the sentence text[a:b]. A sentence reads the same wherever it stands: what the scanners
+    see of it is its own characters and the one before it (their look-behinds are one character wide), so
+    the findings are kept by those (:func:`_findings_of_sentence`), and an answer read again as it grows,
+    or a repeated sentence, is not scanned twice."""
+    before = text[a - 1] if a > 0 else ""
+    offset = a - len(before)
+    return [dataclasses.replace(f, span=(f.span[0] + offset, f.span[1] + offset), descriptors=list(f.descriptors),
+                                suggests=list(f.suggests))
+            for f in _findings_of_sentence(before + text[a:b], len(before), language)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _findings_of_sentence(text: str, a: int, language: str) -> tuple[Finding, ...]:
+    """The findings of the sentence text[a:] (text[:a]: the character before it, or none); never mutated."""
+    return tuple(_scan_sentence(text, a, len(text), language))
+
+
+def _scan_sentence(text: str, a: int, b: int, language: str) -> list[Finding]:
     a, b = _strip(text, a, b)
     if a >= b:
         return []

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The project's GPU path next to plain transformers ``generate``, in one run on one card.
 
-    python bench/fast_path.py [--only speed,batch,precision,restart,phantom,profile] [--out bench/results/fast_path.md]
+    python bench/fast_path.py [--only speed,batch,precision,restart,phantom,profile,prefill] [--out bench/results/fast_path.md]
 
 MedGemma-4B shapes with random weights (``bench/medgemma_shapes.py``: built from config, no download),
 bf16, 200 new tokens. Both paths are made to say the same 200-token report (the project path by teacher
@@ -19,6 +19,8 @@ decode work; the project path also computes every finding's heatmap and mask.
   ``torch.compile``, answer one X-ray) twice: with an empty compile cache and with the cache the first left.
 * **profile** (only when asked for): one reading per study under torch.profiler (the CUDA kernels) and its
   maps under cProfile.
+* **prefill** (only when asked for): each study's prefill, its wall time against its GPU kernel time and
+  launches, and its host operators.
 * **phantom**: the phantom model in each precision against fp32 on held-out phantoms: finding text
   exact match, mask Dice, pointing game.
 """
@@ -301,6 +303,39 @@ def profile(model, processor, reader, modalities=("xray", "ct"), batch_of: int =
         emit()
 
 
+def prefill(model, processor, reader, modalities=("xray",), runs: int = 5) -> None:
+    """Where a prefill's time goes: its wall time (the median of ``runs``, capture as in a reading) against the
+    GPU's own kernel time and the number of kernels and host calls under torch.profiler, then its host
+    operators by their own CPU time: a prefill whose wall time is far above its kernels waits on launches."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as kernels
+
+    cases = {"xray": (xray(7), DEFAULT_QUESTION, reader.info.grounding), "ct": (ct(3), CT_QUESTION, reader.ct)}
+    for name in modalities:
+        study, question, settings = cases[name]
+        inputs = build_inputs(processor, reader._content(study), question, None, model.device, model.dtype)
+        args = (model, inputs, list(settings["layers"]), int(model.config.mm_tokens_per_image), 1,
+                bool(settings.get("rollout")))
+        prefill_and_decode(*args)  # warm-up
+        walls = []
+        for _ in range(runs):
+            walls.append(prefill_and_decode(*args).seconds["prefill"])
+        with kernels(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            prefill_and_decode(*args)
+            sync()
+        events = prof.key_averages()
+        gpu = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e6
+        launches = sum(e.count for e in events if e.device_type.name == "CUDA")
+        ops = sum(e.count for e in events if e.device_type.name == "CPU" and e.key.startswith("aten::"))
+        emit(f"### Prefill: {name}, {inputs['input_ids'].shape[1]} tokens: {statistics.median(walls):.4f} s wall "
+             f"(median of {runs}), {gpu:.4f} s of GPU kernels, {launches} kernels, {ops} aten calls")
+        emit()
+        emit("```")
+        emit(events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
+        emit("```")
+        emit()
+
+
 def batch(model, processor, reader, sizes=(8, 32, 64), batches: int = 4, threads=(None,), processes=(None,),
           devices=(None,), aheads=(None,)) -> None:
     """Batched radiographs in steady state: ``batches`` batches of each size through one ``read_many`` call
@@ -563,7 +598,7 @@ def main(argv=None):
     emit(f"## bench/fast_path.py on {card} (torch {torch.__version__}, "
          f"transformers {__import__('transformers').__version__}), {time.strftime('%Y-%m-%d')}")
     emit()
-    if {"speed", "batch", "precision", "restart", "profile"} & set(parts):
+    if {"speed", "batch", "precision", "restart", "profile", "prefill"} & set(parts):
         t0 = time.perf_counter()
         model, processor = build("cuda", torch.bfloat16, attn=CAPTURE_ATTN)
         print(f"built MedGemma-4B shapes in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -572,6 +607,8 @@ def main(argv=None):
             profile(model, processor, reader, [m for m in args.speed_modalities.split(",") if m], args.profile_batch)
         if "speed" in parts:
             speed(model, processor, reader, args.speed_modalities.split(","), not args.no_anchors)
+        if "prefill" in parts:
+            prefill(model, processor, reader, [m for m in args.speed_modalities.split(",") if m])
         if "batch" in parts:
             threads = [int(t) for t in args.map_threads.split(",") if t] or [None]
             processes = [int(p) for p in args.map_processes.split(",") if p] or [None]

@@ -288,6 +288,9 @@ class DecodeResult:
     rolled_out: bool = False  # the rows were rolled out inside each image
 
 
+WARM_UP_STEPS = 3  # eager decode steps before a CUDA graph is captured (on the buffers, before any request)
+
+
 class Decoder:
     """Fixed buffers and the decode step for one (batch, prompt + answer length, recorded layers) shape;
     on CUDA the step is captured as a CUDA graph on first use and replayed after."""
@@ -304,15 +307,16 @@ class Decoder:
         self.token = torch.zeros(batch, 1, **long)
         self.pad = torch.zeros(batch, **long)
         self.step_index = torch.zeros(1, **long)
-        self.forced = torch.full((batch, max_new), -1, **long)
-        self.tokens = torch.zeros(batch, max_new, **long)
-        self.logprobs = torch.zeros(batch, max_new, device=device)
+        room = max(max_new, WARM_UP_STEPS)  # prepare's warm-up steps index these too: an answer of one token
+        self.forced = torch.full((batch, room), -1, **long)  # must not index past them (a device assert
+        self.tokens = torch.zeros(batch, room, **long)  # ends every later use of the GPU in the process)
+        self.logprobs = torch.zeros(batch, room, device=device)
         self.nonfinite = torch.zeros(batch, dtype=torch.bool, device=device)
         self._eos = set(eos)  # on the host: a look at the tokens reads nothing else from the device
         self._look_stream = None
         self.image_positions = torch.zeros(batch, n_image_tokens, **long)
         heads = text_cfg.num_attention_heads
-        self.recorder = DecodeRecorder(self.layers, self.image_positions, max_new, heads, self.step_index) \
+        self.recorder = DecodeRecorder(self.layers, self.image_positions, room, heads, self.step_index) \
             if self.layers else None
         lm = model.model.language_model
         self._lm, self._cache_kw = lm, _cache_keyword(lm.forward)
@@ -390,7 +394,7 @@ class Decoder:
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
-                    for _ in range(3):
+                    for _ in range(WARM_UP_STEPS):
                         self._step()
                 torch.cuda.current_stream().wait_stream(stream)
                 graphs, pool = {}, None

@@ -303,3 +303,21 @@ def test_the_prefill_masks_are_transformers_own(monkeypatch):
     assert not torch.equal(mine["full_attention"], mine["sliding_attention"])  # the window (8) cuts in
     assert [r.token_ids for r in ours.rows] == [r.token_ids for r in theirs.rows]
     assert torch.equal(ours.attention, theirs.attention)
+
+
+@pytest.mark.parametrize("new", [1, 2, 3])
+def test_answers_of_one_two_and_three_tokens(tiny, new):
+    """The shortest answers a request may ask for: on a GPU the decoder's warm-up steps run before its graph
+    is captured, and they once indexed past buffers sized for the answer (a device assert: the process's GPU
+    was lost for every later request)."""
+    images = torch.rand(2, 3, 28, 28, device=tiny.device)
+    inputs = batch([prompt([5, 6, 7])], images)
+    result = prefill_and_decode(tiny, inputs, [3], 4, new, stop_loops=False)
+    tokens, logp = reference(tiny, inputs, new)
+    assert [r.token_ids for r in result.rows] == tokens and len(tokens[0]) == new
+    assert torch.allclose(torch.tensor([r.logprobs for r in result.rows]), logp.cpu(), atol=1e-4)
+    assert result.attention.shape[0] == new
+    forced = prefill_and_decode(tiny, inputs, [3], 4, 30, forced=[[7]]).rows[0]  # a forced one-token answer
+    assert forced.token_ids == [7]
+    if tiny.device.type == "cuda":
+        assert any(d.graph is not None and d.max_new == new for d in tiny.__dict__["_medgemma_decoders"].values())

@@ -25,6 +25,26 @@ def test_block_means_of_whole_numbers_equal_the_float32_mean():
     assert np.array_equal(block_mean(x, 2), _reshaped(x, 2, np.mean))
 
 
+def test_block_means_of_floats_are_numpys_mean_in_any_memory_layout():
+    """Float maps (a film's attention heat, CT values) are summed over the strided planes in the order numpy's
+    mean over reshaped C-ordered blocks takes: the same float32 values bit for bit (a mask's threshold sees
+    the same numbers), whatever the shape, the block size, the magnitudes and the input's memory layout."""
+    rng = np.random.default_rng(10)
+    for trial in range(60):
+        step = int(rng.integers(2, 8))
+        shape = tuple(int(n) for n in rng.integers(2 * step, 400, 2))
+        if trial % 3 == 0:
+            shape = (int(rng.integers(1, 4)),) + shape
+        a = (np.exp(rng.normal(size=shape)) * rng.choice([1e-3, 1.0, 1e5])).astype(np.float32)
+        want = _reshaped(np.ascontiguousarray(a), step, np.mean)
+        got = block_mean(a, step)
+        assert got.dtype == np.float32 and np.array_equal(got, want), (trial, shape, step)
+        flipped = np.ascontiguousarray(np.swapaxes(a, -1, -2))  # the same values, laid out the other way
+        assert np.array_equal(block_mean(np.swapaxes(flipped, -1, -2), step), want), (trial, "layout")
+    film = rng.random((2458, 2048), dtype=np.float32)  # the GPU benchmark's film, 3 x 3 blocks
+    assert np.array_equal(block_mean(film, 3), _reshaped(film, 3, np.mean))
+
+
 def test_block_minimum_equals_the_reshaped_minimum():
     rng = np.random.default_rng(9)
     for a in (rng.normal(size=(4, 31, 26)).astype(np.float32), rng.integers(-1000, 1000, size=(2, 17, 40)).astype(np.int16),

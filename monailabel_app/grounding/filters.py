@@ -34,14 +34,26 @@ def correlate1d(t: torch.Tensor, weights: np.ndarray, axis: int) -> torch.Tensor
     """``scipy.ndimage.correlate1d(t, weights, axis, mode="reflect")`` for an odd-length ``weights``, through
     the FFT: a kernel of a few hundred taps costs what a short one does (a direct float64 convolution of
     that length is slow on a GPU)."""
-    r = (len(weights) - 1) // 2
+    return correlate1d_each(t, [weights], axis)[0]
+
+
+def correlate1d_each(t: torch.Tensor, kernels: list[np.ndarray], axis: int) -> list[torch.Tensor]:
+    """:func:`correlate1d` of ``t`` with each of ``kernels`` (odd, all of one length) along ``axis``: the
+    reflected lines and their FFT are made once for all of them."""
+    if len({len(w) for w in kernels}) != 1:
+        raise ValueError("the kernels must have one length")
+    r = (len(kernels[0]) - 1) // 2
     n = t.shape[axis]
     index = torch.as_tensor(np.pad(np.arange(n), r, mode="symmetric"), device=t.device)
     x = t.index_select(axis, index).movedim(axis, -1)  # (..., n + 2r), the border reflected
-    k = torch.as_tensor(np.ascontiguousarray(weights[::-1]), dtype=t.dtype, device=t.device)  # correlation as convolution
-    size = fft_length(x.shape[-1] + len(k) - 1)  # no wrap-around into the wanted part at any length >= this
-    full = torch.fft.irfft(torch.fft.rfft(x, size) * torch.fft.rfft(k, size), size)
-    return full[..., 2 * r : 2 * r + n].movedim(-1, axis)  # where the kernel lies wholly on the padded line
+    size = fft_length(x.shape[-1] + 2 * r)  # no wrap-around into the wanted part at any length >= this
+    lines = torch.fft.rfft(x, size)
+    out = []
+    for weights in kernels:
+        k = torch.as_tensor(np.ascontiguousarray(weights[::-1]), dtype=t.dtype, device=t.device)  # correlation as convolution
+        full = torch.fft.irfft(lines * torch.fft.rfft(k, size), size)
+        out.append(full[..., 2 * r : 2 * r + n].movedim(-1, axis))  # where the kernel lies wholly on the padded line
+    return out
 
 
 def fft_length(n: int) -> int:
@@ -53,14 +65,12 @@ def fft_length(n: int) -> int:
 
 def gaussian_laplace(t: torch.Tensor, sigma) -> torch.Tensor:
     """``scipy.ndimage.gaussian_laplace`` of a 2-D tensor: per axis, the second derivative along it and the
-    smoothing along the other, summed."""
-    out = None
-    for axis in range(2):
-        y = t
-        for a in range(2):
-            y = correlate1d(y, gaussian_kernel(sigma[a], 2 if a == axis else 0)[::-1].copy(), a)
-        out = y if out is None else out + y
-    return out
+    smoothing along the other, summed. Both terms start along axis 0 from the same reflected lines, whose
+    FFT is made once (:func:`correlate1d_each`)."""
+    second = [gaussian_kernel(sigma[a], 2)[::-1].copy() for a in range(2)]
+    smooth = [gaussian_kernel(sigma[a], 0)[::-1].copy() for a in range(2)]
+    along, across = correlate1d_each(t, [second[0], smooth[0]], 0)
+    return correlate1d(along, smooth[1], 1) + correlate1d(across, second[1], 1)
 
 
 def gaussian_filter(t: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -614,7 +614,8 @@ def _blobs(a: np.ndarray, spacing, kind: str, device, responses: dict) -> tuple[
             responses[r] = -laplace * float(np.mean(sigma) ** 2)
         response = responses[r]
         better = response > strength
-        strength[better], radius[better] = response[better], r
+        np.copyto(strength, response, where=better)  # in place, no gathered copies
+        np.copyto(radius, np.float32(r), where=better)
     return strength, radius
 
 

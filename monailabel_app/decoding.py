@@ -307,9 +307,11 @@ class Decoder:
         self.token = torch.zeros(batch, 1, **long)
         self.pad = torch.zeros(batch, **long)
         self.step_index = torch.zeros(1, **long)
-        room = max(max_new, WARM_UP_STEPS)  # prepare's warm-up steps index these too: an answer of one token
-        self.forced = torch.full((batch, room), -1, **long)  # must not index past them (a device assert
-        self.tokens = torch.zeros(batch, room, **long)  # ends every later use of the GPU in the process)
+        # the step buffers have room for prepare's warm-up steps too: for an answer of one or two tokens those
+        # steps indexed past buffers sized for the answer, a device assert that ends the process's use of the GPU
+        room = max(max_new, WARM_UP_STEPS)
+        self.forced = torch.full((batch, room), -1, **long)
+        self.tokens = torch.zeros(batch, room, **long)
         self.logprobs = torch.zeros(batch, room, device=device)
         self.nonfinite = torch.zeros(batch, dtype=torch.bool, device=device)
         self._eos = set(eos)  # on the host: a look at the tokens reads nothing else from the device

@@ -29,7 +29,9 @@ def test_a_grey_square_is_shown_as_its_rgb_image(processor, device):
     square, pad = pad_to_square(make_phantom(11).image[:, 40:])  # not square: padded left and right
     assert square.ndim == 2 and pad.left > 0
     rgb = Image.fromarray(np.repeat(square[..., None], 3, axis=2))
+    kept = square.copy()
     shown, ids = _pixels(processor, [square], device)
+    assert np.array_equal(square, kept)  # the processor worked on a view of it: the reading keeps it as it was
     want, want_ids = _pixels(processor, [rgb], device)
     assert torch.equal(ids, want_ids)
     assert torch.equal(shown, want)

@@ -203,7 +203,8 @@ class CTMaps(StudyMaps):
         super().__init__(reader)
         self.volume, self.ms = volume, ms
         self.shared: dict = {}  # what the image extent makes once for the volume's findings (extent.grow_ct)
-        self._gates: dict = {}
+        self._gates: dict = {}  # gate set -> (body, allowed voxels, their box)
+        self._sides: dict = {}  # (gate set, side) -> (side columns, gated box)
 
     def gate(self, gates, side: str) -> tuple:
         """(allowed voxels (on the maps device), the side's columns (None without a side gate), the box outside
@@ -218,10 +219,10 @@ class CTMaps(StudyMaps):
                 self._gates[gates] = (body, allowed if device.type == "cpu" else torch.as_tensor(allowed, device=device),
                                       allowed_box)
             body, allowed, allowed_box = self._gates[gates]
-            if (gates, side) not in self._gates:
+            if (gates, side) not in self._sides:
                 columns = ct_maps.side_columns(body, side) if "side" in gates else None
-                self._gates[gates, side] = (columns, ct_maps.gate_box(allowed_box, columns))
-            return (allowed, *self._gates[gates, side])
+                self._sides[gates, side] = (columns, ct_maps.gate_box(allowed_box, columns))
+            return (allowed, *self._sides[gates, side])
 
     def _finding(self, f: Finding, rows: list[int], gen: Generation, settings: dict) -> Mapped:
         volume, device = self.volume, self.reader.maps_device

@@ -63,9 +63,10 @@ class MapProcesses:
         self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
                                          initializer=_start, initargs=(info, grid, str(device)))
 
-    def remap(self, study, gen) -> Future:
+    def remap(self, study, gen, blobs=None) -> Future:
         """A future of ``(reading, seconds)``: the film's reading from ``gen``, its study and generation
-        put back, and the seconds its maps took in the worker."""
+        put back, and the seconds its maps took in the worker. ``blobs``: the film's blob filter responses
+        made ahead (:func:`extent.film_blob_responses`, best in shared memory: :func:`shared_empty`)."""
         done: Future = Future()
 
         def back(f: Future) -> None:
@@ -76,7 +77,7 @@ class MapProcesses:
             except BaseException as e:  # noqa: BLE001 (the caller's future carries it)
                 done.set_exception(e)
 
-        self._pool.submit(_remap, study, gen).add_done_callback(back)
+        self._pool.submit(_remap, study, gen, blobs).add_done_callback(back)
         return done
 
     def shutdown(self) -> None:
@@ -103,9 +104,9 @@ def _start(info, grid: int, device: str = "cpu") -> None:
     _READER = Reader.for_maps(info, grid, device)
 
 
-def _remap(study, gen):
+def _remap(study, gen, blobs=None):
     t0 = time.perf_counter()
-    reading = _READER.remap(study, gen)
+    reading = _READER.remap(study, gen, blobs=blobs)
     seconds = time.perf_counter() - t0
     reading.study, reading.generation = None, None  # the caller has them
     return _each_array(reading, _shared), seconds
@@ -127,6 +128,16 @@ def _shared(a):
         return torch.from_numpy(np.ascontiguousarray(a)).share_memory_()
     except RuntimeError:
         return a
+
+
+def shared_empty(shape, dtype=torch.float32) -> torch.Tensor:
+    """An empty CPU tensor in shared memory, which reaches a worker as a handle instead of its bytes by
+    pipe; a plain one where shared memory is full (a small /dev/shm)."""
+    t = torch.empty(shape, dtype=dtype)
+    try:
+        return t.share_memory_()
+    except RuntimeError:
+        return t
 
 
 def _unshared(a):

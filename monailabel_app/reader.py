@@ -37,7 +37,7 @@ from .phantom_model import CT_QUESTION, CT_QUESTION_ZH, DEFAULT_QUESTION, DEFAUL
 from .report import Finding, read_answer, unique_names
 from .study import check_modality, load_study
 from .study_maps import CTMaps, FilmMaps, StudyMaps, in_language, recorded_layers
-from .xray import Geometry, Radiograph, SquarePad, pad_to_square
+from .xray import Geometry, Radiograph, SquarePad, pad_to_square, pixel_spacing_mm
 
 logger = logging.getLogger(__name__)
 
@@ -367,9 +367,10 @@ class Reader:
         chunks = [members[start : start + batch_size] for members in groups.values()
                   for start in range(0, len(members), batch_size)]
 
-        def prepare(chunk: list[int]) -> Prepared:  # what the model is shown, as its inputs
-            return self._prepare([(self._content(loaded[i]), questions[i]) for i in chunk],
-                                 None if answers is None else [answers[i] for i in chunk])
+        def prepare(chunk: list[int]) -> tuple[Prepared, list | None]:  # what the model is shown; the films' blobs
+            return (self._prepare([(self._content(loaded[i]), questions[i]) for i in chunk],
+                                  None if answers is None else [answers[i] for i in chunk]),
+                    self._blobs_ahead([loaded[i] for i in chunk]))
 
         # while a batch generates, the next batch's inputs are made and the batch before's maps (its studies
         # side by side)
@@ -379,14 +380,15 @@ class Reader:
             upcoming = ahead.submit(prepare, chunks[0]) if chunks else None
             for k, chunk in enumerate(chunks):
                 t0 = time.perf_counter()
-                prepared = upcoming.result()
+                prepared, blobs = upcoming.result()
                 prepared = dataclasses.replace(prepared, waited=time.perf_counter() - t0)
                 upcoming = ahead.submit(prepare, chunks[k + 1]) if k + 1 < len(chunks) else None
                 gens = self._generate(prepared.studies, self._settings(loaded[chunk[0]]), n,
                                       None if answers is None else [answers[i] for i in chunk], prepared=prepared)
                 pool = self._map_pool() if not isinstance(loaded[chunk[0]], CTVolume) else None
                 if pool is not None:  # films: in worker processes
-                    made += [(i, gen, pool.remap(loaded[i], gen)) for i, gen in zip(chunk, gens)]
+                    made += [(i, gen, pool.remap(loaded[i], gen, None if blobs is None else blobs[j]))
+                             for j, (i, gen) in enumerate(zip(chunk, gens))]
                 else:
                     pending.append(worker.submit(maps.each, finish, chunk, gens))
             for done in pending:
@@ -394,6 +396,18 @@ class Reader:
             for i, gen, reading in made:
                 finished(i, gen, *reading.result())
         return readings
+
+    def _blobs_ahead(self, studies: list) -> list[extent.BlobResponses] | None:
+        """The blob filter responses of a batch's films, made on the GPU in one go (on this thread's own
+        stream, while the batch before generates) and put in shared memory for the map processes: the
+        largest part of a film's map work, which the workers' CPUs then skip. None for CTs and where films
+        are not mapped in worker processes of a GPU reader."""
+        if (isinstance(studies[0], CTVolume) or self.maps_device.type != "cuda" or self.model is None
+                or self._map_pool() is None):
+            return None
+        with maps.side_stream():
+            return extent.film_blob_responses([s.pixels for s in studies], [pixel_spacing_mm(s)[0] for s in studies],
+                                              self.maps_device, host=map_processes.shared_empty)
 
     def read(self, image: str | Radiograph | CTVolume, question: str | None = None, max_new_tokens: int = 128,
              modality: str = "auto", max_slices: int | None = None, answer: str | None = None,
@@ -472,12 +486,14 @@ class Reader:
                 "attention": "rollout" if gen.rollout else "direct",
                 "grounding": self.info.grounding.get("source")}
 
-    def remap(self, study: Radiograph | CTVolume, gen: Generation, max_slices: int | None = None) -> Reading:
+    def remap(self, study: Radiograph | CTVolume, gen: Generation, max_slices: int | None = None,
+              blobs: extent.BlobResponses | None = None) -> Reading:
         """The reading of ``study`` from an existing generation (e.g. one restricted to some layers):
-        findings, maps and masks with the current settings, no new generation (calibration)."""
+        findings, maps and masks with the current settings, no new generation (calibration; a batch's film
+        maps). ``blobs``: a film's blob filter responses made ahead (:func:`extent.film_blob_responses`)."""
         if isinstance(study, CTVolume):
             return self._read_ct(study, "", 0, check_max_slices(max_slices, self.ct["max_slices"]), gen=gen)
-        return self._read_radiograph(study, "", 0, gen=gen)
+        return self._read_radiograph(study, "", 0, gen=gen, blobs=blobs)
 
     def _kept(self, name: str, image: np.ndarray, make) -> Future:
         """``make()`` for ``image`` (its anatomy) as a future, kept for the last image under ``name``:
@@ -520,9 +536,10 @@ class Reader:
         return self._ct_anatomy_future(volume).result()
 
     def _read_radiograph(self, radiograph: Radiograph, question: str, max_new_tokens: int, answer=None,
-                         gen: Generation | None = None, keep: bool = False) -> Reading:
+                         gen: Generation | None = None, keep: bool = False,
+                         blobs: extent.BlobResponses | None = None) -> Reading:
         square, pad = pad_to_square(radiograph.pixels)
-        film = FilmMaps(self, radiograph, pad)
+        film = FilmMaps(self, radiograph, pad, blobs)
         if gen is None:
             self._anatomy_ahead(radiograph)
             gen = self._generate([([square], question)], self.info.grounding, max_new_tokens,

@@ -151,11 +151,12 @@ class StudyMaps:
 
 class FilmMaps(StudyMaps):
     """A radiograph's maps: the square's padding, the pixel spacing, the lung fields (the reader's kept
-    anatomy) and the image extent's film cache (:func:`extent.film_cache`) made once for its findings."""
+    anatomy) and the image extent's film cache (:func:`extent.film_cache`) made once for its findings
+    (``blobs``: its blob filter responses where they were made ahead, :func:`extent.film_blob_responses`)."""
 
-    def __init__(self, reader, radiograph: Radiograph, pad: SquarePad):
+    def __init__(self, reader, radiograph: Radiograph, pad: SquarePad, blobs: extent.BlobResponses | None = None):
         super().__init__(reader)
-        self.radiograph, self.pad = radiograph, pad
+        self.radiograph, self.pad, self.blobs = radiograph, pad, blobs
         self.spacing, self.spacing_known = pixel_spacing_mm(radiograph)
         self._film: dict | None = None
 
@@ -166,7 +167,8 @@ class FilmMaps(StudyMaps):
         """The image extent's film cache (made once, by the first finding that needs it)."""
         with self._lock:
             if self._film is None:
-                self._film = extent.film_cache(self.radiograph.pixels, self.fields(), self.reader.maps_device)
+                self._film = extent.film_cache(self.radiograph.pixels, self.fields(), self.reader.maps_device,
+                                               None if self.blobs is None else self.blobs.as_dict())
             return self._film
 
     def _finding(self, f: Finding, rows: list[int], gen: Generation, settings: dict) -> Mapped:

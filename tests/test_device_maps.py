@@ -207,3 +207,41 @@ def test_the_films_smoothing_in_torch_equals_scipys(device):
     film = np.random.default_rng(2).random((60, 45)).astype(np.float32) * 4000
     got = filters.gaussian_filter(torch.as_tensor(film, dtype=torch.float64, device=device), 1.0).cpu().numpy()
     assert np.abs(got - ndimage.gaussian_filter(film, 1.0)).max() <= 1e-3  # grey levels up to 4000
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_batchs_blob_responses_made_at_once_equal_each_films_own(device):
+    """read_many on a GPU filters a batch's films for blobs at once (extent.film_blob_responses): per film the
+    radii and responses its own blobs() makes on that device; films of two shapes and spacings in one call,
+    in groups. On the CPU the long kernels (FFT either way) agree bit for bit, scipy's short ones to float
+    rounding; the working copy is block_mean's, bit for bit."""
+    from PIL import Image
+
+    from monailabel_app import map_processes
+    from monailabel_app.grounding import extent, filters
+    from monailabel_app.grounding.blocks import block_mean
+
+    image = Image.fromarray(make_phantom(11).image)
+    big = [np.asarray(image.resize((1300, 1100), Image.BILINEAR)), np.asarray(image.resize((1300, 1100)).rotate(3))]
+    small = np.asarray(image.resize((300, 400), Image.BILINEAR))
+    films, spacings = [big[0], small, big[1], big[0]], [(0.3, 0.3), (0.5, 0.6), (0.3, 0.3), (0.3, 0.3)]
+    host = map_processes.shared_empty if device == "cpu" else torch.empty
+    got = extent.film_blob_responses(films, spacings, device, host=host, group=2)
+    for film, spacing, made in zip(films, spacings, got):
+        step = extent.film_step(film.shape)
+        assert step == (2 if film is not small else 1)
+        work = block_mean(film, step) if step > 1 else film.astype(np.float32)
+        assert np.array_equal(extent._work_on(film, step, device).cpu().numpy(), work)
+        own: dict = {}
+        work_spacing = extent._work_spacing(spacing, step)
+        extent._blobs(work, work_spacing, "opacity", None if device == "cpu" else device, own)
+        assert made.radii == tuple(own) and len(made.radii) == 6 and made.stack.device.type == "cpu"
+        assert made.stack.is_shared() == (host is map_processes.shared_empty)
+        for r, response in made.as_dict().items():
+            taps = int(filters.TRUNCATE * max(r / 1.4 / s for s in work_spacing) + 0.5)
+            if device == "cpu" and taps >= extent.FFT_FROM_TAPS:
+                assert np.array_equal(response, own[r]), r
+            else:
+                assert np.abs(response - own[r]).max() <= 1e-6 * np.abs(own[r]).max(), r
+    floats = np.random.default_rng(3).random((31, 40)).astype(np.float32)  # other values: block_mean's own
+    assert np.array_equal(extent._work_on(floats, 3, device).cpu().numpy(), block_mean(floats, 3))

@@ -223,6 +223,35 @@ def test_film_maps_in_worker_processes_equal_the_maps_made_here(reader, monkeypa
         assert sum(np.count_nonzero(b.labels == k) > 0 for k in range(1, len(b.names) + 1)) == len(b.names)
 
 
+def test_a_films_blob_responses_made_ahead_reach_its_map_process(reader):
+    """read_many on a GPU filters a batch's films for blobs at once and hands each film's responses to its map
+    process in shared memory. The worker's reading with them is the one made here with them, array for
+    array, and here (on the CPU: the same values to float rounding) the one made without them. Responses
+    that show no blob anywhere give another reading: the worker uses what it is given."""
+    from monailabel_app import map_processes
+    from monailabel_app.grounding import extent
+    from monailabel_app.xray import pixel_spacing_mm
+
+    films = [Radiograph(make_phantom(s).image, Geometry.plain(*make_phantom(s).image.shape)) for s in (2, 14)]
+    gens = [reader.read(f, max_new_tokens=48).generation for f in films]
+    blobs = extent.film_blob_responses([f.pixels for f in films], [pixel_spacing_mm(f)[0] for f in films], "cpu",
+                                       host=map_processes.shared_empty)
+    none = [extent.BlobResponses(b.radii, torch.zeros_like(b.stack)) for b in blobs]
+    pool = map_processes.MapProcesses(reader.info, reader.grid, 1)
+    try:
+        there = [pool.remap(f, g, b).result()[0] for f, g, b in zip(films, gens, blobs)]
+        blind = [pool.remap(f, g, b).result()[0] for f, g, b in zip(films, gens, none)]
+    finally:
+        pool.shutdown()
+    for f, g, b, n, got, got_blind in zip(films, gens, blobs, none, there, blind):
+        for with_, here in ((got, reader.remap(f, g, blobs=b)), (got, reader.remap(f, g)),
+                            (got_blind, reader.remap(f, g, blobs=n))):
+            assert with_.extras == here.extras and np.array_equal(with_.labels, here.labels)
+            assert all(np.array_equal(x, y) for x, y in zip(with_.mask_maps, here.mask_maps))
+    assert any(e.get("extent") == "image" for r in there for e in r.extras)
+    assert [r.extras for r in blind] != [r.extras for r in there]
+
+
 def test_map_process_count():
     from monailabel_app.map_processes import workers_for
 

@@ -622,15 +622,84 @@ def _blobs(a: np.ndarray, spacing, kind: str, device, responses: dict) -> tuple[
 FILM_WORK_SIDE = 1024  # a larger film's extent is found on its block average (2048 x 2458: 3 x 3 blocks)
 
 
-def film_cache(pixels: np.ndarray, fields=None, device=None) -> dict:
+def film_step(shape) -> int:
+    """The block side of a film's working copy (1: the film itself)."""
+    return int(np.ceil(max(shape) / FILM_WORK_SIDE))
+
+
+@dataclass
+class BlobResponses:
+    """A film's blob filter responses (:func:`blobs`) at ``radii`` (mm), one float32 image each in ``stack``
+    (radius, rows, columns) on the film's working copy: made ahead for many films at once
+    (:func:`film_blob_responses`) and handed to the film's :func:`film_cache`."""
+
+    radii: tuple[float, ...]
+    stack: torch.Tensor
+
+    def as_dict(self) -> dict[float, np.ndarray]:
+        return {r: self.stack[k].numpy() for k, r in enumerate(self.radii)}
+
+
+def _work_on(pixels: np.ndarray, step: int, device) -> torch.Tensor:
+    """A film's working copy on ``device``, float32, the same values as :func:`block_mean`'s: whole numbers
+    (a film's 8-bit pixels) summed exactly in integers there and divided once, other values averaged here."""
+    a = np.asarray(pixels)
+    a = a if a.flags.writeable else a.copy()  # (torch takes no read-only array, e.g. a PIL image's)
+    if step == 1:
+        return torch.as_tensor(a, device=device).float()
+    if a.dtype == bool or (a.dtype.kind in "iu" and a.itemsize <= 2):
+        t = torch.as_tensor(a, device=device)[: a.shape[0] // step * step, : a.shape[1] // step * step]
+        rows, cols = t.shape[0] // step, t.shape[1] // step
+        total = t.to(torch.int32).reshape(rows, step, cols, step).sum((1, 3), dtype=torch.int32)
+        return total.float() / float(step * step)
+    return torch.as_tensor(block_mean(a, step), device=device)
+
+
+def film_blob_responses(films: list[np.ndarray], spacings: list, device, host=torch.empty,
+                        group: int = 8) -> list[BlobResponses]:
+    """Each film's blob filter responses at every radius :func:`blobs` may ask of it (all of
+    :data:`BLOB_SCALES_MM` whose kernel fits the working copy), filtered for ``group`` films of one shape
+    and spacing at a time on ``device`` (:func:`filters.gaussian_laplace` on a stack, float64): what
+    ``read_many`` makes on its GPU for a batch's films before their maps are made in worker processes,
+    where the filter is most of a film's map work. The values are the device path's of :func:`blobs`
+    (equal to scipy's to float rounding). ``spacings``: each film's (row, column) mm per pixel;
+    ``host(shape, dtype=...)``: where each film's stack is put (e.g. shared memory)."""
+    out: list[BlobResponses | None] = [None] * len(films)
+    kinds: dict[tuple, list[int]] = {}
+    for i, (pixels, spacing) in enumerate(zip(films, spacings)):
+        kinds.setdefault((np.shape(pixels), tuple(float(s) for s in spacing)), []).append(i)
+    for (shape, spacing), members in kinds.items():
+        step = film_step(shape)
+        work_spacing = _work_spacing(spacing, step)
+        for start in range(0, len(members), group):
+            some = members[start : start + group]
+            work = torch.stack([_work_on(films[i], step, device) for i in some]).double()
+            radii, responses = [], []
+            for r in BLOB_SCALES_MM:
+                sigma = [r / 1.4 / s for s in work_spacing]
+                if max(sigma) * 4 > max(work.shape[1:]):
+                    break
+                radii.append(r)
+                responses.append(-filters.gaussian_laplace(work, sigma).float() * float(np.mean(sigma) ** 2))
+            stack = torch.stack(responses, 1) if responses else work.new_zeros((len(some), 0, *work.shape[1:]),
+                                                                                dtype=torch.float32)
+            for k, i in enumerate(some):
+                kept = host(tuple(stack.shape[1:]), dtype=torch.float32)
+                kept.copy_(stack[k])
+                out[i] = BlobResponses(tuple(radii), kept)
+    return out
+
+
+def film_cache(pixels: np.ndarray, fields=None, device=None, responses: dict | None = None) -> dict:
     """What the film's findings share, made once before they are looked at side by side: the film's working
     copy (a film over :data:`FILM_WORK_SIDE` pixels averaged over ``step`` x ``step`` blocks, its lung fields
     likewise: a 2048 x 2458 film of 0.17 mm pixels becomes 819 x 682 of 0.52 mm, a 3 mm nodule still six
     pixels across, at a ninth of the work), its lung territory, smoothed copy and noise (the cache :func:`find_on_radiograph` and
-    :func:`grow_radiograph` take); ``device``: where its blobs are filtered (:func:`blobs`)."""
+    :func:`grow_radiograph` take); ``device``: where its blobs are filtered (:func:`blobs`); ``responses``:
+    its blob filter responses per radius where they were made ahead (:func:`film_blob_responses`)."""
     from .anatomy import LungFields
 
-    step = int(np.ceil(max(pixels.shape) / FILM_WORK_SIDE))
+    step = film_step(pixels.shape)
     work = np.asarray(pixels, np.float32) if step == 1 else block_mean(pixels, step)
     if fields is not None and step > 1:
         fields = LungFields(*(None if m is None else block_mean(m, step) >= 0.5
@@ -638,7 +707,7 @@ def film_cache(pixels: np.ndarray, fields=None, device=None) -> dict:
     return {"step": step, "shape": tuple(pixels.shape), "pixels": work, "fields": fields,
             "territory": film_territory(fields.right, fields.left) if fields is not None else None,
             "smooth": filters.smoothed(work, 1.0, device), "noise": noise_level(work), "device": device,
-            "responses": {}, "lock": threading.Lock()}
+            "responses": dict(responses or {}), "lock": threading.Lock()}
 
 
 def find_on_radiograph(pixels: np.ndarray, spacing, heat: np.ndarray, kind: str, fields=None,

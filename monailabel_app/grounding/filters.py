@@ -64,13 +64,14 @@ def fft_length(n: int) -> int:
 
 
 def gaussian_laplace(t: torch.Tensor, sigma) -> torch.Tensor:
-    """``scipy.ndimage.gaussian_laplace`` of a 2-D tensor: per axis, the second derivative along it and the
-    smoothing along the other, summed. Both terms start along axis 0 from the same reflected lines, whose
-    FFT is made once (:func:`correlate1d_each`)."""
+    """``scipy.ndimage.gaussian_laplace`` of a 2-D tensor, or of each image of a stack (..., rows, cols): per
+    axis, the second derivative along it and the smoothing along the other, summed (``sigma``: rows', then
+    columns'). Both terms start along the rows from the same reflected lines, whose FFT is made once
+    (:func:`correlate1d_each`)."""
     second = [gaussian_kernel(sigma[a], 2)[::-1].copy() for a in range(2)]
     smooth = [gaussian_kernel(sigma[a], 0)[::-1].copy() for a in range(2)]
-    along, across = correlate1d_each(t, [second[0], smooth[0]], 0)
-    return correlate1d(along, smooth[1], 1) + correlate1d(across, second[1], 1)
+    along, across = correlate1d_each(t, [second[0], smooth[0]], -2)
+    return correlate1d(along, smooth[1], -1) + correlate1d(across, second[1], -1)
 
 
 def gaussian_filter(t: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -172,10 +172,11 @@ MAP_THREADS = min(16, os.cpu_count() or 1)
 _LOCAL = threading.local()
 
 
-def _side_stream():
-    """The pool thread's own CUDA stream (made once per thread), so that the maps' GPU work of one batch
-    does not queue between the decode steps of the next batch, which run on the default stream; a no-op
-    without CUDA. Each pool thread makes, uses and copies back its tensors on its one stream."""
+def side_stream():
+    """The calling thread's own CUDA stream (made once per thread: a pool thread's, or the thread that makes
+    a batch's inputs), so that the maps' GPU work of one batch does not queue between the decode steps of
+    another, which run on the default stream; a no-op without CUDA. Each thread makes, uses and copies back
+    its tensors on its one stream."""
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return contextlib.nullcontext()
     if getattr(_LOCAL, "stream", None) is None:
@@ -184,7 +185,7 @@ def _side_stream():
 
 
 def _call(fn, args):
-    with _side_stream():
+    with side_stream():
         return fn(*args)
 
 
@@ -206,7 +207,7 @@ def start(fn, *args) -> Future | None:
 def each(fn, *items, cost: list | None = None) -> list:
     """``[fn(*args) for args in zip(*items)]``, the calls run side by side in a shared thread pool (a
     reading's findings, or a batch's studies: their map and region work is numpy, scipy and torch code that
-    releases the GIL), each pool thread on its own CUDA stream (:func:`_side_stream`). One item, one CPU, or
+    releases the GIL), each pool thread on its own CUDA stream (:func:`side_stream`). One item, one CPU, or
     a call from inside the pool (it would wait on itself) runs in the calling thread. ``cost``: each call's
     expected work (any comparable numbers): the pool starts the costliest first, so that fewer threads than
     calls do not end on one long call started last; the results keep the items' order."""

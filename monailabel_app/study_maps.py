@@ -177,13 +177,17 @@ class FilmMaps(StudyMaps):
         h = maps.grids_to_pixels(torch.as_tensor(grid[None], device=self.reader.maps_device), pad)[0].cpu().numpy()
         gates = settings.get("gates", DEFAULT_XRAY_GATES)
         margin = pad.side / grid_side / 2  # half a token cell
-        gate = maps.side_gate(h.shape, f.side) if "side" in gates else 1.0
+        rows, cols = np.ones(h.shape[0], np.float32), np.ones(h.shape[1], np.float32)  # the gate's factors
+        if "side" in gates:
+            cols *= maps.side_columns(h.shape[1], f.side)
         if "zone" in gates and f.region != "lobe":
-            gate = gate * anatomy.level_gate(h.shape, self.fields().side(f.side), f.level, margin)
+            rows *= anatomy.level_rows(h.shape[0], self.fields().side(f.side), f.level, margin)
         if "box" in gates and f.box is not None:
-            gate = gate * maps.box_gate(h.shape, f.box, pad, margin)
-        m = h * gate
-        side = maps.side_gate(m.shape, f.side) > 0 if "side" in gates else None
+            box_rows, box_cols = maps.box_factors(h.shape, f.box, pad, margin)
+            rows *= box_rows
+            cols *= box_cols
+        m = maps.gated(h, rows, cols)
+        side = np.broadcast_to(maps.side_columns(h.shape[1], f.side)[None, :] > 0, h.shape) if "side" in gates else None
         region, info = finding_region(f, m, float(settings.get("threshold", 0.5)), image_extent(settings), lambda own: (
             extent.find_on_radiograph(pixels, self.spacing, m, f.kind, self.fields(), self.film())),
             lambda p: [int(p[1]), int(p[0]), 0], side)

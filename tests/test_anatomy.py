@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from conftest import shared
-from monailabel_app.grounding.anatomy import ct_lung_mask, level_gate, xray_lung_fields
+from monailabel_app.grounding.anatomy import ct_lung_mask, level_rows, xray_lung_fields
 from monailabel_app.ct import body_mask
 from monailabel_app.ct_phantoms import make_ct_phantom
 from monailabel_app.phantoms import make_phantom
@@ -42,13 +42,14 @@ def test_real_radiograph_lung_fields_overlap_the_reference_masks(n):
 def test_no_lung_field_on_a_flat_image_means_no_gate():
     fields = xray_lung_fields(np.full((128, 128), 90, np.uint8))
     assert fields.right is None and fields.left is None
-    assert level_gate((128, 128), None, "upper", 4).all()
+    assert level_rows(128, None, "upper", 4).all()
 
 
 def test_zone_gates_split_the_field_in_thirds_open_at_the_ends():
     lung = np.zeros((90, 40), bool)
     lung[30:60, 5:35] = True  # rows 30..59: thirds at 30-40, 40-50, 50-60
-    up, mid, low = (level_gate(lung.shape, lung, lv, margin=2) for lv in ("upper", "middle", "lower"))
+    up, mid, low = (level_rows(lung.shape[0], lung, lv, margin=2) for lv in ("upper", "middle", "lower"))
+    assert up.shape == (90,) and up.dtype == np.float32
     assert up[:42].all() and not up[42:].any()  # open upward, ends 2 rows below the first third
     assert mid[38:52].all() and not mid[:38].any() and not mid[52:].any()
     assert low[48:].all() and not low[:48].any()  # open downward (an effusion hides the base)

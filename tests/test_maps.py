@@ -83,10 +83,23 @@ def test_peak_region_and_scaling_on_the_support_box_equal_the_whole_maps(thresho
 
 
 def test_side_gate_keeps_the_named_side_of_the_patient():
-    right, left = maps.side_gate((4, 7), "right"), maps.side_gate((4, 7), "left")
-    assert right[:, :3].all() and not right[:, 3:].any()  # patient right = image left
-    assert left[:, 4:].all() and not left[:, :4].any()
-    assert maps.side_gate((4, 7), "bilateral").all() and maps.side_gate((4, 7), "").all()
+    right, left = maps.side_columns(7, "right"), maps.side_columns(7, "left")
+    assert right[:3].all() and not right[3:].any()  # patient right = image left
+    assert left[4:].all() and not left[:4].any()
+    assert maps.side_columns(7, "bilateral").all() and maps.side_columns(7, "").all()
+
+
+def test_a_gate_applied_by_its_row_and_column_factors_equals_the_gate_image():
+    """gated() multiplies by a gate's row and column factors in turn: bit for bit (the sign of a zero
+    included) what multiplying by the whole gate image gives, for a side, a zone and a box together."""
+    rng = np.random.default_rng(8)
+    heat = rng.normal(size=(37, 29)).astype(np.float32)  # negative values too: -0.0 where they are gated off
+    rows = (rng.random(37) > 0.3).astype(np.float32)
+    cols = maps.side_columns(29, "left") * (rng.random(29) > 0.2).astype(np.float32)
+    image = np.ones((37, 29), np.float32) * rows[:, None] * cols[None, :]
+    got, want = maps.gated(heat, rows, cols), heat * image
+    assert got.dtype == np.float32 and np.array_equal(got, want) and np.array_equal(np.signbit(got), np.signbit(want))
+    assert np.signbit(got).any() and (got == 0).any() and got is not heat
 
 
 def test_assign_gives_overlaps_to_the_larger_scaled_heatmap():

@@ -104,7 +104,8 @@ def test_a_box_in_the_answer_gates_the_mask(reader_in, monkeypatch):
     assert parse_report(text)[0].box == tuple(float(b) for b in box)
     boxed = _read(reader, ph.image, answer=text)
     assert boxed.findings[0].box is not None and boxed.report == text
-    inside = maps.box_gate(ph.image.shape, boxed.findings[0].box, pad, pad.side / reader.grid / 2) > 0
+    rows, cols = maps.box_factors(ph.image.shape, boxed.findings[0].box, pad, pad.side / reader.grid / 2)
+    inside = (rows[:, None] * cols[None, :]) > 0
     m = boxed.labels == 1
     assert m.any() and not (m & ~inside).any()
     assert ((plain.labels == 1) & ~inside).any()  # without the box the mask reaches beyond it: the box cut it

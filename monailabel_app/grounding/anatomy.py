@@ -7,7 +7,7 @@
   region is that side's lung field (PA display: the patient's right on the image's left), its holes
   (lesions inside it) filled. A side where no region of at least
   ``min_area`` of the image is found has no field, and gates on it are skipped (never guessed).
-* Zones (:func:`level_gate`): the radiological upper / middle / lower zones are the thirds of each lung
+* Zones (:func:`level_rows`): the radiological upper / middle / lower zones are the thirds of each lung
   field's height. The gate keeps the named third widened by ``margin`` pixels; the upper zone is open
   upward and the lower zone downward, so a lesion that hides part of the field (an effusion filling the
   base) stays inside its gate.
@@ -92,19 +92,19 @@ def _lung_fields(pixels: np.ndarray, min_area: float) -> LungFields:
     return LungFields(**fields)
 
 
-def level_gate(shape, lung: np.ndarray | None, level: str, margin: float) -> np.ndarray:
-    """float32 gate: 1 in the rows of the named zone (third of the lung field's height) +- ``margin``."""
-    gate = np.ones(shape, np.float32)
+def level_rows(rows: int, lung: np.ndarray | None, level: str, margin: float) -> np.ndarray:
+    """float32 (rows,), a film's zone gate (its row factor, :func:`maps.gated`): 1 in the rows of the named
+    zone (third of the lung field's height) +- ``margin``; all 1 without a field or a zone."""
     if lung is None or level not in ("upper", "middle", "lower"):
-        return gate
-    rows = np.nonzero(lung.any(axis=1))[0]
-    top, bottom = rows.min(), rows.max() + 1
+        return np.ones(rows, np.float32)
+    found = np.nonzero(lung.any(axis=1))[0]
+    top, bottom = found.min(), found.max() + 1
     third = (bottom - top) / 3.0
     i = ("upper", "middle", "lower").index(level)
     lo = -np.inf if i == 0 else top + i * third - margin
     hi = np.inf if i == 2 else top + (i + 1) * third + margin
-    r = np.arange(shape[0])[:, None]
-    return ((r >= lo) & (r < hi)).astype(np.float32) * gate
+    r = np.arange(rows)
+    return ((r >= lo) & (r < hi)).astype(np.float32)
 
 
 def ct_lung_mask(hu: np.ndarray, body: np.ndarray, margin: int = 4) -> np.ndarray:

@@ -15,7 +15,7 @@ findings are not gated. The raw heatmap is kept as well, ungated.
 Anatomy and box gates: :class:`reader.Reader` also keeps the heatmap inside the zone the finding names,
 a third of that side's lung field as found in the image (:mod:`anatomy`), and inside the box the model
 gave for it (MedGemma 1.5 answers localisation questions with ``[y0, x0, y1, x1]`` in 0..1000 of its
-input square; :func:`box_gate`), before the mask rule.
+input square; :func:`box_factors`), before the mask rule.
 
 Attention's own mask (documented in the README): per finding, the (gated) heatmap is scaled to 0..1 over
 the image (min-max); the mask is the 8-connected region around the heatmap's peak where it is at least
@@ -50,25 +50,38 @@ def grids_to_pixels(grids: torch.Tensor, pad: SquarePad) -> torch.Tensor:
     return square[:, pad.top : pad.top + pad.rows, pad.left : pad.left + pad.cols].contiguous()
 
 
-def side_gate(shape: tuple[int, int], side: str) -> np.ndarray:
-    """float32 (rows, cols): 1 on the image half that shows the patient's ``side`` (PA view), else 0."""
-    gate = np.ones(shape, np.float32)
-    half = shape[1] // 2
+# A film's gates are each a row factor, a column factor or both (a zone is rows, a side columns, a box both):
+# a finding's gate is the outer product of its row and column factors, applied by :func:`gated`.
+
+
+def side_columns(cols: int, side: str) -> np.ndarray:
+    """float32 (cols,): 1 on the image half that shows the patient's ``side`` (PA view), else 0."""
+    gate = np.ones(cols, np.float32)
+    half = cols // 2
     if side == "right":  # patient right = image left
-        gate[:, half:] = 0
+        gate[half:] = 0
     elif side == "left":
-        gate[:, : shape[1] - half] = 0
+        gate[: cols - half] = 0
     return gate
 
 
-def box_gate(shape: tuple[int, int], box, pad: SquarePad, margin: float) -> np.ndarray:
-    """float32 (rows, cols): 1 inside the model's box, ``[y0, x0, y1, x1]`` in 0..1000 of its input square
-    (the padded square), widened by ``margin`` pixels, on the original pixels; else 0."""
+def box_factors(shape: tuple[int, int], box, pad: SquarePad, margin: float) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (rows,) and (cols,): 1 inside the model's box, ``[y0, x0, y1, x1]`` in 0..1000 of its input
+    square (the padded square), widened by ``margin`` pixels, on the original pixels; else 0. The box's
+    gate is their outer product."""
     y0, x0, y1, x1 = (v / 1000.0 * pad.side for v in box)
-    rows = np.arange(shape[0])[:, None] + pad.top + 0.5  # pixel centres in square coordinates
-    cols = np.arange(shape[1])[None, :] + pad.left + 0.5
-    inside = (rows >= y0 - margin) & (rows <= y1 + margin) & (cols >= x0 - margin) & (cols <= x1 + margin)
-    return inside.astype(np.float32)
+    rows = np.arange(shape[0]) + pad.top + 0.5  # pixel centres in square coordinates
+    cols = np.arange(shape[1]) + pad.left + 0.5
+    return (((rows >= y0 - margin) & (rows <= y1 + margin)).astype(np.float32),
+            ((cols >= x0 - margin) & (cols <= x1 + margin)).astype(np.float32))
+
+
+def gated(heatmap: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """float32 ``heatmap`` (rows, cols) times the gate whose row and column factors (0 or 1) are given: the
+    same values as multiplying by the gate image, without making it."""
+    out = np.multiply(heatmap, rows[:, None], dtype=np.float32)
+    out *= cols[None, :]
+    return out
 
 
 def normalise(heatmap: np.ndarray, at: np.ndarray | None = None, support: tuple[slice, ...] | None = None) -> np.ndarray:

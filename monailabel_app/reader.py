@@ -17,6 +17,7 @@ import math
 import os
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from functools import partial
@@ -339,9 +340,15 @@ class Reader:
         return [pad_to_square(study.pixels)[0]]
 
     def read_many(self, studies: list, question: str | None = None, max_new_tokens: int = 128, batch_size: int = 8,
-                  answers: list[str] | None = None, language: str = "auto") -> list[Reading]:
+                  answers: list[str] | None = None, language: str = "auto",
+                  on_reading: Callable[[int, Reading], None] | None = None) -> list[Reading | None]:
         """Read several studies (paths or loaded), generating ``batch_size`` at a time: studies of one
-        modality and one image count share a batch (left-padded; each keeps its own findings and masks)."""
+        modality and one image count share a batch (left-padded; each keeps its own findings and masks).
+        ``on_reading(i, reading)``: called with study ``i``'s reading as soon as its maps are made, in the
+        order they finish, from a map thread or the map processes' own thread (keep it short: hand heavy work
+        such as writing files to a pool of its own); the reading is then not kept (its place in the list
+        returned is None), so that a long run holds only the batches in flight. A study that failed (its maps
+        or its hand-over) raises once the others are done."""
         batch_size = whole_number("batch_size", batch_size, 1, 256)
         loaded = [s if isinstance(s, (Radiograph, CTVolume)) else load_study(s, "auto", self.limits) for s in studies]
         groups: dict[tuple, list[int]] = {}
@@ -355,14 +362,20 @@ class Reader:
         readings: list[Reading | None] = [None] * len(loaded)
 
         def finished(i: int, gen: Generation, reading: Reading, seconds: float) -> None:
-            readings[i] = reading
             reading.question, reading.language = questions[i], languages[i]
             reading.latencies = _latencies(gen, 0.0, seconds)
+            if on_reading is None:
+                readings[i] = reading
+            else:
+                on_reading(i, reading)
 
-        def finish(i: int, gen: Generation) -> None:  # a study's maps and masks from its generation
+        def finish(i: int, gen: Generation) -> Exception | None:  # a study's maps and masks from its generation
             t0 = time.perf_counter()
-            reading = self.remap(loaded[i], gen)
-            finished(i, gen, reading, time.perf_counter() - t0)
+            try:
+                finished(i, gen, self.remap(loaded[i], gen), time.perf_counter() - t0)
+            except Exception as e:  # noqa: BLE001 (raised once the batch's other studies are done)
+                return e
+            return None
 
         chunks = [members[start : start + batch_size] for members in groups.values()
                   for start in range(0, len(members), batch_size)]
@@ -376,7 +389,7 @@ class Reader:
         # side by side)
         with ThreadPoolExecutor(1, thread_name_prefix="read-many") as worker, \
                 ThreadPoolExecutor(1, thread_name_prefix="read-many-inputs") as ahead:
-            pending, made = [], []  # the map threads' work per batch; (study, generation, worker's reading) per film
+            pending, made = [], []  # the map threads' work per batch; each film's reading from its map process
             upcoming = ahead.submit(prepare, chunks[0]) if chunks else None
             for k, chunk in enumerate(chunks):
                 t0 = time.perf_counter()
@@ -387,14 +400,14 @@ class Reader:
                                       None if answers is None else [answers[i] for i in chunk], prepared=prepared)
                 pool = self._map_pool() if not isinstance(loaded[chunk[0]], CTVolume) else None
                 if pool is not None:  # films: in worker processes
-                    made += [(i, gen, pool.remap(loaded[i], gen, None if blobs is None else blobs[j]))
+                    made += [_then(pool.remap(loaded[i], gen, None if blobs is None else blobs[j]), partial(finished, i, gen))
                              for j, (i, gen) in enumerate(zip(chunk, gens))]
                 else:
                     pending.append(worker.submit(maps.each, finish, chunk, gens))
-            for done in pending:
-                done.result()
-            for i, gen, reading in made:
-                finished(i, gen, *reading.result())
+            failed = [e for done in pending for e in done.result() if e is not None]
+            failed += [e for e in (done.exception() for done in made) if e is not None]
+        if failed:
+            raise failed[0]
         return readings
 
     def _blobs_ahead(self, studies: list) -> list[extent.BlobResponses] | None:
@@ -595,6 +608,21 @@ class Reader:
                          cost=[extent.search_cost(f.kind, dims) for f in findings])
         labels, extras = study.finish([study.key(f, r, gen, settings) for f, r in zip(findings, rows)], done)
         return answer, gen, done, labels, extras
+
+
+def _then(future: Future, fn) -> Future:
+    """A future that is done once ``fn(*future.result())`` has run, with ``future``'s or ``fn``'s exception."""
+    done: Future = Future()
+
+    def call(f: Future) -> None:
+        try:
+            fn(*f.result())
+            done.set_result(None)
+        except BaseException as e:  # noqa: BLE001 (the caller's future carries it)
+            done.set_exception(e)
+
+    future.add_done_callback(call)
+    return done
 
 
 WARM_UP_SEED = 7  # the phantom read at warm-up (any phantom: only the shapes matter)

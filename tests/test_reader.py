@@ -192,11 +192,19 @@ def test_film_maps_in_worker_processes_equal_the_maps_made_here(reader, monkeypa
 
     films = [Radiograph(make_phantom(s).image, Geometry.plain(*make_phantom(s).image.shape)) for s in (2, 9, 14)]
 
-    def read_with(processes: str, device: str = "cpu"):
+    def read_with(processes: str, device: str = "cpu", streamed: bool = False):
         monkeypatch.setenv(map_processes.ENV, processes)
         monkeypatch.setenv(map_processes.DEVICE_ENV, device)
         try:
-            readings = reader.read_many(films, batch_size=2, max_new_tokens=48)
+            if streamed:  # each reading handed over as it is made, none kept
+                got: dict = {}
+                kept = reader.read_many(films, batch_size=2, max_new_tokens=48,
+                                        on_reading=lambda i, r: got.setdefault(i, []).append(r))
+                assert kept == [None] * len(films) and sorted(got) == list(range(len(films)))
+                assert all(len(v) == 1 for v in got.values())
+                readings = [got[i][0] for i in range(len(films))]
+            else:
+                readings = reader.read_many(films, batch_size=2, max_new_tokens=48)
             assert (reader._map_processes.workers if reader._map_processes else 0) == int(processes)
             if int(processes):
                 assert reader._map_processes.device.type == device
@@ -207,7 +215,7 @@ def test_film_maps_in_worker_processes_equal_the_maps_made_here(reader, monkeypa
                 reader._map_processes = None
 
     here = read_with("0")
-    compared = [read_with("2")]
+    compared = [read_with("2", streamed=True)]
     if reader.maps_device.type == "cuda":  # workers that map on the GPU too
         compared.append(read_with("2", "cuda"))
     for film, a, b in ((f, a, b) for there in compared for f, a, b in zip(films, here, there)):
@@ -251,6 +259,28 @@ def test_a_films_blob_responses_made_ahead_reach_its_map_process(reader):
             assert all(np.array_equal(x, y) for x, y in zip(with_.mask_maps, here.mask_maps))
     assert any(e.get("extent") == "image" for r in there for e in r.extras)
     assert [r.extras for r in blind] != [r.extras for r in there]
+
+
+def test_readings_handed_over_as_they_are_made_equal_the_list(reader):
+    """read_many's on_reading gets each study's reading once, as the list would hold it (maps in threads
+    here); a failing hand-over raises after the other studies are handed over."""
+    films = [Radiograph(make_phantom(s).image, Geometry.plain(*make_phantom(s).image.shape)) for s in (3, 8, 21)]
+    listed = reader.read_many(films, batch_size=2, max_new_tokens=32)
+    got: dict = {}
+    assert reader.read_many(films, batch_size=2, max_new_tokens=32, on_reading=got.__setitem__) == [None] * 3
+    assert sorted(got) == [0, 1, 2]
+    for a, b in zip(listed, (got[i] for i in range(3))):
+        assert a.report == b.report and a.extras == b.extras and np.array_equal(a.labels, b.labels)
+        assert b.latencies["new_tokens"] == a.latencies["new_tokens"] and b.question == a.question
+
+    def refuse_the_second(i, reading):
+        if i == 1:
+            raise OSError("disk full")
+        got[i] = "again"
+
+    with pytest.raises(OSError, match="disk full"):
+        reader.read_many(films, batch_size=2, max_new_tokens=32, on_reading=refuse_the_second)
+    assert got[0] == got[2] == "again"
 
 
 def test_map_process_count():

@@ -336,6 +336,9 @@ def prefill(model, processor, reader, modalities=("xray",), runs: int = 5) -> No
         emit()
 
 
+FILMS = 256  # distinct films in the batch part (more studies than this cycle through them)
+
+
 def batch(model, processor, reader, sizes=(8, 32, 64), batches: int = 4, threads=(None,), processes=(None,),
           devices=(None,), aheads=(None,)) -> None:
     """Batched radiographs in steady state: ``batches`` batches of each size through one ``read_many`` call
@@ -345,13 +348,18 @@ def batch(model, processor, reader, sizes=(8, 32, 64), batches: int = 4, threads
     ``devices``: where the workers map (cpu, cuda; None: the library's own); ``aheads``: decode replays in
     flight (:data:`decoding.AHEAD_ENV`; None: the library's own)."""
     tok = processor.tokenizer
-    films = [xray(s) for s in range(max(sizes) * batches)]
+    distinct = [xray(s) for s in range(min(max(sizes) * batches, FILMS))]
+    films = [distinct[i % len(distinct)] for i in range(max(sizes) * batches)]
     answers = [report(tok, XRAY_FINDINGS)] * len(films)
     emit(f"### Batched X-ray throughput, {NEW} new tokens each, bf16, {batches} batches in one `read_many`")
     emit()
+    emit("Readings are handed over as they are made (`on_reading`) and dropped, as a curation run's are once "
+         "written. Steady state: the studies finished between the first and the last batch's worth, over the "
+         "time between (the pipeline full: a batch generating while the batch before is mapped).")
+    emit()
     emit("| batch | studies | map processes | workers map on | map threads | replays in flight | generation s | "
-         "studies/s (generation) | with masks s | studies/s (with masks) | peak GiB |")
-    emit("|---|---|---|---|---|---|---|---|---|---|---|")
+         "studies/s (generation) | with masks s | studies/s (with masks) | steady state studies/s | peak GiB |")
+    emit("|---|---|---|---|---|---|---|---|---|---|---|---|")
     default, per_film = maps.MAP_THREADS, []
     for n_processes, n_threads, device, ahead in [(p, t, d, a) for p in processes for t in threads for d in devices
                                                   for a in aheads]:
@@ -376,16 +384,24 @@ def batch(model, processor, reader, sizes=(8, 32, 64), batches: int = 4, threads
             sync()
             torch.cuda.reset_peak_memory_stats()
             base = torch.cuda.memory_allocated()
+            latencies, at = {}, []
+
+            def done(i, reading):  # what a curation run keeps of a reading once it is written
+                latencies[i] = reading.latencies
+                at.append(time.perf_counter())
+
             t0 = time.perf_counter()
-            readings = reader.read_many(films[:n], answers=answers[:n], batch_size=b)
+            reader.read_many(films[:n], answers=answers[:n], batch_size=b, on_reading=done)
             total = time.perf_counter() - t0
-            gen = sum(readings[k].latencies["generate"] + readings[k].latencies["prepare"] for k in range(0, n, b))
-            assert all(r.latencies["new_tokens"] == NEW for r in readings)
+            gen = sum(latencies[k]["generate"] + latencies[k]["prepare"] for k in range(0, n, b))
+            assert len(latencies) == n and all(v["new_tokens"] == NEW for v in latencies.values())
+            at.sort()
+            steady = f"{(n - 2 * b) / (at[n - b - 1] - at[b - 1]):.1f}" if n >= 3 * b else "-"
             emit(f"| {b} | {n} | {workers} | {where} | {maps.MAP_THREADS if not workers else '-'} | "
                  f"{decoding.replays_ahead(b, False)} | {gen:.3f} | {n / gen:.1f} | {total:.3f} | {n / total:.1f} | "
-                 f"{gib(torch.cuda.max_memory_allocated() - base)} |")
+                 f"{steady} | {gib(torch.cuda.max_memory_allocated() - base)} |")
             per_film.append(f"{b} x {workers or maps.MAP_THREADS} {'processes on ' + where if workers else 'threads'}: "
-                            f"{statistics.median(r.latencies['maps'] for r in readings):.3f} s")
+                            f"{statistics.median(v['maps'] for v in latencies.values()):.3f} s")
     maps.MAP_THREADS = default
     emit()
     emit("A film's maps, from its generation to its reading (median; in its worker or thread): " + "; ".join(per_film))

@@ -196,3 +196,40 @@ def test_a_batch_that_fails_as_a_whole_is_read_study_by_study(tmp_path, monkeypa
     records = job.read_studies(reader, studies, str(tmp_path / "out"), None, 64)
     assert [r["status"] for r in records] == ["ok", "ok"] and [r["study"] for r in records] == ["xray_3.png", "xray_4.png"]
     assert records[0]["report"] == make_phantom(3).report
+
+
+def test_a_batchs_readings_are_written_as_they_are_made_and_a_failed_write_stays_with_its_study(tmp_path, monkeypatch):
+    """read_studies writes each reading as read_many hands it over (side by side). A batch that fails after
+    handing some over keeps those and reads only the rest one by one; a write that fails is recorded for
+    its study alone."""
+    from monailabel_app import batch as job
+    from tests.conftest import reader_for
+
+    reader = reader_for("fp32")
+    studies = []
+    for seed in (3, 4, 5):
+        path = tmp_path / f"xray_{seed}.png"
+        Image.fromarray(make_phantom(seed).image).save(path)
+        studies.append(job.Study(path.name, str(path), job.content_hash(str(path))))
+    os.makedirs(tmp_path / "out" / "studies")
+    real, one_by_one = reader.read_many, []
+
+    def fails_after_the_first(films, *args, on_reading=None, **kwargs):
+        real(films[:1], *args, on_reading=on_reading, **kwargs)
+        raise RuntimeError("the batch's decode failed")
+
+    monkeypatch.setattr(reader, "read_many", fails_after_the_first)
+    monkeypatch.setattr(reader, "read", lambda study, *a, **k: one_by_one.append(study) or type(reader).read(reader, study, *a, **k))
+    write = job._write
+
+    def refuse(reading, record, out, study):
+        if study.id == "xray_5.png":
+            raise OSError("no space left on device")
+        write(reading, record, out, study)
+
+    monkeypatch.setattr(job, "_write", refuse)
+    records = job.read_studies(reader, studies, str(tmp_path / "out"), None, 64)
+    assert [r["study"] for r in records] == ["xray_3.png", "xray_4.png", "xray_5.png"]
+    assert [r["status"] for r in records] == ["ok", "ok", "failed"] and "no space left" in records[2]["error"]
+    assert len(one_by_one) == 2 and records[0]["report"] == make_phantom(3).report  # the first was handed over
+    assert all(os.path.isfile(tmp_path / "out" / r["label_file"]) for r in records[:2])

@@ -18,7 +18,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -391,19 +391,22 @@ class Reader:
                 ThreadPoolExecutor(1, thread_name_prefix="read-many-inputs") as ahead:
             pending, made = [], []  # the map threads' work per batch; each film's reading from its map process
             upcoming = ahead.submit(prepare, chunks[0]) if chunks else None
-            for k, chunk in enumerate(chunks):
-                t0 = time.perf_counter()
-                prepared, blobs = upcoming.result()
-                prepared = dataclasses.replace(prepared, waited=time.perf_counter() - t0)
-                upcoming = ahead.submit(prepare, chunks[k + 1]) if k + 1 < len(chunks) else None
-                gens = self._generate(prepared.studies, self._settings(loaded[chunk[0]]), n,
-                                      None if answers is None else [answers[i] for i in chunk], prepared=prepared)
-                pool = self._map_pool() if not isinstance(loaded[chunk[0]], CTVolume) else None
-                if pool is not None:  # films: in worker processes
-                    made += [_then(pool.remap(loaded[i], gen, None if blobs is None else blobs[j]), partial(finished, i, gen))
-                             for j, (i, gen) in enumerate(zip(chunk, gens))]
-                else:
-                    pending.append(worker.submit(maps.each, finish, chunk, gens))
+            try:
+                for k, chunk in enumerate(chunks):
+                    t0 = time.perf_counter()
+                    prepared, blobs = upcoming.result()
+                    prepared = dataclasses.replace(prepared, waited=time.perf_counter() - t0)
+                    upcoming = ahead.submit(prepare, chunks[k + 1]) if k + 1 < len(chunks) else None
+                    gens = self._generate(prepared.studies, self._settings(loaded[chunk[0]]), n,
+                                          None if answers is None else [answers[i] for i in chunk], prepared=prepared)
+                    pool = self._map_pool() if not isinstance(loaded[chunk[0]], CTVolume) else None
+                    if pool is not None:  # films: in worker processes
+                        made += [_then(pool.remap(loaded[i], gen, None if blobs is None else blobs[j]),
+                                       partial(finished, i, gen)) for j, (i, gen) in enumerate(zip(chunk, gens))]
+                    else:
+                        pending.append(worker.submit(maps.each, finish, chunk, gens))
+            finally:  # a batch that failed to generate: the batches before it are still handed over, before it raises
+                wait(pending + made)
             failed = [e for done in pending for e in done.result() if e is not None]
             failed += [e for e in (done.exception() for done in made) if e is not None]
         if failed:

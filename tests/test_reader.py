@@ -283,6 +283,32 @@ def test_readings_handed_over_as_they_are_made_equal_the_list(reader):
     assert got[0] == got[2] == "again"
 
 
+def test_a_batch_that_fails_to_generate_raises_after_the_batches_before_are_handed_over(reader, monkeypatch):
+    """The second batch's generation fails: the first batch's readings (made in a map process) are all handed
+    over before read_many raises, so a caller never gets one after it has moved on."""
+    from monailabel_app import map_processes
+
+    films = [Radiograph(make_phantom(s).image, Geometry.plain(*make_phantom(s).image.shape)) for s in (3, 8, 21)]
+    generate, calls, got = reader._generate, [], {}
+
+    def second_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory in the second batch")
+        return generate(*args, **kwargs)
+
+    monkeypatch.setenv(map_processes.ENV, "1")
+    monkeypatch.setattr(reader, "_generate", second_fails)
+    try:
+        with pytest.raises(RuntimeError, match="second batch"):
+            reader.read_many(films, batch_size=2, max_new_tokens=24, on_reading=got.__setitem__)
+        assert sorted(got) == [0, 1] and reader._map_processes is not None
+    finally:
+        if reader._map_processes is not None:
+            reader._map_processes.shutdown()
+            reader._map_processes = None
+
+
 def test_map_process_count():
     from monailabel_app.map_processes import workers_for
 

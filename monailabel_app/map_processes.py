@@ -17,7 +17,9 @@ the study and the generation it already has.
 default: on a GPU with at least 4 cores, one fewer than the cores (at most 15); else 0.
 ``MEDGEMMA_MAP_PROCESS_DEVICE``: where the workers upsample heatmaps and filter the film's blobs: ``cpu``
 (the default) or ``cuda`` (the serving process's GPU: a CUDA context of about 0.5 GB per worker, and the
-GPU's maps, equal to the CPU's within the device maps' tolerance).
+GPU's maps, equal to the CPU's within the device maps' tolerance). ``MEDGEMMA_BLOBS_AHEAD=0``: the workers
+filter the films' blobs themselves instead of getting them made for the whole batch on the GPU
+(:func:`extent.film_blob_responses`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import torch
 
 ENV = "MEDGEMMA_MAP_PROCESSES"
 DEVICE_ENV = "MEDGEMMA_MAP_PROCESS_DEVICE"
+BLOBS_AHEAD_ENV = "MEDGEMMA_BLOBS_AHEAD"
 SHARED_FIELDS = ("heatmaps", "mask_maps", "model_inputs", "labels")  # a film reading's image-sized arrays
 
 
@@ -53,6 +56,15 @@ def device_for(device: torch.device) -> torch.device:
     if wanted not in ("cpu", "cuda"):
         raise ValueError(f"{DEVICE_ENV} must be cpu or cuda, got {wanted!r}")
     return device if wanted == "cuda" and device.type == "cuda" else torch.device("cpu")
+
+
+def blobs_ahead() -> bool:
+    """Whether a GPU reader makes its batches' film blob filters for the workers (``MEDGEMMA_BLOBS_AHEAD``,
+    1 by default)."""
+    wanted = os.environ.get(BLOBS_AHEAD_ENV, "1").strip() or "1"
+    if wanted not in ("0", "1"):
+        raise ValueError(f"{BLOBS_AHEAD_ENV} must be 0 or 1, got {wanted!r}")
+    return wanted == "1"
 
 
 class MapProcesses:

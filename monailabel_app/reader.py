@@ -380,26 +380,31 @@ class Reader:
         chunks = [members[start : start + batch_size] for members in groups.values()
                   for start in range(0, len(members), batch_size)]
 
-        def prepare(chunk: list[int]) -> tuple[Prepared, list | None]:  # what the model is shown; the films' blobs
-            return (self._prepare([(self._content(loaded[i]), questions[i]) for i in chunk],
-                                  None if answers is None else [answers[i] for i in chunk]),
-                    self._blobs_ahead([loaded[i] for i in chunk]))
+        def prepare(chunk: list[int]) -> Prepared:  # what the model is shown, as its inputs
+            return self._prepare([(self._content(loaded[i]), questions[i]) for i in chunk],
+                                 None if answers is None else [answers[i] for i in chunk])
 
-        # while a batch generates, the next batch's inputs are made and the batch before's maps (its studies
-        # side by side)
+        # while a batch generates, the next batch's inputs are made, its films' blob filters (a thread of their
+        # own: the inputs never wait for them) and the batch before's maps (its studies side by side)
         with ThreadPoolExecutor(1, thread_name_prefix="read-many") as worker, \
-                ThreadPoolExecutor(1, thread_name_prefix="read-many-inputs") as ahead:
+                ThreadPoolExecutor(1, thread_name_prefix="read-many-inputs") as ahead, \
+                ThreadPoolExecutor(1, thread_name_prefix="read-many-blobs") as blobbing:
             pending, made = [], []  # the map threads' work per batch; each film's reading from its map process
-            upcoming = ahead.submit(prepare, chunks[0]) if chunks else None
+
+            def start(chunk: list[int]) -> tuple[Future, Future]:
+                return ahead.submit(prepare, chunk), blobbing.submit(self._blobs_ahead, [loaded[i] for i in chunk])
+
+            upcoming = start(chunks[0]) if chunks else None
             try:
                 for k, chunk in enumerate(chunks):
                     t0 = time.perf_counter()
-                    prepared, blobs = upcoming.result()
+                    prepared, blobs = upcoming[0].result(), upcoming[1]
                     prepared = dataclasses.replace(prepared, waited=time.perf_counter() - t0)
-                    upcoming = ahead.submit(prepare, chunks[k + 1]) if k + 1 < len(chunks) else None
+                    upcoming = start(chunks[k + 1]) if k + 1 < len(chunks) else None
                     gens = self._generate(prepared.studies, self._settings(loaded[chunk[0]]), n,
                                           None if answers is None else [answers[i] for i in chunk], prepared=prepared)
                     pool = self._map_pool() if not isinstance(loaded[chunk[0]], CTVolume) else None
+                    blobs = blobs.result()
                     if pool is not None:  # films: in worker processes
                         made += [_then(pool.remap(loaded[i], gen, None if blobs is None else blobs[j]),
                                        partial(finished, i, gen)) for j, (i, gen) in enumerate(zip(chunk, gens))]
@@ -419,7 +424,7 @@ class Reader:
         largest part of a film's map work, which the workers' CPUs then skip. None for CTs and where films
         are not mapped in worker processes of a GPU reader."""
         if (isinstance(studies[0], CTVolume) or self.maps_device.type != "cuda" or self.model is None
-                or self._map_pool() is None):
+                or not map_processes.blobs_ahead() or self._map_pool() is None):
             return None
         with maps.side_stream():
             return extent.film_blob_responses([s.pixels for s in studies], [pixel_spacing_mm(s)[0] for s in studies],

@@ -328,6 +328,18 @@ def test_where_map_processes_map(monkeypatch):
         device_for(cuda)
 
 
+def test_blobs_made_ahead_unless_switched_off(monkeypatch):
+    from monailabel_app.map_processes import BLOBS_AHEAD_ENV, blobs_ahead
+
+    monkeypatch.delenv(BLOBS_AHEAD_ENV, raising=False)
+    assert blobs_ahead()
+    monkeypatch.setenv(BLOBS_AHEAD_ENV, "0")
+    assert not blobs_ahead()
+    monkeypatch.setenv(BLOBS_AHEAD_ENV, "yes")
+    with pytest.raises(ValueError, match="0 or 1"):
+        blobs_ahead()
+
+
 @pytest.mark.parametrize("seed", [1, 7, 11, 42])  # (seed 23: the model names the wrong zone in Chinese)
 def test_reading_a_phantom_in_chinese(reader_in, seed):
     """A Chinese question gets the Chinese report ("右肺中野见结节。"), its findings with masks on the same

@@ -340,13 +340,14 @@ FILMS = 256  # distinct films in the batch part (more studies than this cycle th
 
 
 def batch(model, processor, reader, sizes=(8, 32, 64), batches: int = 4, threads=(None,), processes=(None,),
-          devices=(None,), aheads=(None,)) -> None:
+          devices=(None,), aheads=(None,), blobs=(None,)) -> None:
     """Batched radiographs in steady state: ``batches`` batches of each size through one ``read_many`` call
     (a batch's maps are made while the next batch generates, so one batch alone would show no overlap).
     ``threads``: map-pool sizes to compare (None: the library's own, :data:`maps.MAP_THREADS`);
     ``processes``: map worker processes to compare (0: the maps in threads; None: the library's own);
     ``devices``: where the workers map (cpu, cuda; None: the library's own); ``aheads``: decode replays in
-    flight (:data:`decoding.AHEAD_ENV`; None: the library's own)."""
+    flight (:data:`decoding.AHEAD_ENV`; None: the library's own); ``blobs``: the films' blob filters made
+    ahead on the GPU for the workers or not (1, 0: :data:`map_processes.BLOBS_AHEAD_ENV`; None: the library's own)."""
     tok = processor.tokenizer
     distinct = [xray(s) for s in range(min(max(sizes) * batches, FILMS))]
     films = [distinct[i % len(distinct)] for i in range(max(sizes) * batches)]
@@ -357,12 +358,13 @@ def batch(model, processor, reader, sizes=(8, 32, 64), batches: int = 4, threads
          "written. Steady state: the studies finished between the first and the last batch's worth, over the "
          "time between (the pipeline full: a batch generating while the batch before is mapped).")
     emit()
-    emit("| batch | studies | map processes | workers map on | map threads | replays in flight | generation s | "
-         "studies/s (generation) | with masks s | studies/s (with masks) | steady state studies/s | peak GiB |")
-    emit("|---|---|---|---|---|---|---|---|---|---|---|---|")
-    default, per_film = maps.MAP_THREADS, []
-    for n_processes, n_threads, device, ahead in [(p, t, d, a) for p in processes for t in threads for d in devices
-                                                  for a in aheads]:
+    emit("| batch | studies | map processes | workers map on | blobs made ahead | map threads | replays in flight | "
+         "generation s | studies/s (generation) | with masks s | studies/s (with masks) | steady state studies/s | "
+         "peak GiB |")
+    emit("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    default, per_film, per_batch = maps.MAP_THREADS, [], []
+    for n_processes, n_threads, device, ahead, blob in [(p, t, d, a, o) for p in processes for t in threads
+                                                        for d in devices for a in aheads for o in blobs]:
         if maps._POOL is not None:  # a new pool of this size
             maps._POOL.shutdown()
             maps._POOL = None
@@ -371,7 +373,7 @@ def batch(model, processor, reader, sizes=(8, 32, 64), batches: int = 4, threads
             reader._map_processes.shutdown()
             reader._map_processes = None
         for env, value in ((map_processes.ENV, n_processes), (map_processes.DEVICE_ENV, device),
-                           (decoding.AHEAD_ENV, ahead)):
+                           (decoding.AHEAD_ENV, ahead), (map_processes.BLOBS_AHEAD_ENV, blob)):
             if value is None:
                 os.environ.pop(env, None)
             else:
@@ -397,14 +399,21 @@ def batch(model, processor, reader, sizes=(8, 32, 64), batches: int = 4, threads
             assert len(latencies) == n and all(v["new_tokens"] == NEW for v in latencies.values())
             at.sort()
             steady = f"{(n - 2 * b) / (at[n - b - 1] - at[b - 1]):.1f}" if n >= 3 * b else "-"
-            emit(f"| {b} | {n} | {workers} | {where} | {maps.MAP_THREADS if not workers else '-'} | "
+            ahead_blobs = "yes" if workers and map_processes.blobs_ahead() else "no"
+            emit(f"| {b} | {n} | {workers} | {where} | {ahead_blobs} | {maps.MAP_THREADS if not workers else '-'} | "
                  f"{decoding.replays_ahead(b, False)} | {gen:.3f} | {n / gen:.1f} | {total:.3f} | {n / total:.1f} | "
                  f"{steady} | {gib(torch.cuda.max_memory_allocated() - base)} |")
-            per_film.append(f"{b} x {workers or maps.MAP_THREADS} {'processes on ' + where if workers else 'threads'}: "
+            per_film.append(f"{b} x {workers or maps.MAP_THREADS} {'processes on ' + where if workers else 'threads'}"
+                            f"{', blobs ahead' if ahead_blobs == 'yes' else ''}: "
                             f"{statistics.median(v['maps'] for v in latencies.values()):.3f} s")
+            per_batch.append(f"{b}{', blobs ahead' if ahead_blobs == 'yes' else ''}: waited for inputs "
+                             + " / ".join(f"{latencies[k]['prepare']:.2f}" for k in range(0, n, b)) + " s, generated in "
+                             + " / ".join(f"{latencies[k]['generate']:.2f}" for k in range(0, n, b)) + " s")
     maps.MAP_THREADS = default
     emit()
     emit("A film's maps, from its generation to its reading (median; in its worker or thread): " + "; ".join(per_film))
+    emit()
+    emit("Per batch: " + "; ".join(per_batch))
     emit()
 
 
@@ -596,6 +605,8 @@ def main(argv=None):
     ap.add_argument("--map-process-devices", default="", help="the batch part: where map workers map, to "
                     "compare, e.g. cpu,cuda (default: the library's own, MEDGEMMA_MAP_PROCESS_DEVICE)")
     ap.add_argument("--decode-ahead", default="", help="the batch part: decode replays in flight to compare, e.g. 2,1")
+    ap.add_argument("--blobs-ahead", default="", help="the batch part: films' blob filters made ahead on the GPU for "
+                    "the map workers or not, to compare, e.g. 1,0 (default: the library's own)")
     ap.add_argument("--profile-batch", type=int, default=0, help="the profile part: also one read_many batch of this many")
     ap.add_argument("--precisions", default=",".join(f"{p}:{e}" if e else p for p, e in PRECISIONS),
                     help="the precision part's rows (int8:torchao, int8:bitsandbytes)")
@@ -630,8 +641,9 @@ def main(argv=None):
             processes = [int(p) for p in args.map_processes.split(",") if p] or [None]
             devices = [d for d in args.map_process_devices.split(",") if d] or [None]
             aheads = [int(a) for a in args.decode_ahead.split(",") if a] or [None]
+            blobs = [int(o) for o in args.blobs_ahead.split(",") if o] or [None]
             batch(model, processor, reader, [int(b) for b in args.batch_sizes.split(",")], args.batches, threads,
-                  processes, devices, aheads)
+                  processes, devices, aheads, blobs)
         if "restart" in parts:
             restart(model, processor)
         if "precision" in parts:

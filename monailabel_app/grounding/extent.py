@@ -645,14 +645,23 @@ def _work_on(pixels: np.ndarray, step: int, device) -> torch.Tensor:
     (a film's 8-bit pixels) summed exactly in integers there and divided once, other values averaged here."""
     a = np.asarray(pixels)
     a = a if a.flags.writeable else a.copy()  # (torch takes no read-only array, e.g. a PIL image's)
-    if step == 1:
-        return torch.as_tensor(a, device=device).float()
-    if a.dtype == bool or (a.dtype.kind in "iu" and a.itemsize <= 2):
-        t = torch.as_tensor(a, device=device)[: a.shape[0] // step * step, : a.shape[1] // step * step]
+    if a.dtype == bool or (a.dtype.kind in "iu" and a.itemsize <= 2) or step == 1:
+        t = _to_device(torch.from_numpy(np.ascontiguousarray(a)), device)
+        if step == 1:
+            return t.float()
+        t = t[: a.shape[0] // step * step, : a.shape[1] // step * step]
         rows, cols = t.shape[0] // step, t.shape[1] // step
         total = t.to(torch.int32).reshape(rows, step, cols, step).sum((1, 3), dtype=torch.int32)
         return total.float() / float(step * step)
-    return torch.as_tensor(block_mean(a, step), device=device)
+    return _to_device(torch.from_numpy(block_mean(a, step)), device)
+
+
+def _to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """``t`` on ``device``: to a GPU through page-locked memory (a copy from pageable memory is staged by the
+    driver, blocking the other threads' launches meanwhile), on the calling thread's stream."""
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
 
 
 def film_blob_responses(films: list[np.ndarray], spacings: list, device, host=torch.empty,
@@ -683,6 +692,11 @@ def film_blob_responses(films: list[np.ndarray], spacings: list, device, host=to
                 responses.append(-filters.gaussian_laplace(work, sigma).float() * float(np.mean(sigma) ** 2))
             stack = torch.stack(responses, 1) if responses else work.new_zeros((len(some), 0, *work.shape[1:]),
                                                                                 dtype=torch.float32)
+            if stack.device.type == "cuda":  # off the GPU through page-locked memory, then copied here
+                staged = torch.empty(stack.shape, dtype=stack.dtype, pin_memory=True)
+                staged.copy_(stack, non_blocking=True)
+                torch.cuda.current_stream(stack.device).synchronize()
+                stack = staged
             for k, i in enumerate(some):
                 kept = host(tuple(stack.shape[1:]), dtype=torch.float32)
                 kept.copy_(stack[k])

@@ -674,10 +674,10 @@ def film_blob_responses(films: list[np.ndarray], spacings: list, device, host=to
     (equal to scipy's to float rounding). ``spacings``: each film's (row, column) mm per pixel;
     ``host(shape, dtype=...)``: where each film's stack is put (e.g. shared memory)."""
     out: list[BlobResponses | None] = [None] * len(films)
-    kinds: dict[tuple, list[int]] = {}
+    alike: dict[tuple, list[int]] = {}  # films of one shape and spacing: filtered together
     for i, (pixels, spacing) in enumerate(zip(films, spacings)):
-        kinds.setdefault((np.shape(pixels), tuple(float(s) for s in spacing)), []).append(i)
-    for (shape, spacing), members in kinds.items():
+        alike.setdefault((np.shape(pixels), tuple(float(s) for s in spacing)), []).append(i)
+    for (shape, spacing), members in alike.items():
         step = film_step(shape)
         work_spacing = _work_spacing(spacing, step)
         for start in range(0, len(members), group):

@@ -423,8 +423,8 @@ class Reader:
         stream, while the batch before generates) and put in shared memory for the map processes: the
         largest part of a film's map work, which the workers' CPUs then skip. None for CTs and where films
         are not mapped in worker processes of a GPU reader."""
-        if (isinstance(studies[0], CTVolume) or self.maps_device.type != "cuda" or self.model is None
-                or not map_processes.blobs_ahead() or self._map_pool() is None):
+        if (isinstance(studies[0], CTVolume) or self.maps_device.type != "cuda" or not map_processes.blobs_ahead()
+                or self._map_pool() is None):
             return None
         with maps.side_stream():
             return extent.film_blob_responses([s.pixels for s in studies], [pixel_spacing_mm(s)[0] for s in studies],

@@ -178,8 +178,9 @@ class FilmMaps(StudyMaps):
         gates = settings.get("gates", DEFAULT_XRAY_GATES)
         margin = pad.side / grid_side / 2  # half a token cell
         rows, cols = np.ones(h.shape[0], np.float32), np.ones(h.shape[1], np.float32)  # the gate's factors
-        if "side" in gates:
-            cols *= maps.side_columns(h.shape[1], f.side)
+        side_cols = maps.side_columns(h.shape[1], f.side) if "side" in gates else None
+        if side_cols is not None:
+            cols *= side_cols
         if "zone" in gates and f.region != "lobe":
             rows *= anatomy.level_rows(h.shape[0], self.fields().side(f.side), f.level, margin)
         if "box" in gates and f.box is not None:
@@ -187,7 +188,7 @@ class FilmMaps(StudyMaps):
             rows *= box_rows
             cols *= box_cols
         m = maps.gated(h, rows, cols)
-        side = np.broadcast_to(maps.side_columns(h.shape[1], f.side)[None, :] > 0, h.shape) if "side" in gates else None
+        side = None if side_cols is None else np.broadcast_to(side_cols[None, :] > 0, h.shape)
         region, info = finding_region(f, m, float(settings.get("threshold", 0.5)), image_extent(settings), lambda own: (
             extent.find_on_radiograph(pixels, self.spacing, m, f.kind, self.fields(), self.film())),
             lambda p: [int(p[1]), int(p[0]), 0], side)

@@ -595,23 +595,38 @@ def _peaks(strength: np.ndarray) -> np.ndarray:
     return (strength == ndimage.maximum_filter(strength, size=3)) & (strength > 0)
 
 
+def _scales(radii, spacing, shape) -> list[tuple[float, list[float]]]:
+    """(radius in mm, its Gaussian's sigma per axis in pixels) for each of ``radii`` in turn, up to the first
+    whose filter no longer fits an image of ``shape``."""
+    out = []
+    for r in radii:
+        sigma = [r / 1.4 / s for s in spacing]
+        if max(sigma) * 4 > max(shape):
+            break
+        out.append((r, sigma))
+    return out
+
+
+def _response(laplace, sigma):
+    """A blob filter's response from the Laplacian of Gaussian at ``sigma`` (a numpy array or a tensor): its
+    negative, scale-normalised."""
+    return -laplace * float(np.mean(sigma) ** 2)
+
+
 def _blobs(a: np.ndarray, spacing, kind: str, device, responses: dict) -> tuple[np.ndarray, np.ndarray]:
     top = limits_mm(kind)[1] / 2
     strength = np.full(a.shape, -np.inf, np.float32)
     radius = np.zeros(a.shape, np.float32)
     on_gpu = device is not None and torch.device(device).type == "cuda"
     t = None
-    for r in [r for r in BLOB_SCALES_MM if r <= top] or [BLOB_SCALES_MM[0]]:
-        sigma = [r / 1.4 / s for s in spacing]
-        if max(sigma) * 4 > max(a.shape):
-            break
+    for r, sigma in _scales([r for r in BLOB_SCALES_MM if r <= top] or [BLOB_SCALES_MM[0]], spacing, a.shape):
         if r not in responses:
             # the GPU, and long kernels on the CPU, through the FFT (filters); short kernels with scipy
             fft = on_gpu or int(filters.TRUNCATE * max(sigma) + 0.5) >= FFT_FROM_TAPS
             if fft and t is None:
                 t = torch.as_tensor(a, dtype=torch.float64, device=device if on_gpu else "cpu")
             laplace = filters.gaussian_laplace(t, sigma).float().cpu().numpy() if fft else ndimage.gaussian_laplace(a, sigma)
-            responses[r] = -laplace * float(np.mean(sigma) ** 2)
+            responses[r] = _response(laplace, sigma)
         response = responses[r]
         better = response > strength
         np.copyto(strength, response, where=better)  # in place, no gathered copies
@@ -683,13 +698,9 @@ def film_blob_responses(films: list[np.ndarray], spacings: list, device, host=to
         for start in range(0, len(members), group):
             some = members[start : start + group]
             work = torch.stack([_work_on(films[i], step, device) for i in some]).double()
-            radii, responses = [], []
-            for r in BLOB_SCALES_MM:
-                sigma = [r / 1.4 / s for s in work_spacing]
-                if max(sigma) * 4 > max(work.shape[1:]):
-                    break
-                radii.append(r)
-                responses.append(-filters.gaussian_laplace(work, sigma).float() * float(np.mean(sigma) ** 2))
+            scales = _scales(BLOB_SCALES_MM, work_spacing, work.shape[1:])  # the radii _blobs may ask for
+            radii = [r for r, _ in scales]
+            responses = [_response(filters.gaussian_laplace(work, sigma).float(), sigma) for _, sigma in scales]
             stack = torch.stack(responses, 1) if responses else work.new_zeros((len(some), 0, *work.shape[1:]),
                                                                                 dtype=torch.float32)
             if stack.device.type == "cuda":  # off the GPU through page-locked memory, then copied here

@@ -10,8 +10,14 @@ Each worker holds a model-less :class:`~monailabel_app.reader.Reader` (the groun
 grid; :meth:`Reader.for_maps`) and makes a film's reading from its generation with :meth:`Reader.remap` on
 the CPU: the same code and numbers as the serving process's CPU maps (within the documented tolerance of
 the device maps when the serving process maps on its GPU). The film goes to the worker by pipe (5 MB); the
-image-sized arrays come back in shared memory (torch's ``file_system`` sharing), and the caller puts back
-the study and the generation it already has.
+image-sized arrays come back in one block of shared memory per reading (:func:`_pack`), and the caller puts
+back the study and the generation it already has.
+
+Who frees a reading's memory matters: a 2048 x 2458 film's reading is about 170 MB, and freeing it takes the
+kernel about 30 ms, paid by whichever process lets go of it last, the serving process (the worker lets go as
+soon as it has sent the reading). Torch's shared tensors are freed with the interpreter's lock held: on the
+H200 that was a quarter of the serving process's time in a curation run, the decode loop waiting on it.
+This module's blocks are ``mmap`` objects, whose release lets the other threads run (:func:`_attached`).
 
 ``MEDGEMMA_MAP_PROCESSES``: how many workers (0: threads in the serving process, as without a GPU). The
 default: on a GPU with at least 4 cores, one fewer than the cores (at most 15); else 0.
@@ -24,10 +30,14 @@ filter the films' blobs themselves instead of getting them made for the whole ba
 
 from __future__ import annotations
 
+import mmap
 import multiprocessing
 import os
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import resource_tracker
+from multiprocessing.shared_memory import SharedMemory
 
 import numpy as np
 import torch
@@ -83,9 +93,9 @@ class MapProcesses:
 
         def back(f: Future) -> None:
             try:
-                reading, seconds = f.result()
+                reading, block, seconds = f.result()
                 reading.study, reading.generation = study, gen
-                done.set_result((_each_array(reading, _unshared), seconds))
+                done.set_result((_unpack(reading, block), seconds))
             except BaseException as e:  # noqa: BLE001 (the caller's future carries it)
                 done.set_exception(e)
 
@@ -103,14 +113,11 @@ def _start(info, grid: int, device: str = "cpu") -> None:
     """Worker start: one map thread (the workers are the parallelism) and a reader without a model that
     maps on ``device``."""
     global _READER
-    import torch.multiprocessing
-
     from . import allocator
     from .grounding import maps
     from .reader import Reader
 
     allocator.keep_freed_memory()  # as in the serving process: a film's arrays reuse mapped pages
-    torch.multiprocessing.set_sharing_strategy("file_system")  # no file descriptor held per returned array
     torch.set_num_threads(1)
     maps.MAP_THREADS = 1
     _READER = Reader.for_maps(info, grid, device)
@@ -121,7 +128,7 @@ def _remap(study, gen, blobs=None):
     reading = _READER.remap(study, gen, blobs=blobs)
     seconds = time.perf_counter() - t0
     reading.study, reading.generation = None, None  # the caller has them
-    return _each_array(reading, _shared), seconds
+    return (*_pack(reading), seconds)
 
 
 def _each_array(reading, convert):
@@ -132,14 +139,76 @@ def _each_array(reading, convert):
     return reading
 
 
-def _shared(a):
-    """``a`` as a tensor in shared memory; where that is full (a small /dev/shm), ``a`` itself (by pipe)."""
-    if not isinstance(a, np.ndarray):
-        return a
+SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory (multiprocessing.shared_memory's blocks)
+ALIGN = 64  # bytes: each array of a block starts on a cache line
+
+
+@dataclass(frozen=True)
+class _Place:
+    """Where one of a reading's arrays lies in its block."""
+
+    offset: int
+    shape: tuple
+    dtype: str
+
+
+def _pack(reading) -> tuple:
+    """Worker side: ``(reading, block)``, the reading's :data:`SHARED_FIELDS` arrays copied into one new
+    block of shared memory, each replaced by its :class:`_Place`, and ``block`` the block's (name, size); or
+    ``(reading, None)``, the arrays left to go by pipe, where there is no shared memory (none on this system,
+    or full). The worker closes its mapping at once; the block lives on by its name until the caller takes it
+    (:func:`_unpack`), or until the processes' resource tracker removes it if the caller never does."""
+    arrays = []
+    _each_array(reading, lambda a: arrays.append(a) or a)
+    arrays = [a for a in arrays if isinstance(a, np.ndarray) and a.nbytes and not a.dtype.hasobject]
+    size = sum(-(-a.nbytes // ALIGN) * ALIGN for a in arrays)
+    if not size or not os.path.isdir(SHM_DIR):
+        return reading, None
     try:
-        return torch.from_numpy(np.ascontiguousarray(a)).share_memory_()
-    except RuntimeError:
-        return a
+        block = SharedMemory(create=True, size=size)
+    except OSError:  # shared memory full (a small /dev/shm)
+        return reading, None
+    offset = 0
+
+    def put(a):
+        nonlocal offset
+        if not any(a is b for b in arrays):
+            return a
+        view = np.ndarray(a.shape, a.dtype, buffer=block.buf, offset=offset)
+        view[...] = a
+        del view  # (the block's buffer must have no views left when it is closed)
+        place, offset = _Place(offset, a.shape, a.dtype.str), offset + -(-a.nbytes // ALIGN) * ALIGN
+        return place
+
+    try:
+        _each_array(reading, put)
+    finally:
+        block.close()
+    return reading, (block.name, size)
+
+
+def _unpack(reading, block):
+    """Caller side: ``reading`` from :func:`_pack` with its arrays back, views of the block mapped here."""
+    if block is None:
+        return reading
+    mapped = _attached(*block)
+    return _each_array(reading, lambda p: np.frombuffer(mapped, np.dtype(p.dtype), int(np.prod(p.shape)), p.offset)
+                       .reshape(p.shape) if isinstance(p, _Place) else p)
+
+
+def _attached(name: str, size: int) -> mmap.mmap:
+    """The block ``name`` mapped here and its name removed (no other process needs it): its memory goes when
+    the last array on the mapping goes. The mapping is an ``mmap`` object, and its release (the kernel freeing
+    the block's pages, ~30 ms for a large film's reading) lets the other threads of this process run, where a
+    torch shared tensor's holds the interpreter's lock."""
+    path = os.path.join(SHM_DIR, name)
+    fd = os.open(path, os.O_RDWR)
+    try:
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+        resource_tracker.unregister("/" + name, "shared_memory")  # registered by the worker's SharedMemory
 
 
 def shared_empty(shape, dtype=torch.float32) -> torch.Tensor:
@@ -151,7 +220,3 @@ def shared_empty(shape, dtype=torch.float32) -> torch.Tensor:
         return torch.empty(0, dtype=dtype).set_(torch.UntypedStorage._new_shared(size), 0, tuple(shape))
     except (AttributeError, RuntimeError):  # (a torch without it; no shared memory left)
         return torch.empty(shape, dtype=dtype)
-
-
-def _unshared(a):
-    return a.numpy() if isinstance(a, torch.Tensor) else a

@@ -215,7 +215,9 @@ def test_film_maps_in_worker_processes_equal_the_maps_made_here(reader, monkeypa
                 reader._map_processes = None
 
     here = read_with("0")
+    before = _blocks()
     compared = [read_with("2", streamed=True)]
+    assert _blocks() == before  # each reading's shared block taken, none left behind
     if reader.maps_device.type == "cuda":  # workers that map on the GPU too
         compared.append(read_with("2", "cuda"))
     for film, a, b in ((f, a, b) for there in compared for f, a, b in zip(films, here, there)):
@@ -307,6 +309,60 @@ def test_a_batch_that_fails_to_generate_raises_after_the_batches_before_are_hand
         if reader._map_processes is not None:
             reader._map_processes.shutdown()
             reader._map_processes = None
+
+
+def _blocks() -> set:
+    import os
+
+    from monailabel_app import map_processes
+
+    return {n for n in os.listdir(map_processes.SHM_DIR) if n.startswith("psm_")} \
+        if os.path.isdir(map_processes.SHM_DIR) else set()
+
+
+def test_a_readings_arrays_cross_in_one_shared_block_and_leave_none_behind(reader):
+    """A worker packs a reading's image-sized arrays into one block of shared memory; the caller's arrays are
+    the same values, shapes and types, writable, and the block's name is gone once they are taken (its memory
+    goes with the last array). Without shared memory the arrays go by pipe, unchanged."""
+    import copy
+    import pickle
+
+    from monailabel_app import map_processes
+
+    film = Radiograph(make_phantom(5).image, Geometry.plain(*make_phantom(5).image.shape))
+    reading = reader.read(film, max_new_tokens=48)
+    before = _blocks()
+    sent = copy.copy(reading)
+    sent.study = sent.generation = None  # (as a worker sends it: the caller has them)
+    sent, block = map_processes._pack(sent)
+    if block is None:
+        pytest.skip("no shared memory here")
+    assert block[0] in _blocks() - before
+    assert all(not isinstance(v, np.ndarray) for name in map_processes.SHARED_FIELDS
+               for v in (getattr(sent, name) if isinstance(getattr(sent, name), list) else [getattr(sent, name)]))
+    assert len(pickle.dumps(sent)) < 50_000  # places, not the arrays
+    got = map_processes._unpack(pickle.loads(pickle.dumps(sent)), block)
+    assert _blocks() == before
+    for name in map_processes.SHARED_FIELDS:
+        x, y = getattr(reading, name), getattr(got, name)
+        for u, v in zip(*((x, y) if isinstance(x, list) else ([x], [y]))):
+            assert v.dtype == u.dtype and v.shape == u.shape and np.array_equal(u, v) and v.flags.writeable
+    was = int(reading.labels[0, 0])
+    got.labels[0, 0] = was + 1  # (the caller may write; the worker's arrays were copied)
+    assert got.labels[0, 0] == was + 1 and reading.labels[0, 0] == was
+
+
+def test_a_reading_goes_by_pipe_without_shared_memory(reader, monkeypatch, tmp_path):
+    import copy
+
+    from monailabel_app import map_processes
+
+    film = Radiograph(make_phantom(6).image, Geometry.plain(*make_phantom(6).image.shape))
+    reading = reader.read(film, max_new_tokens=32)
+    monkeypatch.setattr(map_processes, "SHM_DIR", str(tmp_path / "none"))
+    sent, block = map_processes._pack(copy.copy(reading))
+    assert block is None and map_processes._unpack(sent, block) is sent
+    assert np.array_equal(sent.labels, reading.labels) and sent.heatmaps[0] is reading.heatmaps[0]
 
 
 def test_map_process_count():

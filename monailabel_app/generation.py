@@ -160,11 +160,43 @@ def processor_image(image, device: torch.device | None):
     return pixels.expand(3, *pixels.shape) if pixels.ndim == 2 else pixels.permute(2, 0, 1)
 
 
+ENDS_BLOCK = 16  # tokens whose ends :func:`_token_ends` finds from one decoded prefix
+
+
 def _token_ends(tokenizer, ids: list[int], known: list[int] | None = None) -> list[int]:
-    """Per token, where its text ends in the decoded answer; ``known``: those of a prefix of ``ids``, kept."""
+    """Per token, where its text ends in the decoded answer: the length of ``ids[:i + 1]`` decoded (special
+    tokens skipped); ``known``: those of a prefix of ``ids``, kept.
+
+    Decoding every prefix is quadratic: a 200-token answer decodes 20,000 tokens (6 ms here), and a batch of
+    64 answers held the serving process's main thread between two batches for a large part of a second. Text
+    decodes token by token except inside a run of byte tokens (byte fallback: the run is one UTF-8 string,
+    or one replacement character per byte where it is not valid), so the ends are found a block of
+    :data:`ENDS_BLOCK` tokens at a time: the decoded length of the prefix before the block plus each in-block
+    prefix decoded from the block's start. A block starts only between two tokens that each decode alone to
+    text without replacement characters (never inside such a run), and its first and last ends are checked
+    against their whole prefixes decoded; where either condition fails, that token's end is its whole prefix
+    decoded and the next block starts after it. A 200-token answer: about 4 times less work, the same ends."""
     ends = list(known or [])[: len(ids)]
-    for i in range(len(ends), len(ids)):
-        ends.append(len(tokenizer.decode(ids[: i + 1], skip_special_tokens=True)))
+
+    def length(some: list[int]) -> int:
+        return len(tokenizer.decode(some, skip_special_tokens=True))
+
+    def plain(token: int) -> bool:
+        text = tokenizer.decode([token], skip_special_tokens=True)
+        return bool(text) and "\ufffd" not in text
+
+    i = len(ends)
+    while i < len(ids):
+        stop = min(i + ENDS_BLOCK, len(ids))
+        block = None
+        if i == 0:  # prefixes from the start: each end as defined
+            block = [length(ids[: k + 1]) for k in range(i, stop)]
+        elif stop - i > 1 and plain(ids[i - 1]) and plain(ids[i]):
+            block = [ends[-1] + length(ids[i : k + 1]) for k in range(i, stop)]
+            if block[0] != length(ids[: i + 1]) or block[-1] != length(ids[:stop]):
+                block = None
+        ends += block if block is not None else [length(ids[: i + 1])]
+        i = len(ends)
     return ends
 
 

@@ -58,3 +58,42 @@ def test_a_grey_square_is_not_copied_three_times_for_a_tensor_processor():
 def test_an_image_that_is_not_grey_or_rgb_uint8_is_refused(bad):
     with pytest.raises(ValueError, match="uint8"):
         processor_image(bad, torch.device("cpu"))
+
+
+def _prefix_ends(tok, ids):  # the definition: each prefix decoded
+    return [len(tok.decode(ids[: i + 1], skip_special_tokens=True)) for i in range(len(ids))]
+
+
+def test_token_ends_are_each_prefixs_decoded_length():
+    """Token ends found a block at a time are each prefix's decoded length: for English and Chinese answers,
+    special tokens among them, and characters written as byte tokens (byte fallback) across a block's start,
+    whole or cut off at the end; with a known prefix kept."""
+    import random
+
+    from monailabel_app.generation import ENDS_BLOCK, _token_ends
+
+    tok = build_processor().tokenizer
+    vocab = tok.get_vocab()
+    byte = [vocab[f"<0x{b:02X}>"] for b in "肺".encode()] + [vocab[f"<0x{b:02X}>"] for b in "🫁".encode()]
+    assert len(byte) == 7  # (the phantom tokenizer falls back to bytes)
+    words = tok("Nodule in the right upper zone. 右肺上叶见一结节，约8毫米。左侧少量胸腔积液。",
+                add_special_tokens=False)["input_ids"]
+    special = sorted(tok.all_special_ids)
+    rng = random.Random(3)
+    rows = [words * 3, words + [special[0]] + words, words[: ENDS_BLOCK - 2] + byte + words]
+    for _ in range(40):  # byte runs (whole characters, parts, orphans) anywhere, mostly near block starts
+        row = [rng.choice(words) for _ in range(rng.randrange(1, 70))]
+        for _ in range(rng.randrange(0, 4)):
+            at = min(len(row), rng.choice([ENDS_BLOCK - 1, ENDS_BLOCK - 2, 2 * ENDS_BLOCK - 3, rng.randrange(70)]))
+            run = byte[:3] if rng.random() < 0.5 else byte[3:]
+            row[at:at] = run[: rng.randrange(1, len(run) + 1)] if rng.random() < 0.3 else run
+        if rng.random() < 0.3:
+            row.insert(rng.randrange(len(row) + 1), rng.choice(special))
+        rows.append(row)
+    for row in rows:
+        want = _prefix_ends(tok, row)
+        assert _token_ends(tok, row) == want
+        cut = len(row) // 3
+        assert _token_ends(tok, row, want[:cut]) == want
+    assert any(a > b for row in rows for a, b in zip(_prefix_ends(tok, row), _prefix_ends(tok, row)[1:]))  # (a byte
+    # run's prefixes decode to more replacement characters than the whole character: ends that go back)

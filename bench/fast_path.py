@@ -392,6 +392,7 @@ def batch(model, processor, reader, sizes=(8, 32, 64), batches: int = 4, threads
                 latencies[i] = reading.latencies
                 at.append(time.perf_counter())
 
+            print(f"[bench] timed batch of {n} starts, pid {os.getpid()}", file=sys.stderr, flush=True)  # a profiler's cue
             t0 = time.perf_counter()
             reader.read_many(films[:n], answers=answers[:n], batch_size=b, on_reading=done)
             total = time.perf_counter() - t0

@@ -33,11 +33,11 @@ from __future__ import annotations
 import mmap
 import multiprocessing
 import os
+import secrets
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing import resource_tracker
-from multiprocessing.shared_memory import SharedMemory
 
 import numpy as np
 import torch
@@ -139,7 +139,7 @@ def _each_array(reading, convert):
     return reading
 
 
-SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory (multiprocessing.shared_memory's blocks)
+SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory
 ALIGN = 64  # bytes: each array of a block starts on a cache line
 
 
@@ -156,27 +156,23 @@ def _pack(reading) -> tuple:
     """Worker side: ``(reading, block)``, the reading's :data:`SHARED_FIELDS` arrays copied into one new
     block of shared memory, each replaced by its :class:`_Place`, and ``block`` the block's (name, size); or
     ``(reading, None)``, the arrays left to go by pipe, where there is no shared memory (none on this system,
-    or full). The worker closes its mapping at once; the block lives on by its name until the caller takes it
-    (:func:`_unpack`), or until the processes' resource tracker removes it if the caller never does."""
+    or too little left). The worker closes its mapping at once; the block lives on by its name until the
+    caller takes it (:func:`_unpack`), or until the processes' resource tracker removes it at exit."""
     arrays = []
     _each_array(reading, lambda a: arrays.append(a) or a)
     arrays = [a for a in arrays if isinstance(a, np.ndarray) and a.nbytes and not a.dtype.hasobject]
     size = sum(-(-a.nbytes // ALIGN) * ALIGN for a in arrays)
-    if not size or not os.path.isdir(SHM_DIR):
+    made = _new_block(size) if size else None
+    if made is None:
         return reading, None
-    try:
-        block = SharedMemory(create=True, size=size)
-    except OSError:  # shared memory full (a small /dev/shm)
-        return reading, None
+    name, block = made
     offset = 0
 
     def put(a):
         nonlocal offset
         if not any(a is b for b in arrays):
             return a
-        view = np.ndarray(a.shape, a.dtype, buffer=block.buf, offset=offset)
-        view[...] = a
-        del view  # (the block's buffer must have no views left when it is closed)
+        np.frombuffer(block, a.dtype, a.size, offset).reshape(a.shape)[...] = a
         place, offset = _Place(offset, a.shape, a.dtype.str), offset + -(-a.nbytes // ALIGN) * ALIGN
         return place
 
@@ -184,7 +180,29 @@ def _pack(reading) -> tuple:
         _each_array(reading, put)
     finally:
         block.close()
-    return reading, (block.name, size)
+    return reading, (name, size)
+
+
+def _new_block(size: int) -> tuple[str, mmap.mmap] | None:
+    """(name, mapping) of a new block of ``size`` bytes of shared memory, its pages reserved now: a block
+    only sized (as ``multiprocessing.shared_memory`` makes them) kills the process that writes past what
+    /dev/shm holds (SIGBUS; Docker gives containers 64 MB by default). None where it does not fit. The block
+    is registered with the processes' resource tracker, which removes it at exit if no one has."""
+    if not os.path.isdir(SHM_DIR):
+        return None
+    name = f"medgemma-{os.getpid()}-{secrets.token_hex(8)}"
+    path = os.path.join(SHM_DIR, name)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.posix_fallocate(fd, 0, size)
+        block = mmap.mmap(fd, size)
+    except OSError:  # no room left in shared memory
+        os.unlink(path)
+        return None
+    finally:
+        os.close(fd)
+    resource_tracker.register("/" + name, "shared_memory")
+    return name, block
 
 
 def _unpack(reading, block):
@@ -208,7 +226,7 @@ def _attached(name: str, size: int) -> mmap.mmap:
     finally:
         os.close(fd)
         os.unlink(path)
-        resource_tracker.unregister("/" + name, "shared_memory")  # registered by the worker's SharedMemory
+        resource_tracker.unregister("/" + name, "shared_memory")  # registered by the worker (_new_block)
 
 
 def shared_empty(shape, dtype=torch.float32) -> torch.Tensor:

@@ -316,7 +316,7 @@ def _blocks() -> set:
 
     from monailabel_app import map_processes
 
-    return {n for n in os.listdir(map_processes.SHM_DIR) if n.startswith("psm_")} \
+    return {n for n in os.listdir(map_processes.SHM_DIR) if n.startswith("medgemma-")} \
         if os.path.isdir(map_processes.SHM_DIR) else set()
 
 
@@ -352,16 +352,27 @@ def test_a_readings_arrays_cross_in_one_shared_block_and_leave_none_behind(reade
     assert got.labels[0, 0] == was + 1 and reading.labels[0, 0] == was
 
 
-def test_a_reading_goes_by_pipe_without_shared_memory(reader, monkeypatch, tmp_path):
+@pytest.mark.parametrize("lacking", ["shared memory", "room in it"])
+def test_a_reading_goes_by_pipe_without_shared_memory(reader, monkeypatch, tmp_path, lacking):
+    """No shared memory, or too little left in it (its pages are reserved before they are written: writing
+    past a full /dev/shm would kill the worker): the arrays go by pipe, and no block is left behind."""
     import copy
+    import errno
+    import os
 
     from monailabel_app import map_processes
 
     film = Radiograph(make_phantom(6).image, Geometry.plain(*make_phantom(6).image.shape))
     reading = reader.read(film, max_new_tokens=32)
-    monkeypatch.setattr(map_processes, "SHM_DIR", str(tmp_path / "none"))
+    before = _blocks()
+    if lacking == "shared memory":
+        monkeypatch.setattr(map_processes, "SHM_DIR", str(tmp_path / "none"))
+    else:
+        def full(fd, offset, size):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(os, "posix_fallocate", full)
     sent, block = map_processes._pack(copy.copy(reading))
-    assert block is None and map_processes._unpack(sent, block) is sent
+    assert block is None and map_processes._unpack(sent, block) is sent and _blocks() == before
     assert np.array_equal(sent.labels, reading.labels) and sent.heatmaps[0] is reading.heatmaps[0]
 
 

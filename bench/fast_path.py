@@ -340,14 +340,15 @@ FILMS = 256  # distinct films in the batch part (more studies than this cycle th
 
 
 def batch(model, processor, reader, sizes=(8, 32, 64), batches: int = 4, threads=(None,), processes=(None,),
-          devices=(None,), aheads=(None,), blobs=(None,)) -> None:
+          devices=(None,), aheads=(None,), blobs=(None,), nices=(None,)) -> None:
     """Batched radiographs in steady state: ``batches`` batches of each size through one ``read_many`` call
     (a batch's maps are made while the next batch generates, so one batch alone would show no overlap).
     ``threads``: map-pool sizes to compare (None: the library's own, :data:`maps.MAP_THREADS`);
     ``processes``: map worker processes to compare (0: the maps in threads; None: the library's own);
     ``devices``: where the workers map (cpu, cuda; None: the library's own); ``aheads``: decode replays in
     flight (:data:`decoding.AHEAD_ENV`; None: the library's own); ``blobs``: the films' blob filters made
-    ahead on the GPU for the workers or not (1, 0: :data:`map_processes.BLOBS_AHEAD_ENV`; None: the library's own)."""
+    ahead on the GPU for the workers or not (1, 0: :data:`map_processes.BLOBS_AHEAD_ENV`; None: the library's own);
+    ``nices``: the workers' priority below the serving process's (:data:`map_processes.NICE_ENV`)."""
     tok = processor.tokenizer
     distinct = [xray(s) for s in range(min(max(sizes) * batches, FILMS))]
     films = [distinct[i % len(distinct)] for i in range(max(sizes) * batches)]
@@ -358,13 +359,14 @@ def batch(model, processor, reader, sizes=(8, 32, 64), batches: int = 4, threads
          "written. Steady state: the studies finished between the first and the last batch's worth, over the "
          "time between (the pipeline full: a batch generating while the batch before is mapped).")
     emit()
-    emit("| batch | studies | map processes | workers map on | blobs made ahead | map threads | replays in flight | "
-         "generation s | studies/s (generation) | with masks s | studies/s (with masks) | steady state studies/s | "
+    emit("| batch | studies | map processes | workers map on | workers' nice | blobs made ahead | map threads | "
+         "replays in flight | generation s | studies/s (generation) | with masks s | studies/s (with masks) | steady state studies/s | "
          "peak GiB |")
-    emit("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    emit("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     default, per_film, per_batch = maps.MAP_THREADS, [], []
-    for n_processes, n_threads, device, ahead, blob in [(p, t, d, a, o) for p in processes for t in threads
-                                                        for d in devices for a in aheads for o in blobs]:
+    for n_processes, n_threads, device, ahead, blob, nice in [(p, t, d, a, o, c) for p in processes for t in threads
+                                                              for d in devices for a in aheads for o in blobs
+                                                              for c in nices]:
         if maps._POOL is not None:  # a new pool of this size
             maps._POOL.shutdown()
             maps._POOL = None
@@ -373,7 +375,8 @@ def batch(model, processor, reader, sizes=(8, 32, 64), batches: int = 4, threads
             reader._map_processes.shutdown()
             reader._map_processes = None
         for env, value in ((map_processes.ENV, n_processes), (map_processes.DEVICE_ENV, device),
-                           (decoding.AHEAD_ENV, ahead), (map_processes.BLOBS_AHEAD_ENV, blob)):
+                           (decoding.AHEAD_ENV, ahead), (map_processes.BLOBS_AHEAD_ENV, blob),
+                           (map_processes.NICE_ENV, nice)):
             if value is None:
                 os.environ.pop(env, None)
             else:
@@ -401,13 +404,15 @@ def batch(model, processor, reader, sizes=(8, 32, 64), batches: int = 4, threads
             at.sort()
             steady = f"{(n - 2 * b) / (at[n - b - 1] - at[b - 1]):.1f}" if n >= 3 * b else "-"
             ahead_blobs = "yes" if workers and map_processes.blobs_ahead() else "no"
-            emit(f"| {b} | {n} | {workers} | {where} | {ahead_blobs} | {maps.MAP_THREADS if not workers else '-'} | "
+            emit(f"| {b} | {n} | {workers} | {where} | {map_processes.niceness() if workers else '-'} | {ahead_blobs} | {maps.MAP_THREADS if not workers else '-'} | "
                  f"{decoding.replays_ahead(b, False)} | {gen:.3f} | {n / gen:.1f} | {total:.3f} | {n / total:.1f} | "
                  f"{steady} | {gib(torch.cuda.max_memory_allocated() - base)} |")
             per_film.append(f"{b} x {workers or maps.MAP_THREADS} {'processes on ' + where if workers else 'threads'}"
+                            f"{', nice ' + str(map_processes.niceness()) if workers else ''}"
                             f"{', blobs ahead' if ahead_blobs == 'yes' else ''}: "
                             f"{statistics.median(v['maps'] for v in latencies.values()):.3f} s")
-            per_batch.append(f"{b}{', blobs ahead' if ahead_blobs == 'yes' else ''}: waited for inputs "
+            per_batch.append(f"{b}{', nice ' + str(map_processes.niceness()) if workers else ''}"
+                             f"{', blobs ahead' if ahead_blobs == 'yes' else ''}: waited for inputs "
                              + " / ".join(f"{latencies[k]['prepare']:.2f}" for k in range(0, n, b)) + " s, generated in "
                              + " / ".join(f"{latencies[k]['generate']:.2f}" for k in range(0, n, b)) + " s")
     maps.MAP_THREADS = default
@@ -608,6 +613,8 @@ def main(argv=None):
     ap.add_argument("--decode-ahead", default="", help="the batch part: decode replays in flight to compare, e.g. 2,1")
     ap.add_argument("--blobs-ahead", default="", help="the batch part: films' blob filters made ahead on the GPU for "
                     "the map workers or not, to compare, e.g. 1,0 (default: the library's own)")
+    ap.add_argument("--map-nice", default="", help="the batch part: the map workers' priority below the serving "
+                    "process's to compare, e.g. 0,5 (default: the library's own)")
     ap.add_argument("--profile-batch", type=int, default=0, help="the profile part: also one read_many batch of this many")
     ap.add_argument("--precisions", default=",".join(f"{p}:{e}" if e else p for p, e in PRECISIONS),
                     help="the precision part's rows (int8:torchao, int8:bitsandbytes)")
@@ -643,8 +650,9 @@ def main(argv=None):
             devices = [d for d in args.map_process_devices.split(",") if d] or [None]
             aheads = [int(a) for a in args.decode_ahead.split(",") if a] or [None]
             blobs = [int(o) for o in args.blobs_ahead.split(",") if o] or [None]
+            nices = [int(c) for c in args.map_nice.split(",") if c] or [None]
             batch(model, processor, reader, [int(b) for b in args.batch_sizes.split(",")], args.batches, threads,
-                  processes, devices, aheads, blobs)
+                  processes, devices, aheads, blobs, nices)
         if "restart" in parts:
             restart(model, processor)
         if "precision" in parts:

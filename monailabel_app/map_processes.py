@@ -21,6 +21,8 @@ This module's blocks are ``mmap`` objects, whose release lets the other threads 
 
 ``MEDGEMMA_MAP_PROCESSES``: how many workers (0: threads in the serving process, as without a GPU). The
 default: on a GPU with at least 4 cores, one fewer than the cores (at most 15); else 0.
+``MEDGEMMA_MAP_PROCESS_NICE``: how much lower the workers' scheduling priority is than the serving
+process's (``nice``; 0: the same), so that its decode loop gets a core when it wakes among busy workers.
 ``MEDGEMMA_MAP_PROCESS_DEVICE``: where the workers upsample heatmaps and filter the film's blobs: ``cpu``
 (the default) or ``cuda`` (the serving process's GPU: a CUDA context of about 0.5 GB per worker, and the
 GPU's maps, equal to the CPU's within the device maps' tolerance). ``MEDGEMMA_BLOBS_AHEAD=0``: the workers
@@ -45,6 +47,8 @@ import torch
 ENV = "MEDGEMMA_MAP_PROCESSES"
 DEVICE_ENV = "MEDGEMMA_MAP_PROCESS_DEVICE"
 BLOBS_AHEAD_ENV = "MEDGEMMA_BLOBS_AHEAD"
+NICE_ENV = "MEDGEMMA_MAP_PROCESS_NICE"
+DEFAULT_NICE = 0
 SHARED_FIELDS = ("heatmaps", "mask_maps", "model_inputs", "labels")  # a film reading's image-sized arrays
 
 
@@ -68,6 +72,18 @@ def device_for(device: torch.device) -> torch.device:
     return device if wanted == "cuda" and device.type == "cuda" else torch.device("cpu")
 
 
+def niceness() -> int:
+    """How much lower the workers' priority is (``MEDGEMMA_MAP_PROCESS_NICE``, 0 to 19)."""
+    wanted = os.environ.get(NICE_ENV, "").strip()
+    try:
+        value = int(wanted) if wanted else DEFAULT_NICE
+    except ValueError:
+        raise ValueError(f"{NICE_ENV} must be a whole number from 0 to 19, got {wanted!r}") from None
+    if not 0 <= value <= 19:
+        raise ValueError(f"{NICE_ENV} must be a whole number from 0 to 19, got {wanted!r}")
+    return value
+
+
 def blobs_ahead() -> bool:
     """Whether a GPU reader makes its batches' film blob filters for the workers (``MEDGEMMA_BLOBS_AHEAD``,
     1 by default)."""
@@ -83,7 +99,7 @@ class MapProcesses:
     def __init__(self, info, grid: int, workers: int, device: torch.device = torch.device("cpu")):
         self.workers, self.device = workers, device
         self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_start, initargs=(info, grid, str(device)))
+                                         initializer=_start, initargs=(info, grid, str(device), niceness()))
 
     def remap(self, study, gen, blobs=None) -> Future:
         """A future of ``(reading, seconds)``: the film's reading from ``gen``, its study and generation
@@ -109,14 +125,16 @@ class MapProcesses:
 _READER = None
 
 
-def _start(info, grid: int, device: str = "cpu") -> None:
-    """Worker start: one map thread (the workers are the parallelism) and a reader without a model that
-    maps on ``device``."""
+def _start(info, grid: int, device: str = "cpu", nice: int = 0) -> None:
+    """Worker start: ``nice`` steps below the serving process's priority, one map thread (the workers are the
+    parallelism) and a reader without a model that maps on ``device``."""
     global _READER
     from . import allocator
     from .grounding import maps
     from .reader import Reader
 
+    if nice:
+        os.nice(nice)
     allocator.keep_freed_memory()  # as in the serving process: a film's arrays reuse mapped pages
     torch.set_num_threads(1)
     maps.MAP_THREADS = 1

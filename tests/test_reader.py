@@ -376,6 +376,28 @@ def test_a_reading_goes_by_pipe_without_shared_memory(reader, monkeypatch, tmp_p
     assert np.array_equal(sent.labels, reading.labels) and sent.heatmaps[0] is reading.heatmaps[0]
 
 
+def test_map_workers_run_at_the_niceness_asked_for(reader, monkeypatch):
+    """MEDGEMMA_MAP_PROCESS_NICE lowers the workers' priority below this process's (0 by default); values
+    outside 0-19 are refused with the variable's name."""
+    import os
+
+    from monailabel_app import map_processes
+
+    assert map_processes.niceness() == 0
+    for bad in ("-1", "20", "low"):
+        monkeypatch.setenv(map_processes.NICE_ENV, bad)
+        with pytest.raises(ValueError, match=map_processes.NICE_ENV):
+            map_processes.niceness()
+    here = os.getpriority(os.PRIO_PROCESS, 0)
+    for nice in (0, 3):
+        monkeypatch.setenv(map_processes.NICE_ENV, str(nice))
+        pool = map_processes.MapProcesses(reader.info, reader.grid, 1)
+        try:
+            assert pool._pool.submit(os.getpriority, os.PRIO_PROCESS, 0).result() == min(19, here + nice)
+        finally:
+            pool.shutdown()
+
+
 def test_map_process_count():
     from monailabel_app.map_processes import workers_for
 

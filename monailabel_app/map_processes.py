@@ -13,9 +13,9 @@ the device maps when the serving process maps on its GPU). The film goes to the 
 image-sized arrays come back in one block of shared memory per reading (:func:`_pack`), and the caller puts
 back the study and the generation it already has.
 
-Who frees a reading's memory matters: a 2048 x 2458 film's reading is about 170 MB, and freeing it takes the
-kernel about 30 ms, paid by whichever process lets go of it last, the serving process (the worker lets go as
-soon as it has sent the reading). Torch's shared tensors are freed with the interpreter's lock held: on the
+Who frees a reading's memory matters: a 2048 x 2458 film's reading with three findings is about 130 MB, and
+freeing it takes the kernel 20-30 ms, paid by whichever process lets go of it last: the serving process (the
+worker lets go as soon as it has sent the reading). Torch's shared tensors are freed with the interpreter's lock held: on the
 H200 that was a quarter of the serving process's time in a curation run, the decode loop waiting on it.
 This module's blocks are ``mmap`` objects, whose release lets the other threads run (:func:`_attached`).
 
@@ -235,8 +235,8 @@ def _unpack(reading, block):
 def _attached(name: str, size: int) -> mmap.mmap:
     """The block ``name`` mapped here and its name removed (no other process needs it): its memory goes when
     the last array on the mapping goes. The mapping is an ``mmap`` object, and its release (the kernel freeing
-    the block's pages, ~30 ms for a large film's reading) lets the other threads of this process run, where a
-    torch shared tensor's holds the interpreter's lock."""
+    the block's pages, 20-30 ms for a large film's reading) lets the other threads of this process run, where
+    a torch shared tensor's holds the interpreter's lock."""
     path = os.path.join(SHM_DIR, name)
     fd = os.open(path, os.O_RDWR)
     try:

@@ -316,6 +316,9 @@ def prepare(out: str, studies: list[Study], fetch=None) -> tuple[Manifest, Plan]
     return manifest, Plan([s.id for s in studies], todo, skipped, reused)
 
 
+BATCHES_IN_FLIGHT = 2  # decode batches a local run reads at once (run_local)
+
+
 def auto_batch_size(reader) -> int:
     """Radiographs per decode batch when none is asked for: 16 on a GPU (one study at a time leaves most of
     its generation rate unused), 1 on the CPU (a batch there is no faster and holds every study's memory)."""
@@ -325,7 +328,12 @@ def auto_batch_size(reader) -> int:
 def run_local(reader, out: str, manifest: Manifest, plan: Plan, question=None, max_new_tokens: int = 128,
               progress: bool = True, language: str = "auto", batch_size: int | None = None) -> list[dict]:
     """Read the plan's studies in this process, ``batch_size`` radiographs per decode batch (default:
-    :func:`auto_batch_size`; CTs one at a time); the finished records."""
+    :func:`auto_batch_size`; CTs one at a time); the finished records.
+
+    Batches go two at a time (:data:`BATCHES_IN_FLIGHT`): while one batch's maps are made and its outputs
+    written, the next is loaded and generates (the model reads one batch at a time; a batch's maps and
+    writes leave it idle otherwise). One study at a time (the CPU's default), they go one after another: there
+    the cores are the model's."""
     from tqdm import tqdm
 
     size = auto_batch_size(reader) if batch_size is None else batch_size
@@ -336,15 +344,23 @@ def run_local(reader, out: str, manifest: Manifest, plan: Plan, question=None, m
     finished = []
     bar = tqdm(total=len(plan.todo), unit="study", desc="pre-labelling", disable=not progress, file=sys.stderr,
                dynamic_ncols=True)
-    for start in range(0, len(plan.todo), size):
-        chunk = plan.todo[start : start + size]
-        records = [read_study(reader, chunk[0], out, question, max_new_tokens, language)] if size == 1 else \
+
+    def read(chunk: list[Study]) -> list[dict]:
+        return [read_study(reader, chunk[0], out, question, max_new_tokens, language)] if size == 1 else \
             read_studies(reader, chunk, out, question, max_new_tokens, language)
-        for record in records:
-            manifest.append(record)
-            finished.append(record)
-        bar.update(len(chunk))
-        bar.set_postfix(failed=sum(r["status"] != "ok" for r in finished))
+
+    chunks = [plan.todo[start : start + size] for start in range(0, len(plan.todo), size)]
+    with ThreadPoolExecutor(BATCHES_IN_FLIGHT if size > 1 else 1, thread_name_prefix="batch") as pool:
+        flying = [pool.submit(read, c) for c in chunks[:BATCHES_IN_FLIGHT]]
+        for k, chunk in enumerate(chunks):
+            records = flying.pop(0).result()  # (a batch's records in order; read_studies records its faults)
+            if k + BATCHES_IN_FLIGHT < len(chunks):
+                flying.append(pool.submit(read, chunks[k + BATCHES_IN_FLIGHT]))
+            for record in records:
+                manifest.append(record)
+                finished.append(record)
+            bar.update(len(chunk))
+            bar.set_postfix(failed=sum(r["status"] != "ok" for r in finished))
     bar.close()
     return finished
 

@@ -233,3 +233,37 @@ def test_a_batchs_readings_are_written_as_they_are_made_and_a_failed_write_stays
     assert [r["status"] for r in records] == ["ok", "ok", "failed"] and "no space left" in records[2]["error"]
     assert len(one_by_one) == 2 and records[0]["report"] == make_phantom(3).report  # the first was handed over
     assert all(os.path.isfile(tmp_path / "out" / r["label_file"]) for r in records[:2])
+
+
+def test_a_local_run_reads_the_next_batch_while_the_one_before_is_mapped_and_written(tmp_path, monkeypatch):
+    """run_local keeps two decode batches in flight: the second batch's read_many starts before the first's has
+    returned (its maps and writes). The manifest keeps the input order and every study's own report."""
+    import threading
+
+    from monailabel_app import batch as job
+    from tests.conftest import reader_for
+
+    reader = reader_for("fp32")
+    data = tmp_path / "films"
+    data.mkdir()
+    seeds = (3, 4, 5, 6)
+    for seed in seeds:
+        Image.fromarray(make_phantom(seed).image).save(data / f"xray_{seed}.png")
+    out = str(tmp_path / "out")
+    manifest, plan = job.prepare(out, job.find_studies(str(data)))
+    real, second_started, calls, overlapped = reader.read_many, threading.Event(), [], []
+
+    def overlapping(films, *args, **kwargs):
+        calls.append(len(films))
+        if len(calls) == 1:  # the first batch: not done before the second has begun (waits at most a minute)
+            overlapped.append(second_started.wait(60))
+        else:
+            second_started.set()
+        return real(films, *args, **kwargs)
+
+    monkeypatch.setattr(reader, "read_many", overlapping)
+    records = job.run_local(reader, out, manifest, plan, max_new_tokens=64, progress=False, batch_size=2)
+    assert overlapped == [True], "the next batch did not start while the one before was still being read"
+    assert calls == [2, 2] and [r["study"] for r in records] == [f"xray_{s}.png" for s in seeds]
+    assert [r["status"] for r in records] == ["ok"] * 4
+    assert [r["report"] for r in records] == [make_phantom(s).report for s in seeds]

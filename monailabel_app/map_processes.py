@@ -13,36 +13,23 @@ the device maps when the serving process maps on its GPU). The film goes to the 
 image-sized arrays come back in one block of shared memory per reading (:func:`_pack`), and the caller puts
 back the study and the generation it already has.
 
-Who frees a reading's memory matters: a 2048 x 2458 film's reading with three findings is about 130 MB, and
-freeing it takes the kernel 20-30 ms, paid by whichever process lets go of it last: the serving process (the
-worker lets go as soon as it has sent the reading). Torch's shared tensors are freed with the interpreter's lock held: on the
-H200 that was a quarter of the serving process's time in a curation run, the decode loop waiting on it.
-This module's blocks are ``mmap`` objects, whose release lets the other threads run (:func:`_attached`).
-
-``MEDGEMMA_MAP_PROCESSES``: how many workers (0: threads in the serving process, as without a GPU). The
-default: on a GPU with at least 4 cores, one fewer than the cores (at most 15); else 0.
-``MEDGEMMA_MAP_PROCESS_NICE``: how much lower the workers' scheduling priority is than the serving
-process's (``nice``; 0: the same), so that its decode loop gets a core when it wakes among busy workers.
-``MEDGEMMA_MAP_PROCESS_DEVICE``: where the workers upsample heatmaps and filter the film's blobs: ``cpu``
-(the default) or ``cuda`` (the serving process's GPU: a CUDA context of about 0.5 GB per worker, and the
-GPU's maps, equal to the CPU's within the device maps' tolerance). ``MEDGEMMA_BLOBS_AHEAD=0``: the workers
-filter the films' blobs themselves instead of getting them made for the whole batch on the GPU
-(:func:`extent.film_blob_responses`).
+A reading's arrays come back in one block of shared memory (:mod:`shared_blocks`: freeing them had held
+the serving process's interpreter lock, a quarter of its time in a curation run on the H200), and the
+blocks are used again.
 """
 
 from __future__ import annotations
 
-import mmap
 import multiprocessing
 import os
-import secrets
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import resource_tracker
 
 import numpy as np
 import torch
+
+from . import shared_blocks
 
 ENV = "MEDGEMMA_MAP_PROCESSES"
 DEVICE_ENV = "MEDGEMMA_MAP_PROCESS_DEVICE"
@@ -98,8 +85,10 @@ class MapProcesses:
 
     def __init__(self, info, grid: int, workers: int, device: torch.device = torch.device("cpu")):
         self.workers, self.device = workers, device
-        self._pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                         initializer=_start, initargs=(info, grid, str(device), niceness()))
+        context = multiprocessing.get_context("spawn")
+        self._returned = shared_blocks.Returned(context.Queue(), keep=workers)  # readings' blocks, used again
+        self._pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start,
+                                         initargs=(info, grid, str(device), niceness(), self._returned.queue))
 
     def remap(self, study, gen, blobs=None) -> Future:
         """A future of ``(reading, seconds)``: the film's reading from ``gen``, its study and generation
@@ -111,7 +100,7 @@ class MapProcesses:
             try:
                 reading, block, seconds = f.result()
                 reading.study, reading.generation = study, gen
-                done.set_result((_unpack(reading, block), seconds))
+                done.set_result((_unpack(reading, block, self._returned), seconds))
             except BaseException as e:  # noqa: BLE001 (the caller's future carries it)
                 done.set_exception(e)
 
@@ -120,15 +109,18 @@ class MapProcesses:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._returned.close()
 
 
 _READER = None
+_RETURNED = None  # the queue of blocks the serving process gives back (shared_blocks.Returned)
 
 
-def _start(info, grid: int, device: str = "cpu", nice: int = 0) -> None:
+def _start(info, grid: int, device: str = "cpu", nice: int = 0, returned=None) -> None:
     """Worker start: ``nice`` steps below the serving process's priority, one map thread (the workers are the
-    parallelism) and a reader without a model that maps on ``device``."""
-    global _READER
+    parallelism), a reader without a model that maps on ``device``, and ``returned``: the blocks given back."""
+    global _READER, _RETURNED
+    _RETURNED = returned
     from . import allocator
     from .grounding import maps
     from .reader import Reader
@@ -146,7 +138,7 @@ def _remap(study, gen, blobs=None):
     reading = _READER.remap(study, gen, blobs=blobs)
     seconds = time.perf_counter() - t0
     reading.study, reading.generation = None, None  # the caller has them
-    return (*_pack(reading), seconds)
+    return (*_pack(reading, _RETURNED), seconds)
 
 
 def _each_array(reading, convert):
@@ -157,7 +149,6 @@ def _each_array(reading, convert):
     return reading
 
 
-SHM_DIR = "/dev/shm"  # where Linux keeps POSIX shared memory
 ALIGN = 64  # bytes: each array of a block starts on a cache line
 
 
@@ -170,20 +161,19 @@ class _Place:
     dtype: str
 
 
-def _pack(reading) -> tuple:
-    """Worker side: ``(reading, block)``, the reading's :data:`SHARED_FIELDS` arrays copied into one new
-    block of shared memory, each replaced by its :class:`_Place`, and ``block`` the block's (name, size); or
-    ``(reading, None)``, the arrays left to go by pipe, where there is no shared memory (none on this system,
-    or too little left). The worker closes its mapping at once; the block lives on by its name until the
-    caller takes it (:func:`_unpack`), or until the processes' resource tracker removes it at exit."""
+def _pack(reading, returned=None) -> tuple:
+    """Worker side: ``(reading, block)``, the reading's :data:`SHARED_FIELDS` arrays copied into one block
+    of shared memory (:func:`shared_blocks.take` from ``returned``, the queue of blocks given back), each
+    replaced by its :class:`_Place`, and ``block`` the block's (name, capacity); or ``(reading, None)``, the
+    arrays left to go by pipe, where there is no shared memory (none on this system, or too little left)."""
     arrays = []
     _each_array(reading, lambda a: arrays.append(a) or a)
     arrays = [a for a in arrays if isinstance(a, np.ndarray) and a.nbytes and not a.dtype.hasobject]
     size = sum(-(-a.nbytes // ALIGN) * ALIGN for a in arrays)
-    made = _new_block(size) if size else None
+    made = shared_blocks.take(returned, size) if size else None
     if made is None:
         return reading, None
-    name, block = made
+    name, capacity, block = made
     offset = 0
 
     def put(a):
@@ -198,53 +188,22 @@ def _pack(reading) -> tuple:
         _each_array(reading, put)
     finally:
         block.close()
-    return reading, (name, size)
+    return reading, (name, capacity)
 
 
-def _new_block(size: int) -> tuple[str, mmap.mmap] | None:
-    """(name, mapping) of a new block of ``size`` bytes of shared memory, its pages reserved now: a block
-    only sized (as ``multiprocessing.shared_memory`` makes them) kills the process that writes past what
-    /dev/shm holds (SIGBUS; Docker gives containers 64 MB by default). None where it does not fit. The block
-    is registered with the processes' resource tracker, which removes it at exit if no one has."""
-    if not os.path.isdir(SHM_DIR):
-        return None
-    name = f"medgemma-{os.getpid()}-{secrets.token_hex(8)}"
-    path = os.path.join(SHM_DIR, name)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.posix_fallocate(fd, 0, size)
-        block = mmap.mmap(fd, size)
-    except OSError:  # no room left in shared memory
-        os.unlink(path)
-        return None
-    finally:
-        os.close(fd)
-    resource_tracker.register("/" + name, "shared_memory")
-    return name, block
-
-
-def _unpack(reading, block):
-    """Caller side: ``reading`` from :func:`_pack` with its arrays back, views of the block mapped here."""
+def _unpack(reading, block, returned: shared_blocks.Returned | None = None):
+    """Caller side: ``reading`` from :func:`_pack` with its arrays back, views of the block mapped here. The
+    block goes back to ``returned`` when the last of them goes; without it, it is removed at once (its
+    memory goes with the arrays)."""
     if block is None:
         return reading
-    mapped = _attached(*block)
+    if returned is not None:
+        mapped = returned.lend(*block)
+    else:
+        mapped = shared_blocks.mapped(*block)
+        shared_blocks.remove(block[0])
     return _each_array(reading, lambda p: np.frombuffer(mapped, np.dtype(p.dtype), int(np.prod(p.shape)), p.offset)
                        .reshape(p.shape) if isinstance(p, _Place) else p)
-
-
-def _attached(name: str, size: int) -> mmap.mmap:
-    """The block ``name`` mapped here and its name removed (no other process needs it): its memory goes when
-    the last array on the mapping goes. The mapping is an ``mmap`` object, and its release (the kernel freeing
-    the block's pages, 20-30 ms for a large film's reading) lets the other threads of this process run, where
-    a torch shared tensor's holds the interpreter's lock."""
-    path = os.path.join(SHM_DIR, name)
-    fd = os.open(path, os.O_RDWR)
-    try:
-        return mmap.mmap(fd, size)
-    finally:
-        os.close(fd)
-        os.unlink(path)
-        resource_tracker.unregister("/" + name, "shared_memory")  # registered by the worker (_new_block)
 
 
 def shared_empty(shape, dtype=torch.float32) -> torch.Tensor:

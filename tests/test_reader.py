@@ -1,6 +1,8 @@
 """One reading end to end in-process: text, masks and their side of the patient, in every precision
 this machine runs (``reader_in``); exact comparisons in fp32 (``reader``)."""
 
+import gc
+
 import numpy as np
 import pytest
 import torch
@@ -217,7 +219,6 @@ def test_film_maps_in_worker_processes_equal_the_maps_made_here(reader, monkeypa
     here = read_with("0")
     before = _blocks()
     compared = [read_with("2", streamed=True)]
-    assert _blocks() == before  # each reading's shared block taken, none left behind
     if reader.maps_device.type == "cuda":  # workers that map on the GPU too
         compared.append(read_with("2", "cuda"))
     for film, a, b in ((f, a, b) for there in compared for f, a, b in zip(films, here, there)):
@@ -232,6 +233,10 @@ def test_film_maps_in_worker_processes_equal_the_maps_made_here(reader, monkeypa
                 elif name != "labels":  # maps on the GPU here, on the CPU there: within the device maps' tolerance
                     assert np.allclose(u, v, atol=1e-5, rtol=1e-4)
         assert sum(np.count_nonzero(b.labels == k) > 0 for k in range(1, len(b.names) + 1)) == len(b.names)
+    del a, b, u, v, x, y
+    compared.clear()
+    gc.collect()
+    assert _blocks() == before  # the readings' shared blocks removed with the readings (their pool is shut)
 
 
 def test_a_films_blob_responses_made_ahead_reach_its_map_process(reader):
@@ -314,10 +319,10 @@ def test_a_batch_that_fails_to_generate_raises_after_the_batches_before_are_hand
 def _blocks() -> set:
     import os
 
-    from monailabel_app import map_processes
+    from monailabel_app import shared_blocks
 
-    return {n for n in os.listdir(map_processes.SHM_DIR) if n.startswith("medgemma-")} \
-        if os.path.isdir(map_processes.SHM_DIR) else set()
+    return {n for n in os.listdir(shared_blocks.SHM_DIR) if n.startswith("medgemma-")} \
+        if os.path.isdir(shared_blocks.SHM_DIR) else set()
 
 
 def test_a_readings_arrays_cross_in_one_shared_block_and_leave_none_behind(reader):
@@ -352,6 +357,81 @@ def test_a_readings_arrays_cross_in_one_shared_block_and_leave_none_behind(reade
     assert got.labels[0, 0] == was + 1 and reading.labels[0, 0] == was
 
 
+def test_shared_blocks_go_back_to_the_workers_and_are_removed_when_not_wanted():
+    """A block whose last array goes is given back (up to ``keep`` waiting) and taken again for a reading that
+    fits, a smaller one passed over and put back; beyond ``keep``, or once closed, blocks are removed; a block a
+    reading still holds at closing is removed when the reading goes. A reused block carries the new reading."""
+    import queue
+
+    from monailabel_app import shared_blocks
+
+    before = _blocks()
+    back = shared_blocks.Returned(queue.Queue(), keep=1)
+    first = shared_blocks.take(back.queue, 4096)
+    if first is None:
+        pytest.skip("no shared memory here")
+    name, capacity, mapping = first
+    np.frombuffer(mapping, np.uint8)[:] = 1
+    mapping.close()
+    arrays = np.frombuffer(back.lend(name, capacity), np.uint8)
+    assert back.queue.qsize() == 0 and arrays[0] == 1
+    del arrays
+    gc.collect()
+    assert back.queue.queue[0] == (name, capacity)  # given back
+    bigger = shared_blocks.take(back.queue, 8192)  # too small: passed over, put back
+    assert bigger[0] != name and back.queue.queue[0] == (name, capacity)
+    again = shared_blocks.take(back.queue, 1000)
+    assert again[0] == name and again[1] == capacity and back.queue.qsize() == 0  # taken again
+    again[2].close()
+    bigger[2].close()
+    held = np.frombuffer(back.lend(name, capacity), np.uint8)
+    idle = np.frombuffer(back.lend(bigger[0], bigger[1]), np.uint8)
+    del idle
+    gc.collect()
+    assert back.queue.qsize() == 1 and bigger[0] in _blocks()  # one waiting (keep=1)
+    extra = shared_blocks.take(None, 64)
+    extra[2].close()
+    gone = np.frombuffer(back.lend(extra[0], extra[1]), np.uint8)
+    del gone
+    gc.collect()
+    assert extra[0] not in _blocks() and back.queue.qsize() == 1  # beyond keep: removed
+    back.close()
+    assert bigger[0] not in _blocks() and name in _blocks()  # the idle one removed, the held one kept
+    del held
+    gc.collect()
+    assert _blocks() == before
+
+
+def test_a_reused_block_carries_the_new_reading(reader):
+    import copy
+    import queue
+
+    from monailabel_app import map_processes, shared_blocks
+
+    back = shared_blocks.Returned(queue.Queue(), keep=2)
+    readings = [reader.read(Radiograph(make_phantom(s).image, Geometry.plain(*make_phantom(s).image.shape)),
+                            max_new_tokens=48) for s in (7, 9)]
+    size = lambda r: sum(a.nbytes for a in r.heatmaps + r.mask_maps + r.model_inputs) + r.labels.nbytes  # noqa: E731
+    readings.sort(key=size, reverse=True)  # the second fits in the first's block
+    assert size(readings[0]) != size(readings[1]) or not np.array_equal(readings[0].labels, readings[1].labels)
+    names = []
+    for reading in readings:
+        sent = copy.copy(reading)
+        sent.study = sent.generation = None
+        sent, block = map_processes._pack(sent, back.queue)
+        if block is None:
+            pytest.skip("no shared memory here")
+        names.append(block[0])
+        got = map_processes._unpack(sent, block, back)
+        assert all(np.array_equal(u, v) for u, v in zip(reading.heatmaps, got.heatmaps))
+        assert np.array_equal(reading.labels, got.labels)
+        del got, sent  # (the same reading: its arrays were put back in place)
+        gc.collect()
+    assert names[0] == names[1]  # the second reading came in the first's block
+    back.close()
+    assert names[0] not in _blocks()
+
+
 @pytest.mark.parametrize("lacking", ["shared memory", "room in it"])
 def test_a_reading_goes_by_pipe_without_shared_memory(reader, monkeypatch, tmp_path, lacking):
     """No shared memory, or too little left in it (its pages are reserved before they are written: writing
@@ -360,13 +440,13 @@ def test_a_reading_goes_by_pipe_without_shared_memory(reader, monkeypatch, tmp_p
     import errno
     import os
 
-    from monailabel_app import map_processes
+    from monailabel_app import map_processes, shared_blocks
 
     film = Radiograph(make_phantom(6).image, Geometry.plain(*make_phantom(6).image.shape))
     reading = reader.read(film, max_new_tokens=32)
     before = _blocks()
     if lacking == "shared memory":
-        monkeypatch.setattr(map_processes, "SHM_DIR", str(tmp_path / "none"))
+        monkeypatch.setattr(shared_blocks, "SHM_DIR", str(tmp_path / "none"))
     else:
         def full(fd, offset, size):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))

@@ -10,12 +10,21 @@ Each worker holds a model-less :class:`~monailabel_app.reader.Reader` (the groun
 grid; :meth:`Reader.for_maps`) and makes a film's reading from its generation with :meth:`Reader.remap` on
 the CPU: the same code and numbers as the serving process's CPU maps (within the documented tolerance of
 the device maps when the serving process maps on its GPU). The film goes to the worker by pipe (5 MB); the
-image-sized arrays come back in one block of shared memory per reading (:func:`_pack`), and the caller puts
-back the study and the generation it already has.
+image-sized arrays come back in one block of shared memory per reading (:func:`_pack`, :mod:`shared_blocks`:
+freeing torch's shared tensors had held the serving process's interpreter lock, a quarter of its time in a
+curation run on the H200; the blocks are used again), and the caller puts back the study and the generation
+it already has.
 
-A reading's arrays come back in one block of shared memory (:mod:`shared_blocks`: freeing them had held
-the serving process's interpreter lock, a quarter of its time in a curation run on the H200), and the
-blocks are used again.
+``MEDGEMMA_MAP_PROCESSES``: how many workers (0: threads in the serving process, as without a GPU). The
+default: on a GPU with at least 4 cores, one fewer than the cores (at most 15); else 0.
+``MEDGEMMA_MAP_PROCESS_NICE``: how much lower the workers' scheduling priority is than the serving
+process's (``nice``; 0, the default: the same), so that its decode loop gets a core when it wakes among
+busy workers.
+``MEDGEMMA_MAP_PROCESS_DEVICE``: where the workers upsample heatmaps and filter the film's blobs: ``cpu``
+(the default) or ``cuda`` (the serving process's GPU: a CUDA context of about 0.5 GB per worker, and the
+GPU's maps, equal to the CPU's within the device maps' tolerance). ``MEDGEMMA_BLOBS_AHEAD=0``: the workers
+filter the films' blobs themselves instead of getting them made for the whole batch on the GPU
+(:func:`extent.film_blob_responses`).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The project's GPU path next to plain transformers ``generate``, in one run on one card.
 
-    python bench/fast_path.py [--only speed,batch,precision,restart,phantom,profile,prefill] [--out bench/results/fast_path.md]
+    python bench/fast_path.py [--only speed,batch,job,precision,restart,phantom,profile,prefill] [--out bench/results/fast_path.md]
 
 MedGemma-4B shapes with random weights (``bench/medgemma_shapes.py``: built from config, no download),
 bf16, 200 new tokens. Both paths are made to say the same 200-token report (the project path by teacher
@@ -12,6 +12,8 @@ decode work; the project path also computes every finding's heatmap and mask.
   85 slices shown, 21,000+ prompt tokens): prefill, ms per decode token, end to end, peak GPU memory
   above the weights; the project path with and without attention capture (its cost).
 * **batch**: X-ray throughput at batch 1, 8, 32 (``Reader.read_many``), generation alone and with masks.
+* **job** (only when asked for): the curation job itself (``batch.run_local``, what ``medgemma-label batch``
+  runs) on phantom films written as PNG files: decode batches two at a time, every output written.
 * **precision**: the same X-ray reading in fp32, bf16, fp16, int8 (torchao weight-only, and bitsandbytes),
   int4 (bitsandbytes NF4), loaded through ``load_model`` from a saved folder: latency, peak memory, and the
   share of 64 freely generated tokens equal to bf16's; plus int8 (torchao) against bf16 on the phantom model.
@@ -423,6 +425,42 @@ def batch(model, processor, reader, sizes=(8, 32, 64), batches: int = 4, threads
     emit()
 
 
+def job(reader, processor, films: int = 192, batch_size: int = 64) -> None:
+    """The curation job as a user runs it (``batch.run_local``: ``batch_size`` films a decode batch, two
+    batches in flight, each reading's outputs written as it is made: NIfTI heatmaps and label map, overlay,
+    findings, manifest), on ``films`` distinct 2048 x 2458 phantom films saved as PNG files. The random model
+    is made to say the report (its ``read_many`` given the answers), as in the batch part."""
+    from monailabel_app import batch as curation
+
+    answer = report(processor.tokenizer, XRAY_FINDINGS)
+    emit(f"### The curation job (`batch.run_local`), {films} films of 2048 x 2458, {NEW} new tokens each, bf16")
+    emit()
+    emit("| films | batch | batches in flight | map processes | writer threads | whole run s | films/s |")
+    emit("|---|---|---|---|---|---|---|")
+    with tempfile.TemporaryDirectory(prefix="job-") as tmp:
+        source = os.path.join(tmp, "films")
+        os.makedirs(source)
+        for k in range(films):
+            Image.fromarray(xray(k).pixels).save(os.path.join(source, f"film_{k:04d}.png"))
+        real = reader.read_many
+        reader.read_many = lambda studies, *a, **kw: real(studies, *a, answers=[answer] * len(studies), **kw)
+        try:
+            for name, n in (("warm-up", batch_size), ("timed", films)):
+                out = os.path.join(tmp, name)
+                manifest, plan = curation.prepare(out, curation.find_studies(source)[:n])
+                t0 = time.perf_counter()
+                records = curation.run_local(reader, out, manifest, plan, max_new_tokens=NEW, progress=False,
+                                             batch_size=batch_size)
+                seconds = time.perf_counter() - t0
+                assert len(records) == n and all(r["status"] == "ok" for r in records), records[:2]
+        finally:
+            reader.read_many = real
+    workers = map_processes.workers_for(reader.maps_device)
+    emit(f"| {films} | {batch_size} | {curation.BATCHES_IN_FLIGHT} | {workers} | {curation.WRITERS} | {seconds:.3f} | "
+         f"{films / seconds:.1f} |")
+    emit()
+
+
 def saved(model, processor, _folder=[]) -> str:
     """The random-weight model saved once as a folder (``load_model`` reads it like a downloaded MedGemma)."""
     if not _folder:
@@ -604,6 +642,8 @@ def main(argv=None):
                     "`generate`, no capture cost)")
     ap.add_argument("--batch-sizes", default="8,32,64", help="the batch part's batch sizes")
     ap.add_argument("--batches", type=int, default=4, help="the batch part: batches of each size in one read_many")
+    ap.add_argument("--job-films", type=int, default=192, help="the job part: distinct films read (its decode batch: "
+                    "the last of --batch-sizes)")
     ap.add_argument("--map-threads", default="", help="the batch part: map-pool sizes to compare, e.g. 16,8 "
                     "(default: the library's own)")
     ap.add_argument("--map-processes", default="", help="the batch part: map worker processes to compare, e.g. "
@@ -633,7 +673,7 @@ def main(argv=None):
     emit(f"## bench/fast_path.py on {card} (torch {torch.__version__}, "
          f"transformers {__import__('transformers').__version__}), {time.strftime('%Y-%m-%d')}")
     emit()
-    if {"speed", "batch", "precision", "restart", "profile", "prefill"} & set(parts):
+    if {"speed", "batch", "job", "precision", "restart", "profile", "prefill"} & set(parts):
         t0 = time.perf_counter()
         model, processor = build("cuda", torch.bfloat16, attn=CAPTURE_ATTN)
         print(f"built MedGemma-4B shapes in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -653,6 +693,8 @@ def main(argv=None):
             nices = [int(c) for c in args.map_nice.split(",") if c] or [None]
             batch(model, processor, reader, [int(b) for b in args.batch_sizes.split(",")], args.batches, threads,
                   processes, devices, aheads, blobs, nices)
+        if "job" in parts:
+            job(reader, processor, args.job_films, int(args.batch_sizes.split(",")[-1]))
         if "restart" in parts:
             restart(model, processor)
         if "precision" in parts:

@@ -29,6 +29,7 @@ filter the films' blobs themselves instead of getting them made for the whole ba
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import os
 import time
@@ -96,6 +97,7 @@ class MapProcesses:
         self.workers, self.device = workers, device
         context = multiprocessing.get_context("spawn")
         self._returned = shared_blocks.Returned(context.Queue(), keep=workers)  # readings' blocks, used again
+        atexit.register(self._returned.close, True)  # (else the resource tracker removes them, with a warning)
         self._pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_start,
                                          initargs=(info, grid, str(device), niceness(), self._returned.queue))
 

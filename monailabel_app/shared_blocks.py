@@ -122,11 +122,12 @@ class Returned:
             self._known.discard(name)
         remove(name)
 
-    def close(self) -> None:
+    def close(self, held_too: bool = False) -> None:
         """Remove the blocks no reading holds (call once the workers are gone); the others go with their
-        readings."""
+        readings, or now with ``held_too`` (at exit: a removed block stays mapped where it is held)."""
         with self._lock:
             self._closed = True
-            idle, self._known = self._known - self._lent, set(self._lent)
-        for name in idle:
+            gone = set(self._known) if held_too else self._known - self._lent
+            self._known -= gone
+        for name in gone:
             remove(name)

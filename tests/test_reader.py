@@ -400,6 +400,13 @@ def test_shared_blocks_go_back_to_the_workers_and_are_removed_when_not_wanted():
     del held
     gc.collect()
     assert _blocks() == before
+    at_exit = shared_blocks.Returned(queue.Queue(), keep=1)  # at exit: held blocks removed too, still readable
+    name, capacity, mapping = shared_blocks.take(None, 4096)
+    mapping.write(b"kept")
+    mapping.close()
+    held = np.frombuffer(at_exit.lend(name, capacity), np.uint8)
+    at_exit.close(held_too=True)
+    assert _blocks() == before and bytes(held[:4]) == b"kept"
 
 
 def test_a_reused_block_carries_the_new_reading(reader):

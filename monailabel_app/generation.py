@@ -175,7 +175,8 @@ def _token_ends(tokenizer, ids: list[int], known: list[int] | None = None) -> li
     prefix decoded from the block's start. A block starts only between two tokens that each decode alone to
     text without replacement characters (never inside such a run), and its first and last ends are checked
     against their whole prefixes decoded; where either condition fails, that token's end is its whole prefix
-    decoded and the next block starts after it. A 200-token answer: about 4 times less work, the same ends."""
+    decoded and the next block starts after it. A 200-token answer: 3.4 times faster here (English), the same
+    ends."""
     ends = list(known or [])[: len(ids)]
 
     def length(some: list[int]) -> int:

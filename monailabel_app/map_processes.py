@@ -163,6 +163,10 @@ def _each_array(reading, convert):
 ALIGN = 64  # bytes: each array of a block starts on a cache line
 
 
+def _aligned(nbytes: int) -> int:
+    return -(-nbytes // ALIGN) * ALIGN
+
+
 @dataclass(frozen=True)
 class _Place:
     """Where one of a reading's arrays lies in its block."""
@@ -180,7 +184,7 @@ def _pack(reading, returned=None) -> tuple:
     arrays = []
     _each_array(reading, lambda a: arrays.append(a) or a)
     arrays = [a for a in arrays if isinstance(a, np.ndarray) and a.nbytes and not a.dtype.hasobject]
-    size = sum(-(-a.nbytes // ALIGN) * ALIGN for a in arrays)
+    size = sum(_aligned(a.nbytes) for a in arrays)
     made = shared_blocks.take(returned, size) if size else None
     if made is None:
         return reading, None
@@ -192,7 +196,7 @@ def _pack(reading, returned=None) -> tuple:
         if not any(a is b for b in arrays):
             return a
         np.frombuffer(block, a.dtype, a.size, offset).reshape(a.shape)[...] = a
-        place, offset = _Place(offset, a.shape, a.dtype.str), offset + -(-a.nbytes // ALIGN) * ALIGN
+        place, offset = _Place(offset, a.shape, a.dtype.str), offset + _aligned(a.nbytes)
         return place
 
     try:

@@ -37,7 +37,10 @@ def new(size: int) -> tuple[str, mmap.mmap] | None:
         return None
     name = f"medgemma-{os.getpid()}-{secrets.token_hex(8)}"
     path = os.path.join(SHM_DIR, name)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:  # (a /dev/shm this process may not write)
+        return None
     try:
         os.posix_fallocate(fd, 0, size)
         block = mmap.mmap(fd, size)
@@ -78,7 +81,7 @@ def take(returned, size: int) -> tuple[str, int, mmap.mmap] | None:
             name, capacity = returned.get_nowait()
         except queue.Empty:
             break
-        if capacity >= size and found is None:
+        if capacity >= size:
             try:
                 found = name, capacity, mapped(name, capacity)
                 break
@@ -110,7 +113,7 @@ class Returned:
         with self._lock:
             self._known.add(name)
             self._lent.add(name)
-        weakref.finalize(block, self._back, name, capacity).atexit = False  # (at exit the tracker removes it)
+        weakref.finalize(block, self._back, name, capacity).atexit = False  # (at exit: close(held_too=True))
         return block
 
     def _back(self, name: str, capacity: int) -> None:

@@ -439,10 +439,11 @@ def test_a_reused_block_carries_the_new_reading(reader):
     assert names[0] not in _blocks()
 
 
-@pytest.mark.parametrize("lacking", ["shared memory", "room in it"])
+@pytest.mark.parametrize("lacking", ["shared memory", "room in it", "leave to write there"])
 def test_a_reading_goes_by_pipe_without_shared_memory(reader, monkeypatch, tmp_path, lacking):
-    """No shared memory, or too little left in it (its pages are reserved before they are written: writing
-    past a full /dev/shm would kill the worker): the arrays go by pipe, and no block is left behind."""
+    """No shared memory, no leave to write there, or too little left in it (its pages are reserved before they
+    are written: writing past a full /dev/shm would kill the worker): the arrays go by pipe, and no block is
+    left behind."""
     import copy
     import errno
     import os
@@ -454,10 +455,14 @@ def test_a_reading_goes_by_pipe_without_shared_memory(reader, monkeypatch, tmp_p
     before = _blocks()
     if lacking == "shared memory":
         monkeypatch.setattr(shared_blocks, "SHM_DIR", str(tmp_path / "none"))
-    else:
+    elif lacking == "room in it":
         def full(fd, offset, size):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         monkeypatch.setattr(os, "posix_fallocate", full)
+    else:
+        def refused(path, flags, mode=0o777):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        monkeypatch.setattr(os, "open", refused)
     sent, block = map_processes._pack(copy.copy(reading))
     assert block is None and map_processes._unpack(sent, block) is sent and _blocks() == before
     assert np.array_equal(sent.labels, reading.labels) and sent.heatmaps[0] is reading.heatmaps[0]

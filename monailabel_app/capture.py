@@ -48,6 +48,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
+from . import prefill_attention
+
 logger = logging.getLogger(__name__)
 CAPTURE_ATTN = "medgemma_capture"
 CHUNK_BYTES = 2**30  # scores of one chunk of images in the rollout's denominators (1 GiB)
@@ -328,13 +330,21 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
         return decode_attention(query, key, value, attention_mask, scale), None
     if recorder is None:
         recorder = _ACTIVE.get()
+    long = prefill_attention.wanted(query, key, attention_mask)
     if recorder is not None and layer is not None and isinstance(recorder, AttentionRecorder) and \
             (query.device.type, "any") not in _NO_LSE and recorder.wants_lse(layer, query, key):
-        fused = attention_and_lse(query, key, value, attention_mask, scale)
+        fused = prefill_attention.chunked(lambda q, k, v, m: attention_and_lse(q, k, v, m, scale), query, key, value,
+                                          attention_mask) if long else \
+            attention_and_lse(query, key, value, attention_mask, scale)
         if fused is not None:
             recorder.observe(layer, query, key, attention_mask, scale, lse=fused[1])
             return fused[0], None
-    out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    if long:
+        out = (prefill_attention.chunked(lambda q, k, v, m: sdpa_attention_forward(
+            module, q, k, v, m, scaling=scaling, dropout=dropout, **kwargs)[0], query, key, value, attention_mask), None)
+    else:
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                     **kwargs)
     if recorder is not None and layer is not None:
         recorder.observe(layer, query, key, attention_mask, scale)
     return out

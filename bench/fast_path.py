@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The project's GPU path next to plain transformers ``generate``, in one run on one card.
 
-    python bench/fast_path.py [--only speed,batch,job,precision,restart,phantom,profile,prefill] [--out bench/results/fast_path.md]
+    python bench/fast_path.py [--only speed,batch,job,precision,restart,phantom,profile,prefill,decode] [--out bench/results/fast_path.md]
 
 MedGemma-4B shapes with random weights (``bench/medgemma_shapes.py``: built from config, no download),
 bf16, 200 new tokens. Both paths are made to say the same 200-token report (the project path by teacher
@@ -22,7 +22,9 @@ decode work; the project path also computes every finding's heatmap and mask.
 * **profile** (only when asked for): one reading per study under torch.profiler (the CUDA kernels) and its
   maps under cProfile.
 * **prefill** (only when asked for): each study's prefill, its wall time against its GPU kernel time and
-  launches, and its host operators.
+  launches, its host operators and its kernels; ``--prefill-chunks 1024,0`` compares a long prompt's
+  prefill in chunks of query rows with the dense one (also in the speed part).
+* **decode** (only when asked for): the kernels of one reading's decode steps alone, per step.
 * **phantom**: the phantom model in each precision against fp32 on held-out phantoms: finding text
   exact match, mask Dice, pointing game.
 """
@@ -36,6 +38,7 @@ import statistics
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 
 import numpy as np
 import torch
@@ -47,7 +50,7 @@ sys.path.insert(0, HERE)
 
 from medgemma_shapes import build, global_layers, grounding, save  # noqa: E402
 
-from monailabel_app import decoding, map_processes  # noqa: E402
+from monailabel_app import decoding, map_processes, prefill_attention  # noqa: E402
 from monailabel_app.capture import CAPTURE_ATTN  # noqa: E402
 from monailabel_app.ct_phantoms import make_ct_phantom, phantom_volume  # noqa: E402
 from monailabel_app.decoding import prefill_and_decode  # noqa: E402
@@ -194,9 +197,27 @@ def row(name, d) -> str:
             f"{gib(d['peak'])} |")
 
 
-def speed(model, processor, reader, modalities=("xray", "ct"), anchors: bool = True) -> None:
+def chunk_label(chunk: int, tokens: int) -> str:
+    if tokens < prefill_attention.LONG:
+        return ""
+    return "; prefill dense" if chunk <= 0 else f"; prefill in chunks of {chunk} rows"
+
+
+@contextmanager
+def prefill_chunk(chunk: int | None):
+    """The long prefills' chunk of query rows for the block (None: the library's own)."""
+    kept = prefill_attention.CHUNK
+    prefill_attention.CHUNK = kept if chunk is None else chunk
+    try:
+        yield prefill_attention.CHUNK
+    finally:
+        prefill_attention.CHUNK = kept
+
+
+def speed(model, processor, reader, modalities=("xray", "ct"), anchors: bool = True, chunks=(None,)) -> None:
     """One study per modality: plain ``generate`` (the anchor), the project path with masks, and the capture's
-    cost; ``anchors`` False: the project path alone (a short lease)."""
+    cost; ``anchors`` False: the project path alone (a short lease). ``chunks``: the long prefill's chunk
+    settings to compare (:mod:`prefill_attention`; 0: dense)."""
     tok = processor.tokenizer
     film, volume = xray(7), ct(3)
     x_answer = report(tok, XRAY_FINDINGS)
@@ -218,10 +239,13 @@ def speed(model, processor, reader, modalities=("xray", "ct"), anchors: bool = T
             del inputs
         gc.collect()
         torch.cuda.empty_cache()
-        f = project_read(reader, study, answer)
-        emit(row(f"{name}: project path, masks included ({f['findings']} findings; maps {f['maps']:.3f} s, "
-                 f"{f['maps_ahead']} of them made while decoding, {f['maps_ahead_wait']:.3f} s waited for; preprocessing {f['prepare']:.3f} s; peak with "
-                 f"weights {gib(weights + f['peak'])} GiB)", f))
+        for chunk in chunks:
+            with prefill_chunk(chunk) as c:
+                f = project_read(reader, study, answer)
+            emit(row(f"{name}: project path, masks included ({f['findings']} findings; maps {f['maps']:.3f} s, "
+                     f"{f['maps_ahead']} of them made while decoding, {f['maps_ahead_wait']:.3f} s waited for; "
+                     f"preprocessing {f['prepare']:.3f} s; peak with weights {gib(weights + f['peak'])} GiB"
+                     f"{chunk_label(c, f['tokens'])})", f))
         if f["maps_ahead"]:  # the same reading with every map made after the answer
             os.environ[MAPS_WHILE_DECODING_ENV] = "0"
             try:
@@ -305,10 +329,12 @@ def profile(model, processor, reader, modalities=("xray", "ct"), batch_of: int =
         emit()
 
 
-def prefill(model, processor, reader, modalities=("xray",), runs: int = 5) -> None:
+def prefill(model, processor, reader, modalities=("xray",), runs: int = 5, chunks=(None,)) -> None:
     """Where a prefill's time goes: its wall time (the median of ``runs``, capture as in a reading) against the
     GPU's own kernel time and the number of kernels and host calls under torch.profiler, then its host
-    operators by their own CPU time: a prefill whose wall time is far above its kernels waits on launches."""
+    operators by their own CPU time: a prefill whose wall time is far above its kernels waits on launches;
+    then its kernels by their GPU time. ``chunks``: the long prefill's chunk settings to compare (0: dense).
+    No ``torch.compile`` here: a one-token answer is a decode shape of its own, minutes to compile."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as kernels
 
@@ -318,22 +344,68 @@ def prefill(model, processor, reader, modalities=("xray",), runs: int = 5) -> No
         inputs = build_inputs(processor, reader._content(study), question, None, model.device, model.dtype)
         args = (model, inputs, list(settings["layers"]), int(model.config.mm_tokens_per_image), 1,
                 bool(settings.get("rollout")))
-        prefill_and_decode(*args)  # warm-up
-        walls = []
-        for _ in range(runs):
-            walls.append(prefill_and_decode(*args).seconds["prefill"])
+        for chunk in chunks:
+            with prefill_chunk(chunk) as c:
+                prefill_and_decode(*args, compile=False)  # warm-up
+                walls = []
+                for _ in range(runs):
+                    walls.append(prefill_and_decode(*args, compile=False).seconds["prefill"])
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                with kernels(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                    prefill_and_decode(*args, compile=False)
+                    sync()
+                peak = torch.cuda.max_memory_allocated() - base
+            events = prof.key_averages()
+            gpu = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e6
+            launches = sum(e.count for e in events if e.device_type.name == "CUDA")
+            ops = sum(e.count for e in events if e.device_type.name == "CPU" and e.key.startswith("aten::"))
+            tokens = inputs["input_ids"].shape[1]
+            emit(f"### Prefill: {name}, {tokens} tokens{chunk_label(c, tokens)}: {statistics.median(walls):.4f} s "
+                 f"wall (median of {runs}), {gpu:.4f} s of GPU kernels, {launches} kernels, {ops} aten calls, peak "
+                 f"{gib(peak)} GiB above the weights and inputs")
+            emit()
+            for order in ("self_cpu_time_total", "self_cuda_time_total"):
+                emit("```")
+                emit(events.table(sort_by=order, row_limit=20, max_name_column_width=60))
+                emit("```")
+            emit()
+
+
+def decode(model, processor, reader, modalities=("ct",)) -> None:
+    """Where a decode step's time goes: the kernels of one reading's decode alone (``Decoder.run`` under
+    torch.profiler: the compiled step's CUDA graph replays, 200 steps), per step, next to its wall time."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as kernels
+
+    tok = processor.tokenizer
+    cases = {"xray": (xray(7), report(tok, XRAY_FINDINGS)), "ct": (ct(3), report(tok, CT_FINDINGS))}
+    run, got = decoding.Decoder.run, {}
+
+    def profiled(self, *args, **kwargs):
         with kernels(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            prefill_and_decode(*args)
+            out = run(self, *args, **kwargs)
             sync()
-        events = prof.key_averages()
-        gpu = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e6
-        launches = sum(e.count for e in events if e.device_type.name == "CUDA")
-        ops = sum(e.count for e in events if e.device_type.name == "CPU" and e.key.startswith("aten::"))
-        emit(f"### Prefill: {name}, {inputs['input_ids'].shape[1]} tokens: {statistics.median(walls):.4f} s wall "
-             f"(median of {runs}), {gpu:.4f} s of GPU kernels, {launches} kernels, {ops} aten calls")
+        got["prof"] = prof
+        return out
+
+    for name in modalities:
+        study, answer = cases[name]
+        reader.read(study, answer=answer)  # warm-up: compiles and captures this shape
+        decoding.Decoder.run = profiled
+        try:
+            r = reader.read(fresh(study), answer=answer)
+        finally:
+            decoding.Decoder.run = run
+        events = got.pop("prof").key_averages()
+        steps = r.latencies["decoder_decode_steps"]
+        gpu = sum(e.self_device_time_total for e in events if e.device_type.name == "CUDA") / 1e3
+        emit(f"### Decode: {name}, {r.latencies['prompt_tokens']} prompt tokens, {steps} steps profiled: "
+             f"{gpu / steps:.3f} ms of GPU kernels a step ({1000 * r.latencies['decoder_decode'] / steps:.2f} ms "
+             "a step of wall time when not profiled is in the speed part)")
         emit()
         emit("```")
-        emit(events.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=60))
+        emit(events.table(sort_by="self_cuda_time_total", row_limit=25, max_name_column_width=70))
         emit("```")
         emit()
 
@@ -655,6 +727,8 @@ def main(argv=None):
                     "the map workers or not, to compare, e.g. 1,0 (default: the library's own)")
     ap.add_argument("--map-nice", default="", help="the batch part: the map workers' priority below the serving "
                     "process's to compare, e.g. 0,5 (default: the library's own)")
+    ap.add_argument("--prefill-chunks", default="", help="the speed and prefill parts: a long prompt's prefill "
+                    "chunk of query rows to compare, e.g. 1024,0 (0: dense; default: the library's own)")
     ap.add_argument("--profile-batch", type=int, default=0, help="the profile part: also one read_many batch of this many")
     ap.add_argument("--precisions", default=",".join(f"{p}:{e}" if e else p for p, e in PRECISIONS),
                     help="the precision part's rows (int8:torchao, int8:bitsandbytes)")
@@ -673,17 +747,20 @@ def main(argv=None):
     emit(f"## bench/fast_path.py on {card} (torch {torch.__version__}, "
          f"transformers {__import__('transformers').__version__}), {time.strftime('%Y-%m-%d')}")
     emit()
-    if {"speed", "batch", "job", "precision", "restart", "profile", "prefill"} & set(parts):
+    if {"speed", "batch", "job", "precision", "restart", "profile", "prefill", "decode"} & set(parts):
         t0 = time.perf_counter()
         model, processor = build("cuda", torch.bfloat16, attn=CAPTURE_ATTN)
         print(f"built MedGemma-4B shapes in {time.perf_counter() - t0:.1f} s", flush=True)
         reader = reader_for(model, processor, "bf16")
         if "profile" in parts:
             profile(model, processor, reader, [m for m in args.speed_modalities.split(",") if m], args.profile_batch)
+        chunks = [int(c) for c in args.prefill_chunks.split(",") if c] or [None]
         if "speed" in parts:
-            speed(model, processor, reader, args.speed_modalities.split(","), not args.no_anchors)
+            speed(model, processor, reader, args.speed_modalities.split(","), not args.no_anchors, chunks)
+        if "decode" in parts:
+            decode(model, processor, reader, [m for m in args.speed_modalities.split(",") if m])
         if "prefill" in parts:
-            prefill(model, processor, reader, [m for m in args.speed_modalities.split(",") if m])
+            prefill(model, processor, reader, [m for m in args.speed_modalities.split(",") if m], chunks=chunks)
         if "batch" in parts:
             threads = [int(t) for t in args.map_threads.split(",") if t] or [None]
             processes = [int(p) for p in args.map_processes.split(",") if p] or [None]

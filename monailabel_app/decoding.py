@@ -459,7 +459,7 @@ class Decoder:
         self.token.copy_(first[:, None])
         self.step_index.fill_(1)
         if self.recorder is not None:
-            self.recorder.buffer.zero_()
+            self.recorder.zero_()
         ended = [None] * b  # per row: (length, reason) once known
         top, launched, steps, checked = max(limits), 1, 1, 0
         in_flight: list[tuple] = []  # (steps, CUDA event or None) at the end of each launched replay, oldest first
@@ -540,9 +540,10 @@ class Decoder:
             values.append(v[:1, :, slots].clone())
         return keys, values
 
-    def decode_rows(self, steps: int) -> torch.Tensor | None:
-        """(steps - 1, layers, batch, heads, n) attention rows of the decode steps."""
-        return None if self.recorder is None else self.recorder.buffer[1:steps]
+    def decode_rows(self, steps: int, start: int = 1) -> torch.Tensor | None:
+        """(steps - start, layers, batch, heads, n) attention rows of the decode steps from ``start`` (the first
+        decode step is 1: step 0's row is the prefill's)."""
+        return None if self.recorder is None else self.recorder.rows(start, steps)
 
 
 class LiveRows:
@@ -567,11 +568,11 @@ class LiveRows:
         with self.lock:
             if steps > self.count:
                 with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-                    decode = self.decoder.decode_rows(steps)  # rows 1 .. steps - 1
                     if self.count == 0:
+                        decode = self.decoder.decode_rows(steps)  # rows 1 .. steps - 1
                         part = self.recorder.stacked(None if decode is None else decode[:, self.recorded])
-                    else:
-                        part = self.recorder.rolled_rows(decode[self.count - 1:, self.recorded])
+                    else:  # rows count .. steps - 1
+                        part = self.recorder.rolled_rows(self.decoder.decode_rows(steps, self.count)[:, self.recorded])
                     if self.rows is None:
                         self.rows = torch.empty((self.decoder.max_new, *part.shape[1:]), dtype=torch.float32)
                     self.rows[self.count : steps].copy_(part)

@@ -171,6 +171,7 @@ def project_read(reader, study, answer, runs: int = 3) -> dict:
     return {"prefill": lat["decoder_prefill"], "ms_token": 1000 * lat["decoder_decode"] / lat["decoder_decode_steps"],
             "total": total, "peak": peak, "maps": lat["maps"], "prepare": lat["prepare"], "findings": len(r.findings),
             "maps_ahead": lat.get("maps_ahead", 0), "maps_ahead_wait": lat.get("maps_ahead_wait", 0.0),
+            "anatomy_wait": lat.get("anatomy_wait", 0.0),
             "tokens": lat["prompt_tokens"]}
 
 
@@ -243,7 +244,8 @@ def speed(model, processor, reader, modalities=("xray", "ct"), anchors: bool = T
             with prefill_chunk(chunk) as c:
                 f = project_read(reader, study, answer)
             emit(row(f"{name}: project path, masks included ({f['findings']} findings; maps {f['maps']:.3f} s, "
-                     f"{f['maps_ahead']} of them made while decoding, {f['maps_ahead_wait']:.3f} s waited for; "
+                     f"{f['maps_ahead']} of them made while decoding, {f['maps_ahead_wait']:.3f} s waited for, "
+                     f"{f['anatomy_wait']:.3f} s waited for the anatomy; "
                      f"preprocessing {f['prepare']:.3f} s; peak with weights {gib(weights + f['peak'])} GiB"
                      f"{chunk_label(c, f['tokens'])})", f))
         if f["maps_ahead"]:  # the same reading with every map made after the answer

@@ -76,6 +76,7 @@ class Reading:
     answer_language: str = "en"  # what the model wrote in: "zh" when its answer has Chinese, else "en"
     maps_ahead: int = 0  # findings whose maps were made while the model still wrote (study_maps)
     maps_ahead_wait: float = 0.0  # seconds the reading then waited for them after the answer
+    anatomy_wait: float = 0.0  # seconds the findings' maps waited for the study's anatomy (found beside the model)
 
     @property
     def radiograph(self) -> Radiograph:
@@ -454,7 +455,8 @@ class Reader:
         reading.language = language
         gen = reading.generation
         reading.latencies = _latencies(gen, t_load - t0, time.perf_counter() - t_load - sum(gen.seconds.values()))
-        reading.latencies.update(maps_ahead=reading.maps_ahead, maps_ahead_wait=round(reading.maps_ahead_wait, 4))
+        reading.latencies.update(maps_ahead=reading.maps_ahead, maps_ahead_wait=round(reading.maps_ahead_wait, 4),
+                                 anatomy_wait=round(reading.anatomy_wait, 4))
         return reading
 
     def follow_up(self, study: Radiograph | CTVolume, conversation: Conversation, question,
@@ -574,7 +576,7 @@ class Reader:
             labels=labels.reshape(geom.shape), study=radiograph, geometry=geom, pad=pad, model_inputs=[square],
             inputs_index=[{"source": radiograph.source, "source_shape": list(radiograph.pixels.shape)}],
             question=question, model=self._model_dict(gen), modality="xray", generation=gen, extras=extras,
-            maps_ahead=film.reused, maps_ahead_wait=film.waited,
+            maps_ahead=film.reused, maps_ahead_wait=film.waited, anatomy_wait=film.anatomy_waited,
         )
 
     def _read_ct(self, volume: CTVolume, question: str, max_new_tokens: int, max_slices: int, answer=None,
@@ -598,7 +600,7 @@ class Reader:
             labels=volume.to_input(labels, nearest=True).astype(np.uint8), study=volume, geometry=volume.geometry,
             pad=ms.pad, model_inputs=ms.images, inputs_index=index, question=question, model=self._model_dict(gen),
             modality="ct", extras=extras, generation=gen, display_labels=labels, display_heatmaps=heat,
-            maps_ahead=study.reused, maps_ahead_wait=study.waited,
+            maps_ahead=study.reused, maps_ahead_wait=study.waited, anatomy_wait=study.anatomy_waited,
         )
 
     def _ahead(self, study: StudyMaps) -> StudyMaps | None:

@@ -67,12 +67,13 @@ class StudyMaps:
     def __init__(self, reader):
         self.reader = reader  # a Reader: its grid, maps device and the study's kept anatomy
         self._lock = threading.Lock()  # what the findings share, made once by the first that needs it
-        self._counted = threading.Lock()  # reused, waited
+        self._counted = threading.Lock()  # reused, waited, anatomy_waited
         self.started: dict[tuple, Future] = {}  # key -> the finding's maps, started while the model wrote
         self.started_labels: dict[tuple, Future] = {}  # the findings' keys in order -> (labels, extras)
         self.looked_upto = 0  # characters of the answer being written already read for findings
         self.reused = 0
         self.waited = 0.0  # seconds the reading waited for maps started while the model wrote
+        self.anatomy_waited = 0.0  # seconds the findings' maps waited for the study's anatomy (found beside the model)
 
     @staticmethod
     def key(f: Finding, rows: list[int], gen: Generation, settings: dict) -> tuple:
@@ -105,6 +106,15 @@ class StudyMaps:
         with self._counted:
             self.waited += time.perf_counter() - t0
         return not failed
+
+    def _anatomy(self, get):
+        """``get()`` (the reader's kept anatomy of this study), the time it blocked counted in
+        :attr:`anatomy_waited`."""
+        t0 = time.perf_counter()
+        got = get()
+        with self._counted:
+            self.anatomy_waited += time.perf_counter() - t0
+        return got
 
     def _finish_started(self, made: list[Future]) -> tuple[np.ndarray, list[dict]]:
         return self._finish([m.result() for m in made])
@@ -161,7 +171,7 @@ class FilmMaps(StudyMaps):
         self._film: dict | None = None
 
     def fields(self) -> anatomy.LungFields:
-        return self.reader._lung_fields(self.radiograph.pixels)
+        return self._anatomy(lambda: self.reader._lung_fields(self.radiograph.pixels))
 
     def film(self) -> dict:
         """The image extent's film cache (made once, by the first finding that needs it)."""
@@ -219,7 +229,7 @@ class CTMaps(StudyMaps):
         with self._lock:
             gates = tuple(gates)
             if gates not in self._gates:
-                body, lungs = self.reader._ct_anatomy(self.volume)
+                body, lungs = self._anatomy(lambda: self.reader._ct_anatomy(self.volume))
                 allowed = body & lungs if "lung" in gates else body
                 allowed_box = extent.bounding_box(allowed) if allowed.any() else None
                 device = self.reader.maps_device

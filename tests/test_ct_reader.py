@@ -141,3 +141,27 @@ def test_which_studies_are_mapped_while_the_model_writes(reader, monkeypatch):
     assert reader.maps_while_decoding("xray") and reader.maps_while_decoding("ct")
     monkeypatch.setenv(MAPS_WHILE_DECODING_ENV, "0")
     assert not gpu.maps_while_decoding("xray")
+
+
+def test_the_time_the_maps_waited_for_the_anatomy_is_reported(reader, monkeypatch):
+    """A CT's anatomy is found beside the model; the reading says how long its maps waited for it: the
+    anatomy's time when it was not found yet (a remap: no generation to hide it), none once it is kept."""
+    import time
+
+    from monailabel_app import reader as reader_module
+
+    found = reader_module.anatomy.ct_body_and_lungs
+
+    def slow(*args):
+        time.sleep(0.6)
+        return found(*args)
+
+    volume = ct_phantoms.phantom_volume(ct_phantoms.make_ct_phantom(SEED))
+    gen = reader.read(volume, answer="Nodule in the right lower lobe.").generation
+    reader.forget_anatomy()
+    monkeypatch.setattr(reader_module.anatomy, "ct_body_and_lungs", slow)
+    first = reader.remap(volume, gen)
+    again = reader.remap(volume, gen)  # the anatomy kept for this volume
+    assert first.anatomy_wait >= 0.5 and again.anatomy_wait < 0.1
+    read = reader.read(volume, answer="Nodule in the right lower lobe.")
+    assert read.latencies["anatomy_wait"] == round(read.anatomy_wait, 4) >= 0

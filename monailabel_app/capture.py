@@ -359,8 +359,10 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
             recorder.observe(layer, query, key, attention_mask, scale, lse=fused[1])
             return fused[0], None
     if long:
-        out = (prefill_attention.chunked(lambda q, k, v, m: sdpa_attention_forward(
-            module, q, k, v, m, scaling=scaling, dropout=dropout, **kwargs)[0], query, key, value, attention_mask), None)
+        def attend(q, k, v, m):
+            return sdpa_attention_forward(module, q, k, v, m, scaling=scaling, dropout=dropout, **kwargs)[0]
+
+        out = (prefill_attention.chunked(attend, query, key, value, attention_mask), None)
     else:
         out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                      **kwargs)

@@ -27,8 +27,9 @@ CHUNK = int(os.environ.get("MEDGEMMA_PREFILL_CHUNK", "1024"))
 
 def wanted(query: torch.Tensor, key: torch.Tensor, mask) -> bool:
     """Whether this layer call is a long prefill with an explicit bool mask (B, 1, L, >= L) to chunk."""
-    return (CHUNK > 0 and query.shape[2] == key.shape[2] >= LONG and isinstance(mask, torch.Tensor)
-            and mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[-2] == query.shape[2])
+    if CHUNK <= 0 or not query.shape[2] == key.shape[2] >= LONG or not isinstance(mask, torch.Tensor):
+        return False
+    return mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1] == 1 and mask.shape[-2] == query.shape[2]
 
 
 def key_spans(mask: torch.Tensor, length: int, chunk: int | None = None) -> list[tuple[int, int, int, int]]:

@@ -250,9 +250,11 @@ class DecodeRecorder:
             return
         self.buffers[li].index_copy_(0, self.step, weights[:, :, 0, :].gather(-1, self.index)[None])
 
-    def rows(self, start: int, stop: int) -> torch.Tensor:
-        """(stop - start, layers, batch, heads, n): the rows of steps ``[start, stop)``."""
-        return torch.stack([b[start:stop] for b in self.buffers], dim=1)
+    def rows(self, start: int, stop: int, layers: list[int] | None = None) -> torch.Tensor:
+        """(stop - start, layers, batch, heads, n): the rows of steps ``[start, stop)`` of the buffers at
+        ``layers`` (indices into the recorded layers; all of them by default), stacked once."""
+        chosen = self.buffers if layers is None else [self.buffers[i] for i in layers]
+        return torch.stack([b[start:stop] for b in chosen], dim=1)
 
     def zero_(self) -> None:
         for b in self.buffers:
@@ -349,23 +351,18 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
         return decode_attention(query, key, value, attention_mask, scale, weights), None
     if recorder is None:
         recorder = _ACTIVE.get()
-    long = prefill_attention.wanted(query, key, attention_mask)
     if recorder is not None and layer is not None and isinstance(recorder, AttentionRecorder) and \
             (query.device.type, "any") not in _NO_LSE and recorder.wants_lse(layer, query, key):
-        fused = prefill_attention.chunked(lambda q, k, v, m: attention_and_lse(q, k, v, m, scale), query, key, value,
-                                          attention_mask) if long else \
-            attention_and_lse(query, key, value, attention_mask, scale)
+        fused = prefill_attention.attention(lambda q, k, v, m: attention_and_lse(q, k, v, m, scale),
+                                            query, key, value, attention_mask)
         if fused is not None:
             recorder.observe(layer, query, key, attention_mask, scale, lse=fused[1])
             return fused[0], None
-    if long:
-        def attend(q, k, v, m):
-            return sdpa_attention_forward(module, q, k, v, m, scaling=scaling, dropout=dropout, **kwargs)[0]
 
-        out = (prefill_attention.chunked(attend, query, key, value, attention_mask), None)
-    else:
-        out = sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
-                                     **kwargs)
+    def attend(q, k, v, m):
+        return sdpa_attention_forward(module, q, k, v, m, scaling=scaling, dropout=dropout, **kwargs)[0]
+
+    out = prefill_attention.attention(attend, query, key, value, attention_mask), None
     if recorder is not None and layer is not None:
         recorder.observe(layer, query, key, attention_mask, scale)
     return out

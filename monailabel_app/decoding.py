@@ -540,10 +540,10 @@ class Decoder:
             values.append(v[:1, :, slots].clone())
         return keys, values
 
-    def decode_rows(self, steps: int, start: int = 1) -> torch.Tensor | None:
+    def decode_rows(self, steps: int, start: int = 1, layers: list[int] | None = None) -> torch.Tensor | None:
         """(steps - start, layers, batch, heads, n) attention rows of the decode steps from ``start`` (the first
-        decode step is 1: step 0's row is the prefill's)."""
-        return None if self.recorder is None else self.recorder.rows(start, steps)
+        decode step is 1: step 0's row is the prefill's); ``layers``: indices into :attr:`layers` (default all)."""
+        return None if self.recorder is None else self.recorder.rows(start, steps, layers)
 
 
 class LiveRows:
@@ -568,11 +568,10 @@ class LiveRows:
         with self.lock:
             if steps > self.count:
                 with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-                    if self.count == 0:
-                        decode = self.decoder.decode_rows(steps)  # rows 1 .. steps - 1
-                        part = self.recorder.stacked(None if decode is None else decode[:, self.recorded])
+                    if self.count == 0:  # rows 1 .. steps - 1 after the prefill's
+                        part = self.recorder.stacked(self.decoder.decode_rows(steps, 1, self.recorded))
                     else:  # rows count .. steps - 1
-                        part = self.recorder.rolled_rows(self.decoder.decode_rows(steps, self.count)[:, self.recorded])
+                        part = self.recorder.rolled_rows(self.decoder.decode_rows(steps, self.count, self.recorded))
                     if self.rows is None:
                         self.rows = torch.empty((self.decoder.max_new, *part.shape[1:]), dtype=torch.float32)
                     self.rows[self.count : steps].copy_(part)
@@ -724,9 +723,7 @@ def prefill_and_decode(model, inputs: dict, layers: list[int], tokens_per_image:
         if used and live is not None:
             attention = live.upto(steps)
         elif used:
-            decode = decoder.decode_rows(steps)
-            recorded = [decoder.layers.index(layer) for layer in used]
-            attention = recorder.stacked(None if decode is None else decode[:, recorded])
+            attention = recorder.stacked(decoder.decode_rows(steps, 1, [decoder.layers.index(layer) for layer in used]))
         dropped.update({f"mixing {layer}": "keys did not cover the prompt: rollout took it as identity"
                         for layer in recorder.unmixed})
     context = None

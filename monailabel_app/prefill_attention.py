@@ -52,6 +52,14 @@ def key_spans(mask: torch.Tensor, length: int, chunk: int | None = None) -> list
     return spans
 
 
+def attention(attend, query, key, value, mask):
+    """``attend(query, key, value, mask)``: by :func:`chunked` where the call is a long prefill (:func:`wanted`),
+    else at once."""
+    if wanted(query, key, mask):
+        return chunked(attend, query, key, value, mask)
+    return attend(query, key, value, mask)
+
+
 def chunked(attend, query, key, value, mask, chunk: int | None = None):
     """``attend(query, key, value, mask)`` -> (B, rows, H, D) output (or a tuple whose first item is that and
     whose second is a (B, H, rows) log-sum-exp), run per chunk of query rows on its span of keys; the chunks'

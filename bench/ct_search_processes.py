@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Would a CT's findings' image-extent searches gain from worker processes instead of the map threads?
 
-    python bench/ct_search_processes.py [--rounds 3] [--workers 2]
+    python bench/ct_search_processes.py [--rounds 3] [--workers 2] [--profile]
 
 The study and findings of ``bench/cpu_maps.py`` (the real CT resampled to 134 x 512 x 512, the phantom model
 made to say four findings). One reading records the arguments of each finding's ``extent.find_in_ct`` (its
@@ -11,7 +11,8 @@ of ``--workers`` threads (the reader's way: one interpreter), and in a pool of `
 warmed by two rounds first (each with its own cache; a server's workers would be warm). The processes get
 the volume by fork: the cost of handing it over (a shared block per study, a box of the gated map per
 finding) is not in their time. Every way must give the same masks. Printed: the wall time of each way and
-each search's own time.
+each search's own time. ``bench/fast_path.py --only searches`` runs the same comparison on the GPU
+benchmark's CT.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import contextmanager
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -44,6 +46,19 @@ def _recorded(hu, spacing, heat, kind, near=None, cache=None, support=None):
     return _find(hu, spacing, heat, kind, near, cache, support)
 
 
+@contextmanager
+def recording(hu, spacing):
+    """Record the arguments of every ``extent.find_in_ct`` call in the block (a reading's or a remap's), for
+    the study's volume ``hu`` at ``spacing``."""
+    CALLS.clear()
+    VOLUME[:] = [(hu, spacing)]
+    extent.find_in_ct = _recorded
+    try:
+        yield CALLS
+    finally:
+        extent.find_in_ct = _find
+
+
 def search(i: int, cache: dict | None = None) -> tuple:
     """(the search's outcome: voxels of its mask or why none, its seconds)."""
     heat, kind, near, support = CALLS[i]
@@ -56,43 +71,68 @@ def search(i: int, cache: dict | None = None) -> tuple:
     return got, time.perf_counter() - t0
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=2)
-    args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = cpu_maps.clinical_ct(os.path.join(tmp, "ct_134x512x512.nii.gz"))
-        reader = Reader(precision="fp32")
-        study = load_study(path, "ct", reader.limits)
-    VOLUME.append((study.hu, study.spacing))
-    extent.find_in_ct = _recorded
-    try:
-        reader.read(study, answer=cpu_maps.FINDINGS)
-    finally:
-        extent.find_in_ct = _find
+def compare(workers: int, rounds: int, emit=print, profile: bool = False) -> None:
+    """The recorded searches (:func:`recording`), costliest first, each round one after another (one cache, as
+    the reader shares it), in ``workers`` threads and in ``workers`` forked processes warmed by two rounds;
+    every way must give the same masks. ``profile``: then one round one after another under cProfile, its
+    top functions by own time."""
     order = sorted(range(len(CALLS)), key=lambda i: -extent.search_cost(CALLS[i][1], 3))  # costliest first
-    print(f"CT {study.shape}; {os.cpu_count()} CPUs; searches: {[CALLS[i][1] for i in order]}; "
-          f"{args.workers} threads / processes")
-    with ProcessPoolExecutor(args.workers, mp_context=multiprocessing.get_context("fork")) as pool:
+    hu = VOLUME[0][0]
+    emit(f"CT {hu.shape}; {os.cpu_count()} CPUs; searches: {[CALLS[i][1] for i in order]}; "
+         f"{workers} threads / processes")
+    emit()
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
         for _ in range(2):  # warm the workers' heaps with a CT's searches
             list(pool.map(search, order))
-        for _ in range(args.rounds):
+        for _ in range(rounds):
             t0 = time.perf_counter()
             cache: dict = {}
             alone = [search(i, cache) for i in order]
             t_alone = time.perf_counter() - t0
             t0 = time.perf_counter()
             cache = {}
-            with ThreadPoolExecutor(args.workers) as threads:
+            with ThreadPoolExecutor(workers) as threads:
                 threaded = list(threads.map(lambda i: search(i, cache), order))
             t_threads = time.perf_counter() - t0
             t0 = time.perf_counter()
             forked = list(pool.map(search, order))
             t_processes = time.perf_counter() - t0
             assert [g for g, _ in alone] == [g for g, _ in threaded] == [g for g, _ in forked]
-            print(f"one after another {t_alone:.2f} s ({[round(s, 2) for _, s in alone]}); threads {t_threads:.2f} s; "
-                  f"warm processes {t_processes:.2f} s ({[round(s, 2) for _, s in forked]})", flush=True)
+            emit(f"- one after another {t_alone:.2f} s ({[round(s, 2) for _, s in alone]}); threads {t_threads:.2f} s; "
+                 f"warm processes {t_processes:.2f} s ({[round(s, 2) for _, s in forked]})")
+    emit()
+    if profile:
+        import cProfile
+        import io
+        import pstats
+
+        py = cProfile.Profile()
+        cache = {}
+        py.enable()
+        for i in order:
+            search(i, cache)
+        py.disable()
+        text = io.StringIO()
+        pstats.Stats(py, stream=text).sort_stats("tottime").print_stats(25)
+        emit("```")
+        emit(text.getvalue()[-6000:])
+        emit("```")
+        emit()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--profile", action="store_true", help="also one round one after another under cProfile")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = cpu_maps.clinical_ct(os.path.join(tmp, "ct_134x512x512.nii.gz"))
+        reader = Reader(precision="fp32")
+        study = load_study(path, "ct", reader.limits)
+    with recording(study.hu, study.spacing):
+        reader.read(study, answer=cpu_maps.FINDINGS)
+    compare(args.workers, args.rounds, profile=args.profile)
 
 
 if __name__ == "__main__":

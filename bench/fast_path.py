@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The project's GPU path next to plain transformers ``generate``, in one run on one card.
 
-    python bench/fast_path.py [--only speed,batch,job,precision,restart,phantom,profile,prefill,decode] [--out bench/results/fast_path.md]
+    python bench/fast_path.py [--only speed,batch,job,precision,restart,phantom,profile,prefill,decode,searches] [--out bench/results/fast_path.md]
 
 MedGemma-4B shapes with random weights (``bench/medgemma_shapes.py``: built from config, no download),
 bf16, 200 new tokens. Both paths are made to say the same 200-token report (the project path by teacher
@@ -25,6 +25,8 @@ decode work; the project path also computes every finding's heatmap and mask.
   launches, its host operators and its kernels; ``--prefill-chunks 1024,0`` compares a long prompt's
   prefill in chunks of query rows with the dense one (also in the speed part).
 * **decode** (only when asked for): the kernels of one reading's decode steps alone, per step.
+* **searches** (only when asked for): the CT's findings' image-extent searches on the host's CPU, one after
+  another, in threads and in worker processes (``--search-workers``), and where one round's time goes.
 * **phantom**: the phantom model in each precision against fp32 on held-out phantoms: finding text
   exact match, mask Dice, pointing game.
 """
@@ -329,6 +331,27 @@ def profile(model, processor, reader, modalities=("xray", "ct"), batch_of: int =
         emit(prof.key_averages().table(sort_by="cuda_time_total", row_limit=30, max_name_column_width=70))
         emit("```")
         emit()
+
+
+def searches(reader, processor, workers=(3,), rounds: int = 3) -> None:
+    """The CT's findings' image-extent searches (``extent.find_in_ct``) on this host's CPU: recorded from one
+    remap of the speed part's CT, then run one after another, in threads and in forked worker processes
+    (``bench/ct_search_processes.py``), with one round's top functions."""
+    import ct_search_processes
+
+    study, answer = ct(3), report(processor.tokenizer, CT_FINDINGS)
+    r = reader.read(study, answer=answer)  # warm-up: compiles and captures this shape
+    copy = fresh(study)
+    t0 = time.perf_counter()
+    reader.remap(copy, r.generation)
+    pooled = time.perf_counter() - t0
+    with ct_search_processes.recording(copy.hu, copy.spacing):
+        reader.remap(copy, r.generation)
+    emit(f"### The CT's image-extent searches on the host's CPU (its remap: {pooled:.3f} s with "
+         f"{maps.MAP_THREADS} map threads)")
+    emit()
+    for n in workers:
+        ct_search_processes.compare(n, rounds, emit, profile=n == workers[-1])
 
 
 def prefill(model, processor, reader, modalities=("xray",), runs: int = 5, chunks=(None,)) -> None:
@@ -734,6 +757,8 @@ def main(argv=None):
                     "process's to compare, e.g. 0,5 (default: the library's own)")
     ap.add_argument("--prefill-chunks", default="", help="the speed and prefill parts: a long prompt's prefill "
                     "chunk of query rows to compare, e.g. 1024,0 (0: dense; default: the library's own)")
+    ap.add_argument("--search-workers", default="3", help="the searches part: threads and processes to compare, "
+                    "e.g. 3,4")
     ap.add_argument("--profile-batch", type=int, default=0, help="the profile part: also one read_many batch of this many")
     ap.add_argument("--precisions", default=",".join(f"{p}:{e}" if e else p for p, e in PRECISIONS),
                     help="the precision part's rows (int8:torchao, int8:bitsandbytes)")
@@ -752,7 +777,7 @@ def main(argv=None):
     emit(f"## bench/fast_path.py on {card} (torch {torch.__version__}, "
          f"transformers {__import__('transformers').__version__}), {time.strftime('%Y-%m-%d')}")
     emit()
-    if {"speed", "batch", "job", "precision", "restart", "profile", "prefill", "decode"} & set(parts):
+    if {"speed", "batch", "job", "precision", "restart", "profile", "prefill", "decode", "searches"} & set(parts):
         t0 = time.perf_counter()
         model, processor = build("cuda", torch.bfloat16, attn=CAPTURE_ATTN)
         print(f"built MedGemma-4B shapes in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -762,6 +787,8 @@ def main(argv=None):
         chunks = [int(c) for c in args.prefill_chunks.split(",") if c] or [None]
         if "speed" in parts:
             speed(model, processor, reader, args.speed_modalities.split(","), not args.no_anchors, chunks)
+        if "searches" in parts:
+            searches(reader, processor, [int(w) for w in args.search_workers.split(",")])
         if "decode" in parts:
             decode(model, processor, reader, [m for m in args.speed_modalities.split(",") if m])
         if "prefill" in parts:

@@ -220,22 +220,25 @@ def test_a_reading_takes_its_masks_extent_from_the_image(reader, monkeypatch):
     assert dice(off.labels == 1, ph.lesions[0].mask) < dice(reading.labels == 1, ph.lesions[0].mask)
 
 
-def test_convex_hull_fills_the_same_pixels_as_skimage():
-    """The territory's hull (row extremes, filled from the edges' half-planes) against skimage's
-    ``convex_hull_image`` on random pieces, small and large: the same pixels, borders included."""
+def test_hulls_fill_the_same_pixels_as_skimage():
+    """The territory's hulls, all pieces of an image at once (row extremes, envelopes in whole half-pixels),
+    against skimage's ``convex_hull_image`` of each piece on random images of many pieces, small and large:
+    the same pixels, borders included; a piece left out has no hull."""
     from skimage.morphology import convex_hull_image
 
-    from monailabel_app.grounding.extent import convex_hull
+    from monailabel_app.grounding import hulls
 
     rng = np.random.default_rng(5)
-    for i in range(400):
+    for i in range(300):
         side = (2, 40) if i % 4 else (100, 300)
         h, w = rng.integers(*side, 2)
         blobs = ndimage.gaussian_filter(rng.random((h, w)), rng.uniform(0.5, 8)) > rng.uniform(0.3, 0.7)
         labels, n = ndimage.label(blobs, structure=np.ones((3, 3)))
-        if n:
-            piece = labels[ndimage.find_objects(labels)[0]] == 1
-            assert np.array_equal(convex_hull(piece), convex_hull_image(piece)), (i, piece.shape)
+        wanted = np.r_[False, rng.random(n) < 0.8]
+        expected = np.zeros(blobs.shape, bool)
+        for k in np.flatnonzero(wanted):
+            expected |= convex_hull_image(labels == k)
+        assert np.array_equal(hulls.filled(labels, wanted), expected), (i, labels.shape, n)
 
 
 def test_a_big_films_blob_centres_are_found_on_its_blocks():
@@ -338,16 +341,3 @@ def test_smoothing_leaves_out_only_negligible_axes():
     for spacing in ((2.5, 0.59, 0.72), (1.0, 0.7, 0.7)):
         full = ndimage.gaussian_filter(hu, [0.6 * min(spacing) / s for s in spacing])
         assert np.abs(extent.smoothed_hu(hu, spacing) - full).max() < 1e-6 * np.abs(hu).max()
-
-
-def test_territory_within_a_mask_is_the_territory_there():
-    """Hulls only of the pieces whose box holds a wanted voxel: the same territory wherever those are."""
-    from monailabel_app.grounding.extent import territory
-
-    rng = np.random.default_rng(6)
-    vol = ndimage.gaussian_filter(rng.normal(size=(10, 80, 90)), (0, 3, 3)) > 0.1
-    wanted = ndimage.gaussian_filter(rng.normal(size=vol.shape), (0, 4, 4)) > 0.25
-    full, cut = territory(vol), territory(vol, within=wanted)
-    assert np.array_equal(full & wanted, cut & wanted)
-    assert (full & ~cut).any()  # some hulls were left out (elsewhere)
-    assert np.array_equal(territory(vol[2], within=wanted[2]) & wanted[2], full[2] & wanted[2])

@@ -38,10 +38,9 @@ from functools import partial
 import numpy as np
 import torch
 from scipy import ndimage
-from scipy.spatial import ConvexHull, QhullError
 
 from .. import components, distances
-from . import filters
+from . import filters, hulls
 from .blocks import block_mean, block_min, blocks_back
 from .morphology import open_in_plane
 
@@ -209,17 +208,14 @@ def _separate(region: np.ndarray, seed, spacing, hi_mm: float, box, shape, fits)
 # ------------------------------------------------------------------------------------- the one rule
 
 
-def territory(lungs: np.ndarray, min_pixels: int = 20, within: np.ndarray | None = None) -> np.ndarray:
+def territory(lungs: np.ndarray, min_pixels: int = 20) -> np.ndarray:
     """The lungs' territory: per plane, the convex hull of each piece of aerated lung (``lungs``, found by its
     values) of at least ``min_pixels``. A lesion against the chest wall or the mediastinum dents the aerated
     lung; the hull takes it in, while the chest wall outside the lung's curve stays out. A plane of fewer
     than ``min_pixels`` lung pixels has no territory; a plane of more than four times that is opened (a
     3 x 3 cross) before its pieces are found. All planes are opened and labelled in one pass each, with
-    in-plane structures (the same as plane by plane, without a Python loop over the planes); each piece's
-    hull is skimage's ``convex_hull_image`` computed on the piece's bounding box (:func:`convex_hull`).
-    ``within``: only the territory's voxels there are wanted (the dense regions it will cut): a piece whose
-    bounding box holds none of them keeps its own pixels without a hull (half of a CT box's pieces); the
-    territory is then the same wherever ``within`` is."""
+    in-plane structures, and all pieces' hulls are filled at once (:func:`hulls.filled`: skimage's
+    ``convex_hull_image`` of each piece, without a Python loop over planes or pieces)."""
     planes = lungs[None] if lungs.ndim == 2 else np.asarray(lungs, bool)
     sums = planes.sum(axis=(1, 2))
     some = sums >= min_pixels
@@ -229,55 +225,10 @@ def territory(lungs: np.ndarray, min_pixels: int = 20, within: np.ndarray | None
     in_plane = np.zeros((3, 3, 3), bool)
     in_plane[1] = True  # 8-connected within a plane, never across planes
     labels, _ = ndimage.label(kept, structure=in_plane)
-    out = planes & some[:, None, None]
-    wanted = None if within is None else (within[None] if within.ndim == 2 else within)
-    for k, box in enumerate(ndimage.find_objects(labels), start=1):
-        if box is None or (wanted is not None and not wanted[box].any()):
-            continue
-        piece = labels[box][0] == k
-        if np.count_nonzero(piece) >= min_pixels:
-            out[box] |= convex_hull(piece)[None]
+    wanted = np.bincount(labels.ravel()) >= min_pixels
+    wanted[0] = False
+    out = (planes & some[:, None, None]) | hulls.filled(labels, wanted)
     return out[0] if lungs.ndim == 2 else out
-
-
-HULL_TOLERANCE = 1e-9
-
-
-def convex_hull(piece: np.ndarray) -> np.ndarray:
-    """``skimage.morphology.convex_hull_image(piece)``: the pixels whose centres lie in the convex hull of
-    the piece's pixel edges' midpoints, borders included. The hull is built from each row's outermost
-    pixels (the hull of a set is the hull of its rows' extremes) and filled row by row from its edges'
-    half-planes, instead of a point-in-polygon test per pixel (most of a CT territory's time)."""
-    rows = np.flatnonzero(piece.any(axis=1))
-    if len(rows) == 0:
-        return np.zeros(piece.shape, bool)
-    sub = piece[rows]
-    # the outermost pixels' edge midpoints in half-pixels (whole numbers): (2r -+ 1, 2c) and (2r, 2c -+ 1)
-    r2, left, right = 2 * rows, 2 * sub.argmax(axis=1), 2 * (piece.shape[1] - 1 - sub[:, ::-1].argmax(axis=1))
-    half_r = np.concatenate([r2 - 1, r2 + 1, r2, r2, r2 - 1, r2 + 1, r2, r2])
-    half_c = np.concatenate([left, left, left - 1, left + 1, right, right, right - 1, right + 1])
-    width = 2 * piece.shape[1] + 4
-    key = np.unique(half_r * width + half_c + 1)  # repeated points trouble Qhull
-    points = np.column_stack([key // width, key % width - 1]) / 2.0
-    try:
-        eq = ConvexHull(points).equations  # (edges, 3): a r + b c + d <= 0 inside
-    except QhullError:
-        from skimage.morphology import convex_hull_image
-
-        return convex_hull_image(piece)
-    r = np.arange(piece.shape[0], dtype=float)[:, None]
-    a, b, d = eq[:, 0], eq[:, 1], eq[:, 2]
-    lo = np.full(piece.shape[0], -np.inf)  # per row: c >= lo on the edges facing up the columns, c <= hi the others
-    hi = np.full(piece.shape[0], np.inf)
-    flat_ok = np.ones(piece.shape[0], bool)  # edges along the columns: the row itself inside or not
-    for side, out, reduce in ((b < 0, lo, np.max), (b > 0, hi, np.min)):
-        if side.any():
-            out[:] = reduce((HULL_TOLERANCE - d[side] - a[side] * r) / b[side], axis=1)
-    flat = b == 0
-    if flat.any():
-        flat_ok = (a[flat] * r + d[flat] <= HULL_TOLERANCE).all(axis=1)
-    c = np.arange(piece.shape[1], dtype=float)[None]
-    return (c >= lo[:, None]) & (c <= hi[:, None]) & flat_ok[:, None]
 
 
 def film_territory(right: np.ndarray | None, left: np.ndarray | None) -> np.ndarray | None:
@@ -397,16 +348,14 @@ def grow_ct(hu: np.ndarray, spacing, seed, kind: str, lungs: np.ndarray | None =
 
     smooth, aerated, lung_level = _shared(shared, (_grid, "lung", _key(box)), lung)
     terr = None
-    if method_of(kind, 3) != "air":  # wanted only where grow() may take a region: a fluid's densities, or
-        # at least halfway from the lung to the smallest contrast above it; made when grow() gets that far
-        cut = min(lung_level + MIN_CONTRAST_HU / 2, -20.0)
+    if method_of(kind, 3) != "air":  # made when grow() gets that far (a point inside its kind's values)
 
         def make_territory():
             out = np.zeros(hu.shape, bool)
-            out[box] = territory(aerated[box], within=smooth[box] >= cut)
+            out[box] = territory(aerated[box])
             return out
 
-        terr = partial(_shared, shared, (_grid, "territory", _key(box), cut), make_territory)
+        terr = partial(_shared, shared, (_grid, "territory", _key(box)), make_territory)
     # the share limit: of the lungs given, else of the aerated lung in the box when the box is the kind's
     # (airspace, fluid: a whole chest); a focal region is held by its diameter
     lungs_size = float(lungs.sum()) if lungs is not None else (np.inf if kind in FOCAL else float(aerated.sum()))
@@ -830,7 +779,7 @@ def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.nd
         dense = sub >= -500
     dense &= search[box]
     if method_of(kind, 3) in ("focal", "airspace"):
-        dense &= territory(aerated_lung(sub), within=dense)
+        dense &= territory(aerated_lung(sub))
     labels, n = components.label(dense)
     if n == 0:
         raise NoExtent("no region of its density where attention points")

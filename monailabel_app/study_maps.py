@@ -255,7 +255,7 @@ class CTMaps(StudyMaps):
             h = h.cpu().numpy()
         side = columns[None, None, :] if columns is not None else None
         region, info = finding_region(f, m, float(settings.get("threshold", 0.5)), image_extent(settings), lambda own: (
-            extent.find_in_ct(volume.hu, volume.spacing, m, f.kind, own, self.shared, box)),
+            extent.find_in_ct(volume.hu, volume.spacing, m, f.kind, own, self.shared, box, device)),
             lambda p: [int(i) for i in reversed(volume.stored_index(p))], side, box)
         return Mapped(g, h, m, region, info, box)
 

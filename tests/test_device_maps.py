@@ -245,3 +245,58 @@ def test_a_batchs_blob_responses_made_at_once_equal_each_films_own(device):
                 assert np.abs(response - own[r]).max() <= 1e-6 * np.abs(own[r]).max(), r
     floats = np.random.default_rng(3).random((31, 40)).astype(np.float32)  # other values: block_mean's own
     assert np.array_equal(extent._work_on(floats, 3, device).cpu().numpy(), block_mean(floats, 3))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_cts_smoothing_in_torch_equals_scipys_bit_for_bit(device):
+    """The CT search's smoothing (short kernels) summed as scipy's C code sums a symmetric kernel, in float64,
+    each axis stored in float32: scipy's array exactly, on random HU and on a phantom CT at a thin-section
+    grid's sigmas (z left out), an isotropic one and a kernel of three taps; and smoothed_hu on the device."""
+    from scipy import ndimage
+
+    from monailabel_app.grounding import extent, filters
+
+    rng = np.random.default_rng(7)
+    noise = rng.normal(-500, 400, (9, 37, 41)).astype(np.float32)
+    phantom = phantom_volume(make_ct_phantom(3)).hu[:20].astype(np.float32)
+    for a in (noise, phantom):
+        for sigmas in ((0.0, 0.6, 0.497), (0.6, 0.6, 0.6), (0.2, 1.3, 0.7)):
+            got = filters.gaussian_filter_direct(torch.as_tensor(a, device=device), sigmas).cpu().numpy()
+            assert got.dtype == np.float32 and np.array_equal(got, ndimage.gaussian_filter(a, sigmas)), sigmas
+    spacing = (2.5, 0.59, 0.72)
+    on = None if device == "cpu" else device
+    assert np.array_equal(extent.smoothed_hu(phantom, spacing, on), extent.smoothed_hu(phantom, spacing))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the lent H200)")
+def test_a_cts_extents_searched_with_the_gpus_smoothing_are_the_cpus(monkeypatch):
+    """find_in_ct with its HU smoothed on the GPU: the same regions, seeds and measures as on the CPU, for each
+    lesion of a phantom CT under attention centred on it, on the voxels and on coarse planes (a small
+    MAX_BOX_VOXELS: the large kinds' way on a clinical grid)."""
+    from monailabel_app.grounding import extent
+
+    ph = make_ct_phantom(4)
+    vol = phantom_volume(ph)
+    grid = np.indices(vol.shape)
+    found = 0
+    for most in (extent.MAX_BOX_VOXELS, 20_000):
+        monkeypatch.setattr(extent, "MAX_BOX_VOXELS", most)
+        for lesion in ph.lesions:
+            centre = np.argwhere(lesion.mask).mean(axis=0)
+            d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre, vol.spacing))
+            heat = np.exp(-d2 / (2 * 15.0**2)).astype(np.float32)
+            cpu, gpu = (_outcome(vol, heat, lesion.kind, device) for device in (None, "cuda"))
+            assert cpu[1:] == gpu[1:] and np.array_equal(cpu[0], gpu[0]), (most, lesion.kind, cpu[1:], gpu[1:])
+            found += int((cpu[0] & lesion.mask).sum() >= 0.8 * lesion.mask.sum())
+    assert found >= 3  # each lesion on the voxels (the coarse planes miss the small masses)
+
+
+def _outcome(vol, heat, kind, device) -> tuple:
+    """(mask, seed, measures) of find_in_ct, or (no mask, the reason)."""
+    from monailabel_app.grounding import extent
+
+    try:
+        e = extent.find_in_ct(vol.hu, vol.spacing, heat, kind, cache={}, device=device)
+        return e.mask, e.seed, e.json()
+    except extent.NoExtent as x:
+        return np.zeros(vol.shape, bool), str(x)

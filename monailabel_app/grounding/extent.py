@@ -311,14 +311,16 @@ def grow(values: np.ndarray, spacing, seed, kind: str, lung_level: float, min_co
 
 
 def grow_ct(hu: np.ndarray, spacing, seed, kind: str, lungs: np.ndarray | None = None,
-            background: list | None = None, cache: dict | None = None, _grid: tuple | None = None) -> Extent:
+            background: list | None = None, cache: dict | None = None, _grid: tuple | None = None,
+            device=None) -> Extent:
     """The region of ``kind`` at voxel ``seed`` of the HU array ``hu`` (z, y, x; ``spacing`` mm in that order).
     ``lungs``: the aerated lungs (bool, same grid; default: found by HU around the point) for the territory,
     the lung's level and the share limit; ``background``: voxels the region must not reach. Raises :class:`NoExtent`.
     ``cache``: a dict kept for one volume's findings (:func:`find_in_ct`): the coarse planes of a large kind's
     box, and what is found on them, are made once for the findings and candidates that ask for the same
     box (on the real CT's reading, a mass and an opacity grow from one voxel; every large kind's box is the
-    whole volume). ``_grid``: the coarse planes this ``hu`` is (set by the call that made them)."""
+    whole volume). ``_grid``: the coarse planes this ``hu`` is (set by the call that made them). ``device``:
+    where the HU are smoothed (:func:`smoothed_hu`)."""
     if method_of(kind, 3) is None:
         raise NoExtent(f"no image method for {kind!r} on CT")
     spacing = tuple(float(s) for s in spacing)
@@ -332,7 +334,7 @@ def grow_ct(hu: np.ndarray, spacing, seed, kind: str, lungs: np.ndarray | None =
         local = (seed[0] - box[0].start, min((seed[1] - box[1].start) // step, small.shape[1] - 1),
                  min((seed[2] - box[2].start) // step, small.shape[2] - 1))
         found = grow_ct(small, (spacing[0], spacing[1] * step, spacing[2] * step), local, kind, cache=cache,
-                        _grid=grid)
+                        _grid=grid, device=device)
         mask = np.zeros(hu.shape, bool)
         mask[box] = blocks_back(found.mask, step, mask[box].shape, False)
         return Extent(mask, found.diameter_mm, found.size_mm, tuple(int(s) for s in seed), found.method)
@@ -340,7 +342,7 @@ def grow_ct(hu: np.ndarray, spacing, seed, kind: str, lungs: np.ndarray | None =
 
     def lung():
         smooth = np.zeros(hu.shape, np.float32)  # only the box is looked at
-        smooth[box] = smoothed_hu(hu[box], spacing)
+        smooth[box] = smoothed_hu(hu[box], spacing, device)
         aerated = np.zeros(hu.shape, bool)
         aerated[box] = aerated_lung(smooth[box]) if lungs is None else lungs[box] & (smooth[box] < -600)
         levels = smooth[box][aerated[box]]
@@ -379,12 +381,19 @@ def _shared(cache: dict | None, key, make):
 NEGLIGIBLE_SIGMA = 0.15  # voxels: a Gaussian this narrow moves a value by under 1e-9 of its neighbours' difference
 
 
-def smoothed_hu(hu: np.ndarray, spacing) -> np.ndarray:
+def smoothed_hu(hu: np.ndarray, spacing, device=None) -> np.ndarray:
     """float32 ``hu`` smoothed with a Gaussian of 0.6 of the finest spacing (mm) along every axis; an axis
     whose sigma is under :data:`NEGLIGIBLE_SIGMA` voxels (z on a thin-section grid's thick slices: 0.14) is
-    left alone rather than filtered with weights of 1e-11."""
+    left alone rather than filtered with weights of 1e-11. With scipy, or on ``device`` when it is a GPU
+    (:func:`filters.gaussian_filter_direct`: the same values bit for bit, and the host's cores and the
+    interpreter free meanwhile: scipy's filter holds both)."""
     sigma = [0.6 * min(spacing) / s for s in spacing]
-    return ndimage.gaussian_filter(np.asarray(hu, np.float32), [x if x >= NEGLIGIBLE_SIGMA else 0.0 for x in sigma])
+    sigma = [x if x >= NEGLIGIBLE_SIGMA else 0.0 for x in sigma]
+    if device is None or torch.device(device).type != "cuda":
+        return ndimage.gaussian_filter(np.asarray(hu, np.float32), sigma)
+    a = np.ascontiguousarray(hu, dtype=np.float32)
+    t = _to_device(torch.from_numpy(a if a.flags.writeable else a.copy()), device)
+    return filters.gaussian_filter_direct(t, sigma).cpu().numpy()
 
 
 def aerated_lung(hu: np.ndarray) -> np.ndarray:
@@ -754,14 +763,15 @@ def deepest(part: np.ndarray, spacing) -> tuple[int, ...]:
 
 
 def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.ndarray | None = None,
-               cache: dict | None = None, support: tuple[slice, ...] | None = None) -> Extent:
+               cache: dict | None = None, support: tuple[slice, ...] | None = None, device=None) -> Extent:
     """A finding's extent in a CT from its gated attention map ``heat`` (display grid): of the dense regions
     (above -500 HU, smoothed) in the region attention points at, the most attended one that the kind's rule
     (:func:`grow_ct`, from its deepest voxel) accepts as a ``kind`` (a mass beside a nodule is not the
     nodule). ``near``: the attention's own region (the mask it would give); the search then keeps to within
     the kind's largest diameter of it (:func:`near_box`). Raises :class:`NoExtent` with the first
     candidate's reason. ``cache``: one dict for all of a volume's findings (:func:`grow_ct`'s); ``support``:
-    the box outside which ``heat`` is zero (its gate's), searched alone."""
+    the box outside which ``heat`` is zero (its gate's), searched alone; ``device``: where the HU are smoothed
+    (:func:`smoothed_hu`: the same values anywhere)."""
     if method_of(kind, 3) is None:
         raise NoExtent(f"no image method for {kind!r} on CT")
     search = _search_region(heat, support)
@@ -770,7 +780,7 @@ def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.nd
     box = bounding_box(search)
     if near is not None and near.any():
         box = tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(box, near_box(near, spacing, kind)))
-    sub = smoothed_hu(hu[box], spacing)
+    sub = smoothed_hu(hu[box], spacing, device)
     if method_of(kind, 3) == "air":
         dense = sub < -950
     elif method_of(kind, 3) == "fluid":
@@ -791,7 +801,7 @@ def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.nd
         at = deepest(labels == int(lab) + 1, spacing)
         seed = tuple(int(i + b.start) for i, b in zip(at, box))
         try:
-            return grow_ct(hu, spacing, seed, kind, cache=cache)
+            return grow_ct(hu, spacing, seed, kind, cache=cache, device=device)
         except NoExtent as e:
             failed = failed or e
     raise failed

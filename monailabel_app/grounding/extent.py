@@ -225,9 +225,7 @@ def territory(lungs: np.ndarray, min_pixels: int = 20) -> np.ndarray:
     in_plane = np.zeros((3, 3, 3), bool)
     in_plane[1] = True  # 8-connected within a plane, never across planes
     labels, _ = ndimage.label(kept, structure=in_plane)
-    wanted = np.bincount(labels.ravel()) >= min_pixels
-    wanted[0] = False
-    out = (planes & some[:, None, None]) | hulls.filled(labels, wanted)
+    out = (planes & some[:, None, None]) | hulls.filled(labels, min_pixels)
     return out[0] if lungs.ndim == 2 else out
 
 

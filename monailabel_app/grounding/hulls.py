@@ -15,13 +15,12 @@ from __future__ import annotations
 import numpy as np
 
 
-def filled(labels: np.ndarray, wanted: np.ndarray) -> np.ndarray:
+def filled(labels: np.ndarray, min_pixels: int = 1) -> np.ndarray:
     """bool, the shape of ``labels`` (planes, rows, columns; or one plane): the union of the filled convex
-    hulls of the pieces ``k`` with ``wanted[k]`` (``labels``: pieces numbered within their plane, 0 none;
-    ``wanted``: bool per label, ``wanted[0]`` False)."""
+    hulls of the pieces of at least ``min_pixels`` (``labels``: pieces numbered within their plane, 0 none)."""
     planes = labels[None] if labels.ndim == 2 else labels
     z, rows, cols = planes.shape
-    piece, row, left, right = _row_extremes(planes.reshape(z * rows, cols), wanted)
+    piece, row, left, right = _row_extremes(planes.reshape(z * rows, cols), min_pixels)
     if len(piece) == 0:
         return np.zeros(labels.shape, bool)
     lo = _bounds(piece, row, left, right, upper=False)
@@ -33,17 +32,21 @@ def filled(labels: np.ndarray, wanted: np.ndarray) -> np.ndarray:
     return inside.reshape(labels.shape)
 
 
-def _row_extremes(lines: np.ndarray, wanted: np.ndarray) -> tuple[np.ndarray, ...]:
-    """(piece, line, leftmost column, rightmost column) per line of each wanted piece, sorted by piece then
-    line (``lines``: the planes' rows one after another, so a piece's lines are consecutive numbers)."""
-    ok = wanted[lines]
+def _row_extremes(lines: np.ndarray, min_pixels: int) -> tuple[np.ndarray, ...]:
+    """(piece, line, leftmost column, rightmost column) per line of each piece of at least ``min_pixels``,
+    sorted by piece then line (``lines``: the planes' rows one after another, so a piece's lines are
+    consecutive numbers)."""
+    some = lines > 0
     same_left = np.zeros(lines.shape, bool)
     same_left[:, 1:] = lines[:, 1:] == lines[:, :-1]
     same_right = np.zeros(lines.shape, bool)
     same_right[:, :-1] = same_left[:, 1:]
-    start_line, start_col = np.nonzero(ok & ~same_left)  # runs of one label along a line, in raster order
-    _, end_col = np.nonzero(ok & ~same_right)
+    start_line, start_col = np.nonzero(some & ~same_left)  # runs of one label along a line, in raster order
+    _, end_col = np.nonzero(some & ~same_right)
     piece = lines[start_line, start_col].astype(np.int64)
+    size = np.bincount(piece, weights=end_col - start_col + 1)  # the pieces' pixels, from their runs
+    big = size[piece] >= min_pixels
+    piece, start_line, start_col, end_col = piece[big], start_line[big], start_col[big], end_col[big]
     order = np.lexsort((start_line, piece))  # by piece, then line
     piece, line, start_col, end_col = piece[order], start_line[order], start_col[order], end_col[order]
     first = np.ones(len(piece), bool)

@@ -36,14 +36,14 @@ from monailabel_app.grounding import extent  # noqa: E402
 from monailabel_app.reader import Reader  # noqa: E402
 from monailabel_app.study import load_study  # noqa: E402
 
-CALLS: list[tuple] = []  # (gated map, kind, own region, gate box, smoothing device) of each finding's search
+CALLS: list[tuple] = []  # (gated map, kind, own region, gate box) of each finding's search
 VOLUME: list = []  # (hu, spacing) of the study, inherited by the forked workers
 _find = extent.find_in_ct
 
 
-def _recorded(hu, spacing, heat, kind, near=None, cache=None, support=None, device=None):
-    CALLS.append((heat.copy(), kind, None if near is None else near.copy(), support, device))
-    return _find(hu, spacing, heat, kind, near, cache, support, device)
+def _recorded(hu, spacing, heat, kind, near=None, cache=None, support=None):
+    CALLS.append((heat.copy(), kind, None if near is None else near.copy(), support))
+    return _find(hu, spacing, heat, kind, near, cache, support)
 
 
 @contextmanager
@@ -59,14 +59,13 @@ def recording(hu, spacing):
         extent.find_in_ct = _find
 
 
-def search(i: int, cache: dict | None = None, on_device: bool = True) -> tuple:
-    """(the search's outcome: voxels of its mask or why none, its seconds); ``on_device`` False: the HU
-    smoothed on the CPU whatever the reading used (a forked worker has no CUDA)."""
-    heat, kind, near, support, device = CALLS[i]
+def search(i: int, cache: dict | None = None) -> tuple:
+    """(the search's outcome: voxels of its mask or why none, its seconds)."""
+    heat, kind, near, support = CALLS[i]
     hu, spacing = VOLUME[0]
     t0 = time.perf_counter()
     try:
-        got = int(_find(hu, spacing, heat, kind, near, cache, support, device if on_device else None).mask.sum())
+        got = int(_find(hu, spacing, heat, kind, near, cache, support).mask.sum())
     except extent.NoExtent as e:
         got = str(e)
     return got, time.perf_counter() - t0
@@ -75,8 +74,8 @@ def search(i: int, cache: dict | None = None, on_device: bool = True) -> tuple:
 def compare(workers: int, rounds: int, emit=print, profile: bool = False) -> None:
     """The recorded searches (:func:`recording`), costliest first, each round one after another (one cache, as
     the reader shares it), in ``workers`` threads and in ``workers`` forked processes warmed by two rounds;
-    every way must give the same masks (the processes smooth on the CPU: bit for bit the GPU's). ``profile``:
-    then one round one after another under cProfile, its top functions by own time."""
+    every way must give the same masks. ``profile``: then one round one after another under cProfile, its
+    top functions by own time."""
     order = sorted(range(len(CALLS)), key=lambda i: -extent.search_cost(CALLS[i][1], 3))  # costliest first
     hu = VOLUME[0][0]
     emit(f"CT {hu.shape}; {os.cpu_count()} CPUs; searches: {[CALLS[i][1] for i in order]}; "
@@ -84,7 +83,7 @@ def compare(workers: int, rounds: int, emit=print, profile: bool = False) -> Non
     emit()
     with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
         for _ in range(2):  # warm the workers' heaps with a CT's searches
-            list(pool.map(search, order, [None] * len(order), [False] * len(order)))
+            list(pool.map(search, order))
         for _ in range(rounds):
             t0 = time.perf_counter()
             cache: dict = {}
@@ -96,7 +95,7 @@ def compare(workers: int, rounds: int, emit=print, profile: bool = False) -> Non
                 threaded = list(threads.map(lambda i: search(i, cache), order))
             t_threads = time.perf_counter() - t0
             t0 = time.perf_counter()
-            forked = list(pool.map(search, order, [None] * len(order), [False] * len(order)))
+            forked = list(pool.map(search, order))
             t_processes = time.perf_counter() - t0
             assert [g for g, _ in alone] == [g for g, _ in threaded] == [g for g, _ in forked]
             emit(f"- one after another {t_alone:.2f} s ({[round(s, 2) for _, s in alone]}); threads {t_threads:.2f} s; "

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from . import allocator, map_processes, search_processes
+from . import allocator, map_processes
 from .grounding import anatomy, extent, maps
 from .ct import CTVolume, Limits, body_mask, interleave, model_slices, sample_slices
 from .errors import InputError
@@ -203,7 +203,6 @@ class Reader:
         self.warm = {"state": "not started", "shapes": []}
         self._map_processes: map_processes.MapProcesses | None = None  # read_many's film maps, started on first use
         self._map_processes_lock = threading.Lock()
-        self._search_processes: search_processes.SearchProcesses | None = None  # CT searches, started on first use
 
     @classmethod
     def for_maps(cls, info, grid: int, device="cpu") -> "Reader":
@@ -226,17 +225,6 @@ class Reader:
                     self._map_processes = map_processes.MapProcesses(self.info, self.grid, workers,
                                                                      map_processes.device_for(self.maps_device))
             return self._map_processes
-
-    def search_pool(self) -> search_processes.SearchProcesses | None:
-        """The CT searches' worker processes (:mod:`search_processes`), None where they stay in the map threads
-        (started, and warmed, by the first call)."""
-        with self._map_processes_lock:
-            if self._search_processes is None and self.model is not None:
-                workers = search_processes.workers_for(self.maps_device)
-                if workers:
-                    self._search_processes = search_processes.SearchProcesses(workers)
-                    self._search_processes.warm()
-            return self._search_processes
 
     def warm_up(self, max_new_tokens: int = 128, modalities=("xray", "ct"), language: str = "auto") -> dict:
         """Read one synthetic study per modality (a phantom radiograph; a phantom CT with at least the model's

@@ -220,7 +220,6 @@ class CTMaps(StudyMaps):
         super().__init__(reader)
         self.volume, self.ms = volume, ms
         self.shared: dict = {}  # what the image extent makes once for the volume's findings (extent.grow_ct)
-        self._searches: tuple | None = None  # (search processes, the study's HU in shared memory), made once
         self._gates: dict = {}  # gate set -> (body, allowed voxels, their box)
         self._sides: dict = {}  # (gate set, side) -> (side columns, gated box)
 
@@ -255,24 +254,10 @@ class CTMaps(StudyMaps):
             m = ct_maps.gated_map(h, allowed, None if columns is None else torch.as_tensor(columns, device=device), box)
             h = h.cpu().numpy()
         side = columns[None, None, :] if columns is not None else None
-        region, info = finding_region(f, m, float(settings.get("threshold", 0.5)), image_extent(settings),
-                                      lambda own: self._search(m, f.kind, own, box),
-                                      lambda p: [int(i) for i in reversed(volume.stored_index(p))], side, box)
+        region, info = finding_region(f, m, float(settings.get("threshold", 0.5)), image_extent(settings), lambda own: (
+            extent.find_in_ct(volume.hu, volume.spacing, m, f.kind, own, self.shared, box, device)),
+            lambda p: [int(i) for i in reversed(volume.stored_index(p))], side, box)
         return Mapped(g, h, m, region, info, box)
-
-    def _search(self, heat: np.ndarray, kind: str, own: np.ndarray, box) -> extent.Extent:
-        """The finding's image extent (:func:`extent.find_in_ct`): in the reader's search processes where it
-        has them, else here (the map thread), smoothing on the maps device."""
-        volume = self.volume
-        with self._lock:
-            if self._searches is None:
-                pool = self.reader.search_pool()
-                self._searches = (pool, pool.volume(volume.hu) if pool is not None else None)
-        pool, shared = self._searches
-        if shared is not None:
-            return pool.find(shared, volume.spacing, heat, kind, own, box)
-        return extent.find_in_ct(volume.hu, volume.spacing, heat, kind, own, self.shared, box,
-                                 self.reader.maps_device)
 
     def _finish(self, done: list[Mapped]) -> tuple[np.ndarray, list[dict]]:
         if not done:

@@ -130,7 +130,10 @@ def test_findings_run_side_by_side_and_keep_their_order():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the lent H200)")
 def test_a_reading_on_the_gpu_equals_the_cpu_reading():
-    """The phantom model in fp32 on both: the same report, masks that agree (Dice >= 0.99 per finding)."""
+    """The phantom model in fp32 on both: the same report, masks that agree: per finding at most 1 % of the
+    two masks' union differs, or one voxel (a region cut from attention at half its peak: the two devices'
+    float rounding may put a voxel at that level on either side; a Dice of 0.99 cannot hold for the 14-voxel
+    region of phantom CT 4's nodule, 14 against 15 voxels on the H200)."""
     from monailabel_app.reader import Reader
 
     cpu, gpu = Reader(device="cpu", precision="fp32"), Reader(device="cuda", precision="fp32")
@@ -141,7 +144,7 @@ def test_a_reading_on_the_gpu_equals_the_cpu_reading():
         assert a.report == b.report and a.findings
         for k in range(1, len(a.findings) + 1):
             x, y = a.labels == k, b.labels == k
-            assert 2 * (x & y).sum() / max(1, x.sum() + y.sum()) >= 0.99, (study.source, k)
+            assert (x ^ y).sum() <= max(1, 0.01 * (x | y).sum()), (study.source, k, x.sum(), y.sum())
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -128,12 +128,11 @@ _RETURNED = None  # the queue of blocks the serving process gives back (shared_b
 
 
 def _start(info, grid: int, device: str = "cpu", nice: int = 0, returned=None) -> None:
-    """Worker start: ``nice`` steps below the serving process's priority, one map thread and one distance
-    thread (the workers are the parallelism), a reader without a model that maps on ``device``, and
-    ``returned``: the blocks given back."""
+    """Worker start: ``nice`` steps below the serving process's priority, one map thread (the workers are the
+    parallelism), a reader without a model that maps on ``device``, and ``returned``: the blocks given back."""
     global _READER, _RETURNED
     _RETURNED = returned
-    from . import allocator, distances
+    from . import allocator
     from .grounding import maps
     from .reader import Reader
 
@@ -142,7 +141,6 @@ def _start(info, grid: int, device: str = "cpu", nice: int = 0, returned=None) -
     allocator.keep_freed_memory()  # as in the serving process: a film's arrays reuse mapped pages
     torch.set_num_threads(1)
     maps.MAP_THREADS = 1
-    distances.THREADS = 1
     _READER = Reader.for_maps(info, grid, device)
 
 

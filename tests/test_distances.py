@@ -17,14 +17,3 @@ def test_distance_inside_equals_scipys_to_float32_rounding():
         assert np.abs(got - want).max() <= 1e-5 * max(1.0, want.max())
         assert not got[~mask[..., 1:]].any()
     assert inside(np.zeros((0, 4), bool), (1.0, 1.0)).shape == (0, 4)
-
-
-def test_distance_inside_on_several_threads_is_the_one_threads(monkeypatch):
-    """edt on the host's cores (distances.THREADS): the same float32 distances as on one."""
-    from monailabel_app import distances
-
-    mask = ndimage.gaussian_filter(np.random.default_rng(3).normal(size=(30, 90, 80)), 2) > -0.1
-    monkeypatch.setattr(distances, "THREADS", 1)
-    one = inside(mask, (2.5, 0.6, 0.7))
-    monkeypatch.setattr(distances, "THREADS", 4)
-    assert np.array_equal(inside(mask, (2.5, 0.6, 0.7)), one)

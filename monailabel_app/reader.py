@@ -265,14 +265,14 @@ class Reader:
 
     def maps_while_decoding(self, modality: str) -> bool:
         """Whether a study's findings are mapped while the model still writes its answer (:class:`StudyMaps`):
-        by default a film's on a GPU (its maps are short, mostly numpy and the GPU's, and the decode leaves the
-        host's cores idle), not a CT's (its region searches are Python-heavy: on the H200 three of them beside
-        the decode took it from 5.0 to 8.6 ms a token, more than they saved) and nothing on the CPU (there the
-        cores are the decode's); :data:`MAPS_WHILE_DECODING_ENV` (1 or 0) decides for both instead."""
+        by default on a GPU (the decode leaves the host's cores idle; a film's maps are short, and a CT's
+        region searches, beside the decode, slow it from 3.7 to 9.5-11 ms a token on the H200 but still end
+        0.6-0.7 s sooner than after it, runs AP and AR of ``bench/results/fast_path.md``), nothing on the CPU
+        (there the cores are the decode's); :data:`MAPS_WHILE_DECODING_ENV` (1 or 0) decides for both instead."""
         value = os.environ.get(MAPS_WHILE_DECODING_ENV, "").strip()
         if value not in ("", "0", "1"):
             raise ValueError(f"{MAPS_WHILE_DECODING_ENV} must be 0 or 1, got {value!r}")
-        return value == "1" if value else modality == "xray" and self.maps_device.type == "cuda"
+        return value == "1" if value else modality in ("xray", "ct") and self.maps_device.type == "cuda"
 
     @property
     def layers(self) -> list[int]:

@@ -111,7 +111,7 @@ def test_ct_masks_come_from_the_image_not_the_words(reader):
 
 
 def test_a_cts_findings_mapped_while_the_model_writes_are_the_same(reader, monkeypatch):
-    """Asked for (MEDGEMMA_MAPS_WHILE_DECODING=1; not the default for a CT), a CT's findings are mapped while
+    """Asked for (MEDGEMMA_MAPS_WHILE_DECODING=1; the default on a GPU), a CT's findings are mapped while
     the model writes the rest of its answer, with the same grids, heatmaps, gated maps, labels and extras."""
     from monailabel_app.reader import MAPS_WHILE_DECODING_ENV
 
@@ -129,18 +129,18 @@ def test_a_cts_findings_mapped_while_the_model_writes_are_the_same(reader, monke
 
 
 def test_which_studies_are_mapped_while_the_model_writes(reader, monkeypatch):
-    """By default a film's findings on a GPU (a reader mapping on CUDA, made without one), never a CT's, nothing
-    on the CPU; the environment decides for both."""
+    """By default a film's and a CT's findings on a GPU (a reader mapping on CUDA, made without one), nothing on
+    the CPU; the environment decides for both."""
     from monailabel_app.reader import MAPS_WHILE_DECODING_ENV, Reader
 
     monkeypatch.delenv(MAPS_WHILE_DECODING_ENV, raising=False)
     gpu = Reader.for_maps(reader.info, reader.grid, "cuda")
-    assert gpu.maps_while_decoding("xray") and not gpu.maps_while_decoding("ct")
+    assert gpu.maps_while_decoding("xray") and gpu.maps_while_decoding("ct")
     assert not reader.maps_while_decoding("xray") and not reader.maps_while_decoding("ct")
     monkeypatch.setenv(MAPS_WHILE_DECODING_ENV, "1")
     assert reader.maps_while_decoding("xray") and reader.maps_while_decoding("ct")
     monkeypatch.setenv(MAPS_WHILE_DECODING_ENV, "0")
-    assert not gpu.maps_while_decoding("xray")
+    assert not gpu.maps_while_decoding("xray") and not gpu.maps_while_decoding("ct")
 
 
 def test_the_time_the_maps_waited_for_the_anatomy_is_reported(reader, monkeypatch):

@@ -20,22 +20,24 @@ def filled(labels: np.ndarray, min_pixels: int = 1) -> np.ndarray:
     hulls of the pieces of at least ``min_pixels`` (``labels``: pieces numbered within their plane, 0 none)."""
     planes = labels[None] if labels.ndim == 2 else labels
     z, rows, cols = planes.shape
-    piece, row, left, right = _row_extremes(planes.reshape(z * rows, cols), min_pixels)
-    if len(piece) == 0:
-        return np.zeros(labels.shape, bool)
-    lo = _bounds(piece, row, left, right, upper=False)
-    hi = _bounds(piece, row, left, right, upper=True)
-    count = np.zeros((z * rows, cols + 1), np.int16)  # per row: +1 where a hull's row starts, -1 after it ends
-    np.add.at(count, (row, lo), 1)
-    np.add.at(count, (row, hi + 1), -1)
-    inside = np.cumsum(count, axis=1, dtype=np.int16)[:, :cols] > 0
-    return inside.reshape(labels.shape)
+    lines = planes.reshape(z * rows, cols)
+    used = np.flatnonzero(lines.any(axis=1))  # the rows with a piece (a piece's rows stay consecutive)
+    out = np.zeros((z * rows, cols), bool)
+    piece, row, left, right = _row_extremes(lines[used], min_pixels)
+    if len(piece):
+        lo = _bounds(piece, row, left, right, upper=False)
+        hi = _bounds(piece, row, left, right, upper=True)
+        count = np.zeros((len(used), cols + 1), np.int16)  # per row: +1 where a hull's row starts, -1 after its end
+        np.add.at(count, (row, lo), 1)
+        np.add.at(count, (row, hi + 1), -1)
+        out[used] = np.cumsum(count, axis=1, dtype=np.int16)[:, :cols] > 0
+    return out.reshape(labels.shape)
 
 
 def _row_extremes(lines: np.ndarray, min_pixels: int) -> tuple[np.ndarray, ...]:
     """(piece, line, leftmost column, rightmost column) per line of each piece of at least ``min_pixels``,
-    sorted by piece then line (``lines``: the planes' rows one after another, so a piece's lines are
-    consecutive numbers)."""
+    sorted by piece then line (``lines``: the planes' rows with a piece, one after another, so a piece's
+    lines are consecutive numbers)."""
     some = lines > 0
     same_left = np.zeros(lines.shape, bool)
     same_left[:, 1:] = lines[:, 1:] == lines[:, :-1]

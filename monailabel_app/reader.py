@@ -263,16 +263,16 @@ class Reader:
             return torch.device(self.device_request if self.device_request.startswith("cuda") else "cpu")
         return self.model.device if self.model.device.type == "cuda" else torch.device("cpu")
 
-    def maps_while_decoding(self, modality: str) -> bool:
-        """Whether a study's findings are mapped while the model still writes its answer (:class:`StudyMaps`):
-        by default on a GPU (the decode leaves the host's cores idle; a film's maps are short, and a CT's
+    def maps_while_decoding(self) -> bool:
+        """Whether a study's findings, a film's or a CT's, are mapped while the model still writes its answer
+        (:class:`StudyMaps`): by default on a GPU (the decode leaves the host's cores idle; a film's maps are short, and a CT's
         region searches, beside the decode, slow it from 3.7 to 9.5-11 ms a token on the H200 but still end
         0.6-0.7 s sooner than after it, runs AP and AR of ``bench/results/fast_path.md``), nothing on the CPU
         (there the cores are the decode's); :data:`MAPS_WHILE_DECODING_ENV` (1 or 0) decides for both instead."""
         value = os.environ.get(MAPS_WHILE_DECODING_ENV, "").strip()
         if value not in ("", "0", "1"):
             raise ValueError(f"{MAPS_WHILE_DECODING_ENV} must be 0 or 1, got {value!r}")
-        return value == "1" if value else modality in ("xray", "ct") and self.maps_device.type == "cuda"
+        return value == "1" if value else self.maps_device.type == "cuda"
 
     @property
     def layers(self) -> list[int]:
@@ -605,7 +605,7 @@ class Reader:
 
     def _ahead(self, study: StudyMaps) -> StudyMaps | None:
         """``study``'s maps to make while the model writes, where that is on (:meth:`maps_while_decoding`)."""
-        return study if self.maps_while_decoding("ct" if isinstance(study, CTMaps) else "xray") else None
+        return study if self.maps_while_decoding() else None
 
     def _mapped(self, study: StudyMaps, gen: Generation, settings: dict, dims: int) -> tuple:
         """(answer, generation in the answer's language entry, each finding's :class:`Mapped`, label map, extras)

@@ -135,12 +135,12 @@ def test_which_studies_are_mapped_while_the_model_writes(reader, monkeypatch):
 
     monkeypatch.delenv(MAPS_WHILE_DECODING_ENV, raising=False)
     gpu = Reader.for_maps(reader.info, reader.grid, "cuda")
-    assert gpu.maps_while_decoding("xray") and gpu.maps_while_decoding("ct")
-    assert not reader.maps_while_decoding("xray") and not reader.maps_while_decoding("ct")
+    assert gpu.maps_while_decoding()
+    assert not reader.maps_while_decoding()
     monkeypatch.setenv(MAPS_WHILE_DECODING_ENV, "1")
-    assert reader.maps_while_decoding("xray") and reader.maps_while_decoding("ct")
+    assert reader.maps_while_decoding()
     monkeypatch.setenv(MAPS_WHILE_DECODING_ENV, "0")
-    assert not gpu.maps_while_decoding("xray") and not gpu.maps_while_decoding("ct")
+    assert not gpu.maps_while_decoding()
 
 
 def test_the_time_the_maps_waited_for_the_anatomy_is_reported(reader, monkeypatch):

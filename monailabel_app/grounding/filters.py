@@ -44,8 +44,7 @@ def correlate1d_each(t: torch.Tensor, kernels: list[np.ndarray], axis: int) -> l
         raise ValueError("the kernels must have one length")
     r = (len(kernels[0]) - 1) // 2
     n = t.shape[axis]
-    index = torch.as_tensor(np.pad(np.arange(n), r, mode="symmetric"), device=t.device)
-    x = t.index_select(axis, index).movedim(axis, -1)  # (..., n + 2r), the border reflected
+    x = reflected(t, axis, r).movedim(axis, -1)  # (..., n + 2r)
     size = fft_length(x.shape[-1] + 2 * r)  # no wrap-around into the wanted part at any length >= this
     lines = torch.fft.rfft(x, size)
     out = []
@@ -54,6 +53,12 @@ def correlate1d_each(t: torch.Tensor, kernels: list[np.ndarray], axis: int) -> l
         full = torch.fft.irfft(lines * torch.fft.rfft(k, size), size)
         out.append(full[..., 2 * r : 2 * r + n].movedim(-1, axis))  # where the kernel lies wholly on the padded line
     return out
+
+
+def reflected(t: torch.Tensor, axis: int, r: int) -> torch.Tensor:
+    """``t`` with ``r`` values more at both ends of ``axis``, scipy's ``reflect`` border (``d c b a | a b c d``)."""
+    index = np.pad(np.arange(t.shape[axis]), r, mode="symmetric")
+    return t.index_select(axis, torch.as_tensor(index, device=t.device))
 
 
 def fft_length(n: int) -> int:
@@ -95,7 +100,7 @@ def gaussian_filter_direct(t: torch.Tensor, sigmas) -> torch.Tensor:
         weights = gaussian_kernel(sigma, 0)
         r = (len(weights) - 1) // 2
         n = out.shape[axis]
-        x = out.double().index_select(axis, torch.as_tensor(np.pad(np.arange(n), r, mode="symmetric"), device=t.device))
+        x = reflected(out.double(), axis, r)
         acc = x.narrow(axis, r, n) * float(weights[r])
         for j in range(r, 0, -1):  # the outermost pair first
             acc += (x.narrow(axis, r - j, n) + x.narrow(axis, r + j, n)) * float(weights[r - j])

@@ -174,7 +174,15 @@ def project_read(reader, study, answer, runs: int = 3) -> dict:
             "total": total, "peak": peak, "maps": lat["maps"], "prepare": lat["prepare"], "findings": len(r.findings),
             "maps_ahead": lat.get("maps_ahead", 0), "maps_ahead_wait": lat.get("maps_ahead_wait", 0.0),
             "anatomy_wait": lat.get("anatomy_wait", 0.0),
+            "host": {k: lat.get(f"decoder_decode_{k}", 0.0) for k in ("launch", "look", "callbacks")},
             "tokens": lat["prompt_tokens"]}
+
+
+def host_note(d) -> str:
+    """The decode loop's host seconds (launching replays, looking at tokens, the callbacks: the rows' copies
+    and the findings' maps started) as words for a row."""
+    h = d["host"]
+    return f"decode loop's host: launch {h['launch']:.3f} s, look {h['look']:.3f} s, callbacks {h['callbacks']:.3f} s"
 
 
 def capture_cost(reader, content, question, answer, rollout: bool, runs: int = 2) -> tuple[float, float]:
@@ -217,10 +225,29 @@ def prefill_chunk(chunk: int | None):
         prefill_attention.CHUNK = kept
 
 
-def speed(model, processor, reader, modalities=("xray", "ct"), anchors: bool = True, chunks=(None,)) -> None:
+@contextmanager
+def environment(name: str, value):
+    """The environment variable ``name`` set to ``value`` for the block (None: unset)."""
+    kept = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = str(value)
+    try:
+        yield
+    finally:
+        if kept is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = kept
+
+
+def speed(model, processor, reader, modalities=("xray", "ct"), anchors: bool = True, chunks=(None,),
+          aheads=(None,)) -> None:
     """One study per modality: plain ``generate`` (the anchor), the project path with masks, and the capture's
     cost; ``anchors`` False: the project path alone (a short lease). ``chunks``: the long prefill's chunk
-    settings to compare (:mod:`prefill_attention`; 0: dense)."""
+    settings to compare (:mod:`prefill_attention`; 0: dense); ``aheads``: the decode replays in flight to compare
+    (:data:`decoding.AHEAD_ENV`; None: the library's own)."""
     tok = processor.tokenizer
     film, volume = xray(7), ct(3)
     x_answer = report(tok, XRAY_FINDINGS)
@@ -242,14 +269,16 @@ def speed(model, processor, reader, modalities=("xray", "ct"), anchors: bool = T
             del inputs
         gc.collect()
         torch.cuda.empty_cache()
-        for chunk in chunks:
-            with prefill_chunk(chunk) as c:
+        for chunk, ahead in [(c, a) for c in chunks for a in aheads]:
+            with prefill_chunk(chunk) as c, environment(decoding.AHEAD_ENV, ahead):
                 f = project_read(reader, study, answer)
-            emit(row(f"{name}: project path, masks included ({f['findings']} findings; maps {f['maps']:.3f} s, "
+                replays = decoding.replays_ahead(1, True)
+            emit(row(f"{name}: project path, masks included ({f['findings']} findings; {replays} decode replays in "
+                     f"flight; maps {f['maps']:.3f} s, "
                      f"{f['maps_ahead']} of them made while decoding, {f['maps_ahead_wait']:.3f} s waited for, "
                      f"{f['anatomy_wait']:.3f} s waited for the anatomy; "
                      f"preprocessing {f['prepare']:.3f} s; peak with weights {gib(weights + f['peak'])} GiB"
-                     f"{chunk_label(c, f['tokens'])})", f))
+                     f"{chunk_label(c, f['tokens'])}; {host_note(f)})", f))
         if f["maps_ahead"]:  # the same reading with every map made after the answer
             os.environ[MAPS_WHILE_DECODING_ENV] = "0"
             try:
@@ -257,7 +286,7 @@ def speed(model, processor, reader, modalities=("xray", "ct"), anchors: bool = T
             finally:
                 del os.environ[MAPS_WHILE_DECODING_ENV]
             emit(row(f"{name}: the same, maps made after the answer ({MAPS_WHILE_DECODING_ENV}=0; maps "
-                     f"{a['maps']:.3f} s)", a))
+                     f"{a['maps']:.3f} s; {host_note(a)})", a))
         if anchors:
             with_c, without = capture_cost(reader, content, q, answer, rollout=name.startswith("CT"))
             emit(f"| {name}: capture cost (graph, no compile) | | | | {with_c:.3f} vs {without:.3f} (no capture): "
@@ -395,6 +424,35 @@ def prefill(model, processor, reader, modalities=("xray",), runs: int = 5, chunk
                 emit(events.table(sort_by=order, row_limit=20, max_name_column_width=60))
                 emit("```")
             emit()
+            with prefill_chunk(chunk):
+                fills_and_copies(lambda: prefill_and_decode(*args, compile=False))
+
+
+FILLS_AND_COPIES = ("aten::zero_", "aten::fill_", "aten::copy_", "aten::masked_fill_")
+
+
+def fills_and_copies(step, top: int = 14) -> None:
+    """Where ``step()``'s fills (a memset each) and copies come from: those operators grouped by their Python
+    stack and input shapes (torch.profiler), the costliest on the GPU first, with the stack's project and
+    library frames."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as kernels
+
+    with kernels(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True, record_shapes=True) as prof:
+        step()
+        sync()
+    events = [e for e in prof.key_averages(group_by_input_shape=True, group_by_stack_n=12) if e.key in FILLS_AND_COPIES]
+    events.sort(key=lambda e: e.device_time_total, reverse=True)
+    emit(f"Fills and copies by where they are called (top {top} of {len(events)}; GPU ms in all calls):")
+    emit()
+    emit("```")
+    for e in events[:top]:
+        frames = [f for f in e.stack if "monailabel_app" in f or "transformers" in f or "torch/nn" in f][:5]
+        emit(f"{e.device_time_total / 1e3:9.2f} ms {e.count:5d} x {e.key} {str(e.input_shapes)[:120]}")
+        for f in frames:
+            emit(f"      {f[-110:]}")
+    emit("```")
+    emit()
 
 
 def decode(model, processor, reader, modalities=("ct",)) -> None:
@@ -750,7 +808,8 @@ def main(argv=None):
                     "15,0 (0: maps in threads; default: the library's own)")
     ap.add_argument("--map-process-devices", default="", help="the batch part: where map workers map, to "
                     "compare, e.g. cpu,cuda (default: the library's own, MEDGEMMA_MAP_PROCESS_DEVICE)")
-    ap.add_argument("--decode-ahead", default="", help="the batch part: decode replays in flight to compare, e.g. 2,1")
+    ap.add_argument("--decode-ahead", default="", help="the batch and speed parts: decode replays in flight to "
+                    "compare, e.g. 2,1")
     ap.add_argument("--blobs-ahead", default="", help="the batch part: films' blob filters made ahead on the GPU for "
                     "the map workers or not, to compare, e.g. 1,0 (default: the library's own)")
     ap.add_argument("--map-nice", default="", help="the batch part: the map workers' priority below the serving "
@@ -786,7 +845,8 @@ def main(argv=None):
             profile(model, processor, reader, [m for m in args.speed_modalities.split(",") if m], args.profile_batch)
         chunks = [int(c) for c in args.prefill_chunks.split(",") if c] or [None]
         if "speed" in parts:
-            speed(model, processor, reader, args.speed_modalities.split(","), not args.no_anchors, chunks)
+            speed(model, processor, reader, args.speed_modalities.split(","), not args.no_anchors, chunks,
+                  [int(a) for a in args.decode_ahead.split(",") if a] or [None])
         if "searches" in parts:
             searches(reader, processor, [int(w) for w in args.search_workers.split(",")])
         if "decode" in parts:

@@ -576,8 +576,8 @@ class LiveRows:
     not all copied (and rolled out, on the GPU at once) after the last step. The whole answer's rows are these
     same copies, so a finding mapped early or at the end reads identical rows (rolled out the same).
 
-    On a GPU the decode loop only queues each copy (:meth:`advance`: into page-locked memory, then into the rows
-    on a thread of its own): a copy into pageable memory waits for the device and the host's memory, and a CT's
+    The decode loop only queues each copy (:meth:`advance`: on a GPU into page-locked memory; then into the rows
+    on a thread of its own): on a GPU a copy into pageable memory waits for the device and the host's memory, and a CT's
     look at 8 steps (28 MB of rows) held the loop 27 ms (run AS: 0.68 s of a 0.83 s decode). A reader of the
     rows (:meth:`upto`) waits for the copies it needs."""
 
@@ -604,14 +604,13 @@ class LiveRows:
                     part = self.recorder.rolled_rows(self.decoder.decode_rows(steps, self.count, self.recorded))
                 if self.rows is None:
                     self.rows = torch.empty((self.decoder.max_new, *part.shape[1:]), dtype=torch.float32)
-                if self.stream is None:
-                    self.rows[self.count : steps].copy_(part)
-                else:  # page-locked staging (the host allocator reuses it once its copy is done), then the rows
+                staged, copied = part, None  # on the CPU: already in host memory
+                if self.stream is not None:  # page-locked staging (reused by the host allocator once copied)
                     staged = torch.empty(part.shape, dtype=torch.float32, pin_memory=True)
                     staged.copy_(part, non_blocking=True)
                     copied = torch.cuda.Event()
                     copied.record(self.stream)
-                    self.landed = _LANDING.submit(_land, self.rows[self.count : steps], staged, copied)
+                self.landed = _LANDING.submit(_land, self.rows[self.count : steps], staged, copied)
             self.count = steps
 
     def upto(self, steps: int) -> torch.Tensor:
@@ -629,9 +628,12 @@ _LANDING = ThreadPoolExecutor(1, thread_name_prefix="rows")  # staged attention 
 
 
 def _land(rows: torch.Tensor, staged: torch.Tensor, copied) -> None:
-    """``staged`` (page-locked) into ``rows`` once the device's copy into it (``copied``) is done."""
-    copied.synchronize()
-    rows.copy_(staged)
+    """``staged`` into ``rows`` once the device's copy into it (``copied``: a CUDA event; None on the CPU) is
+    done. In inference mode: the rows are made in the decode's."""
+    if copied is not None:
+        copied.synchronize()
+    with torch.inference_mode():
+        rows.copy_(staged)
 
 
 AHEAD_ENV = "MEDGEMMA_DECODE_AHEAD"  # decode replays in flight (default: 2 where other work shares the host, else 1)

@@ -272,7 +272,7 @@ def speed(model, processor, reader, modalities=("xray", "ct"), anchors: bool = T
         for chunk, ahead in [(c, a) for c in chunks for a in aheads]:
             with prefill_chunk(chunk) as c, environment(decoding.AHEAD_ENV, ahead):
                 f = project_read(reader, study, answer)
-                replays = decoding.replays_ahead(1, True)
+                replays = decoding.replays_ahead(1, True, long=f["tokens"] >= prefill_attention.LONG)
             emit(row(f"{name}: project path, masks included ({f['findings']} findings; {replays} decode replays in "
                      f"flight; maps {f['maps']:.3f} s, "
                      f"{f['maps_ahead']} of them made while decoding, {f['maps_ahead_wait']:.3f} s waited for, "

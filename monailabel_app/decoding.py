@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import projections
+from . import prefill_attention, projections
 from .capture import AttentionRecorder, DecodeRecorder, NoRecorder, recording
 
 logger = logging.getLogger(__name__)
@@ -639,13 +639,14 @@ def _land(rows: torch.Tensor, staged: torch.Tensor, copied) -> None:
 AHEAD_ENV = "MEDGEMMA_DECODE_AHEAD"  # decode replays in flight (default: 2 where other work shares the host, else 1)
 
 
-def replays_ahead(batch: int, live: bool, graphs: bool = True) -> int:
+def replays_ahead(batch: int, live: bool, graphs: bool = True, long: bool = False) -> int:
     """Decode replays kept in flight (:meth:`Decoder.run`): with CUDA graphs two for a batch (its next inputs
-    and the last batch's maps are made beside it), three (:data:`MAX_AHEAD`) for one study whose attention rows
-    are copied while it decodes (``live``: every capturing study on a GPU; its findings' maps start then too,
-    and a CT's searches hold the interpreter for tens of milliseconds: with two in flight the device waited,
-    10.99 ms a token against 7.08 with three, run AS), else one (an answer that ends early wastes no steps;
-    without graphs the steps run as they are launched, so one); :data:`AHEAD_ENV` sets it."""
+    and the last batch's maps are made beside it) and for one study whose attention rows are copied while it
+    decodes (``live``: every capturing study on a GPU; its findings' maps start then too), three
+    (:data:`MAX_AHEAD`) for such a study with a ``long`` prompt (a CT: its findings' searches hold the
+    interpreter for tens of milliseconds; with two in flight the device waited: 8.85 ms a token against 6.38
+    with three, run AT), else one (an answer that ends early wastes no steps; without graphs the steps run as
+    they are launched, so one); :data:`AHEAD_ENV` sets it."""
     value = os.environ.get(AHEAD_ENV, "").strip()
     if value:
         if value not in [str(n) for n in range(1, MAX_AHEAD + 1)]:
@@ -653,7 +654,9 @@ def replays_ahead(batch: int, live: bool, graphs: bool = True) -> int:
         return int(value)
     if not graphs:
         return 1
-    return MAX_AHEAD if batch == 1 and live else 2 if batch > 1 else 1
+    if batch == 1 and live:
+        return MAX_AHEAD if long else 2
+    return 2 if batch > 1 else 1
 
 
 COMPILE_CACHE_ENV = "MEDGEMMA_COMPILE_CACHE"  # folder for compiled kernels (default ~/.cache/monailabel-medgemma/compile)
@@ -773,7 +776,8 @@ def prefill_and_decode(model, inputs: dict, layers: list[int], tokens_per_image:
             progress(tokens[0], partial(live.upto, steps), recorder.usable_layers)
 
     rows = decoder.run(cache, prompt_len, pad, out.logits[:, -1], image_positions, forced, stop_loops,
-                       None if live is None else on_check, replays_ahead(batch, live is not None, decoder.use_graph))
+                       None if live is None else on_check, replays_ahead(batch, live is not None, decoder.use_graph,
+                                                  prompt_len >= prefill_attention.LONG))
     t2 = _now(model)
     attention = None
     steps = max(len(r.token_ids) for r in rows)

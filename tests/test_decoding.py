@@ -293,7 +293,8 @@ def test_progress_sees_the_answer_grow_and_its_final_rows(tiny, monkeypatch, rol
 
 def test_replays_in_flight_from_the_environment(monkeypatch):
     monkeypatch.delenv(decoding.AHEAD_ENV, raising=False)
-    assert decoding.replays_ahead(1, False) == 1 and decoding.replays_ahead(1, True) == decoding.MAX_AHEAD == 3
+    assert decoding.replays_ahead(1, False) == 1 and decoding.replays_ahead(1, True) == 2
+    assert decoding.replays_ahead(1, True, long=True) == decoding.MAX_AHEAD == 3  # a CT, its maps beside
     assert decoding.replays_ahead(8, False) == 2
     assert decoding.replays_ahead(8, True, graphs=False) == 1  # eager steps run as they are launched
     monkeypatch.setenv(decoding.AHEAD_ENV, "1")

@@ -791,7 +791,8 @@ def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.nd
     box = bounding_box(search)
     if near is not None and near.any():
         box = tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(box, near_box(near, spacing, kind)))
-    sub = smoothed_hu(hu[box], spacing, device)
+    # findings whose attention spans the same box (a mass and an opacity in one lung) smooth it once
+    sub = _shared(cache, ("smoothed", _key(box)), lambda: smoothed_hu(hu[box], spacing, device))
     if method_of(kind, 3) == "air":
         dense = sub < -950
     elif method_of(kind, 3) == "fluid":
@@ -800,7 +801,7 @@ def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.nd
         dense = sub >= -500
     dense &= search[box]
     if method_of(kind, 3) in ("focal", "airspace"):
-        dense &= territory(aerated_lung(sub))
+        dense &= _shared(cache, ("territory", _key(box)), lambda: territory(aerated_lung(sub)))
     labels, n = components.label(dense)
     if n == 0:
         raise NoExtent("no region of its density where attention points")

@@ -52,7 +52,7 @@ sys.path.insert(0, HERE)
 
 from medgemma_shapes import build, global_layers, grounding, save  # noqa: E402
 
-from monailabel_app import decoding, map_processes, prefill_attention, prefill_norms  # noqa: E402
+from monailabel_app import decoding, map_processes, prefill_attention  # noqa: E402
 from monailabel_app.capture import CAPTURE_ATTN  # noqa: E402
 from monailabel_app.ct_phantoms import make_ct_phantom, phantom_volume  # noqa: E402
 from monailabel_app.decoding import prefill_and_decode  # noqa: E402
@@ -243,12 +243,11 @@ def environment(name: str, value):
 
 
 def speed(model, processor, reader, modalities=("xray", "ct"), anchors: bool = True, chunks=(None,),
-          aheads=(None,), norms=(None,)) -> None:
+          aheads=(None,)) -> None:
     """One study per modality: plain ``generate`` (the anchor), the project path with masks, and the capture's
     cost; ``anchors`` False: the project path alone (a short lease). ``chunks``: the long prefill's chunk
     settings to compare (:mod:`prefill_attention`; 0: dense); ``aheads``: the decode replays in flight to compare
-    (:data:`decoding.AHEAD_ENV`; None: the library's own); ``norms``: a long prefill's RMSNorms compiled or not
-    (1, 0: :data:`prefill_norms.FUSED_ENV`; None: the library's own)."""
+    (:data:`decoding.AHEAD_ENV`; None: the library's own)."""
     tok = processor.tokenizer
     film, volume = xray(7), ct(3)
     x_answer = report(tok, XRAY_FINDINGS)
@@ -270,14 +269,12 @@ def speed(model, processor, reader, modalities=("xray", "ct"), anchors: bool = T
             del inputs
         gc.collect()
         torch.cuda.empty_cache()
-        for chunk, ahead, norm in [(c, a, n) for c in chunks for a in aheads for n in norms]:
-            with prefill_chunk(chunk) as c, environment(decoding.AHEAD_ENV, ahead), \
-                    environment(prefill_norms.FUSED_ENV, norm):
+        for chunk, ahead in [(c, a) for c in chunks for a in aheads]:
+            with prefill_chunk(chunk) as c, environment(decoding.AHEAD_ENV, ahead):
                 f = project_read(reader, study, answer)
                 replays = decoding.replays_ahead(1, True, long=f["tokens"] >= prefill_attention.LONG)
-                compiled = "compiled" if prefill_norms.wanted(model, f["tokens"]) else "eager"
             emit(row(f"{name}: project path, masks included ({f['findings']} findings; {replays} decode replays in "
-                     f"flight; prefill norms {compiled}; maps {f['maps']:.3f} s, "
+                     f"flight; maps {f['maps']:.3f} s, "
                      f"{f['maps_ahead']} of them made while decoding, {f['maps_ahead_wait']:.3f} s waited for, "
                      f"{f['anatomy_wait']:.3f} s waited for the anatomy; "
                      f"preprocessing {f['prepare']:.3f} s; peak with weights {gib(weights + f['peak'])} GiB"
@@ -817,8 +814,6 @@ def main(argv=None):
                     "the map workers or not, to compare, e.g. 1,0 (default: the library's own)")
     ap.add_argument("--map-nice", default="", help="the batch part: the map workers' priority below the serving "
                     "process's to compare, e.g. 0,5 (default: the library's own)")
-    ap.add_argument("--fused-norms", default="", help="the speed part: a long prefill's RMSNorms compiled (1) or "
-                    "eager (0) to compare, e.g. 1,0")
     ap.add_argument("--prefill-chunks", default="", help="the speed and prefill parts: a long prompt's prefill "
                     "chunk of query rows to compare, e.g. 1024,0 (0: dense; default: the library's own)")
     ap.add_argument("--search-workers", default="3", help="the searches part: threads and processes to compare, "
@@ -851,8 +846,7 @@ def main(argv=None):
         chunks = [int(c) for c in args.prefill_chunks.split(",") if c] or [None]
         if "speed" in parts:
             speed(model, processor, reader, args.speed_modalities.split(","), not args.no_anchors, chunks,
-                  [int(a) for a in args.decode_ahead.split(",") if a] or [None],
-                  [int(n) for n in args.fused_norms.split(",") if n] or [None])
+                  [int(a) for a in args.decode_ahead.split(",") if a] or [None])
         if "searches" in parts:
             searches(reader, processor, [int(w) for w in args.search_workers.split(",")])
         if "decode" in parts:

@@ -438,7 +438,9 @@ def fills_and_copies(step, top: int = 14) -> None:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as kernels
 
-    with kernels(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True, record_shapes=True) as prof:
+    stacks = torch._C._profiler._ExperimentalConfig(verbose=True)  # without it the Python frames stay empty
+    with kernels(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA], with_stack=True, record_shapes=True,
+                 experimental_config=stacks) as prof:
         step()
         sync()
     events = [e for e in prof.key_averages(group_by_input_shape=True, group_by_stack_n=12) if e.key in FILLS_AND_COPIES]

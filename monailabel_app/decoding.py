@@ -577,9 +577,9 @@ class LiveRows:
     same copies, so a finding mapped early or at the end reads identical rows (rolled out the same).
 
     The decode loop only queues each copy (:meth:`advance`: on a GPU into page-locked memory; then into the rows
-    on a thread of its own): on a GPU a copy into pageable memory waits for the device and the host's memory, and a CT's
-    look at 8 steps (28 MB of rows) held the loop 27 ms (run AS: 0.68 s of a 0.83 s decode). A reader of the
-    rows (:meth:`upto`) waits for the copies it needs."""
+    on a thread of its own): on a GPU a copy into pageable memory waits for the device and the host's memory,
+    and a CT's look at 8 steps (28 MB of rows) held the loop 27 ms (run AS: 0.68 s of a 0.83 s decode). A
+    reader of the rows (:meth:`upto`) waits for the copies it needs."""
 
     def __init__(self, recorder: AttentionRecorder, decoder: "Decoder"):
         self.recorder, self.decoder = recorder, decoder
@@ -636,7 +636,7 @@ def _land(rows: torch.Tensor, staged: torch.Tensor, copied) -> None:
         rows.copy_(staged)
 
 
-AHEAD_ENV = "MEDGEMMA_DECODE_AHEAD"  # decode replays in flight (default: 2 where other work shares the host, else 1)
+AHEAD_ENV = "MEDGEMMA_DECODE_AHEAD"  # decode replays in flight (default: replays_ahead's choice)
 
 
 def replays_ahead(batch: int, live: bool, graphs: bool = True, long: bool = False) -> int:

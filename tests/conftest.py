@@ -68,12 +68,16 @@ def reader_in(request):
 
 
 @pytest.fixture(scope="module")
-def server(studies):
-    """A real MONAI Label server on the calling test module's own ``studies`` folder, warming up at start as a
-    GPU server does (``--conf warm_up true``; compiled artefacts, where there are any, in its work folder)."""
+def server(studies, request):
+    """A real MONAI Label server on the calling test module's own ``studies`` folder. It warms up at start as a
+    GPU server does (``--conf warm_up true``; compiled artefacts, where there are any, in its work folder) where
+    the module sets ``SERVER_WARM_UP = True`` (test_server.py: the warm-up is tested there, beside its other
+    requests); elsewhere not (``false``): on the CPU each module's warm-up read four phantom studies beside its
+    tests, a minute of the suite in all."""
     from monailabel_app.server import ServerProcess
 
-    with ServerProcess(str(studies), conf={"warm_up": "true"}) as s:
+    warm = "true" if getattr(request.module, "SERVER_WARM_UP", False) else "false"
+    with ServerProcess(str(studies), conf={"warm_up": warm}) as s:
         yield s
 
 

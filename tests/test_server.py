@@ -17,6 +17,7 @@ from conftest import CXR, auto_precision, shared
 from monailabel_app.phantoms import make_phantom
 from monailabel_app.xray import load_radiograph
 
+SERVER_WARM_UP = True  # conftest's server warms up at start here, as a GPU server does (tested below)
 PHANTOM_SEEDS = [7, 11, 23, 42]
 EMPTY_SEED = next(s for s in range(100) if not make_phantom(s).lesions)
 SLICER = {"result_extension": ".nrrd", "result_dtype": "uint8"}

@@ -40,6 +40,7 @@ import statistics
 import sys
 import tempfile
 import time
+import contextlib
 from contextlib import contextmanager
 
 import numpy as np
@@ -536,47 +537,46 @@ def batch(model, processor, reader, sizes=(8, 32, 64), batches: int = 4, threads
         if reader._map_processes is not None:
             reader._map_processes.shutdown()
             reader._map_processes = None
+        settings = contextlib.ExitStack()  # this configuration's environment variables, restored after it
         for env, value in ((map_processes.ENV, n_processes), (map_processes.DEVICE_ENV, device),
                            (decoding.AHEAD_ENV, ahead), (map_processes.BLOBS_AHEAD_ENV, blob),
                            (map_processes.NICE_ENV, nice)):
-            if value is None:
-                os.environ.pop(env, None)
-            else:
-                os.environ[env] = str(value)
-        workers = map_processes.workers_for(reader.maps_device)
-        where = map_processes.device_for(reader.maps_device).type if workers else "-"
-        for b in sizes:
-            n = b * batches
-            reader.read_many(films[:b], answers=answers[:b], batch_size=b)  # warm-up
-            sync()
-            torch.cuda.reset_peak_memory_stats()
-            base = torch.cuda.memory_allocated()
-            latencies, at = {}, []
+            settings.enter_context(environment(env, value))
+        with settings:
+            workers = map_processes.workers_for(reader.maps_device)
+            where = map_processes.device_for(reader.maps_device).type if workers else "-"
+            for b in sizes:
+                n = b * batches
+                reader.read_many(films[:b], answers=answers[:b], batch_size=b)  # warm-up
+                sync()
+                torch.cuda.reset_peak_memory_stats()
+                base = torch.cuda.memory_allocated()
+                latencies, at = {}, []
 
-            def done(i, reading):  # what a curation run keeps of a reading once it is written
-                latencies[i] = reading.latencies
-                at.append(time.perf_counter())
+                def done(i, reading):  # what a curation run keeps of a reading once it is written
+                    latencies[i] = reading.latencies
+                    at.append(time.perf_counter())
 
-            print(f"[bench] timed batch of {n} starts, pid {os.getpid()}", file=sys.stderr, flush=True)  # a profiler's cue
-            t0 = time.perf_counter()
-            reader.read_many(films[:n], answers=answers[:n], batch_size=b, on_reading=done)
-            total = time.perf_counter() - t0
-            gen = sum(latencies[k]["generate"] + latencies[k]["prepare"] for k in range(0, n, b))
-            assert len(latencies) == n and all(v["new_tokens"] == NEW for v in latencies.values())
-            at.sort()
-            steady = f"{(n - 2 * b) / (at[n - b - 1] - at[b - 1]):.1f}" if n >= 3 * b else "-"
-            ahead_blobs = "yes" if workers and map_processes.blobs_ahead() else "no"
-            emit(f"| {b} | {n} | {workers} | {where} | {map_processes.niceness() if workers else '-'} | {ahead_blobs} | {maps.MAP_THREADS if not workers else '-'} | "
-                 f"{decoding.replays_ahead(b, False)} | {gen:.3f} | {n / gen:.1f} | {total:.3f} | {n / total:.1f} | "
-                 f"{steady} | {gib(torch.cuda.max_memory_allocated() - base)} |")
-            per_film.append(f"{b} x {workers or maps.MAP_THREADS} {'processes on ' + where if workers else 'threads'}"
-                            f"{', nice ' + str(map_processes.niceness()) if workers else ''}"
-                            f"{', blobs ahead' if ahead_blobs == 'yes' else ''}: "
-                            f"{statistics.median(v['maps'] for v in latencies.values()):.3f} s")
-            per_batch.append(f"{b}{', nice ' + str(map_processes.niceness()) if workers else ''}"
-                             f"{', blobs ahead' if ahead_blobs == 'yes' else ''}: waited for inputs "
-                             + " / ".join(f"{latencies[k]['prepare']:.2f}" for k in range(0, n, b)) + " s, generated in "
-                             + " / ".join(f"{latencies[k]['generate']:.2f}" for k in range(0, n, b)) + " s")
+                print(f"[bench] timed batch of {n} starts, pid {os.getpid()}", file=sys.stderr, flush=True)  # a profiler's cue
+                t0 = time.perf_counter()
+                reader.read_many(films[:n], answers=answers[:n], batch_size=b, on_reading=done)
+                total = time.perf_counter() - t0
+                gen = sum(latencies[k]["generate"] + latencies[k]["prepare"] for k in range(0, n, b))
+                assert len(latencies) == n and all(v["new_tokens"] == NEW for v in latencies.values())
+                at.sort()
+                steady = f"{(n - 2 * b) / (at[n - b - 1] - at[b - 1]):.1f}" if n >= 3 * b else "-"
+                ahead_blobs = "yes" if workers and map_processes.blobs_ahead() else "no"
+                emit(f"| {b} | {n} | {workers} | {where} | {map_processes.niceness() if workers else '-'} | {ahead_blobs} | {maps.MAP_THREADS if not workers else '-'} | "
+                     f"{decoding.replays_ahead(b, False)} | {gen:.3f} | {n / gen:.1f} | {total:.3f} | {n / total:.1f} | "
+                     f"{steady} | {gib(torch.cuda.max_memory_allocated() - base)} |")
+                per_film.append(f"{b} x {workers or maps.MAP_THREADS} {'processes on ' + where if workers else 'threads'}"
+                                f"{', nice ' + str(map_processes.niceness()) if workers else ''}"
+                                f"{', blobs ahead' if ahead_blobs == 'yes' else ''}: "
+                                f"{statistics.median(v['maps'] for v in latencies.values()):.3f} s")
+                per_batch.append(f"{b}{', nice ' + str(map_processes.niceness()) if workers else ''}"
+                                 f"{', blobs ahead' if ahead_blobs == 'yes' else ''}: waited for inputs "
+                                 + " / ".join(f"{latencies[k]['prepare']:.2f}" for k in range(0, n, b)) + " s, generated in "
+                                 + " / ".join(f"{latencies[k]['generate']:.2f}" for k in range(0, n, b)) + " s")
     maps.MAP_THREADS = default
     emit()
     emit("A film's maps, from its generation to its reading (median; in its worker or thread): " + "; ".join(per_film))

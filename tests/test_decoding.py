@@ -283,6 +283,9 @@ def test_progress_sees_the_answer_grow_and_its_final_rows(tiny, monkeypatch, rol
             assert rows.shape == (len(ids), 1, 1, 4, 8) and rows.device.type == "cpu"
             assert torch.equal(rows, live.attention[: len(ids)])
     torch.testing.assert_close(live.attention, plain.attention.cpu().float())
+    # the decode loop's host seconds: launching, looking at the tokens, and the callbacks (here the progress)
+    host = {k: live.seconds[f"decode_{k}"] for k in ("launch", "look", "callbacks")}
+    assert all(v >= 0 for v in host.values()) and host["callbacks"] > 0 and sum(host.values()) <= live.seconds["decode"]
     for ahead in ("1", "2", "3"):
         monkeypatch.setenv(decoding.AHEAD_ENV, ahead)
         again = prefill_and_decode(tiny, inputs, [3], 4, 30, rollout=rollout, stop_loops=False, progress=progress)

@@ -108,6 +108,40 @@ def test_effusion_and_pneumothorax_on_ct_by_their_densities():
     assert dice(extent.grow_ct(hu2, spacing, (20, 12, 40), "pneumothorax").mask, air) >= 0.8
 
 
+def test_findings_searching_one_box_smooth_it_once_and_find_what_they_find_alone(monkeypatch):
+    """Two findings whose attention spans the same box (a mass and an opacity in one lung) share the volume's
+    cache: the box is smoothed and its territory made once, and each finds the region it finds without it."""
+    from monailabel_app.ct_phantoms import make_ct_phantom, phantom_volume
+
+    ph = make_ct_phantom(4)
+    vol = phantom_volume(ph)
+    lesion = max(ph.lesions, key=lambda les: les.mask.sum())
+    centre = np.argwhere(lesion.mask).mean(axis=0)
+    d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(np.indices(vol.shape), centre, vol.spacing))
+    heat = np.exp(-d2 / (2 * 15.0**2)).astype(np.float32)
+    smoothings = []
+    real = extent.smoothed_hu
+    monkeypatch.setattr(extent, "smoothed_hu", lambda *a, **k: smoothings.append(a[0].shape) or real(*a, **k))
+
+    def outcome(kind, cache):
+        try:
+            e = extent.find_in_ct(vol.hu, vol.spacing, heat, kind, cache=cache)
+            return e.mask, e.seed, e.json()
+        except extent.NoExtent as x:
+            return None, str(x)
+
+    cache: dict = {}
+    shared = [outcome(kind, cache) for kind in ("mass", "opacity")]
+    boxes = [k[1] for k in cache if k[0] == "smoothed"]
+    assert len(boxes) == 1 and ("territory", boxes[0]) in cache  # one search box for both findings
+    box_shape = tuple(b - a for a, b in boxes[0])
+    assert smoothings.count(box_shape) == 1  # smoothed once for the two
+    for kind, got in zip(("mass", "opacity"), shared):
+        alone = outcome(kind, {})
+        assert got[1:] == alone[1:] and (got[0] is None) == (alone[0] is None)
+        assert got[0] is None or np.array_equal(got[0], alone[0])
+
+
 def test_a_volumes_findings_share_the_coarse_planes_and_get_the_same_regions(monkeypatch):
     """A large kind's box is looked at on coarse planes; with a cache kept for the volume's findings they
     are made once (a mass and an opacity at one voxel), the regions the same as without it. A point

@@ -61,23 +61,25 @@ SAVER = r"""
 import os, sys, numpy as np
 sys.path.insert(0, sys.argv[2])
 from monailabel_app.datastore import SafeLocalDatastore
-ds = SafeLocalDatastore(sys.argv[1], extensions=["*.png"], auto_reload=False)
 label = os.path.join(sys.argv[1], "..", "label.nii.gz")
-i = 0
-print("ready", flush=True)
-while True:
-    for image in ("a", "b", "c"):
-        ds.save_label(image, label, "final", {"round": i, "note": "x" * 2000})
-    i += 1
+for _ in sys.stdin:  # one saver per line, forked from here: the imports (15 s) paid once, not per kill
+    pid = os.fork()
+    if pid == 0:
+        ds = SafeLocalDatastore(sys.argv[1], extensions=["*.png"], auto_reload=False)
+        print("ready", os.getpid(), flush=True)
+        i = 0
+        while True:
+            for image in ("a", "b", "c"):
+                ds.save_label(image, label, "final", {"round": i, "note": "x" * 2000})
+            i += 1
+    os.waitpid(pid, 0)
+    print("gone", flush=True)
 """
 
 
 def test_sigkill_while_saving_labels_leaves_the_datastore_consistent(tmp_path):
-    """A process saves labels in a loop and is killed at arbitrary moments; after each kill the index
-    parses, and every label it lists is a whole file."""
-    import SimpleITK as sitk
-
-    from monailabel_app.datastore import SafeLocalDatastore
+    """A process saves labels in a loop and is killed at arbitrary moments; after each kill the index parses,
+    and every label it lists is a whole file. The savers are forked from one process that imported once."""
     from monailabel_app.xray import Geometry
 
     store = tmp_path / "store"
@@ -86,25 +88,43 @@ def test_sigkill_while_saving_labels_leaves_the_datastore_consistent(tmp_path):
         Image.fromarray(make_phantom(3).image).save(store / f"{image}.png")
     plane = (np.arange(512 * 512).reshape(512, 512) % 7).astype(np.uint8)  # a label of some size
     write_in_geometry(plane, Geometry.plain(512, 512), str(tmp_path / "label.nii.gz"))
-    for kill in range(5):
-        proc = subprocess.Popen([sys.executable, "-c", SAVER, str(store), ROOT], stdout=subprocess.PIPE, text=True)
-        assert proc.stdout.readline().strip() == "ready"
-        time.sleep(0.3 + 0.37 * kill)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        index = json.loads((store / "datastore_v2.json").read_text())  # parses: never half-written
-        ds = SafeLocalDatastore(str(store), extensions=["*.png"], auto_reload=False)
-        for image in ("a", "b", "c"):
-            info = index["objects"][image]["labels"].get("final")
-            if info is None:
-                continue
-            path = ds.get_label_uri(image, "final")
-            assert (sitk.GetArrayFromImage(sitk.ReadImage(path)).reshape(512, 512) == plane).all()
-        # a kill may leave a temporary file (never under a real name); every real label file is whole
-        for name in os.listdir(store / "labels" / "final"):
-            if not name.startswith(".tmp-"):
-                img = sitk.ReadImage(str(store / "labels" / "final" / name))
-                assert (sitk.GetArrayFromImage(img).reshape(512, 512) == plane).all()
+    savers = subprocess.Popen([sys.executable, "-c", SAVER, str(store), ROOT], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        for kill in range(5):
+            savers.stdin.write("go\n")
+            savers.stdin.flush()
+            ready, pid = savers.stdout.readline().split()
+            assert ready == "ready"
+            time.sleep(0.3 + 0.37 * kill)
+            os.kill(int(pid), signal.SIGKILL)
+            assert savers.stdout.readline().strip() == "gone"
+            _check_store(store, plane)
+        assert json.loads((store / "datastore_v2.json").read_text())["objects"]["a"]["labels"].get("final")
+    finally:
+        savers.kill()
+        savers.wait()
+
+
+def _check_store(store, plane):
+    """The index parses and every label it lists, and every label file under a real name, is whole."""
+    import SimpleITK as sitk
+
+    from monailabel_app.datastore import SafeLocalDatastore
+
+    index = json.loads((store / "datastore_v2.json").read_text())  # parses: never half-written
+    ds = SafeLocalDatastore(str(store), extensions=["*.png"], auto_reload=False)
+    for image in ("a", "b", "c"):
+        info = index["objects"][image]["labels"].get("final")
+        if info is None:
+            continue
+        path = ds.get_label_uri(image, "final")
+        assert (sitk.GetArrayFromImage(sitk.ReadImage(path)).reshape(512, 512) == plane).all()
+    # a kill may leave a temporary file (never under a real name); every real label file is whole
+    for name in os.listdir(store / "labels" / "final"):
+        if not name.startswith(".tmp-"):
+            img = sitk.ReadImage(str(store / "labels" / "final" / name))
+            assert (sitk.GetArrayFromImage(img).reshape(512, 512) == plane).all()
 
 
 def _full_disk(folder):

@@ -70,3 +70,23 @@ def test_lowdose_cli_on_phantoms_across_doses_and_precisions(tmp_path):
         with Image.open(out / png) as im:
             assert im.size[0] > 300 and im.size[1] > 200
     assert "fp32" in r.stdout and "bf16" in r.stdout
+
+
+def test_the_rows_truth_is_scored_without_the_words_only_baseline(monkeypatch):
+    """The low-dose rows read detected and pointing only: evaluate_ct(text_only=False) draws none of the 200
+    calibration phantoms of the words-only priors and leaves that row out; the rows it gives are unchanged."""
+    from monailabel_app.ct_phantoms import make_ct_phantom
+    from monailabel_app.jobs import evaluation
+
+    ph = make_ct_phantom(3)
+    labels = np.zeros(ph.hu.shape, np.uint8)
+    for k, les in enumerate(ph.lesions):
+        labels[les.mask] = k + 1
+    findings = [{"side": les.side, "level": les.level, "kind": les.kind, "attention_peak": les.center}
+                for les in ph.lesions]
+    full = evaluation.evaluate_ct(lambda _: (findings, labels), [3], 85, priors=evaluation.lobe_priors(range(20000, 20004)))
+    monkeypatch.setattr(evaluation, "lobe_priors", lambda *a: pytest.fail("the priors were drawn"))
+    short = evaluation.evaluate_ct(lambda _: (findings, labels), [3], 85, text_only=False)
+    assert set(short["maps"]) == {"a_raw_attention", "b_final_masks", "d_chance"}
+    assert short["maps"]["b_final_masks"] == full["maps"]["b_final_masks"] and short["lesions_detected"] == 1.0
+    assert short["maps"]["b_final_masks"]["pointing"] == 1.0 and "c_text_only" in full["maps"]

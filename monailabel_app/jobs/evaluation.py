@@ -172,16 +172,18 @@ def ct_hit_sampling(shape, spacing_zyx, shown: int, grid: int) -> tuple[float, f
     return sz / tol_z, sy / tol_xy, sx / tol_xy
 
 
-def evaluate_ct(read, seeds, max_slices: int, grid: int = 16, priors=None) -> dict:
-    """Lobe accuracy and the (a)-(d) table in 3-D on CT phantom ``seeds``.
+def evaluate_ct(read, seeds, max_slices: int, grid: int = 16, priors=None, text_only: bool = True) -> dict:
+    """Lobe accuracy and the (a)-(d) table in 3-D on CT phantom ``seeds``. ``text_only=False`` leaves out
+    row (c), the words-only baseline, and the 200 calibration phantoms its ``priors`` are drawn from.
 
     ``read(phantom)`` returns ``(findings, labels)`` on the phantom's voxel grid: findings as dicts with
     ``side``, ``level``, ``kind`` and ``attention_peak`` (z, y, x of the raw attention's maximum), labels
     the returned label map (finding k -> k). Hits use a tolerance of half a token cell in-plane and half
     the slice-sampling interval along z (an ellipsoid around the lesion); strict means inside the lesion.
     """
-    priors = priors or lobe_priors()
-    maps = {name: Scores() for name in ("a_raw_attention", "b_final_masks", "c_text_only", "d_chance")}
+    priors = (priors or lobe_priors()) if text_only else None
+    named_rows = ("a_raw_attention", "b_final_masks") + (("c_text_only",) if text_only else ())
+    maps = {name: Scores() for name in (*named_rows, "d_chance")}
     lesions = named = kind_ok = extra = detected = 0
     for seed in seeds:
         ph = make_ct_phantom(seed)
@@ -197,7 +199,7 @@ def evaluate_ct(read, seeds, max_slices: int, grid: int = 16, priors=None) -> di
             final_size = int((labels == k + 1).sum()) if k is not None else n
             maps["d_chance"].add((dist <= 1).mean(), n / size, 2 * final_size * n / (size * (final_size + n)))
             if k is None:
-                for name in ("a_raw_attention", "b_final_masks", "c_text_only"):
+                for name in named_rows:
                     maps[name].add(0, 0, 0)
                 continue
             named += 1
@@ -208,6 +210,8 @@ def evaluate_ct(read, seeds, max_slices: int, grid: int = 16, priors=None) -> di
             detected += bool((m & les.mask).any())
             c = tuple(int(round(x)) for x in ndimage.center_of_mass(m)) if m.any() else p
             maps["b_final_masks"].add(dist[c] <= 1, les.mask[c], dice(m, les.mask))
+            if priors is None:
+                continue
             prior = _resize3(priors[(les.side, les.level)], ph.hu.shape)
             q = np.unravel_index(int(np.argmax(prior)), prior.shape)
             maps["c_text_only"].add(dist[q] <= 1, les.mask[q], dice(_top_k(prior, n), les.mask))

@@ -84,7 +84,8 @@ def test_the_rows_truth_is_scored_without_the_words_only_baseline(monkeypatch):
         labels[les.mask] = k + 1
     findings = [{"side": les.side, "level": les.level, "kind": les.kind, "attention_peak": les.center}
                 for les in ph.lesions]
-    full = evaluation.evaluate_ct(lambda _: (findings, labels), [3], 85, priors=evaluation.lobe_priors(range(20000, 20004)))
+    priors = evaluation.lobe_priors(range(20000, 20004))
+    full = evaluation.evaluate_ct(lambda _: (findings, labels), [3], 85, priors=priors)
     monkeypatch.setattr(evaluation, "lobe_priors", lambda *a: pytest.fail("the priors were drawn"))
     short = evaluation.evaluate_ct(lambda _: (findings, labels), [3], 85, text_only=False)
     assert set(short["maps"]) == {"a_raw_attention", "b_final_masks", "d_chance"}

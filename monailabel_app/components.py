@@ -11,10 +11,23 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
+from . import helper_processes
+
 
 def label(mask: np.ndarray, full: bool = False) -> tuple[np.ndarray, int]:
     """(labels, n): the connected pieces of ``mask`` numbered 1..n (0: background), connected through faces
-    (6 neighbours in 3-D, 4 in 2-D) or, ``full``, also through edges and corners (26, 8)."""
+    (6 neighbours in 3-D, 4 in 2-D) or, ``full``, also through edges and corners (26, 8). A large 3-D mask
+    goes to a helper process where there are any (:mod:`helper_processes`)."""
+    mask = np.asarray(mask, bool)
+    if mask.ndim == 3:
+        done = helper_processes.call("label", mask, full)
+        if done is not None:
+            return done
+    return label_here(mask, full)
+
+
+def label_here(mask: np.ndarray, full: bool = False) -> tuple[np.ndarray, int]:
+    """:func:`label` in this thread."""
     mask = np.asarray(mask, bool)
     if mask.ndim == 3 and mask.size:
         import cc3d

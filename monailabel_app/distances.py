@@ -9,10 +9,20 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import helper_processes
+
 
 def inside(mask: np.ndarray, spacing) -> np.ndarray:
     """float32, ``mask``'s shape: per voxel of ``mask``, the distance (in ``spacing``'s units per axis) to the
-    nearest voxel outside it; 0 outside. The array's edge is not a border (as scipy's)."""
+    nearest voxel outside it; 0 outside. The array's edge is not a border (as scipy's). A large mask goes to a
+    helper process where there are any (:mod:`helper_processes`)."""
+    spacing = tuple(float(s) for s in spacing)
+    done = helper_processes.call("inside", np.asarray(mask, bool), spacing)
+    return done[0] if done is not None else inside_here(mask, spacing)
+
+
+def inside_here(mask: np.ndarray, spacing) -> np.ndarray:
+    """:func:`inside` in this thread."""
     import edt
 
     mask = np.ascontiguousarray(mask, dtype=bool)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from . import allocator, map_processes
+from . import allocator, helper_processes, map_processes
 from .grounding import anatomy, extent, maps
 from .ct import CTVolume, Limits, body_mask, interleave, model_slices, sample_slices
 from .errors import InputError
@@ -194,6 +194,7 @@ class Reader:
             raise ValueError("mm_tokens_per_image must be a perfect square")
         self.grid = grid
         self._start_state()
+        helper_processes.start(helper_processes.helpers_for(self.maps_device))  # a CT's labels and distances
 
     def _start_state(self) -> None:
         """What a reader keeps between readings, with or without a model."""

@@ -1,0 +1,223 @@
+"""Labels and distances of large 3-D masks computed in helper processes, so that the calling thread lets the
+interpreter go while they run.
+
+cc3d's labelling (:func:`components.label`) and edt's distance transform (:func:`distances.inside`) hold the
+interpreter's lock for their whole call: beside a 0.4 s cc3d call a Python loop in another thread ran 6 % of
+its speed, beside a 1.4 s edt call 2 %. A CT's findings are searched in threads, one per finding, beside the
+decode loop on a GPU; on this project's CPU these calls are 1.7 of a real CT's 2.8 s of maps that hold the
+lock, so the searches and the decode loop took turns through them. A helper has its own interpreter: the
+calling thread copies the mask into shared memory, waits on a socket (the lock let go) and copies the answer
+out. The helper runs the same function of the same library: the same numbers.
+
+``MEDGEMMA_HELPER_PROCESSES``: how many helpers (0: every call stays in its thread). The default: on a GPU
+reader with at least 4 cores, :data:`DEFAULT_HELPERS`; else 0 (on 2 cores the calls have no core to go to).
+Masks under :data:`MIN_VOXELS` stay in the calling thread (tens of milliseconds at most). A helper that
+fails or dies has its call made in the calling thread, and a dead one is replaced; the caller sees no
+difference but the time.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import queue
+import socket
+import subprocess
+import sys
+import threading
+from multiprocessing.connection import Connection
+
+import numpy as np
+
+from . import shared_blocks
+
+ENV = "MEDGEMMA_HELPER_PROCESSES"
+DEFAULT_HELPERS = 4  # a CT's searches run in three threads, its anatomy in one
+MIN_VOXELS = 1 << 18  # below this a call stays in its thread (edt: about 15 ms here)
+OUT_DTYPES = {"label": np.uint32, "inside": np.float32}  # what each call gives back, per voxel
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where monailabel_app is imported from
+
+
+def helpers_for(device, cores: int | None = None) -> int:
+    """How many helpers a reader mapping on ``device`` (a torch.device) uses (``MEDGEMMA_HELPER_PROCESSES``
+    overrides)."""
+    wanted = os.environ.get(ENV, "").strip()
+    if wanted:
+        try:
+            value = int(wanted)
+        except ValueError:
+            value = -1
+        if not 0 <= value <= 64:
+            raise ValueError(f"{ENV} must be a whole number of processes from 0 to 64, got {wanted!r}")
+        return value
+    cores = cores or os.cpu_count() or 1
+    return DEFAULT_HELPERS if device.type == "cuda" and cores >= 4 else 0
+
+
+class _Helper:
+    """One helper process, its socket, and the two blocks of shared memory its calls go through."""
+
+    def __init__(self):
+        mine, theirs = socket.socketpair()
+        code = (f"import sys; sys.path.insert(0, {ROOT!r}); from monailabel_app.helper_processes import serve; "
+                "serve(int(sys.argv[1]))")
+        self.process = subprocess.Popen([sys.executable, "-c", code, str(theirs.fileno())], pass_fds=[theirs.fileno()],
+                                        stdin=subprocess.DEVNULL)
+        theirs.close()
+        self.conn = Connection(mine.detach())
+        self.blocks: dict[str, tuple[str, int, object]] = {}  # "in" / "out" -> (name, capacity, mapping)
+
+    def _block(self, which: str, size: int):
+        held = self.blocks.get(which)
+        if held is not None and held[1] >= size:
+            return held
+        if held is not None:
+            self._drop(which)
+        capacity = max(size, 1 << 20)
+        made = shared_blocks.new(capacity + capacity // 2)  # room to grow before the next block
+        if made is None:
+            raise OSError("no shared memory for a helper's block")
+        self.blocks[which] = (made[0], capacity + capacity // 2, made[1])
+        return self.blocks[which]
+
+    def _drop(self, which: str) -> None:
+        name, _, mapping = self.blocks.pop(which)
+        mapping.close()
+        shared_blocks.remove(name)
+
+    def run(self, op: str, mask: np.ndarray, args: tuple):
+        """(result, extra) of ``op`` on ``mask`` in the helper; raises on any failure there."""
+        out_dtype = np.dtype(OUT_DTYPES[op])
+        name_in, cap_in, block_in = self._block("in", mask.size)
+        name_out, cap_out, block_out = self._block("out", mask.size * out_dtype.itemsize)
+        np.frombuffer(block_in, np.bool_, mask.size).reshape(mask.shape)[...] = mask
+        self.conn.send((op, mask.shape, args, name_in, cap_in, name_out, cap_out))
+        status, value = self.conn.recv()
+        if status != "ok":
+            raise RuntimeError(f"helper process: {value}")
+        return np.frombuffer(block_out, out_dtype, mask.size).reshape(mask.shape).copy(), value
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except OSError:
+            pass
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        for which in list(self.blocks):
+            self._drop(which)
+
+
+class _Pool:
+    def __init__(self):
+        self.idle: queue.Queue[_Helper] = queue.Queue()
+        self.count = 0
+        self.served = 0  # calls answered by a helper (tests, benchmarks)
+        self.busy = 0  # calls under way in a helper
+        self.lock = threading.Lock()
+
+    def grow(self, count: int) -> None:
+        with self.lock:
+            while self.count < count:
+                self.idle.put(_Helper())
+                self.count += 1
+
+    def close(self) -> None:
+        with self.lock:
+            while self.count:
+                self.idle.get().close()
+                self.count -= 1
+
+
+_POOL = _Pool()
+atexit.register(_POOL.close)
+
+
+def start(count: int) -> int:
+    """At least ``count`` helpers running (started now, in the background: they import numpy, cc3d and edt);
+    the number running."""
+    if count > 0:
+        _POOL.grow(count)
+    return _POOL.count
+
+
+def stop() -> None:
+    """No helpers: every call stays in its thread again (waits for the calls under way)."""
+    _POOL.close()
+
+
+def served() -> int:
+    """How many calls helpers have answered in this process."""
+    return _POOL.served
+
+
+def call(op: str, mask: np.ndarray, *args):
+    """``op``'s (result, extra) computed by a helper, or None where it is to be made in the calling thread:
+    no helpers, a small mask, or a helper that failed (a dead one is replaced)."""
+    if not _POOL.count or mask.size < MIN_VOXELS:
+        return None
+    helper = _POOL.idle.get()
+    _count("busy", 1)
+    try:
+        answer = helper.run(op, mask, args)
+        _count("served", 1)
+        return answer
+    except (OSError, EOFError, RuntimeError, ValueError):
+        if not helper.alive():
+            helper.close()
+            helper = _Helper()
+        return None
+    finally:
+        _count("busy", -1)
+        _POOL.idle.put(helper)
+
+
+def _count(name: str, step: int) -> None:
+    with _POOL.lock:
+        setattr(_POOL, name, getattr(_POOL, name) + step)
+
+
+def busy() -> int:
+    """How many calls are under way in helpers now."""
+    return _POOL.busy
+
+
+# ------------------------------------------------------------------------------------------ the helper side
+
+
+def _compute(op: str, mask: np.ndarray, args: tuple):
+    from . import components, distances
+
+    if op == "label":
+        return components.label_here(mask, *args)
+    if op == "inside":
+        return distances.inside_here(mask, *args), None
+    raise ValueError(f"unknown call {op!r}")
+
+
+def serve(fd: int) -> None:
+    """The helper's loop: a call per message on socket ``fd`` until it closes."""
+    conn = Connection(fd)
+    mapped: dict[str, object] = {}
+    while True:
+        try:
+            op, shape, args, name_in, cap_in, name_out, cap_out = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            for name in set(mapped) - {name_in, name_out}:  # blocks the caller replaced
+                mapped.pop(name).close()
+            for name, cap in ((name_in, cap_in), (name_out, cap_out)):
+                if name not in mapped:
+                    mapped[name] = shared_blocks.mapped(name, cap)
+            size = int(np.prod(shape))
+            mask = np.frombuffer(mapped[name_in], np.bool_, size).reshape(shape)
+            result, extra = _compute(op, mask, args)
+            np.frombuffer(mapped[name_out], OUT_DTYPES[op], size).reshape(shape)[...] = result
+            conn.send(("ok", extra))
+        except Exception as e:  # noqa: BLE001 (the caller makes the call itself)
+            conn.send(("error", f"{type(e).__name__}: {e}"))

@@ -1,0 +1,124 @@
+"""Labels and distances in helper processes: the same arrays as in the calling thread, the interpreter free
+while they run, a killed helper replaced without a wrong answer, and a CT reading the same with them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import shared
+from monailabel_app import components, distances, helper_processes
+from monailabel_app.study import load_study
+
+SPACING = (2.5, 0.6, 0.7)
+
+
+@pytest.fixture(scope="module")
+def masks():
+    """Masks of a real CT (TotalSegmentator's example) at a clinical in-plane size: body, lungs, bone."""
+    from scipy import ndimage
+
+    pytest.importorskip("SimpleITK")  # (the lent GPU's machine has none)
+    hu = ndimage.zoom(load_study(shared("ct", "totalsegmentator", "example_ct.nii.gz"), "ct").hu, (1, 2.5, 2.5), order=0)
+    return [hu > -500, (hu > -950) & (hu < -200), hu > 200]
+
+
+@pytest.fixture
+def helpers():
+    helper_processes.start(2)
+    yield helper_processes
+    helper_processes.stop()
+
+
+def test_how_many_helpers(monkeypatch):
+    monkeypatch.delenv(helper_processes.ENV, raising=False)
+    assert helper_processes.helpers_for(torch.device("cuda"), cores=16) == helper_processes.DEFAULT_HELPERS
+    assert helper_processes.helpers_for(torch.device("cuda"), cores=2) == 0  # no core to go to
+    assert helper_processes.helpers_for(torch.device("cpu"), cores=16) == 0
+    monkeypatch.setenv(helper_processes.ENV, "2")
+    assert helper_processes.helpers_for(torch.device("cpu"), cores=2) == 2
+    for bad in ("two", "-1", "100"):
+        monkeypatch.setenv(helper_processes.ENV, bad)
+        with pytest.raises(ValueError, match=helper_processes.ENV):
+            helper_processes.helpers_for(torch.device("cuda"))
+
+
+def test_the_helpers_give_the_arrays_made_here(masks, helpers):
+    assert all(m.size >= helper_processes.MIN_VOXELS for m in masks)
+    before = helpers.served()
+    for m in masks:
+        for full in (False, True):
+            there, here = components.label(m, full), components.label_here(m, full)
+            assert there[1] == here[1] > 0 and there[0].dtype == here[0].dtype
+            assert np.array_equal(there[0], here[0])
+        box = m[:, 40:-40, 30:]  # a view, as the searches pass their boxes
+        there, here = distances.inside(box, SPACING), distances.inside_here(box, SPACING)
+        assert there.dtype == here.dtype == np.float32 and np.array_equal(there, here)
+    assert helpers.served() - before == 3 * len(masks)
+    small = masks[0][:8, :64, :64]  # under MIN_VOXELS: made here
+    assert np.array_equal(distances.inside(small, SPACING), distances.inside_here(small, SPACING))
+    assert helpers.served() - before == 3 * len(masks)
+
+
+def test_the_interpreter_runs_other_threads_while_a_helper_works(masks, helpers):
+    """While a helper makes a distance map (about a second here), this thread keeps running Python: it gets
+    through many rounds of its own work before the call returns. Made in the calling thread, edt holds the
+    interpreter for the whole call and this thread gets through a hundredth of them (checked)."""
+    big = np.concatenate([masks[0]] * 3)
+    done = threading.Event()
+    worker = threading.Thread(target=lambda: (distances.inside(big, SPACING), done.set()))
+    worker.start()
+    rounds = 0
+    try:
+        for _ in range(10**6):  # wait (in Python) until the call is with a helper
+            if helpers.busy():
+                break
+        else:
+            pytest.fail("the call never reached a helper")
+        while not done.is_set():
+            sum(i * i for i in range(2000))  # about a millisecond of Python
+            rounds += 1
+    finally:
+        worker.join()
+    assert rounds >= 2000, rounds  # 17,000 here; 200 with edt in the calling thread
+
+
+def test_a_killed_helper_is_replaced_and_its_call_made_here(masks, helpers):
+    m = masks[1]
+    here = components.label_here(m)
+    victims = list(helpers._POOL.idle.queue)
+    for helper in victims:
+        os.kill(helper.process.pid, signal.SIGKILL)
+        helper.process.wait()
+    before = helpers.served()
+    labels, n = components.label(m)  # its helper is dead: made here
+    assert n == here[1] and np.array_equal(labels, here[0]) and helpers.served() == before
+    labels, n = components.label(m)  # the other dead one: made here too
+    assert np.array_equal(labels, here[0])
+    alive = list(helpers._POOL.idle.queue)
+    assert len(alive) == 2 and all(h.alive() for h in alive) and not set(alive) & set(victims)
+    labels, n = components.label(m)
+    assert np.array_equal(labels, here[0]) and helpers.served() == before + 1
+
+
+def test_a_ct_reading_with_helpers_equals_the_reading_without(reader):
+    from monailabel_app import ct_phantoms
+
+    volume = ct_phantoms.phantom_volume(ct_phantoms.make_ct_phantom(2))
+    answer = "Nodule in the right lower lobe. Mass in the left upper lobe. Effusion in the right lower lobe."
+    without = reader.read(volume, answer=answer)
+    helper_processes.start(2)
+    try:
+        reader.forget_anatomy()
+        before = helper_processes.served()
+        with_helpers = reader.read(volume, answer=answer)
+        assert helper_processes.served() > before
+    finally:
+        helper_processes.stop()
+    assert np.array_equal(with_helpers.labels, without.labels) and with_helpers.labels.any()
+    assert with_helpers.extras == without.extras

@@ -53,7 +53,7 @@ sys.path.insert(0, HERE)
 
 from medgemma_shapes import build, global_layers, grounding, save  # noqa: E402
 
-from monailabel_app import decoding, map_processes, prefill_attention  # noqa: E402
+from monailabel_app import decoding, helper_processes, map_processes, prefill_attention  # noqa: E402
 from monailabel_app.capture import CAPTURE_ATTN  # noqa: E402
 from monailabel_app.ct_phantoms import make_ct_phantom, phantom_volume  # noqa: E402
 from monailabel_app.decoding import prefill_and_decode  # noqa: E402
@@ -243,12 +243,29 @@ def environment(name: str, value):
             os.environ[name] = kept
 
 
+@contextmanager
+def helpers(count):
+    """``count`` label and distance helper processes for the block (:mod:`helper_processes`; None: as they are);
+    gives the number running in it."""
+    kept = helper_processes.start(0)
+    if count is not None:
+        helper_processes.stop()
+        helper_processes.start(count)
+    try:
+        yield helper_processes.start(0)
+    finally:
+        if count is not None:
+            helper_processes.stop()
+            helper_processes.start(kept)
+
+
 def speed(model, processor, reader, modalities=("xray", "ct"), anchors: bool = True, chunks=(None,),
-          aheads=(None,)) -> None:
+          aheads=(None,), helper_counts=(None,)) -> None:
     """One study per modality: plain ``generate`` (the anchor), the project path with masks, and the capture's
     cost; ``anchors`` False: the project path alone (a short lease). ``chunks``: the long prefill's chunk
     settings to compare (:mod:`prefill_attention`; 0: dense); ``aheads``: the decode replays in flight to compare
-    (:data:`decoding.AHEAD_ENV`; None: the library's own)."""
+    (:data:`decoding.AHEAD_ENV`; None: the library's own); ``helper_counts``: the label and distance helper
+    processes to compare (None: the library's own)."""
     tok = processor.tokenizer
     film, volume = xray(7), ct(3)
     x_answer = report(tok, XRAY_FINDINGS)
@@ -270,12 +287,14 @@ def speed(model, processor, reader, modalities=("xray", "ct"), anchors: bool = T
             del inputs
         gc.collect()
         torch.cuda.empty_cache()
-        for chunk, ahead in [(c, a) for c in chunks for a in aheads]:
-            with prefill_chunk(chunk) as c, environment(decoding.AHEAD_ENV, ahead):
-                f = project_read(reader, study, answer)
+        for chunk, ahead, count in [(c, a, h) for c in chunks for a in aheads for h in helper_counts]:
+            with prefill_chunk(chunk) as c, environment(decoding.AHEAD_ENV, ahead), helpers(count) as running:
+                served = helper_processes.served()
+                f = project_read(reader, study, answer)  # (its warm-up reading warms the helpers too)
+                served = (helper_processes.served() - served) // 4  # per reading
                 replays = decoding.replays_ahead(1, True, long=f["tokens"] >= prefill_attention.LONG)
             emit(row(f"{name}: project path, masks included ({f['findings']} findings; {replays} decode replays in "
-                     f"flight; maps {f['maps']:.3f} s, "
+                     f"flight; {running} helper processes, {served} calls to them a reading; maps {f['maps']:.3f} s, "
                      f"{f['maps_ahead']} of them made while decoding, {f['maps_ahead_wait']:.3f} s waited for, "
                      f"{f['anatomy_wait']:.3f} s waited for the anatomy; "
                      f"preprocessing {f['prepare']:.3f} s; peak with weights {gib(weights + f['peak'])} GiB"
@@ -812,6 +831,8 @@ def main(argv=None):
                     "compare, e.g. cpu,cuda (default: the library's own, MEDGEMMA_MAP_PROCESS_DEVICE)")
     ap.add_argument("--decode-ahead", default="", help="the batch and speed parts: decode replays in flight to "
                     "compare, e.g. 2,1")
+    ap.add_argument("--helpers", default="", help="the speed part: label and distance helper processes to compare, "
+                    "e.g. 4,0 (default: the library's own)")
     ap.add_argument("--blobs-ahead", default="", help="the batch part: films' blob filters made ahead on the GPU for "
                     "the map workers or not, to compare, e.g. 1,0 (default: the library's own)")
     ap.add_argument("--map-nice", default="", help="the batch part: the map workers' priority below the serving "
@@ -848,7 +869,8 @@ def main(argv=None):
         chunks = [int(c) for c in args.prefill_chunks.split(",") if c] or [None]
         if "speed" in parts:
             speed(model, processor, reader, args.speed_modalities.split(","), not args.no_anchors, chunks,
-                  [int(a) for a in args.decode_ahead.split(",") if a] or [None])
+                  [int(a) for a in args.decode_ahead.split(",") if a] or [None],
+                  [int(h) for h in args.helpers.split(",") if h] or [None])
         if "searches" in parts:
             searches(reader, processor, [int(w) for w in args.search_workers.split(",")])
         if "decode" in parts:

@@ -831,7 +831,7 @@ def main(argv=None):
                     "compare, e.g. cpu,cuda (default: the library's own, MEDGEMMA_MAP_PROCESS_DEVICE)")
     ap.add_argument("--decode-ahead", default="", help="the batch and speed parts: decode replays in flight to "
                     "compare, e.g. 2,1")
-    ap.add_argument("--helpers", default="", help="the speed part: label and distance helper processes to compare, "
+    ap.add_argument("--helpers", default="", help="the speed and timeline parts: label and distance helper processes to compare, "
                     "e.g. 4,0 (default: the library's own)")
     ap.add_argument("--blobs-ahead", default="", help="the batch part: films' blob filters made ahead on the GPU for "
                     "the map workers or not, to compare, e.g. 1,0 (default: the library's own)")
@@ -859,7 +859,8 @@ def main(argv=None):
     emit(f"## bench/fast_path.py on {card} (torch {torch.__version__}, "
          f"transformers {__import__('transformers').__version__}), {time.strftime('%Y-%m-%d')}")
     emit()
-    if {"speed", "batch", "job", "precision", "restart", "profile", "prefill", "decode", "searches"} & set(parts):
+    if {"speed", "batch", "job", "precision", "restart", "profile", "prefill", "decode", "searches",
+            "timeline"} & set(parts):
         t0 = time.perf_counter()
         model, processor = build("cuda", torch.bfloat16, attn=CAPTURE_ATTN)
         print(f"built MedGemma-4B shapes in {time.perf_counter() - t0:.1f} s", flush=True)
@@ -871,6 +872,14 @@ def main(argv=None):
             speed(model, processor, reader, args.speed_modalities.split(","), not args.no_anchors, chunks,
                   [int(a) for a in args.decode_ahead.split(",") if a] or [None],
                   [int(h) for h in args.helpers.split(",") if h] or [None])
+        if "timeline" in parts:
+            import map_timeline
+
+            for count in [int(h) for h in args.helpers.split(",") if h] or [None]:
+                with helpers(count):
+                    emit(f"### The CT's maps, call by call ({MAPS_WHILE_DECODING_ENV} as the library's own)")
+                    emit()
+                    map_timeline.timeline(reader, ct(3), report(processor.tokenizer, CT_FINDINGS), emit, fresh, sync)
         if "searches" in parts:
             searches(reader, processor, [int(w) for w in args.search_workers.split(",")])
         if "decode" in parts:

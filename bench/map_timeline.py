@@ -1,0 +1,124 @@
+#!/usr/bin/env python
+"""When each step of a CT reading's maps runs, in which thread, and whether it computes or waits.
+
+    python bench/map_timeline.py [--helpers 0,2]         # the CPU: bench/cpu_maps.py's real CT
+    python bench/fast_path.py --only timeline             # the GPU benchmark's CT (MedGemma-4B shapes)
+
+One warm reading is made with the maps' functions wrapped (the findings' heatmaps, gates, peak regions, the
+image extent's search and its parts, labels and distances, the label map, the anatomy). Each call is printed
+with its thread, its start (seconds from the reading's start), its wall time and its thread's CPU time: a
+call whose wall time is far above its CPU time waited (for the interpreter's lock, the GPU, a helper process
+or a lock of the maps), one with both alike computed. Then each function's count and totals, and the
+reading's own latencies (prefill, decode) to place the decode in the timeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+from monailabel_app import components, distances, helper_processes  # noqa: E402
+from monailabel_app.grounding import anatomy, ct_maps, extent, maps  # noqa: E402
+
+WATCHED = [(anatomy, "ct_body_and_lungs"), (ct_maps, "slice_grids"), (ct_maps, "volume_heatmap"),
+           (ct_maps, "gated_map"), (maps, "peak_region"), (extent, "find_in_ct"), (extent, "smoothed_hu"),
+           (extent, "territory"), (extent, "grow_ct"), (extent, "deepest"), (components, "label"),
+           (distances, "inside"), (maps, "assign"), (ct_maps, "slice_info")]
+
+
+@contextmanager
+def watched(events: list):
+    """Every call of :data:`WATCHED` in the block appended to ``events`` as (thread, name, start, wall, cpu,
+    depth)."""
+    depth = threading.local()
+    kept = [(module, name, getattr(module, name)) for module, name in WATCHED]
+
+    def wrap(name, real):
+        def call(*args, **kwargs):
+            d = getattr(depth, "n", 0)
+            depth.n = d + 1
+            t0, c0 = time.perf_counter(), time.thread_time()
+            try:
+                return real(*args, **kwargs)
+            finally:
+                depth.n = d
+                events.append((threading.current_thread().name, name, t0, time.perf_counter() - t0,
+                               time.thread_time() - c0, d))
+        return call
+
+    for module, name, real in kept:
+        setattr(module, name, wrap(name, real))
+    try:
+        yield events
+    finally:
+        for module, name, real in kept:
+            setattr(module, name, real)
+
+
+def timeline(reader, study, answer, emit=print, fresh=lambda s: s, sync=lambda: None) -> dict:
+    """One reading of ``study`` (``answer`` said) after a warm-up, its maps' calls printed (markdown)."""
+    reader.read(study, answer=answer)
+    events: list = []
+    copy = fresh(study)
+    sync()
+    with watched(events):
+        t0 = time.perf_counter()
+        reading = reader.read(copy, answer=answer)
+        sync()
+        total = time.perf_counter() - t0
+    lat = reading.latencies
+    emit(f"Reading {total:.3f} s: preprocessing {lat.get('prepare', 0):.3f}, prefill {lat.get('decoder_prefill', 0):.3f}, "
+         f"decode {lat.get('decoder_decode', 0):.3f} s, maps after the answer {lat.get('maps', 0):.3f} s; "
+         f"{helper_processes.start(0)} helper processes")
+    emit()
+    emit("| thread | call | start s | wall s | CPU s |")
+    emit("|---|---|---|---|---|")
+    for thread, name, start, wall, cpu, depth in sorted(events, key=lambda e: (e[0], e[2])):
+        if wall >= 0.005:
+            emit(f"| {thread} | {'. ' * depth}{name} | {start - t0:.3f} | {wall:.3f} | {cpu:.3f} |")
+    emit()
+    totals = defaultdict(lambda: [0, 0.0, 0.0])
+    for _, name, _, wall, cpu, _ in events:
+        t = totals[name]
+        t[0], t[1], t[2] = t[0] + 1, t[1] + wall, t[2] + cpu
+    emit("| call | count | wall s | CPU s |")
+    emit("|---|---|---|---|")
+    for name, (n, wall, cpu) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
+        emit(f"| {name} | {n} | {wall:.3f} | {cpu:.3f} |")
+    emit()
+    return {"total": total, "events": events}
+
+
+def main() -> None:
+    import cpu_maps
+
+    from monailabel_app.reader import Reader
+    from monailabel_app.study import load_study
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--helpers", default="0", help="helper processes to compare, e.g. 0,2")
+    args = ap.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        reader = Reader(precision="fp32")
+        study = load_study(cpu_maps.clinical_ct(os.path.join(tmp, "ct.nii.gz")), "ct", reader.limits)
+        for count in [int(h) for h in args.helpers.split(",")]:
+            helper_processes.stop()
+            helper_processes.start(count)
+            reader.forget_anatomy()
+            timeline(reader, study, cpu_maps.FINDINGS, fresh=lambda s: dataclasses.replace(s, hu=s.hu.copy()))
+            reader.forget_anatomy()
+
+
+if __name__ == "__main__":
+    main()

@@ -41,9 +41,9 @@ VOLUME: list = []  # (hu, spacing) of the study, inherited by the forked workers
 _find = extent.find_in_ct
 
 
-def _recorded(hu, spacing, heat, kind, near=None, cache=None, support=None):
+def _recorded(hu, spacing, heat, kind, near=None, cache=None, support=None, *rest):
     CALLS.append((heat.copy(), kind, None if near is None else near.copy(), support))
-    return _find(hu, spacing, heat, kind, near, cache, support)
+    return _find(hu, spacing, heat, kind, near, cache, support, *rest)
 
 
 @contextmanager

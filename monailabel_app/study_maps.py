@@ -47,6 +47,10 @@ ASSUMED_SPACING = "assumed: the film's longer side 430 mm (the file gives no pix
 LANGUAGE_ENTRIES = ("zh",)  # answer languages a grounding entry may carry its own entry for (English: the entry)
 
 
+class Superseded(Exception):
+    """A label map started while the model wrote, given up for a later one (more findings)."""
+
+
 @dataclass
 class Mapped:
     """One finding's maps: its token-grid map(s), raw heatmap, gated map, region and what the image
@@ -71,6 +75,7 @@ class StudyMaps:
         self.started: dict[tuple, Future] = {}  # key -> the finding's maps, started while the model wrote
         self.started_labels: dict[tuple, Future] = {}  # the findings' keys in order -> (labels, extras)
         self.looked_upto = 0  # characters of the answer being written already read for findings
+        self.latest_labels: tuple | None = None  # the findings of the last label map started while the model wrote
         self.reused = 0
         self.waited = 0.0  # seconds the reading waited for maps started while the model wrote
         self.anatomy_waited = 0.0  # seconds the findings' maps waited for the study's anatomy (found beside the model)
@@ -116,8 +121,14 @@ class StudyMaps:
             self.anatomy_waited += time.perf_counter() - t0
         return got
 
-    def _finish_started(self, made: list[Future]) -> tuple[np.ndarray, list[dict]]:
-        return self._finish([m.result() for m in made])
+    def _finish_started(self, keys: tuple, made: list[Future]) -> tuple[np.ndarray, list[dict]]:
+        """The label map of the findings ``keys`` once their maps stand, unless a later finding came meanwhile:
+        then the later label map is the one the answer may need (this one is made again if it is, by
+        :meth:`finish`), and its work would only slow the findings' maps still under way."""
+        done = [m.result() for m in made]
+        if keys != self.latest_labels:
+            raise Superseded(f"a label map of {len(keys) + 1} or more findings was started")
+        return self._finish(done)
 
     def ahead(self, written: Partial, settings: dict) -> None:
         """The decode's progress: start the maps of the findings in the newly completed sentences of the
@@ -142,7 +153,9 @@ class StudyMaps:
                         return
                     self.started[keys[-1]] = started
             if tuple(keys) not in self.started_labels:  # the label map, if no other finding follows
-                self.started_labels[tuple(keys)] = maps.start(self._finish_started, [self.started[k] for k in keys])
+                self.latest_labels = tuple(keys)
+                self.started_labels[tuple(keys)] = maps.start(self._finish_started, tuple(keys),
+                                                              [self.started[k] for k in keys])
         except Exception:  # noqa: BLE001 (the answer goes on; its findings are mapped after it)
             logger.exception("mapping findings while the model writes failed: they are mapped after the answer")
 
@@ -150,6 +163,7 @@ class StudyMaps:
         """Drop what was started (its generation is not the one the reading uses)."""
         self.started.clear()
         self.started_labels.clear()
+        self.latest_labels = None
         self.looked_upto = 0
 
     def _finding(self, f: Finding, rows: list[int], gen: Generation, settings: dict) -> Mapped:
@@ -247,16 +261,23 @@ class CTMaps(StudyMaps):
         g = ct_maps.slice_grids(gen.attention, rows, self.reader.grid, len(self.ms.images))
         h = ct_maps.volume_heatmap(g, self.ms, volume.shape[0], device)
         # the gated map is zero outside the gate's box: gated, peak regions and search on it alone
+        threshold = float(settings.get("threshold", 0.5))
+        own = search = None  # the attention's own region and the one searched, found on a GPU
         if device.type == "cpu":  # gated with numpy (faster than torch on the CPU)
             h = h.numpy()
             m = ct_maps.gated_map(h, allowed, columns, box)
+        elif box is None:
+            m, h = ct_maps.gated_map(h, allowed, None, box), h.cpu().numpy()
         else:
-            m = ct_maps.gated_map(h, allowed, None if columns is None else torch.as_tensor(columns, device=device), box)
+            m, sub = ct_maps.gated_on_device(h, allowed, None if columns is None else torch.as_tensor(columns, device=device),
+                                             box)
+            own, search = maps.peak_regions_on_device(sub, m.shape, box, (threshold, extent.SEARCH_LEVEL))
+            del sub
             h = h.cpu().numpy()
         side = columns[None, None, :] if columns is not None else None
-        region, info = finding_region(f, m, float(settings.get("threshold", 0.5)), image_extent(settings), lambda own: (
-            extent.find_in_ct(volume.hu, volume.spacing, m, f.kind, own, self.shared, box, device)),
-            lambda p: [int(i) for i in reversed(volume.stored_index(p))], side, box)
+        region, info = finding_region(f, m, threshold, image_extent(settings), lambda own: (
+            extent.find_in_ct(volume.hu, volume.spacing, m, f.kind, own, self.shared, box, device, search)),
+            lambda p: [int(i) for i in reversed(volume.stored_index(p))], side, box, own)
         return Mapped(g, h, m, region, info, box)
 
     def _finish(self, done: list[Mapped]) -> tuple[np.ndarray, list[dict]]:
@@ -269,15 +290,18 @@ class CTMaps(StudyMaps):
 
 
 def finding_region(finding: Finding, heat: np.ndarray, threshold: float, from_image: bool, find, point,
-                   side: np.ndarray | None = None, support: tuple[slice, ...] | None = None) -> tuple[np.ndarray, dict]:
+                   side: np.ndarray | None = None, support: tuple[slice, ...] | None = None,
+                   own: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """(region, what the finding says about it): the image's region for the finding (``find()``, from
     :mod:`grounding.extent`) when ``from_image`` and the image gives one, with the point it grew from
     (``point(index)``: as the input's [i, j, k]; ``find`` is given the attention's own region), else the
     attention's own (the gated map's region at ``threshold``), with the reason. ``side``: the named side's half
     (safety: an image region never crosses to the other side of the patient; it is cut at the midline like the
     attention); and it must stand for the finding (:func:`keeps_image_region`). ``support``: the box outside
-    which ``heat`` is zero (its gate's; :func:`maps.peak_region`)."""
-    own = maps.peak_region(heat, threshold, support=support)
+    which ``heat`` is zero (its gate's; :func:`maps.peak_region`); ``own``: the attention's own region where
+    it was found already (:func:`maps.peak_regions_on_device`)."""
+    if own is None:
+        own = maps.peak_region(heat, threshold, support=support)
     if from_image:
         try:
             found = find(own)

@@ -653,7 +653,9 @@ def test_maps_made_while_writing_are_taken_only_for_the_same_finding(reader):
 
     from monailabel_app.generation import Partial
     from monailabel_app.language.findings import read_answer
-    from monailabel_app.study_maps import FilmMaps
+    from concurrent.futures import Future
+
+    from monailabel_app.study_maps import FilmMaps, Superseded
     from monailabel_app.xray import pad_to_square
 
     image = make_phantom(20011).image
@@ -676,6 +678,13 @@ def test_maps_made_while_writing_are_taken_only_for_the_same_finding(reader):
     labels, extras = film.finish([key], [early])  # the label map of the findings so far: the nodule alone
     assert np.array_equal(labels, early.region.astype(np.uint8)) and extras == [early.info]
     assert film.started_labels[(key,)].result()[0] is labels
+    film.latest_labels = (key, key)  # a label map of more findings started meanwhile: this one gives way
+    with pytest.raises(Superseded):
+        film._finish_started((key,), [film.started[key]])
+    film.started_labels[(key,)] = gone = Future()
+    gone.set_exception(Superseded("given way"))
+    again, _ = film.finish([key], [early])  # the answer's findings were these after all: made now
+    assert np.array_equal(again, labels)
     other = dataclasses.replace(nodule, side="left")
     fresh = film.finding(other, rows, gen, settings)
     assert fresh is not early and film.reused == 1 and not fresh.gated[:, : image.shape[1] // 2].any()

@@ -273,12 +273,12 @@ class CTMaps(StudyMaps):
                                              box)
             own, search = maps.peak_regions_on_device(sub, m.shape, box, (threshold, extent.SEARCH_LEVEL))
             del sub
-            h = h.cpu().numpy()
+            h = maps.to_host_later(h)  # the raw heatmap's copy beside the search
         side = columns[None, None, :] if columns is not None else None
         region, info = finding_region(f, m, threshold, image_extent(settings), lambda own: (
             extent.find_in_ct(volume.hu, volume.spacing, m, f.kind, own, self.shared, box, device, search)),
             lambda p: [int(i) for i in reversed(volume.stored_index(p))], side, box, own)
-        return Mapped(g, h, m, region, info, box)
+        return Mapped(g, h.result() if isinstance(h, Future) else h, m, region, info, box)
 
     def _finish(self, done: list[Mapped]) -> tuple[np.ndarray, list[dict]]:
         if not done:

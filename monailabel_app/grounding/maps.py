@@ -244,6 +244,31 @@ def side_stream():
     return torch.cuda.stream(_LOCAL.stream)
 
 
+_COPIER: ThreadPoolExecutor | None = None
+
+
+def to_host_later(t: torch.Tensor) -> Future:
+    """A future of ``t`` (a GPU tensor) as a numpy array, copied by a thread of its own after what the calling
+    thread's stream has queued (the tensor's values): the caller goes on meanwhile (a CT finding's 200 MB raw
+    heatmap, beside its search). A CPU tensor is given at once."""
+    global _COPIER
+    done: Future = Future()
+    if not t.is_cuda:
+        done.set_result(t.numpy())
+        return done
+    made = torch.cuda.Event()
+    made.record()
+    if _COPIER is None:
+        _COPIER = ThreadPoolExecutor(2, thread_name_prefix="copies")
+
+    def copy():
+        made.synchronize()
+        with side_stream():  # the copier's own stream: not queued behind the decode steps on the default one
+            return t.cpu().numpy()  # (a blocking copy: done before the tensor can be freed)
+
+    return _COPIER.submit(copy)
+
+
 def _call(fn, args):
     with side_stream():
         return fn(*args)

@@ -145,8 +145,10 @@ def test_a_reading_on_the_gpu_equals_the_cpu_reading():
         for k in range(1, len(a.findings) + 1):
             x, y = a.labels == k, b.labels == k
             assert (x ^ y).sum() <= max(1, 0.01 * (x | y).sum()), (study.source, k, x.sum(), y.sum())
-            h, g = a.heatmaps[k - 1], b.heatmaps[k - 1]  # the GPU's copied back beside its search
-            assert h.shape == g.shape and np.abs(h - g).max() <= 10 * HEAT_TOLERANCE * h.max(), (study.source, k)
+            # the GPU's heatmap, copied back beside its search: the CPU's within the two devices' attention
+            # (fp32 on each; 0.35 % of the film's maximum on the H200)
+            h, g = a.heatmaps[k - 1], b.heatmaps[k - 1]
+            assert h.shape == g.shape and np.abs(h - g).max() <= 0.02 * h.max(), (study.source, k)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the lent H200)")
@@ -165,3 +167,177 @@ def test_a_tensor_copied_to_the_host_later_has_the_values_its_stream_was_making(
         later = pool.submit(made_on_a_side_stream).result()
     got = later.result()
     assert np.array_equal(got, np.arange(1 << 20, dtype=np.float32) * 3)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_films_laplacian_of_gaussian_in_torch_equals_scipys(device):
+    """The blob filter the GPU runs (scipy's kernels and border, float64, FFT) against scipy itself, on a
+    phantom film and at a radius whose kernel is wider than the film (the border reflected twice)."""
+    from scipy import ndimage
+
+    from monailabel_app.grounding import filters
+
+    film = _film(128)
+    for sigma in ((1.5, 1.5), (3.0, 4.5), (40.0, 40.0)):
+        ref = ndimage.gaussian_laplace(film, sigma)
+        got = filters.gaussian_laplace(torch.as_tensor(film, dtype=torch.float64, device=device), sigma).cpu().numpy()
+        assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max(), sigma
+
+
+def test_kernels_sharing_one_fft_of_the_lines_give_each_ones_own_correlation():
+    """The blob filter's two terms start from one FFT of the reflected lines: bit for bit what each kernel
+    gives alone; kernels of different lengths (different borders) cannot share it."""
+    from monailabel_app.grounding import filters
+
+    t = torch.as_tensor(_film(96), dtype=torch.float64)
+    kernels = [filters.gaussian_kernel(7.0, order)[::-1].copy() for order in (2, 0)]
+    for axis in (0, 1):
+        shared = filters.correlate1d_each(t, kernels, axis)
+        assert all(torch.equal(s, filters.correlate1d(t, k, axis)) for s, k in zip(shared, kernels))
+    with pytest.raises(ValueError, match="one length"):
+        filters.correlate1d_each(t, [kernels[0], filters.gaussian_kernel(3.0, 0)], 0)
+
+
+def test_fft_lengths_are_the_smallest_made_of_2_3_and_5():
+    from monailabel_app.grounding.filters import fft_length
+
+    def smooth(m):
+        for p in (2, 3, 5):
+            while m % p == 0:
+                m //= p
+        return m == 1
+
+    got = [fft_length(n) for n in range(1, 3001)]
+    want = [next(m for m in range(n, 2 * n + 1) if smooth(m)) for n in range(1, 3001)]
+    assert got == want and fft_length(1819) == 1875
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the lent H200)")
+def test_blobs_on_the_gpu_equal_the_cpus():
+    from monailabel_app.grounding.extent import blobs
+
+    film = _film(1024)
+    s_cpu, r_cpu, _ = blobs(film, (0.4, 0.4), "opacity")
+    s_gpu, r_gpu, _ = blobs(film, (0.4, 0.4), "opacity", "cuda")
+    assert np.abs(s_gpu - s_cpu).max() <= 1e-4 * np.abs(s_cpu).max()
+    assert (r_gpu == r_cpu).mean() > 0.999
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_films_smoothing_in_torch_equals_scipys(device):
+    from scipy import ndimage
+
+    from monailabel_app.grounding import filters
+
+    film = np.random.default_rng(2).random((60, 45)).astype(np.float32) * 4000
+    got = filters.gaussian_filter(torch.as_tensor(film, dtype=torch.float64, device=device), 1.0).cpu().numpy()
+    assert np.abs(got - ndimage.gaussian_filter(film, 1.0)).max() <= 1e-3  # grey levels up to 4000
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_batchs_blob_responses_made_at_once_equal_each_films_own(device):
+    """read_many on a GPU filters a batch's films for blobs at once (extent.film_blob_responses): per film the
+    radii and responses its own blobs() makes on that device; films of two shapes and spacings in one call,
+    in groups. On the CPU the long kernels (FFT either way) agree bit for bit, scipy's short ones to float
+    rounding; the working copy is block_mean's, bit for bit."""
+    from PIL import Image
+
+    from monailabel_app import map_processes
+    from monailabel_app.grounding import extent, filters
+    from monailabel_app.grounding.blocks import block_mean
+
+    image = Image.fromarray(make_phantom(11).image)
+    big = [np.asarray(image.resize((1300, 1100), Image.BILINEAR)), np.asarray(image.resize((1300, 1100)).rotate(3))]
+    small = np.asarray(image.resize((300, 400), Image.BILINEAR))
+    films, spacings = [big[0], small, big[1], big[0]], [(0.3, 0.3), (0.5, 0.6), (0.3, 0.3), (0.3, 0.3)]
+    host = map_processes.shared_empty if device == "cpu" else torch.empty
+    got = extent.film_blob_responses(films, spacings, device, host=host, group=2)
+    for film, spacing, made in zip(films, spacings, got):
+        step = extent.film_step(film.shape)
+        assert step == (2 if film is not small else 1)
+        work = block_mean(film, step) if step > 1 else film.astype(np.float32)
+        assert np.array_equal(extent._work_on(film, step, device).cpu().numpy(), work)
+        own: dict = {}
+        work_spacing = extent._work_spacing(spacing, step)
+        extent._blobs(work, work_spacing, "opacity", None if device == "cpu" else device, own)
+        assert made.radii == tuple(own) and len(made.radii) == 6 and made.stack.device.type == "cpu"
+        assert made.stack.is_shared() == (host is map_processes.shared_empty)
+        for r, response in made.as_dict().items():
+            taps = int(filters.TRUNCATE * max(r / 1.4 / s for s in work_spacing) + 0.5)
+            if device == "cpu" and taps >= extent.FFT_FROM_TAPS:
+                assert np.array_equal(response, own[r]), r
+            else:
+                assert np.abs(response - own[r]).max() <= 1e-6 * np.abs(own[r]).max(), r
+    floats = np.random.default_rng(3).random((31, 40)).astype(np.float32)  # other values: block_mean's own
+    assert np.array_equal(extent._work_on(floats, 3, device).cpu().numpy(), block_mean(floats, 3))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_cts_smoothing_in_torch_equals_scipys_bit_for_bit(device):
+    """The CT search's smoothing (short kernels) summed as scipy's C code sums a symmetric kernel, in float64,
+    each axis stored in float32: scipy's array exactly, on random HU and on a phantom CT at a thin-section
+    grid's sigmas (z left out), an isotropic one and a kernel of three taps; and smoothed_hu on the device."""
+    from scipy import ndimage
+
+    from monailabel_app.grounding import extent, filters
+
+    rng = np.random.default_rng(7)
+    noise = rng.normal(-500, 400, (9, 37, 41)).astype(np.float32)
+    phantom = phantom_volume(make_ct_phantom(3)).hu[:20].astype(np.float32)
+    for a in (noise, phantom):
+        for sigmas in ((0.0, 0.6, 0.497), (0.6, 0.6, 0.6), (0.2, 1.3, 0.7)):
+            got = filters.gaussian_filter_direct(torch.as_tensor(a, device=device), sigmas).cpu().numpy()
+            assert got.dtype == np.float32 and np.array_equal(got, ndimage.gaussian_filter(a, sigmas)), sigmas
+    spacing = (2.5, 0.59, 0.72)
+    on = None if device == "cpu" else device
+    assert np.array_equal(extent.smoothed_hu(phantom, spacing, on), extent.smoothed_hu(phantom, spacing))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the lent H200)")
+def test_a_cts_extents_searched_with_the_gpus_smoothing_are_the_cpus(monkeypatch):
+    """find_in_ct with its HU smoothed on the GPU: the same regions, seeds and measures as on the CPU, for each
+    lesion of a phantom CT under attention centred on it, on the voxels and on coarse planes (a small
+    MAX_BOX_VOXELS: the large kinds' way on a clinical grid)."""
+    from monailabel_app.grounding import extent
+
+    ph = make_ct_phantom(4)
+    vol = phantom_volume(ph)
+    grid = np.indices(vol.shape)
+    found = 0
+    for most in (extent.MAX_BOX_VOXELS, 20_000):
+        monkeypatch.setattr(extent, "MAX_BOX_VOXELS", most)
+        for lesion in ph.lesions:
+            centre = np.argwhere(lesion.mask).mean(axis=0)
+            d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre, vol.spacing))
+            heat = np.exp(-d2 / (2 * 15.0**2)).astype(np.float32)
+            cpu, gpu = (_outcome(vol, heat, lesion.kind, device) for device in (None, "cuda"))
+            assert cpu[1:] == gpu[1:] and np.array_equal(cpu[0], gpu[0]), (most, lesion.kind, cpu[1:], gpu[1:])
+            found += int((cpu[0] & lesion.mask).sum() >= 0.8 * lesion.mask.sum())
+    assert found >= 3  # each lesion on the voxels (the coarse planes miss the small masses)
+
+
+def _outcome(vol, heat, kind, device) -> tuple:
+    """(mask, seed, measures) of find_in_ct, or (no mask, the reason)."""
+    from monailabel_app.grounding import extent
+
+    try:
+        e = extent.find_in_ct(vol.hu, vol.spacing, heat, kind, cache={}, device=device)
+        return e.mask, e.seed, e.json()
+    except extent.NoExtent as x:
+        return np.zeros(vol.shape, bool), str(x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_cts_peak_regions_found_on_the_device_are_the_cpus(reader, device):
+    """A phantom CT reading's gated maps, each on the box of its nonzero voxels: the attention's own region and
+    the region searched, found on the device by geodesic dilation, are the CPU's labelled ones."""
+    from monailabel_app.grounding import extent
+
+    reading = reader.read(phantom_volume(make_ct_phantom(4)))
+    assert reading.mask_maps
+    for m in reading.mask_maps:
+        box = extent.bounding_box(m != 0)
+        found = maps.peak_regions_on_device(torch.as_tensor(m[box], device=device), m.shape, box,
+                                            (0.5, extent.SEARCH_LEVEL))
+        for threshold, region in zip((0.5, extent.SEARCH_LEVEL), found):
+            assert region is not None and np.array_equal(region, maps.peak_region(m, threshold, support=box))

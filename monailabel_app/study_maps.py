@@ -271,7 +271,8 @@ class CTMaps(StudyMaps):
         else:
             m, sub = ct_maps.gated_on_device(h, allowed, None if columns is None else torch.as_tensor(columns, device=device),
                                              box)
-            own, search = maps.peak_regions_on_device(sub, m.shape, box, (threshold, extent.SEARCH_LEVEL))
+            if maps.PEAKS_ON_DEVICE:
+                own, search = maps.peak_regions_on_device(sub, m.shape, box, (threshold, extent.SEARCH_LEVEL))
             del sub
             h = maps.to_host_later(h)  # the raw heatmap's copy beside the search
         side = columns[None, None, :] if columns is not None else None

@@ -145,6 +145,7 @@ def peak_region(heatmap: np.ndarray, threshold: float = 0.5, scaled: np.ndarray 
     return _around_peak(above, peak)
 
 
+PEAKS_ON_DEVICE = True  # a CT finding's peak regions found on its GPU (False: labelled on the host; benchmarks)
 DILATIONS_PER_LOOK = 16  # geodesic dilation steps between two looks at whether the region still grows
 MAX_DILATIONS = 4096  # beyond this (a region that winds through a whole volume) the CPU labels it
 
@@ -173,9 +174,10 @@ def peak_regions_on_device(sub: torch.Tensor, shape, support: tuple[slice, ...],
             out.append(None)
             continue
         above = sub >= float(np.float32(level))  # compared in float32, as numpy compares a float32 map
-        region = torch.zeros(sub.shape, dtype=step, device=sub.device)
-        region.view(-1)[peak] = 1
-        keep = above.to(step)
+        crop = _box_of(above)  # grown within the box of the voxels at the level alone
+        region = torch.zeros(tuple(c.stop - c.start for c in crop), dtype=step, device=sub.device)
+        region[tuple(int(i) - c.start for i, c in zip(np.unravel_index(peak, tuple(sub.shape)), crop))] = 1
+        keep = above[crop].to(step)
         grown, done = 0, False
         while grown < MAX_DILATIONS and not done:
             before = region
@@ -187,9 +189,19 @@ def peak_regions_on_device(sub: torch.Tensor, shape, support: tuple[slice, ...],
             out.append(None)
             continue
         full = np.zeros(tuple(shape), bool)
-        full[support] = region.bool().cpu().numpy()
+        full[support][crop] = region.bool().cpu().numpy()
         out.append(full)
     return out
+
+
+def _box_of(mask: torch.Tensor) -> tuple[slice, ...]:
+    """The bounding box of a non-empty bool tensor's True voxels (one look at the device)."""
+    along = [mask.any(dim=tuple(a for a in range(mask.ndim) if a != d)) for d in range(mask.ndim)]
+    sizes = [len(a) for a in along]
+    first = torch.stack([torch.argmax(a.to(torch.uint8)) for a in along])
+    last = torch.stack([n - 1 - torch.argmax(a.flip(0).to(torch.uint8)) for a, n in zip(along, sizes)])
+    lo, hi = torch.stack([first, last]).cpu().tolist()
+    return tuple(slice(a, b + 1) for a, b in zip(lo, hi))
 
 
 def _around_peak(above: np.ndarray, peak: tuple) -> np.ndarray:

@@ -260,13 +260,12 @@ def helpers(count):
 
 
 def speed(model, processor, reader, modalities=("xray", "ct"), anchors: bool = True, chunks=(None,),
-          aheads=(None,), helper_counts=(None,), peaks_on_device=(None,)) -> None:
+          aheads=(None,), helper_counts=(None,)) -> None:
     """One study per modality: plain ``generate`` (the anchor), the project path with masks, and the capture's
     cost; ``anchors`` False: the project path alone (a short lease). ``chunks``: the long prefill's chunk
     settings to compare (:mod:`prefill_attention`; 0: dense); ``aheads``: the decode replays in flight to compare
     (:data:`decoding.AHEAD_ENV`; None: the library's own); ``helper_counts``: the label and distance helper
-    processes to compare (None: the library's own); ``peaks_on_device``: a CT finding's peak regions on the GPU
-    (1) or labelled on the host (0) to compare (:data:`maps.PEAKS_ON_DEVICE`)."""
+    processes to compare (None: the library's own)."""
     tok = processor.tokenizer
     film, volume = xray(7), ct(3)
     x_answer = report(tok, XRAY_FINDINGS)
@@ -288,19 +287,14 @@ def speed(model, processor, reader, modalities=("xray", "ct"), anchors: bool = T
             del inputs
         gc.collect()
         torch.cuda.empty_cache()
-        for chunk, ahead, count, peaks in [(c, a, h, p) for c in chunks for a in aheads for h in helper_counts
-                                           for p in peaks_on_device]:
-            kept, maps.PEAKS_ON_DEVICE = maps.PEAKS_ON_DEVICE, maps.PEAKS_ON_DEVICE if peaks is None else bool(peaks)
+        for chunk, ahead, count in [(c, a, h) for c in chunks for a in aheads for h in helper_counts]:
             with prefill_chunk(chunk) as c, environment(decoding.AHEAD_ENV, ahead), helpers(count) as running:
                 served = helper_processes.served()
                 f = project_read(reader, study, answer)  # (its warm-up reading warms the helpers too)
                 served = (helper_processes.served() - served) // 4  # per reading
                 replays = decoding.replays_ahead(1, True, long=f["tokens"] >= prefill_attention.LONG)
-            where = "the GPU" if maps.PEAKS_ON_DEVICE else "the host"
-            maps.PEAKS_ON_DEVICE = kept
             emit(row(f"{name}: project path, masks included ({f['findings']} findings; {replays} decode replays in "
-                     f"flight; {running} helper processes, {served} calls to them a reading; peak regions on {where}; "
-                     f"maps {f['maps']:.3f} s, "
+                     f"flight; {running} helper processes, {served} calls to them a reading; maps {f['maps']:.3f} s, "
                      f"{f['maps_ahead']} of them made while decoding, {f['maps_ahead_wait']:.3f} s waited for, "
                      f"{f['anatomy_wait']:.3f} s waited for the anatomy; "
                      f"preprocessing {f['prepare']:.3f} s; peak with weights {gib(weights + f['peak'])} GiB"
@@ -837,8 +831,6 @@ def main(argv=None):
                     "compare, e.g. cpu,cuda (default: the library's own, MEDGEMMA_MAP_PROCESS_DEVICE)")
     ap.add_argument("--decode-ahead", default="", help="the batch and speed parts: decode replays in flight to "
                     "compare, e.g. 2,1")
-    ap.add_argument("--peaks-on-device", default="", help="the speed part: a CT finding's peak regions on the GPU "
-                    "(1) or the host (0) to compare, e.g. 1,0 (default: the library's own)")
     ap.add_argument("--helpers", default="", help="the speed and timeline parts: label and distance helper processes to compare, "
                     "e.g. 4,0 (default: the library's own)")
     ap.add_argument("--blobs-ahead", default="", help="the batch part: films' blob filters made ahead on the GPU for "
@@ -879,8 +871,7 @@ def main(argv=None):
         if "speed" in parts:
             speed(model, processor, reader, args.speed_modalities.split(","), not args.no_anchors, chunks,
                   [int(a) for a in args.decode_ahead.split(",") if a] or [None],
-                  [int(h) for h in args.helpers.split(",") if h] or [None],
-                  [int(p) for p in args.peaks_on_device.split(",") if p] or [None])
+                  [int(h) for h in args.helpers.split(",") if h] or [None])
         if "timeline" in parts:
             import map_timeline
 

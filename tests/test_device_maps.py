@@ -325,19 +325,3 @@ def _outcome(vol, heat, kind, device) -> tuple:
         return e.mask, e.seed, e.json()
     except extent.NoExtent as x:
         return np.zeros(vol.shape, bool), str(x)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_a_cts_peak_regions_found_on_the_device_are_the_cpus(reader, device):
-    """A phantom CT reading's gated maps, each on the box of its nonzero voxels: the attention's own region and
-    the region searched, found on the device by geodesic dilation, are the CPU's labelled ones."""
-    from monailabel_app.grounding import extent
-
-    reading = reader.read(phantom_volume(make_ct_phantom(4)))
-    assert reading.mask_maps
-    for m in reading.mask_maps:
-        box = extent.bounding_box(m != 0)
-        found = maps.peak_regions_on_device(torch.as_tensor(m[box], device=device), m.shape, box,
-                                            (0.5, extent.SEARCH_LEVEL))
-        for threshold, region in zip((0.5, extent.SEARCH_LEVEL), found):
-            assert region is not None and np.array_equal(region, maps.peak_region(m, threshold, support=box))

@@ -82,52 +82,6 @@ def test_peak_region_and_scaling_on_the_support_box_equal_the_whole_maps(thresho
     assert maps.support_range(h, whole) == (-1.0, 0.0)
 
 
-def test_peak_regions_found_where_the_values_are_equal_the_cpus():
-    """A GPU's peak regions (:func:`maps.peak_regions_on_device`, run here on CPU tensors: the same torch code)
-    are :func:`maps.peak_region`'s on the support box, voxel for voxel: blotchy maps with gaps and ties, a
-    region that winds through the box (a thousand dilation steps), a flat map and one below zero (None: the
-    CPU's own way), and a box that is the whole map."""
-    import torch
-
-    rng = np.random.default_rng(5)
-    shape, box = (30, 64, 48), (slice(3, 27), slice(6, 60), slice(2, 46))
-    inner = tuple(b.stop - b.start for b in box)
-    cases = []
-    for trial in range(4):
-        sub = rng.random(inner).astype(np.float32) ** 3
-        sub[rng.random(inner) > 0.55 + 0.1 * trial] = 0
-        if trial == 1:
-            sub[5, 10, 5] = sub[2, 3, 4] = sub.max()  # a tie at the peak: the first voxel in C order
-        cases.append(sub)
-    snake = np.zeros(inner, np.float32)  # a corridor back and forth across two planes: about 1,200 steps long
-    for z in (0, 2):
-        for y in range(0, inner[1] - 4, 4):
-            snake[z, y, :] = 1.0
-            snake[z, y:y + 4, (inner[2] - 1) if (y // 4) % 2 == 0 else 0] = 1.0
-    snake[0:3, 0, 0] = 1.0  # the two planes joined at one corner
-    snake[0, 0, 0] = 2.0  # the peak at the corridor's one end
-    cases += [np.zeros(inner, np.float32), -np.ones(inner, np.float32)]
-    for sub in cases:
-        h = np.zeros(shape, np.float32)
-        h[box] = sub
-        found = maps.peak_regions_on_device(torch.from_numpy(sub.copy()), shape, box, (0.5, 0.3, 0.4))
-        for threshold, region in zip((0.5, 0.3, 0.4), found):
-            if not sub.max() > 0:
-                assert region is None
-                continue
-            assert region is not None and np.array_equal(region, maps.peak_region(h, threshold, support=box))
-    h = np.zeros(shape, np.float32)
-    h[box] = snake
-    snake_region = maps.peak_regions_on_device(torch.from_numpy(snake), shape, box, (0.4,))[0]
-    assert np.array_equal(snake_region, maps.peak_region(h, 0.4, support=box))
-    assert snake_region.sum() == (snake > 0).sum() > 1200  # the corridor followed to its end
-    whole = tuple(slice(0, n) for n in shape)
-    h = np.zeros(shape, np.float32)
-    h[box] = cases[0]
-    got = maps.peak_regions_on_device(torch.from_numpy(h), shape, whole, (0.5,))[0]
-    assert np.array_equal(got, maps.peak_region(h, 0.5, support=whole))
-
-
 def test_side_gate_keeps_the_named_side_of_the_patient():
     right, left = maps.side_columns(7, "right"), maps.side_columns(7, "left")
     assert right[:3].all() and not right[3:].any()  # patient right = image left

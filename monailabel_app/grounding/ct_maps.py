@@ -109,17 +109,6 @@ def gated_map(heat, allowed, columns, box: tuple[slice, ...] | None) -> np.ndarr
     return out
 
 
-def gated_on_device(heat: torch.Tensor, allowed: torch.Tensor, columns: torch.Tensor | None,
-                    box: tuple[slice, ...]) -> tuple[np.ndarray, torch.Tensor]:
-    """:func:`gated_map` of a heatmap on a GPU, and the gate box's values still there (for
-    :func:`maps.peak_regions_on_device`)."""
-    out = np.empty(tuple(heat.shape), np.float32)
-    _zero_outside(out, box)
-    sub = gated(heat[box], allowed[box], None if columns is None else columns[box[2]])
-    out[box] = sub.cpu().numpy()
-    return out, sub
-
-
 def _zero_outside(out: np.ndarray, box: tuple[slice, ...]) -> None:
     """Zeros in ``out`` (3-D) everywhere but ``box``, which its caller writes: each voxel written once."""
     (z0, z1), (y0, y1), (x0, x1) = ((b.start, b.stop) for b in box)

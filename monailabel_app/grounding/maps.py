@@ -145,65 +145,6 @@ def peak_region(heatmap: np.ndarray, threshold: float = 0.5, scaled: np.ndarray 
     return _around_peak(above, peak)
 
 
-PEAKS_ON_DEVICE = True  # a CT finding's peak regions found on its GPU (False: labelled on the host; benchmarks)
-DILATIONS_PER_LOOK = 16  # geodesic dilation steps between two looks at whether the region still grows
-MAX_DILATIONS = 4096  # beyond this (a region that winds through a whole volume) the CPU labels it
-
-
-def peak_regions_on_device(sub: torch.Tensor, shape, support: tuple[slice, ...],
-                           thresholds) -> list[np.ndarray | None]:
-    """:func:`peak_region` of a gated map at each of ``thresholds``, the map given as the values of its
-    ``support`` box (``sub``, a tensor on any device; zero outside the box, in a volume of ``shape``): the same
-    regions, found where the values are. The peak's connected piece (through faces, edges and corners) of the
-    voxels at the level is grown from the peak by geodesic dilation (a 3 x 3 x 3 maximum kept within those
-    voxels) until it stops: the same voxels as labelling them. None for a threshold :func:`peak_region`
-    answers without the box (a level at or below zero, a flat map) or past :data:`MAX_DILATIONS`."""
-    whole = sub.numel() == int(np.prod(shape))
-    lo, hi = (float(v) for v in torch.stack([sub.min(), sub.max()]).cpu())
-    if not whole:  # the zeros outside the box
-        lo, hi = min(lo, 0.0), max(hi, 0.0)
-    out: list[np.ndarray | None] = []
-    if not hi - lo >= 1e-12 or hi <= 0:
-        return [None for _ in thresholds]
-    at_peak = (sub == hi).reshape(-1)
-    peak = int(torch.argmax(at_peak.to(torch.uint8)))  # the first voxel (C order) at the maximum, as argmax
-    step = torch.float16 if sub.is_cuda else torch.float32  # (max_pool3d has no bool; the CPU no float16)
-    for threshold in thresholds:
-        level = lo + threshold * (hi - lo)
-        if level <= 0:
-            out.append(None)
-            continue
-        above = sub >= float(np.float32(level))  # compared in float32, as numpy compares a float32 map
-        crop = _box_of(above)  # grown within the box of the voxels at the level alone
-        region = torch.zeros(tuple(c.stop - c.start for c in crop), dtype=step, device=sub.device)
-        region[tuple(int(i) - c.start for i, c in zip(np.unravel_index(peak, tuple(sub.shape)), crop))] = 1
-        keep = above[crop].to(step)
-        grown, done = 0, False
-        while grown < MAX_DILATIONS and not done:
-            before = region
-            for _ in range(DILATIONS_PER_LOOK):
-                region = F.max_pool3d(region[None, None], 3, 1, 1)[0, 0] * keep
-            grown += DILATIONS_PER_LOOK
-            done = torch.equal(before, region)
-        if not done:
-            out.append(None)
-            continue
-        full = np.zeros(tuple(shape), bool)
-        full[support][crop] = region.bool().cpu().numpy()
-        out.append(full)
-    return out
-
-
-def _box_of(mask: torch.Tensor) -> tuple[slice, ...]:
-    """The bounding box of a non-empty bool tensor's True voxels (one look at the device)."""
-    along = [mask.any(dim=tuple(a for a in range(mask.ndim) if a != d)) for d in range(mask.ndim)]
-    sizes = [len(a) for a in along]
-    first = torch.stack([torch.argmax(a.to(torch.uint8)) for a in along])
-    last = torch.stack([n - 1 - torch.argmax(a.flip(0).to(torch.uint8)) for a, n in zip(along, sizes)])
-    lo, hi = torch.stack([first, last]).cpu().tolist()
-    return tuple(slice(a, b + 1) for a, b in zip(lo, hi))
-
-
 def _around_peak(above: np.ndarray, peak: tuple) -> np.ndarray:
     """Bool mask: the connected piece of ``above`` that holds ``peak`` (labelled on ``above``'s box only)."""
     box = tuple(slice(int(idx.min()), int(idx.max()) + 1) for idx in

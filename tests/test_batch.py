@@ -49,6 +49,20 @@ def batch(*args, **kw):
                           capture_output=True, text=True, timeout=1200, **kw)
 
 
+def batch_here(capsys, *args):
+    """:func:`batch` through the CLI's ``main`` in this process (a second interpreter's imports are 15 s of a
+    test: the module's reference run and the Ray engine's run the command as a process)."""
+    from monailabel_app.cli import main
+
+    capsys.readouterr()
+    try:
+        code = main(["batch", "--no-progress", *map(str, args)])
+    except SystemExit as e:  # argparse's own refusals
+        code = e.code
+    out = capsys.readouterr()
+    return subprocess.CompletedProcess(["batch", *map(str, args)], code, out.out, out.err)
+
+
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     return make_dataset(tmp_path_factory.mktemp("dataset"))
@@ -104,7 +118,7 @@ def test_a_rerun_reads_nothing_and_a_renamed_copy_is_not_read_again(dataset, ref
     assert [a["finished_at"] for a in after[1:]] == [b["finished_at"] for b in before[1:]]  # not read again
 
 
-def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(dataset, reference, tmp_path):
+def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(dataset, reference, tmp_path, capsys):
     out = tmp_path / "killed"
     proc = subprocess.Popen([sys.executable, "-m", "monailabel_app.cli", "batch", "--no-progress", "-i", str(dataset),
                              "-o", str(out)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
@@ -120,7 +134,7 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(dataset, referen
     first = {r["study"]: r for r in Manifest(str(out)).load().values()}
     assert 3 <= len(first) < 8
 
-    r = batch("-i", dataset, "-o", out)
+    r = batch_here(capsys, "-i", dataset, "-o", out)
     assert r.returncode == 1, r.stderr[-3000:]
     rows = rows_of(out)
     assert comparable(rows) == comparable(rows_of(reference[0]))
@@ -140,7 +154,7 @@ def test_sigkill_mid_run_then_rerun_equals_an_uninterrupted_run(dataset, referen
             sitk.ReadImage(str(out / x["label_file"]))
 
 
-def test_decode_batches_give_the_one_by_one_manifest_and_masks(tmp_path):
+def test_decode_batches_give_the_one_by_one_manifest_and_masks(tmp_path, capsys):
     """--batch-size 2 (radiographs generated two at a time, the CT alone, the corrupt file failing at its
     load) against one study at a time, both in fp32: the same manifest apart from timings, the same masks."""
     import SimpleITK as sitk
@@ -149,7 +163,7 @@ def test_decode_batches_give_the_one_by_one_manifest_and_masks(tmp_path):
     runs = {}
     for size in (1, 2):
         out = tmp_path / f"size{size}"
-        r = batch("-i", data, "-o", out, "--precision", "fp32", "--batch-size", size)
+        r = batch_here(capsys, "-i", data, "-o", out, "--precision", "fp32", "--batch-size", size)
         assert r.returncode == 1 and "5 studies in the manifest: read now 5 (4 ok, 1 failed)" in r.stdout, r.stderr[-3000:]
         runs[size] = (out, rows_of(out))
     (one, single), (two, batched) = runs.values()
@@ -159,7 +173,7 @@ def test_decode_batches_give_the_one_by_one_manifest_and_masks(tmp_path):
             x = sitk.GetArrayFromImage(sitk.ReadImage(str(one / a["label_file"])))
             y = sitk.GetArrayFromImage(sitk.ReadImage(str(two / b["label_file"])))
             assert np.array_equal(x, y), a["study"]
-    bad = batch("-i", data, "-o", tmp_path / "bad", "--batch-size", 0)
+    bad = batch_here(capsys, "-i", data, "-o", tmp_path / "bad", "--batch-size", 0)
     assert bad.returncode == 2 and "--batch-size must be at least 1" in bad.stderr
 
 

@@ -104,15 +104,18 @@ def test_ct_phantom_answer_in_the_input_geometry_with_slice_ranges(client, serve
 @pytest.fixture(scope="module")
 def grounding(client):
     """The 3-D grounding table on held-out CT phantoms, every volume through the server."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from monailabel_app.jobs.evaluation import lobe_priors
+
     outcomes = {}
-
-    def read(ph):
-        label_file, res = client.infer("medgemma", f"ct_{ph.seed}", SLICER)
-        labels = sitk.GetArrayFromImage(sitk.ReadImage(label_file))  # LPS-stored: the phantom's own grid
-        outcomes[ph.seed] = (res, labels)
-        return res["findings"], labels
-
-    result = evaluate_ct(read, list(GROUNDING_SEEDS), CT_MAX_SLICES)
+    with ThreadPoolExecutor(1) as pool:
+        priors = pool.submit(lobe_priors)  # the words-only baseline's 200 phantoms, drawn while the server reads
+        for seed in GROUNDING_SEEDS:
+            label_file, res = client.infer("medgemma", f"ct_{seed}", SLICER)
+            outcomes[seed] = (res, sitk.GetArrayFromImage(sitk.ReadImage(label_file)))  # LPS: the phantom's grid
+        result = evaluate_ct(lambda ph: (outcomes[ph.seed][0]["findings"], outcomes[ph.seed][1]),
+                             list(GROUNDING_SEEDS), CT_MAX_SLICES, priors=priors.result())
     print("\n" + table(result))
     return result, outcomes
 

@@ -114,6 +114,7 @@ class _Helper:
 
 class _Pool:
     def __init__(self):
+        self.owner = os.getpid()  # a forked child gets a pool of its own (its parent's helpers are not its)
         self.idle: queue.Queue[_Helper] = queue.Queue()
         self.count = 0
         self.served = 0  # calls answered by a helper (tests, benchmarks)
@@ -134,7 +135,20 @@ class _Pool:
 
 
 _POOL = _Pool()
-atexit.register(_POOL.close)
+
+
+def _forget_in_child() -> None:
+    global _POOL
+    _POOL = _Pool()  # no helpers: the parent's sockets and blocks stay the parent's
+
+
+def _close_at_exit() -> None:
+    if _POOL.owner == os.getpid():
+        _POOL.close()
+
+
+os.register_at_fork(after_in_child=_forget_in_child)
+atexit.register(_close_at_exit)
 
 
 def start(count: int) -> int:

@@ -122,3 +122,24 @@ def test_a_ct_reading_with_helpers_equals_the_reading_without(reader):
         helper_processes.stop()
     assert np.array_equal(with_helpers.labels, without.labels) and with_helpers.labels.any()
     assert with_helpers.extras == without.extras
+
+
+def test_a_forked_child_makes_its_calls_itself_and_leaves_the_parents_helpers_alone(masks, helpers):
+    """A process forked from one with helpers (a bench's forked search workers) does not talk to its parent's
+    helpers (their sockets would carry two processes' calls): its calls are made in its own thread, and its
+    exit leaves the parent's helpers running."""
+    import multiprocessing
+
+    here = components.label_here(masks[0])
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        count, served, n = pool.apply(_in_a_child, (masks[0],))
+    assert count == 0 and served == 0 and n == here[1]
+    assert all(h.alive() for h in helpers._POOL.idle.queue) and helpers.start(0) == 2
+    before = helpers.served()
+    assert np.array_equal(components.label(masks[0])[0], here[0]) and helpers.served() == before + 1
+
+
+def _in_a_child(mask):
+    labels, n = components.label(mask)
+    return helper_processes.start(0), helper_processes.served(), n

@@ -831,8 +831,8 @@ def main(argv=None):
                     "compare, e.g. cpu,cuda (default: the library's own, MEDGEMMA_MAP_PROCESS_DEVICE)")
     ap.add_argument("--decode-ahead", default="", help="the batch and speed parts: decode replays in flight to "
                     "compare, e.g. 2,1")
-    ap.add_argument("--helpers", default="", help="the speed and timeline parts: label and distance helper processes to compare, "
-                    "e.g. 4,0 (default: the library's own)")
+    ap.add_argument("--helpers", default="", help="the speed and timeline parts: label and distance helper "
+                    "processes to compare, e.g. 4,0 (default: the library's own)")
     ap.add_argument("--blobs-ahead", default="", help="the batch part: films' blob filters made ahead on the GPU for "
                     "the map workers or not, to compare, e.g. 1,0 (default: the library's own)")
     ap.add_argument("--map-nice", default="", help="the batch part: the map workers' priority below the serving "

@@ -78,7 +78,8 @@ def timeline(reader, study, answer, emit=print, fresh=lambda s: s, sync=lambda: 
         sync()
         total = time.perf_counter() - t0
     lat = reading.latencies
-    emit(f"Reading {total:.3f} s: preprocessing {lat.get('prepare', 0):.3f}, prefill {lat.get('decoder_prefill', 0):.3f}, "
+    emit(f"Reading {total:.3f} s: preprocessing {lat.get('prepare', 0):.3f}, "
+         f"prefill {lat.get('decoder_prefill', 0):.3f}, "
          f"decode {lat.get('decoder_decode', 0):.3f} s, maps after the answer {lat.get('maps', 0):.3f} s; "
          f"{helper_processes.start(0)} helper processes")
     emit()

@@ -24,7 +24,8 @@ def masks():
     from scipy import ndimage
 
     pytest.importorskip("SimpleITK")  # (the lent GPU's machine has none)
-    hu = ndimage.zoom(load_study(shared("ct", "totalsegmentator", "example_ct.nii.gz"), "ct").hu, (1, 2.5, 2.5), order=0)
+    study = load_study(shared("ct", "totalsegmentator", "example_ct.nii.gz"), "ct")
+    hu = ndimage.zoom(study.hu, (1, 2.5, 2.5), order=0)
     return [hu > -500, (hu > -950) & (hu < -200), hu > 200]
 
 

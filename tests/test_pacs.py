@@ -264,16 +264,17 @@ def test_wrong_credentials_are_a_clear_error(pacs, tmp_path):
         assert info.status_code == 200 and "401" in info.json()["datastore"]["error"]
 
 
-def test_batch_prelabels_every_series_of_the_pacs(pacs, tmp_path, monkeypatch, capsys):
+def test_batch_prelabels_every_series_of_the_pacs(pacs, tmp_path):
     """medgemma-label batch with a DICOMweb URL: every CT/CR/DX series fetched (credentials from the
-    environment, as for the server), read, and in the manifest. Through the CLI's main in this process."""
-    from monailabel_app.cli import main
+    environment, as for the server), read, and in the manifest."""
+    import subprocess
 
     user, password = pacs.auth
-    monkeypatch.setenv("MONAI_LABEL_DICOMWEB_USERNAME", user)
-    monkeypatch.setenv("MONAI_LABEL_DICOMWEB_PASSWORD", password)
+    env = dict(os.environ, MONAI_LABEL_DICOMWEB_USERNAME=user, MONAI_LABEL_DICOMWEB_PASSWORD=password)
     out = tmp_path / "batch"
-    assert main(["batch", "--no-progress", "-i", pacs.dicomweb, "-o", str(out)]) == 0, capsys.readouterr().err[-3000:]
+    r = subprocess.run([sys.executable, "-m", "monailabel_app.cli", "batch", "--no-progress", "-i", pacs.dicomweb,
+                        "-o", str(out)], capture_output=True, text=True, timeout=1200, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
     import json as _json
 
     rows = [_json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]

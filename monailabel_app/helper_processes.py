@@ -128,10 +128,12 @@ class _Pool:
                 self.count += 1
 
     def close(self) -> None:
+        """Close every helper, waiting for those under way (not holding the lock: they count themselves out
+        under it)."""
         with self.lock:
-            while self.count:
-                self.idle.get().close()
-                self.count -= 1
+            closing, self.count = self.count, 0
+        for _ in range(closing):
+            self.idle.get().close()
 
 
 _POOL = _Pool()
@@ -172,9 +174,16 @@ def served() -> int:
 def call(op: str, mask: np.ndarray, *args):
     """``op``'s (result, extra) computed by a helper, or None where it is to be made in the calling thread:
     no helpers, a small mask, or a helper that failed (a dead one is replaced)."""
-    if not _POOL.count or mask.size < MIN_VOXELS:
+    if mask.size < MIN_VOXELS:
         return None
-    helper = _POOL.idle.get()
+    helper = None
+    while helper is None:  # a free helper, unless the helpers are stopped meanwhile
+        if not _POOL.count:
+            return None
+        try:
+            helper = _POOL.idle.get(timeout=0.1)
+        except queue.Empty:
+            pass
     _count("busy", 1)
     try:
         answer = helper.run(op, mask, args)

@@ -107,6 +107,29 @@ def test_a_killed_helper_is_replaced_and_its_call_made_here(masks, helpers):
     assert np.array_equal(labels, here[0]) and helpers.served() == before + 1
 
 
+def test_stopping_the_helpers_while_calls_are_under_way_lets_every_call_finish(masks):
+    """stop() while one call is with the only helper and another waits for it: the first finishes there, the
+    second is made in its own thread, and stop() returns (it had held a lock the first call needed)."""
+    helper_processes.start(1)
+    big = np.concatenate([masks[0]] * 3)
+    got = {}
+    first = threading.Thread(target=lambda: got.setdefault("first", distances.inside(big, SPACING)))
+    first.start()
+    for _ in range(10**6):
+        if helper_processes.busy():
+            break
+    second = threading.Thread(target=lambda: got.setdefault("second", components.label(masks[1])))
+    second.start()
+    stopper = threading.Thread(target=helper_processes.stop)
+    stopper.start()
+    for t in (first, second, stopper):
+        t.join(timeout=120)
+        assert not t.is_alive()
+    assert helper_processes.start(0) == 0
+    assert np.array_equal(got["first"], distances.inside_here(big, SPACING))
+    assert np.array_equal(got["second"][0], components.label_here(masks[1])[0])
+
+
 def test_a_ct_reading_with_helpers_equals_the_reading_without(reader):
     from monailabel_app import ct_phantoms
 

@@ -650,11 +650,10 @@ def test_maps_made_while_writing_are_taken_only_for_the_same_finding(reader):
     reads otherwise (here: another side) is mapped anew. A failure while the model writes never reaches the
     decode."""
     import dataclasses
+    from concurrent.futures import Future
 
     from monailabel_app.generation import Partial
     from monailabel_app.language.findings import read_answer
-    from concurrent.futures import Future
-
     from monailabel_app.study_maps import FilmMaps, Superseded
     from monailabel_app.xray import pad_to_square
 

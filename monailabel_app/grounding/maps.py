@@ -205,8 +205,8 @@ def to_host_later(t: torch.Tensor) -> Future:
     thread's stream has queued (the tensor's values): the caller goes on meanwhile (a CT finding's 200 MB raw
     heatmap, beside its search). A CPU tensor is given at once."""
     global _COPIER
-    done: Future = Future()
     if not t.is_cuda:
+        done: Future = Future()
         done.set_result(t.numpy())
         return done
     made = torch.cuda.Event()

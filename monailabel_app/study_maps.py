@@ -268,9 +268,12 @@ class CTMaps(StudyMaps):
             m = ct_maps.gated_map(h, allowed, None if columns is None else torch.as_tensor(columns, device=device), box)
             h = maps.to_host_later(h)  # the raw heatmap's copy beside the search
         side = columns[None, None, :] if columns is not None else None
-        region, info = finding_region(f, m, float(settings.get("threshold", 0.5)), image_extent(settings), lambda own: (
-            extent.find_in_ct(volume.hu, volume.spacing, m, f.kind, own, self.shared, box, device)),
-            lambda p: [int(i) for i in reversed(volume.stored_index(p))], side, box)
+        threshold, from_image = float(settings.get("threshold", 0.5)), image_extent(settings)
+        # the attention's own region and the one its extent is searched in: one pass over the gate's box
+        own, search = maps.peak_regions(m, (threshold, extent.SEARCH_LEVEL), box) if from_image else (None, None)
+        region, info = finding_region(f, m, threshold, from_image, lambda own: (
+            extent.find_in_ct(volume.hu, volume.spacing, m, f.kind, own, self.shared, box, device, search)),
+            lambda p: [int(i) for i in reversed(volume.stored_index(p))], side, box, own)
         return Mapped(g, h.result() if isinstance(h, Future) else h, m, region, info, box)
 
     def _finish(self, done: list[Mapped]) -> tuple[np.ndarray, list[dict]]:
@@ -283,15 +286,17 @@ class CTMaps(StudyMaps):
 
 
 def finding_region(finding: Finding, heat: np.ndarray, threshold: float, from_image: bool, find, point,
-                   side: np.ndarray | None = None, support: tuple[slice, ...] | None = None) -> tuple[np.ndarray, dict]:
+                   side: np.ndarray | None = None, support: tuple[slice, ...] | None = None,
+                   own: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
     """(region, what the finding says about it): the image's region for the finding (``find()``, from
     :mod:`grounding.extent`) when ``from_image`` and the image gives one, with the point it grew from
     (``point(index)``: as the input's [i, j, k]; ``find`` is given the attention's own region), else the
     attention's own (the gated map's region at ``threshold``), with the reason. ``side``: the named side's half
     (safety: an image region never crosses to the other side of the patient; it is cut at the midline like the
     attention); and it must stand for the finding (:func:`keeps_image_region`). ``support``: the box outside
-    which ``heat`` is zero (its gate's; :func:`maps.peak_region`)."""
-    own = maps.peak_region(heat, threshold, support=support)
+    which ``heat`` is zero (its gate's; :func:`maps.peak_region`); ``own``: the attention's own region, when
+    already found."""
+    own = maps.peak_region(heat, threshold, support=support) if own is None else own
     if from_image:
         try:
             found = find(own)

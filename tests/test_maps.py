@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from monailabel_app.grounding import maps
 from monailabel_app.xray import SquarePad
@@ -80,6 +81,36 @@ def test_peak_region_and_scaling_on_the_support_box_equal_the_whole_maps(thresho
     whole = tuple(slice(0, n) for n in h.shape)  # a box that is the whole map: its own range
     h[box] = -1.0
     assert maps.support_range(h, whole) == (-1.0, 0.0)
+
+
+@pytest.mark.parametrize("thresholds", [(0.5, 0.3), (0.3, 0.5), (0.9, 0.2, 0.5), (0.4, 0.4)])
+def test_peak_regions_at_several_thresholds_equal_one_peak_region_each(thresholds):
+    """A finding's own region and its search region, found together (each higher level on the box of the
+    one below): the same voxels as peak_region at each level, with and without the gate's box, for maps with
+    gaps, ties at the peak, values below zero and flat ones; and the lower region holds the higher."""
+    rng = np.random.default_rng(12)
+    box = (slice(2, 11), slice(5, 33), slice(4, 19))
+    for trial in range(8):
+        h = np.zeros((14, 40, 25), np.float32)
+        sub = ndimage.gaussian_filter(rng.random((9, 28, 15)).astype(np.float32), 1.0) ** 4
+        sub[rng.random(sub.shape) > 0.8] = 0  # gaps: pieces apart from the peak's
+        if trial == 1:
+            sub[3, 10, 5] = sub[1, 2, 3] = sub.max()  # a tie for the peak
+        if trial == 2:
+            sub[:] = -1.0
+            sub[0, 0, 0] = 0.1
+        if trial == 3:
+            sub[:] = 0
+        if trial == 4:
+            sub -= 0.5 * sub.max()  # values below zero inside: some levels fall under the zeros outside
+        h[box] = sub
+        for support in (box, None):
+            got = maps.peak_regions(h, thresholds, support)
+            for region, t in zip(got, thresholds):
+                assert np.array_equal(region, maps.peak_region(h, t, support=support)), (trial, t, support)
+            low = got[int(np.argmin(thresholds))]
+            assert all(not (r & ~low).any() for r in got)
+        assert trial == 3 or got[0].any()
 
 
 def test_side_gate_keeps_the_named_side_of_the_patient():

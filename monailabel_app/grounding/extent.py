@@ -774,7 +774,8 @@ def deepest(part: np.ndarray, spacing) -> tuple[int, ...]:
 
 
 def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.ndarray | None = None,
-               cache: dict | None = None, support: tuple[slice, ...] | None = None, device=None) -> Extent:
+               cache: dict | None = None, support: tuple[slice, ...] | None = None, device=None,
+               search: np.ndarray | None = None) -> Extent:
     """A finding's extent in a CT from its gated attention map ``heat`` (display grid): of the dense regions
     (above -500 HU, smoothed) in the region attention points at, the most attended one that the kind's rule
     (:func:`grow_ct`, from its deepest voxel) accepts as a ``kind`` (a mass beside a nodule is not the
@@ -782,10 +783,11 @@ def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.nd
     the kind's largest diameter of it (:func:`near_box`). Raises :class:`NoExtent` with the first
     candidate's reason. ``cache``: one dict for all of a volume's findings (:func:`grow_ct`'s); ``support``:
     the box outside which ``heat`` is zero (its gate's), searched alone; ``device``: where the HU are smoothed
-    (:func:`smoothed_hu`: the same values anywhere)."""
+    (:func:`smoothed_hu`: the same values anywhere); ``search``: the region attention points at, when already
+    found (:func:`maps.peak_regions` at :data:`SEARCH_LEVEL`)."""
     if method_of(kind, 3) is None:
         raise NoExtent(f"no image method for {kind!r} on CT")
-    search = _search_region(heat, support)
+    search = _search_region(heat, support) if search is None else search
     if not search.any():
         raise NoExtent("attention gives no region")
     box = bounding_box(search)

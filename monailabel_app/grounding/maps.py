@@ -122,38 +122,78 @@ def peak_region(heatmap: np.ndarray, threshold: float = 0.5, scaled: np.ndarray 
     (``scaled``: that scaling, when already computed). ``support``: a box outside which ``heatmap`` is zero
     (a gated map): the same region, found on the box alone when the threshold lies above zero (the zeros
     outside are then below it, and the peak is inside)."""
-    if scaled is None:  # the threshold in the map's own units: no scaled copy of a whole volume
-        lo, hi = support_range(heatmap, support)
-        if not hi - lo >= 1e-12:
-            return np.zeros(heatmap.shape, bool)
-        level = lo + threshold * (hi - lo)
-        if support is not None and level > 0 and hi > 0:
-            sub = heatmap[support]
-            out = np.zeros(heatmap.shape, bool)
-            # argmax's peak: the first voxel (C order) at the box's maximum ``hi``, found on a bool copy (argmax
-            # of a strided float box copies it whole and compares floats; a bool one stops at the first True)
-            peak = np.unravel_index(int(np.argmax(sub == hi)), sub.shape)
-            out[support] = _around_peak(sub >= level, peak)
-            return out
-        peak = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
-        above = heatmap >= level
-    else:
+    if scaled is not None:
         peak = np.unravel_index(int(np.argmax(scaled)), scaled.shape)
         if scaled[peak] <= 0:
             return np.zeros(heatmap.shape, bool)
-        above = scaled >= threshold
-    return _around_peak(above, peak)
+        return _around_peak(scaled >= threshold, peak)[0]
+    return _peak_region(heatmap, threshold, support)[0]
 
 
-def _around_peak(above: np.ndarray, peak: tuple) -> np.ndarray:
-    """Bool mask: the connected piece of ``above`` that holds ``peak`` (labelled on ``above``'s box only)."""
-    box = tuple(slice(int(idx.min()), int(idx.max()) + 1) for idx in
-                (np.nonzero(above.any(axis=tuple(a for a in range(above.ndim) if a != d)))[0] for d in range(above.ndim)))
+def peak_regions(heatmap: np.ndarray, thresholds, support: tuple[slice, ...] | None = None) -> list[np.ndarray]:
+    """:func:`peak_region` at each of ``thresholds`` (a finding's own region and the region its extent is
+    searched in), in their order: the lowest as :func:`peak_region` finds it, each higher one on the bounding
+    box of the one below. The same regions: both hold the same peak, and the higher one's voxels, above
+    the lower level and connected to the peak, are all in the lower one; a large gate's box is passed over
+    once instead of once a threshold."""
+    order = sorted(range(len(thresholds)), key=lambda k: thresholds[k])
+    out: list = [None] * len(thresholds)
+    out[order[0]], box = _peak_region(heatmap, thresholds[order[0]], support)
+    if box is not None:
+        box = _shifted(box, _bounds(out[order[0]][box]))  # the region's own box, within the one labelled
+    lo, hi = support_range(heatmap, support)
+    for k in order[1:]:
+        if box is None:
+            out[k] = np.zeros(heatmap.shape, bool)
+            continue
+        sub = heatmap[box]
+        peak = np.unravel_index(int(np.argmax(sub == hi)), sub.shape)  # _peak_region's: the first at the maximum
+        region, inner = _around_peak(sub >= lo + thresholds[k] * (hi - lo), peak)
+        out[k] = np.zeros(heatmap.shape, bool)
+        out[k][box] = region
+        box = _shifted(box, _bounds(region))
+    return out
+
+
+def _peak_region(heatmap: np.ndarray, threshold: float, support: tuple[slice, ...] | None):
+    """(:func:`peak_region`'s region, a box that holds it, or None when it is empty)."""
+    # the threshold in the map's own units: no scaled copy of a whole volume
+    lo, hi = support_range(heatmap, support)
+    if not hi - lo >= 1e-12:
+        return np.zeros(heatmap.shape, bool), None
+    level = lo + threshold * (hi - lo)
+    if support is not None and level > 0 and hi > 0:
+        sub = heatmap[support]
+        out = np.zeros(heatmap.shape, bool)
+        # argmax's peak: the first voxel (C order) at the box's maximum ``hi``, found on a bool copy (argmax
+        # of a strided float box copies it whole and compares floats; a bool one stops at the first True)
+        peak = np.unravel_index(int(np.argmax(sub == hi)), sub.shape)
+        out[support], inner = _around_peak(sub >= level, peak)
+        return out, _shifted(support, inner)
+    peak = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
+    return _around_peak(heatmap >= level, peak)
+
+
+def _bounds(mask: np.ndarray) -> tuple[slice, ...]:
+    """The bounding box of a non-empty bool ``mask``."""
+    return tuple(slice(int(idx.min()), int(idx.max()) + 1) for idx in
+                 (np.nonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != d)))[0] for d in range(mask.ndim)))
+
+
+def _shifted(outer: tuple[slice, ...], inner: tuple[slice, ...]) -> tuple[slice, ...]:
+    """``inner`` (a box within the box ``outer``) in the coordinates ``outer`` is in."""
+    return tuple(slice(o.start + i.start, o.start + i.stop) for o, i in zip(outer, inner))
+
+
+def _around_peak(above: np.ndarray, peak: tuple) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """(bool mask: the connected piece of ``above`` that holds ``peak``, the box it was labelled on: that of
+    everything above)."""
+    box = _bounds(above)
     labels, _ = components.label(above[box], full=True)  # only where anything is above
     out = np.zeros(above.shape, bool)
     local = tuple(p - b.start for p, b in zip(peak, box))
     np.equal(labels, labels[local], out=out[box])
-    return out
+    return out, box
 
 
 def assign(regions: list[np.ndarray], heatmaps: list[np.ndarray], supports: list | None = None) -> np.ndarray:

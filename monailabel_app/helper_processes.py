@@ -25,6 +25,7 @@ import socket
 import subprocess
 import sys
 import threading
+from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 
 import numpy as np
@@ -34,7 +35,7 @@ from . import shared_blocks
 ENV = "MEDGEMMA_HELPER_PROCESSES"
 DEFAULT_HELPERS = 4  # a CT's searches run in three threads, its anatomy in one
 MIN_VOXELS = 1 << 18  # below this a call stays in its thread (edt: about 15 ms here)
-OUT_DTYPES = {"label": np.uint32, "inside": np.float32}  # what each call gives back, per voxel
+OUT_DTYPES = {"label": np.uint32, "inside": np.float32, "territory": np.bool_}  # what each call gives back, per voxel
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where monailabel_app is imported from
 
 
@@ -140,8 +141,10 @@ _POOL = _Pool()
 
 
 def _forget_in_child() -> None:
-    global _POOL
+    global _POOL, _WAITERS_LOCK
     _POOL = _Pool()  # no helpers: the parent's sockets and blocks stay the parent's
+    _WAITERS.clear()  # nor its threads
+    _WAITERS_LOCK = threading.Lock()
 
 
 def _close_at_exit() -> None:
@@ -199,6 +202,35 @@ def call(op: str, mask: np.ndarray, *args):
         _POOL.idle.put(helper)
 
 
+_WAITERS: list = []  # the threads that wait on helpers for the slabs of calls (made when first needed)
+_WAITERS_LOCK = threading.Lock()
+
+
+def in_slabs(op: str, mask: np.ndarray, here, *args) -> np.ndarray | None:
+    """``op``'s result for a 3-D ``mask`` that is computed plane by plane (each plane's answer its own, so the
+    planes may be split anywhere): the planes split into as many slabs as there are helpers (each at least
+    :data:`MIN_VOXELS`), computed side by side; None where it is to be made in the calling thread (no helpers,
+    a small mask). A slab no helper answered is made here (``here(slab, *args)``): the same result."""
+    slabs = min(_POOL.count, mask.shape[0], mask.size // MIN_VOXELS) if mask.ndim == 3 else 0
+    if slabs < 1:
+        return None
+    edges = np.linspace(0, mask.shape[0], slabs + 1).round().astype(int)
+    parts = [mask[a:b] for a, b in zip(edges[:-1], edges[1:])]
+    waiting = [_waiters().submit(call, op, part, *args) for part in parts[1:]]  # the first: in this thread
+    out = np.empty(mask.shape, OUT_DTYPES[op])
+    for (a, b), part, done in zip(zip(edges[:-1], edges[1:]), parts,
+                                  [call(op, parts[0], *args)] + [w.result() for w in waiting]):
+        out[a:b] = here(part, *args) if done is None else done[0]
+    return out
+
+
+def _waiters() -> ThreadPoolExecutor:
+    with _WAITERS_LOCK:
+        if not _WAITERS:
+            _WAITERS.append(ThreadPoolExecutor(max_workers=16, thread_name_prefix="helper_wait"))
+        return _WAITERS[0]
+
+
 def _count(name: str, step: int) -> None:
     with _POOL.lock:
         setattr(_POOL, name, getattr(_POOL, name) + step)
@@ -219,6 +251,10 @@ def _compute(op: str, mask: np.ndarray, args: tuple):
         return components.label_here(mask, *args)
     if op == "inside":
         return distances.inside_here(mask, *args), None
+    if op == "territory":
+        from .grounding.territory import territory_here
+
+        return territory_here(mask, *args), None
     raise ValueError(f"unknown call {op!r}")
 
 

@@ -1,4 +1,4 @@
-"""Labels and distances in helper processes: the same arrays as in the calling thread, the interpreter free
+"""Labels, distances and the lung territory in helper processes: the same arrays as in the calling thread, the interpreter free
 while they run, a killed helper replaced without a wrong answer, and a CT reading the same with them."""
 
 from __future__ import annotations
@@ -64,6 +64,24 @@ def test_the_helpers_give_the_arrays_made_here(masks, helpers):
     small = masks[0][:8, :64, :64]  # under MIN_VOXELS: made here
     assert np.array_equal(distances.inside(small, SPACING), distances.inside_here(small, SPACING))
     assert helpers.served() - before == 3 * len(masks)
+
+
+def test_the_lung_territory_made_in_slabs_by_the_helpers_is_the_territory_made_here(masks, helpers):
+    """The territory is made plane by plane: split in two slabs, one per helper, side by side, it is the same
+    voxels; a slab whose helper died is made here, the same again."""
+    from monailabel_app.grounding.territory import territory, territory_here
+
+    lungs = masks[1][:, 60:-60]  # a view, as the searches pass their boxes
+    here = territory_here(lungs)
+    assert here.any() and (here & ~lungs).any()  # hulls filled beyond the lung's own voxels
+    before = helpers.served()
+    assert np.array_equal(territory(lungs), here) and helpers.served() == before + 2
+    assert np.array_equal(territory(lungs[:, :40, :40]), territory_here(lungs[:, :40, :40]))  # small: made here
+    assert helpers.served() == before + 2
+    victim = helpers._POOL.idle.queue[0]
+    os.kill(victim.process.pid, signal.SIGKILL)
+    victim.process.wait()
+    assert np.array_equal(territory(lungs), here) and helpers.served() == before + 3
 
 
 def test_the_interpreter_runs_other_threads_while_a_helper_works(masks, helpers):

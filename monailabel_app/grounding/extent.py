@@ -40,9 +40,10 @@ import torch
 from scipy import ndimage
 
 from .. import components, distances
-from . import filters, hulls
+from . import filters
 from .blocks import block_mean, block_min, blocks_back
 from .morphology import open_in_plane
+from .territory import territory
 
 FOCAL = ("nodule", "mass", "lesion", "calcification", "cavity", "lymphadenopathy")
 AIRSPACE = ("opacity", "consolidation", "ground-glass opacity", "pneumonia", "atelectasis", "edema")
@@ -219,27 +220,6 @@ def _separate(region: np.ndarray, seed, spacing, hi_mm: float, box, shape, fits)
 
 
 # ------------------------------------------------------------------------------------- the one rule
-
-
-def territory(lungs: np.ndarray, min_pixels: int = 20) -> np.ndarray:
-    """The lungs' territory: per plane, the convex hull of each piece of aerated lung (``lungs``, found by its
-    values) of at least ``min_pixels``. A lesion against the chest wall or the mediastinum dents the aerated
-    lung; the hull takes it in, while the chest wall outside the lung's curve stays out. A plane of fewer
-    than ``min_pixels`` lung pixels has no territory; a plane of more than four times that is opened (a
-    3 x 3 cross) before its pieces are found. All planes are opened and labelled in one pass each, with
-    in-plane structures, and all pieces' hulls are filled at once (:func:`hulls.filled`: skimage's
-    ``convex_hull_image`` of each piece, without a Python loop over planes or pieces)."""
-    planes = lungs[None] if lungs.ndim == 2 else np.asarray(lungs, bool)
-    sums = planes.sum(axis=(1, 2))
-    some = sums >= min_pixels
-    big = sums > 4 * min_pixels
-    kept = planes & some[:, None, None]
-    kept[big] = open_in_plane(planes[big])  # the 3 x 3 cross in each plane
-    in_plane = np.zeros((3, 3, 3), bool)
-    in_plane[1] = True  # 8-connected within a plane, never across planes
-    labels, _ = ndimage.label(kept, structure=in_plane)
-    out = (planes & some[:, None, None]) | hulls.filled(labels, min_pixels)
-    return out[0] if lungs.ndim == 2 else out
 
 
 def film_territory(right: np.ndarray | None, left: np.ndarray | None) -> np.ndarray | None:

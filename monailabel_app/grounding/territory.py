@@ -1,0 +1,45 @@
+"""The lungs' territory (:func:`territory`): per plane, the convex hull of each piece of aerated lung. Each
+plane's territory is its own, so a CT box's planes may be split among helper processes
+(:func:`helper_processes.in_slabs`) and made side by side: on a GPU reader a focal finding's search spends
+most of its time here, holding the interpreter the decode loop needs."""
+
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage
+
+from .. import helper_processes
+from . import hulls
+from .morphology import open_in_plane
+
+
+def territory(lungs: np.ndarray, min_pixels: int = 20) -> np.ndarray:
+    """The lungs' territory: per plane, the convex hull of each piece of aerated lung (``lungs``, found by its
+    values) of at least ``min_pixels``. A lesion against the chest wall or the mediastinum dents the aerated
+    lung; the hull takes it in, while the chest wall outside the lung's curve stays out. A plane of fewer
+    than ``min_pixels`` lung pixels has no territory; a plane of more than four times that is opened (a
+    3 x 3 cross) before its pieces are found. A large box's planes go to the helper processes in slabs where
+    there are any (the same voxels)."""
+    lungs = np.asarray(lungs, bool)
+    if lungs.ndim == 3:
+        done = helper_processes.in_slabs("territory", lungs, territory_here, min_pixels)
+        if done is not None:
+            return done
+    return territory_here(lungs, min_pixels)
+
+
+def territory_here(lungs: np.ndarray, min_pixels: int = 20) -> np.ndarray:
+    """:func:`territory` in this thread. All planes are opened and labelled in one pass each, with in-plane
+    structures, and all pieces' hulls are filled at once (:func:`hulls.filled`: skimage's
+    ``convex_hull_image`` of each piece, without a Python loop over planes or pieces)."""
+    planes = lungs[None] if lungs.ndim == 2 else np.asarray(lungs, bool)
+    sums = planes.sum(axis=(1, 2))
+    some = sums >= min_pixels
+    big = sums > 4 * min_pixels
+    kept = planes & some[:, None, None]
+    kept[big] = open_in_plane(planes[big])  # the 3 x 3 cross in each plane
+    in_plane = np.zeros((3, 3, 3), bool)
+    in_plane[1] = True  # 8-connected within a plane, never across planes
+    labels, _ = ndimage.label(kept, structure=in_plane)
+    out = (planes & some[:, None, None]) | hulls.filled(labels, min_pixels)
+    return out[0] if lungs.ndim == 2 else out

@@ -32,9 +32,10 @@ from monailabel_app import components, distances, helper_processes  # noqa: E402
 from monailabel_app.grounding import anatomy, ct_maps, extent, maps  # noqa: E402
 
 WATCHED = [(anatomy, "ct_body_and_lungs"), (ct_maps, "slice_grids"), (ct_maps, "volume_heatmap"),
-           (ct_maps, "gated_map"), (maps, "peak_region"), (extent, "find_in_ct"), (extent, "smoothed_hu"),
-           (extent, "territory"), (extent, "grow_ct"), (extent, "deepest"), (components, "label"),
-           (distances, "inside"), (maps, "assign"), (ct_maps, "slice_info")]
+           (ct_maps, "gated_map"), (maps, "peak_regions"), (maps, "peak_region"), (extent, "find_in_ct"),
+           (extent, "smoothed_hu"), (extent, "territory"), (helper_processes, "in_slabs"), (extent, "grow_ct"),
+           (extent, "deepest"), (components, "label"), (distances, "inside"), (maps, "assign"),
+           (ct_maps, "slice_info")]
 
 
 @contextmanager

@@ -54,7 +54,8 @@ class Superseded(Exception):
 @dataclass
 class Mapped:
     """One finding's maps: its token-grid map(s), raw heatmap, gated map, region and what the image
-    measured (display grid for a CT); ``support``: the box outside which its gated map is zero (or None)."""
+    measured (display grid for a CT); ``support``: the box outside which its gated map is zero (or None), and
+    ``span`` that map's range."""
 
     grid: np.ndarray
     heatmap: np.ndarray
@@ -62,6 +63,7 @@ class Mapped:
     region: np.ndarray
     info: dict
     support: tuple[slice, ...] | None = None
+    span: tuple[float, float] | None = None  # the gated map's range (maps.support_range), found once
 
 
 class StudyMaps:
@@ -269,19 +271,23 @@ class CTMaps(StudyMaps):
             h = maps.to_host_later(h)  # the raw heatmap's copy beside the search
         side = columns[None, None, :] if columns is not None else None
         threshold, from_image = float(settings.get("threshold", 0.5)), image_extent(settings)
+        span = maps.support_range(m, box)
         # the attention's own region and the one its extent is searched in: one pass over the gate's box
-        own, search = maps.peak_regions(m, (threshold, extent.SEARCH_LEVEL), box) if from_image else (None, None)
+        own, search = maps.peak_regions(m, (threshold, extent.SEARCH_LEVEL), box, span) if from_image else (None, None)
         region, info = finding_region(f, m, threshold, from_image, lambda own: (
             extent.find_in_ct(volume.hu, volume.spacing, m, f.kind, own, self.shared, box, device, search)),
             lambda p: [int(i) for i in reversed(volume.stored_index(p))], side, box, own)
-        return Mapped(g, h.result() if isinstance(h, Future) else h, m, region, info, box)
+        return Mapped(g, h.result() if isinstance(h, Future) else h, m, region, info, box, span)
 
     def _finish(self, done: list[Mapped]) -> tuple[np.ndarray, list[dict]]:
         if not done:
             return np.zeros(self.volume.shape, np.uint8), []
-        labels = maps.assign([d.region for d in done], [d.gated for d in done], [d.support for d in done])
-        extras = maps.each(lambda k, d: {**ct_maps.slice_info(self.volume, d.grid, d.gated, labels == k), **d.info},
-                           range(1, len(done) + 1), done)
+        labels = maps.assign([d.region for d in done], [d.gated for d in done], [d.support for d in done],
+                             [d.span for d in done])
+        planes = np.flatnonzero(labels.reshape(len(labels), -1).any(axis=1))  # the planes any finding has
+        z0, z1 = (int(planes[0]), int(planes[-1]) + 1) if len(planes) else (0, 0)
+        extras = [{**ct_maps.slice_info(self.volume, d.grid, d.gated, labels[z0:z1] == k, d.support, d.span, z0),
+                   **d.info} for k, d in enumerate(done, start=1)]
         return labels, extras
 
 

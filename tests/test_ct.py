@@ -15,7 +15,7 @@ from conftest import shared
 from monailabel_app import ct_phantoms
 from monailabel_app.ct import Limits, load_ct, model_slices, sample_slices, window_rgb
 from monailabel_app.ct import ModelSlices
-from monailabel_app.grounding.ct_maps import side_gate, volume_heatmap
+from monailabel_app.grounding.ct_maps import side_gate, slice_info, volume_heatmap
 from monailabel_app.xray import SquarePad
 from monailabel_app.errors import InputError
 from monailabel_app.study import detect
@@ -161,6 +161,31 @@ def test_side_gate_follows_the_body_midline():
     right = side_gate(body, "right")
     assert right[0, 0].tolist() == [1, 1, 1, 1, 1, 1, 0, 0, 0, 0]
     assert (side_gate(body, "left") + right == 1).all() and (side_gate(body, "") == 1).all()
+
+
+def test_slice_info_from_the_gates_box_and_the_label_maps_planes_is_the_whole_arrays(phantom):
+    """A finding's strongest slice found in its gate's box (ties: the first voxel, as argmax), its slice range
+    from the planes the label map has: what the whole arrays give, also for a map whose maximum is the
+    zeros outside the box."""
+    volume = ct_phantoms.phantom_volume(phantom)
+    rng = np.random.default_rng(5)
+    shape = volume.shape
+    box = (slice(3, shape[0] - 2), slice(10, 50), slice(5, 40))
+    grids = rng.random((4, 8, 8)).astype(np.float32)
+    for trial in range(4):
+        heat = np.zeros(shape, np.float32)
+        heat[box] = rng.random(tuple(b.stop - b.start for b in box)).astype(np.float32)
+        if trial == 1:
+            heat[5, 20, 30] = heat[9, 12, 7] = heat.max() + 1  # a tie: the first plane's
+        if trial == 2:
+            heat[box] -= 2.0  # all below the zeros outside: the strongest voxel is outside the box
+        mask = np.zeros(shape, bool)
+        mask[6 + trial : 9 + trial, 20:30, 10:20] = trial != 3  # none in the last trial
+        want = slice_info(volume, grids, heat, mask)
+        span = (float(min(heat[box].min(), 0)), float(max(heat[box].max(), 0)))
+        got = slice_info(volume, grids, heat, mask[4:12], box, span, 4)
+        assert got == want and (want["slice_range"] is None) == (trial == 3)
+        assert slice_info(volume, grids, heat, mask, box) == want
 
 
 def _image(arr, direction=None, spacing=(1.0, 1.0, 1.0)):

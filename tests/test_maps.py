@@ -148,6 +148,25 @@ def test_assign_gives_overlaps_to_the_larger_scaled_heatmap():
         expected[take], best[take] = k, scaled[take]
     got = maps.assign(regions, heats)
     assert np.array_equal(got, expected) and set(np.unique(got)) == {0, 1, 2, 3}
+    # regions on a few planes (the scaled values kept for those alone), one empty; gated maps given with their
+    # boxes and ranges: the same rule
+    box = (slice(1, 5), slice(3, 25), slice(0, 31))
+    gated = [np.zeros(shape, np.float32) for _ in heats]
+    for g, h in zip(gated, heats):
+        g[box] = h[box]
+    regions = [r & (np.arange(shape[0]) >= z)[:, None, None] & (np.arange(shape[0]) < z + 2)[:, None, None]
+               for r, z in zip(regions, (2, 3, 9))]
+    expected = np.zeros(shape, np.uint8)
+    best = np.full(shape, -1.0, np.float32)
+    for k, (region, h) in enumerate(zip(regions, gated), start=1):
+        scaled = maps.normalise(h)
+        take = region & (scaled > best)
+        expected[take], best[take] = k, scaled[take]
+    spans = [maps.support_range(g, box) for g in gated]
+    got = maps.assign(regions, gated, [box] * 3, spans)
+    assert np.array_equal(got, expected) and set(np.unique(got)) == {0, 1, 2}
+    assert np.array_equal(maps.assign(regions, gated), expected)
+    assert not maps.assign([np.zeros(shape, bool)], gated[:1]).any()
 
 
 def test_each_starts_the_costliest_calls_first_and_keeps_the_items_order(monkeypatch):

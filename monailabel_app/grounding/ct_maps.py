@@ -109,6 +109,17 @@ def gated_map(heat, allowed, columns, box: tuple[slice, ...] | None) -> np.ndarr
     return out
 
 
+def _peak_plane(heat: np.ndarray, support: tuple[slice, ...] | None, span: tuple[float, float] | None) -> int:
+    """The plane of ``heat``'s first voxel (C order) at its maximum, as ``np.argmax`` finds it: in the box
+    ``support`` when the maximum is above the zeros outside it (every voxel at the maximum is then inside)."""
+    if support is not None:
+        sub = heat[support]
+        hi = float(sub.max()) if span is None else span[1]
+        if hi > 0:
+            return support[0].start + int(np.unravel_index(int(np.argmax(sub == hi)), sub.shape)[0])
+    return int(np.unravel_index(int(np.argmax(heat)), heat.shape)[0])
+
+
 def _zero_outside(out: np.ndarray, box: tuple[slice, ...]) -> None:
     """Zeros in ``out`` (3-D) everywhere but ``box``, which its caller writes: each voxel written once."""
     (z0, z1), (y0, y1), (x0, x1) = ((b.start, b.stop) for b in box)
@@ -137,16 +148,20 @@ def side_columns(body: np.ndarray, side: str) -> np.ndarray:
     return x < mid if side == "right" else x >= mid  # patient right = low x on the display grid
 
 
-def slice_info(volume: CTVolume, grids: np.ndarray, heat: np.ndarray, mask: np.ndarray) -> dict:
+def slice_info(volume: CTVolume, grids: np.ndarray, heat: np.ndarray, mask: np.ndarray,
+               support: tuple[slice, ...] | None = None, span: tuple[float, float] | None = None,
+               from_z: int = 0) -> dict:
     """Slice range of the mask (None when the mask is empty) and the strongest slice, in the input's slice
-    indices and patient z."""
+    indices and patient z. ``support``, ``span``: the box outside which ``heat`` is zero and its range, when
+    known (the strongest voxel found in the box); ``mask``: the planes from ``from_z`` on (where the label map
+    has any)."""
 
     def where(z: int) -> dict:
         return {"index": volume.display_to_stored_index(int(z)), "world_z_mm": round(volume.world_z(int(z)), 2)}
 
-    peak_z = int(np.unravel_index(int(np.argmax(heat)), heat.shape)[0])
-    out = {"strongest_slice": where(peak_z), "model_slice": int(np.argmax(grids.sum(axis=(1, 2)))) + 1}
-    zs = np.nonzero(mask.any(axis=(1, 2)))[0]
+    out = {"strongest_slice": where(_peak_plane(heat, support, span)),
+           "model_slice": int(np.argmax(grids.sum(axis=(1, 2)))) + 1}
+    zs = from_z + np.nonzero(mask.any(axis=(1, 2)))[0]
     out["slice_range"] = None
     if len(zs):
         lo, hi = where(zs.min()), where(zs.max())

@@ -84,11 +84,12 @@ def gated(heatmap: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray
     return out
 
 
-def normalise(heatmap: np.ndarray, at: np.ndarray | None = None, support: tuple[slice, ...] | None = None) -> np.ndarray:
+def normalise(heatmap: np.ndarray, at: np.ndarray | None = None, support: tuple[slice, ...] | None = None,
+              span: tuple[float, float] | None = None) -> np.ndarray:
     """float32 ``heatmap`` scaled to 0..1 by its own minimum and maximum (zeros when flat); ``at`` (flat
     indices): only those values, scaled by the whole map's range. ``support``: a box outside which the map is
-    zero (:func:`support_range`: the same range, from the box's values)."""
-    lo, hi = support_range(heatmap, support)
+    zero (:func:`support_range`: the same range, from the box's values); ``span``: that range, when known."""
+    lo, hi = support_range(heatmap, support) if span is None else span
     values = heatmap if at is None else np.asarray(heatmap).reshape(-1)[at]
     if hi - lo < 1e-12:
         return np.zeros(values.shape, np.float32)
@@ -130,18 +131,19 @@ def peak_region(heatmap: np.ndarray, threshold: float = 0.5, scaled: np.ndarray 
     return _peak_region(heatmap, threshold, support)[0]
 
 
-def peak_regions(heatmap: np.ndarray, thresholds, support: tuple[slice, ...] | None = None) -> list[np.ndarray]:
+def peak_regions(heatmap: np.ndarray, thresholds, support: tuple[slice, ...] | None = None,
+                 span: tuple[float, float] | None = None) -> list[np.ndarray]:
     """:func:`peak_region` at each of ``thresholds`` (a finding's own region and the region its extent is
     searched in), in their order: the lowest as :func:`peak_region` finds it, each higher one on the bounding
     box of the one below. The same regions: both hold the same peak, and the higher one's voxels, above
     the lower level and connected to the peak, are all in the lower one; a large gate's box is passed over
-    once instead of once a threshold."""
+    once instead of once a threshold. ``span``: :func:`support_range`, when known."""
     order = sorted(range(len(thresholds)), key=lambda k: thresholds[k])
     out: list = [None] * len(thresholds)
-    out[order[0]], box = _peak_region(heatmap, thresholds[order[0]], support)
+    lo, hi = support_range(heatmap, support) if span is None else span
+    out[order[0]], box = _peak_region(heatmap, thresholds[order[0]], support, (lo, hi))
     if box is not None:
         box = _shifted(box, _bounds(out[order[0]][box]))  # the region's own box, within the one labelled
-    lo, hi = support_range(heatmap, support)
     for k in order[1:]:
         if box is None:
             out[k] = np.zeros(heatmap.shape, bool)
@@ -155,10 +157,11 @@ def peak_regions(heatmap: np.ndarray, thresholds, support: tuple[slice, ...] | N
     return out
 
 
-def _peak_region(heatmap: np.ndarray, threshold: float, support: tuple[slice, ...] | None):
+def _peak_region(heatmap: np.ndarray, threshold: float, support: tuple[slice, ...] | None,
+                 span: tuple[float, float] | None = None):
     """(:func:`peak_region`'s region, a box that holds it, or None when it is empty)."""
     # the threshold in the map's own units: no scaled copy of a whole volume
-    lo, hi = support_range(heatmap, support)
+    lo, hi = support_range(heatmap, support) if span is None else span
     if not hi - lo >= 1e-12:
         return np.zeros(heatmap.shape, bool), None
     level = lo + threshold * (hi - lo)
@@ -196,19 +199,25 @@ def _around_peak(above: np.ndarray, peak: tuple) -> tuple[np.ndarray, tuple[slic
     return out, box
 
 
-def assign(regions: list[np.ndarray], heatmaps: list[np.ndarray], supports: list | None = None) -> np.ndarray:
+def assign(regions: list[np.ndarray], heatmaps: list[np.ndarray], supports: list | None = None,
+           spans: list | None = None) -> np.ndarray:
     """uint8 label map of one region per finding (k = 1..n); where regions overlap, the pixel goes to the
     finding whose heatmap, scaled to 0..1, is larger there. ``supports``: each heatmap's box outside which it
-    is zero (:func:`support_range`), or None."""
+    is zero (:func:`support_range`), or None; ``spans``: each heatmap's range, when known."""
     out = np.zeros(regions[0].shape, np.uint8)
-    best = np.full(regions[0].shape, -1.0, np.float32)
-    flat_out, flat_best = out.reshape(-1), best.reshape(-1)
-    for k, (region, h, support) in enumerate(zip(regions, heatmaps, supports or [None] * len(regions)), start=1):
-        inside = np.flatnonzero(region)
-        scaled = normalise(h, inside, support)  # on the region's voxels only
-        take = scaled > flat_best[inside]
+    flat_out = out.reshape(-1)
+    insides = [np.flatnonzero(region) for region in regions]
+    # the scaled values compared where regions overlap are kept for the planes the regions reach alone
+    plane = int(np.prod(out.shape[1:])) if out.ndim > 1 else 1
+    first = min((int(i[0]) // plane for i in insides if len(i)), default=0) * plane
+    last = max((int(i[-1]) // plane + 1 for i in insides if len(i)), default=0) * plane
+    best = np.full(max(last - first, 0), -1.0, np.float32)
+    for k, (inside, h, support, span) in enumerate(zip(insides, heatmaps, supports or [None] * len(regions),
+                                                       spans or [None] * len(regions)), start=1):
+        scaled = normalise(h, inside, support, span)  # on the region's voxels only
+        take = scaled > best[inside - first]
         flat_out[inside[take]] = k
-        flat_best[inside[take]] = scaled[take]
+        best[inside[take] - first] = scaled[take]
     return out
 
 

@@ -259,13 +259,26 @@ def helpers(count):
             helper_processes.start(kept)
 
 
+@contextmanager
+def switch_interval(ms):
+    """The interpreter's switch interval ``ms`` for the block (None: as it is); gives the one in force, in ms."""
+    kept = sys.getswitchinterval()
+    if ms is not None:
+        sys.setswitchinterval(ms / 1000)
+    try:
+        yield sys.getswitchinterval() * 1000
+    finally:
+        sys.setswitchinterval(kept)
+
+
 def speed(model, processor, reader, modalities=("xray", "ct"), anchors: bool = True, chunks=(None,),
-          aheads=(None,), helper_counts=(None,)) -> None:
+          aheads=(None,), helper_counts=(None,), switches=(None,)) -> None:
     """One study per modality: plain ``generate`` (the anchor), the project path with masks, and the capture's
     cost; ``anchors`` False: the project path alone (a short lease). ``chunks``: the long prefill's chunk
     settings to compare (:mod:`prefill_attention`; 0: dense); ``aheads``: the decode replays in flight to compare
     (:data:`decoding.AHEAD_ENV`; None: the library's own); ``helper_counts``: the label and distance helper
-    processes to compare (None: the library's own)."""
+    processes to compare (None: the library's own); ``switches``: the interpreter's switch intervals (ms) to
+    compare (None: as the reader set it)."""
     tok = processor.tokenizer
     film, volume = xray(7), ct(3)
     x_answer = report(tok, XRAY_FINDINGS)
@@ -287,14 +300,17 @@ def speed(model, processor, reader, modalities=("xray", "ct"), anchors: bool = T
             del inputs
         gc.collect()
         torch.cuda.empty_cache()
-        for chunk, ahead, count in [(c, a, h) for c in chunks for a in aheads for h in helper_counts]:
-            with prefill_chunk(chunk) as c, environment(decoding.AHEAD_ENV, ahead), helpers(count) as running:
+        for chunk, ahead, count, ms in [(c, a, h, w) for c in chunks for a in aheads for h in helper_counts
+                                        for w in switches]:
+            with prefill_chunk(chunk) as c, environment(decoding.AHEAD_ENV, ahead), helpers(count) as running, \
+                    switch_interval(ms) as switch:
                 served = helper_processes.served()
                 f = project_read(reader, study, answer)  # (its warm-up reading warms the helpers too)
                 served = (helper_processes.served() - served) // 4  # per reading
                 replays = decoding.replays_ahead(1, True, long=f["tokens"] >= prefill_attention.LONG)
             emit(row(f"{name}: project path, masks included ({f['findings']} findings; {replays} decode replays in "
-                     f"flight; {running} helper processes, {served} calls to them a reading; maps {f['maps']:.3f} s, "
+                     f"flight; {running} helper processes, {served} calls to them a reading; switch interval "
+                     f"{switch:g} ms; maps {f['maps']:.3f} s, "
                      f"{f['maps_ahead']} of them made while decoding, {f['maps_ahead_wait']:.3f} s waited for, "
                      f"{f['anatomy_wait']:.3f} s waited for the anatomy; "
                      f"preprocessing {f['prepare']:.3f} s; peak with weights {gib(weights + f['peak'])} GiB"
@@ -839,6 +855,8 @@ def main(argv=None):
                     "process's to compare, e.g. 0,5 (default: the library's own)")
     ap.add_argument("--prefill-chunks", default="", help="the speed and prefill parts: a long prompt's prefill "
                     "chunk of query rows to compare, e.g. 1024,0 (0: dense; default: the library's own)")
+    ap.add_argument("--switch-intervals", default="", help="the speed and timeline parts: the interpreter's switch "
+                    "intervals in ms to compare, e.g. 5,1,0.3 (default: as the reader set it)")
     ap.add_argument("--search-workers", default="3", help="the searches part: threads and processes to compare, "
                     "e.g. 3,4")
     ap.add_argument("--profile-batch", type=int, default=0, help="the profile part: also one read_many batch of this many")
@@ -868,16 +886,18 @@ def main(argv=None):
         if "profile" in parts:
             profile(model, processor, reader, [m for m in args.speed_modalities.split(",") if m], args.profile_batch)
         chunks = [int(c) for c in args.prefill_chunks.split(",") if c] or [None]
+        switches = [float(w) for w in args.switch_intervals.split(",") if w] or [None]
         if "speed" in parts:
             speed(model, processor, reader, args.speed_modalities.split(","), not args.no_anchors, chunks,
                   [int(a) for a in args.decode_ahead.split(",") if a] or [None],
-                  [int(h) for h in args.helpers.split(",") if h] or [None])
+                  [int(h) for h in args.helpers.split(",") if h] or [None], switches)
         if "timeline" in parts:
             import map_timeline
 
-            for count in [int(h) for h in args.helpers.split(",") if h] or [None]:
-                with helpers(count):
-                    emit(f"### The CT's maps, call by call ({MAPS_WHILE_DECODING_ENV} as the library's own)")
+            for count, ms in [(h, w) for h in [int(h) for h in args.helpers.split(",") if h] or [None] for w in switches]:
+                with helpers(count), switch_interval(ms) as switch:
+                    emit(f"### The CT's maps, call by call ({MAPS_WHILE_DECODING_ENV} as the library's own; switch "
+                         f"interval {switch:g} ms)")
                     emit()
                     map_timeline.timeline(reader, ct(3), report(processor.tokenizer, CT_FINDINGS), emit, fresh, sync)
         if "searches" in parts:

@@ -22,7 +22,7 @@ import json
 import logging
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +45,10 @@ DEFAULT_XRAY_GATES = ("side", "zone", "box")
 DEFAULT_CT_GATES = ("side", "lung")
 ASSUMED_SPACING = "assumed: the film's longer side 430 mm (the file gives no pixel spacing)"
 LANGUAGE_ENTRIES = ("zh",)  # answer languages a grounding entry may carry its own entry for (English: the entry)
+
+
+# takes a written answer's attention rows and starts its findings' maps, one answer's sentences after another
+_STARTER = ThreadPoolExecutor(1, thread_name_prefix="maps_ahead")
 
 
 class Superseded(Exception):
@@ -76,6 +80,7 @@ class StudyMaps:
         self._counted = threading.Lock()  # reused, waited, anatomy_waited
         self.started: dict[tuple, Future] = {}  # key -> the finding's maps, started while the model wrote
         self.started_labels: dict[tuple, Future] = {}  # the findings' keys in order -> (labels, extras)
+        self.starting: list[Future] = []  # the maps being started while the model writes (_start_ahead)
         self.looked_upto = 0  # characters of the answer being written already read for findings
         self.latest_labels: tuple | None = None  # the findings of the last label map started while the model wrote
         self.reused = 0
@@ -91,6 +96,7 @@ class StudyMaps:
 
     def finding(self, f: Finding, rows: list[int], gen: Generation, settings: dict) -> Mapped:
         """One finding's maps: those made while the model wrote when they have this :meth:`key`, else made now."""
+        self._started()
         made = self.started.get(self.key(f, rows, gen, settings))
         if made is not None and self._wait(made):
             with self._counted:
@@ -101,6 +107,7 @@ class StudyMaps:
     def finish(self, keys: list[tuple], done: list[Mapped]) -> tuple[np.ndarray, list[dict]]:
         """(label map, per-finding extras) of the findings (their :meth:`key`\\ s and maps, in order): made
         while the model wrote for exactly these findings, else made now."""
+        self._started()
         made = self.started_labels.get(tuple(keys))
         if made is not None and self._wait(made):
             return made.result()
@@ -135,15 +142,29 @@ class StudyMaps:
     def ahead(self, written: Partial, settings: dict) -> None:
         """The decode's progress: start the maps of the findings in the newly completed sentences of the
         answer being ``written`` (the modality's grounding ``settings``), and the label map of all of them.
-        Never raises into the decode."""
+        The decode loop only reads the text here: the answer's attention rows (they wait for their copy off
+        the device) are taken, and the maps started, in a thread of their own (:meth:`_start_ahead`), so the
+        loop goes back to the device at once. Never raises into the decode."""
         try:
             upto = written_upto(written.text)
             if upto <= self.looked_upto:
                 return
             self.looked_upto = upto
             answer = read_answer(written.text[:upto])
-            if not answer.findings:
-                return
+            if answer.findings:
+                self.starting.append(_STARTER.submit(self._start_ahead, answer, written, settings))
+        except Exception:  # noqa: BLE001 (the answer goes on; its findings are mapped after it)
+            logger.exception("mapping findings while the model writes failed: they are mapped after the answer")
+
+    def _started(self) -> None:
+        """Wait until the maps started while the model wrote are all in :attr:`started` (each start never
+        raises)."""
+        for f in self.starting:
+            f.result()
+
+    def _start_ahead(self, answer, written: Partial, settings: dict) -> None:
+        """:meth:`ahead`'s maps for the findings of ``answer`` (the text written up to a sentence's end)."""
+        try:
             own, gen = in_language(settings, answer.language, written.generation())
             keys = []
             for f in answer.findings:
@@ -163,6 +184,8 @@ class StudyMaps:
 
     def forget(self) -> None:
         """Drop what was started (its generation is not the one the reading uses)."""
+        self._started()
+        self.starting.clear()
         self.started.clear()
         self.started_labels.clear()
         self.latest_labels = None

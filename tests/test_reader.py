@@ -2,6 +2,7 @@
 this machine runs (``reader_in``); exact comparisons in fp32 (``reader``)."""
 
 import gc
+import threading
 
 import numpy as np
 import pytest
@@ -647,8 +648,8 @@ def test_a_films_findings_are_mapped_while_the_model_writes(reader, monkeypatch)
 def test_maps_made_while_writing_are_taken_only_for_the_same_finding(reader):
     """A finding is mapped early only once its sentence is complete, and its early result is taken only when
     the final answer reads the same finding on the same token rows: a finding whose words the final answer
-    reads otherwise (here: another side) is mapped anew. A failure while the model writes never reaches the
-    decode."""
+    reads otherwise (here: another side) is mapped anew. The decode loop never waits for the rows: they are
+    taken in a thread of their own. A failure while the model writes never reaches the decode."""
     import dataclasses
     from concurrent.futures import Future
 
@@ -667,7 +668,11 @@ def test_maps_made_while_writing_are_taken_only_for_the_same_finding(reader):
     partial = dataclasses.replace(gen, text=text, token_ids=gen.token_ids[:n], token_ends=gen.token_ends[:n],
                                   attention=gen.attention[:n])
     film = FilmMaps(reader, radiograph, pad_to_square(image)[1])
-    film.ahead(Partial(text, lambda: partial), settings)
+    rows_copied = threading.Event()  # the rows of the answer so far: not yet off the device
+    film.ahead(Partial(text, lambda: rows_copied.wait(60) and partial), settings)
+    assert not film.started  # the decode loop is back: the rows are taken, and the maps started, beside it
+    rows_copied.set()
+    film._started()
     assert [key[0] for key in film.started] == ["nodule"]  # not the opacity: its sentence is not complete
     nodule = read_answer(gen.text).findings[0]
     rows = gen.token_range(nodule.span)
@@ -688,3 +693,4 @@ def test_maps_made_while_writing_are_taken_only_for_the_same_finding(reader):
     fresh = film.finding(other, rows, gen, settings)
     assert fresh is not early and film.reused == 1 and not fresh.gated[:, : image.shape[1] // 2].any()
     film.ahead(Partial(gen.text, lambda: 1 / 0), settings)  # logged, not raised
+    film._started()

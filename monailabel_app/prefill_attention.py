@@ -22,7 +22,7 @@ import torch
 
 LONG = 4096  # prompts at least this long are chunked (an X-ray's 278 tokens, a batch's, run dense)
 # query rows per chunk (its keys: about CHUNK + a window + an image for a sliding layer); 0: every prompt dense
-CHUNK = int(os.environ.get("MEDGEMMA_PREFILL_CHUNK", "1024"))
+CHUNK = int(os.environ.get("MEDGEMMA_PREFILL_CHUNK", "2048"))
 
 
 def wanted(query: torch.Tensor, key: torch.Tensor, mask) -> bool:

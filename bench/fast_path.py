@@ -278,7 +278,7 @@ def speed(model, processor, reader, modalities=("xray", "ct"), anchors: bool = T
     settings to compare (:mod:`prefill_attention`; 0: dense); ``aheads``: the decode replays in flight to compare
     (:data:`decoding.AHEAD_ENV`; None: the library's own); ``helper_counts``: the label and distance helper
     processes to compare (None: the library's own); ``switches``: the interpreter's switch intervals (ms) to
-    compare (None: as the reader set it)."""
+    compare (None: Python's own)."""
     tok = processor.tokenizer
     film, volume = xray(7), ct(3)
     x_answer = report(tok, XRAY_FINDINGS)
@@ -856,7 +856,7 @@ def main(argv=None):
     ap.add_argument("--prefill-chunks", default="", help="the speed and prefill parts: a long prompt's prefill "
                     "chunk of query rows to compare, e.g. 1024,0 (0: dense; default: the library's own)")
     ap.add_argument("--switch-intervals", default="", help="the speed and timeline parts: the interpreter's switch "
-                    "intervals in ms to compare, e.g. 5,1,0.3 (default: as the reader set it)")
+                    "intervals in ms to compare, e.g. 5,1,0.3 (default: Python's own, 5)")
     ap.add_argument("--search-workers", default="3", help="the searches part: threads and processes to compare, "
                     "e.g. 3,4")
     ap.add_argument("--profile-batch", type=int, default=0, help="the profile part: also one read_many batch of this many")

@@ -659,27 +659,6 @@ def replays_ahead(batch: int, live: bool, graphs: bool = True, long: bool = Fals
     return 2 if batch > 1 else 1
 
 
-SWITCH_ENV = "MEDGEMMA_SWITCH_INTERVAL_MS"  # how often the interpreter's lock changes threads on a GPU reader
-DEFAULT_SWITCH_MS: float | None = None  # None: Python's own (5 ms)
-
-
-def switch_interval_ms(device: torch.device) -> float | None:
-    """The interpreter's switch interval (ms) for a reader mapping on ``device`` (None: leave Python's own). A
-    thread that wants the interpreter's lock waits up to this long for the thread holding it: the decode
-    loop, between replays, wants it for a moment many times a token while a CT's findings are searched in
-    map threads. :data:`SWITCH_ENV` sets it (0.1 to 50)."""
-    value = os.environ.get(SWITCH_ENV, "").strip()
-    if value:
-        try:
-            ms = float(value)
-        except ValueError:
-            ms = -1.0
-        if not 0.1 <= ms <= 50:
-            raise ValueError(f"{SWITCH_ENV} must be a number of milliseconds from 0.1 to 50, got {value!r}")
-        return ms
-    return DEFAULT_SWITCH_MS if device.type == "cuda" else None
-
-
 COMPILE_CACHE_ENV = "MEDGEMMA_COMPILE_CACHE"  # folder for compiled kernels (default ~/.cache/monailabel-medgemma/compile)
 
 

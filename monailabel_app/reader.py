@@ -15,7 +15,6 @@ import dataclasses
 import logging
 import math
 import os
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -27,7 +26,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from . import allocator, decoding, helper_processes, map_processes
+from . import allocator, helper_processes, map_processes
 from .grounding import anatomy, extent, maps
 from .ct import CTVolume, Limits, body_mask, interleave, model_slices, sample_slices
 from .errors import InputError
@@ -196,9 +195,6 @@ class Reader:
         self.grid = grid
         self._start_state()
         helper_processes.start(helper_processes.helpers_for(self.maps_device))  # a CT's labels and distances
-        switch = decoding.switch_interval_ms(self.maps_device)
-        if switch is not None:  # (the whole process's: a server reads with one reader)
-            sys.setswitchinterval(switch / 1000)
 
     def _start_state(self) -> None:
         """What a reader keeps between readings, with or without a model."""

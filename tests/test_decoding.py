@@ -307,18 +307,6 @@ def test_replays_in_flight_from_the_environment(monkeypatch):
         decoding.replays_ahead(1, False)
 
 
-def test_the_switch_interval_from_the_environment(monkeypatch):
-    monkeypatch.delenv(decoding.SWITCH_ENV, raising=False)
-    assert decoding.switch_interval_ms(torch.device("cuda")) == decoding.DEFAULT_SWITCH_MS
-    assert decoding.switch_interval_ms(torch.device("cpu")) is None  # a CPU reader leaves Python's own
-    monkeypatch.setenv(decoding.SWITCH_ENV, "0.5")
-    assert decoding.switch_interval_ms(torch.device("cpu")) == 0.5
-    for bad in ("fast", "0", "100"):
-        monkeypatch.setenv(decoding.SWITCH_ENV, bad)
-        with pytest.raises(ValueError, match=decoding.SWITCH_ENV):
-            decoding.switch_interval_ms(torch.device("cuda"))
-
-
 def test_the_prefill_masks_are_transformers_own(monkeypatch):
     """The prefill's masks (made here, not through transformers' vmap) equal those transformers builds for the
     same left-padded batch of two images each, past the sliding window: the text decoder gets the same masks,

@@ -38,7 +38,9 @@ def helpers():
 
 def test_how_many_helpers(monkeypatch):
     monkeypatch.delenv(helper_processes.ENV, raising=False)
-    assert helper_processes.helpers_for(torch.device("cuda"), cores=16) == helper_processes.DEFAULT_HELPERS
+    assert helper_processes.helpers_for(torch.device("cuda"), cores=16) == helper_processes.DEFAULT_HELPERS == 8
+    assert helper_processes.helpers_for(torch.device("cuda"), cores=64) == 8
+    assert helper_processes.helpers_for(torch.device("cuda"), cores=6) == 3  # half the cores
     assert helper_processes.helpers_for(torch.device("cuda"), cores=2) == 0  # no core to go to
     assert helper_processes.helpers_for(torch.device("cpu"), cores=16) == 0
     monkeypatch.setenv(helper_processes.ENV, "2")

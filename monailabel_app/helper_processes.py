@@ -1,5 +1,6 @@
 """Labels and distances of large 3-D masks computed in helper processes, so that the calling thread lets the
-interpreter go while they run.
+interpreter go while they run; and the lung territory, plane by plane, in slabs over several helpers at once
+(:func:`in_slabs`).
 
 cc3d's labelling (:func:`components.label`) and edt's distance transform (:func:`distances.inside`) hold the
 interpreter's lock for their whole call: beside a 0.4 s cc3d call a Python loop in another thread ran 6 % of

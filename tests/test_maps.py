@@ -140,12 +140,7 @@ def test_assign_gives_overlaps_to_the_larger_scaled_heatmap():
     shape = (6, 30, 40)
     heats = [rng.random(shape).astype(np.float32) * s + o for s, o in ((1.0, 0.0), (5.0, 2.0), (0.0, 1.0))]
     regions = [rng.random(shape) > 0.4 for _ in heats]
-    expected = np.zeros(shape, np.uint8)
-    best = np.full(shape, -1.0, np.float32)
-    for k, (region, h) in enumerate(zip(regions, heats), start=1):
-        scaled = maps.normalise(h)
-        take = region & (scaled > best)
-        expected[take], best[take] = k, scaled[take]
+    expected = _assigned_on_whole_arrays(regions, heats)
     got = maps.assign(regions, heats)
     assert np.array_equal(got, expected) and set(np.unique(got)) == {0, 1, 2, 3}
     # regions on a few planes (the scaled values kept for those alone), one empty; gated maps given with their
@@ -156,17 +151,23 @@ def test_assign_gives_overlaps_to_the_larger_scaled_heatmap():
         g[box] = h[box]
     regions = [r & (np.arange(shape[0]) >= z)[:, None, None] & (np.arange(shape[0]) < z + 2)[:, None, None]
                for r, z in zip(regions, (2, 3, 9))]
-    expected = np.zeros(shape, np.uint8)
-    best = np.full(shape, -1.0, np.float32)
-    for k, (region, h) in enumerate(zip(regions, gated), start=1):
-        scaled = maps.normalise(h)
-        take = region & (scaled > best)
-        expected[take], best[take] = k, scaled[take]
+    expected = _assigned_on_whole_arrays(regions, gated)
     spans = [maps.support_range(g, box) for g in gated]
     got = maps.assign(regions, gated, [box] * 3, spans)
     assert np.array_equal(got, expected) and set(np.unique(got)) == {0, 1, 2}
     assert np.array_equal(maps.assign(regions, gated), expected)
     assert not maps.assign([np.zeros(shape, bool)], gated[:1]).any()
+
+
+def _assigned_on_whole_arrays(regions, heats) -> np.ndarray:
+    """assign()'s rule written on whole arrays."""
+    expected = np.zeros(regions[0].shape, np.uint8)
+    best = np.full(regions[0].shape, -1.0, np.float32)
+    for k, (region, h) in enumerate(zip(regions, heats), start=1):
+        scaled = maps.normalise(h)
+        take = region & (scaled > best)
+        expected[take], best[take] = k, scaled[take]
+    return expected
 
 
 def test_each_starts_the_costliest_calls_first_and_keeps_the_items_order(monkeypatch):

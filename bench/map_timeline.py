@@ -5,7 +5,9 @@
     python bench/fast_path.py --only timeline             # the GPU benchmark's CT (MedGemma-4B shapes)
 
 One warm reading is made with the maps' functions wrapped (the findings' heatmaps, gates, peak regions, the
-image extent's search and its parts, labels and distances, the label map, the anatomy). Each call is printed
+image extent's search and its parts, labels and distances, the label map, the anatomy; and the decode loop's
+callbacks where the maps are made while the model writes: the rows queued off the device, the text read for
+findings). Each call is printed
 with its thread, its start (seconds from the reading's start), its wall time and its thread's CPU time: a
 call whose wall time is far above its CPU time waited (for the interpreter's lock, the GPU, a helper process
 or a lock of the maps), one with both alike computed. Then each function's count and totals, and the
@@ -28,14 +30,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, ".."))
 
-from monailabel_app import components, distances, helper_processes  # noqa: E402
+from monailabel_app import components, decoding, distances, generation, helper_processes  # noqa: E402
 from monailabel_app.grounding import anatomy, ct_maps, extent, maps  # noqa: E402
+from monailabel_app.study_maps import StudyMaps  # noqa: E402
 
 WATCHED = [(anatomy, "ct_body_and_lungs"), (ct_maps, "slice_grids"), (ct_maps, "volume_heatmap"),
            (ct_maps, "gated_map"), (maps, "peak_regions"), (maps, "peak_region"), (extent, "find_in_ct"),
            (extent, "smoothed_hu"), (extent, "territory"), (helper_processes, "in_slabs"), (extent, "grow_ct"),
            (extent, "deepest"), (components, "label"), (distances, "inside"), (maps, "assign"),
-           (ct_maps, "slice_info")]
+           (ct_maps, "slice_info"),
+           # the decode loop's callbacks: the rows queued off the device, the answer's text read for findings
+           (decoding.LiveRows, "advance"), (decoding.LiveRows, "upto"), (generation, "_token_ends"),
+           (StudyMaps, "ahead"), (StudyMaps, "_start_ahead")]
 
 
 @contextmanager

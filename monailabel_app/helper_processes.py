@@ -145,10 +145,9 @@ _POOL = _Pool()
 
 
 def _forget_in_child() -> None:
-    global _POOL, _WAITERS_LOCK
+    global _POOL, _WAITERS, _WAITERS_LOCK
     _POOL = _Pool()  # no helpers: the parent's sockets and blocks stay the parent's
-    _WAITERS.clear()  # nor its threads
-    _WAITERS_LOCK = threading.Lock()
+    _WAITERS, _WAITERS_LOCK = None, threading.Lock()  # nor its threads
 
 
 def _close_at_exit() -> None:
@@ -206,7 +205,7 @@ def call(op: str, mask: np.ndarray, *args):
         _POOL.idle.put(helper)
 
 
-_WAITERS: list = []  # the threads that wait on helpers for the slabs of calls (made when first needed)
+_WAITERS: ThreadPoolExecutor | None = None  # the threads that wait on helpers for slabs (made when first needed)
 _WAITERS_LOCK = threading.Lock()
 
 
@@ -221,18 +220,19 @@ def in_slabs(op: str, mask: np.ndarray, here, *args) -> np.ndarray | None:
     edges = np.linspace(0, mask.shape[0], slabs + 1).round().astype(int)
     parts = [mask[a:b] for a, b in zip(edges[:-1], edges[1:])]
     waiting = [_waiters().submit(call, op, part, *args) for part in parts[1:]]  # the first: in this thread
+    answers = [call(op, parts[0], *args)] + [w.result() for w in waiting]
     out = np.empty(mask.shape, OUT_DTYPES[op])
-    for (a, b), part, done in zip(zip(edges[:-1], edges[1:]), parts,
-                                  [call(op, parts[0], *args)] + [w.result() for w in waiting]):
+    for a, b, part, done in zip(edges[:-1], edges[1:], parts, answers):
         out[a:b] = here(part, *args) if done is None else done[0]
     return out
 
 
 def _waiters() -> ThreadPoolExecutor:
+    global _WAITERS
     with _WAITERS_LOCK:
-        if not _WAITERS:
-            _WAITERS.append(ThreadPoolExecutor(max_workers=16, thread_name_prefix="helper_wait"))
-        return _WAITERS[0]
+        if _WAITERS is None:
+            _WAITERS = ThreadPoolExecutor(max_workers=16, thread_name_prefix="helper_wait")
+        return _WAITERS
 
 
 def _count(name: str, step: int) -> None:

@@ -116,7 +116,7 @@ def _peak_plane(heat: np.ndarray, support: tuple[slice, ...] | None, span: tuple
         sub = heat[support]
         hi = float(sub.max()) if span is None else span[1]
         if hi > 0:
-            return support[0].start + int(np.unravel_index(int(np.argmax(sub == hi)), sub.shape)[0])
+            return support[0].start + maps.first_at(sub, hi)[0]
     return int(np.unravel_index(int(np.argmax(heat)), heat.shape)[0])
 
 

@@ -149,7 +149,7 @@ def peak_regions(heatmap: np.ndarray, thresholds, support: tuple[slice, ...] | N
             out[k] = np.zeros(heatmap.shape, bool)
             continue
         sub = heatmap[box]
-        peak = np.unravel_index(int(np.argmax(sub == hi)), sub.shape)  # _peak_region's: the first at the maximum
+        peak = first_at(sub, hi)  # _peak_region's peak
         region, inner = _around_peak(sub >= lo + thresholds[k] * (hi - lo), peak)
         out[k] = np.zeros(heatmap.shape, bool)
         out[k][box] = region
@@ -168,13 +168,17 @@ def _peak_region(heatmap: np.ndarray, threshold: float, support: tuple[slice, ..
     if support is not None and level > 0 and hi > 0:
         sub = heatmap[support]
         out = np.zeros(heatmap.shape, bool)
-        # argmax's peak: the first voxel (C order) at the box's maximum ``hi``, found on a bool copy (argmax
-        # of a strided float box copies it whole and compares floats; a bool one stops at the first True)
-        peak = np.unravel_index(int(np.argmax(sub == hi)), sub.shape)
-        out[support], inner = _around_peak(sub >= level, peak)
+        out[support], inner = _around_peak(sub >= level, first_at(sub, hi))
         return out, _shifted(support, inner)
     peak = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
     return _around_peak(heatmap >= level, peak)
+
+
+def first_at(values: np.ndarray, top: float) -> tuple[int, ...]:
+    """The index of the first voxel (C order) of ``values`` equal to ``top``, their maximum: argmax's peak,
+    found on a bool copy (argmax of a strided float box copies it whole and compares floats; a bool one stops
+    at the first True)."""
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(values == top)), values.shape))
 
 
 def _bounds(mask: np.ndarray) -> tuple[slice, ...]:

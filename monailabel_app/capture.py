@@ -106,6 +106,7 @@ class AttentionRecorder:
         self.at_layer: dict[int, torch.Tensor] = dict(mixed or {})  # read layer -> product of the layers below
         self.mixed = bool(mixed)
         self.unmixed: list[int] = []  # prefill layers whose keys did not cover the prompt (taken as identity)
+        self._stacked_products: tuple[list[int], torch.Tensor] | None = None  # (layers, products): _products
 
     def wants_lse(self, layer: int, query, key) -> bool:
         """This prefill layer's tokens are mixed (its attention's log-sum-exp makes that cheap)."""
@@ -211,8 +212,29 @@ class AttentionRecorder:
         return torch.stack([self.rows[layer] for layer in layers])[None]
 
     def rolled_rows(self, rows: torch.Tensor) -> torch.Tensor:
-        """(steps, layers, batch, heads, n) rows of the usable layers, rolled out if asked (each step alone)."""
-        return torch.stack([self._rolled(layer, rows[:, li]) for li, layer in enumerate(self.usable_layers)], dim=1)
+        """(steps, layers, batch, heads, n) rows of the usable layers, rolled out if asked (each step alone):
+        every layer in one product where each has its mixing (a few torch calls, not a few per layer: the rows'
+        copying thread waits for the interpreter at each one while the findings' maps run)."""
+        products = self._products()
+        if products is None:
+            return torch.stack([self._rolled(layer, rows[:, li]) for li, layer in enumerate(self.usable_layers)],
+                               dim=1)
+        layers, batch, images, n, _ = products.shape
+        r = rows.reshape(*rows.shape[:-1], images, n)  # (steps, L, B, H, I, n)
+        return torch.einsum("tlbhsi,lbsij->tlbhsj", r, products.to(rows.device)).reshape(rows.shape)
+
+    def _products(self) -> torch.Tensor | None:
+        """(layers, batch, images, n, n): the usable layers' mixing products stacked once (each layer's entry
+        of :attr:`at_layer` then a view of it); None unless every usable layer is rolled out."""
+        layers = self.usable_layers
+        if not self.rollout or not layers or any(layer not in self.at_layer for layer in layers):
+            return None
+        stacked = self._stacked_products
+        if stacked is None or stacked[0] != layers:
+            products = torch.stack([self.at_layer[layer] for layer in layers])
+            self.at_layer.update({layer: products[i] for i, layer in enumerate(layers)})
+            stacked = self._stacked_products = (layers, products)
+        return stacked[1]
 
     def _rolled(self, layer: int, rows: torch.Tensor) -> torch.Tensor:
         """(steps, batch, heads, images * n) rows mapped back onto the input's image tokens."""

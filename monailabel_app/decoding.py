@@ -576,10 +576,13 @@ class LiveRows:
     not all copied (and rolled out, on the GPU at once) after the last step. The whole answer's rows are these
     same copies, so a finding mapped early or at the end reads identical rows (rolled out the same).
 
-    The decode loop only queues each copy (:meth:`advance`: on a GPU into page-locked memory; then into the rows
-    on a thread of its own): on a GPU a copy into pageable memory waits for the device and the host's memory,
-    and a CT's look at 8 steps (28 MB of rows) held the loop 27 ms (run AS: 0.68 s of a 0.83 s decode). A
-    reader of the rows (:meth:`upto`) waits for the copies it needs."""
+    The decode loop only queues each copy (:meth:`advance`). A thread of its own (:data:`_COPYING`) launches it
+    (the rows stacked and rolled out on the device, then copied into page-locked memory: a copy into pageable
+    memory waits for the device and the host's memory, 27 ms for a CT's 8 steps in run AS), and another
+    (:data:`_LANDING`) moves it into :attr:`rows` once the device is done. Launching from the decode loop held
+    it 0.33 s of a CT's 1.02 s decode (run BE, three calls with no CPU time: each of the launch's torch calls
+    waits for the interpreter while the findings' maps run beside). A reader of the rows (:meth:`upto`) waits
+    for the copies it needs."""
 
     def __init__(self, recorder: AttentionRecorder, decoder: "Decoder"):
         self.recorder, self.decoder = recorder, decoder
@@ -589,41 +592,49 @@ class LiveRows:
         self.lock = threading.Lock()
         device = decoder.tokens.device
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
-        self.landed: Future | None = None  # the last queued copy into :attr:`rows` (its thread: one, in order)
+        self.launched: Future | None = None  # the last queued launch; its result: that copy's landing
 
     def advance(self, steps: int) -> None:
-        """Start copying the rows of the first ``steps`` tokens (decoded ones only: called once the decoder has
-        looked at them), without waiting for the copy on a GPU."""
+        """Queue the copy of the rows of the first ``steps`` tokens (decoded ones only: called once the decoder
+        has looked at them, so those steps are done on the device); returns at once."""
         with self.lock:
             if steps <= self.count:
                 return
-            with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-                if self.count == 0:  # rows 1 .. steps - 1 after the prefill's
-                    part = self.recorder.stacked(self.decoder.decode_rows(steps, 1, self.recorded))
-                else:  # rows count .. steps - 1
-                    part = self.recorder.rolled_rows(self.decoder.decode_rows(steps, self.count, self.recorded))
-                if self.rows is None:
-                    self.rows = torch.empty((self.decoder.max_new, *part.shape[1:]), dtype=torch.float32)
-                staged, copied = part, None  # on the CPU: already in host memory
-                if self.stream is not None:  # page-locked staging (reused by the host allocator once copied)
-                    staged = torch.empty(part.shape, dtype=torch.float32, pin_memory=True)
-                    staged.copy_(part, non_blocking=True)
-                    copied = torch.cuda.Event()
-                    copied.record(self.stream)
-                self.landed = _LANDING.submit(_land, self.rows[self.count : steps], staged, copied)
+            self.launched = _COPYING.submit(self._launch, self.count, steps)
             self.count = steps
+
+    def _launch(self, start: int, stop: int) -> Future:
+        """On :data:`_COPYING` (one thread: copies are launched in the order queued): stack (and roll out) the
+        rows of steps ``start .. stop - 1`` on the rows' stream and start their copy to the host; returns the
+        landing's future."""
+        with torch.inference_mode(), \
+                torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+            if start == 0:  # the prefill's row, then decode rows 1 .. stop - 1
+                part = self.recorder.stacked(self.decoder.decode_rows(stop, 1, self.recorded))
+            else:
+                part = self.recorder.rolled_rows(self.decoder.decode_rows(stop, start, self.recorded))
+            if self.rows is None:
+                self.rows = torch.empty((self.decoder.max_new, *part.shape[1:]), dtype=torch.float32)
+            staged, copied = part, None  # on the CPU: already in host memory
+            if self.stream is not None:  # page-locked staging (reused by the host allocator once copied)
+                staged = torch.empty(part.shape, dtype=torch.float32, pin_memory=True)
+                staged.copy_(part, non_blocking=True)
+                copied = torch.cuda.Event()
+                copied.record(self.stream)
+            return _LANDING.submit(_land, self.rows[start:stop], staged, copied)
 
     def upto(self, steps: int) -> torch.Tensor:
         """(steps, layers, 1, heads, n) float32 on the CPU: the rows of the first ``steps`` tokens (decoded
         ones only), once copied; a view of the rows copied so far."""
         self.advance(steps)
         with self.lock:
-            landed = self.landed
-        if landed is not None:
-            landed.result()  # copies land in order: the last one queued covers these rows
+            launched = self.launched
+        if launched is not None:
+            launched.result().result()  # copies launch and land in order: the last one queued covers these rows
         return self.rows[:steps]
 
 
+_COPYING = ThreadPoolExecutor(1, thread_name_prefix="rows-copy")  # attention rows stacked and sent to the host
 _LANDING = ThreadPoolExecutor(1, thread_name_prefix="rows")  # staged attention rows into their study's rows
 
 

@@ -294,6 +294,34 @@ def test_progress_sees_the_answer_grow_and_its_final_rows(tiny, monkeypatch, rol
         assert stop.rows[0].token_ids == final[: final.index(final[10]) + 1]
 
 
+def test_the_decode_loop_only_queues_the_rows_copies(tiny):
+    """LiveRows.advance (the decode loop's call after each look) returns before the rows are stacked, rolled out
+    or copied: that is the copying thread's work; a reader waits for it and reads the same rows the answer keeps."""
+    import threading
+
+    images = (torch.rand(2, 3, 28, 28) * 2 - 1).to(tiny.device)
+    inputs = batch([prompt([5, 6, 7])], images)
+    held = []
+
+    def progress(ids, rows, layers):
+        if held:
+            return
+        study = rows.func.__self__  # the study's LiveRows (rows: its upto for these steps)
+        live = decoding.LiveRows(study.recorder, study.decoder)  # another copy of the same rows, from step 0
+        gate = threading.Event()
+        blocker = decoding._COPYING.submit(gate.wait, 30)  # the copying thread busy
+        live.advance(len(ids))  # the steps the decoder has looked at
+        held.append((live.launched.done(), len(ids)))
+        gate.set()
+        blocker.result()
+        held.append(live.upto(len(ids)).clone())
+
+    out = prefill_and_decode(tiny, inputs, [3], 4, 30, rollout=True, stop_loops=False, progress=progress)
+    (done, steps), rows = held
+    assert not done  # queued, not launched, while the copying thread was busy
+    assert rows.shape[0] == steps and torch.equal(rows, out.attention[:steps])
+
+
 def test_replays_in_flight_from_the_environment(monkeypatch):
     monkeypatch.delenv(decoding.AHEAD_ENV, raising=False)
     assert decoding.replays_ahead(1, False) == 1 and decoding.replays_ahead(1, True) == 2

@@ -568,6 +568,16 @@ class Decoder:
         decode step is 1: step 0's row is the prefill's); ``layers``: indices into :attr:`layers` (default all)."""
         return None if self.recorder is None else self.recorder.rows(start, steps, layers)
 
+    def staging(self, shape: tuple) -> torch.Tensor:
+        """Page-locked float32 host memory of ``shape`` for :class:`LiveRows`' copies of this decoder's rows,
+        allocated once per shape and used again by each answer (one answer at a time: the decoder's buffers are
+        too)."""
+        held = self.__dict__.setdefault("_staging", {})
+        if shape not in held:
+            held.clear()
+            held[shape] = torch.empty(shape, dtype=torch.float32, pin_memory=True)
+        return held[shape]
+
 
 class LiveRows:
     """A batch of one's attention rows (as :meth:`AttentionRecorder.stacked` makes them) copied off the device
@@ -577,8 +587,8 @@ class LiveRows:
     same copies, so a finding mapped early or at the end reads identical rows (rolled out the same).
 
     The decode loop only queues each copy (:meth:`advance`). A thread of its own (:data:`_COPYING`) launches it
-    (the rows stacked and rolled out on the device, then copied into page-locked memory: a copy into pageable
-    memory waits for the device and the host's memory, 27 ms for a CT's 8 steps in run AS), and another
+    (the rows stacked and rolled out on the device, then copied into the decoder's page-locked staging: a copy
+    into pageable memory waits for the device and the host's memory, 27 ms for a CT's 8 steps in run AS), and another
     (:data:`_LANDING`) moves it into :attr:`rows` once the device is done. Launching from the decode loop held
     it 0.33 s of a CT's 1.02 s decode (run BE, three calls with no CPU time: each of the launch's torch calls
     waits for the interpreter while the findings' maps run beside). A reader of the rows (:meth:`upto`) waits
@@ -587,11 +597,17 @@ class LiveRows:
     def __init__(self, recorder: AttentionRecorder, decoder: "Decoder"):
         self.recorder, self.decoder = recorder, decoder
         self.recorded = [decoder.layers.index(layer) for layer in recorder.usable_layers]
-        self.rows: torch.Tensor | None = None  # (max_new, layers, 1, heads, n) on the CPU, filled as copied
+        first = recorder.rows[recorder.usable_layers[0]]  # (1, heads, n): the prefill's row of a recorded layer
+        shape = (decoder.max_new, len(self.recorded), 1, *first.shape[1:])
+        self.rows = torch.empty(shape, dtype=torch.float32)  # on the CPU, filled as copied
         self.count = 0  # rows queued so far
         self.lock = threading.Lock()
         device = decoder.tokens.device
-        self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        # on a GPU: a stream of high priority (the copies' few kernels go before the decode's), and page-locked
+        # staging the size of the rows, the decoder's (allocated once, now that the device is idle: a new
+        # page-locked block waits for the device's queued work)
+        self.stream = torch.cuda.Stream(device, priority=-1) if device.type == "cuda" else None
+        self.staging = decoder.staging(shape) if device.type == "cuda" else None
         self.launched: Future | None = None  # the last queued launch; its result: that copy's landing
 
     def advance(self, steps: int) -> None:
@@ -613,11 +629,9 @@ class LiveRows:
                 part = self.recorder.stacked(self.decoder.decode_rows(stop, 1, self.recorded))
             else:
                 part = self.recorder.rolled_rows(self.decoder.decode_rows(stop, start, self.recorded))
-            if self.rows is None:
-                self.rows = torch.empty((self.decoder.max_new, *part.shape[1:]), dtype=torch.float32)
             staged, copied = part, None  # on the CPU: already in host memory
-            if self.stream is not None:  # page-locked staging (reused by the host allocator once copied)
-                staged = torch.empty(part.shape, dtype=torch.float32, pin_memory=True)
+            if self.stream is not None:
+                staged = self.staging[start:stop]
                 staged.copy_(part, non_blocking=True)
                 copied = torch.cuda.Event()
                 copied.record(self.stream)

@@ -32,7 +32,7 @@ def main() -> None:
     mb = 28
     for busy in (False, True):
         state = "busy" if busy else "idle"
-        for size in ((mb, 2 * mb, 4 * mb) if busy else (mb + 100, 2 * mb + 200, 4 * mb + 400)):  # new size classes
+        for size in ((mb, 2 * mb, 40 * mb) if busy else (mb + 100, 2 * mb + 200, 4 * mb + 400)):  # new size classes
             s = timed(lambda: torch.empty(size << 18, pin_memory=True), busy)
             print(f"page-locked {size} MB, new, {state} device: {s * 1000:.1f} ms")
         s = timed(lambda: torch.empty(mb << 18, pin_memory=True), busy)

@@ -41,8 +41,7 @@ WATCHED = [(anatomy, "ct_body_and_lungs"), (ct_maps, "slice_grids"), (ct_maps, "
            (ct_maps, "slice_info"),
            # the decode loop's callbacks: the rows queued off the device, the answer's text read for findings
            (decoding.LiveRows, "advance"), (decoding.LiveRows, "upto"), (generation, "_token_ends"),
-           # the rows' copies in their own threads: launched (stacked, rolled out, sent), then landed
-           (decoding.LiveRows, "_launch"), (decoding, "_land"),
+           (decoding, "_land"),  # the rows' copies landed in their thread
            (StudyMaps, "ahead"), (StudyMaps, "_start_ahead")]
 
 

@@ -586,13 +586,13 @@ class LiveRows:
     not all copied (and rolled out, on the GPU at once) after the last step. The whole answer's rows are these
     same copies, so a finding mapped early or at the end reads identical rows (rolled out the same).
 
-    The decode loop only queues each copy (:meth:`advance`). A thread of its own (:data:`_COPYING`) launches it
-    (the rows stacked and rolled out on the device, then copied into the decoder's page-locked staging: a copy
-    into pageable memory waits for the device and the host's memory, 27 ms for a CT's 8 steps in run AS), and another
-    (:data:`_LANDING`) moves it into :attr:`rows` once the device is done. Launching from the decode loop held
-    it 0.33 s of a CT's 1.02 s decode (run BE, three calls with no CPU time: each of the launch's torch calls
-    waits for the interpreter while the findings' maps run beside). A reader of the rows (:meth:`upto`) waits
-    for the copies it needs."""
+    The decode loop launches each copy (:meth:`advance`: the rows stacked and rolled out on the device in a few
+    torch calls, then copied into the decoder's page-locked staging without waiting: a copy into pageable memory
+    waits for the device and the host's memory, 27 ms for a CT's 8 steps in run AS); a thread of its own
+    (:data:`_LANDING`) moves each into :attr:`rows` once the device is done. Launched from a thread of its own
+    instead, each copy waited about one replay (28-31 ms, no CPU time: run BG), the loop's next replay being
+    queued before it. A reader of the rows (:meth:`upto`) waits for the copies it
+    needs."""
 
     def __init__(self, recorder: AttentionRecorder, decoder: "Decoder"):
         self.recorder, self.decoder = recorder, decoder
@@ -604,51 +604,43 @@ class LiveRows:
         self.lock = threading.Lock()
         device = decoder.tokens.device
         # on a GPU: a stream of high priority (the copies' few kernels go before the decode's), and page-locked
-        # staging the size of the rows, the decoder's (allocated once, now that the device is idle: a new
-        # page-locked block waits for the device's queued work)
+        # staging the size of the rows, the decoder's, allocated once (pinning a new block took 0.6 ms a MB on the
+        # H200's host, run BG: 16 ms for each new size of a CT's copies)
         self.stream = torch.cuda.Stream(device, priority=-1) if device.type == "cuda" else None
         self.staging = decoder.staging(shape) if device.type == "cuda" else None
-        self.launched: Future | None = None  # the last queued launch; its result: that copy's landing
+        self.landed: Future | None = None  # the last queued copy into :attr:`rows` (its thread: one, in order)
 
     def advance(self, steps: int) -> None:
-        """Queue the copy of the rows of the first ``steps`` tokens (decoded ones only: called once the decoder
-        has looked at them, so those steps are done on the device); returns at once."""
+        """Start copying the rows of the first ``steps`` tokens (decoded ones only: called once the decoder has
+        looked at them), without waiting for the copy on a GPU."""
         with self.lock:
             if steps <= self.count:
                 return
-            self.launched = _COPYING.submit(self._launch, self.count, steps)
-            self.count = steps
-
-    def _launch(self, start: int, stop: int) -> Future:
-        """On :data:`_COPYING` (one thread: copies are launched in the order queued): stack (and roll out) the
-        rows of steps ``start .. stop - 1`` on the rows' stream and start their copy to the host; returns the
-        landing's future."""
-        with torch.inference_mode(), \
-                torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-            if start == 0:  # the prefill's row, then decode rows 1 .. stop - 1
-                part = self.recorder.stacked(self.decoder.decode_rows(stop, 1, self.recorded))
-            else:
-                part = self.recorder.rolled_rows(self.decoder.decode_rows(stop, start, self.recorded))
-            staged, copied = part, None  # on the CPU: already in host memory
-            if self.stream is not None:
-                staged = self.staging[start:stop]
-                staged.copy_(part, non_blocking=True)
-                copied = torch.cuda.Event()
-                copied.record(self.stream)
-            return _LANDING.submit(_land, self.rows[start:stop], staged, copied)
+            start, self.count = self.count, steps
+            with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+                if start == 0:  # the prefill's row, then decode rows 1 .. steps - 1
+                    part = self.recorder.stacked(self.decoder.decode_rows(steps, 1, self.recorded))
+                else:
+                    part = self.recorder.rolled_rows(self.decoder.decode_rows(steps, start, self.recorded))
+                staged, copied = part, None  # on the CPU: already in host memory
+                if self.stream is not None:
+                    staged = self.staging[start:steps]
+                    staged.copy_(part, non_blocking=True)
+                    copied = torch.cuda.Event()
+                    copied.record(self.stream)
+                self.landed = _LANDING.submit(_land, self.rows[start:steps], staged, copied)
 
     def upto(self, steps: int) -> torch.Tensor:
         """(steps, layers, 1, heads, n) float32 on the CPU: the rows of the first ``steps`` tokens (decoded
         ones only), once copied; a view of the rows copied so far."""
         self.advance(steps)
         with self.lock:
-            launched = self.launched
-        if launched is not None:
-            launched.result().result()  # copies launch and land in order: the last one queued covers these rows
+            landed = self.landed
+        if landed is not None:
+            landed.result()  # copies land in order: the last one queued covers these rows
         return self.rows[:steps]
 
 
-_COPYING = ThreadPoolExecutor(1, thread_name_prefix="rows-copy")  # attention rows stacked and sent to the host
 _LANDING = ThreadPoolExecutor(1, thread_name_prefix="rows")  # staged attention rows into their study's rows
 
 

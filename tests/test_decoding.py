@@ -294,32 +294,25 @@ def test_progress_sees_the_answer_grow_and_its_final_rows(tiny, monkeypatch, rol
         assert stop.rows[0].token_ids == final[: final.index(final[10]) + 1]
 
 
-def test_the_decode_loop_only_queues_the_rows_copies(tiny):
-    """LiveRows.advance (the decode loop's call after each look) returns before the rows are stacked, rolled out
-    or copied: that is the copying thread's work; a reader waits for it and reads the same rows the answer keeps."""
-    import threading
-
-    images = (torch.rand(2, 3, 28, 28) * 2 - 1).to(tiny.device)
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked staging: GPU only")
+def test_the_rows_copies_reuse_the_decoders_page_locked_staging():
+    """Each answer's rows go through the decoder's one page-locked staging (pinned once per shape, not per copy)
+    and land as the same rows the answer keeps, answer after answer."""
+    model = tiny_model("cuda")
+    images = (torch.rand(2, 3, 28, 28) * 2 - 1).to(model.device)
     inputs = batch([prompt([5, 6, 7])], images)
-    held = []
+    stagings = []
 
     def progress(ids, rows, layers):
-        if held:
-            return
-        study = rows.func.__self__  # the study's LiveRows (rows: its upto for these steps)
-        live = decoding.LiveRows(study.recorder, study.decoder)  # another copy of the same rows, from step 0
-        gate = threading.Event()
-        blocker = decoding._COPYING.submit(gate.wait, 30)  # the copying thread busy
-        live.advance(len(ids))  # the steps the decoder has looked at
-        held.append((live.launched.done(), len(ids)))
-        gate.set()
-        blocker.result()
-        held.append(live.upto(len(ids)).clone())
+        stagings.append(rows.func.__self__.staging)
 
-    out = prefill_and_decode(tiny, inputs, [3], 4, 30, rollout=True, stop_loops=False, progress=progress)
-    (done, steps), rows = held
-    assert not done  # queued, not launched, while the copying thread was busy
-    assert rows.shape[0] == steps and torch.equal(rows, out.attention[:steps])
+    first = prefill_and_decode(model, inputs, [3], 4, 30, rollout=True, stop_loops=False, progress=progress)
+    again = prefill_and_decode(model, inputs, [3], 4, 30, rollout=True, stop_loops=False, progress=progress)
+    assert stagings and all(s is stagings[0] for s in stagings) and stagings[0].is_pinned()
+    assert stagings[0].shape == (30, 1, 1, 4, 8)
+    assert torch.equal(first.attention, again.attention)
+    plain = prefill_and_decode(model, inputs, [3], 4, 30, rollout=True, stop_loops=False)
+    torch.testing.assert_close(again.attention, plain.attention.cpu().float())
 
 
 def test_replays_in_flight_from_the_environment(monkeypatch):

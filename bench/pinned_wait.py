@@ -29,14 +29,16 @@ def main() -> None:
     torch.cuda._sleep(200_000_000)
     torch.cuda.synchronize()
     print(f"queued work: {time.perf_counter() - t:.3f} s")
-    mb = 28
-    for busy in (False, True):
-        state = "busy" if busy else "idle"
-        for size in ((mb, 2 * mb, 40 * mb) if busy else (mb + 100, 2 * mb + 200, 4 * mb + 400)):  # new size classes
+    mb = 28  # a CT's 8 steps of attention rows (the host allocator rounds blocks up to powers of two)
+    cached = set()
+    for busy, sizes in ((False, (mb, 128, 256, 512)), (True, (mb, 2 * mb, 40 * mb))):
+        for size in sizes:
+            size_class = 1 << (size - 1).bit_length()
+            state = "cached" if size_class in cached else "new"
+            cached.add(size_class)
             s = timed(lambda: torch.empty(size << 18, pin_memory=True), busy)
-            print(f"page-locked {size} MB, new, {state} device: {s * 1000:.1f} ms")
-        s = timed(lambda: torch.empty(mb << 18, pin_memory=True), busy)
-        print(f"page-locked {mb} MB again (cached), {state} device: {s * 1000:.1f} ms")
+            print(f"page-locked {size} MB ({state} block of {size_class} MB), {'busy' if busy else 'idle'} device: "
+                  f"{s * 1000:.1f} ms")
 
 
 if __name__ == "__main__":

@@ -39,6 +39,8 @@ WATCHED = [(anatomy, "ct_body_and_lungs"), (ct_maps, "slice_grids"), (ct_maps, "
            (extent, "smoothed_hu"), (extent, "territory"), (helper_processes, "in_slabs"), (extent, "grow_ct"),
            (extent, "deepest"), (components, "label"), (distances, "inside"), (maps, "assign"),
            (ct_maps, "slice_info"),
+           # a helper's call: waiting for a free helper and its round trip (the mask in, the answer out)
+           (helper_processes, "call"), (helper_processes._Helper, "run"),
            # the decode loop's callbacks: the rows queued off the device, the answer's text read for findings
            (decoding.LiveRows, "advance"), (decoding.LiveRows, "upto"), (generation, "_token_ends"),
            (decoding, "_land"),  # the rows' copies landed in their thread

@@ -166,14 +166,32 @@ class ModelSlices:
     indices: list[int]  # display z of each image, head first
     images: list[np.ndarray]  # uint8 RGB squares (before the processor's own resize)
     pad: SquarePad  # how each axial plane sits in its square
+    on_device: list | None = None  # the same squares on a GPU, channels first (uint8 torch tensors), when made there
+
+    @property
+    def shown(self) -> list:
+        """Each square as the processor is handed it: on the GPU where it was made there."""
+        return self.on_device if self.on_device is not None else self.images
 
 
-def model_slices(volume: "CTVolume", max_slices: int, indices: list[int] | None = None) -> ModelSlices:
+def model_slices(volume: "CTVolume", max_slices: int, indices: list[int] | None = None,
+                 device=None) -> ModelSlices:
     """Sample (or take the given display ``indices``), pad to square with air (-1024 HU) and window the
-    slices the model will read."""
+    slices the model will read. ``device`` a GPU: the planes are uploaded once and windowed there
+    (:func:`windowed`, the same bytes as :func:`window_rgb`), then copied back once for :attr:`ModelSlices.images`;
+    85 slices of 512 x 512 took 0.14-0.42 s through numpy on this project's CPU, in a CT's preprocessing."""
     if indices is None:
         indices = sample_slices(volume.shape[0], max_slices)
     pad = SquarePad(volume.shape[1], volume.shape[2])
+    if device is not None and str(device).startswith("cuda"):
+        import torch
+
+        planes = torch.from_numpy(np.ascontiguousarray(volume.hu[indices], np.float32)).to(device)
+        square = torch.full((len(indices), pad.side, pad.side), -1024.0, dtype=torch.float32, device=device)
+        square[:, pad.top : pad.top + pad.rows, pad.left : pad.left + pad.cols] = planes
+        rgb = windowed(square)  # (n, 3, side, side)
+        host = rgb.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+        return ModelSlices(indices, list(host), pad, list(rgb))
     images = []
     for z in indices:
         square = np.full((pad.side, pad.side), -1024.0, np.float32)
@@ -196,6 +214,16 @@ def window_rgb(hu_plane: np.ndarray) -> np.ndarray:
     for c, (lo, hi) in enumerate(WINDOWS):
         out[..., c] = np.rint(np.clip((hu_plane - lo) * (255.0 / (hi - lo)), 0, 255)).astype(np.uint8)
     return out
+
+
+def windowed(hu_planes):
+    """:func:`window_rgb` in torch, where ``hu_planes`` (n, rows, cols, float32) are: uint8 (n, 3, rows, cols),
+    channels first. The same float32 operations in the same order (no fused kernels: each is its own), rounded
+    half to even as ``np.rint``: the same bytes (tested)."""
+    import torch
+
+    return torch.stack([((hu_planes - lo) * (255.0 / (hi - lo))).clamp_(0, 255).round_().to(torch.uint8)
+                        for lo, hi in WINDOWS], 1)
 
 
 def body_mask(hu: np.ndarray, threshold: float = -500.0) -> np.ndarray:

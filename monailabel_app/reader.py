@@ -337,8 +337,8 @@ class Reader:
     def _content(self, study: Radiograph | CTVolume, max_slices: int | None = None) -> list:
         """What the model is shown: the padded radiograph, or the CT recipe's slices with "SLICE n"."""
         if isinstance(study, CTVolume):
-            ms = model_slices(study, check_max_slices(max_slices, self.ct["max_slices"]))
-            return interleave(ms.images)
+            ms = model_slices(study, check_max_slices(max_slices, self.ct["max_slices"]), device=self.model.device)
+            return interleave(ms.shown)
         return [pad_to_square(study.pixels)[0]]
 
     def read_many(self, studies: list, question: str | None = None, max_new_tokens: int = 128, batch_size: int = 8,
@@ -582,13 +582,14 @@ class Reader:
 
     def _read_ct(self, volume: CTVolume, question: str, max_new_tokens: int, max_slices: int, answer=None,
                  gen: Generation | None = None, keep: bool = False) -> Reading:
-        ms = model_slices(volume, max_slices)
+        ms = model_slices(volume, max_slices, device=None if gen is not None else self.model.device)
         study = CTMaps(self, volume, ms)
         if gen is None:
             self._anatomy_ahead(volume)
-            content = interleave(ms.images)
+            content = interleave(ms.shown)
             gen = self._generate([(content, question)], self.ct, max_new_tokens, None if answer is None else [answer],
                                  keep, ahead=self._ahead(study))[0]
+            ms.on_device = content = None  # the squares on the GPU, no longer needed (67 MB for 85 slices)
         answer, gen, done, labels, extras = self._mapped(study, gen, self.ct, 3)
         index = [{"model_slice": n, "display_z": z, "source_index": volume.display_to_stored_index(z),
                   "world_z_mm": round(volume.world_z(z), 3)} for n, z in enumerate(ms.indices, start=1)]

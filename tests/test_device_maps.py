@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from monailabel_app.ct import model_slices
+from monailabel_app.ct import model_slices, window_rgb, windowed
 from monailabel_app.ct_phantoms import make_ct_phantom, phantom_volume
 from monailabel_app.grounding import ct_maps, maps
 from monailabel_app.phantoms import make_phantom
@@ -325,3 +325,29 @@ def _outcome(vol, heat, kind, device) -> tuple:
         return e.mask, e.seed, e.json()
     except extent.NoExtent as x:
         return np.zeros(vol.shape, bool), str(x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_windows_made_in_torch_are_numpys_bytes(device):
+    """Every whole HU from -1100 to 3100 and random fractional ones, through the three windows: torch's uint8
+    (channels first) equal to window_rgb's, byte for byte (a CT's slices are windowed on its GPU)."""
+    whole = np.arange(-1100, 3101, dtype=np.float32)
+    rng = np.random.default_rng(0)
+    fractional = rng.normal(-300, 700, whole.size).astype(np.float32)
+    planes = np.stack([whole, fractional])[:, None, :]  # (n, rows, cols)
+    got = windowed(torch.from_numpy(planes).to(device)).cpu().numpy()  # (n, 3, rows, cols)
+    for n in range(len(planes)):
+        assert np.array_equal(got[n].transpose(1, 2, 0), window_rgb(planes[n])), n
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the lent H200)")
+def test_model_slices_windowed_on_the_gpu_are_the_cpus():
+    """A CT's model slices made on the GPU (uploaded once, windowed there): the same squares, and the processor
+    handed them there."""
+    hu = np.random.default_rng(1).normal(-400, 600, (30, 40, 52)).astype(np.float32)
+    volume = type("Volume", (), {"hu": hu, "shape": hu.shape})()
+    cpu, gpu = model_slices(volume, 12), model_slices(volume, 12, device="cuda")
+    assert cpu.on_device is None and cpu.shown is cpu.images and gpu.shown is gpu.on_device
+    assert gpu.indices == cpu.indices and gpu.pad == cpu.pad and len(gpu.images) == len(cpu.images) == 12
+    for a, b, t in zip(cpu.images, gpu.images, gpu.on_device):
+        assert np.array_equal(a, b) and t.is_cuda and np.array_equal(t.permute(1, 2, 0).cpu().numpy(), a)

@@ -591,8 +591,7 @@ class LiveRows:
     waits for the device and the host's memory, 27 ms for a CT's 8 steps in run AS); a thread of its own
     (:data:`_LANDING`) moves each into :attr:`rows` once the device is done. Launched from a thread of its own
     instead, each copy waited about one replay (28-31 ms, no CPU time: run BG), the loop's next replay being
-    queued before it. A reader of the rows (:meth:`upto`) waits for the copies it
-    needs."""
+    queued before it. A reader of the rows (:meth:`upto`) waits for the copies it needs."""
 
     def __init__(self, recorder: AttentionRecorder, decoder: "Decoder"):
         self.recorder, self.decoder = recorder, decoder

@@ -4,7 +4,7 @@
 components as ``scipy.ndimage.label`` with the same connectivity, numbered in the same raster order (tested),
 in a fifth of the time on a CT's thresholded attention (38 ms against 186 ms for a 134 x 478 x 264 box on
 this project's 2-core CPU). 2-D arrays stay with scipy: cc3d numbers a plane's 8-connected pieces in
-another order."""
+another order. :func:`fill_holes_in_plane` fills every plane's holes in one cc3d call."""
 
 from __future__ import annotations
 
@@ -46,3 +46,25 @@ def largest(mask: np.ndarray) -> np.ndarray:
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
     return labels == int(np.argmax(sizes))
+
+
+def fill_holes_in_plane(mask: np.ndarray) -> np.ndarray:
+    """bool: each plane of ``mask`` (2-D, or planes along the first axis) with its holes filled: the background
+    not connected through edges to the plane's border, as ``scipy.ndimage.binary_fill_holes`` finds them plane
+    by plane (the same pixels, tested). The planes are stacked into one tall image, each framed by background,
+    and its background labelled once: the frames and every region touching a plane's border are one piece, a
+    hole never touches a frame. A CT's body and lungs fill 134 planes this way in one call instead of 134."""
+    a = np.asarray(mask, bool)
+    planes = a[None] if a.ndim == 2 else a
+    z, rows, cols = planes.shape
+    if not planes.size:
+        return a.copy()
+    import cc3d
+
+    tall = np.zeros((z, rows + 1, cols + 2), bool)  # each plane, a background row below it, background sides
+    tall[:, :rows, 1:-1] = planes
+    tall = np.concatenate([np.zeros((1, cols + 2), bool), tall.reshape(z * (rows + 1), cols + 2)])
+    labels = cc3d.connected_components(~tall, connectivity=4, out_dtype=np.uint32)
+    outside = labels[0, 0]  # the top row: background, part of every frame
+    filled = (labels != outside)[1:].reshape(z, rows + 1, cols + 2)[:, :rows, 1:-1]
+    return filled[0] if a.ndim == 2 else np.ascontiguousarray(filled)

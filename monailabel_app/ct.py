@@ -229,14 +229,10 @@ def windowed(hu_planes):
 def body_mask(hu: np.ndarray, threshold: float = -500.0) -> np.ndarray:
     """bool: the patient's body (largest connected region above ``threshold`` HU, holes such as the
     lungs filled slice by slice)."""
-    from scipy import ndimage
-
     body = components.largest(hu > threshold)
     if not body.any():
         return np.ones(hu.shape, bool)
-    for z in range(body.shape[0]):
-        body[z] = ndimage.binary_fill_holes(body[z])
-    return body
+    return components.fill_holes_in_plane(body)
 
 
 # ------------------------------------------------------------------------------------------ loading

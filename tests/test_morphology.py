@@ -1,9 +1,9 @@
-"""The in-plane opening with numpy shifts against scipy's binary_opening, which it replaces."""
+"""The in-plane opening, closing and dilation with numpy shifts against scipy's, which they replace."""
 
 import numpy as np
 from scipy import ndimage
 
-from monailabel_app.grounding.morphology import open_in_plane
+from monailabel_app.grounding.morphology import close_in_plane, dilate_in_plane, open_in_plane
 
 
 def test_in_plane_opening_equals_scipys():
@@ -16,3 +16,19 @@ def test_in_plane_opening_equals_scipys():
         for sq, st in ((False, cross), (True, square)):
             assert np.array_equal(open_in_plane(vol, sq), ndimage.binary_opening(vol, structure=st[None]))
             assert np.array_equal(open_in_plane(vol[2], sq), ndimage.binary_opening(vol[2], structure=st))
+
+
+def test_in_plane_closing_and_dilation_equal_scipys():
+    rng = np.random.default_rng(7)
+    cross = ndimage.generate_binary_structure(2, 1)
+    for i in range(10):
+        vol = ndimage.gaussian_filter(rng.normal(size=(4, 19 + i, 26)), 1.0) > rng.uniform(0.2, 0.6)
+        vol[:, 0, :4] = True  # on the array's edge: a closing erodes it there (outside counts as background)
+        vol[:, -3:, -1] = True
+        vol[1] = False
+        for k in (1, 2, 3):
+            assert np.array_equal(close_in_plane(vol, k), ndimage.binary_closing(vol, cross[None], iterations=k)), k
+            assert np.array_equal(close_in_plane(vol[2], k), ndimage.binary_closing(vol[2], cross, iterations=k))
+            assert np.array_equal(dilate_in_plane(vol, k),
+                                  ndimage.binary_dilation(vol, np.ones((1, 3, 3), bool), iterations=k)), k
+

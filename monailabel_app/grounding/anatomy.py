@@ -26,6 +26,7 @@ from scipy import ndimage
 
 from .. import components
 from .blocks import block_mean, block_min
+from .morphology import close_in_plane, dilate_in_plane
 
 
 def otsu(values: np.ndarray, bins: int = 256) -> float:
@@ -110,13 +111,8 @@ def level_rows(rows: int, lung: np.ndarray | None, level: str, margin: float) ->
 def ct_lung_mask(hu: np.ndarray, body: np.ndarray, margin: int = 4) -> np.ndarray:
     """bool (z, y, x): the lungs (air inside the body, lesions within them included)."""
     air = (hu < -400) & body
-    out = np.zeros(hu.shape, bool)
-    for z in range(hu.shape[0]):
-        if air[z].any():
-            out[z] = ndimage.binary_fill_holes(ndimage.binary_closing(air[z], iterations=2))
-    if margin:
-        out = ndimage.binary_dilation(out, structure=np.ones((1, 3, 3), bool), iterations=margin)
-    return out
+    out = components.fill_holes_in_plane(close_in_plane(air, 2))  # every plane at once: closed, its holes filled
+    return dilate_in_plane(out, margin) if margin else out
 
 
 CT_ANATOMY_SIDE = 256  # CT body and lungs are found on planes no larger than this (block minimum)

@@ -1,7 +1,8 @@
-"""In-plane binary opening of a stack of planes with numpy shifts: scipy's ``binary_opening`` with a 3 x 3
-cross or square in each plane (outside the array counts as background, as scipy's ``border_value=0``), the
-same voxels (tested), in a third of the time or less on a CT box: the lung territory and the aerated lung
-open every plane of every box they are given."""
+"""In-plane binary opening, closing and dilation of a stack of planes with numpy shifts: scipy's
+``binary_opening``, ``binary_closing`` and ``binary_dilation`` with a 3 x 3 cross or square in each plane
+(outside the array counts as background, as scipy's ``border_value=0``), the same voxels (tested), in a third
+of the time or less on a CT box: the lung territory and the aerated lung open every plane of every box they
+are given, and the CT's lungs are closed and widened plane by plane."""
 
 from __future__ import annotations
 
@@ -47,3 +48,24 @@ def open_in_plane(mask: np.ndarray, square: bool = False) -> np.ndarray:
     if square:  # the square is the row segment times the column segment: one axis after the other
         return _dilate(_dilate(_erode(_erode(a, [rows]), [cols]), [rows]), [cols])
     return _dilate(_erode(a, [rows, cols]), [rows, cols])  # the cross: a pixel and its four edge neighbours
+
+
+def close_in_plane(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
+    """bool: ``mask`` (2-D, or planes along the first axis) closed in each plane with a 3 x 3 cross, dilated
+    ``iterations`` times and then eroded as often (scipy's ``binary_closing``), never across planes."""
+    a = np.asarray(mask, bool)
+    axes = [a.ndim - 2, a.ndim - 1]
+    for _ in range(iterations):
+        a = _dilate(a, axes)
+    for _ in range(iterations):
+        a = _erode(a, axes)
+    return a
+
+
+def dilate_in_plane(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
+    """bool: ``mask`` (2-D, or planes along the first axis) dilated ``iterations`` times in each plane with the
+    full 3 x 3 square (its row segment, then its column segment), never across planes."""
+    a = np.asarray(mask, bool)
+    for _ in range(iterations):
+        a = _dilate(_dilate(a, [a.ndim - 2]), [a.ndim - 1])
+    return a

@@ -31,4 +31,9 @@ def test_in_plane_closing_and_dilation_equal_scipys():
             assert np.array_equal(close_in_plane(vol[2], k), ndimage.binary_closing(vol[2], cross, iterations=k))
             assert np.array_equal(dilate_in_plane(vol, k),
                                   ndimage.binary_dilation(vol, np.ones((1, 3, 3), bool), iterations=k)), k
+            assert np.array_equal(dilate_in_plane(vol[0], k, square=False),
+                                  ndimage.binary_dilation(vol[0], cross, iterations=k)), k
+            for sq, st in ((False, cross), (True, np.ones((3, 3), bool))):
+                assert np.array_equal(open_in_plane(vol, sq, k), ndimage.binary_opening(vol, st[None], iterations=k))
+    assert dilate_in_plane(vol, 0) is not vol and np.array_equal(dilate_in_plane(vol, 0), vol)
 

@@ -26,7 +26,7 @@ from scipy import ndimage
 
 from .. import components
 from .blocks import block_mean, block_min
-from .morphology import close_in_plane, dilate_in_plane
+from .morphology import close_in_plane, dilate_in_plane, open_in_plane
 
 
 def otsu(values: np.ndarray, bins: int = 256) -> float:
@@ -81,14 +81,14 @@ def _lung_fields(pixels: np.ndarray, min_area: float) -> LungFields:
     labels, _ = ndimage.label(air)
     border = np.unique(np.concatenate([labels[0], labels[-1], labels[:, 0], labels[:, -1]]))
     outside = np.isin(labels, border[border > 0])
-    dark = ndimage.binary_opening(low & ~ndimage.binary_dilation(outside, iterations=2), iterations=2)
+    dark = open_in_plane(low & ~dilate_in_plane(outside, 2, square=False), iterations=2)
     rows, cols = pixels.shape
     half = cols // 2
     fields = {}
     for side, cut in (("right", slice(0, half)), ("left", slice(half, cols))):
         part = np.zeros_like(dark)
         part[:, cut] = dark[:, cut]
-        lung = ndimage.binary_fill_holes(components.largest(part))
+        lung = components.fill_holes_in_plane(components.largest(part))
         fields[side] = lung if lung.sum() >= min_area * pixels.size else None
     return LungFields(**fields)
 

@@ -40,32 +40,36 @@ def _dilate(a: np.ndarray, axes) -> np.ndarray:
     return out
 
 
-def open_in_plane(mask: np.ndarray, square: bool = False) -> np.ndarray:
+def open_in_plane(mask: np.ndarray, square: bool = False, iterations: int = 1) -> np.ndarray:
     """bool: ``mask`` (2-D, or planes along the first axis) opened in each plane with a 3 x 3 cross
-    (``square``: the full 3 x 3 square), never across planes."""
+    (``square``: the full 3 x 3 square), eroded ``iterations`` times and then dilated as often, never across
+    planes."""
     a = np.asarray(mask, bool)
     rows, cols = a.ndim - 2, a.ndim - 1
     if square:  # the square is the row segment times the column segment: one axis after the other
-        return _dilate(_dilate(_erode(_erode(a, [rows]), [cols]), [rows]), [cols])
-    return _dilate(_erode(a, [rows, cols]), [rows, cols])  # the cross: a pixel and its four edge neighbours
+        for _ in range(iterations):
+            a = _erode(_erode(a, [rows]), [cols])
+        return dilate_in_plane(a, iterations)
+    for _ in range(iterations):
+        a = _erode(a, [rows, cols])  # the cross: a pixel and its four edge neighbours
+    return dilate_in_plane(a, iterations, square=False)
 
 
 def close_in_plane(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
     """bool: ``mask`` (2-D, or planes along the first axis) closed in each plane with a 3 x 3 cross, dilated
     ``iterations`` times and then eroded as often (scipy's ``binary_closing``), never across planes."""
-    a = np.asarray(mask, bool)
-    axes = [a.ndim - 2, a.ndim - 1]
+    a = dilate_in_plane(mask, iterations, square=False)
     for _ in range(iterations):
-        a = _dilate(a, axes)
-    for _ in range(iterations):
-        a = _erode(a, axes)
+        a = _erode(a, [a.ndim - 2, a.ndim - 1])
     return a
 
 
-def dilate_in_plane(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
+def dilate_in_plane(mask: np.ndarray, iterations: int = 1, square: bool = True) -> np.ndarray:
     """bool: ``mask`` (2-D, or planes along the first axis) dilated ``iterations`` times in each plane with the
-    full 3 x 3 square (its row segment, then its column segment), never across planes."""
-    a = np.asarray(mask, bool)
+    full 3 x 3 square (its row segment, then its column segment; not ``square``: the cross), never across
+    planes."""
+    a = np.array(mask, bool, copy=iterations < 1)  # never the caller's own array back
+    rows, cols = a.ndim - 2, a.ndim - 1
     for _ in range(iterations):
-        a = _dilate(_dilate(a, [a.ndim - 2]), [a.ndim - 1])
+        a = _dilate(_dilate(a, [rows]), [cols]) if square else _dilate(a, [rows, cols])
     return a

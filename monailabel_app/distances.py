@@ -17,11 +17,22 @@ from . import helper_processes
 def inside(mask: np.ndarray, spacing) -> np.ndarray:
     """float32, ``mask``'s shape: per voxel of ``mask``, the distance (in ``spacing``'s units per axis) to the
     nearest voxel outside it; 0 outside. The array's edge is not a border (as scipy's). A large mask goes to a
-    helper process where there are any (:mod:`helper_processes`); else it is computed here on every core
-    (edt holds the interpreter's lock for the whole call, so no other map thread runs meanwhile)."""
+    helper process where there are any (:mod:`helper_processes`); else it is computed here, a mask of
+    :data:`THREADED_VOXELS` or more on :data:`THREADS` of edt's own threads (edt holds the interpreter's lock for
+    the whole call, so no other map thread runs meanwhile)."""
     spacing = tuple(float(s) for s in spacing)
     done = helper_processes.call("inside", np.asarray(mask, bool), spacing)
-    return done[0] if done is not None else inside_here(mask, spacing, os.cpu_count() or 1)
+    if done is not None:
+        return done[0]
+    threads = min(THREADS, os.cpu_count() or 1) if np.size(mask) >= THREADED_VOXELS else 1
+    return inside_here(mask, spacing, threads)
+
+
+# edt's threads for a distance made in a map thread: on this project's 2-core CPU two made the CT's maps 2.94-3.09
+# -> 2.70-2.74 s; more threads than free cores made a call up to 5 times slower (16 on 2 cores), and below about
+# 2^16 voxels a second thread gains nothing (cpu_maps.md)
+THREADS = 2
+THREADED_VOXELS = 1 << 16
 
 
 def inside_here(mask: np.ndarray, spacing, threads: int = 1) -> np.ndarray:

@@ -329,6 +329,7 @@ class Decoder:
         self.nonfinite = torch.zeros(batch, dtype=torch.bool, device=device)
         self._eos = set(eos)  # on the host: a look at the tokens reads nothing else from the device
         self._look_stream = None
+        self._staging: dict[tuple, torch.Tensor] = {}  # shape -> page-locked host rows (:meth:`staging`)
         self.image_positions = torch.zeros(batch, n_image_tokens, **long)
         heads = text_cfg.num_attention_heads
         self.recorder = DecodeRecorder(self.layers, self.image_positions, room, heads, self.step_index) \
@@ -572,11 +573,10 @@ class Decoder:
         """Page-locked float32 host memory of ``shape`` for :class:`LiveRows`' copies of this decoder's rows,
         allocated once per shape and used again by each answer (one answer at a time: the decoder's buffers are
         too)."""
-        held = self.__dict__.setdefault("_staging", {})
-        if shape not in held:
-            held.clear()
-            held[shape] = torch.empty(shape, dtype=torch.float32, pin_memory=True)
-        return held[shape]
+        if shape not in self._staging:
+            self._staging.clear()
+            self._staging[shape] = torch.empty(shape, dtype=torch.float32, pin_memory=True)
+        return self._staging[shape]
 
 
 class LiveRows:

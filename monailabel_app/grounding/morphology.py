@@ -68,7 +68,9 @@ def dilate_in_plane(mask: np.ndarray, iterations: int = 1, square: bool = True) 
     """bool: ``mask`` (2-D, or planes along the first axis) dilated ``iterations`` times in each plane with the
     full 3 x 3 square (its row segment, then its column segment; not ``square``: the cross), never across
     planes."""
-    a = np.array(mask, bool, copy=iterations < 1)  # never the caller's own array back
+    a = np.asarray(mask, bool)
+    if iterations < 1:
+        return a.copy()  # never the caller's own array back
     rows, cols = a.ndim - 2, a.ndim - 1
     for _ in range(iterations):
         a = _dilate(_dilate(a, [rows]), [cols]) if square else _dilate(a, [rows, cols])

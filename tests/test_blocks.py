@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from monailabel_app.grounding.blocks import block_mean, block_min
+from monailabel_app.grounding.blocks import block_mean, block_min, blocks_back
 
 
 def _reshaped(a, step, reduce):
@@ -52,3 +52,33 @@ def test_block_minimum_equals_the_reshaped_minimum():
         for step in (1, 2, 3):
             got = block_min(a, step)
             assert got.dtype == a.dtype and np.array_equal(got, _reshaped(a, step, np.min))
+
+
+def _repeated(small, step, shape, fill):
+    out = np.full(shape, fill, small.dtype)
+    big = np.repeat(np.repeat(small, step, axis=-2), step, axis=-1)
+    out[..., : big.shape[-2], : big.shape[-1]] = big
+    return out
+
+
+def test_blocks_back_gives_each_value_to_its_block_and_the_remainder_the_fill():
+    """Each value to its block's pixels (np.repeat's result), the rows and columns that made no block the fill;
+    also written into a box of a larger array (a CT kind's box in its volume), nothing outside the box touched."""
+    rng = np.random.default_rng(11)
+    for trial in range(40):
+        step = int(rng.integers(1, 6))
+        shape = tuple(int(n) for n in rng.integers(step, 90, 2))
+        if trial % 2:
+            shape = (int(rng.integers(1, 5)),) + shape
+        small_shape = shape[:-2] + (shape[-2] // step, shape[-1] // step)
+        for dtype, fill in ((bool, False), (bool, True), (np.float32, -7.5), (np.uint8, 3)):
+            small = (rng.random(small_shape) * 250).astype(dtype)
+            want = _repeated(small, step, shape, fill)
+            got = blocks_back(small, step, shape, fill)
+            assert got.dtype == small.dtype and np.array_equal(got, want), (trial, shape, step, dtype)
+            big = np.full(tuple(n + 9 for n in shape), 99, dtype)
+            box = tuple(slice(4, 4 + n) for n in shape)
+            blocks_back(small, step, fill=fill, out=big[box])
+            assert np.array_equal(big[box], want)
+            big[box] = 99
+            assert (big == np.asarray(99, dtype)).all(), "written outside its box"

@@ -40,6 +40,7 @@ import torch
 from scipy import ndimage
 
 from .. import components, distances
+from ..allocator import zeros
 from . import filters
 from .blocks import block_mean, block_min, blocks_back
 from .morphology import open_in_plane
@@ -145,7 +146,7 @@ def _component_at(mask: np.ndarray, seed) -> np.ndarray:
     lab = labels[tuple(seed)]
     if lab == 0:  # the seed itself fell out (an opening ate it): the nearest part of the region
         if not mask.any():
-            return np.zeros(mask.shape, bool)
+            return zeros(mask.shape, bool)
         lab = _nearest_label(labels, seed)
     return labels == lab
 
@@ -179,7 +180,7 @@ def inside_distance(region: np.ndarray, spacing) -> np.ndarray:
     """``distance_transform_edt(region)`` (mm to the nearest voxel outside it; :func:`distances.inside`),
     computed on the region's bounding box and one voxel more: the same numbers, on a fraction of a large
     search box."""
-    out = np.zeros(region.shape, np.float64)
+    out = zeros(region.shape, np.float64)
     if region.any():
         box = _around(region, [1] * region.ndim)
         out[box] = distances.inside(region[box], spacing)
@@ -188,7 +189,7 @@ def inside_distance(region: np.ndarray, spacing) -> np.ndarray:
 
 def _within(core: np.ndarray, radius_mm: float, spacing) -> np.ndarray:
     """bool: voxels at most ``radius_mm`` from ``core`` (computed around ``core`` only)."""
-    out = np.zeros(core.shape, bool)
+    out = zeros(core.shape, bool)
     box = _around(core, [int(np.ceil(radius_mm / s)) + 1 for s in spacing])
     out[box] = distances.inside(~core[box], spacing) <= radius_mm
     return out
@@ -293,7 +294,7 @@ def grow(values: np.ndarray, spacing, seed, kind: str, lung_level: float, min_co
     d = longest_diameter(part, spacing)
     if d < lo:
         raise NoExtent(f"the region at the point measures {d:.1f} mm, under the {lo:.0f} mm of a {kind}")
-    mask = np.zeros(values.shape, bool)
+    mask = zeros(values.shape, bool)
     mask[box] = part
     return Extent(mask, d, float(part.sum() * np.prod(spacing)), tuple(int(s) for s in seed), method)
 
@@ -326,15 +327,15 @@ def grow_ct(hu: np.ndarray, spacing, seed, kind: str, lungs: np.ndarray | None =
                  min((seed[2] - box[2].start) // step, small.shape[2] - 1))
         found = grow_ct(small, (spacing[0], spacing[1] * step, spacing[2] * step), local, kind, cache=cache,
                         _grid=grid, device=device)
-        mask = np.zeros(hu.shape, bool)
-        mask[box] = blocks_back(found.mask, step, mask[box].shape, False)
+        mask = zeros(hu.shape, bool)
+        blocks_back(found.mask, step, fill=False, out=mask[box])
         return Extent(mask, found.diameter_mm, found.size_mm, tuple(int(s) for s in seed), found.method)
     shared = cache if _grid is not None and lungs is None else None  # only coarse planes are kept (small arrays)
 
     def lung():
-        smooth = np.zeros(hu.shape, np.float32)  # only the box is looked at
+        smooth = zeros(hu.shape, np.float32)  # only the box is looked at
         smooth[box] = smoothed_hu(hu[box], spacing, device)
-        aerated = np.zeros(hu.shape, bool)
+        aerated = zeros(hu.shape, bool)
         aerated[box] = aerated_lung(smooth[box]) if lungs is None else lungs[box] & (smooth[box] < -600)
         levels = smooth[box][aerated[box]]
         return smooth, aerated, float(np.median(levels)) if levels.size > 20 else LUNG_HU
@@ -344,7 +345,7 @@ def grow_ct(hu: np.ndarray, spacing, seed, kind: str, lungs: np.ndarray | None =
     if method_of(kind, 3) != "air":  # made when grow() gets that far (a point inside its kind's values)
 
         def make_territory():
-            out = np.zeros(hu.shape, bool)
+            out = zeros(hu.shape, bool)
             out[box] = territory(aerated[box])
             return out
 

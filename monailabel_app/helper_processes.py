@@ -13,7 +13,7 @@ out. The helper runs the same function of the same library: the same numbers.
 ``MEDGEMMA_HELPER_PROCESSES``: how many helpers (0: every call stays in its thread). The default: on a GPU
 reader with at least 4 cores, half of them up to :data:`DEFAULT_HELPERS`; else 0 (on 2 cores the calls have no
 core to go to).
-Masks under :data:`MIN_VOXELS` stay in the calling thread (tens of milliseconds at most). A helper that
+Masks under :data:`MIN_VOXELS` stay in the calling thread (a few milliseconds). A helper that
 fails or dies has its call made in the calling thread, and a dead one is replaced; the caller sees no
 difference but the time.
 """
@@ -38,7 +38,11 @@ ENV = "MEDGEMMA_HELPER_PROCESSES"
 # a CT's searches run in three threads, its anatomy in one, each territory in slabs over the helpers: on the
 # H200's 16 cores 8 helpers gave the CT in 4.05-4.19 s, 4 in 4.44-4.67 s (runs AZ, BC)
 DEFAULT_HELPERS = 8
-MIN_VOXELS = 1 << 18  # below this a call stays in its thread (edt: about 15 ms here)
+# below this a call stays in its thread: edt and cc3d hold the interpreter's lock throughout, about 4 ms at
+# 2^16 voxels on the H200's host (2^18: 14-18 ms, bench/gil_hold.py), while a helper's round trip is a
+# fraction of a millisecond plus the copies
+MIN_VOXELS = 1 << 16
+SLAB_VOXELS = 1 << 18  # the territory's slabs are at least this many voxels (a slab per helper up to that)
 OUT_DTYPES = {"label": np.uint32, "inside": np.float32, "territory": np.bool_}  # what each call gives back, per voxel
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where monailabel_app is imported from
 
@@ -212,9 +216,9 @@ _WAITERS_LOCK = threading.Lock()
 def in_slabs(op: str, mask: np.ndarray, here, *args) -> np.ndarray | None:
     """``op``'s result for a 3-D ``mask`` that is computed plane by plane (each plane's answer its own, so the
     planes may be split anywhere): the planes split into as many slabs as there are helpers (each at least
-    :data:`MIN_VOXELS`), computed side by side; None where it is to be made in the calling thread (no helpers,
+    :data:`SLAB_VOXELS`), computed side by side; None where it is to be made in the calling thread (no helpers,
     a small mask). A slab no helper answered is made here (``here(slab, *args)``): the same result."""
-    slabs = min(_POOL.count, mask.shape[0], mask.size // MIN_VOXELS) if mask.ndim == 3 else 0
+    slabs = min(_POOL.count, mask.shape[0], mask.size // SLAB_VOXELS) if mask.ndim == 3 else 0
     if slabs < 1:
         return None
     edges = np.linspace(0, mask.shape[0], slabs + 1).round().astype(int)

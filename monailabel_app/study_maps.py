@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from .allocator import zeros
 from .ct import CTVolume, ModelSlices
 from .generation import Generation, Partial
 from .grounding import anatomy, ct_maps, extent, maps
@@ -304,7 +305,7 @@ class CTMaps(StudyMaps):
 
     def _finish(self, done: list[Mapped]) -> tuple[np.ndarray, list[dict]]:
         if not done:
-            return np.zeros(self.volume.shape, np.uint8), []
+            return zeros(self.volume.shape, np.uint8), []
         labels = maps.assign([d.region for d in done], [d.gated for d in done], [d.support for d in done],
                              [d.span for d in done])
         planes = np.flatnonzero(labels.reshape(len(labels), -1).any(axis=1))  # the planes any finding has

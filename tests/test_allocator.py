@@ -68,3 +68,28 @@ def test_system_policy_is_left_alone():
 def test_a_reader_sets_the_policy(reader):
     assert "on" in allocator._done  # set when the reader was made, before this test asks
     assert allocator.keep_freed_memory() is (os.environ.get(allocator.ENV, "keep") != "system")
+
+
+ZEROS = """
+import json, numpy as np
+from monailabel_app import allocator
+allocator.keep_freed_memory()
+out = {}
+for dtype in (bool, np.uint8, np.float32, np.float64):
+    a = np.full((134, 256, 256), 7, dtype)  # freed memory full of non-zero bytes, reused by the next array
+    del a
+    z = allocator.zeros((134, 256, 256), dtype)
+    out[np.dtype(dtype).name] = [str(z.dtype), list(z.shape), int(np.count_nonzero(z))]
+print(json.dumps(out))
+"""
+
+
+@glibc
+def test_zeros_are_zeros_in_reused_memory():
+    """The maps' zeros (made without holding the interpreter's lock) are zero also where malloc hands back the
+    memory of an array just freed (the heap kept, as in the serving process)."""
+    out = subprocess.run([sys.executable, "-c", ZEROS], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "MEDGEMMA_MALLOC": "keep"})
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got == {name: [name, [134, 256, 256], 0] for name in ("bool", "uint8", "float32", "float64")}

@@ -63,7 +63,8 @@ def test_the_helpers_give_the_arrays_made_here(masks, helpers):
         there, here = distances.inside(box, SPACING), distances.inside_here(box, SPACING)
         assert there.dtype == here.dtype == np.float32 and np.array_equal(there, here)
     assert helpers.served() - before == 3 * len(masks)
-    small = masks[0][:8, :64, :64]  # under MIN_VOXELS: made here
+    small = masks[0][:8, :64, :32]  # under MIN_VOXELS: made here
+    assert small.size < helper_processes.MIN_VOXELS
     assert np.array_equal(distances.inside(small, SPACING), distances.inside_here(small, SPACING))
     assert helpers.served() - before == 3 * len(masks)
 

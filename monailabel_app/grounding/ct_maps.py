@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from . import maps
+from ..allocator import zeros
 from ..ct import CTVolume, ModelSlices
 
 
@@ -98,7 +99,7 @@ def gated_map(heat, allowed, columns, box: tuple[slice, ...] | None) -> np.ndarr
     """:func:`gated` as a float32 numpy array on the CPU, computed on the gate's ``box`` only
     (:func:`gate_box`: zero outside it) and copied off a GPU from that box alone."""
     if box is None:
-        return np.zeros(tuple(heat.shape), np.float32)
+        return zeros(tuple(heat.shape), np.float32)
     out = np.empty(tuple(heat.shape), np.float32)
     _zero_outside(out, box)
     cols = None if columns is None else columns[box[2]]

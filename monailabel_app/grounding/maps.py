@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import components
+from ..allocator import zeros
 from ..xray import SquarePad
 
 
@@ -92,7 +93,7 @@ def normalise(heatmap: np.ndarray, at: np.ndarray | None = None, support: tuple[
     lo, hi = support_range(heatmap, support) if span is None else span
     values = heatmap if at is None else np.asarray(heatmap).reshape(-1)[at]
     if hi - lo < 1e-12:
-        return np.zeros(values.shape, np.float32)
+        return zeros(values.shape, np.float32)
     out = np.subtract(values, lo, dtype=np.float32)
     out *= np.float32(1.0 / (hi - lo))
     return out
@@ -113,7 +114,7 @@ def support_range(heatmap: np.ndarray, support: tuple[slice, ...] | None = None)
 def combined_heatmap(heatmaps: list[np.ndarray], shape) -> np.ndarray:
     """Per pixel, the largest of the findings' heatmaps each scaled to 0..1 (zeros without findings)."""
     if not heatmaps:
-        return np.zeros(shape, np.float32)
+        return zeros(shape, np.float32)
     return np.max(np.stack([normalise(h) for h in heatmaps]), axis=0)
 
 
@@ -126,7 +127,7 @@ def peak_region(heatmap: np.ndarray, threshold: float = 0.5, scaled: np.ndarray 
     if scaled is not None:
         peak = np.unravel_index(int(np.argmax(scaled)), scaled.shape)
         if scaled[peak] <= 0:
-            return np.zeros(heatmap.shape, bool)
+            return zeros(heatmap.shape, bool)
         return _around_peak(scaled >= threshold, peak)[0]
     return _peak_region(heatmap, threshold, support)[0]
 
@@ -146,12 +147,12 @@ def peak_regions(heatmap: np.ndarray, thresholds, support: tuple[slice, ...] | N
         box = _shifted(box, _bounds(out[order[0]][box]))  # the region's own box, within the one labelled
     for k in order[1:]:
         if box is None:
-            out[k] = np.zeros(heatmap.shape, bool)
+            out[k] = zeros(heatmap.shape, bool)
             continue
         sub = heatmap[box]
         peak = first_at(sub, hi)  # _peak_region's peak
         region, inner = _around_peak(sub >= lo + thresholds[k] * (hi - lo), peak)
-        out[k] = np.zeros(heatmap.shape, bool)
+        out[k] = zeros(heatmap.shape, bool)
         out[k][box] = region
         box = _shifted(box, _bounds(region))
     return out
@@ -163,11 +164,11 @@ def _peak_region(heatmap: np.ndarray, threshold: float, support: tuple[slice, ..
     # the threshold in the map's own units: no scaled copy of a whole volume
     lo, hi = support_range(heatmap, support) if span is None else span
     if not hi - lo >= 1e-12:
-        return np.zeros(heatmap.shape, bool), None
+        return zeros(heatmap.shape, bool), None
     level = lo + threshold * (hi - lo)
     if support is not None and level > 0 and hi > 0:
         sub = heatmap[support]
-        out = np.zeros(heatmap.shape, bool)
+        out = zeros(heatmap.shape, bool)
         out[support], inner = _around_peak(sub >= level, first_at(sub, hi))
         return out, _shifted(support, inner)
     peak = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
@@ -197,7 +198,7 @@ def _around_peak(above: np.ndarray, peak: tuple) -> tuple[np.ndarray, tuple[slic
     everything above)."""
     box = _bounds(above)
     labels, _ = components.label(above[box], full=True)  # only where anything is above
-    out = np.zeros(above.shape, bool)
+    out = zeros(above.shape, bool)
     local = tuple(p - b.start for p, b in zip(peak, box))
     np.equal(labels, labels[local], out=out[box])
     return out, box
@@ -208,7 +209,7 @@ def assign(regions: list[np.ndarray], heatmaps: list[np.ndarray], supports: list
     """uint8 label map of one region per finding (k = 1..n); where regions overlap, the pixel goes to the
     finding whose heatmap, scaled to 0..1, is larger there. ``supports``: each heatmap's box outside which it
     is zero (:func:`support_range`), or None; ``spans``: each heatmap's range, when known."""
-    out = np.zeros(regions[0].shape, np.uint8)
+    out = zeros(regions[0].shape, np.uint8)
     flat_out = out.reshape(-1)
     insides = [np.flatnonzero(region) for region in regions]
     # the scaled values compared where regions overlap are kept for the planes the regions reach alone

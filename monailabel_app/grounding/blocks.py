@@ -58,8 +58,9 @@ def blocks_back(small: np.ndarray, step: int, shape=None, fill=0, out: np.ndarra
     ``fill``.
 
     Copied in two broadcast assignments (each value to its block's row, each block row to its block's rows),
-    which let the interpreter go: ``np.repeat`` held it for the whole copy (a large CT kind's mask, 35 MB:
-    about 50 ms during which no other thread of the serving process ran, the GPU's decode loop included)."""
+    which let the interpreter go: ``np.repeat`` held it for the whole copy (a large CT kind's mask, 35 MB: 26-38 ms
+    on the H200's host with another thread at 15-20 % of its speed, the GPU's decode loop included;
+    ``bench/gil_hold.py``)."""
     out = np.empty(shape, small.dtype) if out is None else out
     rows, cols = small.shape[-2], small.shape[-1]
     h, w = rows * step, cols * step

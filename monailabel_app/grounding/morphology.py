@@ -44,23 +44,22 @@ def open_in_plane(mask: np.ndarray, square: bool = False, iterations: int = 1) -
     """bool: ``mask`` (2-D, or planes along the first axis) opened in each plane with a 3 x 3 cross
     (``square``: the full 3 x 3 square), eroded ``iterations`` times and then dilated as often, never across
     planes."""
-    a = np.asarray(mask, bool)
-    rows, cols = a.ndim - 2, a.ndim - 1
-    if square:  # the square is the row segment times the column segment: one axis after the other
-        for _ in range(iterations):
-            a = _erode(_erode(a, [rows]), [cols])
-        return dilate_in_plane(a, iterations)
-    for _ in range(iterations):
-        a = _erode(a, [rows, cols])  # the cross: a pixel and its four edge neighbours
-    return dilate_in_plane(a, iterations, square=False)
+    return dilate_in_plane(_erode_in_plane(mask, iterations, square), iterations, square)
 
 
 def close_in_plane(mask: np.ndarray, iterations: int = 1) -> np.ndarray:
     """bool: ``mask`` (2-D, or planes along the first axis) closed in each plane with a 3 x 3 cross, dilated
     ``iterations`` times and then eroded as often (scipy's ``binary_closing``), never across planes."""
-    a = dilate_in_plane(mask, iterations, square=False)
+    return _erode_in_plane(dilate_in_plane(mask, iterations, square=False), iterations, square=False)
+
+
+def _erode_in_plane(mask: np.ndarray, iterations: int, square: bool) -> np.ndarray:
+    """bool: ``mask`` eroded ``iterations`` times in each plane with the 3 x 3 square (its row segment, then
+    its column segment) or the cross (a pixel and its four edge neighbours)."""
+    a = np.asarray(mask, bool)
+    rows, cols = a.ndim - 2, a.ndim - 1
     for _ in range(iterations):
-        a = _erode(a, [a.ndim - 2, a.ndim - 1])
+        a = _erode(_erode(a, [rows]), [cols]) if square else _erode(a, [rows, cols])
     return a
 
 

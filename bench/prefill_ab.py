@@ -1,0 +1,236 @@
+#!/usr/bin/env python
+"""The CT prefill's parts and their variants, interleaved in one process (the H200 hosts lent differ by up to 20 %).
+
+    python bench/prefill_ab.py [--rounds 3] [--parts tower,norms,prefill,reading] [--variants default,eager-norms]
+
+The benchmark's 85-slice CT (``fast_path.ct``) through MedGemma-4B's shapes in bf16 (random weights). Variants:
+
+- ``default``: the library as it is (on CUDA: the RMS norms compiled during the prefill, :mod:`fused_norms`);
+- ``eager-norms``: transformers' own RMS norms (eight kernels each);
+- ``cudnn``: cuDNN's fused attention put first (``sdpa_kernel(..., set_priority=True)``);
+- ``compiled``: each vision encoder layer ``torch.compile``d.
+
+Parts:
+
+- ``tower``: the vision tower alone over the 85 images in passes of ``--batches`` (the library's contiguous patch
+  embeddings installed), the median of five after a warm one; the features' largest difference from the first
+  variant's; the attention kernel's name; the peak memory above what was allocated before.
+- ``norms``: one RMS norm of a CT prompt's hidden states (22,532 x 2,560) and of its queries (8 heads of 256),
+  transformers' against the compiled one (the median of 20 calls).
+- ``prefill``: ``prefill_and_decode`` with one new token (capture as in a reading; the decode step not
+  compiled, the norms as the variant says), the median of five, and the tower's share by CUDA events.
+- ``reading``: ``fast_path.project_read`` (the whole reading with masks, the median of three).
+
+Compiled variants start from a reset compiler (the kernels are chosen while tracing).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from contextlib import ExitStack, contextmanager
+from unittest import mock
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import fast_path  # noqa: E402
+import torch  # noqa: E402
+from fast_path import CT_FINDINGS, ct, emit, project_read, reader_for, report  # noqa: E402
+from medgemma_shapes import build  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+
+from monailabel_app import fused_norms  # noqa: E402
+from monailabel_app.capture import CAPTURE_ATTN  # noqa: E402
+from monailabel_app.decoding import batch_vision_tower, prefill_and_decode  # noqa: E402
+from monailabel_app.generation import build_inputs  # noqa: E402
+from monailabel_app.phantom_model import CT_QUESTION  # noqa: E402
+
+CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+               SDPBackend.MATH]
+
+
+def vision_model(model):
+    """The SigLIP transformer (transformers 5.17 wraps it in ``vision_model``, later versions do not)."""
+    tower = model.model.vision_tower
+    return getattr(tower, "vision_model", tower)
+
+
+def encoder_layers(model):
+    return vision_model(model).encoder.layers
+
+
+@contextmanager
+def variant(model, name: str):
+    """The block run with variant ``name`` (see the module's docstring)."""
+    layers = encoder_layers(model)
+    with ExitStack() as stack:
+        stack.enter_context(mock.patch.object(fused_norms, "ENABLED", name != "eager-norms"))
+        if "cudnn" in name:
+            stack.enter_context(sdpa_kernel(CUDNN_FIRST, set_priority=True))
+        if "compiled" in name:
+            torch._dynamo.reset()
+            for layer in layers:
+                layer.compile(dynamic=True)
+            stack.callback(lambda: [setattr(layer, "_compiled_call_impl", None) for layer in layers])
+        yield
+
+
+def tower(model, pixels: torch.Tensor, batch: int) -> torch.Tensor:
+    vision = vision_model(model)  # its class's forward: the library's batching wrapper is on the instance
+    return torch.cat([type(vision).forward(vision, pixel_values=pixels[i : i + batch]).last_hidden_state
+                      for i in range(0, pixels.shape[0], batch)])
+
+
+@contextmanager
+def tower_clock(model, spans: list):
+    """CUDA events around each ``get_image_features`` call in the block (the tower and the projector), as
+    (start, end) pairs appended to ``spans``."""
+    inner = model.model.get_image_features
+
+    def clocked(*args, **kwargs):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = inner(*args, **kwargs)
+        end.record()
+        spans.append((start, end))
+        return out
+
+    model.model.get_image_features = clocked
+    try:
+        yield
+    finally:
+        del model.model.get_image_features
+
+
+def timed(step, runs: int = 5) -> tuple[float, object]:
+    out = step()  # warm (compiles a compiled variant)
+    torch.cuda.synchronize()
+    walls = []
+    for _ in range(runs):
+        t0 = time.perf_counter()
+        out = step()
+        torch.cuda.synchronize()
+        walls.append(time.perf_counter() - t0)
+    return statistics.median(walls), out
+
+
+def attention_kernel(step) -> str:
+    """The name of the costliest kernel whose name says attention (or flash / fmha / sdpa)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    found = [(e.self_device_time_total, e.key) for e in prof.key_averages() if e.device_type.name == "CUDA" and any(
+        w in e.key.lower() for w in ("attention", "flash", "fmha", "sdpa", "attn"))]
+    return max(found)[1][:70] if found else "?"
+
+
+def norm_part(model) -> None:
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    emit("| input | transformers' norm ms | compiled ms | equal |")
+    emit("|---|---|---|---|")
+    norm = Gemma3RMSNorm(2560).to("cuda", torch.bfloat16)
+    head = Gemma3RMSNorm(256).to("cuda", torch.bfloat16)
+    hidden = torch.randn(1, 22532, 2560, device="cuda", dtype=torch.bfloat16)
+    queries = torch.randn(1, 22532, 8, 256, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+    compiled = torch.compile(fused_norms.rms_norm, dynamic=True, fullgraph=True)
+    for label, module, x in (("hidden states 22,532 x 2,560", norm, hidden), ("queries 8 x 22,532 x 256", head, queries)):
+        eager_s, a = timed(lambda: module(x), runs=20)
+        fused_s, b = timed(lambda: compiled(x, module.weight, module.eps), runs=20)
+        emit(f"| {label} | {eager_s * 1000:.3f} | {fused_s * 1000:.3f} | {bool(torch.equal(a, b))} "
+             f"(max difference {(a.float() - b.float()).abs().max().item():.3g}) |")
+    emit()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batches", default="16")
+    ap.add_argument("--parts", default="norms,prefill,reading")
+    ap.add_argument("--variants", default="default,eager-norms")
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    names = args.variants.split(",")
+    parts = args.parts.split(",")
+    model, processor = build("cuda", torch.bfloat16, attn=CAPTURE_ATTN)
+    reader = reader_for(model, processor, "bf16")
+    batch_vision_tower(model)
+    # the library's prefill, without compiling a one-token decode step (minutes a shape): the norms as on CUDA
+    stack = ExitStack()
+    stack.enter_context(mock.patch.object(fused_norms, "wanted", lambda m, c: fused_norms.ENABLED))
+    study = ct(3)
+    inputs = build_inputs(processor, reader._content(study), CT_QUESTION, None, model.device, model.dtype)
+    pixels = inputs["pixel_values"]
+    emit(f"### bench/prefill_ab.py on {torch.cuda.get_device_name()} (torch {torch.__version__}): the CT, "
+         f"{pixels.shape[0]} images, {inputs['input_ids'].shape[1]} tokens")
+    emit()
+    with torch.inference_mode():
+        if "norms" in parts:
+            norm_part(model)
+        if "tower" in parts:
+            tower_part(model, pixels, names, batches, args.rounds)
+        if "prefill" in parts:
+            prefill_part(model, reader, inputs, names, args.rounds)
+    if "reading" in parts:
+        stack.close()  # the readings compile their decode step: the library's own choice
+        answer = report(processor.tokenizer, CT_FINDINGS)
+        emit("| round | variant | end to end s | prefill s | ms / decode token | maps after the answer s |")
+        emit("|---|---|---|---|---|---|")
+        for r in range(1, args.rounds + 1):
+            for name in names:
+                with variant(model, name):
+                    f = project_read(reader, fast_path.fresh(study), answer)
+                emit(f"| {r} | {name} | {f['total']:.3f} | {f['prefill']:.3f} | {f['ms_token']:.2f} | {f['maps']:.3f} |")
+        emit()
+
+
+def tower_part(model, pixels, names, batches, rounds) -> None:
+    emit("| round | variant | images a pass | tower s | max difference | attention kernel | peak GiB |")
+    emit("|---|---|---|---|---|---|---|")
+    reference = None
+    for r in range(1, rounds + 1):
+        for name in names:
+            if "compiled" in name and r > 1:
+                continue
+            for batch in batches:
+                with variant(model, name):
+                    torch.cuda.reset_peak_memory_stats()
+                    base = torch.cuda.memory_allocated()
+                    wall, out = timed(lambda: tower(model, pixels, batch))
+                    peak = torch.cuda.max_memory_allocated() - base
+                    kernel = attention_kernel(lambda: tower(model, pixels, batch)) if r == 1 else ""
+                if reference is None:
+                    reference = out.float()
+                diff = (out.float() - reference).abs().max().item()
+                emit(f"| {r} | {name} | {batch} | {wall:.4f} | {diff:.3g} | {kernel} | {peak / 2**30:.2f} |")
+                del out
+    emit()
+
+
+def prefill_part(model, reader, inputs, names, rounds) -> None:
+    emit("| round | variant | whole prefill s (median of 5) | of which the tower and projector s |")
+    emit("|---|---|---|---|")
+    settings = reader.ct
+    call = (model, inputs, list(settings["layers"]), int(model.config.mm_tokens_per_image), 1,
+            bool(settings.get("rollout")))
+    for r in range(1, rounds + 1):
+        for name in names:
+            if "compiled" in name and r > 1:
+                continue
+            spans: list = []
+            with variant(model, name), tower_clock(model, spans):
+                res = [prefill_and_decode(*call, compile=False) for _ in range(6)][1:]
+            wall = statistics.median(x.seconds["prefill"] for x in res)
+            towers = statistics.median(a.elapsed_time(b) / 1000 for a, b in spans[1:])
+            emit(f"| {r} | {name} | {wall:.4f} | {towers:.4f} |")
+    emit()
+
+
+if __name__ == "__main__":
+    main()

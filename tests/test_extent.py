@@ -399,3 +399,42 @@ def test_the_nearest_part_of_a_region_is_scipys_feature_transforms():
     tie[0, 4, 0], tie[0, 4, 8] = 1, 2  # the centre is 4 voxels from both
     _, idx = ndimage.distance_transform_edt(tie == 0, return_indices=True)
     assert _nearest_label(tie, (0, 4, 4)) == tie[tuple(i[0, 4, 4] for i in idx)]
+
+
+def _outcome(hu, spacing, seed, kind, **kwargs):
+    try:
+        e = extent.grow_ct(hu, spacing, seed, kind, **kwargs)
+        return e.mask, e.diameter_mm, e.size_mm
+    except extent.NoExtent as x:
+        return None, str(x)
+
+
+def test_a_ct_region_reads_only_its_search_box(monkeypatch):
+    """grow_ct writes the smoothed HU, the aerated lung and the territory on its search box only (the rest of
+    those volume-sized arrays is left uncleared): the same regions with dense, aerated, in-territory values
+    filled in outside the box. The cases' boxes lie inside their volumes: a nodule (reach 55 voxels in-plane)
+    next to the chest wall and a vessel, with and without the lungs given, and a consolidation in a tall
+    volume whose size against the lung in its box decides it (the share limit)."""
+    hu, spacing, ball = _ball_volume(shape=(80, 200, 200), spacing=(2.5, 1.0, 1.0))
+    ball((40, 100, 100), 8.0)
+    hu[:, :, :20] = 40.0  # chest wall
+    ball((40, 100, 24), 6.0)  # a nodule on the wall
+    hu[38:43, 100, 100:140] = 40.0  # a vessel leaving the first
+    lungs = hu < -500
+    tall, tall_spacing, _ = _ball_volume(shape=(340, 48, 48), spacing=(2.5, 1.0, 1.0))
+    tall[:140], tall[200:] = -1000.0, -1000.0  # air (not lung) but for a pocket of lung in the box's planes
+    tall[145:195, 4:44, 4:44] = 30.0  # a consolidation of most of that lung: over its share of the lung in the box
+    cases = [(hu, spacing, (40, 100, 100), "nodule", {}), (hu, spacing, (40, 100, 24), "nodule", {}),
+             (hu, spacing, (40, 100, 100), "nodule", {"lungs": lungs}), (tall, tall_spacing, (170, 24, 24), "consolidation", {})]
+    for hu_, spacing_, seed, kind, kwargs in cases:
+        box = extent.search_box(hu_.shape, seed, extent.limits_mm(kind)[1], spacing_)
+        assert any(0 < b.start or b.stop < n for b, n in zip(box, hu_.shape))  # not the whole volume
+    monkeypatch.setattr(extent, "only_box", lambda shape, dtype: np.zeros(shape, dtype))
+    cleared = [_outcome(h, s, seed, kind, **kw) for h, s, seed, kind, kw in cases]
+    monkeypatch.setattr(extent, "only_box", lambda shape, dtype: np.full(shape, 40.0 if dtype == np.float32 else True, dtype))
+    filled = [_outcome(h, s, seed, kind, **kw) for h, s, seed, kind, kw in cases]
+    assert [c[0] is None for c in cleared] == [False, False, False, True], cleared  # three regions, one refused
+    assert "larger than" in cleared[3][1]
+    for a, b in zip(cleared, filled):
+        assert (a[0] is None) == (b[0] is None) and a[1:] == b[1:]
+        assert a[0] is None or np.array_equal(a[0], b[0])

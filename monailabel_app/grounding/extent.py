@@ -115,6 +115,19 @@ def _box(shape, centre, reach) -> tuple[slice, ...]:
     return tuple(slice(max(0, c - r), min(n, c + r + 1)) for c, r, n in zip(centre, reach, shape))
 
 
+def search_box(shape, seed, hi_mm: float, spacing) -> tuple[slice, ...]:
+    """The box a region of at most ``hi_mm`` is searched in around ``seed`` (:data:`SEARCH` times that, and two
+    voxels): :func:`grow` reads its values there and nowhere else."""
+    return _box(shape, seed, [int(np.ceil(SEARCH * hi_mm / float(s))) + 2 for s in spacing])
+
+
+def only_box(shape, dtype) -> np.ndarray:
+    """An image-sized array whose box alone the caller writes and reads: left uncleared (a CT's float32 volume
+    is 140 MB, cleared again for every grown region; tests fill it with values that would change a region
+    read outside its box)."""
+    return np.empty(shape, dtype)
+
+
 def _touches_border(mask: np.ndarray, box, shape) -> bool:
     """The region reaches a side of its search box that is not the image's own edge (it may go on)."""
     for axis, (sl, n) in enumerate(zip(box, shape)):
@@ -256,8 +269,7 @@ def grow(values: np.ndarray, spacing, seed, kind: str, lung_level: float, min_co
     method = method_of(kind, values.ndim)
     lo, hi = limits_mm(kind)
     spacing = tuple(float(s) for s in spacing)
-    reach = [int(np.ceil(SEARCH * hi / s)) + 2 for s in spacing]
-    box = _box(values.shape, seed, reach)
+    box = search_box(values.shape, seed, hi, spacing)
     local = tuple(int(c - b.start) for c, b in zip(seed, box))
     sub = values[box]
     if method == "fluid" and values.ndim == 3:
@@ -317,7 +329,7 @@ def grow_ct(hu: np.ndarray, spacing, seed, kind: str, lungs: np.ndarray | None =
         raise NoExtent(f"no image method for {kind!r} on CT")
     spacing = tuple(float(s) for s in spacing)
     hi = limits_mm(kind)[1]
-    box = _box(hu.shape, seed, [int(np.ceil(SEARCH * hi / s)) + 2 for s in spacing])
+    box = search_box(hu.shape, seed, hi, spacing)
     size = int(np.prod([b.stop - b.start for b in box]))
     if size > MAX_BOX_VOXELS and lungs is None and not background:  # a large kind on a fine grid: coarser planes
         step = int(np.ceil(np.sqrt(size / MAX_BOX_VOXELS)))
@@ -332,10 +344,10 @@ def grow_ct(hu: np.ndarray, spacing, seed, kind: str, lungs: np.ndarray | None =
         return Extent(mask, found.diameter_mm, found.size_mm, tuple(int(s) for s in seed), found.method)
     shared = cache if _grid is not None and lungs is None else None  # only coarse planes are kept (small arrays)
 
-    def lung():
-        smooth = zeros(hu.shape, np.float32)  # only the box is looked at
+    def lung():  # on the box only: grow() reads the same box (search_box), the territory is made from it
+        smooth = only_box(hu.shape, np.float32)
         smooth[box] = smoothed_hu(hu[box], spacing, device)
-        aerated = zeros(hu.shape, bool)
+        aerated = only_box(hu.shape, bool)
         aerated[box] = aerated_lung(smooth[box]) if lungs is None else lungs[box] & (smooth[box] < -600)
         levels = smooth[box][aerated[box]]
         return smooth, aerated, float(np.median(levels)) if levels.size > 20 else LUNG_HU
@@ -345,14 +357,14 @@ def grow_ct(hu: np.ndarray, spacing, seed, kind: str, lungs: np.ndarray | None =
     if method_of(kind, 3) != "air":  # made when grow() gets that far (a point inside its kind's values)
 
         def make_territory():
-            out = zeros(hu.shape, bool)
+            out = only_box(hu.shape, bool)
             out[box] = territory(aerated[box])
             return out
 
         terr = partial(_shared, shared, (_grid, "territory", _key(box)), make_territory)
     # the share limit: of the lungs given, else of the aerated lung in the box when the box is the kind's
     # (airspace, fluid: a whole chest); a focal region is held by its diameter
-    lungs_size = float(lungs.sum()) if lungs is not None else (np.inf if kind in FOCAL else float(aerated.sum()))
+    lungs_size = float(lungs.sum()) if lungs is not None else (np.inf if kind in FOCAL else float(aerated[box].sum()))
     return grow(smooth, spacing, seed, kind, lung_level, MIN_CONTRAST_HU, terr, background, lungs_size, " HU")
 
 

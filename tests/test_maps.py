@@ -33,6 +33,23 @@ def test_token_cell_maps_back_to_its_pixels(rows, cols):
     assert h[:, : int(mid) - int(cell)].min() > 0.99 and h[:, int(mid) + int(cell) :].max() < 0.01
 
 
+@pytest.mark.parametrize("rows,cols,g", [(512, 512, 16), (600, 400, 8), (400, 601, 16), (2458, 2048, 16), (7, 5, 4)])
+def test_pixels_are_torchs_bilinear_upsampling_of_the_square_cropped(rows, cols, g):
+    """The CPU's two products with linear weights give what F.interpolate gives on the padded square, cropped
+    (the GPU's path), for square, tall, wide, odd-sized and tiny images."""
+    import torch
+    import torch.nn.functional as F
+
+    pad = SquarePad(rows, cols)
+    grids = torch.rand(3, g, g, generator=torch.Generator().manual_seed(rows))
+    square = F.interpolate(grids[:, None], size=(pad.side, pad.side), mode="bilinear", align_corners=False)[:, 0]
+    want = square[:, pad.top : pad.top + rows, pad.left : pad.left + cols]
+    got = maps.grids_to_pixels(grids, pad)
+    assert got.shape == (3, rows, cols)
+    assert torch.allclose(got, want, rtol=0, atol=2e-6)
+    assert np.array_equal(maps.grid_to_pixels(grids[1].numpy(), pad), got[1].numpy())
+
+
 def test_peak_region_and_label_map():
     h1 = np.zeros((50, 60), np.float32)
     h1[10:20, 10:20] = 1.0

@@ -306,12 +306,10 @@ class CTMaps(StudyMaps):
     def _finish(self, done: list[Mapped]) -> tuple[np.ndarray, list[dict]]:
         if not done:
             return zeros(self.volume.shape, np.uint8), []
-        labels = maps.assign([d.region for d in done], [d.gated for d in done], [d.support for d in done],
-                             [d.span for d in done])
-        planes = np.flatnonzero(labels.reshape(len(labels), -1).any(axis=1))  # the planes any finding has
-        z0, z1 = (int(planes[0]), int(planes[-1]) + 1) if len(planes) else (0, 0)
-        extras = [{**ct_maps.slice_info(self.volume, d.grid, d.gated, labels[z0:z1] == k, d.support, d.span, z0),
-                   **d.info} for k, d in enumerate(done, start=1)]
+        labels, planes = maps.assign([d.region for d in done], [d.gated for d in done], [d.support for d in done],
+                                     [d.span for d in done], planes=True)
+        extras = [{**ct_maps.slice_info_of_planes(self.volume, d.grid, d.gated, p, d.support, d.span), **d.info}
+                  for d, p in zip(done, planes)]
         return labels, extras
 
 

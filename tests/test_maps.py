@@ -202,6 +202,28 @@ def test_assign_gives_overlaps_to_the_larger_scaled_heatmap():
     assert not maps.assign([np.zeros(shape, bool)], gated[:1]).any()
 
 
+def test_assign_gives_each_labels_planes_as_the_label_map_has_them():
+    """The first and last plane of each label's voxels in the label map, not of its region: a region that loses
+    its first planes to a stronger finding starts later, one that loses every voxel has none."""
+    shape = (7, 12, 10)
+    strong = np.zeros(shape, bool)
+    strong[1:3, 2:8, 2:8] = True
+    weak = np.zeros(shape, bool)
+    weak[1:5, 3:6, 3:6] = True  # planes 1..4; 1 and 2 inside the strong region
+    lost = np.zeros(shape, bool)
+    lost[1:2, 4:5, 4:5] = True  # wholly inside the strong region
+    heats = [np.full(shape, 1.0, np.float32), np.full(shape, 0.5, np.float32), np.full(shape, 0.2, np.float32)]
+    for h in heats:
+        h[0, 0, 0] = 0.0  # each scaled to 0..1: the strong 1.0, the weak 0.5, the lost 0.2 at every voxel
+    regions = [strong, weak, lost]
+    labels, planes = maps.assign(regions, heats, planes=True)
+    assert np.array_equal(labels, maps.assign(regions, heats))
+    for k, p in enumerate(planes, start=1):
+        zs = np.flatnonzero((labels == k).any(axis=(1, 2)))
+        assert p == ((int(zs[0]), int(zs[-1])) if zs.size else None)
+    assert planes == [(1, 2), (3, 4), None]
+
+
 def _assigned_on_whole_arrays(regions, heats) -> np.ndarray:
     """assign()'s rule written on whole arrays."""
     expected = np.zeros(regions[0].shape, np.uint8)

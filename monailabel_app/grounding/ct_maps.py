@@ -156,16 +156,24 @@ def slice_info(volume: CTVolume, grids: np.ndarray, heat: np.ndarray, mask: np.n
     indices and patient z. ``support``, ``span``: the box outside which ``heat`` is zero and its range, when
     known (the strongest voxel found in the box); ``mask``: the planes from ``from_z`` on (where the label map
     has any)."""
+    zs = from_z + np.nonzero(mask.any(axis=(1, 2)))[0]
+    return slice_info_of_planes(volume, grids, heat, (int(zs.min()), int(zs.max())) if len(zs) else None, support,
+                                span)
+
+
+def slice_info_of_planes(volume: CTVolume, grids: np.ndarray, heat: np.ndarray, planes: tuple[int, int] | None,
+                         support: tuple[slice, ...] | None = None, span: tuple[float, float] | None = None) -> dict:
+    """:func:`slice_info` from the mask's first and last display plane (None: an empty mask), as
+    :func:`maps.assign` gives them without another pass over the label map."""
 
     def where(z: int) -> dict:
         return {"index": volume.display_to_stored_index(int(z)), "world_z_mm": round(volume.world_z(int(z)), 2)}
 
     out = {"strongest_slice": where(_peak_plane(heat, support, span)),
            "model_slice": int(np.argmax(grids.sum(axis=(1, 2)))) + 1}
-    zs = from_z + np.nonzero(mask.any(axis=(1, 2)))[0]
     out["slice_range"] = None
-    if len(zs):
-        lo, hi = where(zs.min()), where(zs.max())
+    if planes is not None:
+        lo, hi = where(planes[0]), where(planes[1])
         out["slice_range"] = {"index": sorted([lo["index"], hi["index"]]) if lo["index"] is not None else None,
                               "world_z_mm": sorted([lo["world_z_mm"], hi["world_z_mm"]])}
     return out

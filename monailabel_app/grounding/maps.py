@@ -232,10 +232,12 @@ def _around_peak(above: np.ndarray, peak: tuple) -> tuple[np.ndarray, tuple[slic
 
 
 def assign(regions: list[np.ndarray], heatmaps: list[np.ndarray], supports: list | None = None,
-           spans: list | None = None) -> np.ndarray:
+           spans: list | None = None, planes: bool = False):
     """uint8 label map of one region per finding (k = 1..n); where regions overlap, the pixel goes to the
     finding whose heatmap, scaled to 0..1, is larger there. ``supports``: each heatmap's box outside which it
-    is zero (:func:`support_range`), or None; ``spans``: each heatmap's range, when known."""
+    is zero (:func:`support_range`), or None; ``spans``: each heatmap's range, when known. ``planes``: also
+    give each label's first and last plane (axis 0; None for a label left with no voxel), read from the
+    regions' own voxels: (label map, planes)."""
     out = zeros(regions[0].shape, np.uint8)
     flat_out = out.reshape(-1)
     insides = [np.flatnonzero(region) for region in regions]
@@ -250,7 +252,10 @@ def assign(regions: list[np.ndarray], heatmaps: list[np.ndarray], supports: list
         take = scaled > best[inside - first]
         flat_out[inside[take]] = k
         best[inside[take] - first] = scaled[take]
-    return out
+    if not planes:
+        return out
+    kept = [inside[flat_out[inside] == k] for k, inside in enumerate(insides, start=1)]  # sorted: C order
+    return out, [(int(i[0]) // plane, int(i[-1]) // plane) if i.size else None for i in kept]
 
 
 def label_map(heatmaps: list[np.ndarray], threshold: float = 0.5) -> np.ndarray:

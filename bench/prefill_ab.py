@@ -2,10 +2,13 @@
 """The CT prefill's parts and their variants, interleaved in one process (the H200 hosts lent differ by up to 20 %).
 
     python bench/prefill_ab.py [--rounds 3] [--parts tower,norms,prefill,reading] [--variants default,eager-norms]
+                               [--study ct|xray]
 
-The benchmark's 85-slice CT (``fast_path.ct``) through MedGemma-4B's shapes in bf16 (random weights). Variants:
+The benchmark's 85-slice CT (``fast_path.ct``; or its film, ``--study xray``) through MedGemma-4B's shapes in bf16
+(random weights). Variants:
 
-- ``default``: the library as it is (on CUDA: the RMS norms compiled during the prefill, :mod:`fused_norms`);
+- ``default``: the RMS norms compiled during the prefill (:mod:`fused_norms`; in the prefill part whatever the
+  prompt's length, in the reading part as the library chooses: from 4,096 tokens);
 - ``eager-norms``: transformers' own RMS norms (eight kernels each);
 - ``cudnn``: cuDNN's fused attention put first (``sdpa_kernel(..., set_priority=True)``);
 - ``compiled``: each vision encoder layer ``torch.compile``d.
@@ -39,7 +42,7 @@ sys.path.insert(0, HERE)
 
 import fast_path  # noqa: E402
 import torch  # noqa: E402
-from fast_path import CT_FINDINGS, ct, emit, project_read, reader_for, report  # noqa: E402
+from fast_path import CT_FINDINGS, XRAY_FINDINGS, ct, emit, project_read, reader_for, report, xray  # noqa: E402
 from medgemma_shapes import build  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
@@ -47,7 +50,7 @@ from monailabel_app import fused_norms  # noqa: E402
 from monailabel_app.capture import CAPTURE_ATTN  # noqa: E402
 from monailabel_app.decoding import batch_vision_tower, prefill_and_decode  # noqa: E402
 from monailabel_app.generation import build_inputs  # noqa: E402
-from monailabel_app.phantom_model import CT_QUESTION  # noqa: E402
+from monailabel_app.phantom_model import CT_QUESTION, DEFAULT_QUESTION  # noqa: E402
 
 CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                SDPBackend.MATH]
@@ -154,6 +157,7 @@ def main() -> None:
     ap.add_argument("--batches", default="16")
     ap.add_argument("--parts", default="norms,prefill,reading")
     ap.add_argument("--variants", default="default,eager-norms")
+    ap.add_argument("--study", choices=("ct", "xray"), default="ct")
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     names = args.variants.split(",")
@@ -163,12 +167,15 @@ def main() -> None:
     batch_vision_tower(model)
     # the library's prefill, without compiling a one-token decode step (minutes a shape): the norms as on CUDA
     stack = ExitStack()
-    stack.enter_context(mock.patch.object(fused_norms, "wanted", lambda m, c: fused_norms.ENABLED))
-    study = ct(3)
-    inputs = build_inputs(processor, reader._content(study), CT_QUESTION, None, model.device, model.dtype)
+    stack.enter_context(mock.patch.object(fused_norms, "wanted", lambda m, c, t: fused_norms.ENABLED))
+    if args.study == "ct":
+        study, question, settings, findings = ct(3), CT_QUESTION, reader.ct, CT_FINDINGS
+    else:
+        study, question, settings, findings = xray(7), DEFAULT_QUESTION, reader.info.grounding, XRAY_FINDINGS
+    inputs = build_inputs(processor, reader._content(study), question, None, model.device, model.dtype)
     pixels = inputs["pixel_values"]
-    emit(f"### bench/prefill_ab.py on {torch.cuda.get_device_name()} (torch {torch.__version__}): the CT, "
-         f"{pixels.shape[0]} images, {inputs['input_ids'].shape[1]} tokens")
+    emit(f"### bench/prefill_ab.py on {torch.cuda.get_device_name()} (torch {torch.__version__}): the "
+         f"{args.study}, {pixels.shape[0]} images, {inputs['input_ids'].shape[1]} tokens")
     emit()
     with torch.inference_mode():
         if "norms" in parts:
@@ -176,10 +183,10 @@ def main() -> None:
         if "tower" in parts:
             tower_part(model, pixels, names, batches, args.rounds)
         if "prefill" in parts:
-            prefill_part(model, reader, inputs, names, args.rounds)
+            prefill_part(model, settings, inputs, names, args.rounds)
     if "reading" in parts:
         stack.close()  # the readings compile their decode step: the library's own choice
-        answer = report(processor.tokenizer, CT_FINDINGS)
+        answer = report(processor.tokenizer, findings)
         emit("| round | variant | end to end s | prefill s | ms / decode token | maps after the answer s |")
         emit("|---|---|---|---|---|---|")
         for r in range(1, args.rounds + 1):
@@ -213,10 +220,9 @@ def tower_part(model, pixels, names, batches, rounds) -> None:
     emit()
 
 
-def prefill_part(model, reader, inputs, names, rounds) -> None:
+def prefill_part(model, settings, inputs, names, rounds) -> None:
     emit("| round | variant | whole prefill s (median of 5) | of which the tower and projector s |")
     emit("|---|---|---|---|")
-    settings = reader.ct
     call = (model, inputs, list(settings["layers"]), int(model.config.mm_tokens_per_image), 1,
             bool(settings.get("rollout")))
     for r in range(1, rounds + 1):

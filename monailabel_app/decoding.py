@@ -778,7 +778,7 @@ def prefill_and_decode(model, inputs: dict, layers: list[int], tokens_per_image:
         cache = past.cache(model.config.get_text_config(), start)
         args = {"input_ids": ids[:, start:], "attention_mask": mask, "position_ids": position_ids[:, start:]}
     args.update({"use_cache": True, "logits_to_keep": 1, _cache_keyword(model.forward): cache})
-    with recording(recorder), fused_norms.installed(model, decoder.compile):
+    with recording(recorder), fused_norms.installed(model, decoder.compile, int(args["input_ids"].numel())):
         out = model(**args)
     t1 = _now(model)
     # one study's rows are copied off the GPU while the next steps run (a CT's are 0.8 GB: not all at the end)

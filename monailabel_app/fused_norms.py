@@ -23,6 +23,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 ENABLED = True  # the benchmark's A/B switch
+MIN_TOKENS = 4096  # prompt tokens in the batch from which the norms are compiled: a film's 278 gain nothing
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -56,15 +57,17 @@ def norms(model) -> list:
             and isinstance(getattr(m, "eps", None), float) and isinstance(getattr(m, "weight", None), torch.Tensor)]
 
 
-def wanted(model, compile: bool) -> bool:
-    return ENABLED and compile and model.device.type == "cuda"
+def wanted(model, compile: bool, tokens: int) -> bool:
+    """On CUDA, with the decode step compiled, for a prefill of at least :data:`MIN_TOKENS` tokens (a CT, a
+    batch of films): a film's norms are launches of tiny kernels, which a compiled call does not shorten."""
+    return ENABLED and compile and model.device.type == "cuda" and tokens >= MIN_TOKENS
 
 
 @contextmanager
-def installed(model, compile: bool):
-    """``model``'s RMS norms run as one compiled kernel each inside the block (:func:`wanted`: on CUDA with the
-    decode step compiled); as they were after it."""
-    found = norms(model) if wanted(model, compile) else []
+def installed(model, compile: bool, tokens: int = MIN_TOKENS):
+    """``model``'s RMS norms run as one compiled kernel each inside the block (:func:`wanted`) for a prefill of
+    ``tokens`` (the batch's); as they were after it."""
+    found = norms(model) if wanted(model, compile, tokens) else []
     for module in found:
         module.forward = types.MethodType(_forward, module)
     try:

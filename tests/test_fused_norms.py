@@ -1,6 +1,7 @@
 """Gemma 3's RMS norms, compiled for the GPU prefill: transformers' arithmetic, installed only inside the block."""
 
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,12 +24,17 @@ def test_the_norm_is_transformers_gemma3_rms_norm(dtype):
     assert not torch.allclose(fused_norms.rms_norm(x, norm.weight, norm.eps).float(), x.float(), atol=1e-2)
 
 
-def test_nothing_is_installed_on_the_cpu_or_without_compiling():
+def test_nothing_is_installed_on_the_cpu_without_compiling_or_for_a_short_prompt():
     model = tiny_model("cpu")
     for compile in (True, False):
         with fused_norms.installed(model, compile) as count:
             assert count == 0
             assert not any("forward" in m.__dict__ for m in fused_norms.norms(model))
+    assert not fused_norms.wanted(model, True, 10**6)  # the CPU
+    on_gpu = SimpleNamespace(device=torch.device("cuda"))  # what the policy reads, not a GPU to run on
+    assert fused_norms.wanted(on_gpu, True, fused_norms.MIN_TOKENS)
+    assert not fused_norms.wanted(on_gpu, True, fused_norms.MIN_TOKENS - 1)  # a film's prompt
+    assert not fused_norms.wanted(on_gpu, False, 10**6)
 
 
 def test_installed_norms_give_the_models_logits_and_are_removed_after(monkeypatch):
@@ -38,7 +44,7 @@ def test_installed_norms_give_the_models_logits_and_are_removed_after(monkeypatc
     ids = torch.tensor([[2, 5, 6, 7, 8, 9, 10]])
     with torch.no_grad():
         before = model(input_ids=ids).logits
-    monkeypatch.setattr(fused_norms, "wanted", lambda model, compile: True)
+    monkeypatch.setattr(fused_norms, "wanted", lambda model, compile, tokens: True)
     with fused_norms.installed(model, True) as count, torch.no_grad():
         assert count == len(found) and all("forward" in m.__dict__ for m in found)
         inside = model(input_ids=ids).logits
@@ -53,7 +59,7 @@ def test_a_failed_compile_leaves_transformers_arithmetic(monkeypatch, caplog):
     monkeypatch.setattr(torch, "compile", refuse)
     monkeypatch.setattr(fused_norms, "_compiled", None)
     monkeypatch.setattr(fused_norms, "_failed", [])
-    monkeypatch.setattr(fused_norms, "wanted", lambda model, compile: True)
+    monkeypatch.setattr(fused_norms, "wanted", lambda model, compile, tokens: True)
     model = tiny_model("cpu")
     ids = torch.tensor([[2, 5, 6, 7]])
     with torch.no_grad():

@@ -74,4 +74,4 @@ def installed(model, compile: bool, tokens: int = MIN_TOKENS):
         yield len(found)
     finally:
         for module in found:
-            del module.forward
+            module.__dict__.pop("forward", None)  # (generations are one at a time: the reader's model lock)

@@ -68,3 +68,27 @@ def test_a_failed_compile_leaves_transformers_arithmetic(monkeypatch, caplog):
             inside = model(input_ids=ids).logits
     assert torch.equal(inside, before)
     assert "compiling the RMS norms failed (no compiler here)" in caplog.text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the norms are compiled for CUDA prefills only")
+def test_a_gpu_prefill_with_compiled_norms_gives_generates_tokens(monkeypatch):
+    """On the GPU, with the norms compiled for every prefill (the threshold lowered to the tiny prompt), the
+    decoder's tokens and log-probabilities are transformers' ``generate``'s, and the norms were the compiled ones."""
+    from tests.test_decoding import batch, prompt, reference
+
+    from monailabel_app.decoding import prefill_and_decode
+
+    model = tiny_model("cuda")
+    monkeypatch.setattr(fused_norms, "MIN_TOKENS", 1)
+    calls = []
+    real = fused_norms._forward
+    monkeypatch.setattr(fused_norms, "_forward", lambda self, x: calls.append(1) or real(self, x))
+    torch.manual_seed(1)
+    images = (torch.rand(2, 3, 28, 28) * 2 - 1).cuda()
+    inputs = batch([prompt([5, 6, 7, 8])], images)
+    result = prefill_and_decode(model, inputs, [3], 4, 12, stop_loops=False, compile=True)
+    tokens, logp = reference(model, inputs, 12)
+    assert calls and not fused_norms._failed
+    assert [r.token_ids for r in result.rows] == tokens
+    assert torch.allclose(torch.tensor([r.logprobs for r in result.rows]), logp.cpu(), atol=1e-4)
+    assert not any("forward" in m.__dict__ for m in fused_norms.norms(model))

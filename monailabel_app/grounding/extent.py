@@ -43,6 +43,7 @@ from .. import components, distances
 from ..allocator import zeros
 from . import filters
 from .blocks import block_mean, block_min, blocks_back
+from .boxes import bounds
 from .morphology import open_in_plane
 from .territory import territory
 
@@ -180,8 +181,7 @@ def _nearest_label(labels: np.ndarray, seed) -> int:
 
 def _around(mask: np.ndarray, margin) -> tuple[slice, ...]:
     """The bounding box of ``mask`` grown by ``margin`` voxels per axis, inside the array."""
-    idx = [np.nonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))[0] for axis in range(mask.ndim)]
-    return tuple(slice(max(0, int(i[0]) - m), min(n, int(i[-1]) + m + 1)) for i, m, n in zip(idx, margin, mask.shape))
+    return bounds(mask, margin)
 
 
 def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:

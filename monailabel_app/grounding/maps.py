@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from .. import components
 from ..allocator import zeros
 from ..xray import SquarePad
+from .boxes import bounds
 
 
 def grid_to_pixels(grid: np.ndarray, pad: SquarePad) -> np.ndarray:
@@ -171,7 +172,7 @@ def peak_regions(heatmap: np.ndarray, thresholds, support: tuple[slice, ...] | N
     lo, hi = support_range(heatmap, support) if span is None else span
     out[order[0]], box = _peak_region(heatmap, thresholds[order[0]], support, (lo, hi))
     if box is not None:
-        box = _shifted(box, _bounds(out[order[0]][box]))  # the region's own box, within the one labelled
+        box = _shifted(box, bounds(out[order[0]][box]))  # the region's own box, within the one labelled
     for k in order[1:]:
         if box is None:
             out[k] = zeros(heatmap.shape, bool)
@@ -181,7 +182,7 @@ def peak_regions(heatmap: np.ndarray, thresholds, support: tuple[slice, ...] | N
         region, inner = _around_peak(sub >= lo + thresholds[k] * (hi - lo), peak)
         out[k] = zeros(heatmap.shape, bool)
         out[k][box] = region
-        box = _shifted(box, _bounds(region))
+        box = _shifted(box, bounds(region))
     return out
 
 
@@ -209,10 +210,6 @@ def first_at(values: np.ndarray, top: float) -> tuple[int, ...]:
     return tuple(int(i) for i in np.unravel_index(int(np.argmax(values == top)), values.shape))
 
 
-def _bounds(mask: np.ndarray) -> tuple[slice, ...]:
-    """The bounding box of a non-empty bool ``mask``."""
-    return tuple(slice(int(idx.min()), int(idx.max()) + 1) for idx in
-                 (np.nonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != d)))[0] for d in range(mask.ndim)))
 
 
 def _shifted(outer: tuple[slice, ...], inner: tuple[slice, ...]) -> tuple[slice, ...]:
@@ -223,7 +220,7 @@ def _shifted(outer: tuple[slice, ...], inner: tuple[slice, ...]) -> tuple[slice,
 def _around_peak(above: np.ndarray, peak: tuple) -> tuple[np.ndarray, tuple[slice, ...]]:
     """(bool mask: the connected piece of ``above`` that holds ``peak``, the box it was labelled on: that of
     everything above)."""
-    box = _bounds(above)
+    box = bounds(above)
     labels, _ = components.label(above[box], full=True)  # only where anything is above
     out = zeros(above.shape, bool)
     local = tuple(p - b.start for p, b in zip(peak, box))

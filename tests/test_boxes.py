@@ -1,0 +1,30 @@
+"""Bounding boxes found on the planes that hold the mask: what a reduction per axis over the whole array gives."""
+
+import numpy as np
+import pytest
+
+from monailabel_app.grounding.boxes import bounds
+
+
+def _per_axis(mask, margin):
+    idx = [np.nonzero(mask.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))[0] for axis in range(mask.ndim)]
+    return tuple(slice(max(0, int(i[0]) - m), min(n, int(i[-1]) + m + 1)) for i, m, n in zip(idx, margin, mask.shape))
+
+
+@pytest.mark.parametrize("shape", [(40, 50, 60), (1, 30, 20), (25, 1, 1), (30, 45), (1, 1)])
+def test_bounds_are_the_per_axis_reductions_of_the_whole_array(shape):
+    rng = np.random.default_rng(len(shape) * 100 + shape[0])
+    for trial in range(20):
+        mask = np.zeros(shape, bool)
+        lo = [int(rng.integers(0, n)) for n in shape]
+        hi = [int(rng.integers(a, n)) + 1 for a, n in zip(lo, shape)]
+        piece = tuple(slice(a, b) for a, b in zip(lo, hi))
+        mask[piece] = rng.random(tuple(b - a for a, b in zip(lo, hi))) > (0.9 if trial % 2 else 0.2)
+        mask[tuple(int(rng.integers(a, b)) for a, b in zip(lo, hi))] = True  # never empty
+        if trial % 5 == 0:  # a second, distant speck: the box spans both
+            mask[tuple(int(rng.integers(0, n)) for n in shape)] = True
+        margin = [int(m) for m in rng.integers(0, 4, len(shape))]
+        assert bounds(mask, margin) == _per_axis(mask, margin)
+        assert bounds(mask) == _per_axis(mask, [0] * len(shape))
+    with pytest.raises(IndexError):
+        bounds(np.zeros(shape, bool))  # an empty mask has no box

@@ -9,7 +9,9 @@ reduction kernel that reads its input once and writes its output once, with the 
 
 The decode step is compiled as a whole already (:mod:`decoding`), so only the prefill needs this:
 :func:`installed` gives the model's norms the compiled forward for the block and restores them after. Used on
-CUDA when the decode step is compiled (``MEDGEMMA_COMPILE``); elsewhere the norms stay transformers' own.
+CUDA when the decode step is compiled (``MEDGEMMA_COMPILE``), for prefills of :data:`MIN_TOKENS` tokens or more
+(a CT, a batch of films: a single film's prefill was the same either way); elsewhere the norms stay
+transformers' own.
 """
 
 from __future__ import annotations

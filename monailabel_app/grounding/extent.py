@@ -179,14 +179,9 @@ def _nearest_label(labels: np.ndarray, seed) -> int:
     return int(labels[tuple(i[tuple(seed)] for i in idx)])
 
 
-def _around(mask: np.ndarray, margin) -> tuple[slice, ...]:
-    """The bounding box of ``mask`` grown by ``margin`` voxels per axis, inside the array."""
-    return bounds(mask, margin)
-
-
 def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
     """The bounding box of a non-empty ``mask``."""
-    return _around(mask, [0] * mask.ndim)
+    return bounds(mask)
 
 
 def inside_distance(region: np.ndarray, spacing) -> np.ndarray:
@@ -195,7 +190,7 @@ def inside_distance(region: np.ndarray, spacing) -> np.ndarray:
     search box."""
     out = zeros(region.shape, np.float64)
     if region.any():
-        box = _around(region, [1] * region.ndim)
+        box = bounds(region, [1] * region.ndim)
         out[box] = distances.inside(region[box], spacing)
     return out
 
@@ -203,7 +198,7 @@ def inside_distance(region: np.ndarray, spacing) -> np.ndarray:
 def _within(core: np.ndarray, radius_mm: float, spacing) -> np.ndarray:
     """bool: voxels at most ``radius_mm`` from ``core`` (computed around ``core`` only)."""
     out = zeros(core.shape, bool)
-    box = _around(core, [int(np.ceil(radius_mm / s)) + 1 for s in spacing])
+    box = bounds(core, [int(np.ceil(radius_mm / s)) + 1 for s in spacing])
     out[box] = distances.inside(~core[box], spacing) <= radius_mm
     return out
 
@@ -745,14 +740,14 @@ def near_box(near: np.ndarray, spacing, kind: str) -> tuple[slice, ...]:
     and a region grown from a seed reaches no farther than its own diameter: a seed farther out than that
     cannot give one. This keeps a diffuse attention's search (half a chest) to where it points most."""
     hi = limits_mm(kind)[1]
-    return _around(near, [int(np.ceil(hi / s)) + 1 for s in spacing])
+    return bounds(near, [int(np.ceil(hi / s)) + 1 for s in spacing])
 
 
 def deepest(part: np.ndarray, spacing) -> tuple[int, ...]:
     """The voxel of ``part`` farthest inside it (the maximum of its inside distance). A part whose bounding
     box holds more than :data:`DEEPEST_FINE_VOXELS` is measured on 2 x 2 in-plane blocks wholly inside it (a
     quarter of the work; the voxel found is within a voxel of the finest answer)."""
-    box = _around(part, [1] * part.ndim)
+    box = bounds(part, [1] * part.ndim)
     sub = part[box]
     step = 2 if sub.size > DEEPEST_FINE_VOXELS and min(sub.shape[1:]) >= 8 else 1
     if step == 2:

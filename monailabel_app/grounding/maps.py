@@ -210,8 +210,6 @@ def first_at(values: np.ndarray, top: float) -> tuple[int, ...]:
     return tuple(int(i) for i in np.unravel_index(int(np.argmax(values == top)), values.shape))
 
 
-
-
 def _shifted(outer: tuple[slice, ...], inner: tuple[slice, ...]) -> tuple[slice, ...]:
     """``inner`` (a box within the box ``outer``) in the coordinates ``outer`` is in."""
     return tuple(slice(o.start + i.start, o.start + i.stop) for o, i in zip(outer, inner))

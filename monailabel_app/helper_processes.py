@@ -43,7 +43,8 @@ DEFAULT_HELPERS = 8
 # fraction of a millisecond plus the copies
 MIN_VOXELS = 1 << 16
 SLAB_VOXELS = 1 << 18  # the territory's slabs are at least this many voxels (a slab per helper up to that)
-OUT_DTYPES = {"label": np.uint32, "inside": np.float32, "territory": np.bool_}  # what each call gives back, per voxel
+# what each call gives back, per voxel
+OUT_DTYPES = {"label": np.uint32, "component": np.bool_, "inside": np.float32, "territory": np.bool_}
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where monailabel_app is imported from
 
 
@@ -257,6 +258,8 @@ def _compute(op: str, mask: np.ndarray, args: tuple):
 
     if op == "label":
         return components.label_here(mask, *args)
+    if op == "component":
+        return components.component_here(mask, *args), None
     if op == "inside":
         return distances.inside_here(mask, *args), None
     if op == "territory":

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from monailabel_app.components import fill_holes_in_plane, label, largest
+from monailabel_app.components import component_at, fill_holes_in_plane, label, largest, nearest_label
 
 
 @pytest.mark.parametrize("full", [False, True])
@@ -65,3 +65,41 @@ def test_holes_filled_plane_by_plane_in_one_call_equal_scipys():
     assert np.array_equal(fill_holes_in_plane(row), row)
     assert fill_holes_in_plane(np.zeros((0, 4, 4), bool)).shape == (0, 4, 4)
 
+
+def test_the_nearest_part_of_a_region_is_scipys_feature_transforms():
+    """Where an opening ate the seed, the region's nearest part: from the region voxels' distances, the label
+    scipy's feature transform gives at the seed (which it used to be computed from), on random regions and on
+    a seed equidistant from two parts (the transform's own tie-break)."""
+    rng = np.random.default_rng(8)
+    for _ in range(40):
+        mask = ndimage.gaussian_filter(rng.random((14, 30, 26)), 1.5) > 0.56
+        labels, n = label(mask)
+        if n < 2:
+            continue
+        _, idx = ndimage.distance_transform_edt(labels == 0, return_indices=True)
+        for seed in np.argwhere(labels == 0)[rng.choice(int((labels == 0).sum()), 25, replace=False)]:
+            seed = tuple(int(i) for i in seed)
+            assert nearest_label(labels, seed) == labels[tuple(i[seed] for i in idx)], seed
+    tie = np.zeros((1, 9, 9), np.uint32)
+    tie[0, 4, 0], tie[0, 4, 8] = 1, 2  # the centre is 4 voxels from both
+    _, idx = ndimage.distance_transform_edt(tie == 0, return_indices=True)
+    assert nearest_label(tie, (0, 4, 4)) == tie[tuple(i[0, 4, 4] for i in idx)]
+
+
+@pytest.mark.parametrize("full", [False, True])
+def test_the_piece_at_a_point_is_its_labels_piece_or_the_nearest(full):
+    """The piece that holds a point is the labelling's piece with the point's label; a point outside the mask
+    gets the nearest piece; an empty mask, nothing. Planes and volumes, views of larger arrays."""
+    rng = np.random.default_rng(5)
+    for i in range(10):
+        vol = ndimage.gaussian_filter(rng.normal(size=(8 + i, 30, 28)), 1.3) > rng.uniform(0.0, 0.3)
+        for mask in (vol, vol[:, 2:-3, ::2], vol[i % 8]):
+            labels, n = label(mask, full)
+            if n < 2:
+                continue
+            for point in map(tuple, np.argwhere(np.ones(mask.shape, bool))[rng.choice(mask.size, 12)]):
+                k = labels[point] or nearest_label(labels, point)
+                got = component_at(mask, point, full)
+                assert got.dtype == bool and got.shape == mask.shape
+                assert np.array_equal(got, labels == k), (i, point)
+    assert not component_at(np.zeros((3, 4, 5), bool), (1, 1, 1)).any()

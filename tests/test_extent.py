@@ -378,29 +378,6 @@ def test_smoothing_leaves_out_only_negligible_axes():
         assert np.abs(extent.smoothed_hu(hu, spacing) - full).max() < 1e-6 * np.abs(hu).max()
 
 
-def test_the_nearest_part_of_a_region_is_scipys_feature_transforms():
-    """Where an opening ate the seed, the region's nearest part: from the region voxels' distances, the label
-    scipy's feature transform gives at the seed (which it used to be computed from), on random regions and on
-    a seed equidistant from two parts (the transform's own tie-break)."""
-    from monailabel_app import components
-    from monailabel_app.grounding.extent import _nearest_label
-
-    rng = np.random.default_rng(8)
-    for _ in range(40):
-        mask = ndimage.gaussian_filter(rng.random((14, 30, 26)), 1.5) > 0.56
-        labels, n = components.label(mask)
-        if n < 2:
-            continue
-        _, idx = ndimage.distance_transform_edt(labels == 0, return_indices=True)
-        for seed in np.argwhere(labels == 0)[rng.choice(int((labels == 0).sum()), 25, replace=False)]:
-            seed = tuple(int(i) for i in seed)
-            assert _nearest_label(labels, seed) == labels[tuple(i[seed] for i in idx)], seed
-    tie = np.zeros((1, 9, 9), np.uint32)
-    tie[0, 4, 0], tie[0, 4, 8] = 1, 2  # the centre is 4 voxels from both
-    _, idx = ndimage.distance_transform_edt(tie == 0, return_indices=True)
-    assert _nearest_label(tie, (0, 4, 4)) == tie[tuple(i[0, 4, 4] for i in idx)]
-
-
 def _outcome(hu, spacing, seed, kind, **kwargs):
     try:
         e = extent.grow_ct(hu, spacing, seed, kind, **kwargs)

@@ -188,3 +188,26 @@ def test_a_forked_child_makes_its_calls_itself_and_leaves_the_parents_helpers_al
 def _in_a_child(mask):
     labels, n = components.label(mask)
     return helper_processes.start(0), helper_processes.served(), n
+
+
+def test_the_piece_at_a_point_from_a_helper_is_the_piece_found_here(helpers):
+    """A helper's piece at a point (the mask's, or the nearest where the point is outside) is the one found in
+    the calling thread, for both connectivities, on a view of a larger mask."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(11)
+    vol = ndimage.gaussian_filter(rng.normal(size=(24, 96, 80)), 0.8) > 0.25
+    mask = vol[:, 8:, 4:]
+    assert mask.size >= helper_processes.MIN_VOXELS
+    faces, edges = components.label_here(mask)[0], components.label_here(mask, True)[0]
+    grows = (np.bincount(faces.ravel())[faces] < np.bincount(edges.ravel())[edges]) & mask  # joined by edges
+    inside = tuple(int(i) for i in np.argwhere(grows)[0])  # where the connectivity matters
+    outside = tuple(int(i) for i in np.argwhere(faces == 0)[len(np.argwhere(faces == 0)) // 2])
+    before = helpers.served()
+    for point in (inside, outside):
+        pieces = [components.component_at(mask, point, full) for full in (False, True)]
+        assert point == outside or not np.array_equal(*pieces)
+        for full, there in zip((False, True), pieces):
+            assert there.dtype == bool and there.any()
+            assert np.array_equal(there, components.component_here(mask, point, full))
+    assert helpers.served() - before == 4

@@ -219,10 +219,9 @@ def _around_peak(above: np.ndarray, peak: tuple) -> tuple[np.ndarray, tuple[slic
     """(bool mask: the connected piece of ``above`` that holds ``peak``, the box it was labelled on: that of
     everything above)."""
     box = bounds(above)
-    labels, _ = components.label(above[box], full=True)  # only where anything is above
     out = zeros(above.shape, bool)
     local = tuple(p - b.start for p, b in zip(peak, box))
-    np.equal(labels, labels[local], out=out[box])
+    out[box] = components.component_at(above[box], local, full=True)  # only where anything is above
     return out, box
 
 

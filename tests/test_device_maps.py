@@ -351,3 +351,76 @@ def test_model_slices_windowed_on_the_gpu_are_the_cpus():
     assert gpu.indices == cpu.indices and gpu.pad == cpu.pad and len(gpu.images) == len(cpu.images) == 12
     for a, b, t in zip(cpu.images, gpu.images, gpu.on_device):
         assert np.array_equal(a, b) and t.is_cuda and np.array_equal(t.permute(1, 2, 0).cpu().numpy(), a)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("thresholds", [(0.5, 0.3), (0.3, 0.5), (0.9, 0.2, 0.5)])
+def test_peak_regions_grown_on_the_device_are_the_cpus_labelled_pieces(device, thresholds):
+    """The pieces grown from the peak on the device, from the gate box's values: the voxels maps.peak_regions
+    labels on the CPU, for maps with gaps, pieces that touch the peak's only by an edge or a corner, ties at
+    the peak, a value at exactly a level, a flat map and an empty one; a level at zero is left to the CPU."""
+    from scipy import ndimage
+
+    from monailabel_app.grounding import pieces
+
+    rng = np.random.default_rng(21)
+    shape, box = (16, 44, 30), (slice(2, 13), slice(5, 41), slice(3, 27))
+    for trial in range(10):
+        sub = ndimage.gaussian_filter(rng.random((11, 36, 24)).astype(np.float32), 1.2) ** 4
+        sub[rng.random(sub.shape) > 0.75] = 0  # gaps: pieces apart from the peak's, some joined by corners
+        if trial == 1:
+            sub[3, 10, 5] = sub[1, 2, 3] = sub.max()  # a tie for the peak
+        if trial == 2:  # a voxel at exactly the lowest level, joined to the peak's piece by a corner only
+            top = sub.max()
+            level = np.float32(min(thresholds) * top)
+            z, y, x = np.unravel_index(int(np.argmax(sub)), sub.shape)
+            sub[max(z - 1, 0):z + 2, max(y - 1, 0):y + 2, max(x - 1, 0):x + 2] = top
+            corner = (min(z + 2, 10), min(y + 2, 35), min(x + 2, 23))
+            sub[corner] = level
+        if trial == 3:
+            sub[:] = 0
+        if trial == 4:
+            sub[:] = 0.25  # flat
+        h = np.zeros(shape, np.float32)
+        h[box] = sub
+        want = maps.peak_regions(h, thresholds, box)
+        got = pieces.peak_regions(torch.as_tensor(sub, device=device), box, shape, thresholds)
+        for g, w, t in zip(got, want, thresholds):
+            assert g.dtype == bool and g.shape == shape
+            assert np.array_equal(g, w), (trial, t)
+        if trial == 2:
+            assert want[int(np.argmin(thresholds))][tuple(c + b.start for c, b in zip(corner, box))]
+        assert trial in (3, 4) or want[0].any()
+        assert pieces.span(torch.as_tensor(sub, device=device), box, shape) == maps.support_range(h, box)
+    assert pieces.peak_regions(torch.ones((2, 3, 4), device=device), box, shape, (0.0, 0.5)) is None
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_findings_gated_map_and_regions_made_on_the_device_are_the_cpus(device):
+    """A CT finding's gated map, its range and its peak regions as the GPU path makes them (the regions grown
+    where the map is, the map copied to the host beside them): the CPU path's arrays, for the lungs' gate with
+    and without a side, and for a gate that allows nothing."""
+    from scipy import ndimage
+
+    from monailabel_app.grounding.boxes import bounds
+    from monailabel_app.study_maps import gated_regions_on_device
+
+    rng = np.random.default_rng(31)
+    heat = ndimage.gaussian_filter(rng.random((18, 48, 40)).astype(np.float32), 2.0) ** 6
+    allowed = np.zeros(heat.shape, bool)
+    allowed[2:15, 6:42, 3:18] = allowed[2:15, 6:42, 22:37] = True  # two lungs
+    allowed &= rng.random(heat.shape) > 0.05
+    levels = (0.5, 0.3)
+    for side in ("right", "left", None):
+        columns = None if side is None else ct_maps.side_columns(allowed, side)
+        box = ct_maps.gate_box(bounds(allowed), columns)
+        m = ct_maps.gated_map(heat, allowed, columns, box)
+        want = maps.peak_regions(m, levels, box, maps.support_range(m, box))
+        got_m, got_span, got = gated_regions_on_device(torch.as_tensor(heat, device=device),
+                                                       torch.as_tensor(allowed, device=device), columns, box, levels)
+        assert np.array_equal(got_m, m) and got_span == maps.support_range(m, box)
+        assert all(np.array_equal(g, w) for g, w in zip(got, want)) and want[0].any() and want[1].any()
+    m, span, found = gated_regions_on_device(torch.as_tensor(heat, device=device),
+                                             torch.zeros(heat.shape, dtype=torch.bool, device=device), None, None,
+                                             levels)
+    assert not m.any() and span == (0.0, 0.0) and not any(f.any() for f in found)

@@ -31,13 +31,11 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 from monailabel_app import components, decoding, distances, generation, helper_processes  # noqa: E402
-from monailabel_app import study_maps  # noqa: E402
-from monailabel_app.grounding import anatomy, ct_maps, extent, maps, pieces  # noqa: E402
+from monailabel_app.grounding import anatomy, ct_maps, extent, maps  # noqa: E402
 from monailabel_app.study_maps import StudyMaps  # noqa: E402
 
 WATCHED = [(anatomy, "ct_body_and_lungs"), (ct_maps, "slice_grids"), (ct_maps, "volume_heatmap"),
            (ct_maps, "gated_map"), (maps, "peak_regions"), (maps, "peak_region"), (extent, "find_in_ct"),
-           (study_maps, "gated_regions_on_device"), (pieces, "peak_regions"),  # the GPU's gated map and regions
            (extent, "smoothed_hu"), (extent, "territory"), (helper_processes, "in_slabs"), (extent, "grow_ct"),
            (extent, "deepest"), (components, "label"), (components, "component_at"), (distances, "inside"),
            (maps, "assign"),

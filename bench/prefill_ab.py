@@ -11,9 +11,7 @@ The benchmark's 85-slice CT (``fast_path.ct``; or its film, ``--study xray``) th
   prompt's length, in the reading part as the library chooses: from 4,096 tokens);
 - ``eager-norms``: transformers' own RMS norms (eight kernels each);
 - ``cudnn``: cuDNN's fused attention put first (``sdpa_kernel(..., set_priority=True)``);
-- ``compiled``: each vision encoder layer ``torch.compile``d;
-- ``host-regions`` (the ``reading`` part): a CT finding's gated map copied to the host first and its peak
-  regions thresholded and labelled there, as before :mod:`grounding.pieces` grew them on the GPU.
+- ``compiled``: each vision encoder layer ``torch.compile``d.
 
 Parts:
 
@@ -48,11 +46,10 @@ from fast_path import CT_FINDINGS, XRAY_FINDINGS, ct, emit, project_read, reader
 from medgemma_shapes import build  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from monailabel_app import fused_norms, study_maps  # noqa: E402
+from monailabel_app import fused_norms  # noqa: E402
 from monailabel_app.capture import CAPTURE_ATTN  # noqa: E402
 from monailabel_app.decoding import batch_vision_tower, prefill_and_decode  # noqa: E402
 from monailabel_app.generation import build_inputs  # noqa: E402
-from monailabel_app.grounding import ct_maps, maps  # noqa: E402
 from monailabel_app.phantom_model import CT_QUESTION, DEFAULT_QUESTION  # noqa: E402
 
 CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
@@ -77,23 +74,12 @@ def variant(model, name: str):
         stack.enter_context(mock.patch.object(fused_norms, "ENABLED", name != "eager-norms"))
         if "cudnn" in name:
             stack.enter_context(sdpa_kernel(CUDNN_FIRST, set_priority=True))
-        if name == "host-regions":
-            stack.enter_context(mock.patch.object(study_maps, "gated_regions_on_device", host_regions))
         if "compiled" in name:
             torch._dynamo.reset()
             for layer in layers:
                 layer.compile(dynamic=True)
             stack.callback(lambda: [setattr(layer, "_compiled_call_impl", None) for layer in layers])
         yield
-
-
-def host_regions(heat, allowed, columns, box, levels):
-    """``study_maps.gated_regions_on_device`` as it was before the regions were grown on the GPU: the gated map
-    copied to the host, then its range and its peak regions found there (labelled in helper processes)."""
-    cols = None if columns is None else torch.as_tensor(columns, device=heat.device)
-    m = ct_maps.gated_map(heat, allowed, cols, box)
-    span = maps.support_range(m, box)
-    return m, span, maps.peak_regions(m, levels, box, span)
 
 
 def tower(model, pixels: torch.Tensor, batch: int) -> torch.Tensor:

@@ -32,7 +32,7 @@ from scipy import ndimage
 from .allocator import zeros
 from .ct import CTVolume, ModelSlices
 from .generation import Generation, Partial
-from .grounding import anatomy, ct_maps, extent, maps, pieces
+from .grounding import anatomy, ct_maps, extent, maps
 from .language.findings import Finding, read_answer, written_upto
 from .xray import Radiograph, SquarePad, pixel_spacing_mm
 
@@ -286,20 +286,18 @@ class CTMaps(StudyMaps):
         allowed, columns, box = self.gate(settings.get("gates", DEFAULT_CT_GATES), f.side)
         g = ct_maps.slice_grids(gen.attention, rows, self.reader.grid, len(self.ms.images))
         h = ct_maps.volume_heatmap(g, self.ms, volume.shape[0], device)
-        threshold, from_image = float(settings.get("threshold", 0.5)), image_extent(settings)
-        # the attention's own region and (for the image's extent) the one its extent is searched in
-        levels = (threshold, extent.SEARCH_LEVEL) if from_image else (threshold,)
         # the gated map is zero outside the gate's box: gated, peak regions and search on it alone
         if device.type == "cpu":  # gated with numpy (faster than torch on the CPU)
             h = h.numpy()
             m = ct_maps.gated_map(h, allowed, columns, box)
-            span = maps.support_range(m, box)
-            found = maps.peak_regions(m, levels, box, span)  # one pass over the gate's box
-        else:  # the regions grown on the GPU while the gated map and the raw heatmap are copied to the host
-            m, span, found = gated_regions_on_device(h, allowed, columns, box, levels)
+        else:
+            m = ct_maps.gated_map(h, allowed, None if columns is None else torch.as_tensor(columns, device=device), box)
             h = maps.to_host_later(h)  # the raw heatmap's copy beside the search
-        own, search = (found[0], found[1] if from_image else None)
         side = columns[None, None, :] if columns is not None else None
+        threshold, from_image = float(settings.get("threshold", 0.5)), image_extent(settings)
+        span = maps.support_range(m, box)
+        # the attention's own region and the one its extent is searched in: one pass over the gate's box
+        own, search = maps.peak_regions(m, (threshold, extent.SEARCH_LEVEL), box, span) if from_image else (None, None)
         region, info = finding_region(f, m, threshold, from_image, lambda own: (
             extent.find_in_ct(volume.hu, volume.spacing, m, f.kind, own, self.shared, box, device, search)),
             lambda p: [int(i) for i in reversed(volume.stored_index(p))], side, box, own)
@@ -313,25 +311,6 @@ class CTMaps(StudyMaps):
         extras = [{**ct_maps.slice_info_of_planes(self.volume, d.grid, d.gated, p, d.support, d.span), **d.info}
                   for d, p in zip(done, planes)]
         return labels, extras
-
-
-def gated_regions_on_device(heat: torch.Tensor, allowed: torch.Tensor, columns: np.ndarray | None,
-                            box: tuple[slice, ...] | None, levels: tuple[float, ...]):
-    """(gated map on the host, its range, its peak regions at ``levels``) of a heatmap on the GPU: the
-    gated box is copied to the host beside the regions, which are grown where its values are
-    (:mod:`grounding.pieces`: the CPU's regions, bit for bit)."""
-    shape = tuple(heat.shape)
-    if box is None:
-        m = zeros(shape, np.float32)
-        span = maps.support_range(m)
-        return m, span, maps.peak_regions(m, levels, None, span)
-    cols = None if columns is None else torch.as_tensor(columns, device=heat.device)
-    sub = ct_maps.gated_box(heat, allowed, cols, box)
-    later = maps.to_host_later(sub)
-    span = pieces.span(sub, box, shape)
-    found = pieces.peak_regions(sub, box, shape, levels, span)
-    m = ct_maps.placed(later.result(), box, shape)
-    return m, span, maps.peak_regions(m, levels, box, span) if found is None else found
 
 
 def finding_region(finding: Finding, heat: np.ndarray, threshold: float, from_image: bool, find, point,

@@ -100,26 +100,13 @@ def gated_map(heat, allowed, columns, box: tuple[slice, ...] | None) -> np.ndarr
     (:func:`gate_box`: zero outside it) and copied off a GPU from that box alone."""
     if box is None:
         return zeros(tuple(heat.shape), np.float32)
-    if isinstance(heat, np.ndarray):
-        out = np.empty(tuple(heat.shape), np.float32)
-        _zero_outside(out, box)
-        cols = None if columns is None else columns[box[2]]
-        gated(heat[box], allowed[box], cols, out=out[box])  # written in place
-        return out
-    return placed(gated_box(heat, allowed, columns, box).cpu().numpy(), box, tuple(heat.shape))
-
-
-def gated_box(heat: torch.Tensor, allowed: torch.Tensor, columns: torch.Tensor | None,
-              box: tuple[slice, ...]) -> torch.Tensor:
-    """:func:`gated` on the gate's ``box`` alone (tensors on the maps device): the gated map's values there."""
-    return gated(heat[box], allowed[box], None if columns is None else columns[box[2]])
-
-
-def placed(values: np.ndarray, box: tuple[slice, ...], shape) -> np.ndarray:
-    """float32 array of ``shape``: ``values`` on ``box``, zero elsewhere (each voxel written once)."""
-    out = np.empty(tuple(shape), np.float32)
+    out = np.empty(tuple(heat.shape), np.float32)
     _zero_outside(out, box)
-    out[box] = values
+    cols = None if columns is None else columns[box[2]]
+    if isinstance(heat, np.ndarray):
+        gated(heat[box], allowed[box], cols, out=out[box])  # written in place
+    else:
+        out[box] = gated(heat[box], allowed[box], cols).cpu().numpy()
     return out
 
 

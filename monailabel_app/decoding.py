@@ -514,7 +514,7 @@ class Decoder:
         return out
 
     def _event(self):
-        """A CUDA event at this point of the decode's stream (None without CUDA graphs)."""
+        """A CUDA event at this point of the default stream (None without CUDA graphs)."""
         if not self.use_graph:
             return None
         event = torch.cuda.Event()
@@ -729,48 +729,11 @@ def decoder_for(model, batch: int, length: int, max_new: int, layers: list[int],
     return cache[key]
 
 
-DECODE_PRIORITY = -5  # the decode stream's priority: CUDA gives the nearest it has (the H200, torch 2.11: -3)
-_DECODE_STREAMS: dict = {}
-_DECODE_STREAMS_LOCK = threading.Lock()
-
-
-@contextmanager
-def on_decode_stream(device):
-    """The block's GPU work (a prefill and its decode) on ``device``'s decode stream, of the highest priority:
-    when the decode's kernels and the map threads' (each on a stream of its own, of the default priority:
-    :func:`grounding.maps.side_stream`) wait for the GPU together, the decode's go first. The block starts
-    after what the calling stream has queued, and the calling stream waits for the block's work after it.
-    In run BW (``bench/prefill_ab.py``) a CT's decode beside its maps ran at 3.72 ms a token in two readings
-    of three on this stream, against 5.0-5.3 ms at the default priority. A no-op off CUDA."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        yield
-        return
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    with _DECODE_STREAMS_LOCK:
-        if index not in _DECODE_STREAMS:
-            _DECODE_STREAMS[index] = torch.cuda.Stream(index, priority=DECODE_PRIORITY)
-        stream = _DECODE_STREAMS[index]
-    caller = torch.cuda.current_stream(index)
-    stream.wait_stream(caller)
-    try:
-        with torch.cuda.stream(stream):
-            yield
-    finally:
-        caller.wait_stream(stream)
-
-
-def prefill_and_decode(model, inputs: dict, *args, **kwargs) -> DecodeResult:
-    """:func:`_prefill_and_decode` on the model's decode stream (:func:`on_decode_stream`)."""
-    with on_decode_stream(inputs["input_ids"].device):
-        return _prefill_and_decode(model, inputs, *args, **kwargs)
-
-
 @torch.inference_mode()
-def _prefill_and_decode(model, inputs: dict, layers: list[int], tokens_per_image: int, max_new_tokens: int,
-                        rollout: bool = False, forced: list[list[int]] | None = None, eos: list[int] = (),
-                        stop_loops: bool = True, compile: bool | None = None, past: Context | None = None,
-                        keep: bool = False, progress=None) -> DecodeResult:
+def prefill_and_decode(model, inputs: dict, layers: list[int], tokens_per_image: int, max_new_tokens: int,
+                       rollout: bool = False, forced: list[list[int]] | None = None, eos: list[int] = (),
+                       stop_loops: bool = True, compile: bool | None = None, past: Context | None = None,
+                       keep: bool = False, progress=None) -> DecodeResult:
     """Greedy answers for a left-padded batch ``inputs`` (input_ids, attention_mask, token_type_ids,
     pixel_values), with the attention rows of ``layers`` (none: no capture at all).
 

@@ -282,7 +282,7 @@ _PREPARE_STREAMS: dict = {}
 
 def _prepare_stream(device):
     """A CUDA stream of its own for making inputs (None without CUDA): its copies and resizes then do not
-    queue behind the decode steps that another batch has queued on the decode stream."""
+    queue behind the decode steps that another batch has queued on the default stream."""
     device = torch.device(device)
     if device.type != "cuda":
         return None
@@ -296,8 +296,7 @@ def prepare_batch(model, processor, studies: list[tuple[list, str]], system=None
                   answers: list[str] | None = None) -> Prepared:
     """The inputs of :func:`generate_batch` for (content, question) studies that show the same number of
     images. On CUDA they are made on their own stream and complete when this returns (the generation that
-    uses them on the decode stream, :func:`decoding.on_decode_stream`, ends with a device synchronisation
-    before they are freed)."""
+    uses them on the default stream ends with a device synchronisation before they are freed)."""
     t0 = time.perf_counter()
     counts = {sum(not isinstance(c, str) for c in content) for content, _ in studies}
     if len(counts) != 1:

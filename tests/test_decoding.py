@@ -373,25 +373,3 @@ def test_answers_of_one_two_and_three_tokens(tiny, new):
     assert forced.token_ids == [7]
     if tiny.device.type == "cuda":
         assert any(d.graph is not None and d.max_new == new for d in tiny.__dict__["_medgemma_decoders"].values())
-
-
-def test_the_decode_stream_has_the_highest_priority_and_the_caller_waits_for_it():
-    """On a GPU the prefill and decode run on a stream of the highest priority (the map threads' are of the
-    default one), after what the caller's stream queued; the caller's stream then waits for them. Off CUDA
-    nothing changes."""
-    from monailabel_app.decoding import on_decode_stream
-
-    with on_decode_stream(torch.device("cpu")):
-        assert torch.ones(2).sum() == 2
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU (run on the lent H200)")
-    caller = torch.cuda.current_stream()
-    x = torch.zeros(1 << 24, device="cuda")
-    x += 1  # queued on the caller's stream: the decode stream starts after it
-    with on_decode_stream(torch.device("cuda")):
-        stream = torch.cuda.current_stream()
-        assert stream != caller and stream.priority == torch.cuda.Stream.priority_range()[1]
-        torch.cuda._sleep(100_000_000)  # the decode stream busy for tens of milliseconds
-        x *= 3
-    assert torch.cuda.current_stream() == caller
-    assert float(x.sum()) == 3 * (1 << 24)  # the caller's stream waited for the block's work

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from . import maps
+from .. import allocator
 from ..allocator import zeros
 from ..ct import CTVolume, ModelSlices
 
@@ -106,7 +107,7 @@ def gated_map(heat, allowed, columns, box: tuple[slice, ...] | None) -> np.ndarr
     if isinstance(heat, np.ndarray):
         gated(heat[box], allowed[box], cols, out=out[box])  # written in place
     else:
-        out[box] = gated(heat[box], allowed[box], cols).cpu().numpy()
+        out[box] = allocator.host_copy(gated(heat[box], allowed[box], cols))
     return out
 
 

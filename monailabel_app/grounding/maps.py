@@ -35,7 +35,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import components
+from .. import allocator, components
 from ..allocator import zeros
 from ..xray import SquarePad
 from .boxes import bounds
@@ -268,8 +268,8 @@ _LOCAL = threading.local()
 def side_stream():
     """The calling thread's own CUDA stream (made once per thread: a pool thread's, or the thread that makes
     a batch's inputs), so that the maps' GPU work of one batch does not queue between the decode steps of
-    another, which run on the decode stream (of a higher priority: :func:`decoding.on_decode_stream`); a
-    no-op without CUDA. Each thread makes, uses and copies back its tensors on its one stream."""
+    another, which run on the default stream; a no-op without CUDA. Each thread makes, uses and copies back
+    its tensors on its one stream."""
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return contextlib.nullcontext()
     if getattr(_LOCAL, "stream", None) is None:
@@ -297,7 +297,7 @@ def to_host_later(t: torch.Tensor) -> Future:
     def copy():
         made.synchronize()
         with side_stream():  # the copier's own stream: not queued behind the decode steps on the default one
-            return t.cpu().numpy()  # (a blocking copy: done before the tensor can be freed)
+            return allocator.host_copy(t)  # (waited for: done before the tensor can be freed)
 
     return _COPIER.submit(copy)
 

@@ -14,9 +14,7 @@ The benchmark's 85-slice CT (``fast_path.ct``; or its film, ``--study xray``) th
 - ``compiled``: each vision encoder layer ``torch.compile``d;
 - ``decode-first`` (the ``reading`` part): the reading's own thread (preprocessing, prefill, decode loop) on a CUDA
   stream of the highest priority, so that the decode's kernels go before the map threads' when both wait (run BW;
-  run BX found no gain for the decode's own stream at that priority, so the library keeps the default);
-- ``rows-on-loop`` (the ``reading`` part): the attention rows' copies launched by the decode loop itself, as
-  before ``decoding.LiveRows.OFF_LOOP`` handed them to the rows' thread.
+  run BX found no gain for the decode's own stream at that priority, so the library keeps the default).
 
 Parts:
 
@@ -51,7 +49,7 @@ from fast_path import CT_FINDINGS, XRAY_FINDINGS, ct, emit, project_read, reader
 from medgemma_shapes import build  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from monailabel_app import decoding, fused_norms  # noqa: E402
+from monailabel_app import fused_norms  # noqa: E402
 from monailabel_app.capture import CAPTURE_ATTN  # noqa: E402
 from monailabel_app.decoding import batch_vision_tower, prefill_and_decode  # noqa: E402
 from monailabel_app.generation import build_inputs  # noqa: E402
@@ -81,8 +79,6 @@ def variant(model, name: str):
             stack.enter_context(sdpa_kernel(CUDNN_FIRST, set_priority=True))
         if name == "decode-first":
             stack.enter_context(torch.cuda.stream(torch.cuda.Stream(priority=-5)))  # (the nearest valid one)
-        if name == "rows-on-loop":
-            stack.enter_context(mock.patch.object(decoding.LiveRows, "OFF_LOOP", False))
         if "compiled" in name:
             torch._dynamo.reset()
             for layer in layers:

@@ -586,13 +586,12 @@ class LiveRows:
     not all copied (and rolled out, on the GPU at once) after the last step. The whole answer's rows are these
     same copies, so a finding mapped early or at the end reads identical rows (rolled out the same).
 
-    Each copy (:meth:`advance`) stacks and rolls out the rows on the device in a few torch calls, then copies them
-    into the decoder's page-locked staging (a copy into pageable memory waits for the device and the host's
-    memory, 27 ms for a CT's 8 steps in run AS), and a thread of its own (:data:`_LANDING`) moves each into
-    :attr:`rows` once the device is done. On a GPU that thread also launches the copy (:attr:`OFF_LOOP`): the
-    decode loop only hands it the steps. A copy launched there waits about one replay more (28-31 ms, run BG),
-    the loop's next replay being queued before it; launched by the loop, its torch calls waited for the
-    interpreter while the maps ran. A reader of the rows (:meth:`upto`) waits for the copies it needs."""
+    The decode loop launches each copy (:meth:`advance`: the rows stacked and rolled out on the device in a few
+    torch calls, then copied into the decoder's page-locked staging without waiting: a copy into pageable memory
+    waits for the device and the host's memory, 27 ms for a CT's 8 steps in run AS); a thread of its own
+    (:data:`_LANDING`) moves each into :attr:`rows` once the device is done. Launched from a thread of its own
+    instead, each copy waited about one replay (28-31 ms, no CPU time: run BG), the loop's next replay being
+    queued before it. A reader of the rows (:meth:`upto`) waits for the copies it needs."""
 
     def __init__(self, recorder: AttentionRecorder, decoder: "Decoder"):
         self.recorder, self.decoder = recorder, decoder
@@ -612,44 +611,23 @@ class LiveRows:
 
     def advance(self, steps: int) -> None:
         """Start copying the rows of the first ``steps`` tokens (decoded ones only: called once the decoder has
-        looked at them). On a GPU with :attr:`OFF_LOOP` the rows are stacked, rolled out and copied by the rows'
-        thread (:data:`_LANDING`), so the decode loop makes no torch call for them; else here, without waiting
-        for the copy."""
+        looked at them), without waiting for the copy on a GPU."""
         with self.lock:
             if steps <= self.count:
                 return
             start, self.count = self.count, steps
-            if self.stream is not None and self.OFF_LOOP:
-                self.landed = _LANDING.submit(self._copy, start, steps)
-                return
-            staged, copied = self._launch(start, steps)
-            self.landed = _LANDING.submit(_land, self.rows[start:steps], staged, copied)
-
-    # the decode loop hands each copy to the rows' thread: in the loop, a copy's few torch calls each waited for
-    # the interpreter while the findings' maps ran (0.1-0.16 s a call at times in run BV's timeline)
-    OFF_LOOP = True
-
-    def _launch(self, start: int, steps: int):
-        """(host rows or their page-locked staging, the CUDA event of the copy into it or None): rows
-        ``[start, steps)`` stacked and rolled out on the device and their copy launched, on the rows' stream."""
-        with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-            if start == 0:  # the prefill's row, then decode rows 1 .. steps - 1
-                part = self.recorder.stacked(self.decoder.decode_rows(steps, 1, self.recorded))
-            else:
-                part = self.recorder.rolled_rows(self.decoder.decode_rows(steps, start, self.recorded))
-            if self.stream is None:
-                return part, None  # on the CPU: already in host memory
-            staged = self.staging[start:steps]
-            staged.copy_(part, non_blocking=True)
-            copied = torch.cuda.Event()
-            copied.record(self.stream)
-            return staged, copied
-
-    def _copy(self, start: int, steps: int) -> None:
-        """:meth:`_launch` and :func:`_land` in the rows' thread (in inference mode: the rows are made in the
-        decode's)."""
-        with torch.inference_mode():
-            _land(self.rows[start:steps], *self._launch(start, steps))
+            with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
+                if start == 0:  # the prefill's row, then decode rows 1 .. steps - 1
+                    part = self.recorder.stacked(self.decoder.decode_rows(steps, 1, self.recorded))
+                else:
+                    part = self.recorder.rolled_rows(self.decoder.decode_rows(steps, start, self.recorded))
+                staged, copied = part, None  # on the CPU: already in host memory
+                if self.stream is not None:
+                    staged = self.staging[start:steps]
+                    staged.copy_(part, non_blocking=True)
+                    copied = torch.cuda.Event()
+                    copied.record(self.stream)
+                self.landed = _LANDING.submit(_land, self.rows[start:steps], staged, copied)
 
     def upto(self, steps: int) -> torch.Tensor:
         """(steps, layers, 1, heads, n) float32 on the CPU: the rows of the first ``steps`` tokens (decoded

@@ -74,22 +74,6 @@ def zeros(shape, dtype=float) -> np.ndarray:
     return out
 
 
-def host_copy(t) -> np.ndarray:
-    """``t`` (a torch tensor) as a numpy array on the host. Off a GPU the copy lands in page-locked memory from
-    torch's caching host allocator (which keeps a freed block for the next copy of its size; the array holds
-    its block until it is freed) and is waited for on the calling thread's stream: the copy engine moves it
-    directly. Into ordinary pageable memory the driver copies through its own staging buffers, a host core
-    moving every chunk, and a CT's 200 MB heatmaps are copied two or three times a finding beside the decode."""
-    if not t.is_cuda:
-        return t.numpy()
-    import torch
-
-    out = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    out.copy_(t, non_blocking=True)
-    torch.cuda.current_stream().synchronize()
-    return out.numpy()
-
-
 def mapped_blocks() -> int | None:
     """How many blocks glibc's malloc holds as their own mmap now (``mallinfo2().hblks``); None elsewhere."""
     libc = _libc()

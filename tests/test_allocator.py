@@ -93,31 +93,3 @@ def test_zeros_are_zeros_in_reused_memory():
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got == {name: [name, [134, 256, 256], 0] for name in ("bool", "uint8", "float32", "float64")}
-
-
-def test_a_host_copy_of_a_cpu_tensor_is_its_array():
-    import torch
-
-    t = torch.arange(6, dtype=torch.float32).reshape(2, 3)
-    a = allocator.host_copy(t)
-    assert a.shape == (2, 3) and a.dtype.name == "float32" and a.tolist() == t.tolist()
-
-
-def test_a_host_copy_off_the_gpu_is_page_locked_and_outlives_its_block_being_reused():
-    """Off a GPU: the values, in page-locked memory; while the array lives its block is not given to the next
-    copy (the array holds it), and once it is freed the next copy of that size gets the cached block."""
-    torch = pytest.importorskip("torch")
-    if not torch.cuda.is_available():
-        pytest.skip("needs a CUDA GPU (run on the lent H200)")
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):  # a map thread's own stream
-        src = torch.rand((40, 512, 512), device="cuda")
-        a = allocator.host_copy(src * 2)
-        assert torch.from_numpy(a).is_pinned() and (a == (src * 2).cpu().numpy()).all()
-        kept = a.copy()
-        b = allocator.host_copy(torch.zeros_like(src))
-        assert (a == kept).all() and not b.any() and a.ctypes.data != b.ctypes.data
-        where = b.ctypes.data
-        del b
-        c = allocator.host_copy(torch.ones_like(src))
-        assert c.ctypes.data == where and (c == 1).all() and (a == kept).all()

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 
 from . import maps
-from .. import allocator
 from ..allocator import zeros
 from ..ct import CTVolume, ModelSlices
 
@@ -107,7 +106,7 @@ def gated_map(heat, allowed, columns, box: tuple[slice, ...] | None) -> np.ndarr
     if isinstance(heat, np.ndarray):
         gated(heat[box], allowed[box], cols, out=out[box])  # written in place
     else:
-        out[box] = allocator.host_copy(gated(heat[box], allowed[box], cols))
+        out[box] = gated(heat[box], allowed[box], cols).cpu().numpy()
     return out
 
 

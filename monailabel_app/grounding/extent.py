@@ -39,7 +39,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .. import allocator, components, distances
+from .. import components, distances
 from ..allocator import zeros
 from . import filters
 from .blocks import block_mean, block_min, blocks_back
@@ -373,7 +373,7 @@ def smoothed_hu(hu: np.ndarray, spacing, device=None) -> np.ndarray:
         return ndimage.gaussian_filter(np.asarray(hu, np.float32), sigma)
     a = np.ascontiguousarray(hu, dtype=np.float32)
     t = _to_device(torch.from_numpy(a if a.flags.writeable else a.copy()), device)
-    return allocator.host_copy(filters.gaussian_filter_direct(t, sigma))
+    return filters.gaussian_filter_direct(t, sigma).cpu().numpy()
 
 
 def aerated_lung(hu: np.ndarray) -> np.ndarray:

@@ -14,7 +14,9 @@ The benchmark's 85-slice CT (``fast_path.ct``; or its film, ``--study xray``) th
 - ``compiled``: each vision encoder layer ``torch.compile``d;
 - ``decode-first`` (the ``reading`` part): the reading's own thread (preprocessing, prefill, decode loop) on a CUDA
   stream of the highest priority, so that the decode's kernels go before the map threads' when both wait (run BW;
-  run BX found no gain for the decode's own stream at that priority, so the library keeps the default).
+  run BX found no gain for the decode's own stream at that priority, so the library keeps the default);
+- ``labels`` (the ``reading`` part): the piece at a point (``components.component_at``) from the whole labelling
+  brought back from the helper and compared here, as before the helper gave the piece alone.
 
 Parts:
 
@@ -44,12 +46,13 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 
 import fast_path  # noqa: E402
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from fast_path import CT_FINDINGS, XRAY_FINDINGS, ct, emit, project_read, reader_for, report, xray  # noqa: E402
 from medgemma_shapes import build  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from monailabel_app import fused_norms  # noqa: E402
+from monailabel_app import components, fused_norms  # noqa: E402
 from monailabel_app.capture import CAPTURE_ATTN  # noqa: E402
 from monailabel_app.decoding import batch_vision_tower, prefill_and_decode  # noqa: E402
 from monailabel_app.generation import build_inputs  # noqa: E402
@@ -79,12 +82,22 @@ def variant(model, name: str):
             stack.enter_context(sdpa_kernel(CUDNN_FIRST, set_priority=True))
         if name == "decode-first":
             stack.enter_context(torch.cuda.stream(torch.cuda.Stream(priority=-5)))  # (the nearest valid one)
+        if name == "labels":
+            stack.enter_context(mock.patch.object(components, "component_at", labelled_piece))
         if "compiled" in name:
             torch._dynamo.reset()
             for layer in layers:
                 layer.compile(dynamic=True)
             stack.callback(lambda: [setattr(layer, "_compiled_call_impl", None) for layer in layers])
         yield
+
+
+def labelled_piece(mask, point, full=False):
+    """``components.component_at`` as before it: the labels from a helper (four bytes a voxel), compared here."""
+    labels, n = components.label(mask, full)
+    point = tuple(int(i) for i in point)
+    k = labels[point] or (components.nearest_label(labels, point) if n else 0)
+    return labels == k if k else np.zeros(np.shape(mask), bool)
 
 
 def tower(model, pixels: torch.Tensor, batch: int) -> torch.Tensor:

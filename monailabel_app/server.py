@@ -23,6 +23,7 @@ import requests
 
 from .app import APP_DIR
 
+STOP_GRACE_S = 5  # seconds a stopping server has to close its connections before it is told to stop waiting
 PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # where monailabel_app imports from
 
 
@@ -92,11 +93,19 @@ class ServerProcess:
             return ""
 
     def stop(self) -> None:
+        """SIGTERM; after :data:`STOP_GRACE_S` still running, SIGINT, uvicorn's "force quit": it stops waiting for
+        the connections still open (a reading page's or ``gradio_client``'s heartbeat stream ends only at its next
+        beat: these servers took 13-20 s to stop after the page's tests; the app's own shutdown only prints); 20 s
+        after that, SIGKILL."""
         if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
+            for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGINT, 20)):
+                os.killpg(self.proc.pid, sig)
+                try:
+                    self.proc.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+            else:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         if getattr(self, "_log", None):

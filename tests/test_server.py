@@ -243,3 +243,56 @@ def test_monai_label_batch_infer_saves_labels_with_their_params(server, studies)
         assert [f["name"] for f in info["params"]["findings"]] == list(info["params"]["label_names"])
     _still_serving_after_batch = requests.get(server.url + "/info/", timeout=30)
     assert _still_serving_after_batch.status_code == 200
+
+
+STREAMING_APP = '''
+import argparse, asyncio
+import uvicorn
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse, StreamingResponse
+from starlette.routing import Route
+
+async def info(request):
+    return PlainTextResponse("ok")
+
+async def stream(request):  # a heartbeat stream like Gradio's: cancelled, it carries on to its next beat
+    async def beats():
+        yield b"beat\\n"
+        while True:
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                pass
+    return StreamingResponse(beats())
+
+ap = argparse.ArgumentParser()
+for name in ("--studies", "--host", "--port"):
+    ap.add_argument(name)
+ap.add_argument("--conf", nargs=2, action="append")
+a = ap.parse_args()
+uvicorn.run(Starlette(routes=[Route("/info/", info), Route("/stream", stream)]), host=a.host, port=int(a.port))
+'''
+
+
+def test_a_server_with_a_stream_open_stops_within_seconds(tmp_path):
+    """A client's open stream (the reading page's heartbeat) does not hold a stopping server for its 20 s: after
+    the grace period the server is told to stop waiting for it (a real uvicorn server, this app's stop)."""
+    import sys
+
+    from monailabel_app.server import STOP_GRACE_S, ServerProcess
+
+    script = tmp_path / "streaming_app.py"
+    script.write_text(STREAMING_APP)
+    server = ServerProcess(str(tmp_path), workdir=str(tmp_path / "work"), entry=[sys.executable, str(script)],
+                           timeout=60).start()
+    try:
+        stream = requests.get(server.url + "/stream", stream=True, timeout=10)
+        assert next(stream.iter_lines()) == b"beat"  # the stream is open
+        t0 = time.perf_counter()
+        server.stop()
+        took = time.perf_counter() - t0
+    finally:
+        server.stop()
+    assert not server.alive() and STOP_GRACE_S <= took < STOP_GRACE_S + 8, took
+    assert "to force quit" in open(server.log_path).read()  # uvicorn waited for the open stream
+    stream.close()

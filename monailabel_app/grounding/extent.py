@@ -155,11 +155,6 @@ def longest_diameter(mask: np.ndarray, spacing) -> float:
     return float(d + min(sp))  # edge centres to edge centres, plus one pixel
 
 
-def _component_at(mask: np.ndarray, seed) -> np.ndarray:
-    """The piece of ``mask`` (face-connected) at ``seed``, or nearest to it where an opening ate the seed."""
-    return components.component_at(mask, seed)
-
-
 def bounding_box(mask: np.ndarray) -> tuple[slice, ...]:
     """The bounding box of a non-empty ``mask``."""
     return bounds(mask)
@@ -188,10 +183,10 @@ def _opened_at(region: np.ndarray, seed, radius_mm: float, spacing, inside: np.n
     """``region`` opened with a ball of ``radius_mm`` (distance-transform opening), the part at ``seed``;
     ``inside``: the region's :func:`inside_distance`, when already known (the same for every radius)."""
     inside = inside_distance(region, spacing) if inside is None else inside
-    core = _component_at(inside > radius_mm, seed)
+    core = components.component_at(inside > radius_mm, seed)
     if not core.any():
         return core
-    return _component_at(_within(core, radius_mm, spacing) & region, seed)
+    return components.component_at(_within(core, radius_mm, spacing) & region, seed)
 
 
 def _separate(region: np.ndarray, seed, spacing, hi_mm: float, box, shape, fits) -> np.ndarray | None:
@@ -265,13 +260,13 @@ def grow(values: np.ndarray, spacing, seed, kind: str, lung_level: float, min_co
         region &= (territory_mask() if callable(territory_mask) else territory_mask)[box]
         if not region[local]:
             raise NoExtent(f"the point is not in a {method} region")
-    region = _component_at(region, local)
+    region = components.component_at(region, local)
     if method == "focal" and values.ndim == 3:
         region &= _reach(region, local, spacing)
-        region = _component_at(region, local)
+        region = components.component_at(region, local)
     if background:
         region &= _nearer_to_seed(region.shape, local, [tuple(int(p - b.start) for p, b in zip(q, box)) for q in background], spacing)
-        region = _component_at(region, local)
+        region = components.component_at(region, local)
 
     def fits(part):
         return longest_diameter(part, spacing) <= hi and part.sum() <= MAX_LUNG_SHARE * lungs_size

@@ -28,6 +28,9 @@ Parts:
 - ``prefill``: ``prefill_and_decode`` with one new token (capture as in a reading; the decode step not
   compiled, the norms as the variant says), the median of five, and the tower's share by CUDA events.
 - ``reading``: ``fast_path.project_read`` (the whole reading with masks, the median of three).
+- ``prepare``: a CT's preprocessing split: the model slices windowed on the GPU (``ct.model_slices``) and the
+  model inputs made from them (``build_inputs``: chat template, tokens, image processor), the median of five
+  after a warm one, then one ``build_inputs`` under cProfile (the 20 costliest calls by cumulative time).
 
 Compiled variants start from a reset compiler (the kernels are chosen while tracing).
 """
@@ -195,6 +198,8 @@ def main() -> None:
     emit(f"### bench/prefill_ab.py on {torch.cuda.get_device_name()} (torch {torch.__version__}): the "
          f"{args.study}, {pixels.shape[0]} images, {inputs['input_ids'].shape[1]} tokens")
     emit()
+    if "prepare" in parts and args.study == "ct":
+        prepare_part(reader, study, question)
     with torch.inference_mode():
         if "norms" in parts:
             norm_part(model)
@@ -213,6 +218,39 @@ def main() -> None:
                     f = project_read(reader, fast_path.fresh(study), answer)
                 emit(f"| {r} | {name} | {f['total']:.3f} | {f['prefill']:.3f} | {f['ms_token']:.2f} | {f['maps']:.3f} |")
         emit()
+
+
+def prepare_part(reader, volume, question) -> None:
+    import cProfile
+    import io
+    import pstats
+
+    from monailabel_app.ct import interleave, model_slices
+
+    model, processor = reader.model, reader.processor
+    n = reader.ct["max_slices"]
+
+    def slices():
+        return model_slices(volume, n, device=model.device)
+
+    content = interleave(slices().shown)
+
+    def inputs():
+        return build_inputs(processor, content, question, None, model.device, model.dtype)
+
+    slices_s, _ = timed(slices)
+    inputs_s, _ = timed(inputs)
+    emit(f"CT preprocessing ({n} slices): model slices {slices_s:.4f} s, model inputs {inputs_s:.4f} s (median of 5)")
+    emit()
+    prof = cProfile.Profile()
+    prof.enable()
+    inputs()
+    torch.cuda.synchronize()
+    prof.disable()
+    out = io.StringIO()
+    pstats.Stats(prof, stream=out).sort_stats("cumulative").print_stats(20)
+    emit("    " + "\n    ".join(out.getvalue().strip().splitlines()))
+    emit()
 
 
 def tower_part(model, pixels, names, batches, rounds) -> None:

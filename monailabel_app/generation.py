@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from . import prompt_ids
 from .decoding import Context, loop_start, prefill_and_decode  # noqa: F401 (loop_start: public here too)
 
 
@@ -127,18 +128,16 @@ def build_inputs(processor, content: list, question: str, system: str | None, de
     """Token ids, masks and pixel values of one chat. On CUDA a torchvision-based image processor (what
     ``AutoProcessor`` gives when torchvision is installed) resizes and normalises on the GPU. Images are
     PIL images or uint8 arrays (rows x cols grey, shown as RGB with three equal channels, or rows x cols x 3
-    RGB): see :func:`processor_image`."""
-    extra = {}
+    RGB): see :func:`processor_image`. A prompt seen before is not tokenised again (:mod:`prompt_ids`)."""
+    image_kwargs = None
     on_device = None
     if not type(processor.image_processor).__name__.endswith("Pil"):
         on_device = torch.device(device)
         if on_device.type == "cuda":
-            extra["processor_kwargs"] = {"device": str(device)}
+            image_kwargs = {"device": str(device)}
     content = [c if isinstance(c, str) else processor_image(c, on_device) for c in content]
-    inputs = processor.apply_chat_template(
-        chat_messages(content, question, system), add_generation_prompt=True, tokenize=True, return_dict=True,
-        return_tensors="pt", **extra,
-    )
+    images = [c for c in content if c is not None and not isinstance(c, str)]
+    inputs = prompt_ids.inputs(processor, chat_messages(content, question, system), images, image_kwargs)
     inputs = inputs.to(device)
     if "pixel_values" in inputs:
         inputs["pixel_values"] = inputs["pixel_values"].to(dtype)

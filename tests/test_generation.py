@@ -1,11 +1,15 @@
 """What the model is shown: a film's grey square and a CT's RGB slices handed over as arrays give the
-processor's pixel values of the RGB PIL images they stand for, with either image processor and on a GPU."""
+processor's pixel values of the RGB PIL images they stand for, with either image processor and on a GPU; a
+prompt seen before gives the processor's own inputs without being tokenised again."""
+
+from unittest import mock
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
+from monailabel_app import prompt_ids
 from monailabel_app.generation import build_inputs, processor_image
 from monailabel_app.phantom_model import build_processor
 from monailabel_app.phantoms import make_phantom
@@ -97,3 +101,82 @@ def test_token_ends_are_each_prefixs_decoded_length():
         assert _token_ends(tok, row, want[:cut]) == want
     assert any(a > b for row in rows for a, b in zip(_prefix_ends(tok, row), _prefix_ends(tok, row)[1:]))  # (a byte
     # run's prefixes decode to more replacement characters than the whole character: ends that go back)
+
+
+# ------------------------------------------------------------------ a prompt seen before (prompt_ids)
+
+
+def _ct_content(n: int = 3, seed: int = 5) -> list:
+    rng = np.random.default_rng(seed)
+    content = []
+    for i in range(n):
+        content += [rng.integers(0, 256, (40, 40, 3), dtype=np.uint8), f"SLICE {i + 1}"]
+    return content
+
+
+def _tokenisations(processor) -> tuple[list, object]:
+    """(a list that grows by one per call of the processor's tokenizer, the patch that counts them)."""
+    calls: list = []
+    cls = type(processor.tokenizer)
+    real = cls.__call__
+
+    def counted(self, *args, **kwargs):
+        calls.append(1)
+        return real(self, *args, **kwargs)
+
+    return calls, mock.patch.object(cls, "__call__", counted)
+
+
+def _own(processor, content, question):  # the processor's own inputs, nothing kept
+    from monailabel_app.generation import chat_messages
+
+    messages = chat_messages([c if isinstance(c, str) else Image.fromarray(c) for c in content], question)
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                         return_tensors="pt")
+
+
+def test_a_prompt_seen_before_is_not_tokenised_again_and_gives_the_processors_inputs(processor):
+    prompt_ids.forget()
+    content = _ct_content()
+    calls, counting = _tokenisations(processor)
+    with counting:
+        first = build_inputs(processor, content, "Findings?", None, "cpu", torch.float32)
+        assert len(calls) == 1
+        again = build_inputs(processor, _ct_content(seed=6), "Findings?", None, "cpu", torch.float32)  # other images
+        assert len(calls) == 1  # the same prompt: its ids kept, only the images processed
+        other = build_inputs(processor, content, "Any nodule?", None, "cpu", torch.float32)
+        assert len(calls) == 2
+    want = _own(processor, _ct_content(seed=6), "Findings?")
+    assert set(again) == set(want) and all(torch.equal(again[k], want[k]) for k in want)
+    assert not torch.equal(again["pixel_values"], first["pixel_values"])  # the new images, not the kept ones
+    want = _own(processor, content, "Any nodule?")
+    assert all(torch.equal(other[k], want[k]) for k in want)
+    assert other["input_ids"].shape != first["input_ids"].shape  # the question is in the ids
+
+
+def test_prompts_are_tokenised_anew_where_the_image_processor_alone_differs(processor, caplog):
+    prompt_ids.forget()
+    content = _ct_content()
+    real = prompt_ids._images
+
+    def shifted(*args):  # an image processor whose own call is not what the processor makes of the images
+        out = real(*args)
+        return {**out, "pixel_values": out["pixel_values"] + 1}
+
+    calls, counting = _tokenisations(processor)
+    with counting, mock.patch.object(prompt_ids, "_images", shifted):
+        got = [build_inputs(processor, content, "Findings?", None, "cpu", torch.float32) for _ in range(2)]
+    assert len(calls) == 2 and "tokenised anew" in caplog.text
+    want = _own(processor, content, "Findings?")
+    assert all(torch.equal(g["pixel_values"], want["pixel_values"]) for g in got)
+    prompt_ids.forget()
+
+
+def test_only_the_latest_prompts_are_kept(processor):
+    prompt_ids.forget()
+    content = _ct_content(1)
+    calls, counting = _tokenisations(processor)
+    with counting, mock.patch.object(prompt_ids, "KEPT", 2):
+        for q in ("a?", "b?", "c?", "c?", "b?", "a?"):
+            build_inputs(processor, content, q, None, "cpu", torch.float32)
+    assert len(calls) == 4  # a, b, c made; c and b kept; a dropped when c came, made again

@@ -17,6 +17,9 @@ The benchmark's 85-slice CT (``fast_path.ct``; or its film, ``--study xray``) th
   run BX found no gain for the decode's own stream at that priority, so the library keeps the default);
 - ``labels`` (the ``reading`` part): the piece at a point (``components.component_at``) from the whole labelling
   brought back from the helper and compared here, as before the helper gave the piece alone.
+- ``box-layers`` (the ``reading`` part): each CT search smooths its box and makes its territory (as before
+  ``extent.ct_layers``, the volume's made once beside the prefill).
+- ``tokenised`` (the ``reading`` part): every prompt tokenised anew (as before ``prompt_ids``).
 
 Parts:
 
@@ -55,7 +58,8 @@ from fast_path import CT_FINDINGS, XRAY_FINDINGS, ct, emit, project_read, reader
 from medgemma_shapes import build  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from monailabel_app import components, fused_norms  # noqa: E402
+from monailabel_app import components, fused_norms, prompt_ids, study_maps  # noqa: E402
+from monailabel_app import reader as reader_module  # noqa: E402
 from monailabel_app.capture import CAPTURE_ATTN  # noqa: E402
 from monailabel_app.decoding import batch_vision_tower, prefill_and_decode  # noqa: E402
 from monailabel_app.generation import build_inputs  # noqa: E402
@@ -87,6 +91,11 @@ def variant(model, name: str):
             stack.enter_context(torch.cuda.stream(torch.cuda.Stream(priority=-5)))  # (the nearest valid one)
         if name == "labels":
             stack.enter_context(mock.patch.object(components, "component_at", labelled_piece))
+        if name == "box-layers":
+            stack.enter_context(mock.patch.object(study_maps.CTMaps, "_layers", lambda self, kind: None))
+            stack.enter_context(mock.patch.object(reader_module, "image_extent", lambda settings: False))
+        if name == "tokenised":
+            stack.enter_context(mock.patch.object(prompt_ids, "KEPT", 0))
         if "compiled" in name:
             torch._dynamo.reset()
             for layer in layers:

@@ -37,7 +37,7 @@ from .language.structured import structured_report
 from .phantom_model import CT_QUESTION, CT_QUESTION_ZH, DEFAULT_QUESTION, DEFAULT_QUESTION_ZH, MODEL_LABEL, PHANTOM_MODEL_DIR
 from .report import Finding, read_answer, unique_names
 from .study import check_modality, load_study
-from .study_maps import CTMaps, FilmMaps, StudyMaps, in_language, recorded_layers
+from .study_maps import CTMaps, FilmMaps, StudyMaps, image_extent, in_language, recorded_layers
 from .xray import Geometry, Radiograph, SquarePad, pad_to_square, pixel_spacing_mm
 
 logger = logging.getLogger(__name__)
@@ -136,7 +136,7 @@ def working_memory_mib(study) -> float:
     """A rough upper estimate of what reading ``study`` holds at once beside the model: the volume or film
     in float32 and its copies (display grid, anatomy, per-finding heatmaps and masks)."""
     voxels = study.hu.size if isinstance(study, CTVolume) else study.pixels.size
-    return voxels * 4 * 12 / 2**20
+    return voxels * 4 * 14 / 2**20  # (a CT's search layers, extent.CTLayers: 6 bytes a voxel of the 56)
 
 
 def check_memory(study, guard_mib: float) -> None:
@@ -541,6 +541,8 @@ class Reader:
         so that it is found while the model reads the study instead of after it."""
         if isinstance(study, CTVolume):
             self._ct_anatomy_future(study)
+            if image_extent(self.ct):
+                self._ct_layers_future(study)
         else:
             self._lung_fields_future(study.pixels)
 
@@ -558,6 +560,14 @@ class Reader:
     def _ct_anatomy(self, volume: CTVolume) -> tuple[np.ndarray, np.ndarray]:
         """Body and lung masks of ``volume`` (display grid), kept for the last volume like the fields."""
         return self._ct_anatomy_future(volume).result()
+
+    def _ct_layers_future(self, volume: CTVolume) -> Future:
+        return self._kept("ct_layers", volume.hu, partial(extent.ct_layers, volume.hu, volume.spacing, self.maps_device))
+
+    def _ct_layers(self, volume: CTVolume) -> extent.CTLayers:
+        """What the image extent searches of ``volume`` read (smoothed HU, aerated lung, territory), made once
+        for its findings (started with the anatomy, beside the model) and kept for the last volume."""
+        return self._ct_layers_future(volume).result()
 
     def _read_radiograph(self, radiograph: Radiograph, question: str, max_new_tokens: int, answer=None,
                          gen: Generation | None = None, keep: bool = False,

@@ -297,10 +297,17 @@ class CTMaps(StudyMaps):
         span = maps.support_range(m, box)
         # the attention's own region and the one its extent is searched in: one pass over the gate's box
         own, search = maps.peak_regions(m, (threshold, extent.SEARCH_LEVEL), box, span) if from_image else (None, None)
-        region, info = finding_region(f, m, threshold, from_image, lambda own: (
-            extent.find_in_ct(volume.hu, volume.spacing, m, f.kind, own, self.shared, box, device, search)),
+        region, info = finding_region(f, m, threshold, from_image, lambda own: extent.find_in_ct(
+            volume.hu, volume.spacing, m, f.kind, own, self.shared, box, device, search, self._layers(f.kind)),
             lambda p: [int(i) for i in reversed(volume.stored_index(p))], side, box, own)
         return Mapped(g, h.result() if isinstance(h, Future) else h, m, region, info, box, span)
+
+    def _layers(self, kind: str) -> extent.CTLayers | None:
+        """The volume's search layers (the reader's, found beside the model) for a ``kind`` with an image
+        method (None without one: it searches nothing), the time it blocked counted with the anatomy's."""
+        if extent.method_of(kind, 3) is None:
+            return None
+        return self._anatomy(lambda: self.reader._ct_layers(self.volume))
 
     def _finish(self, done: list[Mapped]) -> tuple[np.ndarray, list[dict]]:
         if not done:

@@ -165,3 +165,36 @@ def test_the_time_the_maps_waited_for_the_anatomy_is_reported(reader, monkeypatc
     assert first.anatomy_wait >= 0.5 and again.anatomy_wait < 0.1
     read = reader.read(volume, answer="Nodule in the right lower lobe.")
     assert read.latencies["anatomy_wait"] == round(read.anatomy_wait, 4) >= 0
+
+
+def test_a_cts_search_layers_are_made_once_beside_the_model_and_read_by_every_search(reader, monkeypatch):
+    """The volume's smoothed HU, aerated lung and territory (extent.ct_layers) are started with its anatomy,
+    before the model generates, made once, and each finding's image-extent search reads them."""
+    from monailabel_app import reader as reader_module
+    from monailabel_app.grounding import extent
+
+    made, searched, started_before = [], [], []
+    real_layers, real_find, real_generate = extent.ct_layers, extent.find_in_ct, reader_module.generate_batch
+
+    def layers(*args, **kwargs):
+        made.append(real_layers(*args, **kwargs))
+        return made[-1]
+
+    def find(*args, **kwargs):
+        searched.append((args[3], args[9] if len(args) > 9 else kwargs.get("layers")))
+        return real_find(*args, **kwargs)
+
+    def generate(*args, **kwargs):
+        started_before.append("ct_layers" in reader._anatomy)
+        return real_generate(*args, **kwargs)
+
+    monkeypatch.setattr(extent, "ct_layers", layers)
+    monkeypatch.setattr(extent, "find_in_ct", find)
+    monkeypatch.setattr(reader_module, "generate_batch", generate)
+    reader.forget_anatomy()
+    volume = ct_phantoms.phantom_volume(ct_phantoms.make_ct_phantom(SEED))
+    r = reader.read(volume, answer="Nodule in the right lower lobe. Mass in the left upper lobe. Cardiomegaly.")
+    assert started_before == [True] and len(made) == 1
+    assert sorted(k for k, _ in searched) == ["cardiomegaly", "mass", "nodule"]
+    assert all((s is made[0]) == (k != "cardiomegaly") for k, s in searched)  # no image method: no layers asked
+    assert len(r.findings) == 3 and r.labels.any()

@@ -293,6 +293,25 @@ def test_the_cts_smoothing_in_torch_equals_scipys_bit_for_bit(device):
     assert np.array_equal(extent.smoothed_hu(phantom, spacing, on), extent.smoothed_hu(phantom, spacing))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_cts_search_layers_made_on_the_device_in_slabs_are_the_cpus_whole_volume(device, monkeypatch):
+    """extent.ct_layers on a GPU smooths slabs of planes there (each with the planes its z kernel reaches):
+    the smoothed HU, aerated lung and territory of the whole volume on the CPU, bit for bit; the slabs on
+    the CPU too, with z smoothed (an isotropic grid) and not (thick slices)."""
+    from monailabel_app.grounding import extent
+
+    vol = phantom_volume(make_ct_phantom(3))
+    for spacing in (vol.spacing, (2.5, 0.59, 0.72)):
+        whole = extent.ct_layers(vol.hu, spacing)
+        assert np.array_equal(extent.smoothed_in_slabs(vol.hu, spacing, None, slab=7), whole.smooth)
+        if device != "cpu":
+            monkeypatch.setattr(extent, "SMOOTH_SLAB", 7)
+            slabs = extent.ct_layers(vol.hu, spacing, device)
+            for name in ("smooth", "aerated", "territory"):
+                assert np.array_equal(getattr(slabs, name), getattr(whole, name)), (spacing, name)
+        assert whole.aerated.any() and (whole.territory >= whole.aerated).all()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the lent H200)")
 def test_a_cts_extents_searched_with_the_gpus_smoothing_are_the_cpus(monkeypatch):
     """find_in_ct with its HU smoothed on the GPU: the same regions, seeds and measures as on the CPU, for each

@@ -287,7 +287,7 @@ def grow(values: np.ndarray, spacing, seed, kind: str, lung_level: float, min_co
 
 def grow_ct(hu: np.ndarray, spacing, seed, kind: str, lungs: np.ndarray | None = None,
             background: list | None = None, cache: dict | None = None, _grid: tuple | None = None,
-            device=None) -> Extent:
+            device=None, layers: "CTLayers | None" = None) -> Extent:
     """The region of ``kind`` at voxel ``seed`` of the HU array ``hu`` (z, y, x; ``spacing`` mm in that order).
     ``lungs``: the aerated lungs (bool, same grid; default: found by HU around the point) for the territory,
     the lung's level and the share limit; ``background``: voxels the region must not reach. Raises :class:`NoExtent`.
@@ -295,7 +295,9 @@ def grow_ct(hu: np.ndarray, spacing, seed, kind: str, lungs: np.ndarray | None =
     box, and what is found on them, are made once for the findings and candidates that ask for the same
     box (on the real CT's reading, a mass and an opacity grow from one voxel; every large kind's box is the
     whole volume). ``_grid``: the coarse planes this ``hu`` is (set by the call that made them). ``device``:
-    where the HU are smoothed (:func:`smoothed_hu`)."""
+    where the HU are smoothed (:func:`smoothed_hu`). ``layers``: the volume's smoothed HU, aerated lung and
+    territory made once (:func:`ct_layers`), read on the box instead of being made for it (without
+    ``lungs``, on the volume's own grid)."""
     if method_of(kind, 3) is None:
         raise NoExtent(f"no image method for {kind!r} on CT")
     spacing = tuple(float(s) for s in spacing)
@@ -313,6 +315,13 @@ def grow_ct(hu: np.ndarray, spacing, seed, kind: str, lungs: np.ndarray | None =
         mask = zeros(hu.shape, bool)
         blocks_back(found.mask, step, fill=False, out=mask[box])
         return Extent(mask, found.diameter_mm, found.size_mm, tuple(int(s) for s in seed), found.method)
+    if layers is not None and lungs is None and _grid is None:  # the volume's own, made once for its findings
+        levels = layers.smooth[box][layers.aerated[box]]
+        lung_level = float(np.median(levels)) if levels.size > 20 else LUNG_HU
+        terr = None if method_of(kind, 3) == "air" else layers.territory
+        lungs_size = np.inf if kind in FOCAL else float(np.count_nonzero(layers.aerated[box]))
+        return grow(layers.smooth, spacing, seed, kind, lung_level, MIN_CONTRAST_HU, terr, background, lungs_size,
+                    " HU")
     shared = cache if _grid is not None and lungs is None else None  # only coarse planes are kept (small arrays)
 
     def lung():  # on the box only: grow() reads the same box (search_box), the territory is made from it
@@ -362,8 +371,7 @@ def smoothed_hu(hu: np.ndarray, spacing, device=None) -> np.ndarray:
     left alone rather than filtered with weights of 1e-11. With scipy, or on ``device`` when it is a GPU
     (:func:`filters.gaussian_filter_direct`: the same values bit for bit, and the host's cores and the
     interpreter free meanwhile: scipy's filter holds both)."""
-    sigma = [0.6 * min(spacing) / s for s in spacing]
-    sigma = [x if x >= NEGLIGIBLE_SIGMA else 0.0 for x in sigma]
+    sigma = _sigmas(spacing)
     if device is None or torch.device(device).type != "cuda":
         return ndimage.gaussian_filter(np.asarray(hu, np.float32), sigma)
     a = np.ascontiguousarray(hu, dtype=np.float32)
@@ -371,10 +379,74 @@ def smoothed_hu(hu: np.ndarray, spacing, device=None) -> np.ndarray:
     return filters.gaussian_filter_direct(t, sigma).cpu().numpy()
 
 
+def _sigmas(spacing) -> list[float]:
+    """:func:`smoothed_hu`'s Gaussian per axis, in voxels (0: the axis left alone)."""
+    sigma = [0.6 * min(spacing) / s for s in spacing]
+    return [x if x >= NEGLIGIBLE_SIGMA else 0.0 for x in sigma]
+
+
 def aerated_lung(hu: np.ndarray) -> np.ndarray:
     """Aerated lung by HU (-990..-400; the air outside the body and in the airways' lumen is darker than
     lung only in part, so thin bridges are opened in-plane)."""
     return open_in_plane((hu < -400) & (hu > -990), square=True)
+
+
+@dataclass
+class CTLayers:
+    """What a CT's image-extent searches read besides its HU, made once for the whole volume
+    (:func:`ct_layers`), before its findings are known: the smoothed HU (:func:`smoothed_hu`), the aerated lung
+    in them (:func:`aerated_lung`) and the lungs' territory (:func:`territory`). Made per search box instead,
+    a box's planes cut lung pieces whose hulls then stop at the box, and the smoothing reflects at its sides."""
+
+    smooth: np.ndarray  # float32
+    aerated: np.ndarray  # bool
+    territory: np.ndarray  # bool
+
+    @property
+    def nbytes(self) -> int:
+        return self.smooth.nbytes + self.aerated.nbytes + self.territory.nbytes
+
+
+SMOOTH_SLAB = 32  # planes smoothed at a time on a GPU (its float64 passes: 70 MB a 512 x 512 slab, not 2 GB)
+
+
+def ct_layers(hu: np.ndarray, spacing, device=None) -> CTLayers:
+    """The :class:`CTLayers` of the HU volume ``hu`` (z, y, x; ``spacing`` mm in that order). On a GPU
+    ``device`` the smoothing runs there in slabs of planes (the same values bit for bit), on a stream of its
+    own so that it does not wait for the model's queued work; the aerated lung and territory are made on the
+    host (the territory's planes in the helper processes, where there are any)."""
+    spacing = tuple(float(s) for s in spacing)
+    if device is None or torch.device(device).type != "cuda":
+        smooth = smoothed_hu(hu, spacing)
+    else:
+        with torch.cuda.stream(_side_stream(device)):
+            smooth = smoothed_in_slabs(hu, spacing, device)
+    aerated = aerated_lung(smooth)
+    return CTLayers(smooth, aerated, territory(aerated))
+
+
+def smoothed_in_slabs(hu: np.ndarray, spacing, device=None, slab: int = SMOOTH_SLAB) -> np.ndarray:
+    """:func:`smoothed_hu` of ``hu`` made ``slab`` planes at a time, each with the planes its z kernel reaches
+    (scipy's radius, truncate 4) around it: the same values bit for bit (z is smoothed first, then each
+    plane on its own, as a whole volume's are)."""
+    out = np.empty(hu.shape, np.float32)
+    reach = int(4.0 * _sigmas(spacing)[0] + 0.5)
+    for z0 in range(0, hu.shape[0], slab):
+        z1 = min(hu.shape[0], z0 + slab)
+        lo, hi = max(0, z0 - reach), min(hu.shape[0], z1 + reach)
+        out[z0:z1] = smoothed_hu(hu[lo:hi], spacing, device)[z0 - lo : z1 - lo]
+    return out
+
+
+_SIDE_STREAMS: dict = {}
+
+
+def _side_stream(device) -> "torch.cuda.Stream":
+    device = torch.device(device)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SIDE_STREAMS:
+        _SIDE_STREAMS[index] = torch.cuda.Stream(index)
+    return _SIDE_STREAMS[index]
 
 
 FOCAL_REACH = 2.0  # CT: a focal region reaches at most this many of its inscribed radius from its centre
@@ -739,7 +811,7 @@ def deepest(part: np.ndarray, spacing) -> tuple[int, ...]:
 
 def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.ndarray | None = None,
                cache: dict | None = None, support: tuple[slice, ...] | None = None, device=None,
-               search: np.ndarray | None = None) -> Extent:
+               search: np.ndarray | None = None, layers: "CTLayers | None" = None) -> Extent:
     """A finding's extent in a CT from its gated attention map ``heat`` (display grid): of the dense regions
     (above -500 HU, smoothed) in the region attention points at, the most attended one that the kind's rule
     (:func:`grow_ct`, from its deepest voxel) accepts as a ``kind`` (a mass beside a nodule is not the
@@ -748,7 +820,8 @@ def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.nd
     candidate's reason. ``cache``: one dict for all of a volume's findings (:func:`grow_ct`'s); ``support``:
     the box outside which ``heat`` is zero (its gate's), searched alone; ``device``: where the HU are smoothed
     (:func:`smoothed_hu`: the same values anywhere); ``search``: the region attention points at, when already
-    found (:func:`maps.peak_regions` at :data:`SEARCH_LEVEL`)."""
+    found (:func:`maps.peak_regions` at :data:`SEARCH_LEVEL`); ``layers``: the volume's smoothed HU and lung
+    territory made once for its findings (:func:`ct_layers`), read on the box (else made for the box)."""
     if method_of(kind, 3) is None:
         raise NoExtent(f"no image method for {kind!r} on CT")
     search = _search_region(heat, support) if search is None else search
@@ -758,7 +831,8 @@ def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.nd
     if near is not None and near.any():
         box = tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(box, near_box(near, spacing, kind)))
     # findings whose attention spans the same box (a mass and an opacity in one lung) smooth it once
-    sub = _shared(cache, ("smoothed", _key(box)), lambda: smoothed_hu(hu[box], spacing, device))
+    sub = layers.smooth[box] if layers is not None else _shared(cache, ("smoothed", _key(box)),
+                                                                lambda: smoothed_hu(hu[box], spacing, device))
     if method_of(kind, 3) == "air":
         dense = sub < -950
     elif method_of(kind, 3) == "fluid":
@@ -767,7 +841,8 @@ def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.nd
         dense = sub >= -500
     dense &= search[box]
     if method_of(kind, 3) in ("focal", "airspace"):
-        dense &= _shared(cache, ("territory", _key(box)), lambda: territory(aerated_lung(sub)))
+        dense &= layers.territory[box] if layers is not None else _shared(
+            cache, ("territory", _key(box)), lambda: territory(aerated_lung(sub)))
     labels, n = components.label(dense)
     if n == 0:
         raise NoExtent("no region of its density where attention points")
@@ -779,7 +854,7 @@ def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.nd
         at = deepest(labels == int(lab) + 1, spacing)
         seed = tuple(int(i + b.start) for i, b in zip(at, box))
         try:
-            return grow_ct(hu, spacing, seed, kind, cache=cache, device=device)
+            return grow_ct(hu, spacing, seed, kind, cache=cache, device=device, layers=layers)
         except NoExtent as e:
             failed = failed or e
     raise failed

@@ -38,10 +38,8 @@ def inputs(processor, messages: list[dict], images: list, processor_kwargs: dict
     return_dict=True, return_tensors="pt")`` gives), with ``images`` the images they carry in order and
     ``processor_kwargs`` the image processor's own (a device). A prompt made before takes its text inputs
     from what was kept and only its images through the image processor."""
-    kwargs = {"processor_kwargs": processor_kwargs} if processor_kwargs else {}
     if not images:  # a text-only chat: short, nothing worth keeping
-        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                              return_tensors="pt", **kwargs)
+        return _made(processor, messages, processor_kwargs)
     prompt = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     with _lock:
         keys = _images_alone.get(processor)
@@ -49,17 +47,11 @@ def inputs(processor, messages: list[dict], images: list, processor_kwargs: dict
     if text is not None:
         alone = _images(processor, images, processor_kwargs)
         return BatchFeature({**text, **{k: alone[k] for k in keys}})
-    made = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
-                                         return_tensors="pt", **kwargs)
+    made = _made(processor, messages, processor_kwargs)
     with _lock:
         image_keys = _images_alone.get(processor)
     if image_keys is None:  # the first prompt with images: is the image processor alone the processor's own?
-        alone = _images(processor, images, processor_kwargs)
-        image_keys = frozenset(k for k in alone if k in made)  # (the processor drops some, e.g. crop counts)
-        image_keys = image_keys if "pixel_values" in image_keys and _same(made, alone, image_keys) else False
-        if not image_keys:
-            log.warning("%s alone does not give the processor's pixel values: every prompt is tokenised anew",
-                        type(processor.image_processor).__name__)
+        image_keys = _checked_keys(processor, made, images, processor_kwargs)
     with _lock:
         _images_alone[processor] = image_keys
         if image_keys:
@@ -69,6 +61,29 @@ def inputs(processor, messages: list[dict], images: list, processor_kwargs: dict
             while len(kept) > KEPT:
                 kept.popitem(last=False)
     return made
+
+
+def _made(processor, messages: list[dict], processor_kwargs: dict | None) -> BatchFeature:
+    """The processor's own inputs (given a copy of ``processor_kwargs``: transformers 5.17 adds its own keys
+    to the dict it is given, and the image processor alone must not get them)."""
+    kwargs = {"processor_kwargs": dict(processor_kwargs)} if processor_kwargs else {}
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                         return_tensors="pt", **kwargs)
+
+
+def _checked_keys(processor, made: BatchFeature, images: list, processor_kwargs: dict | None) -> frozenset | bool:
+    """The keys of the image processor's outputs that equal the processor's own ``made`` from ``images``, bit
+    for bit (pixel values among them); False where they do not, or where calling it alone fails."""
+    try:
+        alone = _images(processor, images, processor_kwargs)
+        keys = frozenset(k for k in alone if k in made)  # (the processor drops some, e.g. crop counts)
+        if "pixel_values" in keys and _same(made, alone, keys):
+            return keys
+        why = "does not give the processor's pixel values"
+    except Exception as e:  # noqa: BLE001 (the processor's own way still works: the reading goes on)
+        why = f"cannot be called alone ({type(e).__name__}: {str(e)[-200:]})"
+    log.warning("%s %s: every prompt is tokenised anew", type(processor.image_processor).__name__, why)
+    return False
 
 
 def _images(processor, images: list, processor_kwargs: dict | None) -> dict:

@@ -154,22 +154,52 @@ def test_a_prompt_seen_before_is_not_tokenised_again_and_gives_the_processors_in
     assert other["input_ids"].shape != first["input_ids"].shape  # the question is in the ids
 
 
-def test_prompts_are_tokenised_anew_where_the_image_processor_alone_differs(processor, caplog):
+@pytest.mark.parametrize("way", ["differs", "fails"])
+def test_prompts_are_tokenised_anew_where_the_image_processor_alone_differs_or_fails(processor, caplog, way):
     prompt_ids.forget()
     content = _ct_content()
     real = prompt_ids._images
 
-    def shifted(*args):  # an image processor whose own call is not what the processor makes of the images
+    def alone(*args):  # an image processor whose own call is not what the processor makes of the images
+        if way == "fails":
+            raise TypeError("got multiple values for keyword argument 'return_tensors'")
         out = real(*args)
         return {**out, "pixel_values": out["pixel_values"] + 1}
 
     calls, counting = _tokenisations(processor)
-    with counting, mock.patch.object(prompt_ids, "_images", shifted):
+    with counting, mock.patch.object(prompt_ids, "_images", alone):
         got = [build_inputs(processor, content, "Findings?", None, "cpu", torch.float32) for _ in range(2)]
     assert len(calls) == 2 and "tokenised anew" in caplog.text
     want = _own(processor, content, "Findings?")
     assert all(torch.equal(g["pixel_values"], want["pixel_values"]) for g in got)
     prompt_ids.forget()
+
+
+def test_the_callers_image_processor_arguments_are_left_as_they_were(processor):
+    """The processor is given a copy of them (transformers 5.17 adds its own keys to the dict it gets)."""
+    prompt_ids.forget()
+    kwargs: dict = {"do_resize": True}
+    seen = []
+    real = prompt_ids._images
+
+    def recorded(proc, images, processor_kwargs):
+        seen.append(dict(processor_kwargs))
+        return real(proc, images, processor_kwargs)
+
+    with mock.patch.object(prompt_ids, "_images", recorded):
+        for _ in range(2):
+            prompt_ids.inputs(processor, _messages_of(_ct_content()), _images_of(_ct_content()), kwargs)
+    assert kwargs == {"do_resize": True} and seen == [{"do_resize": True}] * 2  # the check, then the kept prompt
+
+
+def _messages_of(content):
+    from monailabel_app.generation import chat_messages
+
+    return chat_messages([c if isinstance(c, str) else Image.fromarray(c) for c in content], "Findings?")
+
+
+def _images_of(content):
+    return [Image.fromarray(c) for c in content if not isinstance(c, str)]
 
 
 def test_only_the_latest_prompts_are_kept(processor):

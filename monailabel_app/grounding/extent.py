@@ -295,9 +295,9 @@ def grow_ct(hu: np.ndarray, spacing, seed, kind: str, lungs: np.ndarray | None =
     box, and what is found on them, are made once for the findings and candidates that ask for the same
     box (on the real CT's reading, a mass and an opacity grow from one voxel; every large kind's box is the
     whole volume). ``_grid``: the coarse planes this ``hu`` is (set by the call that made them). ``device``:
-    where the HU are smoothed (:func:`smoothed_hu`). ``layers``: the volume's smoothed HU, aerated lung and
-    territory made once (:func:`ct_layers`), read on the box instead of being made for it (without
-    ``lungs``, on the volume's own grid)."""
+    where the HU are smoothed (:func:`smoothed_hu`). ``layers``: the volume's smoothed HU and aerated lung
+    made once (:func:`ct_layers`), read on the box instead of being made for it (without ``lungs``, on the
+    volume's own grid)."""
     if method_of(kind, 3) is None:
         raise NoExtent(f"no image method for {kind!r} on CT")
     spacing = tuple(float(s) for s in spacing)
@@ -315,16 +315,12 @@ def grow_ct(hu: np.ndarray, spacing, seed, kind: str, lungs: np.ndarray | None =
         mask = zeros(hu.shape, bool)
         blocks_back(found.mask, step, fill=False, out=mask[box])
         return Extent(mask, found.diameter_mm, found.size_mm, tuple(int(s) for s in seed), found.method)
-    if layers is not None and lungs is None and _grid is None:  # the volume's own, made once for its findings
-        levels = layers.smooth[box][layers.aerated[box]]
-        lung_level = float(np.median(levels)) if levels.size > 20 else LUNG_HU
-        terr = None if method_of(kind, 3) == "air" else layers.territory
-        lungs_size = np.inf if kind in FOCAL else float(np.count_nonzero(layers.aerated[box]))
-        return grow(layers.smooth, spacing, seed, kind, lung_level, MIN_CONTRAST_HU, terr, background, lungs_size,
-                    " HU")
     shared = cache if _grid is not None and lungs is None else None  # only coarse planes are kept (small arrays)
 
     def lung():  # on the box only: grow() reads the same box (search_box), the territory is made from it
+        if layers is not None and lungs is None and _grid is None:  # the volume's own, made once for its findings
+            levels = layers.smooth[box][layers.aerated[box]]
+            return layers.smooth, layers.aerated, float(np.median(levels)) if levels.size > 20 else LUNG_HU
         smooth = only_box(hu.shape, np.float32)
         smooth[box] = smoothed_hu(hu[box], spacing, device)
         aerated = only_box(hu.shape, bool)
@@ -394,17 +390,18 @@ def aerated_lung(hu: np.ndarray) -> np.ndarray:
 @dataclass
 class CTLayers:
     """What a CT's image-extent searches read besides its HU, made once for the whole volume
-    (:func:`ct_layers`), before its findings are known: the smoothed HU (:func:`smoothed_hu`), the aerated lung
-    in them (:func:`aerated_lung`) and the lungs' territory (:func:`territory`). Made per search box instead,
-    a box's planes cut lung pieces whose hulls then stop at the box, and the smoothing reflects at its sides."""
+    (:func:`ct_layers`), before its findings are known: the smoothed HU (:func:`smoothed_hu`) and the aerated
+    lung in them (:func:`aerated_lung`). Made per search box, they differ only next to the box's sides (the
+    smoothing reflects there, the opening stops there). The lungs' territory is still made per box, from the
+    box's aerated lung: made for the whole volume, a plane's hulls take in whole lung pieces, and on the H200
+    (run CC) the regions then grew larger and took longer to separate, against the same grounding table."""
 
     smooth: np.ndarray  # float32
     aerated: np.ndarray  # bool
-    territory: np.ndarray  # bool
 
     @property
     def nbytes(self) -> int:
-        return self.smooth.nbytes + self.aerated.nbytes + self.territory.nbytes
+        return self.smooth.nbytes + self.aerated.nbytes
 
 
 SMOOTH_SLAB = 32  # planes smoothed at a time on a GPU (its float64 passes: 70 MB a 512 x 512 slab, not 2 GB)
@@ -413,16 +410,14 @@ SMOOTH_SLAB = 32  # planes smoothed at a time on a GPU (its float64 passes: 70 M
 def ct_layers(hu: np.ndarray, spacing, device=None) -> CTLayers:
     """The :class:`CTLayers` of the HU volume ``hu`` (z, y, x; ``spacing`` mm in that order). On a GPU
     ``device`` the smoothing runs there in slabs of planes (the same values bit for bit), on a stream of its
-    own so that it does not wait for the model's queued work; the aerated lung and territory are made on the
-    host (the territory's planes in the helper processes, where there are any)."""
+    own so that it does not wait for the model's queued work; the aerated lung is made on the host."""
     spacing = tuple(float(s) for s in spacing)
     if device is None or torch.device(device).type != "cuda":
         smooth = smoothed_hu(hu, spacing)
     else:
         with torch.cuda.stream(_side_stream(device)):
             smooth = smoothed_in_slabs(hu, spacing, device)
-    aerated = aerated_lung(smooth)
-    return CTLayers(smooth, aerated, territory(aerated))
+    return CTLayers(smooth, aerated_lung(smooth))
 
 
 def smoothed_in_slabs(hu: np.ndarray, spacing, device=None, slab: int = SMOOTH_SLAB) -> np.ndarray:
@@ -820,8 +815,8 @@ def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.nd
     candidate's reason. ``cache``: one dict for all of a volume's findings (:func:`grow_ct`'s); ``support``:
     the box outside which ``heat`` is zero (its gate's), searched alone; ``device``: where the HU are smoothed
     (:func:`smoothed_hu`: the same values anywhere); ``search``: the region attention points at, when already
-    found (:func:`maps.peak_regions` at :data:`SEARCH_LEVEL`); ``layers``: the volume's smoothed HU and lung
-    territory made once for its findings (:func:`ct_layers`), read on the box (else made for the box)."""
+    found (:func:`maps.peak_regions` at :data:`SEARCH_LEVEL`); ``layers``: the volume's smoothed HU and aerated
+    lung made once for its findings (:func:`ct_layers`), read on the box (else made for the box)."""
     if method_of(kind, 3) is None:
         raise NoExtent(f"no image method for {kind!r} on CT")
     search = _search_region(heat, support) if search is None else search
@@ -841,8 +836,8 @@ def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.nd
         dense = sub >= -500
     dense &= search[box]
     if method_of(kind, 3) in ("focal", "airspace"):
-        dense &= layers.territory[box] if layers is not None else _shared(
-            cache, ("territory", _key(box)), lambda: territory(aerated_lung(sub)))
+        dense &= _shared(cache, ("territory", _key(box)),
+                         lambda: territory(layers.aerated[box] if layers is not None else aerated_lung(sub)))
     labels, n = components.label(dense)
     if n == 0:
         raise NoExtent("no region of its density where attention points")

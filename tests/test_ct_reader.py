@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 from PIL import Image
 
 from monailabel_app import ct_phantoms
@@ -167,9 +168,10 @@ def test_the_time_the_maps_waited_for_the_anatomy_is_reported(reader, monkeypatc
     assert read.latencies["anatomy_wait"] == round(read.anatomy_wait, 4) >= 0
 
 
-def test_a_cts_search_layers_are_made_once_beside_the_model_and_read_by_every_search(reader, monkeypatch):
-    """The volume's smoothed HU, aerated lung and territory (extent.ct_layers) are started with its anatomy,
-    before the model generates, made once, and each finding's image-extent search reads them."""
+def test_a_cts_search_layers_are_made_once_and_read_by_every_search(reader, monkeypatch):
+    """The volume's smoothed HU and aerated lung (extent.ct_layers) are made once for its findings and each
+    finding's image-extent search reads them; on the CPU the first search makes them (beside the model they
+    would slow its generation), on a GPU they are started with the anatomy, before the model generates."""
     from monailabel_app import reader as reader_module
     from monailabel_app.grounding import extent
 
@@ -194,7 +196,16 @@ def test_a_cts_search_layers_are_made_once_beside_the_model_and_read_by_every_se
     reader.forget_anatomy()
     volume = ct_phantoms.phantom_volume(ct_phantoms.make_ct_phantom(SEED))
     r = reader.read(volume, answer="Nodule in the right lower lobe. Mass in the left upper lobe. Cardiomegaly.")
-    assert started_before == [True] and len(made) == 1
+    assert started_before == [False] and len(made) == 1
     assert sorted(k for k, _ in searched) == ["cardiomegaly", "mass", "nodule"]
     assert all((s is made[0]) == (k != "cardiomegaly") for k, s in searched)  # no image method: no layers asked
     assert len(r.findings) == 3 and r.labels.any()
+
+    made.clear()
+    reader.forget_anatomy()
+    monkeypatch.setattr(type(reader), "maps_device", property(lambda self: torch.device("cuda")))
+    monkeypatch.setattr(extent, "ct_layers", lambda *args: made.append(args))
+    reader._anatomy_ahead(volume)
+    reader._ct_layers_future(volume).result()
+    assert len(made) == 1 and made[0][2] == torch.device("cuda")  # started ahead for a GPU's maps
+    reader.forget_anatomy()

@@ -399,10 +399,6 @@ class CTLayers:
     smooth: np.ndarray  # float32
     aerated: np.ndarray  # bool
 
-    @property
-    def nbytes(self) -> int:
-        return self.smooth.nbytes + self.aerated.nbytes
-
 
 SMOOTH_SLAB = 32  # planes smoothed at a time on a GPU (its float64 passes: 70 MB a 512 x 512 slab, not 2 GB)
 

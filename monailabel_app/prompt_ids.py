@@ -46,7 +46,8 @@ def inputs(processor, messages: list[dict], images: list, processor_kwargs: dict
         text = _kept.get(processor, {}).get(prompt) if keys else None
     if text is not None:
         alone = _images(processor, images, processor_kwargs)
-        return BatchFeature({**text, **{k: alone[k] for k in keys}})
+        # (clones: a caller that writes into its inputs must not change the next reading's)
+        return BatchFeature({**{k: v.clone() for k, v in text.items()}, **{k: alone[k] for k in keys}})
     made = _made(processor, messages, processor_kwargs)
     with _lock:
         image_keys = _images_alone.get(processor)

@@ -210,3 +210,14 @@ def test_only_the_latest_prompts_are_kept(processor):
         for q in ("a?", "b?", "c?", "c?", "b?", "a?"):
             build_inputs(processor, content, q, None, "cpu", torch.float32)
     assert len(calls) == 4  # a, b, c made; c and b kept; a dropped when c came, made again
+
+
+def test_inputs_written_into_do_not_change_the_kept_prompt(processor):
+    prompt_ids.forget()
+    content = _ct_content()
+    first = build_inputs(processor, content, "Findings?", None, "cpu", torch.float32)
+    again = build_inputs(processor, content, "Findings?", None, "cpu", torch.float32)  # from what was kept
+    want = again["input_ids"].clone()
+    again["input_ids"].fill_(0)  # a caller writing into its inputs
+    third = build_inputs(processor, content, "Findings?", None, "cpu", torch.float32)
+    assert torch.equal(third["input_ids"], want) and torch.equal(first["input_ids"], want)

@@ -541,8 +541,10 @@ class Reader:
         so that it is found while the model reads the study instead of after it."""
         if isinstance(study, CTVolume):
             self._ct_anatomy_future(study)
-            if image_extent(self.ct) and self.maps_device.type != "cpu":  # (on the CPU: made by the first search;
-                self._ct_layers_future(study)  # beside the model they slowed its generation on 2 cores by 0.2 s)
+            # the searches' layers too, on a GPU reader (on the CPU the first search makes them: beside the
+            # model they slowed its generation on 2 cores by 0.2 s)
+            if image_extent(self.ct) and self.maps_device.type != "cpu":
+                self._ct_layers_future(study)
         else:
             self._lung_fields_future(study.pixels)
 
@@ -565,8 +567,8 @@ class Reader:
         return self._kept("ct_layers", volume.hu, partial(extent.ct_layers, volume.hu, volume.spacing, self.maps_device))
 
     def _ct_layers(self, volume: CTVolume) -> extent.CTLayers:
-        """What the image extent searches of ``volume`` read (smoothed HU, aerated lung, territory), made once
-        for its findings (started with the anatomy, beside the model) and kept for the last volume."""
+        """What the image extent searches of ``volume`` read (smoothed HU, aerated lung), made once for its
+        findings (on a GPU reader started with the anatomy, beside the model) and kept for the last volume."""
         return self._ct_layers_future(volume).result()
 
     def _read_radiograph(self, radiograph: Radiograph, question: str, max_new_tokens: int, answer=None,

@@ -41,7 +41,7 @@ from scipy import ndimage
 
 from .. import components, distances
 from ..allocator import zeros
-from . import filters
+from . import filters, maps
 from .blocks import block_mean, block_min, blocks_back
 from .boxes import bounds
 from .morphology import open_in_plane
@@ -406,12 +406,13 @@ SMOOTH_SLAB = 32  # planes smoothed at a time on a GPU (its float64 passes: 70 M
 def ct_layers(hu: np.ndarray, spacing, device=None) -> CTLayers:
     """The :class:`CTLayers` of the HU volume ``hu`` (z, y, x; ``spacing`` mm in that order). On a GPU
     ``device`` the smoothing runs there in slabs of planes (the same values bit for bit), on a stream of its
-    own so that it does not wait for the model's queued work; the aerated lung is made on the host."""
+    own (:func:`maps.side_stream`, the calling thread's) so that it does not wait for the model's queued work;
+    the aerated lung is made on the host."""
     spacing = tuple(float(s) for s in spacing)
     if device is None or torch.device(device).type != "cuda":
         smooth = smoothed_hu(hu, spacing)
     else:
-        with torch.cuda.stream(_side_stream(device)):
+        with maps.side_stream():
             smooth = smoothed_in_slabs(hu, spacing, device)
     return CTLayers(smooth, aerated_lung(smooth))
 
@@ -427,17 +428,6 @@ def smoothed_in_slabs(hu: np.ndarray, spacing, device=None, slab: int = SMOOTH_S
         lo, hi = max(0, z0 - reach), min(hu.shape[0], z1 + reach)
         out[z0:z1] = smoothed_hu(hu[lo:hi], spacing, device)[z0 - lo : z1 - lo]
     return out
-
-
-_SIDE_STREAMS: dict = {}
-
-
-def _side_stream(device) -> "torch.cuda.Stream":
-    device = torch.device(device)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SIDE_STREAMS:
-        _SIDE_STREAMS[index] = torch.cuda.Stream(index)
-    return _SIDE_STREAMS[index]
 
 
 FOCAL_REACH = 2.0  # CT: a focal region reaches at most this many of its inscribed radius from its centre

@@ -257,12 +257,45 @@ class DecodeRecorder:
 
     def __init__(self, layers: list[int], image_positions: torch.Tensor, steps: int, heads: int,
                  step: torch.Tensor):
+        self.layers = list(layers)
         self.slot = {layer: i for i, layer in enumerate(layers)}
         self.image_positions = _positions(image_positions)
         batch, n = self.image_positions.shape
         self.index = self.image_positions[:, None, :].expand(batch, heads, n)
         self.buffers = [torch.zeros(steps, batch, heads, n, device=step.device) for _ in layers]
         self.step = step
+        self.products: torch.Tensor | None = None  # (layers, batch, images, n, n): :meth:`roll`'s, once enabled
+        self._offsets: torch.Tensor | None = None
+
+    def enable_rollout(self, tokens_per_image: int) -> None:
+        """Make :meth:`roll` possible: per recorded layer a product (batch, images, n, n) that a reading fills
+        (:meth:`set_products`; the identity until then, and for a layer the reading does not roll out)."""
+        batch, total = self.image_positions.shape
+        images, n = total // tokens_per_image, tokens_per_image
+        eye = torch.eye(n, device=self.step.device)
+        self.products = eye.expand(len(self.buffers), batch, images, n, n).clone()
+        self._offsets = torch.arange(-max(len(b) for b in self.buffers), 0, device=self.step.device)
+
+    def set_products(self, at_layer: dict[int, torch.Tensor]) -> None:
+        """The reading's rollout products (read layer -> (batch, images, n, n), :attr:`AttentionRecorder.at_layer`;
+        empty: no rollout); a recorded layer without one keeps its rows as they are (the identity)."""
+        n = self.products.shape[-1]
+        eye = torch.eye(n, device=self.products.device)
+        for li, layer in enumerate(self.layers):
+            mixing = at_layer.get(layer)
+            self.products[li].copy_(eye.expand_as(self.products[li]) if mixing is None else mixing)
+
+    def roll(self, steps: int) -> None:
+        """Roll out, in place, the rows of the last ``steps`` steps (those before :attr:`step`) through
+        :attr:`products`, as :meth:`AttentionRecorder.rolled_rows` would: graph-safe (the rows' indices are
+        made on the device), so a decode replay leaves its rows rolled out and the host only copies them."""
+        index = self.step + self._offsets[-steps:]  # (steps,) the rows just written
+        rows = torch.stack([b.index_select(0, index) for b in self.buffers], dim=1)  # (steps, L, B, H, N)
+        layers, batch, images, n, _ = self.products.shape
+        r = rows.view(*rows.shape[:-1], images, n)
+        out = torch.einsum("tlbhsi,lbsij->tlbhsj", r, self.products).reshape(rows.shape)
+        for li, buffer in enumerate(self.buffers):
+            buffer.index_copy_(0, index, out[:, li])
 
     def observe(self, layer: int, weights: torch.Tensor) -> None:
         """``weights``: the step's attention (B, H, 1, S), float32 (:func:`decode_weights`, the same that make

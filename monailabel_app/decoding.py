@@ -51,8 +51,14 @@ from .capture import AttentionRecorder, DecodeRecorder, NoRecorder, recording
 logger = logging.getLogger(__name__)
 
 CHECK_EVERY = 8  # decode steps per replay and between looks at the tokens (one host synchronisation each)
-MAX_AHEAD = 3  # replays in flight at most (AHEAD_ENV): a sliding ring has room for the steps they may run past an answer
+MAX_AHEAD = 6  # replays in flight at most (AHEAD_ENV): a sliding ring has room for the steps they may run past an answer
+LONG_AHEAD = 3  # replays in flight for a study of one with a long prompt whose maps run beside its decode (a CT)
 GRAPH_CACHE = 2  # decoders (CUDA graphs with their buffers) kept per model
+# a study's decode rows rolled out inside its replays (:meth:`DecodeRecorder.roll`), so that the decode loop only
+# copies them off the device (:class:`LiveRows`): each torch call on the loop waits for the interpreter while the
+# findings' maps run. "gpu": a study of one on a GPU (its rows are copied off while it decodes); "always": on the
+# CPU too (tests); "never"
+ROLL_IN_REPLAY = "gpu"
 
 
 LOOP_PERIOD, LOOP_TIMES = 8, 3
@@ -309,7 +315,7 @@ class Decoder:
     on CUDA the step is captured as a CUDA graph on first use and replayed after."""
 
     def __init__(self, model, batch: int, length: int, max_new: int, layers: list[int], n_image_tokens: int,
-                 eos: list[int], compile: bool = False):
+                 eos: list[int], compile: bool = False, tokens_per_image: int = 0):
         text_cfg = model.config.get_text_config()
         device, dtype = model.device, model.dtype
         self.model, self.batch, self.length, self.max_new = model, batch, length, max_new
@@ -334,6 +340,12 @@ class Decoder:
         heads = text_cfg.num_attention_heads
         self.recorder = DecodeRecorder(self.layers, self.image_positions, room, heads, self.step_index) \
             if self.layers else None
+        # a study of one on a GPU: its rows rolled out by each replay (its rows are copied off while it decodes)
+        wanted = ROLL_IN_REPLAY == "always" or (ROLL_IN_REPLAY == "gpu" and device.type == "cuda")
+        self.rolls_rows = bool(wanted and self.recorder is not None and batch == 1 and tokens_per_image
+                               and n_image_tokens % tokens_per_image == 0)
+        if self.rolls_rows:
+            self.recorder.enable_rollout(tokens_per_image)
         lm = model.model.language_model
         self._lm, self._cache_kw = lm, _cache_keyword(lm.forward)
         self._attention = [layer.self_attn for layer in lm.layers]
@@ -391,8 +403,14 @@ class Decoder:
             self.graphs[steps].replay()
             return
         with self._recording():
-            for _ in range(steps):
-                self._step()
+            self._steps(steps)
+
+    def _steps(self, steps: int) -> None:
+        """``steps`` decode steps, then their rows rolled out (:attr:`rolls_rows`): what a replay runs."""
+        for _ in range(steps):
+            self._step()
+        if self.rolls_rows:
+            self.recorder.roll(steps)
 
     def prepare(self) -> None:
         """On CUDA, before the buffers hold a request: compile the step (``compile``) and capture it as
@@ -412,15 +430,13 @@ class Decoder:
                 stream = torch.cuda.Stream()
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
-                    for _ in range(WARM_UP_STEPS):
-                        self._step()
+                    self._steps(WARM_UP_STEPS)
                 torch.cuda.current_stream().wait_stream(stream)
                 graphs, pool = {}, None
                 for steps in (CHECK_EVERY, 1):  # the two share one memory pool (never replayed at once)
                     graphs[steps] = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graphs[steps], pool=pool):
-                        for _ in range(steps):
-                            self._step()
+                        self._steps(steps)
                     pool = graphs[steps].pool()
             self.graphs = graphs
             logger.info("decode step for batch %d, %d positions, %d new tokens %s and captured in %.1f s",
@@ -446,8 +462,10 @@ class Decoder:
 
     def run(self, prefill_cache, prompt_len: int, pad: torch.Tensor, first_logits: torch.Tensor,
             image_positions: torch.Tensor, forced: list[list[int]] | None, stop_loops: bool,
-            on_check=None, ahead: int = 1) -> list[Decoded]:
+            on_check=None, ahead: int = 1, products: dict[int, torch.Tensor] | None = None) -> list[Decoded]:
         """Decode from a prefill: its cache, its last logits (batch, vocab) and the rows' left padding.
+        ``products``: the prefill's rollout products by read layer (:attr:`AttentionRecorder.at_layer`), which the
+        replays roll the rows out through where :attr:`rolls_rows` (none: the rows as recorded).
 
         ``on_check(steps, tokens)``: called after each look at the tokens (``tokens``: every row's first
         ``steps`` token ids) while the device already runs the next steps, e.g. to start a finding's maps
@@ -476,6 +494,8 @@ class Decoder:
         self.step_index.fill_(1)
         if self.recorder is not None:
             self.recorder.zero_()
+            if self.rolls_rows:
+                self.recorder.set_products(products or {})
         ended = [None] * b  # per row: (length, reason) once known
         top, launched, steps, checked = max(limits), 1, 1, 0
         in_flight: list[tuple] = []  # (steps, CUDA event or None) at the end of each launched replay, oldest first
@@ -617,10 +637,7 @@ class LiveRows:
                 return
             start, self.count = self.count, steps
             with torch.cuda.stream(self.stream) if self.stream is not None else contextlib.nullcontext():
-                if start == 0:  # the prefill's row, then decode rows 1 .. steps - 1
-                    part = self.recorder.stacked(self.decoder.decode_rows(steps, 1, self.recorded))
-                else:
-                    part = self.recorder.rolled_rows(self.decoder.decode_rows(steps, start, self.recorded))
+                part = answer_rows(self.recorder, self.decoder, start, steps, self.recorded)
                 staged, copied = part, None  # on the CPU: already in host memory
                 if self.stream is not None:
                     staged = self.staging[start:steps]
@@ -638,6 +655,20 @@ class LiveRows:
         if landed is not None:
             landed.result()  # copies land in order: the last one queued covers these rows
         return self.rows[:steps]
+
+
+def answer_rows(recorder: AttentionRecorder, decoder: Decoder, start: int, steps: int,
+                layers: list[int]) -> torch.Tensor:
+    """(steps - start, layers, batch, heads, n) rows of the answer's tokens ``[start, steps)`` on the device, rolled
+    out if asked: token 0's is the prefill's (rolled out here), the decode's are rolled out here or, where
+    :attr:`Decoder.rolls_rows`, already by their replays. ``layers``: indices into the decoder's recorded layers."""
+    decode = decoder.decode_rows(steps, max(start, 1), layers) if steps > 1 else None
+    if not decoder.rolls_rows:
+        return recorder.stacked(decode) if start == 0 else recorder.rolled_rows(decode)
+    if start > 0:
+        return decode
+    first = recorder.rolled_rows(recorder.prefill_rows())
+    return first if decode is None else torch.cat([first, decode])
 
 
 _LANDING = ThreadPoolExecutor(1, thread_name_prefix="rows")  # staged attention rows into their study's rows
@@ -659,7 +690,7 @@ def replays_ahead(batch: int, live: bool, graphs: bool = True, long: bool = Fals
     """Decode replays kept in flight (:meth:`Decoder.run`): with CUDA graphs two for a batch (its next inputs
     and the last batch's maps are made beside it) and for one study whose attention rows are copied while it
     decodes (``live``: every capturing study on a GPU; its findings' maps start then too), three
-    (:data:`MAX_AHEAD`) for such a study with a ``long`` prompt (a CT: its findings' searches hold the
+    (:data:`LONG_AHEAD`) for such a study with a ``long`` prompt (a CT: its findings' searches hold the
     interpreter for tens of milliseconds; with two in flight the device waited: 8.85 ms a token against 6.38
     with three, run AT), else one (an answer that ends early wastes no steps; without graphs the steps run as
     they are launched, so one); :data:`AHEAD_ENV` sets it."""
@@ -671,7 +702,7 @@ def replays_ahead(batch: int, live: bool, graphs: bool = True, long: bool = Fals
     if not graphs:
         return 1
     if batch == 1 and live:
-        return MAX_AHEAD if long else 2
+        return LONG_AHEAD if long else 2
     return 2 if batch > 1 else 1
 
 
@@ -712,18 +743,18 @@ def compile_default() -> bool:
 
 
 def decoder_for(model, batch: int, length: int, max_new: int, layers: list[int], n_image_tokens: int,
-                eos: list[int], compile: bool | None = None) -> Decoder:
+                eos: list[int], compile: bool | None = None, tokens_per_image: int = 0) -> Decoder:
     """A decoder for this shape, reused across calls (its CUDA graph with it); lengths are rounded up to
     a multiple of 256 so that similar prompts share one."""
     length = -(-length // 256) * 256
     compile = compile_default() if compile is None else compile
     key = (batch, length, max_new, tuple(layers), n_image_tokens, tuple(eos), model.dtype, compile,
-           compile_mode() if compile else None)
+           compile_mode() if compile else None, tokens_per_image, ROLL_IN_REPLAY)
     cache = model.__dict__.setdefault("_medgemma_decoders", {})
     if key not in cache:
         while len(cache) >= GRAPH_CACHE:
             cache.pop(next(iter(cache)))
-        cache[key] = Decoder(model, batch, length, max_new, layers, n_image_tokens, eos, compile)
+        cache[key] = Decoder(model, batch, length, max_new, layers, n_image_tokens, eos, compile, tokens_per_image)
     else:
         cache[key] = cache.pop(key)  # most recently used last
     return cache[key]
@@ -759,7 +790,7 @@ def prefill_and_decode(model, inputs: dict, layers: list[int], tokens_per_image:
         torch.stack([(row == model.config.image_token_index).nonzero()[:, 0] for row in ids])
     max_new = max(len(f) for f in forced) if forced else max_new_tokens
     decoder = decoder_for(model, batch, prompt_len + max_new, max_new, list(layers), image_positions.shape[1],
-                          list(eos), compile)
+                          list(eos), compile, tokens_per_image)
     dropped = {layer: f"sliding window ({decoder.kv.window}) shorter than the sequence"
                for layer in layers if layer not in decoder.layers}
     if past is not None:  # a follow-up rolls out only through the products its images already have
@@ -787,13 +818,16 @@ def prefill_and_decode(model, inputs: dict, layers: list[int], tokens_per_image:
 
     def on_check(steps: int, tokens: list[list[int]]) -> None:
         if decoder.use_graph:
+            t = time.perf_counter()
             live.advance(steps)
+            decoder.host_seconds["rows"] = decoder.host_seconds.get("rows", 0.0) + time.perf_counter() - t
         if progress is not None:
             progress(tokens[0], partial(live.upto, steps), recorder.usable_layers)
 
     rows = decoder.run(cache, prompt_len, pad, out.logits[:, -1], image_positions, forced, stop_loops,
                        None if live is None else on_check, replays_ahead(batch, live is not None, decoder.use_graph,
-                                                  prompt_len >= prefill_attention.LONG))
+                                                  prompt_len >= prefill_attention.LONG),
+                       recorder.at_layer if recorder is not None and recorder.rollout else None)
     t2 = _now(model)
     attention = None
     steps = max(len(r.token_ids) for r in rows)
@@ -803,7 +837,7 @@ def prefill_and_decode(model, inputs: dict, layers: list[int], tokens_per_image:
         if used and live is not None:
             attention = live.upto(steps)
         elif used:
-            attention = recorder.stacked(decoder.decode_rows(steps, 1, [decoder.layers.index(layer) for layer in used]))
+            attention = answer_rows(recorder, decoder, 0, steps, [decoder.layers.index(layer) for layer in used])
         dropped.update({f"mixing {layer}": "keys did not cover the prompt: rollout took it as identity"
                         for layer in recorder.unmixed})
     context = None

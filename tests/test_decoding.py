@@ -294,6 +294,34 @@ def test_progress_sees_the_answer_grow_and_its_final_rows(tiny, monkeypatch, rol
         assert stop.rows[0].token_ids == final[: final.index(final[10]) + 1]
 
 
+@pytest.mark.parametrize("rollout", [False, True])
+def test_rows_rolled_out_by_the_replays_equal_the_rows_rolled_out_after(tiny, monkeypatch, rollout):
+    """A study's decode rows rolled out inside its replays (``ROLL_IN_REPLAY``: the loop then only copies them)
+    are the rows rolled out from the recording afterwards, with and without progress (the rows copied while it
+    decodes, or taken at the end), and the answer is the same."""
+    images = (torch.rand(2, 3, 28, 28) * 2 - 1).to(tiny.device)
+    inputs = batch([prompt([5, 6, 7])], images)
+    seen = []
+
+    def progress(ids, rows, layers):
+        seen.append(rows())
+
+    monkeypatch.setattr(decoding, "ROLL_IN_REPLAY", "never")
+    after = prefill_and_decode(tiny, inputs, [3], 4, 30, rollout=rollout, stop_loops=False)
+    monkeypatch.setattr(decoding, "ROLL_IN_REPLAY", "always")
+    for watch in (None, progress):
+        rolled = prefill_and_decode(tiny, inputs, [3], 4, 30, rollout=rollout, stop_loops=False, progress=watch)
+        decoder = next(reversed(tiny.__dict__["_medgemma_decoders"].values()))
+        assert decoder.rolls_rows and decoder.recorder.products is not None
+        assert rolled.rows[0].token_ids == after.rows[0].token_ids and rolled.rolled_out == after.rolled_out
+        torch.testing.assert_close(rolled.attention.cpu(), after.attention.cpu().float())
+    assert seen and all(torch.equal(rows, rolled.attention[: len(rows)]) for rows in seen)
+    if rollout:  # the rows are rolled out: not the rows as recorded
+        monkeypatch.setattr(decoding, "ROLL_IN_REPLAY", "never")
+        raw = prefill_and_decode(tiny, inputs, [3], 4, 30, rollout=False, stop_loops=False)
+        assert not torch.allclose(raw.attention.cpu().float(), rolled.attention.cpu())
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked staging: GPU only")
 def test_the_rows_copies_reuse_the_decoders_page_locked_staging():
     """Each answer's rows go through the decoder's one page-locked staging (pinned once per shape, not per copy)
@@ -318,7 +346,7 @@ def test_the_rows_copies_reuse_the_decoders_page_locked_staging():
 def test_replays_in_flight_from_the_environment(monkeypatch):
     monkeypatch.delenv(decoding.AHEAD_ENV, raising=False)
     assert decoding.replays_ahead(1, False) == 1 and decoding.replays_ahead(1, True) == 2
-    assert decoding.replays_ahead(1, True, long=True) == decoding.MAX_AHEAD == 3  # a CT, its maps beside
+    assert decoding.replays_ahead(1, True, long=True) == decoding.LONG_AHEAD == 3  # a CT, its maps beside
     assert decoding.replays_ahead(8, False) == 2
     assert decoding.replays_ahead(8, True, graphs=False) == 1  # eager steps run as they are launched
     monkeypatch.setenv(decoding.AHEAD_ENV, "1")

@@ -36,14 +36,15 @@ from monailabel_app.grounding import extent  # noqa: E402
 from monailabel_app.reader import Reader  # noqa: E402
 from monailabel_app.study import load_study  # noqa: E402
 
-CALLS: list[tuple] = []  # (gated map, kind, own region, gate box) of each finding's search
+CALLS: list[tuple] = []  # (gated map, kind, own region, gate box, search region, volume's layers) of each search
 VOLUME: list = []  # (hu, spacing) of the study, inherited by the forked workers
 _find = extent.find_in_ct
 
 
-def _recorded(hu, spacing, heat, kind, near=None, cache=None, support=None, *rest):
-    CALLS.append((heat.copy(), kind, None if near is None else near.copy(), support))
-    return _find(hu, spacing, heat, kind, near, cache, support, *rest)
+def _recorded(hu, spacing, heat, kind, near=None, cache=None, support=None, device=None, search=None, layers=None):
+    CALLS.append((heat.copy(), kind, None if near is None else near.copy(), support,
+                  None if search is None else search.copy(), layers))
+    return _find(hu, spacing, heat, kind, near, cache, support, device, search, layers)
 
 
 @contextmanager
@@ -61,11 +62,11 @@ def recording(hu, spacing):
 
 def search(i: int, cache: dict | None = None) -> tuple:
     """(the search's outcome: voxels of its mask or why none, its seconds)."""
-    heat, kind, near, support = CALLS[i]
+    heat, kind, near, support, found, layers = CALLS[i]
     hu, spacing = VOLUME[0]
     t0 = time.perf_counter()
     try:
-        got = int(_find(hu, spacing, heat, kind, near, cache, support).mask.sum())
+        got = int(_find(hu, spacing, heat, kind, near, cache, support, None, found, layers).mask.sum())
     except extent.NoExtent as e:
         got = str(e)
     return got, time.perf_counter() - t0

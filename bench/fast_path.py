@@ -175,7 +175,7 @@ def project_read(reader, study, answer, runs: int = 3) -> dict:
             "total": total, "peak": peak, "maps": lat["maps"], "prepare": lat["prepare"], "findings": len(r.findings),
             "maps_ahead": lat.get("maps_ahead", 0), "maps_ahead_wait": lat.get("maps_ahead_wait", 0.0),
             "anatomy_wait": lat.get("anatomy_wait", 0.0),
-            "host": {k: lat.get(f"decoder_decode_{k}", 0.0) for k in ("launch", "look", "callbacks")},
+            "host": {k: lat.get(f"decoder_decode_{k}", 0.0) for k in ("launch", "look", "callbacks", "rows")},
             "tokens": lat["prompt_tokens"]}
 
 
@@ -183,7 +183,8 @@ def host_note(d) -> str:
     """The decode loop's host seconds (launching replays, looking at tokens, the callbacks: the rows' copies
     and the findings' maps started) as words for a row."""
     h = d["host"]
-    return f"decode loop's host: launch {h['launch']:.3f} s, look {h['look']:.3f} s, callbacks {h['callbacks']:.3f} s"
+    return (f"decode loop's host: launch {h['launch']:.3f} s, look {h['look']:.3f} s, callbacks {h['callbacks']:.3f} s "
+            f"(the rows' copies {h['rows']:.3f} s)")
 
 
 def capture_cost(reader, content, question, answer, rollout: bool, runs: int = 2) -> tuple[float, float]:

@@ -20,6 +20,10 @@ The benchmark's 85-slice CT (``fast_path.ct``; or its film, ``--study xray``) th
 - ``box-layers`` (the ``reading`` part): each CT search smooths its box and makes its territory (as before
   ``extent.ct_layers``, the volume's made once beside the prefill).
 - ``tokenised`` (the ``reading`` part): every prompt tokenised anew (as before ``prompt_ids``).
+- ``rows-after`` (the ``reading`` part): the decode rows rolled out by the loop's copies (as before
+  ``decoding.ROLL_IN_REPLAY``: the replays roll them out themselves).
+- ``ahead-N`` (the ``reading`` part): N decode replays in flight (``decoding.AHEAD_ENV``; the library's: 3 for a CT).
+- ``switch-MS`` (the ``reading`` part): the interpreter's switch interval MS milliseconds (Python's: 5).
 
 Parts:
 
@@ -58,7 +62,7 @@ from fast_path import CT_FINDINGS, XRAY_FINDINGS, ct, emit, project_read, reader
 from medgemma_shapes import build  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from monailabel_app import components, fused_norms, prompt_ids, study_maps  # noqa: E402
+from monailabel_app import components, decoding, fused_norms, prompt_ids, study_maps  # noqa: E402
 from monailabel_app import reader as reader_module  # noqa: E402
 from monailabel_app.capture import CAPTURE_ATTN  # noqa: E402
 from monailabel_app.decoding import batch_vision_tower, prefill_and_decode  # noqa: E402
@@ -96,6 +100,12 @@ def variant(model, name: str):
             stack.enter_context(mock.patch.object(reader_module, "image_extent", lambda settings: False))
         if name == "tokenised":
             stack.enter_context(mock.patch.object(prompt_ids, "KEPT", 0))
+        if name == "rows-after":
+            stack.enter_context(mock.patch.object(decoding, "ROLL_IN_REPLAY", "never"))
+        if name.startswith("ahead-"):
+            stack.enter_context(mock.patch.dict(os.environ, {decoding.AHEAD_ENV: name.split("-")[1]}))
+        if name.startswith("switch-"):
+            stack.enter_context(fast_path.switch_interval(float(name.split("-")[1])))
         if "compiled" in name:
             torch._dynamo.reset()
             for layer in layers:
@@ -219,13 +229,16 @@ def main() -> None:
     if "reading" in parts:
         stack.close()  # the readings compile their decode step: the library's own choice
         answer = report(processor.tokenizer, findings)
-        emit("| round | variant | end to end s | prefill s | ms / decode token | maps after the answer s |")
-        emit("|---|---|---|---|---|---|")
+        emit("| round | variant | end to end s | prefill s | ms / decode token | maps after the answer s | "
+             "loop: look s | loop: callbacks s (the rows' copies) |")
+        emit("|---|---|---|---|---|---|---|---|")
         for r in range(1, args.rounds + 1):
             for name in names:
                 with variant(model, name):
                     f = project_read(reader, fast_path.fresh(study), answer)
-                emit(f"| {r} | {name} | {f['total']:.3f} | {f['prefill']:.3f} | {f['ms_token']:.2f} | {f['maps']:.3f} |")
+                h = f["host"]
+                emit(f"| {r} | {name} | {f['total']:.3f} | {f['prefill']:.3f} | {f['ms_token']:.2f} | {f['maps']:.3f} | "
+                     f"{h['look']:.3f} | {h['callbacks']:.3f} ({h['rows']:.3f}) |")
         emit()
 
 

@@ -70,6 +70,37 @@ def test_a_reader_sets_the_policy(reader):
     assert allocator.keep_freed_memory() is (os.environ.get(allocator.ENV, "keep") != "system")
 
 
+EARLY = """
+import json, threading, numpy as np
+import monailabel_app  # the package alone: no reader made yet
+from monailabel_app import allocator
+before = allocator.mapped_blocks()
+got = []
+
+def early():  # a thread made before any reader (a server's, a benchmark's), its arrays made later
+    got.append(allocator.mapped_blocks())
+    a = np.ones((134, 512, 512), np.float32)
+    got.append(allocator.mapped_blocks())
+
+t = threading.Thread(target=early)
+t.start()
+t.join()
+print(json.dumps({"on": allocator._done.get("on"), "before": before, "in_thread": got}))
+"""
+
+
+@glibc
+@pytest.mark.parametrize("policy", ["keep", "system"])
+def test_the_package_import_sets_the_policy_for_threads_made_before_a_reader(policy):
+    out = subprocess.run([sys.executable, "-c", EARLY], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "MEDGEMMA_MALLOC": policy})
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    assert got["on"] is (policy == "keep")
+    grown = got["in_thread"][1] - got["in_thread"][0]  # the 140 MB array mapped on its own, or not
+    assert grown == (0 if policy == "keep" else 1)
+
+
 ZEROS = """
 import json, numpy as np
 from monailabel_app import allocator

@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import gc
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -164,11 +165,13 @@ def project_read(reader, study, answer, runs: int = 3) -> dict:
         sync()
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         r = reader.read(copy, answer=answer)
         sync()
-        got.append((time.perf_counter() - t0, r, torch.cuda.max_memory_allocated() - base))
-    total, r, peak = sorted(got, key=lambda g: g[0])[len(got) // 2]
+        got.append((time.perf_counter() - t0, r, torch.cuda.max_memory_allocated() - base,
+                    resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults))
+    total, r, peak, faults = sorted(got, key=lambda g: g[0])[len(got) // 2]
     lat = r.latencies
     assert lat["new_tokens"] == NEW, lat
     return {"prefill": lat["decoder_prefill"], "ms_token": 1000 * lat["decoder_decode"] / lat["decoder_decode_steps"],
@@ -176,7 +179,7 @@ def project_read(reader, study, answer, runs: int = 3) -> dict:
             "maps_ahead": lat.get("maps_ahead", 0), "maps_ahead_wait": lat.get("maps_ahead_wait", 0.0),
             "anatomy_wait": lat.get("anatomy_wait", 0.0),
             "host": {k: lat.get(f"decoder_decode_{k}", 0.0) for k in ("launch", "look", "callbacks", "rows")},
-            "tokens": lat["prompt_tokens"]}
+            "tokens": lat["prompt_tokens"], "faults": faults}
 
 
 def host_note(d) -> str:
@@ -315,7 +318,7 @@ def speed(model, processor, reader, modalities=("xray", "ct"), anchors: bool = T
                      f"{f['maps_ahead']} of them made while decoding, {f['maps_ahead_wait']:.3f} s waited for, "
                      f"{f['anatomy_wait']:.3f} s waited for the anatomy; "
                      f"preprocessing {f['prepare']:.3f} s; peak with weights {gib(weights + f['peak'])} GiB"
-                     f"{chunk_label(c, f['tokens'])}; {host_note(f)})", f))
+                     f"{chunk_label(c, f['tokens'])}; {host_note(f)}; {f['faults']} page faults)", f))
         if f["maps_ahead"]:  # the same reading with every map made after the answer
             os.environ[MAPS_WHILE_DECODING_ENV] = "0"
             try:

@@ -24,6 +24,8 @@ The benchmark's 85-slice CT (``fast_path.ct``; or its film, ``--study xray``) th
   ``decoding.ROLL_IN_REPLAY``: the replays roll them out themselves).
 - ``ahead-N`` (the ``reading`` part): N decode replays in flight (``decoding.AHEAD_ENV``; the library's: 3 for a CT).
 - ``switch-MS`` (the ``reading`` part): the interpreter's switch interval MS milliseconds (Python's: 5).
+- ``helpers-N`` (the ``reading`` part): N label and distance helper processes (``helper_processes``; the
+  library's: 8 on the H200's 16 cores).
 
 Parts:
 
@@ -106,6 +108,8 @@ def variant(model, name: str):
             stack.enter_context(mock.patch.dict(os.environ, {decoding.AHEAD_ENV: name.split("-")[1]}))
         if name.startswith("switch-"):
             stack.enter_context(fast_path.switch_interval(float(name.split("-")[1])))
+        if name.startswith("helpers-"):
+            stack.enter_context(fast_path.helpers(int(name.split("-")[1])))
         if "compiled" in name:
             torch._dynamo.reset()
             for layer in layers:
@@ -230,15 +234,15 @@ def main() -> None:
         stack.close()  # the readings compile their decode step: the library's own choice
         answer = report(processor.tokenizer, findings)
         emit("| round | variant | end to end s | prefill s | ms / decode token | maps after the answer s | "
-             "loop: look s | loop: callbacks s (the rows' copies) |")
-        emit("|---|---|---|---|---|---|---|---|")
+             "loop: look s | loop: callbacks s (the rows' copies) | page faults |")
+        emit("|---|---|---|---|---|---|---|---|---|")
         for r in range(1, args.rounds + 1):
             for name in names:
                 with variant(model, name):
                     f = project_read(reader, fast_path.fresh(study), answer)
                 h = f["host"]
                 emit(f"| {r} | {name} | {f['total']:.3f} | {f['prefill']:.3f} | {f['ms_token']:.2f} | {f['maps']:.3f} | "
-                     f"{h['look']:.3f} | {h['callbacks']:.3f} ({h['rows']:.3f}) |")
+                     f"{h['look']:.3f} | {h['callbacks']:.3f} ({h['rows']:.3f}) | {f['faults']} |")
         emit()
 
 

@@ -21,12 +21,11 @@ def inside(mask: np.ndarray, spacing) -> np.ndarray:
     :data:`THREADED_VOXELS` or more on :data:`THREADS` of edt's own threads (edt holds the interpreter's lock for
     the whole call, so no other map thread runs meanwhile)."""
     spacing = tuple(float(s) for s in spacing)
-    large = np.size(mask) >= THREADED_VOXELS
-    done = helper_processes.call("inside", np.asarray(mask, bool), spacing,
-                                 min(HELPER_THREADS, os.cpu_count() or 1) if large else 1)
+    done = helper_processes.call("inside", np.asarray(mask, bool), spacing)
     if done is not None:
         return done[0]
-    return inside_here(mask, spacing, min(THREADS, os.cpu_count() or 1) if large else 1)
+    threads = min(THREADS, os.cpu_count() or 1) if np.size(mask) >= THREADED_VOXELS else 1
+    return inside_here(mask, spacing, threads)
 
 
 # edt's threads for a distance made in a map thread: on this project's 2-core CPU two made the CT's maps 2.94-3.09
@@ -34,14 +33,11 @@ def inside(mask: np.ndarray, spacing) -> np.ndarray:
 # 2^16 voxels a second thread gains nothing (cpu_maps.md)
 THREADS = 2
 THREADED_VOXELS = 1 << 16
-# edt's threads for a distance made in a helper process (a GPU reader's, on a host of many cores): a CT finding's
-# deepest voxel waited 0.1-0.26 s for one thread's distances beside the decode on the H200 (fast_path.md, run CJ)
-HELPER_THREADS = 4
 
 
 def inside_here(mask: np.ndarray, spacing, threads: int = 1) -> np.ndarray:
     """:func:`inside` in this thread, on ``threads`` of edt's own (the same distances on any number: each
-    line of a pass is computed alone, tested); a helper process uses :data:`HELPER_THREADS` for a large mask."""
+    line of a pass is computed alone, tested); a helper process uses one."""
     import edt
 
     mask = np.ascontiguousarray(mask, dtype=bool)

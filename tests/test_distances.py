@@ -29,22 +29,3 @@ def test_distances_on_several_threads_are_the_same_bits():
         for threads in (2, 4):
             assert np.array_equal(inside_here(mask, spacing, threads), one), threads
 
-
-
-def test_a_helper_is_asked_for_its_threads_on_a_large_mask_only(monkeypatch):
-    """A large mask's distances go to a helper with :data:`HELPER_THREADS` of edt's (at most the cores), a small
-    one's with one; where no helper answers they are made here, the same distances."""
-    import os
-
-    from monailabel_app import distances, helper_processes
-
-    asked = []
-    monkeypatch.setattr(helper_processes, "call", lambda op, mask, *args: asked.append((op, mask.size, args)))
-    monkeypatch.setattr(distances, "HELPER_THREADS", 3)
-    big = np.ones((16, 64, 64), bool)
-    small = np.ones((4, 8, 8), bool)
-    assert big.size >= distances.THREADED_VOXELS > small.size
-    assert np.array_equal(inside(big, (1.0, 1.0, 1.0)), inside_here(big, (1.0, 1.0, 1.0)))
-    inside(small, (1.0, 1.0, 1.0))
-    assert asked == [("inside", big.size, ((1.0, 1.0, 1.0), min(3, os.cpu_count() or 1))),
-                     ("inside", small.size, ((1.0, 1.0, 1.0), 1))]

@@ -15,7 +15,8 @@ replayed:
 3. **Decode steps** (:meth:`Decoder.step`): the new token's embedding, the text decoder with masks
    computed on the device from the slot counter, the next token (greedy, or the forced answer's), its
    log-probability, an end-of-answer flag, and the new query's attention rows written by a
-   :class:`~monailabel_app.capture.DecodeRecorder`. Every input and output is a buffer updated in place,
+   :class:`~monailabel_app.capture.DecodeRecorder` (for a study of one on a GPU, rolled out at the end of each
+   replay: :data:`ROLL_IN_REPLAY`). Every input and output is a buffer updated in place,
    so the step contains no host synchronisation. On CUDA the step is compiled with ``torch.compile``
    (which fuses the many small element-wise kernels of each layer; ``MEDGEMMA_COMPILE=0`` turns it off)
    and captured as CUDA graphs, before the buffers hold a request: one of :data:`CHECK_EVERY` steps in a
@@ -606,8 +607,9 @@ class LiveRows:
     not all copied (and rolled out, on the GPU at once) after the last step. The whole answer's rows are these
     same copies, so a finding mapped early or at the end reads identical rows (rolled out the same).
 
-    The decode loop launches each copy (:meth:`advance`: the rows stacked and rolled out on the device in a few
-    torch calls, then copied into the decoder's page-locked staging without waiting: a copy into pageable memory
+    The decode loop launches each copy (:meth:`advance`: the rows, already rolled out by the replays that wrote them
+    where :attr:`Decoder.rolls_rows`, else stacked and rolled out here in a few torch calls, copied into the
+    decoder's page-locked staging without waiting: a copy into pageable memory
     waits for the device and the host's memory, 27 ms for a CT's 8 steps in run AS); a thread of its own
     (:data:`_LANDING`) moves each into :attr:`rows` once the device is done. Launched from a thread of its own
     instead, each copy waited about one replay (28-31 ms, no CPU time: run BG), the loop's next replay being

@@ -227,12 +227,16 @@ class Reader:
                                                                      map_processes.device_for(self.maps_device))
             return self._map_processes
 
-    def warm_up(self, max_new_tokens: int = 128, modalities=("xray", "ct"), language: str = "auto") -> dict:
+    def warm_up(self, max_new_tokens: int = 128, modalities=("xray", "ct"), language: str = "auto",
+                heap_reserve: int | None = None) -> dict:
         """Read one synthetic study per modality (a phantom radiograph; a phantom CT with at least the model's
         slice count), each twice, so that the decode shapes of the common requests (that modality, the
-        default question, ``max_new_tokens``) are compiled and captured before a request needs them. A log
-        line per shape gives its first and second reading's time; :attr:`warm` (``/info/``) says where it
-        stands: not started, running, done (with each shape), failed (with the error)."""
+        default question, ``max_new_tokens``) are compiled and captured before a request needs them; then grow the
+        heap by ``heap_reserve`` bytes of mapped pages (:func:`allocator.reserve`; None:
+        ``MEDGEMMA_HEAP_RESERVE_GB``, 4 GiB by default), so that the first clinical CTs do not fault in their
+        arrays. A log line per shape gives its first and second reading's time; :attr:`warm` (``/info/``) says
+        where it stands: not started, running, done (with each shape and the heap grown), failed (with the
+        error)."""
         self.warm = {"state": "running", "shapes": []}
         t_all = time.perf_counter()
         try:
@@ -248,6 +252,8 @@ class Reader:
                 self.warm["shapes"].append(shape)
                 logger.info("warm-up %s: %d prompt tokens, up to %d new: first reading %.2f s, then %.2f s",
                             modality, shape["prompt_tokens"], max_new_tokens, times[0], times[1])
+            grown = allocator.reserve(allocator.reserve_bytes() if heap_reserve is None else heap_reserve)
+            self.warm["heap_reserved_gib"] = round(grown["bytes"] / 2**30, 2) if grown else 0.0
         except Exception as e:  # noqa: BLE001 (a failed warm-up leaves a working, cold server)
             logger.exception("warm-up failed")
             self.warm.update(state="failed", error=f"{type(e).__name__}: {str(e)[:300]}")

@@ -124,3 +124,52 @@ def test_zeros_are_zeros_in_reused_memory():
     assert out.returncode == 0, out.stderr
     got = json.loads(out.stdout.strip().splitlines()[-1])
     assert got == {name: [name, [134, 256, 256], 0] for name in ("bool", "uint8", "float32", "float64")}
+
+
+RESERVE = """
+import json, sys, numpy as np
+from monailabel_app import allocator
+
+def resident():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+was = resident()
+grown = allocator.reserve(int(sys.argv[1]))
+written = resident() - was
+before = allocator.heap_bytes()
+a = np.ones((64, 1024, 1024), np.float32)  # 256 MiB written, as a reading's arrays are
+print(json.dumps({"grown": grown, "written": written, "heap_grew": allocator.heap_bytes() - before,
+                  "mapped": allocator.mapped_blocks()}))
+"""
+
+
+@glibc
+@pytest.mark.parametrize("policy,reserved", [("keep", 512 << 20), ("keep", 0), ("system", 512 << 20)])
+def test_a_grown_heap_gives_the_next_arrays_pages_already_mapped(policy, reserved):
+    """After :func:`allocator.reserve` (the 512 MiB written once: resident, their pages mapped) a 256 MiB array is
+    taken from them: the heap does not grow. Without it the heap grows by the array; under glibc's own policy
+    nothing is grown and the array is a mmap of its own."""
+    out = subprocess.run([sys.executable, "-c", RESERVE, str(reserved)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=60, env={**os.environ, "MEDGEMMA_MALLOC": policy})
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    if policy == "system":
+        assert got["grown"] is None and got["heap_grew"] < 256 << 20 and got["mapped"] >= 1
+    elif reserved:
+        assert got["grown"]["bytes"] == reserved and got["grown"]["seconds"] >= 0
+        assert got["written"] >= 0.9 * reserved  # its pages mapped (resident), not merely promised
+        assert got["heap_grew"] == 0
+    else:
+        assert got["grown"] is None and got["heap_grew"] >= 256 << 20
+
+
+def test_the_heap_reserve_from_the_environment(monkeypatch):
+    monkeypatch.delenv(allocator.RESERVE_ENV, raising=False)
+    assert allocator.reserve_bytes() == 4 << 30
+    monkeypatch.setenv(allocator.RESERVE_ENV, "0.5")
+    assert allocator.reserve_bytes() == 1 << 29
+    for bad in ("lots", "-1", "nan"):
+        monkeypatch.setenv(allocator.RESERVE_ENV, bad)
+        with pytest.raises(ValueError, match="MEDGEMMA_HEAP_RESERVE_GB"):
+            allocator.reserve_bytes()

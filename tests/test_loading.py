@@ -6,7 +6,7 @@ import shutil
 import pytest
 import torch
 
-from monailabel_app import loading
+from monailabel_app import allocator, loading
 from monailabel_app.errors import InputError
 from monailabel_app.loading import ModelLoadError, choose_precision, load_model
 from monailabel_app.phantom_model import PHANTOM_MODEL_DIR
@@ -156,9 +156,11 @@ def test_warm_up_reads_each_modality_and_says_where_it_stands(caplog):
     reader = Reader(precision="fp32")
     assert reader.warm["state"] == "not started"
     with caplog.at_level(logging.INFO, logger="monailabel_app"):
-        warm = reader.warm_up(max_new_tokens=32)
+        warm = reader.warm_up(max_new_tokens=32, heap_reserve=1 << 28)
     assert warm["state"] == "done" and [s["modality"] for s in warm["shapes"]] == ["xray", "ct"]
+    assert warm["heap_reserved_gib"] == (0.25 if allocator.keep_freed_memory() else 0.0)  # 256 MiB grown
     ct = warm["shapes"][1]
     # the warm-up CT shows the model as many slices as it takes (the phantom is stretched along z)
     assert ct["prompt_tokens"] > int(reader.ct["max_slices"]) * reader.grid**2
     assert sum("warm-up" in r.getMessage() for r in caplog.records) == 3
+    assert sum("heap grown by" in r.getMessage() for r in caplog.records) == (1 if allocator.keep_freed_memory() else 0)

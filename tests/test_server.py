@@ -14,6 +14,7 @@ import SimpleITK as sitk
 from PIL import Image
 
 from conftest import CXR, auto_precision, shared
+from monailabel_app import allocator
 from monailabel_app.phantoms import make_phantom
 from monailabel_app.xray import load_radiograph
 
@@ -84,6 +85,7 @@ def test_the_server_warms_up_at_start_and_says_so(server):
     assert warm["state"] == "done", warm
     assert [s["modality"] for s in warm["shapes"]] == ["xray", "ct"]
     assert all(s["prompt_tokens"] > 0 and s["first_s"] > 0 and s["then_s"] > 0 for s in warm["shapes"])
+    assert warm["heap_reserved_gib"] == (0.25 if allocator.keep_freed_memory() else 0.0)  # --conf heap_reserve_gb 0.25
     log = server.log_tail(200_000)
     assert "warm-up xray:" in log and "warm-up ct:" in log and "warm-up done" in log
 
@@ -296,3 +298,16 @@ def test_a_server_with_a_stream_open_stops_within_seconds(tmp_path):
     assert not server.alive() and STOP_GRACE_S <= took < STOP_GRACE_S + 8, took
     assert "to force quit" in open(server.log_path).read()  # uvicorn waited for the open stream
     stream.close()
+
+
+def test_the_warm_ups_heap_from_the_servers_conf():
+    """``--conf heap_reserve_gb``: the heap a warm-up grows (absent: the environment's or 4 GiB; 0: none); a bad
+    value is refused with the conf's name."""
+    from monailabel_app.app.configs.medgemma import heap_reserve
+    from monailabel_app.errors import InputError
+
+    assert heap_reserve({}) is None
+    assert heap_reserve({"heap_reserve_gb": "0"}) == 0 and heap_reserve({"heap_reserve_gb": "0.5"}) == 1 << 29
+    for bad in ("-1", "lots", "nan"):
+        with pytest.raises(InputError, match="heap_reserve_gb"):
+            heap_reserve({"heap_reserve_gb": bad})

@@ -70,7 +70,8 @@ class MedGemma(TaskConfig):
         self.max_new_tokens = int(conf.get("max_new_tokens", 128))
         if wants_warm_up(conf.get("warm_up", "auto"), self.reader.info.device):
             threading.Thread(target=self.reader.warm_up, kwargs={"max_new_tokens": self.max_new_tokens,
-                                                                   "language": self.language},
+                                                                   "language": self.language,
+                                                                   "heap_reserve": heap_reserve(conf)},
                              name="warm-up", daemon=True).start()
 
     def infer(self):
@@ -94,6 +95,21 @@ class MedGemma(TaskConfig):
 
     def trainer(self):
         return None
+
+
+def heap_reserve(conf: dict) -> int | None:
+    """``--conf heap_reserve_gb``: the heap the warm-up grows for the first clinical studies (GiB; 0: none; absent:
+    ``MEDGEMMA_HEAP_RESERVE_GB``, else 4), in bytes (None: absent)."""
+    value = conf.get("heap_reserve_gb")
+    if value is None:
+        return None
+    try:
+        gib = float(value)
+    except (TypeError, ValueError):
+        gib = -1.0
+    if not gib >= 0:
+        raise InputError(f"--conf heap_reserve_gb must be 0 or more GiB, got {value!r}")
+    return int(gib * 2**30)
 
 
 def wants_warm_up(value, device: str) -> bool:

@@ -300,14 +300,20 @@ def test_a_server_with_a_stream_open_stops_within_seconds(tmp_path):
     stream.close()
 
 
-def test_the_warm_ups_heap_from_the_servers_conf():
-    """``--conf heap_reserve_gb``: the heap a warm-up grows (absent: the environment's or 4 GiB; 0: none); a bad
-    value is refused with the conf's name."""
+def test_the_warm_ups_heap_from_the_servers_conf(monkeypatch):
+    """``--conf heap_reserve_gb``: the heap a warm-up grows (absent: the environment's, else 4 GiB; 0: none); a bad
+    value of either is refused with its name."""
     from monailabel_app.app.configs.medgemma import heap_reserve
     from monailabel_app.errors import InputError
 
-    assert heap_reserve({}) is None
-    assert heap_reserve({"heap_reserve_gb": "0"}) == 0 and heap_reserve({"heap_reserve_gb": "0.5"}) == 1 << 29
+    monkeypatch.delenv("MEDGEMMA_HEAP_RESERVE_GB", raising=False)
+    assert heap_reserve({}) == 4 << 30
+    monkeypatch.setenv("MEDGEMMA_HEAP_RESERVE_GB", "1")
+    assert heap_reserve({}) == 1 << 30 and heap_reserve({"heap_reserve_gb": "0"}) == 0
+    assert heap_reserve({"heap_reserve_gb": "0.5"}) == 1 << 29
     for bad in ("-1", "lots", "nan"):
         with pytest.raises(InputError, match="heap_reserve_gb"):
             heap_reserve({"heap_reserve_gb": bad})
+    monkeypatch.setenv("MEDGEMMA_HEAP_RESERVE_GB", "lots")
+    with pytest.raises(InputError, match="MEDGEMMA_HEAP_RESERVE_GB"):
+        heap_reserve({})

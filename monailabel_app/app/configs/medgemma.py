@@ -33,6 +33,7 @@ import threading
 
 from monailabel.interfaces.config import TaskConfig
 
+from monailabel_app import allocator
 from monailabel_app.app.infers.medgemma import MedGemmaInfer
 from monailabel_app.conversation import MAX_BYTES, MAX_CONVERSATIONS, TTL_SECONDS, Conversations
 from monailabel_app.ct import Limits
@@ -97,12 +98,15 @@ class MedGemma(TaskConfig):
         return None
 
 
-def heap_reserve(conf: dict) -> int | None:
+def heap_reserve(conf: dict) -> int:
     """``--conf heap_reserve_gb``: the heap the warm-up grows for the first clinical studies (GiB; 0: none; absent:
-    ``MEDGEMMA_HEAP_RESERVE_GB``, else 4), in bytes (None: absent)."""
+    ``MEDGEMMA_HEAP_RESERVE_GB``, else 4), in bytes; a bad value of either stops the server at start."""
     value = conf.get("heap_reserve_gb")
     if value is None:
-        return None
+        try:
+            return allocator.reserve_bytes()
+        except ValueError as e:
+            raise InputError(str(e)) from None
     try:
         gib = float(value)
     except (TypeError, ValueError):

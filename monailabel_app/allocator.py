@@ -104,16 +104,17 @@ RESERVE_ENV = "MEDGEMMA_HEAP_RESERVE_GB"  # heap grown at warm-up (GiB; 0: none)
 DEFAULT_RESERVE_GB = 4.0
 
 
-def reserve_bytes() -> int:
-    """The heap a warm-up grows (:func:`reserve`): ``MEDGEMMA_HEAP_RESERVE_GB`` (GiB, default
-    :data:`DEFAULT_RESERVE_GB`)."""
-    value = os.environ.get(RESERVE_ENV, "").strip()
+def reserve_bytes(value=None, name: str = RESERVE_ENV) -> int:
+    """The heap a warm-up grows (:func:`reserve`), in bytes: ``value`` GiB (a server's ``--conf``, named ``name`` in
+    the error), else ``MEDGEMMA_HEAP_RESERVE_GB``, else :data:`DEFAULT_RESERVE_GB`. ValueError unless 0 or more."""
+    if value is None:
+        value = os.environ.get(RESERVE_ENV, "").strip() or DEFAULT_RESERVE_GB
     try:
-        gib = float(value) if value else DEFAULT_RESERVE_GB
-    except ValueError:
-        raise ValueError(f"{RESERVE_ENV} must be a number of GiB, got {value!r}") from None
+        gib = float(value)
+    except (TypeError, ValueError):
+        gib = -1.0
     if not gib >= 0:
-        raise ValueError(f"{RESERVE_ENV} must be 0 or more GiB, got {value!r}")
+        raise ValueError(f"{name} must be 0 or more GiB, got {value!r}")
     return int(gib * 2**30)
 
 

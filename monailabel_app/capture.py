@@ -257,7 +257,6 @@ class DecodeRecorder:
 
     def __init__(self, layers: list[int], image_positions: torch.Tensor, steps: int, heads: int,
                  step: torch.Tensor):
-        self.layers = list(layers)
         self.slot = {layer: i for i, layer in enumerate(layers)}
         self.image_positions = _positions(image_positions)
         batch, n = self.image_positions.shape
@@ -274,14 +273,14 @@ class DecodeRecorder:
         images, n = total // tokens_per_image, tokens_per_image
         eye = torch.eye(n, device=self.step.device)
         self.products = eye.expand(len(self.buffers), batch, images, n, n).clone()
-        self._offsets = torch.arange(-max(len(b) for b in self.buffers), 0, device=self.step.device)
+        self._offsets = torch.arange(-len(self.buffers[0]), 0, device=self.step.device)  # (every buffer's length)
 
     def set_products(self, at_layer: dict[int, torch.Tensor]) -> None:
         """The reading's rollout products (read layer -> (batch, images, n, n), :attr:`AttentionRecorder.at_layer`;
         empty: no rollout); a recorded layer without one keeps its rows as they are (the identity)."""
         n = self.products.shape[-1]
         eye = torch.eye(n, device=self.products.device)
-        for li, layer in enumerate(self.layers):
+        for layer, li in self.slot.items():
             mixing = at_layer.get(layer)
             self.products[li].copy_(eye.expand_as(self.products[li]) if mixing is None else mixing)
 

@@ -102,18 +102,10 @@ def heap_reserve(conf: dict) -> int:
     """``--conf heap_reserve_gb``: the heap the warm-up grows for the first clinical studies (GiB; 0: none; absent:
     ``MEDGEMMA_HEAP_RESERVE_GB``, else 4), in bytes; a bad value of either stops the server at start."""
     value = conf.get("heap_reserve_gb")
-    if value is None:
-        try:
-            return allocator.reserve_bytes()
-        except ValueError as e:
-            raise InputError(str(e)) from None
     try:
-        gib = float(value)
-    except (TypeError, ValueError):
-        gib = -1.0
-    if not gib >= 0:
-        raise InputError(f"--conf heap_reserve_gb must be 0 or more GiB, got {value!r}")
-    return int(gib * 2**30)
+        return allocator.reserve_bytes() if value is None else allocator.reserve_bytes(value, "--conf heap_reserve_gb")
+    except ValueError as e:
+        raise InputError(str(e)) from None
 
 
 def wants_warm_up(value, device: str) -> bool:

@@ -32,6 +32,7 @@ from .allocator import zeros
 from .ct import CTVolume, ModelSlices
 from .generation import Generation, Partial
 from .grounding import anatomy, ct_maps, extent, maps
+from .grounding.boxes import Boxed, bounds, within
 from .language.findings import Finding, read_answer, written_upto
 from .xray import Radiograph, SquarePad, pixel_spacing_mm
 
@@ -68,6 +69,8 @@ class Mapped:
     info: dict
     support: tuple[slice, ...] | None = None
     span: tuple[float, float] | None = None  # the gated map's range (maps.support_range), found once
+    region_box: tuple[slice, ...] | None = None  # where known, the box outside which the region is all False
+    peak: tuple[int, ...] | None = None  # where known, the gated map's peak (maps.Peaks)
 
 
 class StudyMaps:
@@ -243,12 +246,13 @@ class FilmMaps(StudyMaps):
             lambda p: [int(p[1]), int(p[0]), 0], side)
         if info["extent"] == "image" and not self.spacing_known:
             info["measured"]["spacing"] = ASSUMED_SPACING
-        return Mapped(grid, h, m, region, info)
+        return Mapped(grid, h, m, region.mask, info, region_box=region.box)
 
     def _finish(self, done: list[Mapped]) -> tuple[np.ndarray, list[dict]]:
         if not done:
             return np.zeros(self.radiograph.pixels.shape, np.uint8), []
-        return maps.assign([d.region for d in done], [d.gated for d in done]), [d.info for d in done]
+        return (maps.assign([d.region for d in done], [d.gated for d in done], boxes=[d.region_box for d in done]),
+                [d.info for d in done])
 
 
 class CTMaps(StudyMaps):
@@ -296,11 +300,13 @@ class CTMaps(StudyMaps):
         threshold, from_image = float(settings.get("threshold", 0.5)), image_extent(settings)
         span = maps.support_range(m, box)
         # the attention's own region and the one its extent is searched in: one pass over the gate's box
-        own, search = maps.peak_regions(m, (threshold, extent.SEARCH_LEVEL), box, span) if from_image else (None, None)
+        peaks = maps.peak_regions(m, (threshold, extent.SEARCH_LEVEL) if from_image else (threshold,), box, span)
+        own, search = peaks.regions[0], peaks.regions[-1]
         region, info = finding_region(f, m, threshold, from_image, lambda own: extent.find_in_ct(
             volume.hu, volume.spacing, m, f.kind, own, self.shared, box, device, search, self._layers(f.kind)),
             lambda p: [int(i) for i in reversed(volume.stored_index(p))], side, box, own)
-        return Mapped(g, h.result() if isinstance(h, Future) else h, m, region, info, box, span)
+        return Mapped(g, h.result() if isinstance(h, Future) else h, m, region.mask, info, box, span, region.box,
+                      peaks.peak)
 
     def _layers(self, kind: str) -> extent.CTLayers | None:
         """The volume's search layers (the reader's, found beside the model) for a ``kind`` with an image
@@ -313,15 +319,15 @@ class CTMaps(StudyMaps):
         if not done:
             return zeros(self.volume.shape, np.uint8), []
         labels, planes = maps.assign([d.region for d in done], [d.gated for d in done], [d.support for d in done],
-                                     [d.span for d in done], planes=True)
-        extras = [{**ct_maps.slice_info_of_planes(self.volume, d.grid, d.gated, p, d.support, d.span), **d.info}
+                                     [d.span for d in done], planes=True, boxes=[d.region_box for d in done])
+        extras = [{**ct_maps.slice_info_of_planes(self.volume, d.grid, d.gated, p, d.support, d.span, d.peak), **d.info}
                   for d, p in zip(done, planes)]
         return labels, extras
 
 
 def finding_region(finding: Finding, heat: np.ndarray, threshold: float, from_image: bool, find, point,
                    side: np.ndarray | None = None, support: tuple[slice, ...] | None = None,
-                   own: np.ndarray | None = None) -> tuple[np.ndarray, dict]:
+                   own: Boxed | None = None) -> tuple[Boxed, dict]:
     """(region, what the finding says about it): the image's region for the finding (``find()``, from
     :mod:`grounding.extent`) when ``from_image`` and the image gives one, with the point it grew from
     (``point(index)``: as the input's [i, j, k]; ``find`` is given the attention's own region), else the
@@ -329,23 +335,35 @@ def finding_region(finding: Finding, heat: np.ndarray, threshold: float, from_im
     (safety: an image region never crosses to the other side of the patient; it is cut at the midline like the
     attention); and it must stand for the finding (:func:`keeps_image_region`). ``support``: the box outside
     which ``heat`` is zero (its gate's; :func:`maps.peak_region`); ``own``: the attention's own region, when
-    already found."""
-    own = maps.peak_region(heat, threshold, support=support) if own is None else own
+    already found. The region comes with a box outside which it is all False (None: empty)."""
+    own = Boxed.of(maps.peak_region(heat, threshold, support=support)) if own is None else own
     if from_image:
         try:
             found = find(own)
-            mask = found.mask if side is None else found.mask & side
-            if not mask.any():
+            region = _cut_to_side(found, side)
+            if not region.any():
                 reason = "the image's region lies on the other side of the patient"
-            elif not keeps_image_region(mask, own, finding.kind):
+            elif not keeps_image_region(region.mask, own.mask, finding.kind, region.box, own.box):
                 reason = "the image's region lies away from where attention points"
             else:
-                return mask, {"extent": "image", "measured": {**found.json(), "point": point(found.seed)}}
+                return region, {"extent": "image", "measured": {**found.json(), "point": point(found.seed)}}
         except extent.NoExtent as e:
             reason = str(e)
     else:
         reason = "image extent switched off (grounding.json \"extent\": \"attention\")"
     return own, {"extent": "attention", "extent_reason": reason}
+
+
+def _cut_to_side(found: extent.Extent, side: np.ndarray | None) -> Boxed:
+    """The image's region ``found`` within the named ``side`` (a mask that broadcasts to it; None: no side),
+    with its bounding box: cut on the box the region was grown in, where the search gives it."""
+    if found.box is None:
+        return Boxed.of(found.mask if side is None else found.mask & side)
+    box = found.box
+    if side is not None:
+        found.mask[box] &= np.broadcast_to(side, found.mask.shape)[box]
+    inside = found.mask[box]
+    return Boxed(found.mask, within(box, bounds(inside)) if inside.any() else None)
 
 
 # when the image's region stands for the finding (chosen on calibration phantoms 20000..20149, never the
@@ -354,18 +372,23 @@ def finding_region(finding: Finding, heat: np.ndarray, threshold: float, from_im
 KEEP_OVERLAP, KEEP_LARGEST, KEEP_SMALLEST_AIRSPACE = 0.25, 1.5, 0.1
 
 
-def keeps_image_region(region: np.ndarray, own: np.ndarray, kind: str) -> bool:
+def keeps_image_region(region: np.ndarray, own: np.ndarray, kind: str, region_box: tuple[slice, ...] | None = None,
+                       own_box: tuple[slice, ...] | None = None) -> bool:
     """Whether the image's ``region`` for a finding of ``kind`` stands for it, against the attention's ``own``
     region: it must not move the finding away from where the model looked (a speck beside the lesion, a
-    seed on the heart beside an effusion)."""
-    own_size = np.count_nonzero(own)  # (voxel counts: a bool sum of a CT volume took 6x as long)
+    seed on the heart beside an effusion). ``region_box``, ``own_box``: their bounding boxes, when known (both
+    or neither; ``own_box`` None: ``own`` is empty)."""
+    if region_box is None:  # (voxel counts: a bool sum of a CT volume took 6x as long)
+        own_size = np.count_nonzero(own)
+    else:
+        own_size = 0 if own_box is None else np.count_nonzero(own[own_box])
     if not own_size:
         return True
-    size = np.count_nonzero(region)
+    box = extent.bounding_box(region) if region_box is None else region_box  # centre and overlap on it only
+    size = np.count_nonzero(region[box])
     ratio = size / own_size
     if kind in extent.AIRSPACE and ratio < KEEP_SMALLEST_AIRSPACE:
         return False
-    box = extent.bounding_box(region)  # the same centre and overlap, on the region's box only
     centre = tuple(int(round(c + b.start)) for c, b in zip(centre_of_mass(region[box]), box))
     return bool(own[centre]) or (np.count_nonzero(region[box] & own[box]) >= KEEP_OVERLAP * size and ratio <= KEEP_LARGEST)
 

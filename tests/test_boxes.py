@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from monailabel_app.grounding.boxes import bounds
+from monailabel_app.grounding.boxes import Boxed, bounds, grown, union, within
 
 
 def _per_axis(mask, margin):
@@ -28,3 +28,25 @@ def test_bounds_are_the_per_axis_reductions_of_the_whole_array(shape):
         assert bounds(mask) == _per_axis(mask, [0] * len(shape))
     with pytest.raises(IndexError):
         bounds(np.zeros(shape, bool))  # an empty mask has no box
+
+
+def test_a_masks_box_grown_and_joined_as_bounds_finds_them():
+    """Boxed.of finds a mask's bounding box (None: empty); grown() gives bounds() with a margin from the box
+    alone, kept inside the array; union() holds every box given and no more."""
+    rng = np.random.default_rng(8)
+    shape = (20, 30, 25)
+    for trial in range(15):
+        mask = np.zeros(shape, bool)
+        for _ in range(1 + trial % 3):
+            mask[tuple(int(rng.integers(0, n)) for n in shape)] = True
+        boxed = Boxed.of(mask)
+        assert boxed.box == bounds(mask) and boxed.any() and boxed.count() == mask.sum()
+        margin = [int(m) for m in rng.integers(0, 9, 3)]
+        assert grown(boxed.box, margin, shape) == bounds(mask, margin)
+    assert Boxed.of(np.zeros(shape, bool)).box is None and not Boxed.of(np.zeros(shape, bool)).any()
+    a, b = np.zeros(shape, bool), np.zeros(shape, bool)
+    a[2:5, 10:12, 3:4] = True
+    b[8:9, 1:3, 20:22] = True
+    assert union([bounds(a), None, bounds(b)]) == bounds(a | b)
+    assert union([None, None]) is None
+    assert within((slice(2, 9), slice(5, 30)), (slice(1, 3), slice(0, 4))) == (slice(3, 5), slice(5, 9))

@@ -172,6 +172,38 @@ def test_findings_searched_with_the_volumes_layers_find_the_phantoms_lesions():
     assert min(agree) >= 0.9 and np.mean(scores) >= 0.8, (agree, scores)
 
 
+def test_a_search_given_its_regions_boxes_finds_what_the_bare_masks_find():
+    """find_in_ct given the attention's own region and its search region with their bounding boxes (as the
+    reader passes them, maps.peak_regions) reads the boxes instead of finding them again: the same region, seed
+    and measures as from the bare masks, and the region lies inside the box its Extent gives."""
+    from monailabel_app.ct_phantoms import phantom_volume
+    from monailabel_app.grounding import maps
+
+    found = 0
+    for seed in (4, 5):
+        ph = make_ct_phantom(seed)
+        vol = phantom_volume(ph)
+        grid = np.indices(vol.shape)
+        for les in ph.lesions:
+            centre = np.argwhere(les.mask).mean(axis=0)
+            d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre, vol.spacing))
+            heat = np.exp(-d2 / (2 * 15.0**2)).astype(np.float32)
+            own, search = maps.peak_regions(heat, (0.5, extent.SEARCH_LEVEL)).regions
+            outcomes = []
+            for near, where in ((own.mask, search.mask), (own, search)):
+                try:
+                    e = extent.find_in_ct(vol.hu, vol.spacing, heat, les.kind, near, cache={}, search=where)
+                    outcomes.append((e.mask, e.seed, e.json()))
+                    assert e.box is not None and e.mask[e.box].sum() == e.mask.sum() > 0
+                except extent.NoExtent as x:
+                    outcomes.append((None, str(x)))
+            assert outcomes[0][1:] == outcomes[1][1:]
+            if outcomes[0][0] is not None:
+                assert np.array_equal(outcomes[0][0], outcomes[1][0])
+                found += 1
+    assert found >= 3
+
+
 def test_a_volumes_findings_share_the_coarse_planes_and_get_the_same_regions(monkeypatch):
     """A large kind's box is looked at on coarse planes; with a cache kept for the volume's findings they
     are made once (a mass and an opacity at one voxel), the regions the same as without it. A point

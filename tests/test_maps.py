@@ -3,6 +3,7 @@ import pytest
 from scipy import ndimage
 
 from monailabel_app.grounding import maps
+from monailabel_app.grounding.boxes import bounds
 from monailabel_app.xray import SquarePad
 
 
@@ -148,11 +149,15 @@ def test_peak_regions_at_several_thresholds_equal_one_peak_region_each(threshold
             sub -= 0.5 * sub.max()  # values below zero inside: some levels fall under the zeros outside
         h[box] = sub
         for support in (box, None):
-            got = maps.peak_regions(h, thresholds, support)
-            for region, t in zip(got, thresholds):
-                assert np.array_equal(region, maps.peak_region(h, t, support=support)), (trial, t, support)
+            peaks = maps.peak_regions(h, thresholds, support)
+            got = [r.mask for r in peaks.regions]
+            for region, t in zip(peaks.regions, thresholds):
+                assert np.array_equal(region.mask, maps.peak_region(h, t, support=support)), (trial, t, support)
+                assert region.box == (bounds(region.mask) if region.mask.any() else None), (trial, t, support)
             low = got[int(np.argmin(thresholds))]
             assert all(not (r & ~low).any() for r in got)
+            flat = trial == 3
+            assert peaks.peak == (None if flat else np.unravel_index(int(np.argmax(h)), h.shape)), (trial, support)
         assert trial == 3 or got[0].any()
 
 
@@ -200,6 +205,23 @@ def test_assign_gives_overlaps_to_the_larger_scaled_heatmap():
     assert np.array_equal(got, expected) and set(np.unique(got)) == {0, 1, 2}
     assert np.array_equal(maps.assign(regions, gated), expected)
     assert not maps.assign([np.zeros(shape, bool)], gated[:1]).any()
+    # the regions' boxes given (the one empty region: None): read within the box that holds them all
+    boxes = [bounds(r) if r.any() else None for r in regions]
+    assert boxes[2] is None and _union_is_smaller(boxes, shape)
+    assert np.array_equal(maps.assign(regions, gated, [box] * 3, spans, boxes=boxes), expected)
+    with_planes = maps.assign(regions, gated, [box] * 3, spans, planes=True, boxes=boxes)
+    assert np.array_equal(with_planes[0], expected) and with_planes[1] == maps.assign(regions, gated, planes=True)[1]
+    loose = [(slice(0, shape[0]), b[1], slice(b[2].start, shape[2])) if b is not None else None for b in boxes]
+    assert np.array_equal(maps.assign(regions, gated, boxes=loose), expected)  # boxes larger than the regions
+    none, planes = maps.assign([np.zeros(shape, bool)], gated[:1], planes=True, boxes=[None])
+    assert not none.any() and planes == [None]
+
+
+def _union_is_smaller(boxes, shape) -> bool:
+    from monailabel_app.grounding.boxes import union
+
+    held = union(boxes)
+    return np.prod([b.stop - b.start for b in held]) < np.prod(shape)
 
 
 def test_assign_gives_each_labels_planes_as_the_label_map_has_them():
@@ -218,6 +240,8 @@ def test_assign_gives_each_labels_planes_as_the_label_map_has_them():
     regions = [strong, weak, lost]
     labels, planes = maps.assign(regions, heats, planes=True)
     assert np.array_equal(labels, maps.assign(regions, heats))
+    boxed = maps.assign(regions, heats, planes=True, boxes=[bounds(r) for r in regions])  # planes from the box
+    assert np.array_equal(boxed[0], labels) and boxed[1] == planes
     for k, p in enumerate(planes, start=1):
         zs = np.flatnonzero((labels == k).any(axis=(1, 2)))
         assert p == ((int(zs[0]), int(zs[-1])) if zs.size else None)

@@ -5,6 +5,7 @@ import pytest
 from scipy import ndimage
 
 from monailabel_app.grounding import extent
+from monailabel_app.grounding.boxes import bounds
 from monailabel_app.study_maps import KEEP_LARGEST, KEEP_OVERLAP, KEEP_SMALLEST_AIRSPACE, centre_of_mass, \
     keeps_image_region
 
@@ -50,6 +51,8 @@ def test_an_image_region_is_kept_as_before(kind):
             continue
         want = _before(region, own, kind)
         assert keeps_image_region(region, own, kind) == want, trial
+        assert keeps_image_region(region, own, kind, bounds(region), bounds(own)) == want, trial  # boxes known
         kept, dropped = kept + want, dropped + (not want)
     assert kept > 5 and dropped > 5  # both sides of the rule were met
     assert keeps_image_region(region, np.zeros_like(own), kind)
+    assert keeps_image_region(region, np.zeros_like(own), kind, bounds(region), None)

@@ -162,14 +162,16 @@ def slice_info(volume: CTVolume, grids: np.ndarray, heat: np.ndarray, mask: np.n
 
 
 def slice_info_of_planes(volume: CTVolume, grids: np.ndarray, heat: np.ndarray, planes: tuple[int, int] | None,
-                         support: tuple[slice, ...] | None = None, span: tuple[float, float] | None = None) -> dict:
+                         support: tuple[slice, ...] | None = None, span: tuple[float, float] | None = None,
+                         peak: tuple[int, ...] | None = None) -> dict:
     """:func:`slice_info` from the mask's first and last display plane (None: an empty mask), as
-    :func:`maps.assign` gives them without another pass over the label map."""
+    :func:`maps.assign` gives them without another pass over the label map; ``peak``: ``heat``'s peak, when
+    already found (:class:`maps.Peaks`)."""
 
     def where(z: int) -> dict:
         return {"index": volume.display_to_stored_index(int(z)), "world_z_mm": round(volume.world_z(int(z)), 2)}
 
-    out = {"strongest_slice": where(_peak_plane(heat, support, span)),
+    out = {"strongest_slice": where(_peak_plane(heat, support, span) if peak is None else peak[0]),
            "model_slice": int(np.argmax(grids.sum(axis=(1, 2)))) + 1}
     out["slice_range"] = None
     if planes is not None:

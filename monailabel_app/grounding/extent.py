@@ -43,7 +43,7 @@ from .. import components, distances
 from ..allocator import zeros
 from . import filters, maps
 from .blocks import block_mean, block_min, blocks_back
-from .boxes import bounds
+from .boxes import Boxed, bounds, boxed, grown
 from .morphology import open_in_plane
 from .territory import territory
 
@@ -74,6 +74,7 @@ class Extent:
     size_mm: float  # area in mm² (2-D) or volume in mm³ (3-D)
     seed: tuple[int, ...]
     method: str  # focal / airspace / fluid / air
+    box: tuple[slice, ...] | None = None  # where known, the box outside which ``mask`` is all False
 
     def json(self) -> dict:
         key = "volume_mm3" if self.mask.ndim == 3 else "area_mm2"
@@ -279,7 +280,7 @@ def grow(values: np.ndarray, spacing, seed, kind: str, lung_level: float, min_co
         raise NoExtent(f"the region at the point measures {d:.1f} mm, under the {lo:.0f} mm of a {kind}")
     mask = zeros(values.shape, bool)
     mask[box] = part
-    return Extent(mask, d, float(part.sum() * np.prod(spacing)), tuple(int(s) for s in seed), method)
+    return Extent(mask, d, float(part.sum() * np.prod(spacing)), tuple(int(s) for s in seed), method, box)
 
 
 # ---------------------------------------------------------------------------------------------- CT
@@ -314,7 +315,7 @@ def grow_ct(hu: np.ndarray, spacing, seed, kind: str, lungs: np.ndarray | None =
                         _grid=grid, device=device)
         mask = zeros(hu.shape, bool)
         blocks_back(found.mask, step, fill=False, out=mask[box])
-        return Extent(mask, found.diameter_mm, found.size_mm, tuple(int(s) for s in seed), found.method)
+        return Extent(mask, found.diameter_mm, found.size_mm, tuple(int(s) for s in seed), found.method, box)
     shared = cache if _grid is not None and lungs is None else None  # only coarse planes are kept (small arrays)
 
     def lung():  # on the box only: grow() reads the same box (search_box), the territory is made from it
@@ -763,13 +764,15 @@ CANDIDATES = 3  # CT: dense regions tried where attention points, most attended 
 DEEPEST_FINE_VOXELS = 1_000_000  # a larger region's deepest voxel is looked for on 2 x 2 in-plane blocks first
 
 
-def near_box(near: np.ndarray, spacing, kind: str) -> tuple[slice, ...]:
-    """The box around ``near`` (the attention's own region) grown by the kind's largest diameter per axis. A
-    region that stands for the finding must reach into ``near`` or have its centre there (the reader's rule),
-    and a region grown from a seed reaches no farther than its own diameter: a seed farther out than that
-    cannot give one. This keeps a diffuse attention's search (half a chest) to where it points most."""
+def near_box(near: np.ndarray | Boxed, spacing, kind: str) -> tuple[slice, ...]:
+    """The box around ``near`` (the attention's own region, non-empty; as a :class:`Boxed`, from its box) grown by
+    the kind's largest diameter per axis. A region that stands for the finding must reach into ``near`` or have
+    its centre there (the reader's rule), and a region grown from a seed reaches no farther than its own
+    diameter: a seed farther out than that cannot give one. This keeps a diffuse attention's search (half a
+    chest) to where it points most."""
     hi = limits_mm(kind)[1]
-    return bounds(near, [int(np.ceil(hi / s)) + 1 for s in spacing])
+    near = boxed(near)
+    return grown(near.box, [int(np.ceil(hi / s)) + 1 for s in spacing], near.mask.shape)
 
 
 def deepest(part: np.ndarray, spacing) -> tuple[int, ...]:
@@ -790,9 +793,9 @@ def deepest(part: np.ndarray, spacing) -> tuple[int, ...]:
     return tuple(int(i + b.start) for i, b in zip(k, box))
 
 
-def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.ndarray | None = None,
+def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.ndarray | Boxed | None = None,
                cache: dict | None = None, support: tuple[slice, ...] | None = None, device=None,
-               search: np.ndarray | None = None, layers: "CTLayers | None" = None) -> Extent:
+               search: np.ndarray | Boxed | None = None, layers: "CTLayers | None" = None) -> Extent:
     """A finding's extent in a CT from its gated attention map ``heat`` (display grid): of the dense regions
     (above -500 HU, smoothed) in the region attention points at, the most attended one that the kind's rule
     (:func:`grow_ct`, from its deepest voxel) accepts as a ``kind`` (a mass beside a nodule is not the
@@ -802,13 +805,15 @@ def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.nd
     the box outside which ``heat`` is zero (its gate's), searched alone; ``device``: where the HU are smoothed
     (:func:`smoothed_hu`: the same values anywhere); ``search``: the region attention points at, when already
     found (:func:`maps.peak_regions` at :data:`SEARCH_LEVEL`); ``layers``: the volume's smoothed HU and aerated
-    lung made once for its findings (:func:`ct_layers`), read on the box (else made for the box)."""
+    lung made once for its findings (:func:`ct_layers`), read on the box (else made for the box). ``near`` and
+    ``search`` may come as :class:`Boxed` masks: their boxes are then read instead of found."""
     if method_of(kind, 3) is None:
         raise NoExtent(f"no image method for {kind!r} on CT")
-    search = _search_region(heat, support) if search is None else search
-    if not search.any():
+    found = boxed(_search_region(heat, support) if search is None else search)
+    box, search = found.box, found.mask
+    if box is None:
         raise NoExtent("attention gives no region")
-    box = bounding_box(search)
+    near = None if near is None else boxed(near)
     if near is not None and near.any():
         box = tuple(slice(max(a.start, b.start), min(a.stop, b.stop)) for a, b in zip(box, near_box(near, spacing, kind)))
     # findings whose attention spans the same box (a mass and an opacity in one lung) smooth it once

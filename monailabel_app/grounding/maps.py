@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
+from dataclasses import dataclass
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from .. import components
 from ..allocator import zeros
 from ..xray import SquarePad
-from .boxes import bounds
+from .boxes import Boxed, bounds, union, within
 
 
 def grid_to_pixels(grid: np.ndarray, pad: SquarePad) -> np.ndarray:
@@ -160,47 +161,60 @@ def peak_region(heatmap: np.ndarray, threshold: float = 0.5, scaled: np.ndarray 
     return _peak_region(heatmap, threshold, support)[0]
 
 
+@dataclass
+class Peaks:
+    """:func:`peak_regions`' answer: a region per threshold, each with its own bounding box (None: empty), and
+    the map's peak (its first voxel at the maximum in C order, as ``np.argmax`` finds it; None for a flat map)."""
+
+    regions: list[Boxed]
+    peak: tuple[int, ...] | None
+
+
 def peak_regions(heatmap: np.ndarray, thresholds, support: tuple[slice, ...] | None = None,
-                 span: tuple[float, float] | None = None) -> list[np.ndarray]:
+                 span: tuple[float, float] | None = None) -> Peaks:
     """:func:`peak_region` at each of ``thresholds`` (a finding's own region and the region its extent is
     searched in), in their order: the lowest as :func:`peak_region` finds it, each higher one on the bounding
     box of the one below. The same regions: both hold the same peak, and the higher one's voxels, above
     the lower level and connected to the peak, are all in the lower one; a large gate's box is passed over
-    once instead of once a threshold. ``span``: :func:`support_range`, when known."""
+    once instead of once a threshold. The peak is found once: the first voxel at the maximum in a box is the
+    first in any smaller box that holds it. ``span``: :func:`support_range`, when known."""
     order = sorted(range(len(thresholds)), key=lambda k: thresholds[k])
     out: list = [None] * len(thresholds)
     lo, hi = support_range(heatmap, support) if span is None else span
-    out[order[0]], box = _peak_region(heatmap, thresholds[order[0]], support, (lo, hi))
+    region, box, peak = _peak_region(heatmap, thresholds[order[0]], support, (lo, hi))
     if box is not None:
-        box = _shifted(box, bounds(out[order[0]][box]))  # the region's own box, within the one labelled
+        box = within(box, bounds(region[box]))  # the region's own box, within the one labelled
+    out[order[0]] = Boxed(region, box)
     for k in order[1:]:
         if box is None:
-            out[k] = zeros(heatmap.shape, bool)
+            out[k] = Boxed(zeros(heatmap.shape, bool), None)
             continue
         sub = heatmap[box]
-        peak = first_at(sub, hi)  # _peak_region's peak
-        region, inner = _around_peak(sub >= lo + thresholds[k] * (hi - lo), peak)
-        out[k] = zeros(heatmap.shape, bool)
-        out[k][box] = region
-        box = _shifted(box, bounds(region))
-    return out
+        local = tuple(p - b.start for p, b in zip(peak, box))
+        region, inner = _around_peak(sub >= lo + thresholds[k] * (hi - lo), local)
+        mask = zeros(heatmap.shape, bool)
+        mask[box] = region
+        box = within(box, within(inner, bounds(region[inner])))  # found on what was labelled
+        out[k] = Boxed(mask, box)
+    return Peaks(out, peak)
 
 
 def _peak_region(heatmap: np.ndarray, threshold: float, support: tuple[slice, ...] | None,
                  span: tuple[float, float] | None = None):
-    """(:func:`peak_region`'s region, a box that holds it, or None when it is empty)."""
+    """(:func:`peak_region`'s region, a box that holds it (None when it is empty), the map's peak (None: flat))."""
     # the threshold in the map's own units: no scaled copy of a whole volume
     lo, hi = support_range(heatmap, support) if span is None else span
     if not hi - lo >= 1e-12:
-        return zeros(heatmap.shape, bool), None
+        return zeros(heatmap.shape, bool), None, None
     level = lo + threshold * (hi - lo)
     if support is not None and level > 0 and hi > 0:
         sub = heatmap[support]
         out = zeros(heatmap.shape, bool)
-        out[support], inner = _around_peak(sub >= level, first_at(sub, hi))
-        return out, _shifted(support, inner)
-    peak = np.unravel_index(int(np.argmax(heatmap)), heatmap.shape)
-    return _around_peak(heatmap >= level, peak)
+        local = first_at(sub, hi)
+        out[support], inner = _around_peak(sub >= level, local)
+        return out, within(support, inner), tuple(b.start + p for b, p in zip(support, local))
+    peak = tuple(int(i) for i in np.unravel_index(int(np.argmax(heatmap)), heatmap.shape))
+    return (*_around_peak(heatmap >= level, peak), peak)
 
 
 def first_at(values: np.ndarray, top: float) -> tuple[int, ...]:
@@ -208,11 +222,6 @@ def first_at(values: np.ndarray, top: float) -> tuple[int, ...]:
     found on a bool copy (argmax of a strided float box copies it whole and compares floats; a bool one stops
     at the first True)."""
     return tuple(int(i) for i in np.unravel_index(int(np.argmax(values == top)), values.shape))
-
-
-def _shifted(outer: tuple[slice, ...], inner: tuple[slice, ...]) -> tuple[slice, ...]:
-    """``inner`` (a box within the box ``outer``) in the coordinates ``outer`` is in."""
-    return tuple(slice(o.start + i.start, o.start + i.stop) for o, i in zip(outer, inner))
 
 
 def _around_peak(above: np.ndarray, peak: tuple) -> tuple[np.ndarray, tuple[slice, ...]]:
@@ -226,30 +235,43 @@ def _around_peak(above: np.ndarray, peak: tuple) -> tuple[np.ndarray, tuple[slic
 
 
 def assign(regions: list[np.ndarray], heatmaps: list[np.ndarray], supports: list | None = None,
-           spans: list | None = None, planes: bool = False):
+           spans: list | None = None, planes: bool = False, boxes: list | None = None):
     """uint8 label map of one region per finding (k = 1..n); where regions overlap, the pixel goes to the
     finding whose heatmap, scaled to 0..1, is larger there. ``supports``: each heatmap's box outside which it
     is zero (:func:`support_range`), or None; ``spans``: each heatmap's range, when known. ``planes``: also
     give each label's first and last plane (axis 0; None for a label left with no voxel), read from the
-    regions' own voxels: (label map, planes)."""
+    regions' own voxels: (label map, planes). ``boxes``: each region's box outside which it is False (None:
+    empty), when known: the regions are then read, and overlaps settled, within the box that holds them all."""
     out = zeros(regions[0].shape, np.uint8)
-    flat_out = out.reshape(-1)
-    insides = [np.flatnonzero(region) for region in regions]
+    every = tuple(slice(0, n) for n in out.shape)
+    where = every if boxes is None else union(boxes)
+    if where is None:  # no region has a voxel
+        return (out, [None] * len(regions)) if planes else out
+    shape = tuple(b.stop - b.start for b in where)
+    local = out if where == every else zeros(shape, np.uint8)  # the label map on that box
+    flat_local = local.reshape(-1)
+    insides = [np.flatnonzero(region[where]) for region in regions]  # C order within the box
+    offset = np.array([b.start for b in where])
+    for_heat = [np.ravel_multi_index(tuple(c + o for c, o in zip(np.unravel_index(i, shape), offset)), out.shape)
+                if where != every else i for i in insides]  # the same voxels' indices in the whole map
     # the scaled values compared where regions overlap are kept for the planes the regions reach alone
-    plane = int(np.prod(out.shape[1:])) if out.ndim > 1 else 1
+    plane = int(np.prod(shape[1:])) if out.ndim > 1 else 1
     first = min((int(i[0]) // plane for i in insides if len(i)), default=0) * plane
     last = max((int(i[-1]) // plane + 1 for i in insides if len(i)), default=0) * plane
     best = np.full(max(last - first, 0), -1.0, np.float32)
-    for k, (inside, h, support, span) in enumerate(zip(insides, heatmaps, supports or [None] * len(regions),
-                                                       spans or [None] * len(regions)), start=1):
-        scaled = normalise(h, inside, support, span)  # on the region's voxels only
+    for k, (inside, at, h, support, span) in enumerate(zip(insides, for_heat, heatmaps, supports or [None] * len(regions),
+                                                           spans or [None] * len(regions)), start=1):
+        scaled = normalise(h, at, support, span)  # on the region's voxels only
         take = scaled > best[inside - first]
-        flat_out[inside[take]] = k
+        flat_local[inside[take]] = k
         best[inside[take] - first] = scaled[take]
+    if local is not out:
+        out[where] = local
     if not planes:
         return out
-    kept = [inside[flat_out[inside] == k] for k, inside in enumerate(insides, start=1)]  # sorted: C order
-    return out, [(int(i[0]) // plane, int(i[-1]) // plane) if i.size else None for i in kept]
+    kept = [inside[flat_local[inside] == k] for k, inside in enumerate(insides, start=1)]  # sorted: C order
+    z0 = where[0].start if out.ndim > 1 else 0
+    return out, [(z0 + int(i[0]) // plane, z0 + int(i[-1]) // plane) if i.size else None for i in kept]
 
 
 def label_map(heatmaps: list[np.ndarray], threshold: float = 0.5) -> np.ndarray:

@@ -82,3 +82,22 @@ def test_blocks_back_gives_each_value_to_its_block_and_the_remainder_the_fill():
             assert np.array_equal(big[box], want)
             big[box] = 99
             assert (big == np.asarray(99, dtype)).all(), "written outside its box"
+
+
+def test_reductions_made_a_slab_at_a_time_give_the_same_values(monkeypatch):
+    """Large arrays are reduced a slab at a time (planes of a volume, whole block rows of a plane, the rows and
+    columns that make no block left out): the same values as the reshaped reductions, for slabs of one plane,
+    of several, and of block rows that do not divide the plane."""
+    from monailabel_app.grounding import blocks
+
+    rng = np.random.default_rng(11)
+    volume = (rng.normal(size=(7, 53, 41)) * 300).astype(np.float32)
+    plane = rng.random((301, 87), dtype=np.float32)
+    for slab in (1, volume[0].nbytes, 3 * volume[0].nbytes, 2000):
+        monkeypatch.setattr(blocks, "SLAB_BYTES", slab)
+        for step in (2, 3, 5):
+            for a in (volume, plane, volume > 0, (volume * 10).astype(np.int16)):
+                want = _reshaped(a.astype(np.float32), step, np.mean)
+                got = block_mean(a, step)
+                assert got.shape == want.shape and np.array_equal(got, want), (slab, step, a.dtype, a.ndim)
+                assert np.array_equal(block_min(a, step), _reshaped(a, step, np.min)), (slab, step, a.dtype)

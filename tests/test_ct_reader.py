@@ -170,13 +170,17 @@ def test_the_time_the_maps_waited_for_the_anatomy_is_reported(reader, monkeypatc
 
 def test_a_cts_search_layers_are_made_once_and_read_by_every_search(reader, monkeypatch):
     """The volume's smoothed HU and aerated lung (extent.ct_layers) are made once for its findings and each
-    finding's image-extent search reads them; on the CPU the first search makes them (beside the model they
-    would slow its generation), on a GPU they are started with the anatomy, before the model generates."""
+    finding's image-extent search reads them; on the CPU they are started as the maps start, before any
+    finding's maps (beside the model they would slow its generation), and only where a finding searches the
+    image; on a GPU they are started with the anatomy, before the model generates."""
     from monailabel_app import reader as reader_module
-    from monailabel_app.grounding import extent
+    from monailabel_app.grounding import extent, maps
 
-    made, searched, started_before = [], [], []
+    made, searched, started_before, order = [], [], [], []
     real_layers, real_find, real_generate = extent.ct_layers, extent.find_in_ct, reader_module.generate_batch
+    real_future, real_each = reader._ct_layers_future, maps.each
+    monkeypatch.setattr(reader, "_ct_layers_future", lambda *a: order.append("layers") or real_future(*a))
+    monkeypatch.setattr(maps, "each", lambda *a, **k: order.append("maps") or real_each(*a, **k))
 
     def layers(*args, **kwargs):
         made.append(real_layers(*args, **kwargs))
@@ -197,9 +201,14 @@ def test_a_cts_search_layers_are_made_once_and_read_by_every_search(reader, monk
     volume = ct_phantoms.phantom_volume(ct_phantoms.make_ct_phantom(SEED))
     r = reader.read(volume, answer="Nodule in the right lower lobe. Mass in the left upper lobe. Cardiomegaly.")
     assert started_before == [False] and len(made) == 1
+    assert order[:2] == ["layers", "maps"]  # started before the findings' maps, not by the first search
     assert sorted(k for k, _ in searched) == ["cardiomegaly", "mass", "nodule"]
     assert all((s is made[0]) == (k != "cardiomegaly") for k, s in searched)  # no image method: no layers asked
     assert len(r.findings) == 3 and r.labels.any()
+    order.clear()
+    reader.forget_anatomy()
+    assert len(reader.read(volume, answer="Cardiomegaly.").findings) == 1  # nothing to search: none started
+    assert order == ["maps"] and len(made) == 1
 
     made.clear()
     reader.forget_anatomy()

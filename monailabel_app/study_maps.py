@@ -304,15 +304,17 @@ class CTMaps(StudyMaps):
         # the gated map is zero outside the gate's box: gated, peak regions and search on it alone
         if device.type == "cpu":  # gated with numpy (faster than torch on the CPU)
             h = h.numpy()
-            m = ct_maps.gated_map(h, allowed, columns, box)
+            gated = ct_maps.gated_map(h, allowed, columns, box)
         else:
-            m = ct_maps.gated_map(h, allowed, None if columns is None else torch.as_tensor(columns, device=device), box)
+            gated = ct_maps.gated_map(h, allowed, None if columns is None else torch.as_tensor(columns, device=device),
+                                      box)
             h = maps.to_host_later(h)  # the raw heatmap's copy beside the search
+        m, span = gated.map, gated.span
         side = columns[None, None, :] if columns is not None else None
         threshold, from_image = float(settings.get("threshold", 0.5)), image_extent(settings)
-        span = maps.support_range(m, box)
         # the attention's own region and the one its extent is searched in: one pass over the gate's box
-        peaks = maps.peak_regions(m, (threshold, extent.SEARCH_LEVEL) if from_image else (threshold,), box, span)
+        peaks = maps.peak_regions(m, (threshold, extent.SEARCH_LEVEL) if from_image else (threshold,), box, span,
+                                  gated.peak)
         own, search = peaks.regions[0], peaks.regions[-1]
         region, info = finding_region(f, m, threshold, from_image, lambda own: extent.find_in_ct(
             volume.hu, volume.spacing, m, f.kind, own, self.shared, box, device, search, self._layers(f.kind)),

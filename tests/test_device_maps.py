@@ -62,31 +62,46 @@ def test_gates_on_the_device_keep_the_body_and_the_named_side(device):
     assert on_cpu.dtype == np.float32 and (on_cpu == m).all()
 
 
-@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("device", DEVICES + ["cpu-tensors"])
 @pytest.mark.parametrize("side", ["right", "left", ""])
-def test_a_gated_map_made_on_its_gates_box_equals_the_whole_volumes(device, side):
+def test_a_gated_map_made_on_its_gates_box_equals_the_whole_volumes(device, side, monkeypatch):
     """The reader gates each finding's heatmap on its gate's box only (the allowed voxels' box narrowed to the
     side's columns) and copies that box off the device: the same float32 array as gating the whole volume, and
-    zero outside the box; a side with no allowed voxel gives no box and an all-zero map."""
+    zero outside the box; a side with no allowed voxel gives no box and an all-zero map. Its range and peak,
+    read as it is made (numpy a slab of planes at a time: slabs of one plane and of several; torch by the
+    device), are support_range's and argmax's, also with ties for the maximum and a map that is all zero."""
     rng = np.random.default_rng(5)
     allowed = np.zeros((6, 20, 24), bool)
     allowed[1:5, 3:17, 2:21] = rng.random((4, 14, 19)) > 0.3  # lungs-like: holes inside, off-centre
     body = np.zeros_like(allowed)
     body[:, 2:18, 1:22] = True
-    heat = rng.random(allowed.shape).astype(np.float32)
-    cols = ct_maps.side_columns(body, side) if side else None
-    whole = ct_maps.gated(heat, allowed, cols)
-    box = ct_maps.gate_box(maps_box(allowed), cols)
-    on = (lambda a: torch.as_tensor(a, device=device)) if device != "cpu" else (lambda a: a)
-    got = ct_maps.gated_map(on(heat), on(allowed), None if cols is None else on(cols), box)
-    assert got.dtype == np.float32 and np.array_equal(got, whole)
-    outside = np.ones(allowed.shape, bool)
-    outside[box] = False
-    assert not got[outside].any() and whole[box].any()
-    if side:  # the box keeps to the side's columns
-        assert cols[box[2]].all()
+    on = (lambda a: torch.as_tensor(a, device=device.split("-")[0])) if device != "cpu" else (lambda a: a)
+    for trial, slab in enumerate((ct_maps.SLAB_BYTES, 1, 2 * 14 * 19 * 4, 1, 1)):
+        monkeypatch.setattr(ct_maps, "SLAB_BYTES", slab)
+        heat = rng.random(allowed.shape).astype(np.float32)
+        if trial == 3:  # ties for the maximum on two planes, the later one first in its own plane
+            heat[allowed] = np.minimum(heat[allowed], 0.5)
+            heat[3, 4, 3] = heat[2, 15, 19] = 2.0
+            allowed[3, 4, 3] = allowed[2, 15, 19] = True
+        if trial == 4:
+            heat[:] = 0
+        cols = ct_maps.side_columns(body, side) if side else None
+        whole = ct_maps.gated(heat, allowed, cols)
+        box = ct_maps.gate_box(maps_box(allowed), cols)
+        made = ct_maps.gated_map(on(heat), on(allowed), None if cols is None else on(cols), box)
+        got = made.map
+        assert got.dtype == np.float32 and np.array_equal(got, whole)
+        outside = np.ones(allowed.shape, bool)
+        outside[box] = False
+        assert not got[outside].any() and (whole[box].any() or trial == 4)
+        assert made.span == maps.support_range(whole, box) == (float(whole.min()), float(whole.max()))
+        want = np.unravel_index(int(np.argmax(whole)), whole.shape) if whole.max() > 0 else None
+        assert made.peak == want, (trial, slab)
+        if side:  # the box keeps to the side's columns
+            assert cols[box[2]].all()
     assert ct_maps.gate_box(None, cols) is None
-    assert not ct_maps.gated_map(on(heat), on(allowed), None, None).any()
+    empty = ct_maps.gated_map(on(heat), on(allowed), None, None)
+    assert not empty.map.any() and empty.span == (0.0, 0.0) and empty.peak is None
     assert ct_maps.gate_box(maps_box(allowed), np.zeros(24, bool)) is None
 
 

@@ -171,17 +171,18 @@ class Peaks:
 
 
 def peak_regions(heatmap: np.ndarray, thresholds, support: tuple[slice, ...] | None = None,
-                 span: tuple[float, float] | None = None) -> Peaks:
+                 span: tuple[float, float] | None = None, peak: tuple[int, ...] | None = None) -> Peaks:
     """:func:`peak_region` at each of ``thresholds`` (a finding's own region and the region its extent is
     searched in), in their order: the lowest as :func:`peak_region` finds it, each higher one on the bounding
     box of the one below. The same regions: both hold the same peak, and the higher one's voxels, above
     the lower level and connected to the peak, are all in the lower one; a large gate's box is passed over
     once instead of once a threshold. The peak is found once: the first voxel at the maximum in a box is the
-    first in any smaller box that holds it. ``span``: :func:`support_range`, when known."""
+    first in any smaller box that holds it. ``span``: :func:`support_range`, when known; ``peak``: the map's
+    first voxel at its maximum, when known (:class:`ct_maps.Gated`)."""
     order = sorted(range(len(thresholds)), key=lambda k: thresholds[k])
     out: list = [None] * len(thresholds)
     lo, hi = support_range(heatmap, support) if span is None else span
-    region, box, peak = _peak_region(heatmap, thresholds[order[0]], support, (lo, hi))
+    region, box, peak = _peak_region(heatmap, thresholds[order[0]], support, (lo, hi), peak)
     if box is not None:
         box = within(box, bounds(region[box]))  # the region's own box, within the one labelled
     out[order[0]] = Boxed(region, box)
@@ -200,8 +201,9 @@ def peak_regions(heatmap: np.ndarray, thresholds, support: tuple[slice, ...] | N
 
 
 def _peak_region(heatmap: np.ndarray, threshold: float, support: tuple[slice, ...] | None,
-                 span: tuple[float, float] | None = None):
-    """(:func:`peak_region`'s region, a box that holds it (None when it is empty), the map's peak (None: flat))."""
+                 span: tuple[float, float] | None = None, peak: tuple[int, ...] | None = None):
+    """(:func:`peak_region`'s region, a box that holds it (None when it is empty), the map's peak (None: flat));
+    ``peak``: that peak, when known (its maximum above zero)."""
     # the threshold in the map's own units: no scaled copy of a whole volume
     lo, hi = support_range(heatmap, support) if span is None else span
     if not hi - lo >= 1e-12:
@@ -210,10 +212,11 @@ def _peak_region(heatmap: np.ndarray, threshold: float, support: tuple[slice, ..
     if support is not None and level > 0 and hi > 0:
         sub = heatmap[support]
         out = zeros(heatmap.shape, bool)
-        local = first_at(sub, hi)
+        local = first_at(sub, hi) if peak is None else tuple(p - b.start for p, b in zip(peak, support))
         out[support], inner = _around_peak(sub >= level, local)
         return out, within(support, inner), tuple(b.start + p for b, p in zip(support, local))
-    peak = tuple(int(i) for i in np.unravel_index(int(np.argmax(heatmap)), heatmap.shape))
+    if peak is None or hi <= 0:
+        peak = tuple(int(i) for i in np.unravel_index(int(np.argmax(heatmap)), heatmap.shape))
     return (*_around_peak(heatmap >= level, peak), peak)
 
 

@@ -38,14 +38,10 @@ def _row_extremes(lines: np.ndarray, min_pixels: int) -> tuple[np.ndarray, ...]:
     """(piece, line, leftmost column, rightmost column) per line of each piece of at least ``min_pixels``,
     sorted by piece then line (``lines``: the planes' rows with a piece, one after another, so a piece's
     lines are consecutive numbers)."""
-    some = lines > 0
-    same_left = np.zeros(lines.shape, bool)
-    same_left[:, 1:] = lines[:, 1:] == lines[:, :-1]
-    same_right = np.zeros(lines.shape, bool)
-    same_right[:, :-1] = same_left[:, 1:]
-    start_line, start_col = np.nonzero(some & ~same_left)  # runs of one label along a line, in raster order
-    _, end_col = np.nonzero(some & ~same_right)
+    start_line, start_col, end_col = _runs(lines)
     piece = lines[start_line, start_col].astype(np.int64)
+    labelled = piece > 0
+    piece, start_line, start_col, end_col = piece[labelled], start_line[labelled], start_col[labelled], end_col[labelled]
     size = np.bincount(piece, weights=end_col - start_col + 1)  # the pieces' pixels, from their runs
     big = size[piece] >= min_pixels
     piece, start_line, start_col, end_col = piece[big], start_line[big], start_col[big], end_col[big]
@@ -60,6 +56,19 @@ def _row_extremes(lines: np.ndarray, min_pixels: int) -> tuple[np.ndarray, ...]:
     left = np.minimum.reduceat(start_col, at).astype(np.int64)
     right = np.maximum.reduceat(end_col, at).astype(np.int64)
     return piece[at], line[at].astype(np.int64), left, right
+
+
+def _runs(lines: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(line, first column, last column) of every run of one value along each line (background runs too), in
+    raster order: from the boundaries between unequal neighbours and the lines' ends, found in one comparison
+    and one ``nonzero`` (each line's consecutive boundaries delimit its runs)."""
+    rows, cols = lines.shape
+    edge = np.empty((rows, cols + 1), bool)  # a boundary before column c, c = 0..cols
+    edge[:, 0] = edge[:, cols] = True
+    np.not_equal(lines[:, 1:], lines[:, :-1], out=edge[:, 1:cols])
+    line, col = np.nonzero(edge)
+    inside = line[1:] == line[:-1]  # a boundary and the next on the same line: a run between them
+    return line[:-1][inside], col[:-1][inside], col[1:][inside] - 1
 
 
 def _bounds(piece, row, left, right, upper: bool) -> np.ndarray:

@@ -37,6 +37,9 @@ class Boxed:
     def any(self) -> bool:
         return self.box is not None
 
+    def copy(self) -> "Boxed":
+        return Boxed(self.mask.copy(), self.box)
+
     def count(self) -> int:
         """Its voxels (pixels)."""
         return 0 if self.box is None else int(np.count_nonzero(self.mask[self.box]))

@@ -255,8 +255,9 @@ class FilmMaps(StudyMaps):
     def _finish(self, done: list[Mapped]) -> tuple[np.ndarray, list[dict]]:
         if not done:
             return np.zeros(self.radiograph.pixels.shape, np.uint8), []
-        return (maps.assign([d.region for d in done], [d.gated for d in done], boxes=[d.region_box for d in done]),
-                [d.info for d in done])
+        # over the whole film: a film's regions span much of it, and reading them through the boxes that hold them
+        # took 0.363-0.369 s of maps a film against 0.347-0.357 (six films, four rounds)
+        return maps.assign([d.region for d in done], [d.gated for d in done]), [d.info for d in done]
 
 
 class CTMaps(StudyMaps):

@@ -40,10 +40,6 @@ class Boxed:
     def copy(self) -> "Boxed":
         return Boxed(self.mask.copy(), self.box)
 
-    def count(self) -> int:
-        """Its voxels (pixels)."""
-        return 0 if self.box is None else int(np.count_nonzero(self.mask[self.box]))
-
 
 def boxed(mask) -> Boxed:
     """``mask`` as a :class:`Boxed` (a bool array's box found now)."""

@@ -19,8 +19,9 @@ def _planes(a: np.ndarray, step: int):
 
 # the blocks are reduced a slab of about this many bytes at a time: each of a block's step x step strided
 # planes reads every cache line of the array, and a whole CT's 140 MB read 25 times over (step 5) streamed
-# 3.5 GB through memory; a slab stays in the core's cache for all of them (79 -> 33 ms on the 2-core VM)
-SLAB_BYTES = 1 << 20
+# 3.5 GB through memory; a slab stays in cache for all of them (79 -> 40 ms on the 2-core VM; 36 ms with 1 MB
+# slabs, but four times the numpy calls, each one a hand-over of the interpreter that a GPU's decode loop shares)
+SLAB_BYTES = 4 << 20
 
 
 def _in_slabs(reduce, a: np.ndarray, step: int) -> np.ndarray:

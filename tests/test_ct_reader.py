@@ -218,3 +218,38 @@ def test_a_cts_search_layers_are_made_once_and_read_by_every_search(reader, monk
     reader._ct_layers_future(volume).result()
     assert len(made) == 1 and made[0][2] == torch.device("cuda")  # started ahead for a GPU's maps
     reader.forget_anatomy()
+
+
+REAL_SIDES = ("Nodule in the right upper lobe. Mass in the left lower lobe. Effusion in the right lower lobe. "
+              "Opacity in the left upper lobe.")
+
+
+def test_sided_findings_on_a_real_ct_lie_on_that_side_of_the_patient(reader, tmp_path):
+    """The real example CT (TotalSegmentator's, ../shared/data), the phantom model made to name both sides: each
+    sided finding's mask, written in the file's own geometry, lies on its side of the body's midline in world x
+    (LPS: the patient's right at lower x), through the gates, the image extent's side cut and the label map read
+    on the regions' boxes."""
+    from conftest import shared
+
+    path = shared("ct", "totalsegmentator", "example_ct.nii.gz")
+    reading = reader.read(path, answer=REAL_SIDES)
+    write_reading(reading, str(tmp_path / "out"))
+    mask = sitk.ReadImage(str(tmp_path / "out" / "mask.nii.gz"))
+    src = sitk.ReadImage(path)
+    labels, hu = sitk.GetArrayFromImage(mask), sitk.GetArrayFromImage(src)
+    assert labels.shape == hu.shape
+    midline = _world_x(src, hu > -500).mean()  # the body's (and the table's) mean LPS x
+    sides = {f.side for f in reading.findings}
+    assert sides == {"right", "left"}
+    for k, f in enumerate(reading.findings, start=1):
+        xs = _world_x(mask, labels == k)
+        assert len(xs), f.text
+        assert (xs < midline).all() if f.side == "right" else (xs > midline).all(), (f.text, xs.min(), xs.max())
+
+
+def _world_x(image, where: np.ndarray) -> np.ndarray:
+    """LPS x (mm) of the voxels ``where`` (an array in ``image``'s (z, y, x) order)."""
+    zyx = np.argwhere(where).astype(float)
+    ijk = zyx[:, ::-1] * np.array(image.GetSpacing())
+    direction = np.array(image.GetDirection()).reshape(3, 3)
+    return image.GetOrigin()[0] + ijk @ direction[0]

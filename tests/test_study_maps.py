@@ -56,3 +56,32 @@ def test_an_image_region_is_kept_as_before(kind):
     assert kept > 5 and dropped > 5  # both sides of the rule were met
     assert keeps_image_region(region, np.zeros_like(own), kind)
     assert keeps_image_region(region, np.zeros_like(own), kind, bounds(region), None)
+
+
+def test_an_image_region_across_the_midline_of_a_real_ct_is_cut_to_the_named_side():
+    """Safety: an image region that a search grew across the midline of the real example CT keeps only the named
+    side's voxels (patient right: low display x), cut on the box it was grown in: the same voxels as cutting the
+    whole volume, with its own bounding box; without a box (a film's search) the same cut."""
+    from conftest import shared
+    from monailabel_app.ct import body_mask, load_ct
+    from monailabel_app.grounding import ct_maps
+    from monailabel_app.study_maps import _cut_to_side
+
+    vol = load_ct(shared("ct", "totalsegmentator", "example_ct.nii.gz"))
+    body = body_mask(vol.hu)
+    z, y, x = vol.shape
+    box = (slice(z // 3, 2 * z // 3), slice(y // 4, 3 * y // 4), slice(x // 4, 3 * x // 4))  # across the midline
+    grown = np.zeros(vol.shape, bool)
+    grown[box] = vol.hu[box] > -500  # dense tissue: the mediastinum and both sides' walls
+    for side in ("right", "left"):
+        columns = ct_maps.side_columns(body, side)
+        mid = int(np.flatnonzero(columns).max() + 1) if side == "right" else int(np.flatnonzero(columns).min())
+        assert box[2].start < mid < box[2].stop and grown[..., : mid].any() and grown[..., mid:].any()
+        want = grown & columns[None, None, :]
+        found = extent.Extent(grown.copy(), 40.0, 1000.0, (z // 2, y // 2, mid), "focal", box)
+        got = _cut_to_side(found, columns[None, None, :])
+        assert np.array_equal(got.mask, want) and got.box == bounds(want)
+        xs = np.nonzero(got.mask)[2]
+        assert (xs < mid).all() if side == "right" else (xs >= mid).all()
+        unboxed = _cut_to_side(extent.Extent(grown.copy(), 40.0, 1000.0, (0, 0, 0), "focal"), columns[None, None, :])
+        assert np.array_equal(unboxed.mask, want) and unboxed.box == got.box

@@ -250,7 +250,7 @@ class FilmMaps(StudyMaps):
             lambda p: [int(p[1]), int(p[0]), 0], side)
         if info["extent"] == "image" and not self.spacing_known:
             info["measured"]["spacing"] = ASSUMED_SPACING
-        return Mapped(grid, h, m, region.mask, info, region_box=region.box)
+        return Mapped(grid, h, m, region.mask, info)
 
     def _finish(self, done: list[Mapped]) -> tuple[np.ndarray, list[dict]]:
         if not done:
@@ -371,7 +371,8 @@ def finding_region(finding: Finding, heat: np.ndarray, threshold: float, from_im
 
 def _cut_to_side(found: extent.Extent, side: np.ndarray | None) -> Boxed:
     """The image's region ``found`` within the named ``side`` (a mask that broadcasts to it; None: no side),
-    with its bounding box: cut on the box the region was grown in, where the search gives it."""
+    with its bounding box: cut in place on the box the region was grown in, where the search gives it (the
+    search's mask is its own), else on a new whole array."""
     if found.box is None:
         return Boxed.of(found.mask if side is None else found.mask & side)
     box = found.box

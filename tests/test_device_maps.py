@@ -76,8 +76,10 @@ def test_a_gated_map_made_on_its_gates_box_equals_the_whole_volumes(device, side
     body = np.zeros_like(allowed)
     body[:, 2:18, 1:22] = True
     on = (lambda a: torch.as_tensor(a, device=device.split("-")[0])) if device != "cpu" else (lambda a: a)
-    for trial, slab in enumerate((ct_maps.SLAB_BYTES, 1, 2 * 14 * 19 * 4, 1, 1)):
-        monkeypatch.setattr(ct_maps, "SLAB_BYTES", slab)
+    from monailabel_app.grounding import blocks
+
+    for trial, slab in enumerate((blocks.SLAB_BYTES, 1, 2 * 14 * 19 * 4, 1, 1)):
+        monkeypatch.setattr(blocks, "SLAB_BYTES", slab)
         heat = rng.random(allowed.shape).astype(np.float32)
         if trial == 3:  # ties for the maximum on two planes, the later one first in its own plane
             heat[allowed] = np.minimum(heat[allowed], 0.5)

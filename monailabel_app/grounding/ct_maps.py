@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import maps
+from . import blocks, maps
 from ..allocator import zeros
 from ..ct import CTVolume, ModelSlices
 
@@ -108,10 +108,6 @@ class Gated:
     peak: tuple[int, ...] | None
 
 
-# the CPU gates a box this many bytes of planes at a time, its range read while in cache (as blocks.SLAB_BYTES)
-SLAB_BYTES = 4 << 20
-
-
 def gated_map(heat, allowed, columns, box: tuple[slice, ...] | None) -> Gated:
     """:func:`gated` as a float32 numpy array on the CPU, computed on the gate's ``box`` only
     (:func:`gate_box`: zero outside it) and copied off a GPU from that box alone; with its range and peak,
@@ -137,11 +133,11 @@ def gated_map(heat, allowed, columns, box: tuple[slice, ...] | None) -> Gated:
 
 
 def _gated_in_slabs(heat: np.ndarray, allowed: np.ndarray, cols, box: tuple[slice, ...], out: np.ndarray):
-    """The gated box written into ``out``, a slab of planes at a time: (its minimum, its maximum, the first
+    """The gated box written into ``out``, a slab of planes at a time (:data:`blocks.SLAB_BYTES`): (its minimum, its maximum, the first
     voxel at the maximum in C order: in the first slab that reaches it)."""
     z0, z1 = box[0].start, box[0].stop
     plane = max(1, (box[1].stop - box[1].start) * (box[2].stop - box[2].start) * 4)
-    step = max(1, SLAB_BYTES // plane)
+    step = max(1, blocks.SLAB_BYTES // plane)  # the block reductions' slabs: one knob for both
     lo, hi, top = np.inf, -np.inf, z0
     for z in range(z0, z1, step):
         slab = (slice(z, min(z + step, z1)), box[1], box[2])

@@ -23,10 +23,10 @@ from scipy import ndimage
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from monailabel_app.grounding import maps  # noqa: E402
-from monailabel_app.phantoms import make_phantom  # noqa: E402
+from monailabel_app.grounding.study_maps import LANGUAGE_ENTRIES, finding_grid  # noqa: E402
+from monailabel_app.io.xray import Geometry, Radiograph  # noqa: E402
+from monailabel_app.phantoms.films import make_phantom  # noqa: E402
 from monailabel_app.reader import Reader  # noqa: E402
-from monailabel_app.study_maps import LANGUAGE_ENTRIES, finding_grid  # noqa: E402
-from monailabel_app.xray import Geometry, Radiograph  # noqa: E402
 
 
 def table(reader: Reader, seeds, language: str) -> tuple[list[str], int]:

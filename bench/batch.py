@@ -21,9 +21,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from monailabel_app.ct_phantoms import make_ct_phantom, phantom_volume  # noqa: E402
-from monailabel_app.phantoms import make_phantom  # noqa: E402
-from monailabel_app.writers import write_in_geometry  # noqa: E402
+from monailabel_app.io.writers import write_in_geometry  # noqa: E402
+from monailabel_app.phantoms.ct import make_ct_phantom, phantom_volume  # noqa: E402
+from monailabel_app.phantoms.films import make_phantom  # noqa: E402
 
 
 def dataset(folder: str, xrays: int, cts: int) -> None:

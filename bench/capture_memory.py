@@ -37,7 +37,7 @@ def build_model(medgemma: bool, device: str, dtype):
         model, _ = build(device, dtype, attn="sdpa")
         model.generation_config.eos_token_id = None  # random weights: always run the full new-token count
     else:
-        from monailabel_app.loading import load_model
+        from monailabel_app.model.loading import load_model
 
         model, _, _ = load_model(_phantom_dir(), device, "fp32")
     cfg = model.config
@@ -46,7 +46,7 @@ def build_model(medgemma: bool, device: str, dtype):
 
 
 def _phantom_dir():
-    from monailabel_app.phantom_model import PHANTOM_MODEL_DIR
+    from monailabel_app.phantoms.model import PHANTOM_MODEL_DIR
 
     return PHANTOM_MODEL_DIR
 
@@ -76,8 +76,8 @@ _MODELS: dict = {}  # one model per process (on CUDA all runs share it; on the C
 
 
 def run_once(medgemma: bool, slices: int, mode: str, new_tokens: int, device: str) -> dict:
-    from monailabel_app.capture import CAPTURE_ATTN
-    from monailabel_app.decoding import prefill_and_decode
+    from monailabel_app.model.capture import CAPTURE_ATTN
+    from monailabel_app.model.decoding import prefill_and_decode
 
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     if medgemma not in _MODELS:

@@ -34,14 +34,14 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 SHARED = os.path.join(ROOT, "..", "shared", "data")
 
-from monailabel_app.ct_phantoms import make_ct_phantom, save  # noqa: E402
 from monailabel_app.grounding import extent  # noqa: E402
 from monailabel_app.grounding.anatomy import xray_lung_fields  # noqa: E402
+from monailabel_app.io.study import load_study  # noqa: E402
+from monailabel_app.io.xray import ASSUMED_FILM_MM  # noqa: E402
 from monailabel_app.jobs.evaluation import dice  # noqa: E402
 from monailabel_app.jobs.lidc import read_outlines, series_uids  # noqa: E402
-from monailabel_app.phantoms import make_phantom  # noqa: E402
-from monailabel_app.study import load_study  # noqa: E402
-from monailabel_app.xray import ASSUMED_FILM_MM  # noqa: E402
+from monailabel_app.phantoms.ct import make_ct_phantom, save  # noqa: E402
+from monailabel_app.phantoms.films import make_phantom  # noqa: E402
 
 
 def interior_points(mask, spacing, n, rng, depth_mm=3.0):
@@ -157,7 +157,7 @@ def phantoms(rng, n=2):
 def timing():
     import requests
 
-    from monailabel_app.server import ServerProcess
+    from monailabel_app.serve.server import ServerProcess
 
     sys.path.insert(0, os.path.join(ROOT, "plugins", "slicer", "MedGemma"))
     from MedGemmaLib.client import _split_multipart

@@ -18,10 +18,10 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from monailabel_app.ct_phantoms import make_ct_phantom, phantom_volume  # noqa: E402
-from monailabel_app.phantoms import make_phantom  # noqa: E402
+from monailabel_app.io.xray import Geometry, Radiograph  # noqa: E402
+from monailabel_app.phantoms.ct import make_ct_phantom, phantom_volume  # noqa: E402
+from monailabel_app.phantoms.films import make_phantom  # noqa: E402
 from monailabel_app.reader import Reader  # noqa: E402
-from monailabel_app.xray import Geometry, Radiograph  # noqa: E402
 
 FOLLOW_UP = "Is it on the right?"
 

@@ -34,8 +34,8 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 import numpy as np  # noqa: E402
 
 from monailabel_app import allocator  # noqa: E402
+from monailabel_app.io.study import load_study  # noqa: E402
 from monailabel_app.reader import Reader  # noqa: E402
-from monailabel_app.study import load_study  # noqa: E402
 
 SOURCE = os.path.join(HERE, "..", "..", "shared", "data", "ct", "totalsegmentator", "example_ct.nii.gz")
 SHAPE = (134, 512, 512)
@@ -109,8 +109,8 @@ def main() -> None:
 def films_maps(reader, count: int) -> None:
     from PIL import Image
 
-    from monailabel_app.phantoms import make_phantom
-    from monailabel_app.xray import Geometry, Radiograph
+    from monailabel_app.phantoms.films import make_phantom
+    from monailabel_app.io.xray import Geometry, Radiograph
 
     times = []
     for seed in range(3, 3 + count):

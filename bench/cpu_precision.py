@@ -34,7 +34,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 sys.path.insert(0, HERE)
 
 from medgemma_shapes import MEDGEMMA_4B  # noqa: E402
-from monailabel_app.loading import cpu_bf16_kind  # noqa: E402
+from monailabel_app.model.loading import cpu_bf16_kind  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -146,10 +146,10 @@ def xray_estimate(t: dict, new_tokens: int = 128) -> float:
 
 
 def phantom_rows(runs: int) -> list[tuple[str, float, float, str]]:
-    from monailabel_app.ct_phantoms import make_ct_phantom, phantom_volume
-    from monailabel_app.phantoms import make_phantom
+    from monailabel_app.phantoms.ct import make_ct_phantom, phantom_volume
+    from monailabel_app.phantoms.films import make_phantom
     from monailabel_app.reader import Reader
-    from monailabel_app.xray import Geometry, Radiograph
+    from monailabel_app.io.xray import Geometry, Radiograph
 
     studies = {
         "radiograph phantom": lambda i: Radiograph((ph := make_phantom(i)).image, Geometry.plain(*ph.image.shape)),

@@ -33,8 +33,8 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 import cpu_maps  # noqa: E402
 
 from monailabel_app.grounding import extent  # noqa: E402
+from monailabel_app.io.study import load_study  # noqa: E402
 from monailabel_app.reader import Reader  # noqa: E402
-from monailabel_app.study import load_study  # noqa: E402
 
 CALLS: list[tuple] = []  # (gated map, kind, own region, gate box, search region, volume's layers) of each search
 VOLUME: list = []  # (hu, spacing) of the study, inherited by the forked workers

@@ -3,7 +3,7 @@ study) and at 64 rows (a batch), each captured in a CUDA graph of ``REPEAT`` cal
 count, as achieved memory bandwidth (the weights' bytes over the time: a decode step only reads them).
 
 Rows: each projection alone (cuBLAS through ``F.linear``), q/k/v and gate/up fused into one product (what
-:func:`monailabel_app.decoding` could do), ``torch.compile`` with max-autotune (Triton templates against
+:func:`monailabel_app.model.decoding` could do), ``torch.compile`` with max-autotune (Triton templates against
 cuBLAS), and int8 weight-only (int8 weights, per-channel scales, the dequantisation fused by Inductor: what
 torchao's ``Int8WeightOnlyConfig`` compiles to).
 

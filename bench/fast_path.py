@@ -54,17 +54,18 @@ sys.path.insert(0, HERE)
 
 from medgemma_shapes import build, global_layers, grounding, save  # noqa: E402
 
-from monailabel_app import decoding, helper_processes, map_processes, prefill_attention  # noqa: E402
-from monailabel_app.capture import CAPTURE_ATTN  # noqa: E402
-from monailabel_app.ct_phantoms import make_ct_phantom, phantom_volume  # noqa: E402
-from monailabel_app.decoding import prefill_and_decode  # noqa: E402
-from monailabel_app.generation import build_inputs  # noqa: E402
-from monailabel_app.grounding import maps  # noqa: E402
-from monailabel_app.loading import ModelInfo  # noqa: E402
-from monailabel_app.phantom_model import CT_QUESTION, DEFAULT_QUESTION  # noqa: E402
-from monailabel_app.phantoms import make_phantom  # noqa: E402
+from monailabel_app import map_processes  # noqa: E402
+from monailabel_app.grounding import helper_processes, maps  # noqa: E402
+from monailabel_app.io.xray import Geometry, Radiograph  # noqa: E402
+from monailabel_app.model import decoding, prefill_attention  # noqa: E402
+from monailabel_app.model.capture import CAPTURE_ATTN  # noqa: E402
+from monailabel_app.model.decoding import prefill_and_decode  # noqa: E402
+from monailabel_app.model.generation import build_inputs  # noqa: E402
+from monailabel_app.model.loading import ModelInfo  # noqa: E402
+from monailabel_app.phantoms.ct import make_ct_phantom, phantom_volume  # noqa: E402
+from monailabel_app.phantoms.films import make_phantom  # noqa: E402
+from monailabel_app.phantoms.model import CT_QUESTION, DEFAULT_QUESTION  # noqa: E402
 from monailabel_app.reader import MAPS_WHILE_DECODING_ENV, Reader  # noqa: E402
-from monailabel_app.xray import Geometry, Radiograph  # noqa: E402
 
 NEW = 200
 XRAY_FINDINGS = "Nodule in the right middle zone. Opacity in the left lower zone. Effusion in the right lower zone."
@@ -632,7 +633,7 @@ def job(reader, processor, films: int = 192, batch_size: int = 64) -> None:
     batches in flight, each reading's outputs written as it is made: NIfTI heatmaps and label map, overlay,
     findings, manifest), on ``films`` distinct 2048 x 2458 phantom films saved as PNG files. The random model
     is made to say the report (its ``read_many`` given the answers), as in the batch part."""
-    from monailabel_app import batch as curation
+    from monailabel_app.jobs import batch as curation
 
     answer = report(processor.tokenizer, XRAY_FINDINGS)
     emit(f"### The curation job (`batch.run_local`), {films} films of 2048 x 2458, {NEW} new tokens each, bf16")

@@ -45,7 +45,7 @@ def study_for(device: str, tmp: str):
         import cpu_maps
 
         from monailabel_app.reader import Reader
-        from monailabel_app.study import load_study
+        from monailabel_app.io.study import load_study
 
         reader = Reader(precision="fp32")
         path = cpu_maps.clinical_ct(os.path.join(tmp, "ct_134x512x512.nii.gz"))
@@ -54,7 +54,7 @@ def study_for(device: str, tmp: str):
     from fast_path import CT_FINDINGS, ct, reader_for, report
     from medgemma_shapes import build
 
-    from monailabel_app.capture import CAPTURE_ATTN
+    from monailabel_app.model.capture import CAPTURE_ATTN
 
     model, processor = build("cuda", torch.bfloat16, attn=CAPTURE_ATTN)
     return reader_for(model, processor, "bf16"), ct(3), report(processor.tokenizer, CT_FINDINGS)

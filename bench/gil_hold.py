@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from monailabel_app import allocator, components, distances  # noqa: E402
+from monailabel_app import allocator  # noqa: E402
+from monailabel_app.grounding import components, distances  # noqa: E402
 from monailabel_app.grounding.blocks import blocks_back  # noqa: E402
 
 

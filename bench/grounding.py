@@ -27,10 +27,10 @@ from contextlib import contextmanager
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from monailabel_app.ct_phantoms import make_ct_phantom, phantom_volume  # noqa: E402
+from monailabel_app.grounding.study_maps import DEFAULT_CT_GATES, DEFAULT_XRAY_GATES, entry_for  # noqa: E402
 from monailabel_app.jobs.evaluation import evaluate, evaluate_ct, lobe_priors, table, zone_priors  # noqa: E402
+from monailabel_app.phantoms.ct import make_ct_phantom, phantom_volume  # noqa: E402
 from monailabel_app.reader import Reader  # noqa: E402
-from monailabel_app.study_maps import DEFAULT_CT_GATES, DEFAULT_XRAY_GATES, entry_for  # noqa: E402
 
 
 @contextmanager

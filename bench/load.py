@@ -113,8 +113,8 @@ def main():
 
     from PIL import Image
 
-    from monailabel_app.phantoms import make_phantom
-    from monailabel_app.server import ServerProcess
+    from monailabel_app.phantoms.films import make_phantom
+    from monailabel_app.serve.server import ServerProcess
 
     with tempfile.TemporaryDirectory(prefix="medgemma_load_") as studies:
         expected = {}

@@ -29,9 +29,8 @@ import torch  # noqa: E402
 from fast_path import CT_FINDINGS, ct, emit, project_read, reader_for, report  # noqa: E402
 from medgemma_shapes import build  # noqa: E402
 
-from monailabel_app import helper_processes, study_maps  # noqa: E402
-from monailabel_app.capture import CAPTURE_ATTN  # noqa: E402
-from monailabel_app.grounding import ct_maps, extent, maps  # noqa: E402
+from monailabel_app.grounding import ct_maps, extent, helper_processes, maps, study_maps  # noqa: E402
+from monailabel_app.model.capture import CAPTURE_ATTN  # noqa: E402
 
 
 def repeated(small, step, shape=None, fill=0, out=None):

@@ -30,9 +30,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, ".."))
 
-from monailabel_app import components, decoding, distances, generation, helper_processes  # noqa: E402
-from monailabel_app.grounding import anatomy, ct_maps, extent, maps  # noqa: E402
-from monailabel_app.study_maps import StudyMaps  # noqa: E402
+from monailabel_app.grounding import (anatomy, components, ct_maps, distances, extent,  # noqa: E402
+                                     helper_processes, maps)
+from monailabel_app.grounding.study_maps import StudyMaps  # noqa: E402
+from monailabel_app.model import decoding, generation  # noqa: E402
 
 WATCHED = [(anatomy, "ct_body_and_lungs"), (ct_maps, "slice_grids"), (ct_maps, "volume_heatmap"),
            (ct_maps, "gated_map"), (maps, "peak_regions"), (maps, "peak_region"), (extent, "find_in_ct"),
@@ -116,7 +117,7 @@ def main() -> None:
     import cpu_maps
 
     from monailabel_app.reader import Reader
-    from monailabel_app.study import load_study
+    from monailabel_app.io.study import load_study
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--helpers", default="0", help="helper processes to compare, e.g. 0,2")

@@ -26,7 +26,7 @@ GLOBAL_EVERY = 6  # every 6th text layer attends globally, the rest through a 10
 def processor_896():
     from transformers import AutoTokenizer
 
-    from monailabel_app.phantom_model import PHANTOM_MODEL_DIR, build_processor
+    from monailabel_app.phantoms.model import PHANTOM_MODEL_DIR, build_processor
 
     tok = AutoTokenizer.from_pretrained(PHANTOM_MODEL_DIR)
     return build_processor(tok, image_size=MEDGEMMA_4B["vision"]["image_size"],

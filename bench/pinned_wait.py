@@ -1,5 +1,5 @@
 """Does allocating page-locked host memory wait for the GPU's queued work? (The attention rows' copies staged
-through it while the decode's replays are in flight: :class:`monailabel_app.decoding.LiveRows`.)
+through it while the decode's replays are in flight: :class:`monailabel_app.model.decoding.LiveRows`.)
 
 Prints, for a new size and for a size the host allocator has cached, how long ``torch.empty(..., pin_memory=True)``
 took with the device idle and with about 0.1 s of work queued on it."""

@@ -64,12 +64,13 @@ from fast_path import CT_FINDINGS, XRAY_FINDINGS, ct, emit, project_read, reader
 from medgemma_shapes import build  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
-from monailabel_app import components, decoding, fused_norms, prompt_ids, study_maps  # noqa: E402
 from monailabel_app import reader as reader_module  # noqa: E402
-from monailabel_app.capture import CAPTURE_ATTN  # noqa: E402
-from monailabel_app.decoding import batch_vision_tower, prefill_and_decode  # noqa: E402
-from monailabel_app.generation import build_inputs  # noqa: E402
-from monailabel_app.phantom_model import CT_QUESTION, DEFAULT_QUESTION  # noqa: E402
+from monailabel_app.grounding import components, study_maps  # noqa: E402
+from monailabel_app.model import decoding, fused_norms, prompt_ids  # noqa: E402
+from monailabel_app.model.capture import CAPTURE_ATTN  # noqa: E402
+from monailabel_app.model.decoding import batch_vision_tower, prefill_and_decode  # noqa: E402
+from monailabel_app.model.generation import build_inputs  # noqa: E402
+from monailabel_app.phantoms.model import CT_QUESTION, DEFAULT_QUESTION  # noqa: E402
 
 CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                SDPBackend.MATH]
@@ -251,7 +252,7 @@ def prepare_part(reader, volume, question) -> None:
     import io
     import pstats
 
-    from monailabel_app.ct import interleave, model_slices
+    from monailabel_app.io.ct import interleave, model_slices
 
     model, processor = reader.model, reader.processor
     n = reader.ct["max_slices"]

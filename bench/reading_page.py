@@ -25,8 +25,8 @@ from selenium import webdriver  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
-from monailabel_app.phantoms import make_phantom  # noqa: E402
-from monailabel_app.server import ServerProcess  # noqa: E402
+from monailabel_app.phantoms.films import make_phantom  # noqa: E402
+from monailabel_app.serve.server import ServerProcess  # noqa: E402
 
 
 def browser():

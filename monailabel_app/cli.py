@@ -52,13 +52,13 @@ def _lesion_labels(shape, lesions) -> np.ndarray:
 
 
 def _write_json(path: str, meta: dict) -> None:
-    from .writers import write_json
+    from .io.writers import write_json
 
     write_json(path, meta)
 
 
 def _ct_phantoms(args) -> int:
-    from . import ct_phantoms
+    from .phantoms import ct as ct_phantoms
 
     for seed in range(args.seed, args.seed + args.count):
         ph = ct_phantoms.make_ct_phantom(seed)
@@ -83,7 +83,7 @@ def _ct_phantoms(args) -> int:
 
 
 def _phantom_main(argv) -> int:
-    from .phantoms import make_phantom
+    from .phantoms.films import make_phantom
 
     ap = argparse.ArgumentParser(prog="medgemma-label phantom", description="Draw synthetic chest X-ray or CT phantoms.")
     ap.add_argument("--seed", type=int, required=True)
@@ -156,10 +156,10 @@ def _read_main(argv) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    from . import dicom_export
-    from .ct import Limits
+    from .io import dicom_export
+    from .io.ct import Limits
     from .reader import Reader
-    from .writers import write_reading
+    from .io.writers import write_reading
 
     def work():
         if args.dicom:
@@ -167,7 +167,7 @@ def _read_main(argv) -> int:
         limits = Limits(resample=args.resample)
         pointed = args.point or args.point_mm
         if pointed and not args.question:
-            from .study import load_study
+            from .io.study import load_study
 
             reading = _placed(load_study(args.input, args.modality, limits), args, None)
         else:
@@ -229,7 +229,7 @@ def _guarded(work):
     """``(work(), 0)``; bad input gives ``(None, 2)``, a model that cannot be loaded ``(None, 3)``, each
     with its message on stderr."""
     from .errors import InputError
-    from .loading import ModelLoadError
+    from .model.loading import ModelLoadError
 
     try:
         return work(), 0
@@ -294,18 +294,18 @@ def _calibrate_main(argv) -> int:
 def _batch_studies(source: str, out: str, exclude=()):
     """(studies, fetch) for ``--input``: a folder, or a PACS's DICOMweb URL (series fetched into OUT/.pacs-cache;
     credentials from MONAI_LABEL_DICOMWEB_USERNAME / _PASSWORD)."""
-    from . import batch
+    from .jobs import batch
 
     if not source.startswith(("http://", "https://")):
         return batch.find_studies(source, tuple(exclude)), None
-    from .pacs import pacs_from_settings
+    from .serve.pacs import pacs_from_settings
 
     pacs = pacs_from_settings(source, cache_path=os.path.join(out, ".pacs-cache"))  # MONAI Label's settings, env
     return [batch.Study(uid) for uid in sorted(pacs.list_images())], pacs.get_image_uri
 
 
 def _batch_main(argv) -> int:
-    from . import batch
+    from .jobs import batch
 
     ap = argparse.ArgumentParser(prog="medgemma-label batch", description=batch.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -341,11 +341,11 @@ def _batch_main(argv) -> int:
             raise InputError(e.detail, status=e.status_code) from e
         manifest, plan = batch.prepare(args.out, studies, fetch)
         if args.engine == "ray":
-            from .batch_ray import run_ray
+            from .jobs.batch_ray import run_ray
 
             finished = run_ray(args, manifest, plan)
         else:
-            from .ct import Limits
+            from .io.ct import Limits
             from .reader import Reader
 
             reader = Reader(args.model, device=args.device, precision=args.precision, limits=Limits())
@@ -365,7 +365,7 @@ def _batch_main(argv) -> int:
 
 
 def _lowdose_main(argv) -> int:
-    from . import lowdose
+    from .jobs import lowdose
 
     ap = argparse.ArgumentParser(prog="medgemma-label lowdose", description=lowdose.__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -19,15 +19,15 @@ import dataclasses
 
 import numpy as np
 
-from .ct import CTVolume, body_mask
 from .errors import InputError
 from .grounding import ct_maps, extent
+from .grounding.study_maps import ASSUMED_SPACING
+from .io.ct import CTVolume, body_mask
+from .io.xray import Radiograph, SquarePad, pixel_spacing_mm
 from .language.findings import Finding
+from .language.report import unique_names
 from .language.vocabulary import KINDS_EN
 from .reader import Reading
-from .study_maps import ASSUMED_SPACING
-from .report import unique_names
-from .xray import Radiograph, SquarePad, pixel_spacing_mm
 
 KINDS = tuple(sorted({v.lstrip("~") for v in KINDS_EN.values()}))
 MAX_POINTS = 32

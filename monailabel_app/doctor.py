@@ -48,7 +48,7 @@ def _versions() -> list[Check]:
 
 
 def _cpu() -> Check:
-    from .loading import cpu_bf16_kind
+    from .model.loading import cpu_bf16_kind
 
     kind = cpu_bf16_kind()
     if kind:
@@ -58,7 +58,7 @@ def _cpu() -> Check:
 
 def _precision(device: str, precision: str) -> tuple[list[Check], str, str]:
     from .errors import InputError
-    from .loading import choose_device, choose_precision
+    from .model.loading import choose_device, choose_precision
 
     try:
         dev = choose_device(device)
@@ -93,8 +93,8 @@ def parameter_count(path: str) -> int:
 
 def _model(ref: str | None) -> tuple[list[Check], int]:
     """Checks of the model folder (or the hub cache for an id), and its parameter count (0: unknown)."""
-    from .loading import ModelLoadError, _check_local_folder
-    from .phantom_model import PHANTOM_MODEL_DIR
+    from .model.loading import ModelLoadError, _check_local_folder
+    from .phantoms.model import PHANTOM_MODEL_DIR
 
     ref = ref or PHANTOM_MODEL_DIR
     path = ref
@@ -159,7 +159,7 @@ def _pacs(url: str | None) -> list[Check]:
 
 
 def _tools() -> list[Check]:
-    from .web.export import FONT_ENV, cjk_font
+    from .serve.web.export import FONT_ENV, cjk_font
 
     here = os.path.dirname(sys.executable)
     seg = shutil.which("itkimage2segimage") or shutil.which("itkimage2segimage", path=here)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import shared_blocks
+from .grounding import shared_blocks
 
 ENV = "MEDGEMMA_MAP_PROCESSES"
 DEVICE_ENV = "MEDGEMMA_MAP_PROCESS_DEVICE"

@@ -26,19 +26,21 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from . import allocator, helper_processes, map_processes
-from .grounding import anatomy, extent, maps
-from .ct import CTVolume, Limits, body_mask, interleave, model_slices, sample_slices
+from . import allocator, map_processes
 from .errors import InputError
-from .generation import Conversation, Generation, NonFiniteOutput, Prepared, follow_up, generate_batch, prepare_batch
-from .loading import load_model, normalise_precision
+from .grounding import anatomy, extent, helper_processes, maps
+from .grounding.study_maps import CTMaps, FilmMaps, StudyMaps, image_extent, in_language, recorded_layers
+from .io.ct import CTVolume, Limits, body_mask, interleave, model_slices, sample_slices
+from .io.study import check_modality, load_study
+from .io.xray import Geometry, Radiograph, SquarePad, pad_to_square, pixel_spacing_mm
 from .language.asking import answer_language, ask_in, check_language
+from .language.report import Finding, read_answer, unique_names
 from .language.structured import structured_report
-from .phantom_model import CT_QUESTION, CT_QUESTION_ZH, DEFAULT_QUESTION, DEFAULT_QUESTION_ZH, MODEL_LABEL, PHANTOM_MODEL_DIR
-from .report import Finding, read_answer, unique_names
-from .study import check_modality, load_study
-from .study_maps import CTMaps, FilmMaps, StudyMaps, image_extent, in_language, recorded_layers
-from .xray import Geometry, Radiograph, SquarePad, pad_to_square, pixel_spacing_mm
+from .model.generation import (Conversation, Generation, NonFiniteOutput, Prepared, follow_up, generate_batch,
+                               prepare_batch)
+from .model.loading import load_model, normalise_precision
+from .phantoms.model import (CT_QUESTION, CT_QUESTION_ZH, DEFAULT_QUESTION, DEFAULT_QUESTION_ZH, MODEL_LABEL,
+                             PHANTOM_MODEL_DIR)
 
 logger = logging.getLogger(__name__)
 
@@ -663,12 +665,12 @@ def warm_up_study(modality: str, slices: int) -> Radiograph | CTVolume:
     """A phantom study of ``modality`` for the warm-up; a CT with at least ``slices`` slices (stretched along z
     when the phantom has fewer), so that the model is shown as many slices as a clinical CT gives it."""
     if modality == "xray":
-        from .phantoms import make_phantom
-        from .xray import Geometry
+        from .phantoms.films import make_phantom
+        from .io.xray import Geometry
 
         image = make_phantom(WARM_UP_SEED).image
         return Radiograph(image, Geometry.plain(*image.shape))
-    from .ct_phantoms import make_ct_phantom, phantom_volume
+    from .phantoms.ct import make_ct_phantom, phantom_volume
 
     ph = make_ct_phantom(WARM_UP_SEED)
     if ph.hu.shape[0] < slices:

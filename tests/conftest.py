@@ -40,7 +40,7 @@ def precisions_here() -> list[str]:
 
 def auto_precision() -> str:
     """What precision "auto" gives a server or a command started here (the CPU's probe, MEDGEMMA_PRECISION)."""
-    from monailabel_app.loading import choose_device, choose_precision
+    from monailabel_app.model.loading import choose_device, choose_precision
 
     return choose_precision(choose_device())[0]
 
@@ -74,7 +74,7 @@ def server(studies, request):
     the module sets ``SERVER_WARM_UP = True`` (test_server.py: the warm-up is tested there, beside its other
     requests); elsewhere not (``false``): on the CPU each module's warm-up read four phantom studies beside its
     tests, a minute of the suite in all."""
-    from monailabel_app.server import ServerProcess
+    from monailabel_app.serve.server import ServerProcess
 
     warm = "true" if getattr(request.module, "SERVER_WARM_UP", False) else "false"
     # a warm-up grows the heap by a quarter GiB here, not the 4 GiB a GPU server's does

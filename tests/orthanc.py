@@ -18,7 +18,7 @@ import time
 
 import requests
 
-from monailabel_app.server import free_port
+from monailabel_app.serve.server import free_port
 
 BINARY = shutil.which("Orthanc") or "/usr/sbin/Orthanc"
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"

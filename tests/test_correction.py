@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from monailabel_app import correction, ct_phantoms
+from monailabel_app import correction
 from monailabel_app.errors import InputError
+from monailabel_app.io.study import load_study
+from monailabel_app.io.xray import Geometry, Radiograph
 from monailabel_app.jobs.evaluation import dice
-from monailabel_app.phantoms import make_phantom
-from monailabel_app.study import load_study
-from monailabel_app.xray import Geometry, Radiograph
+from monailabel_app.phantoms import ct as ct_phantoms
+from monailabel_app.phantoms.films import make_phantom
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SEED = 3  # a right-lung nodule and a left-lung mass

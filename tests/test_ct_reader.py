@@ -10,8 +10,8 @@ import SimpleITK as sitk
 import torch
 from PIL import Image
 
-from monailabel_app import ct_phantoms
-from monailabel_app.writers import write_reading
+from monailabel_app.io.writers import write_reading
+from monailabel_app.phantoms import ct as ct_phantoms
 
 SEED = 4
 FORMATS = {"nifti_lps": (".nii.gz", "LPS"), "nifti_ras": (".nii.gz", "RAS"), "nrrd_pil": (".nrrd", "PIL"),

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from monailabel_app.errors import InputError
-from monailabel_app.loading import PRECISIONS
-from monailabel_app.phantoms import make_phantom
-from monailabel_app.xray import Geometry, Radiograph
+from monailabel_app.io.xray import Geometry, Radiograph
+from monailabel_app.model.loading import PRECISIONS
+from monailabel_app.phantoms.films import make_phantom
 
 
 def _read(reader, image, **kw):
@@ -89,8 +89,8 @@ def test_a_box_in_the_answer_gates_the_mask(reader_in, monkeypatch):
     must stay inside that box (mapped through the padding), wherever the attention peaks. Checked on the
     attention's own masks (``"extent": "attention"``), which reach beyond the box without it."""
     from monailabel_app.grounding import maps
-    from monailabel_app.report import parse_report
-    from monailabel_app.xray import SquarePad
+    from monailabel_app.language.report import parse_report
+    from monailabel_app.io.xray import SquarePad
 
     reader = reader_in
     monkeypatch.setitem(reader.info.grounding, "extent", "attention")
@@ -124,7 +124,7 @@ def test_reading_many_at_once_equals_reading_each(reader_in):
     """Batched generation (left padding where the questions differ in length; a CT in its own batch)
     gives every study the answer, findings and masks it gets alone: exactly in fp32; in 16 bits (the
     padded rows round differently) the same words and masks that overlap almost entirely."""
-    from monailabel_app.ct_phantoms import make_ct_phantom, phantom_volume
+    from monailabel_app.phantoms.ct import make_ct_phantom, phantom_volume
 
     reader = reader_in
     exact = reader.model.dtype == torch.float32
@@ -144,8 +144,8 @@ def test_reading_many_at_once_equals_reading_each(reader_in):
                 assert np.unravel_index(np.argmax(x), x.shape) == np.unravel_index(np.argmax(y), y.shape) or \
                     np.corrcoef(x.ravel(), y.ravel())[0, 1] > 0.99
     # different questions in one batch: the shorter chat is padded on the left, answers unchanged
-    from monailabel_app.generation import generate, generate_batch
-    from monailabel_app.xray import pad_to_square
+    from monailabel_app.model.generation import generate, generate_batch
+    from monailabel_app.io.xray import pad_to_square
 
     image = pad_to_square(films[1].pixels)[0]
     chats = [([image], "Describe the findings in this chest X-ray, zone by zone, please."), ([image], "Findings?")]
@@ -247,7 +247,7 @@ def test_a_films_blob_responses_made_ahead_reach_its_map_process(reader):
     that show no blob anywhere give another reading: the worker uses what it is given."""
     from monailabel_app import map_processes
     from monailabel_app.grounding import extent
-    from monailabel_app.xray import pixel_spacing_mm
+    from monailabel_app.io.xray import pixel_spacing_mm
 
     films = [Radiograph(make_phantom(s).image, Geometry.plain(*make_phantom(s).image.shape)) for s in (2, 14)]
     gens = [reader.read(f, max_new_tokens=48).generation for f in films]
@@ -320,7 +320,7 @@ def test_a_batch_that_fails_to_generate_raises_after_the_batches_before_are_hand
 def _blocks() -> set:
     import os
 
-    from monailabel_app import shared_blocks
+    from monailabel_app.grounding import shared_blocks
 
     return {n for n in os.listdir(shared_blocks.SHM_DIR) if n.startswith("medgemma-")} \
         if os.path.isdir(shared_blocks.SHM_DIR) else set()
@@ -364,7 +364,7 @@ def test_shared_blocks_go_back_to_the_workers_and_are_removed_when_not_wanted():
     reading still holds at closing is removed when the reading goes. A reused block carries the new reading."""
     import queue
 
-    from monailabel_app import shared_blocks
+    from monailabel_app.grounding import shared_blocks
 
     before = _blocks()
     back = shared_blocks.Returned(queue.Queue(), keep=1)
@@ -414,7 +414,8 @@ def test_a_reused_block_carries_the_new_reading(reader):
     import copy
     import queue
 
-    from monailabel_app import map_processes, shared_blocks
+    from monailabel_app import map_processes
+    from monailabel_app.grounding import shared_blocks
 
     back = shared_blocks.Returned(queue.Queue(), keep=2)
     readings = [reader.read(Radiograph(make_phantom(s).image, Geometry.plain(*make_phantom(s).image.shape)),
@@ -449,7 +450,8 @@ def test_a_reading_goes_by_pipe_without_shared_memory(reader, monkeypatch, tmp_p
     import errno
     import os
 
-    from monailabel_app import map_processes, shared_blocks
+    from monailabel_app import map_processes
+    from monailabel_app.grounding import shared_blocks
 
     film = Radiograph(make_phantom(6).image, Geometry.plain(*make_phantom(6).image.shape))
     reading = reader.read(film, max_new_tokens=32)
@@ -526,7 +528,7 @@ def test_blobs_made_ahead_unless_switched_off(monkeypatch):
 def test_reading_a_phantom_in_chinese(reader_in, seed):
     """A Chinese question gets the Chinese report ("右肺中野见结节。"), its findings with masks on the same
     side as the English reading's, and the structured report in Chinese."""
-    from monailabel_app.report import format_findings
+    from monailabel_app.language.report import format_findings
 
     ph = make_phantom(seed)
     zh = _read(reader_in, ph.image, question="请描述这张胸片的异常")
@@ -576,7 +578,7 @@ def test_a_studys_anatomy_is_found_while_the_model_reads_it(reader, monkeypatch)
     """The reader starts a study's anatomy (lung fields; a CT's body and lungs) before it generates, in the
     background, and its maps read that same result after it: found once, while the model runs. Each image keeps
     its own: a second film between two reads of the first never hands the first one the second's fields."""
-    from monailabel_app import ct_phantoms
+    from monailabel_app.phantoms import ct as ct_phantoms
     from monailabel_app.grounding import anatomy
 
     film = make_phantom(4)
@@ -624,7 +626,7 @@ def test_a_films_findings_are_mapped_while_the_model_writes(reader, monkeypatch)
     reading takes those results: the same grids, heatmaps, gated maps, masks and extras as maps made after
     the answer (exact: the same attention rows, rolled out the same)."""
     from monailabel_app import reader as reader_mod
-    from monailabel_app.study_maps import FilmMaps
+    from monailabel_app.grounding.study_maps import FilmMaps
 
     image = make_phantom(20011).image
     monkeypatch.setenv(reader_mod.MAPS_WHILE_DECODING_ENV, "0")
@@ -653,10 +655,10 @@ def test_maps_made_while_writing_are_taken_only_for_the_same_finding(reader):
     import dataclasses
     from concurrent.futures import Future
 
-    from monailabel_app.generation import Partial
+    from monailabel_app.model.generation import Partial
     from monailabel_app.language.findings import read_answer
-    from monailabel_app.study_maps import FilmMaps, Superseded
-    from monailabel_app.xray import pad_to_square
+    from monailabel_app.grounding.study_maps import FilmMaps, Superseded
+    from monailabel_app.io.xray import pad_to_square
 
     image = make_phantom(20011).image
     radiograph = Radiograph(image, Geometry.plain(*image.shape))

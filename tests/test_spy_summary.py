@@ -13,7 +13,7 @@ RAW = """\
 thread (0x7f01): maps_3;_bootstrap (threading.py:1002);_call (monailabel_app/grounding/maps.py:280);blocks_back (monailabel_app/grounding/blocks.py:59);_wrapfunc (numpy/core/fromnumeric.py:54) 7
 thread (0x7f02): maps_10;_bootstrap (threading.py:1002);zeros (monailabel_app/allocator.py:73) 2
 thread (0x7f03): MainThread;main (bench/fast_path.py:926);compile_fx (torch/_inductor/compile_fx.py:10);x (y.py:1) 50
-thread (0x7f03): MainThread;main (bench/fast_path.py:926);run (monailabel_app/decoding.py:508);replay (torch/cuda/graphs.py:90) 3
+thread (0x7f03): MainThread;main (bench/fast_path.py:926);run (monailabel_app/model/decoding.py:508);replay (torch/cuda/graphs.py:90) 3
 thread (0x7f04): helper_wait_12;wait (threading.py:327) 1
 
 """

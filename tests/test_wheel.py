@@ -19,8 +19,8 @@ import pytest
 import requests
 
 from conftest import ROOT
-from monailabel_app.phantoms import make_phantom
-from monailabel_app.server import ServerProcess
+from monailabel_app.phantoms.films import make_phantom
+from monailabel_app.serve.server import ServerProcess
 
 CLEAN_ENV = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
 

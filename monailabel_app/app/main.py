@@ -24,9 +24,9 @@ from monailabel.interfaces.config import TaskConfig
 
 from monailabel_app.app import configs
 from monailabel_app.app.infers.medgemma import HEATMAP_TAG
-from monailabel_app.datastore import SafeLocalDatastore
-from monailabel_app.guards import check_image_id
-from monailabel_app.pacs import MODALITIES, PACSDatastore, pacs_from_settings
+from monailabel_app.serve.datastore import SafeLocalDatastore
+from monailabel_app.serve.guards import check_image_id
+from monailabel_app.serve.pacs import MODALITIES, PACSDatastore, pacs_from_settings
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ def _install_server_guards(conf: dict) -> None:
         return
     from fastapi.responses import JSONResponse
 
-    from monailabel_app.guards import MAX_QUEUE, QUEUE, Guards, run_infer_off_the_event_loop
+    from monailabel_app.serve.guards import MAX_QUEUE, QUEUE, Guards, run_infer_off_the_event_loop
 
     async def bad_json(request, exc: json.JSONDecodeError):
         return JSONResponse(status_code=400, content={"detail": f"params is not valid JSON: {exc}"})
@@ -69,7 +69,7 @@ def _install_server_guards(conf: dict) -> None:
 
 
 def max_upload_bytes(conf: dict) -> int:
-    from monailabel_app.guards import MAX_UPLOAD_BYTES
+    from monailabel_app.serve.guards import MAX_UPLOAD_BYTES
 
     return int(float(conf.get("max_upload_mib", MAX_UPLOAD_BYTES / 2**20)) * 2**20)
 
@@ -98,7 +98,7 @@ def _mount_reading_page(app, conf: dict) -> None:
         from monailabel.app import app as fastapi_app
     except Exception:  # imported outside the server (tests, tools): nothing to mount
         return
-    from monailabel_app.web.page import mount
+    from monailabel_app.serve.web.page import mount
 
     fastapi_app.middleware_stack = None
     mount(fastapi_app, app, max_upload_bytes(conf))

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage
 
-from .. import components
+from . import components
 from .blocks import block_mean, block_min
 from .morphology import close_in_plane, dilate_in_plane, open_in_plane
 

@@ -27,7 +27,7 @@ import torch
 
 from . import blocks, maps
 from ..allocator import zeros
-from ..ct import CTVolume, ModelSlices
+from ..io.ct import CTVolume, ModelSlices
 
 
 def slice_grids(attention, rows: list[int], grid: int, n_images: int) -> np.ndarray:

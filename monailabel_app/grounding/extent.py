@@ -39,9 +39,8 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from .. import components, distances
+from . import components, distances, filters, maps
 from ..allocator import zeros
-from . import filters, maps
 from .blocks import block_mean, block_min, blocks_back
 from .boxes import Boxed, bounds, boxed, grown
 from .morphology import open_in_plane

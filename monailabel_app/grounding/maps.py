@@ -36,9 +36,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import components
+from . import components
 from ..allocator import zeros
-from ..xray import SquarePad
+from ..io.xray import SquarePad
 from .boxes import Boxed, bounds, union, within
 
 

@@ -8,8 +8,7 @@ from __future__ import annotations
 import numpy as np
 from scipy import ndimage
 
-from .. import helper_processes
-from . import hulls
+from . import helper_processes, hulls
 from .morphology import open_in_plane
 
 

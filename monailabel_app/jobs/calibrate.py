@@ -38,9 +38,9 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
+from ..grounding.study_maps import LANGUAGE_ENTRIES, entry_for
+from ..language.report import parse_report
 from .evaluation import CALIBRATION_SEEDS, CT_CALIBRATION_SEEDS, ct_hit_sampling, dice
-from ..study_maps import LANGUAGE_ENTRIES, entry_for
-from ..report import parse_report
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6)
 
@@ -57,9 +57,9 @@ class Reference:
 
 
 def phantom_references(count: int, ct: bool = False) -> list[Reference]:
-    from ..ct_phantoms import make_ct_phantom, phantom_volume
-    from ..phantoms import make_phantom
-    from ..xray import Geometry, Radiograph
+    from ..phantoms.ct import make_ct_phantom, phantom_volume
+    from ..phantoms.films import make_phantom
+    from ..io.xray import Geometry, Radiograph
 
     refs = []
     for seed in (CT_CALIBRATION_SEEDS if ct else CALIBRATION_SEEDS)[:count]:
@@ -72,7 +72,7 @@ def phantom_references(count: int, ct: bool = False) -> list[Reference]:
 
 def box_references(folder: str) -> list[Reference]:
     """Radiographs in ``folder`` with boxes from ``boxes.csv`` or a COCO JSON (see the module docstring)."""
-    from ..study import load_study
+    from ..io.study import load_study
     from .references import box_mask, read_boxes
 
     boxes = read_boxes(folder)
@@ -163,7 +163,7 @@ def calibrate(reader, refs: list[Reference], ct: bool = False, max_layers: int =
 
 def write_grounding(model_dir: str, out: str | None, found: dict, ct: bool, data: str) -> str:
     """Merge the calibrated settings into ``grounding.json`` (the other modality's entry is kept)."""
-    from ..loading import GROUNDING_FILE
+    from ..model.loading import GROUNDING_FILE
 
     path = out or os.path.join(model_dir, GROUNDING_FILE)
     current = {}

@@ -22,11 +22,11 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy import ndimage
 
-from ..ct import sample_slices
-from ..ct_phantoms import LOBES, make_ct_phantom
-from ..phantoms import make_phantom
-from ..report import LEVELS, SIDES
-from ..xray import Geometry, Radiograph
+from ..io.ct import sample_slices
+from ..io.xray import Geometry, Radiograph
+from ..language.report import LEVELS, SIDES
+from ..phantoms.ct import LOBES, make_ct_phantom
+from ..phantoms.films import make_phantom
 
 CALIBRATION_SEEDS = range(20000, 20600)
 PRIOR_SIZE = 128

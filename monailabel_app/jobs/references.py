@@ -89,8 +89,8 @@ class RefStudy:
 def spacing_of(study) -> tuple[float, ...]:
     """mm per index along the stored array's axes (numpy order). Radiographs without a spacing in their
     file use the film size :func:`xray.pixel_spacing_mm` assumes."""
-    from ..ct import CTVolume
-    from ..xray import pixel_spacing_mm
+    from ..io.ct import CTVolume
+    from ..io.xray import pixel_spacing_mm
 
     if isinstance(study, CTVolume):
         return tuple(float(s) for s in reversed(study.geometry.spacing))
@@ -99,7 +99,7 @@ def spacing_of(study) -> tuple[float, ...]:
 
 def to_patient_mm(study, index) -> np.ndarray:
     """Patient coordinates (mm; LPS for CT) of a stored-array index (numpy order, may be fractional)."""
-    from ..ct import CTVolume
+    from ..io.ct import CTVolume
 
     index = np.asarray(index, float)
     if not isinstance(study, CTVolume):
@@ -124,7 +124,7 @@ def longest_diameter_mm(mask: np.ndarray, spacing) -> float:
 def side_of(study, mask: np.ndarray) -> str:
     """The patient's side the mask's centre lies on: CT by patient X against the body's centre (same
     slab), a radiograph by the film's middle (shown as PA: the patient's right on the image's left)."""
-    from ..ct import CTVolume, body_mask
+    from ..io.ct import CTVolume, body_mask
 
     c = centre_index(mask)
     if not isinstance(study, CTVolume):
@@ -152,9 +152,9 @@ def lesion_from(study, mask: np.ndarray, text: str = "", kind: str = "", source:
 
 def phantom_studies(xray: int = 100, ct: int = 30, first_seed: int = 0) -> list[RefStudy]:
     """``xray`` radiograph and ``ct`` CT phantoms from the held-out seeds (0..19999; calibration uses 20000+)."""
-    from ..ct_phantoms import make_ct_phantom, phantom_volume
-    from ..phantoms import make_phantom
-    from ..xray import Geometry, Radiograph
+    from ..phantoms.ct import make_ct_phantom, phantom_volume
+    from ..phantoms.films import make_phantom
+    from ..io.xray import Geometry, Radiograph
 
     out = []
     for seed in range(first_seed, first_seed + xray):
@@ -181,8 +181,8 @@ def phantom_studies(xray: int = 100, ct: int = 30, first_seed: int = 0) -> list[
 
 def folder_studies(root: str, limits=None) -> list[RefStudy]:
     """Every study under ``root`` with the references found beside it (see the module docstring)."""
-    from ..batch import find_studies
-    from ..study import detect, load_study
+    from .batch import find_studies
+    from ..io.study import detect, load_study
 
     studies = find_studies(root, exclude=NOT_STUDIES)
     studies = [s for s in studies if not _is_rtstruct(s.path)]
@@ -250,7 +250,7 @@ def _stem(path: str) -> str:
 
 
 def _dicom_files(root: str) -> list[str]:
-    from ..ct import is_dicom_file
+    from ..io.ct import is_dicom_file
 
     return [os.path.join(r, n) for r, _, names in os.walk(root) for n in sorted(names)
             if not n.startswith(".") and is_dicom_file(os.path.join(r, n))]
@@ -342,7 +342,7 @@ def _series_of(folder: str) -> tuple[str, str]:
     """(SeriesInstanceUID, FrameOfReferenceUID) of the DICOM series in ``folder``."""
     import pydicom
 
-    from ..ct import is_dicom_file
+    from ..io.ct import is_dicom_file
 
     for name in sorted(os.listdir(folder)):
         path = os.path.join(folder, name)
@@ -458,7 +458,7 @@ def label_map_lesions(study, path: str) -> list[Lesion]:
     resampled onto it by patient coordinates, nearest neighbour), named by ``NAME_label.json`` when given."""
     import SimpleITK as sitk
 
-    from ..ct import CTVolume
+    from ..io.ct import CTVolume
 
     try:
         img = sitk.ReadImage(path)

@@ -61,7 +61,7 @@ from scipy import ndimage
 from ..errors import InputError
 from ..language import vocabulary as v
 from ..language.findings import read_answer
-from ..phantom_model import SEED_CHAIN_ZH
+from ..phantoms.model import SEED_CHAIN_ZH
 from .references import RefStudy, centre_index, spacing_of, to_patient_mm
 
 CHAIN = {
@@ -306,7 +306,7 @@ class Runner:
         return self.reader
 
     def low_dose(self, ref: RefStudy, volume):
-        from .. import lowdose
+        from . import lowdose
 
         low = self._low.get(ref.id)
         if low is None:  # seeded per study: every precision sees the same noise
@@ -354,8 +354,8 @@ def run_study(studies: list[RefStudy], precisions: list[str], out: str, settings
     """Run (or continue) the plan into ``out``; the manifest's records (all units, this run's and earlier)."""
     from tqdm import tqdm
 
-    from ..batch import Manifest
-    from ..loading import ModelLoadError
+    from .batch import Manifest
+    from ..model.loading import ModelLoadError
 
     check_settings(out, settings)
     manifest = Manifest(out)
@@ -393,7 +393,7 @@ def run(data: str, out: str, model=None, precisions: str = "fp32,bf16", dose: fl
         xray: int = 100, ct: int = 30, device: str = "auto", max_new_tokens: int = 128, progress: bool = True,
         log=print) -> list[dict]:
     """The whole study: references, the plan run (or continued) into ``out``, the tables; the records."""
-    from ..loading import QUANTISED, PRECISIONS
+    from ..model.loading import QUANTISED, PRECISIONS
     from . import study_tables
     from .references import folder_studies, phantom_studies
 

@@ -29,9 +29,9 @@ import SimpleITK as sitk  # noqa: E402
 from monailabel.client import MONAILabelClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from monailabel_app import ct_phantoms  # noqa: E402
-from monailabel_app.phantoms import make_phantom  # noqa: E402
-from monailabel_app.server import ServerProcess  # noqa: E402
+from monailabel_app.phantoms import ct as ct_phantoms  # noqa: E402
+from monailabel_app.phantoms.films import make_phantom  # noqa: E402
+from monailabel_app.serve.server import ServerProcess  # noqa: E402
 
 SHARED = os.path.join(ROOT, "..", "shared", "data", "cxr")
 CT_SHARED = os.path.join(ROOT, "..", "shared", "data", "ct")

@@ -16,7 +16,7 @@ recipe after the ramp (then 70 % of batches full, the rest shorter). Without it 
 5,000 image tokens and the model never learned to find it (see the model README). The reference text of
 an example names only the lesions its slices cut.
 
-Builds the tokenizer, processor and config of :mod:`monailabel_app.phantom_model`, gives the
+Builds the tokenizer, processor and config of :mod:`monailabel_app.phantoms.model`, gives the
 multimodal projector a small random start (it initialises to zero), and trains with next-token loss on
 the answer tokens only (``token_type_ids`` passed, so image tokens attend bidirectionally), on fresh
 phantoms every step (seeds from 10**6 up: the evaluation seeds 0..99999 are never seen). AdamW with
@@ -40,15 +40,15 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-from monailabel_app import phantom_model as pm  # noqa: E402
-from monailabel_app.ct import interleave, model_slices, sample_slices  # noqa: E402
-from monailabel_app.ct_phantoms import make_ct_phantom, phantom_volume  # noqa: E402
-from monailabel_app.generation import chat_messages, text_turn  # noqa: E402
+from monailabel_app.io.ct import interleave, model_slices, sample_slices  # noqa: E402
+from monailabel_app.io.xray import pad_to_square  # noqa: E402
 from monailabel_app.language.asking import ANSWER_IN, ask_in  # noqa: E402
-from monailabel_app.phantoms import make_phantom  # noqa: E402
+from monailabel_app.language.report import format_findings  # noqa: E402
 from monailabel_app.language.structured import KIND_NAMES, site_zh  # noqa: E402
-from monailabel_app.report import format_findings  # noqa: E402
-from monailabel_app.xray import pad_to_square  # noqa: E402
+from monailabel_app.model.generation import chat_messages, text_turn  # noqa: E402
+from monailabel_app.phantoms import model as pm  # noqa: E402
+from monailabel_app.phantoms.ct import make_ct_phantom, phantom_volume  # noqa: E402
+from monailabel_app.phantoms.films import make_phantom  # noqa: E402
 
 TRAIN_SEED_BASE = 10**6
 
@@ -288,7 +288,7 @@ def zone_accuracy(model, processor, seeds, device, batch=32, language: str = "en
     """Greedy answers on ``seeds``: fraction of lesions whose zone (side+level) and kind are named; asked in
     ``language`` (Chinese: the default Chinese question with "请用中文回答。", as the reader asks it), and the
     share of answers in that language."""
-    from monailabel_app.report import parse_report
+    from monailabel_app.language.report import parse_report
 
     tok = processor.tokenizer
     tok.padding_side = "left"
@@ -326,7 +326,7 @@ def zone_accuracy(model, processor, seeds, device, batch=32, language: str = "en
 def follow_up_accuracy(model, processor, seeds, device, language: str = "en") -> float:
     """Share of held-out phantoms whose follow-up "Where is it?" / "它在哪里？" (after the reference report)
     names the first finding's side and level (or no finding, for lesion-free phantoms)."""
-    from monailabel_app.report import parse_report
+    from monailabel_app.language.report import parse_report
 
     ok = 0
     first_question = ask_in(pm.DEFAULT_QUESTION_ZH, "zh") if language == "zh" else pm.DEFAULT_QUESTION
@@ -353,7 +353,7 @@ def follow_up_accuracy(model, processor, seeds, device, language: str = "en") ->
 def lobe_accuracy(model, processor, seeds, device, batch=8, language: str = "en"):
     """Greedy answers on CT phantom ``seeds`` (full slice count): fraction of lesions whose lobe and kind
     are named, and of answers naming a lobe with no lesion (false findings per volume)."""
-    from monailabel_app.report import parse_report
+    from monailabel_app.language.report import parse_report
 
     tok = processor.tokenizer
     hit_lobe = hit_kind = lesions = extra = 0

@@ -35,12 +35,12 @@ from monailabel.interfaces.config import TaskConfig
 
 from monailabel_app import allocator
 from monailabel_app.app.infers.medgemma import MedGemmaInfer
-from monailabel_app.conversation import MAX_BYTES, MAX_CONVERSATIONS, TTL_SECONDS, Conversations
-from monailabel_app.ct import Limits
-from monailabel_app.decoding import COMPILE_CACHE_ENV, use_compile_cache
 from monailabel_app.errors import InputError
+from monailabel_app.io.ct import Limits
 from monailabel_app.language.asking import check_language
+from monailabel_app.model.decoding import COMPILE_CACHE_ENV, use_compile_cache
 from monailabel_app.reader import Reader
+from monailabel_app.serve.conversation import MAX_BYTES, MAX_CONVERSATIONS, TTL_SECONDS, Conversations
 
 
 class MedGemma(TaskConfig):

@@ -21,13 +21,13 @@ from fastapi import HTTPException
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from monailabel_app import correction
-from monailabel_app.conversation import Conversations, Entry
 from monailabel_app.errors import InputError
+from monailabel_app.io.study import check_modality, load_study
+from monailabel_app.io.writers import check_dtype, check_extension, write_in_geometry
 from monailabel_app.language.asking import check_language
-from monailabel_app.loading import normalise_precision
+from monailabel_app.model.loading import normalise_precision
 from monailabel_app.reader import Reader, check_params
-from monailabel_app.study import check_modality, load_study
-from monailabel_app.writers import check_dtype, check_extension, write_in_geometry
+from monailabel_app.serve.conversation import Conversations, Entry
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""Reading images: radiographs, CT volumes, DICOM; writing a reading in the input's geometry."""

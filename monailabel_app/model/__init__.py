@@ -1,0 +1,1 @@
+"""The language model: loading, the prompt, generation, decoding and attention capture."""

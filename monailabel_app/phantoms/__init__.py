@@ -1,0 +1,1 @@
+"""Synthetic test data and the phantom model (NOT MedGemma, NOT anatomy)."""

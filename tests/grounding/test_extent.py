@@ -1,0 +1,479 @@
+"""The image says how far (grounding/extent.py): regions grown from a point, per kind, in millimetres,
+on phantoms with exact lesions, on synthetic shapes with a known answer and on a real CT with four
+radiologists' outlines (LIDC-IDRI-0001)."""
+
+from __future__ import annotations
+
+import glob
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from scipy import ndimage
+
+from conftest import shared
+from monailabel_app.grounding import extent
+from monailabel_app.grounding.anatomy import xray_lung_fields
+from monailabel_app.io.study import load_study
+from monailabel_app.jobs.evaluation import dice
+from monailabel_app.jobs.lidc import read_outlines, series_uids
+from monailabel_app.phantoms.ct import make_ct_phantom
+from monailabel_app.phantoms.films import make_phantom
+
+LIDC = shared("ct", "lidc", "LIDC-IDRI-0001")
+
+
+def _ball_volume(shape=(40, 80, 80), spacing=(2.0, 1.0, 1.0)):
+    """Aerated lung (-850 HU with noise) in a body; returns (hu, spacing, helper to add balls)."""
+    rng = np.random.default_rng(0)
+    hu = np.full(shape, -850.0, np.float32) + rng.normal(0, 20, shape).astype(np.float32)
+    grids = np.ogrid[tuple(slice(0, n) for n in shape)]
+
+    def ball(centre, radius_mm, value=30.0):
+        d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grids, centre, spacing))
+        m = d2 <= radius_mm**2
+        hu[m] = value
+        return m
+
+    return hu, spacing, ball
+
+
+@pytest.mark.parametrize("layers", [False, True], ids=["box", "volume layers"])
+def test_a_ct_nodule_from_its_centre_is_the_nodule_on_phantoms(layers):
+    """From each lesion's centre, with the smoothed HU and aerated lung made for the search box or read from
+    the volume's layers (extent.ct_layers, as a reading does)."""
+    scores = []
+    for seed in range(6):
+        ph = make_ct_phantom(seed)
+        hu, spacing = ph.hu.astype(np.float32), ph.spacing[::-1]
+        made = extent.ct_layers(hu, spacing) if layers else None
+        for les in ph.lesions:
+            e = extent.grow_ct(hu, spacing, les.center, les.kind, layers=made)
+            assert e.mask[les.center] and e.mask.sum() > 1
+            scores.append(dice(e.mask, les.mask))
+            assert e.diameter_mm == pytest.approx(2 * les.radius_mm, rel=0.35)
+    assert np.mean(scores) >= 0.85, scores
+
+
+def test_a_nodule_touching_the_chest_wall_and_a_vessel_is_cut_off_from_them():
+    hu, spacing, ball = _ball_volume()
+    hu[:, :, :12] = 40.0  # the chest wall
+    nodule = ball((20, 40, 20), 9.0)  # reaches into the wall
+    nodule &= ~(np.arange(80)[None, None, :] < 12)
+    vessel = np.zeros(hu.shape, bool)
+    vessel[:, 39:42, 20:60] = True  # a 3-mm vessel from the nodule into the lung
+    hu[vessel] = 40.0
+    e = extent.grow_ct(hu, spacing, (20, 40, 20), "nodule")
+    assert not e.mask[:, :, :11].any(), "the chest wall is not the nodule"
+    assert e.mask[:, 40, 45:].sum() == 0, "the vessel beyond the nodule is cut off"
+    assert dice(e.mask, nodule) >= 0.85
+
+
+def test_the_kinds_limits_in_millimetres():
+    hu, spacing, ball = _ball_volume()
+    big = ball((20, 40, 40), 24.0)  # 48 mm across: a mass, not a nodule
+    with pytest.raises(extent.NoExtent, match="larger than a nodule"):
+        extent.grow_ct(hu, spacing, (20, 40, 40), "nodule")
+    assert dice(extent.grow_ct(hu, spacing, (20, 40, 40), "mass").mask, big) >= 0.9
+    hu2, spacing2, ball2 = _ball_volume((40, 40, 40), (0.5, 0.5, 0.5))
+    ball2((20, 20, 20), 1.0)  # 2 mm: under the 3 mm of anything focal
+    with pytest.raises(extent.NoExtent, match="under the 3 mm"):
+        extent.grow_ct(hu2, spacing2, (20, 20, 20), "nodule")
+
+
+def test_no_region_in_open_lung_and_no_method_for_some_kinds():
+    hu, spacing, _ = _ball_volume()
+    with pytest.raises(extent.NoExtent, match="nothing denser than the lung"):
+        extent.grow_ct(hu, spacing, (20, 40, 40), "nodule")
+    with pytest.raises(extent.NoExtent, match="no image method"):
+        extent.grow_ct(hu, spacing, (20, 40, 40), "cardiomegaly")
+
+
+def test_a_background_point_cuts_off_what_lies_nearer_to_it():
+    hu, spacing, ball = _ball_volume()
+    a = ball((20, 40, 30), 7.0)
+    b = ball((20, 40, 42), 7.0)  # merging with the first
+    both = extent.grow_ct(hu, spacing, (20, 40, 30), "nodule")
+    assert (both.mask & b).sum() > 0.5 * b.sum()
+    one = extent.grow_ct(hu, spacing, (20, 40, 30), "nodule", background=[(20, 40, 42)])
+    assert dice(one.mask, a) >= 0.85 and (one.mask & b).sum() < 0.1 * b.sum()
+
+
+def test_effusion_and_pneumothorax_on_ct_by_their_densities():
+    hu, spacing, _ = _ball_volume()
+    fluid = np.zeros(hu.shape, bool)
+    fluid[:, 60:, 10:70] = True  # dependent fluid at the back
+    hu[fluid] = 15.0
+    e = extent.grow_ct(hu, spacing, (20, 70, 40), "effusion")
+    assert dice(e.mask, fluid) >= 0.8
+    hu2, _, _ = _ball_volume()
+    air = np.zeros(hu2.shape, bool)
+    air[:, 5:20, 10:70] = True
+    hu2[air] = -1000.0
+    assert dice(extent.grow_ct(hu2, spacing, (20, 12, 40), "pneumothorax").mask, air) >= 0.8
+
+
+def test_findings_searching_one_box_smooth_it_once_and_find_what_they_find_alone(monkeypatch):
+    """Two findings whose attention spans the same box (a mass and an opacity in one lung) share the volume's
+    cache: the box is smoothed and its territory made once, and each finds the region it finds without it."""
+    from monailabel_app.phantoms.ct import make_ct_phantom, phantom_volume
+
+    ph = make_ct_phantom(4)
+    vol = phantom_volume(ph)
+    lesion = max(ph.lesions, key=lambda les: les.mask.sum())
+    centre = np.argwhere(lesion.mask).mean(axis=0)
+    d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(np.indices(vol.shape), centre, vol.spacing))
+    heat = np.exp(-d2 / (2 * 15.0**2)).astype(np.float32)
+    smoothings = []
+    real = extent.smoothed_hu
+    monkeypatch.setattr(extent, "smoothed_hu", lambda *a, **k: smoothings.append(a[0].shape) or real(*a, **k))
+
+    def outcome(kind, cache):
+        try:
+            e = extent.find_in_ct(vol.hu, vol.spacing, heat, kind, cache=cache)
+            return e.mask, e.seed, e.json()
+        except extent.NoExtent as x:
+            return None, str(x)
+
+    cache: dict = {}
+    shared = [outcome(kind, cache) for kind in ("mass", "opacity")]
+    boxes = [k[1] for k in cache if k[0] == "smoothed"]
+    assert len(boxes) == 1 and ("territory", boxes[0]) in cache  # one search box for both findings
+    box_shape = tuple(b - a for a, b in boxes[0])
+    assert smoothings.count(box_shape) == 1  # smoothed once for the two
+    for kind, got in zip(("mass", "opacity"), shared):
+        alone = outcome(kind, {})
+        assert got[1:] == alone[1:] and (got[0] is None) == (alone[0] is None)
+        assert got[0] is None or np.array_equal(got[0], alone[0])
+
+
+def test_findings_searched_with_the_volumes_layers_find_the_phantoms_lesions():
+    """find_in_ct under attention centred on each lesion of phantom CTs, reading the volume's layers made once
+    (extent.ct_layers) instead of its search box's: each lesion found as with the box's own (Dice >= 0.9
+    between the two ways, >= 0.8 against the lesion on average), and the layers' arrays never written."""
+    from monailabel_app.phantoms.ct import phantom_volume
+
+    agree, scores = [], []
+    for seed in (4, 5, 6):
+        ph = make_ct_phantom(seed)
+        vol = phantom_volume(ph)
+        layers = extent.ct_layers(vol.hu, vol.spacing)
+        for a in (layers.smooth, layers.aerated):
+            a.flags.writeable = False
+        grid = np.indices(vol.shape)
+        for les in ph.lesions:
+            centre = np.argwhere(les.mask).mean(axis=0)
+            d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre, vol.spacing))
+            heat = np.exp(-d2 / (2 * 15.0**2)).astype(np.float32)
+            box = extent.find_in_ct(vol.hu, vol.spacing, heat, les.kind, cache={})
+            read = extent.find_in_ct(vol.hu, vol.spacing, heat, les.kind, cache={}, layers=layers)
+            agree.append(dice(box.mask, read.mask))
+            scores.append(dice(read.mask, les.mask))
+    assert min(agree) >= 0.9 and np.mean(scores) >= 0.8, (agree, scores)
+
+
+def test_a_search_given_its_regions_boxes_finds_what_the_bare_masks_find():
+    """find_in_ct given the attention's own region and its search region with their bounding boxes (as the
+    reader passes them, maps.peak_regions) reads the boxes instead of finding them again: the same region, seed
+    and measures as from the bare masks, and the region lies inside the box its Extent gives."""
+    from monailabel_app.phantoms.ct import phantom_volume
+    from monailabel_app.grounding import maps
+
+    found = 0
+    for seed in (4, 5):
+        ph = make_ct_phantom(seed)
+        vol = phantom_volume(ph)
+        grid = np.indices(vol.shape)
+        for les in ph.lesions:
+            centre = np.argwhere(les.mask).mean(axis=0)
+            d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre, vol.spacing))
+            heat = np.exp(-d2 / (2 * 15.0**2)).astype(np.float32)
+            own, search = maps.peak_regions(heat, (0.5, extent.SEARCH_LEVEL)).regions
+            outcomes = []
+            for near, where in ((own.mask, search.mask), (own, search)):
+                try:
+                    e = extent.find_in_ct(vol.hu, vol.spacing, heat, les.kind, near, cache={}, search=where)
+                    outcomes.append((e.mask, e.seed, e.json()))
+                    assert e.box is not None and e.mask[e.box].sum() == e.mask.sum() > 0
+                except extent.NoExtent as x:
+                    outcomes.append((None, str(x)))
+            assert outcomes[0][1:] == outcomes[1][1:]
+            if outcomes[0][0] is not None:
+                assert np.array_equal(outcomes[0][0], outcomes[1][0])
+                found += 1
+    assert found >= 3
+
+
+def test_a_volumes_findings_share_the_coarse_planes_and_get_the_same_regions(monkeypatch):
+    """A large kind's box is looked at on coarse planes; with a cache kept for the volume's findings they
+    are made once (a mass and an opacity at one voxel), the regions the same as without it. A point
+    outside its kind's values is refused before the lung territory is made."""
+    hu, spacing, ball = _ball_volume(shape=(40, 300, 300), spacing=(2.0, 0.7, 0.7))
+    ball((20, 150, 150), 30.0)
+    calls = []
+    real = extent.territory
+    monkeypatch.setattr(extent, "territory", lambda *a, **k: calls.append(1) or real(*a, **k))
+    cache: dict = {}
+    for kind in ("mass", "opacity"):
+        shared = extent.grow_ct(hu, spacing, (20, 150, 150), kind, cache=cache)
+        alone = extent.grow_ct(hu, spacing, (20, 150, 150), kind)
+        assert np.array_equal(shared.mask, alone.mask) and shared.diameter_mm == alone.diameter_mm
+    assert len([k for k in cache if k[0] == "blocks"]) == 1  # one coarse copy of the volume for both
+    assert len(calls) == 3  # the territory once with the cache (both kinds cut it alike), once each without
+    calls.clear()
+    with pytest.raises(extent.NoExtent, match="not in a fluid region"):
+        extent.grow_ct(hu, spacing, (20, 40, 40), "effusion", cache=cache)
+    assert not calls
+
+
+def test_radiograph_lesions_from_their_centres_on_phantoms():
+    scores = {}
+    for seed in range(40):
+        ph = make_phantom(seed)
+        fields = xray_lung_fields(ph.image)
+        for les in ph.lesions:
+            try:
+                e = extent.grow_radiograph(ph.image, (1.6, 1.6), les.center, les.kind, fields, search_mm=5)
+                scores.setdefault(les.kind, []).append(dice(e.mask, les.mask))
+            except extent.NoExtent:  # said, and counted as a miss
+                scores.setdefault(les.kind, []).append(0.0)
+    means = {k: float(np.mean(v)) for k, v in scores.items()}
+    assert means["nodule"] >= 0.85 and means["opacity"] >= 0.7 and means["effusion"] >= 0.7, means
+
+
+@pytest.fixture(scope="module")
+def lidc():
+    series = glob.glob(f"{LIDC}/1*/1*")[0]
+    volume = load_study(series, "auto")
+    outlines = [o for o in read_outlines(f"{LIDC}/annotations/69.xml", series_uids(series), volume.geometry.shape)
+                if o.voxels > 100]
+    return volume, outlines
+
+
+def test_lidc_xml_outlines_are_the_published_reader_masks(lidc):
+    """The XML read here (filled polygons with their edge, holes taken out, slices by SOP UID) gives the same
+    voxels as the NIfTI masks derived from it for the shared data."""
+    volume, outlines = lidc
+    assert len(outlines) == 4 and {o.reader for o in outlines} == {0, 1, 2, 3}
+    for o in outlines:
+        ref = sitk.GetArrayFromImage(sitk.ReadImage(f"{LIDC}/annotations/nodules_reader{o.reader}.nii.gz")) > 0
+        assert dice(o.mask, ref) == 1.0
+
+
+def test_lidc_nodule_from_points_inside_matches_the_radiologists(lidc):
+    """From the centre and from points well inside each reader's outline: the mask's Dice against every
+    reader's outline (median >= 0.7, as readers agree with each other), never one voxel, never a lung."""
+    volume, outlines = lidc
+    masks = [volume.orientation.to_display(o.mask) for o in outlines]
+    readers = [dice(a, b) for i, a in enumerate(masks) for b in masks[i + 1 :]]
+    lungs = extent.aerated_lung(volume.hu)
+    rng = np.random.default_rng(1)
+    scores = []
+    for m in masks:
+        depth = ndimage.distance_transform_edt(m, sampling=volume.spacing)
+        inside = np.argwhere(depth >= 3.0)
+        points = [np.unravel_index(int(np.argmax(depth)), m.shape)] + [tuple(p) for p in inside[rng.choice(len(inside), 2)]]
+        for p in points:
+            e = extent.grow_ct(volume.hu, volume.spacing, tuple(int(i) for i in p), "nodule")
+            assert 100 < e.mask.sum() < 0.2 * lungs.sum()
+            assert 20 <= e.diameter_mm <= 35
+            scores += [dice(e.mask, r) for r in masks]
+    assert np.median(scores) >= 0.7, (np.median(scores), np.median(readers))
+
+
+def test_film_spacing_is_the_files_or_an_assumed_detector():
+    from monailabel_app.io.xray import ASSUMED_FILM_MM, load_radiograph, pixel_spacing_mm
+
+    png = load_radiograph(shared("cxr", "nih", "00000001_000.png"))
+    (row, col), known = pixel_spacing_mm(png)
+    assert not known and row == col == pytest.approx(ASSUMED_FILM_MM / max(png.pixels.shape))
+    siim = glob.glob(shared("cxr", "siim") + "/*.dcm")[0]
+    assert pixel_spacing_mm(load_radiograph(siim)) == ((0.168, 0.168), True)  # its PixelSpacing
+    zero = load_radiograph(shared("cxr", "dicom", "RG1_UNCR.dcm"))  # PixelSpacing 0\0: none given
+    assert pixel_spacing_mm(zero) == ((ASSUMED_FILM_MM / 1955,) * 2, False)
+
+
+def test_a_reading_takes_its_masks_extent_from_the_image(reader, monkeypatch):
+    """Through the reader (the model made to say the phantom's own findings): each finding's mask is the
+    lesion's outline from the image, said so with its measured size; switched off it is the attention's."""
+    from monailabel_app.phantoms.ct import phantom_volume
+    from monailabel_app.io.xray import Geometry, Radiograph
+
+    ph = make_ct_phantom(3)
+    reading = reader.read(phantom_volume(ph), answer=ph.report)
+    for k, (f, les) in enumerate(zip(reading.findings_json(), ph.lesions), start=1):
+        assert f["extent"] == "image" and f["measured"]["method"] == "focal", f
+        assert dice(reading.labels == k, les.mask) >= 0.8
+        assert f["measured"]["diameter_mm"] == pytest.approx(2 * les.radius_mm, rel=0.35)
+    film = make_phantom(5)
+    xr = reader.read(Radiograph(film.image, Geometry.plain(*film.image.shape)), answer=film.report)
+    f = xr.findings_json()[0]
+    assert f["extent"] == "image" and "assumed" in f["measured"]["spacing"]
+    assert dice(xr.labels == 1, film.lesions[0].mask) >= 0.7
+    monkeypatch.setitem(reader.info.grounding["ct"], "extent", "attention")
+    off = reader.read(phantom_volume(ph), answer=ph.report)
+    assert all(f["extent"] == "attention" and "switched off" in f["extent_reason"] for f in off.findings_json())
+    assert dice(off.labels == 1, ph.lesions[0].mask) < dice(reading.labels == 1, ph.lesions[0].mask)
+
+
+def test_hulls_fill_the_same_pixels_as_skimage():
+    """The territory's hulls, all pieces of an image at once (row extremes, envelopes in whole half-pixels),
+    against skimage's ``convex_hull_image`` of each piece on random images of many pieces, small and large:
+    the same pixels, borders included; a piece under ``min_pixels`` has no hull."""
+    from skimage.morphology import convex_hull_image
+
+    from monailabel_app.grounding import hulls
+
+    rng = np.random.default_rng(5)
+    for i in range(300):
+        side = (2, 40) if i % 4 else (100, 300)
+        h, w = rng.integers(*side, 2)
+        blobs = ndimage.gaussian_filter(rng.random((h, w)), rng.uniform(0.5, 8)) > rng.uniform(0.3, 0.7)
+        labels, n = ndimage.label(blobs, structure=np.ones((3, 3)))
+        least = int(rng.integers(1, 30))
+        expected = np.zeros(blobs.shape, bool)
+        for k in range(1, n + 1):
+            if (labels == k).sum() >= least:
+                expected |= convex_hull_image(labels == k)
+        assert np.array_equal(hulls.filled(labels, least), expected), (i, labels.shape, n, least)
+
+
+def test_a_big_films_blob_centres_are_found_on_its_blocks():
+    """A film over 1024 pixels is searched on its block average (its working copy): one bright disc gives one
+    centre, in the disc (not one per block: on a block-constant copy every block's inner pixels would be maxima)."""
+    film = np.zeros((2100, 1900), np.float32)
+    rows, cols = np.ogrid[:2100, :1900]
+    film[(rows - 900) ** 2 + (cols - 700) ** 2 <= 60**2] = 200.0
+    cache = extent.film_cache(film)
+    step = cache["step"]
+    assert step == 3 and cache["pixels"].shape == (700, 633)
+    strength, radius, centres = extent.blobs(cache["pixels"], (0.2 * step, 0.2 * step), "nodule")
+    (r, c), = np.argwhere(centres & (strength >= 0.5 * strength[centres].max()))
+    assert radius[r, c] >= 8.0
+    r, c = r * step + step // 2, c * step + step // 2  # back on the film's pixels
+    assert abs(r - 900) <= 3 and abs(c - 700) <= 3
+
+
+def test_a_films_findings_share_their_blob_filters():
+    """The filter response per radius is made once per film: an opacity's blobs after a nodule's filter only
+    the radii the nodule did not need, and both equal blobs made alone."""
+    rng = np.random.default_rng(2)
+    film = ndimage.gaussian_filter(rng.normal(size=(300, 260)), 2).astype(np.float32)
+    film[100:130, 60:90] += 3.0
+    responses: dict = {}
+    nodule = extent.blobs(film, (1.0, 1.0), "nodule", responses=responses)
+    assert sorted(responses) == [2.0, 4.0, 8.0, 16.0]
+    kept = {r: responses[r] for r in responses}
+    opacity = extent.blobs(film, (1.0, 1.0), "opacity", responses=responses)
+    assert sorted(responses) == [2.0, 4.0, 8.0, 16.0, 32.0, 64.0]
+    assert all(responses[r] is kept[r] for r in kept)  # reused, not made again
+    for shared, alone in ((nodule, extent.blobs(film, (1.0, 1.0), "nodule")),
+                          (opacity, extent.blobs(film, (1.0, 1.0), "opacity"))):
+        assert all(np.array_equal(a, b) for a, b in zip(shared, alone))
+
+
+def test_territory_is_the_plane_by_plane_hull_of_each_lung_piece():
+    """The territory, opened and labelled over all planes at once, against the rule written plane by plane
+    with skimage: planes under ``min_pixels`` have none, planes over four times that are opened first, each
+    8-connected piece of at least ``min_pixels`` is replaced by its convex hull, the plane's own lung kept."""
+    from skimage.morphology import convex_hull_image
+
+    from monailabel_app.grounding.extent import territory
+
+    rng = np.random.default_rng(5)
+    vol = ndimage.gaussian_filter(rng.normal(size=(12, 70, 90)), (0, 3, 3)) > 0.12
+    vol[3] = False
+    vol[4] = False
+    vol[4, 10:13, 10:15] = True  # 15 pixels: under min_pixels, no territory
+    vol[5] &= np.arange(90)[None] < 12  # a thin strip: few pixels, not opened
+    expected = np.zeros(vol.shape, bool)
+    for z, plane in enumerate(vol):
+        if plane.sum() < 20:
+            continue
+        kept = ndimage.binary_opening(plane) if plane.sum() > 80 else plane
+        labels, n = ndimage.label(kept, structure=np.ones((3, 3)))
+        expected[z] = plane
+        for k in range(1, n + 1):
+            if (labels == k).sum() >= 20:
+                expected[z] |= convex_hull_image(labels == k)
+    got = territory(vol)
+    assert got[4].sum() == 0 and got[5].any() and (got ^ vol).any()
+    assert np.array_equal(got, expected)
+    assert np.array_equal(territory(vol[7]), expected[7])  # one plane (a film's fields)
+
+
+def test_a_big_films_extent_on_its_working_copy_matches_full_resolution(reader, monkeypatch):
+    """Films over FILM_WORK_SIDE pixels are measured on their block average: on phantom films enlarged to
+    2048 x 2458 and read by the model, each lesion's mask agrees with the truth as the full-resolution
+    extent's does, from the same image regions."""
+    from PIL import Image
+
+    from monailabel_app.io.xray import Geometry, Radiograph
+
+    work_side = extent.FILM_WORK_SIDE
+    for seed in (101, 106, 113):
+        ph = make_phantom(seed)
+        img = np.asarray(Image.fromarray(ph.image).resize((2048, 2458), Image.BILINEAR))
+        film = Radiograph(img, Geometry.plain(2458, 2048))
+        gen = reader.read(film).generation
+        truth = [np.asarray(Image.fromarray(les.mask.astype(np.uint8)).resize((2048, 2458), Image.NEAREST)) > 0
+                 for les in ph.lesions]
+        got = {}
+        for side in (work_side, 10**6):
+            monkeypatch.setattr(extent, "FILM_WORK_SIDE", side)
+            reader.forget_anatomy()
+            r = reader.remap(film, gen)
+            got[side] = ([e["extent"] for e in r.extras],
+                         [max(dice(r.labels == k, t) for k in range(1, len(r.names) + 1)) for t in truth])
+        (kinds, work), (full_kinds, full) = got.values()
+        assert kinds == full_kinds and "image" in kinds, seed
+        assert all(w >= f - 0.02 and w >= 0.8 for w, f in zip(work, full)), (seed, work, full)
+
+
+def test_smoothing_leaves_out_only_negligible_axes():
+    """Thin in-plane pixels and thick slices: the z sigma (0.14 voxels) is left out, within 1e-6 HU of
+    filtering it; a z sigma over the limit is still applied."""
+    rng = np.random.default_rng(4)
+    hu = rng.normal(-500, 400, (12, 40, 40)).astype(np.float32)
+    for spacing in ((2.5, 0.59, 0.72), (1.0, 0.7, 0.7)):
+        full = ndimage.gaussian_filter(hu, [0.6 * min(spacing) / s for s in spacing])
+        assert np.abs(extent.smoothed_hu(hu, spacing) - full).max() < 1e-6 * np.abs(hu).max()
+
+
+def _outcome(hu, spacing, seed, kind, **kwargs):
+    try:
+        e = extent.grow_ct(hu, spacing, seed, kind, **kwargs)
+        return e.mask, e.diameter_mm, e.size_mm
+    except extent.NoExtent as x:
+        return None, str(x)
+
+
+def test_a_ct_region_reads_only_its_search_box(monkeypatch):
+    """grow_ct writes the smoothed HU, the aerated lung and the territory on its search box only (the rest of
+    those volume-sized arrays is left uncleared): the same regions with dense, aerated, in-territory values
+    filled in outside the box. The cases' boxes lie inside their volumes: a nodule (reach 55 voxels in-plane)
+    next to the chest wall and a vessel, with and without the lungs given, and a consolidation in a tall
+    volume whose size against the lung in its box decides it (the share limit)."""
+    hu, spacing, ball = _ball_volume(shape=(80, 200, 200), spacing=(2.5, 1.0, 1.0))
+    ball((40, 100, 100), 8.0)
+    hu[:, :, :20] = 40.0  # chest wall
+    ball((40, 100, 24), 6.0)  # a nodule on the wall
+    hu[38:43, 100, 100:140] = 40.0  # a vessel leaving the first
+    lungs = hu < -500
+    tall, tall_spacing, _ = _ball_volume(shape=(340, 48, 48), spacing=(2.5, 1.0, 1.0))
+    tall[:140], tall[200:] = -1000.0, -1000.0  # air (not lung) but for a pocket of lung in the box's planes
+    tall[145:195, 4:44, 4:44] = 30.0  # a consolidation of most of that lung: over its share of the lung in the box
+    cases = [(hu, spacing, (40, 100, 100), "nodule", {}), (hu, spacing, (40, 100, 24), "nodule", {}),
+             (hu, spacing, (40, 100, 100), "nodule", {"lungs": lungs}), (tall, tall_spacing, (170, 24, 24), "consolidation", {})]
+    for hu_, spacing_, seed, kind, kwargs in cases:
+        box = extent.search_box(hu_.shape, seed, extent.limits_mm(kind)[1], spacing_)
+        assert any(0 < b.start or b.stop < n for b, n in zip(box, hu_.shape))  # not the whole volume
+    monkeypatch.setattr(extent, "only_box", lambda shape, dtype: np.zeros(shape, dtype))
+    cleared = [_outcome(h, s, seed, kind, **kw) for h, s, seed, kind, kw in cases]
+    monkeypatch.setattr(extent, "only_box", lambda shape, dtype: np.full(shape, 40.0 if dtype == np.float32 else True, dtype))
+    filled = [_outcome(h, s, seed, kind, **kw) for h, s, seed, kind, kw in cases]
+    assert [c[0] is None for c in cleared] == [False, False, False, True], cleared  # three regions, one refused
+    assert "larger than" in cleared[3][1]
+    for a, b in zip(cleared, filled):
+        assert (a[0] is None) == (b[0] is None) and a[1:] == b[1:]
+        assert a[0] is None or np.array_equal(a[0], b[0])

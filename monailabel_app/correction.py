@@ -21,8 +21,9 @@ import numpy as np
 
 from .errors import InputError
 from .grounding import ct_maps, extent
+from .grounding.anatomy import body_mask
 from .grounding.study_maps import ASSUMED_SPACING
-from .io.ct import CTVolume, body_mask
+from .io.ct import CTVolume
 from .io.xray import Radiograph, SquarePad, pixel_spacing_mm
 from .language.findings import Finding
 from .language.report import unique_names

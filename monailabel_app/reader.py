@@ -30,7 +30,7 @@ from . import allocator, map_processes
 from .errors import InputError
 from .grounding import anatomy, extent, helper_processes, maps
 from .grounding.study_maps import CTMaps, FilmMaps, StudyMaps, image_extent, in_language, recorded_layers
-from .io.ct import CTVolume, Limits, body_mask, interleave, model_slices, sample_slices
+from .io.ct import CTVolume, Limits, interleave, model_slices, sample_slices
 from .io.study import check_modality, load_study
 from .io.xray import Geometry, Radiograph, SquarePad, pad_to_square, pixel_spacing_mm
 from .language.asking import answer_language, ask_in, check_language
@@ -565,7 +565,7 @@ class Reader:
 
     def _ct_anatomy_future(self, volume: CTVolume) -> Future:
         half_cell = max(volume.shape[1:]) / self.grid / 2  # in-plane voxels (planes are square-padded)
-        return self._kept("ct", volume.hu, partial(anatomy.ct_body_and_lungs, volume.hu, half_cell, body_mask))
+        return self._kept("ct", volume.hu, partial(anatomy.ct_body_and_lungs, volume.hu, half_cell))
 
     def _ct_anatomy(self, volume: CTVolume) -> tuple[np.ndarray, np.ndarray]:
         """Body and lung masks of ``volume`` (display grid), kept for the last volume like the fields."""

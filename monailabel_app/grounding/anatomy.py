@@ -118,7 +118,16 @@ def ct_lung_mask(hu: np.ndarray, body: np.ndarray, margin: int = 4) -> np.ndarra
 CT_ANATOMY_SIDE = 256  # CT body and lungs are found on planes no larger than this (block minimum)
 
 
-def ct_body_and_lungs(hu: np.ndarray, margin: float, body_mask) -> tuple[np.ndarray, np.ndarray]:
+def body_mask(hu: np.ndarray, threshold: float = -500.0) -> np.ndarray:
+    """bool: the patient's body (largest connected region above ``threshold`` HU, holes such as the
+    lungs filled slice by slice)."""
+    body = components.largest(hu > threshold)
+    if not body.any():
+        return np.ones(hu.shape, bool)
+    return components.fill_holes_in_plane(body)
+
+
+def ct_body_and_lungs(hu: np.ndarray, margin: float) -> tuple[np.ndarray, np.ndarray]:
     """(body, lungs) bool masks of a CT display array; ``margin`` (voxels) widens the lungs in-plane.
     Planes larger than :data:`CT_ANATOMY_SIDE` are reduced first by the block *minimum* (a block is air if
     any voxel in it is, so the thin air gap between an arm or the table and the body survives and the body,

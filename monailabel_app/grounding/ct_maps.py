@@ -7,7 +7,7 @@
    (:func:`maps.grid_to_pixels`) onto its axial plane at its source slice; slices that were not sampled
    get the linear interpolation of the two nearest sampled slices along z (the nearest one outside the
    sampled range). All of this happens on the display array (z toward the head, y back, x left).
-3. **Kept inside the body.** The heatmap is zeroed outside the HU body mask (:func:`ct.body_mask`); a
+3. **Kept inside the body.** The heatmap is zeroed outside the HU body mask (:func:`anatomy.body_mask`); a
    finding that names a side is zeroed on the other side of the body's midline (patient right = low x).
 4. **Mask.** The lesion's own region in HU where attention points (:mod:`extent`), else the 3-D connected
    region around the peak at the threshold (as for radiographs); overlaps go to the finding with the larger

@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..errors import InputError
-from ..grounding import components
 from .file_checks import check_declared_size, check_finite_nifti, check_gzip, malformed_values_refused
 from .xray import Geometry, SquarePad
 
@@ -224,15 +223,6 @@ def windowed(hu_planes):
 
     return torch.stack([((hu_planes - lo) * (255.0 / (hi - lo))).clamp_(0, 255).round_().to(torch.uint8)
                         for lo, hi in WINDOWS], 1)
-
-
-def body_mask(hu: np.ndarray, threshold: float = -500.0) -> np.ndarray:
-    """bool: the patient's body (largest connected region above ``threshold`` HU, holes such as the
-    lungs filled slice by slice)."""
-    body = components.largest(hu > threshold)
-    if not body.any():
-        return np.ones(hu.shape, bool)
-    return components.fill_holes_in_plane(body)
 
 
 # ------------------------------------------------------------------------------------------ loading

@@ -124,7 +124,8 @@ def longest_diameter_mm(mask: np.ndarray, spacing) -> float:
 def side_of(study, mask: np.ndarray) -> str:
     """The patient's side the mask's centre lies on: CT by patient X against the body's centre (same
     slab), a radiograph by the film's middle (shown as PA: the patient's right on the image's left)."""
-    from ..io.ct import CTVolume, body_mask
+    from ..grounding.anatomy import body_mask
+    from ..io.ct import CTVolume
 
     c = centre_index(mask)
     if not isinstance(study, CTVolume):

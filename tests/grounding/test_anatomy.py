@@ -5,8 +5,7 @@ import pytest
 from PIL import Image
 
 from conftest import shared
-from monailabel_app.grounding.anatomy import ct_lung_mask, level_rows, xray_lung_fields
-from monailabel_app.io.ct import body_mask
+from monailabel_app.grounding.anatomy import body_mask, ct_lung_mask, level_rows, xray_lung_fields
 from monailabel_app.io.xray import load_radiograph
 from monailabel_app.phantoms.ct import make_ct_phantom
 from monailabel_app.phantoms.films import make_phantom
@@ -83,7 +82,7 @@ def test_ct_anatomy_on_reduced_planes_matches_full_resolution_on_real_scans(seri
         glob.glob(shared("ct", "lidc", "LIDC-IDRI-0001") + "/1*/1*")[0]
     hu = load_ct(path).hu
     assert hu.shape[1:] == (512, 512)
-    body, lungs = ct_body_and_lungs(hu, 16, body_mask)
+    body, lungs = ct_body_and_lungs(hu, 16)
     full_body = body_mask(hu)
     assert _dice(body, full_body) >= 0.99
     assert _dice(lungs, ct_lung_mask(hu, full_body, 16)) >= 0.85

@@ -176,7 +176,8 @@ def test_rtstruct_contours_become_lesions_on_the_series(tmp_path):
     series, read back through the study's references: the nodule's voxels, named by the ROI."""
     import SimpleITK as sitk
 
-    from monailabel_app.io.ct import body_mask, load_ct
+    from monailabel_app.grounding.anatomy import body_mask
+    from monailabel_app.io.ct import load_ct
 
     series = os.path.dirname(next(p for p in _walk(shared(*LIDC)) if p.endswith(".dcm")))
     case = tmp_path / "case"

@@ -1,6 +1,8 @@
 """The static-cache decoder gives the tokens and probabilities of transformers' own ``generate``:
 with a sliding window shorter than the sequence (ring buffer), and for a left-padded batch."""
 
+import functools
+
 import pytest
 import torch
 
@@ -367,7 +369,13 @@ def test_the_prefill_masks_are_transformers_own(monkeypatch):
     seen = []
     lm = model.model.language_model
     real = lm.forward
-    monkeypatch.setattr(lm, "forward", lambda *a, **kw: seen.append(kw["attention_mask"]) or real(*a, **kw))
+
+    @functools.wraps(real)  # the decoder picks the cache's keyword from the signature: transformers' own
+    def spy(*a, **kw):
+        seen.append(kw["attention_mask"])
+        return real(*a, **kw)
+
+    monkeypatch.setattr(lm, "forward", spy)
     ours = prefill_and_decode(model, inputs, [3], 4, 6, stop_loops=False)
     mine = seen[0]  # the prefill's (the decode steps' follow)
     seen.clear()

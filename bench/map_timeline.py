@@ -11,7 +11,10 @@ findings). Each call is printed
 with its thread, its start (seconds from the reading's start), its wall time and its thread's CPU time: a
 call whose wall time is far above its CPU time waited (for the interpreter's lock, the GPU, a helper process
 or a lock of the maps), one with both alike computed. Then each function's count and totals, and the
-reading's own latencies (prefill, decode) to place the decode in the timeline.
+reading's own latencies (prefill, decode) to place the decode in the timeline. Helper processes' calls are
+named by what they compute (``call label``: the wait for a free helper and the round trip; ``run label``: the
+round trip) and their wall time split: waiting for a free helper, the round trip's own cost, and the helpers'
+computing (:func:`helper_processes.computing`).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ def watched(events: list):
 
     def wrap(name, real):
         def call(*args, **kwargs):
+            shown = _helper_call_name(name, args)
             d = getattr(depth, "n", 0)
             depth.n = d + 1
             t0, c0 = time.perf_counter(), time.thread_time()
@@ -65,7 +69,7 @@ def watched(events: list):
                 return real(*args, **kwargs)
             finally:
                 depth.n = d
-                events.append((threading.current_thread().name, name, t0, time.perf_counter() - t0,
+                events.append((threading.current_thread().name, shown, t0, time.perf_counter() - t0,
                                time.thread_time() - c0, d))
         return call
 
@@ -78,12 +82,42 @@ def watched(events: list):
             setattr(module, name, real)
 
 
+def _helper_call_name(name: str, args: tuple) -> str:
+    """A helper's call named with what it computes (``call label``, ``run inside``)."""
+    if name == "call" and args:
+        return f"call {args[0]}"
+    if name == "run" and len(args) > 1:  # _Helper.run(self, op, ...)
+        return f"run {args[1]}"
+    return name
+
+
+def helper_split(events: list, before: dict, after: dict, emit=print) -> None:
+    """Each helper call's wall time split: waiting for a free helper (``call`` less ``run``), the round trip's
+    own cost (``run`` less the helper's computing: the mask's copy in, the socket, the answer's copy out, the
+    interpreter taken back), and the helper computing (:func:`helper_processes.computing`)."""
+    walls = defaultdict(lambda: [0.0, 0.0])
+    for _, name, _, wall, _, _ in events:
+        kind, _, op = name.partition(" ")
+        if kind in ("call", "run") and op:
+            walls[op][kind == "run"] += wall
+    if not any(after.get(op, (0, 0.0))[0] > before.get(op, (0, 0.0))[0] for op in walls):
+        return  # no helpers: every call was made in its thread
+    emit("| helper call | answered | wall s | waiting for a helper s | round trip s | helper computing s |")
+    emit("|---|---|---|---|---|---|")
+    for op, (call, run) in sorted(walls.items()):
+        n = after.get(op, (0, 0.0))[0] - before.get(op, (0, 0.0))[0]
+        spent = after.get(op, (0, 0.0))[1] - before.get(op, (0, 0.0))[1]
+        emit(f"| {op} | {n} | {call:.3f} | {call - run:.3f} | {run - spent:.3f} | {spent:.3f} |")
+    emit()
+
+
 def timeline(reader, study, answer, emit=print, fresh=lambda s: s, sync=lambda: None) -> dict:
     """One reading of ``study`` (``answer`` said) after a warm-up, its maps' calls printed (markdown)."""
     reader.read(study, answer=answer)
     events: list = []
     copy = fresh(study)
     sync()
+    computed = helper_processes.computing()
     with watched(events):
         t0 = time.perf_counter()
         reading = reader.read(copy, answer=answer)
@@ -110,6 +144,7 @@ def timeline(reader, study, answer, emit=print, fresh=lambda s: s, sync=lambda: 
     for name, (n, wall, cpu) in sorted(totals.items(), key=lambda kv: -kv[1][1]):
         emit(f"| {name} | {n} | {wall:.3f} | {cpu:.3f} |")
     emit()
+    helper_split(events, computed, helper_processes.computing(), emit)
     return {"total": total, "events": events}
 
 

@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from multiprocessing.connection import Connection
 
@@ -103,9 +104,10 @@ class _Helper:
         name_out, cap_out, block_out = self._block("out", mask.size * out_dtype.itemsize)
         np.frombuffer(block_in, np.bool_, mask.size).reshape(mask.shape)[...] = mask
         self.conn.send((op, mask.shape, args, name_in, cap_in, name_out, cap_out))
-        status, value = self.conn.recv()
+        status, value, *computing = self.conn.recv()
         if status != "ok":
             raise RuntimeError(f"helper process: {value}")
+        _spent(op, computing[0])
         return np.frombuffer(block_out, out_dtype, mask.size).reshape(mask.shape).copy(), value
 
     def alive(self) -> bool:
@@ -130,6 +132,7 @@ class _Pool:
         self.count = 0
         self.served = 0  # calls answered by a helper (tests, benchmarks)
         self.busy = 0  # calls under way in a helper
+        self.computing: dict[str, list] = {}  # op -> [calls, seconds the helpers computed them] (benchmarks)
         self.lock = threading.Lock()
 
     def grow(self, count: int) -> None:
@@ -181,6 +184,20 @@ def stop() -> None:
 def served() -> int:
     """How many calls helpers have answered in this process."""
     return _POOL.served
+
+
+def computing() -> dict[str, tuple[int, float]]:
+    """Per call (``"label"``, ``"inside"``, ...): how many the helpers answered in this process and the seconds
+    they spent computing them (the function and the answer's copy into its block; not the wait for a free
+    helper, the mask's copy in or the answer's copy out). A call's wall time less these is its overhead."""
+    with _POOL.lock:
+        return {op: (n, s) for op, (n, s) in _POOL.computing.items()}
+
+
+def _spent(op: str, seconds: float) -> None:
+    with _POOL.lock:
+        kept = _POOL.computing.setdefault(op, [0, 0.0])
+        kept[0], kept[1] = kept[0] + 1, kept[1] + seconds
 
 
 def call(op: str, mask: np.ndarray, *args):
@@ -287,8 +304,9 @@ def serve(fd: int) -> None:
                     mapped[name] = shared_blocks.mapped(name, cap)
             size = int(np.prod(shape))
             mask = np.frombuffer(mapped[name_in], np.bool_, size).reshape(shape)
+            t0 = time.perf_counter()
             result, extra = _compute(op, mask, args)
             np.frombuffer(mapped[name_out], OUT_DTYPES[op], size).reshape(shape)[...] = result
-            conn.send(("ok", extra))
+            conn.send(("ok", extra, time.perf_counter() - t0))
         except Exception as e:  # noqa: BLE001 (the caller makes the call itself)
             conn.send(("error", f"{type(e).__name__}: {e}"))

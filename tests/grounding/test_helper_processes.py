@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -67,6 +68,23 @@ def test_the_helpers_give_the_arrays_made_here(masks, helpers):
     assert small.size < helper_processes.MIN_VOXELS
     assert np.array_equal(distances.inside(small, SPACING), distances.inside_here(small, SPACING))
     assert helpers.served() - before == 3 * len(masks)
+
+
+def test_the_helpers_say_how_long_they_computed(masks, helpers):
+    """Each answered call counts under its name with the seconds its helper computed it: more than nothing, less
+    than the calls took here (the benchmarks' timelines split a call's wall time with them)."""
+    before = helper_processes.computing()
+    t0 = time.perf_counter()
+    for m in masks:
+        distances.inside(m, SPACING)
+        components.label(m)
+    wall = time.perf_counter() - t0
+    after = helper_processes.computing()
+    for op in ("inside", "label"):
+        n0, s0 = before.get(op, (0, 0.0))
+        n1, s1 = after[op]
+        assert n1 - n0 == len(masks) and s1 - s0 > 0
+    assert sum(after[op][1] - before.get(op, (0, 0.0))[1] for op in ("inside", "label")) < wall
 
 
 def test_the_lung_territory_made_in_slabs_by_the_helpers_is_the_territory_made_here(masks, helpers):

@@ -25,7 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from . import components
-from .blocks import block_mean, block_min
+from .blocks import block_mean, block_min, blocks_back
 from .morphology import close_in_plane, dilate_in_plane, open_in_plane
 
 
@@ -66,10 +66,14 @@ def xray_lung_fields(pixels: np.ndarray, min_area: float = 0.02) -> LungFields:
 
 
 def _unpooled(mask: np.ndarray, step: int, shape) -> np.ndarray:
-    """A mask found on blocks (:mod:`blocks`) back on the full grid ``shape`` (nearest; the cropped edge repeated)."""
-    big = np.repeat(np.repeat(mask, step, axis=-2), step, axis=-1)
-    pad = [(0, 0)] * (big.ndim - 2) + [(0, shape[-2] - big.shape[-2]), (0, shape[-1] - big.shape[-1])]
-    return np.pad(big, pad, mode="edge")
+    """A mask found on blocks (:mod:`blocks`) back on the full grid ``shape`` (nearest; the cropped edge repeated:
+    what ``np.pad(..., mode="edge")`` gives). Through :func:`blocks_back` rather than ``np.repeat``, which held
+    the interpreter's lock for the whole copy, twice (a CT's body and lungs: 35 MB each)."""
+    out = blocks_back(mask, step, shape)
+    h, w = mask.shape[-2] * step, mask.shape[-1] * step
+    out[..., :h, w:] = out[..., :h, w - 1 : w]  # the last block column repeated to the edge
+    out[..., h:, :] = out[..., h - 1 : h, :]  # then the last row (the corner from the column just made)
+    return out
 
 
 def _lung_fields(pixels: np.ndarray, min_area: float) -> LungFields:

@@ -11,12 +11,17 @@ def bounds(mask: np.ndarray, margin=None) -> tuple[slice, ...]:
     """The bounding box of a non-empty bool ``mask``, grown by ``margin`` voxels per axis (default none) and
     kept inside the array. The first axis' extent comes from one pass; the other axes' from the planes in it
     only: a region on a few planes of a CT volume costs a fourth of a reduction over the whole array per axis
-    (7.0 -> 1.8 ms for 15 of 134 planes of 512 x 512)."""
+    (7.0 -> 1.8 ms for 15 of 134 planes of 512 x 512). A volume's rows and columns come from one pass over
+    those planes (their union, one plane) instead of a pass per axis: 3.3 -> 1.4 ms for 90 planes."""
     margin = [0] * mask.ndim if margin is None else margin
     first = np.nonzero(mask.any(axis=tuple(range(1, mask.ndim))))[0]
     planes = mask[int(first[0]) : int(first[-1]) + 1]
-    idx = [first] + [np.nonzero(planes.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))[0]
-                     for axis in range(1, mask.ndim)]
+    if mask.ndim == 3:
+        union = planes.any(axis=0)
+        idx = [first, np.nonzero(union.any(axis=1))[0], np.nonzero(union.any(axis=0))[0]]
+    else:
+        idx = [first] + [np.nonzero(planes.any(axis=tuple(a for a in range(mask.ndim) if a != axis)))[0]
+                         for axis in range(1, mask.ndim)]
     return tuple(slice(max(0, int(i[0]) - m), min(n, int(i[-1]) + m + 1)) for i, m, n in zip(idx, margin, mask.shape))
 
 

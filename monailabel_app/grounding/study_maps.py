@@ -270,6 +270,7 @@ class CTMaps(StudyMaps):
         self.shared: dict = {}  # what the image extent makes once for the volume's findings (extent.grow_ct)
         self._gates: dict = {}  # gate set -> (body, allowed voxels, their box)
         self._sides: dict = {}  # (gate set, side) -> (side columns, gated box)
+        self._profile = None  # the body's voxels per display column: both sides' midline
 
     def gate(self, gates, side: str) -> tuple:
         """(allowed voxels (on the maps device), the side's columns (None without a side gate), the box outside
@@ -285,7 +286,10 @@ class CTMaps(StudyMaps):
                                       allowed_box)
             body, allowed, allowed_box = self._gates[gates]
             if (gates, side) not in self._sides:
-                columns = ct_maps.side_columns(body, side) if "side" in gates else None
+                columns = None
+                if "side" in gates:
+                    self._profile = ct_maps.column_profile(body) if self._profile is None else self._profile
+                    columns = ct_maps.side_columns(body, side, self._profile)
                 self._sides[gates, side] = (columns, ct_maps.gate_box(allowed_box, columns))
             return (allowed, *self._sides[gates, side])
 

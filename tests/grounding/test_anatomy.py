@@ -75,8 +75,8 @@ def test_ct_anatomy_on_reduced_planes_matches_full_resolution_on_real_scans(seri
     import glob
 
     from monailabel_app.grounding.anatomy import ct_body_and_lungs
+    from monailabel_app.grounding.ct_maps import column_profile, side_columns
     from monailabel_app.io.ct import load_ct
-    from monailabel_app.grounding.ct_maps import side_columns
 
     path = shared("ct", "totalsegmentator", "example_ct_dicom") if series == "totalsegmentator" else \
         glob.glob(shared("ct", "lidc", "LIDC-IDRI-0001") + "/1*/1*")[0]
@@ -86,5 +86,27 @@ def test_ct_anatomy_on_reduced_planes_matches_full_resolution_on_real_scans(seri
     full_body = body_mask(hu)
     assert _dice(body, full_body) >= 0.99
     assert _dice(lungs, ct_lung_mask(hu, full_body, 16)) >= 0.85
+    profile = column_profile(body)
+    assert np.array_equal(profile, body.sum(axis=(0, 1)))  # the counts numpy's own sum gives
     for side in ("right", "left"):
         assert abs(int(side_columns(body, side).sum()) - int(side_columns(full_body, side).sum())) <= 1
+        assert np.array_equal(side_columns(body, side, profile), side_columns(body, side))
+
+
+def test_masks_found_on_blocks_come_back_as_nearest_with_the_edge_repeated():
+    """Anatomy found on block minima or means goes back to the full grid as each block's value on its pixels,
+    the cropped remainder taking the last row and column (``np.pad``'s edge mode after ``np.repeat``), on 2-D
+    films and on CT planes, for every step and remainder."""
+    from monailabel_app.grounding.anatomy import _unpooled
+
+    rng = np.random.default_rng(7)
+    for trial in range(200):
+        step = int(rng.integers(1, 5))
+        lead = (int(rng.integers(1, 4)),) if trial % 2 else ()
+        small = rng.random((*lead, int(rng.integers(1, 12)), int(rng.integers(1, 12)))) > 0.5
+        shape = (*lead, small.shape[-2] * step + int(rng.integers(0, step)),
+                 small.shape[-1] * step + int(rng.integers(0, step)))
+        big = np.repeat(np.repeat(small, step, axis=-2), step, axis=-1)
+        pad = [(0, 0)] * len(lead) + [(0, shape[-2] - big.shape[-2]), (0, shape[-1] - big.shape[-1])]
+        out = _unpooled(small, step, shape)
+        assert out.dtype == bool and np.array_equal(out, np.pad(big, pad, mode="edge")), (trial, step, shape)

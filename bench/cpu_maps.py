@@ -109,8 +109,8 @@ def main() -> None:
 def films_maps(reader, count: int) -> None:
     from PIL import Image
 
-    from monailabel_app.phantoms.films import make_phantom
     from monailabel_app.io.xray import Geometry, Radiograph
+    from monailabel_app.phantoms.films import make_phantom
 
     times = []
     for seed in range(3, 3 + count):

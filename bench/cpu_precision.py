@@ -146,10 +146,10 @@ def xray_estimate(t: dict, new_tokens: int = 128) -> float:
 
 
 def phantom_rows(runs: int) -> list[tuple[str, float, float, str]]:
+    from monailabel_app.io.xray import Geometry, Radiograph
     from monailabel_app.phantoms.ct import make_ct_phantom, phantom_volume
     from monailabel_app.phantoms.films import make_phantom
     from monailabel_app.reader import Reader
-    from monailabel_app.io.xray import Geometry, Radiograph
 
     studies = {
         "radiograph phantom": lambda i: Radiograph((ph := make_phantom(i)).image, Geometry.plain(*ph.image.shape)),

@@ -44,8 +44,8 @@ def study_for(device: str, tmp: str):
     if device == "cpu":
         import cpu_maps
 
-        from monailabel_app.reader import Reader
         from monailabel_app.io.study import load_study
+        from monailabel_app.reader import Reader
 
         reader = Reader(precision="fp32")
         path = cpu_maps.clinical_ct(os.path.join(tmp, "ct_134x512x512.nii.gz"))

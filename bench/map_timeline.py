@@ -151,8 +151,8 @@ def timeline(reader, study, answer, emit=print, fresh=lambda s: s, sync=lambda: 
 def main() -> None:
     import cpu_maps
 
-    from monailabel_app.reader import Reader
     from monailabel_app.io.study import load_study
+    from monailabel_app.reader import Reader
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--helpers", default="0", help="helper processes to compare, e.g. 0,2")

@@ -158,8 +158,8 @@ def _read_main(argv) -> int:
 
     from .io import dicom_export
     from .io.ct import Limits
-    from .reader import Reader
     from .io.writers import write_reading
+    from .reader import Reader
 
     def work():
         if args.dicom:

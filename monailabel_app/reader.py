@@ -665,8 +665,8 @@ def warm_up_study(modality: str, slices: int) -> Radiograph | CTVolume:
     """A phantom study of ``modality`` for the warm-up; a CT with at least ``slices`` slices (stretched along z
     when the phantom has fewer), so that the model is shown as many slices as a clinical CT gives it."""
     if modality == "xray":
-        from .phantoms.films import make_phantom
         from .io.xray import Geometry
+        from .phantoms.films import make_phantom
 
         image = make_phantom(WARM_UP_SEED).image
         return Radiograph(image, Geometry.plain(*image.shape))

@@ -47,8 +47,8 @@ def test_phantom_and_read_commands(tmp_path):
 def test_a_chinese_reading_from_the_command_line(tmp_path):
     """The issue's own check: a Chinese question writes a Chinese report, its findings with masks and the
     structured report."""
-    from monailabel_app.phantoms.films import make_phantom
     from monailabel_app.language.report import format_findings
+    from monailabel_app.phantoms.films import make_phantom
 
     ph = make_phantom(11)
     Image.fromarray(ph.image).save(tmp_path / "phantom.png")

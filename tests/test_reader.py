@@ -89,8 +89,8 @@ def test_a_box_in_the_answer_gates_the_mask(reader_in, monkeypatch):
     must stay inside that box (mapped through the padding), wherever the attention peaks. Checked on the
     attention's own masks (``"extent": "attention"``), which reach beyond the box without it."""
     from monailabel_app.grounding import maps
-    from monailabel_app.language.report import parse_report
     from monailabel_app.io.xray import SquarePad
+    from monailabel_app.language.report import parse_report
 
     reader = reader_in
     monkeypatch.setitem(reader.info.grounding, "extent", "attention")
@@ -144,8 +144,8 @@ def test_reading_many_at_once_equals_reading_each(reader_in):
                 assert np.unravel_index(np.argmax(x), x.shape) == np.unravel_index(np.argmax(y), y.shape) or \
                     np.corrcoef(x.ravel(), y.ravel())[0, 1] > 0.99
     # different questions in one batch: the shorter chat is padded on the left, answers unchanged
-    from monailabel_app.model.generation import generate, generate_batch
     from monailabel_app.io.xray import pad_to_square
+    from monailabel_app.model.generation import generate, generate_batch
 
     image = pad_to_square(films[1].pixels)[0]
     chats = [([image], "Describe the findings in this chest X-ray, zone by zone, please."), ([image], "Findings?")]
@@ -578,8 +578,8 @@ def test_a_studys_anatomy_is_found_while_the_model_reads_it(reader, monkeypatch)
     """The reader starts a study's anatomy (lung fields; a CT's body and lungs) before it generates, in the
     background, and its maps read that same result after it: found once, while the model runs. Each image keeps
     its own: a second film between two reads of the first never hands the first one the second's fields."""
-    from monailabel_app.phantoms import ct as ct_phantoms
     from monailabel_app.grounding import anatomy
+    from monailabel_app.phantoms import ct as ct_phantoms
 
     film = make_phantom(4)
     radiograph = Radiograph(film.image, Geometry.plain(*film.image.shape))
@@ -655,10 +655,10 @@ def test_maps_made_while_writing_are_taken_only_for_the_same_finding(reader):
     import dataclasses
     from concurrent.futures import Future
 
-    from monailabel_app.model.generation import Partial
-    from monailabel_app.language.findings import read_answer
     from monailabel_app.grounding.study_maps import FilmMaps, Superseded
     from monailabel_app.io.xray import pad_to_square
+    from monailabel_app.language.findings import read_answer
+    from monailabel_app.model.generation import Partial
 
     image = make_phantom(20011).image
     radiograph = Radiograph(image, Geometry.plain(*image.shape))

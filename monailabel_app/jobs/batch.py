@@ -221,9 +221,9 @@ def read_studies(reader, studies: list[Study], out: str, question: str | None, m
     :func:`read_study` writes it. Each study is loaded on its own first (a file that cannot be read fails
     alone, and a CT is read by itself); if the batch fails as a whole its studies are read one by one, so a
     fault stays with its study. The records, in the order of ``studies``."""
-    from ..reader import check_memory
     from ..io.study import load_study
     from ..io.xray import Radiograph
+    from ..reader import check_memory
 
     t0 = time.perf_counter()
     records: dict[str, dict] = {}

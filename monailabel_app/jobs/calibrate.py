@@ -57,9 +57,9 @@ class Reference:
 
 
 def phantom_references(count: int, ct: bool = False) -> list[Reference]:
+    from ..io.xray import Geometry, Radiograph
     from ..phantoms.ct import make_ct_phantom, phantom_volume
     from ..phantoms.films import make_phantom
-    from ..io.xray import Geometry, Radiograph
 
     refs = []
     for seed in (CT_CALIBRATION_SEEDS if ct else CALIBRATION_SEEDS)[:count]:

@@ -172,8 +172,8 @@ def run(studies: list[Study], doses, precisions, out: str, model=None, device: s
         max_new_tokens: int = 128, photons: float = PHOTONS, electronic_noise: float = ELECTRONIC_NOISE,
         angles: int = 180, log=print) -> list[dict]:
     """Simulate, read and compare; write the CSV, the plots and the report; the CSV rows."""
-    from .evaluation import evaluate_ct
     from ..reader import Reader
+    from .evaluation import evaluate_ct
 
     doses = sorted({float(d) for d in doses} | {1.0}, reverse=True)
     os.makedirs(out, exist_ok=True)

@@ -153,9 +153,9 @@ def lesion_from(study, mask: np.ndarray, text: str = "", kind: str = "", source:
 
 def phantom_studies(xray: int = 100, ct: int = 30, first_seed: int = 0) -> list[RefStudy]:
     """``xray`` radiograph and ``ct`` CT phantoms from the held-out seeds (0..19999; calibration uses 20000+)."""
+    from ..io.xray import Geometry, Radiograph
     from ..phantoms.ct import make_ct_phantom, phantom_volume
     from ..phantoms.films import make_phantom
-    from ..io.xray import Geometry, Radiograph
 
     out = []
     for seed in range(first_seed, first_seed + xray):
@@ -182,8 +182,8 @@ def phantom_studies(xray: int = 100, ct: int = 30, first_seed: int = 0) -> list[
 
 def folder_studies(root: str, limits=None) -> list[RefStudy]:
     """Every study under ``root`` with the references found beside it (see the module docstring)."""
-    from .batch import find_studies
     from ..io.study import detect, load_study
+    from .batch import find_studies
 
     studies = find_studies(root, exclude=NOT_STUDIES)
     studies = [s for s in studies if not _is_rtstruct(s.path)]

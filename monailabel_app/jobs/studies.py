@@ -354,8 +354,8 @@ def run_study(studies: list[RefStudy], precisions: list[str], out: str, settings
     """Run (or continue) the plan into ``out``; the manifest's records (all units, this run's and earlier)."""
     from tqdm import tqdm
 
-    from .batch import Manifest
     from ..model.loading import ModelLoadError
+    from .batch import Manifest
 
     check_settings(out, settings)
     manifest = Manifest(out)
@@ -393,8 +393,8 @@ def run(data: str, out: str, model=None, precisions: str = "fp32,bf16", dose: fl
         xray: int = 100, ct: int = 30, device: str = "auto", max_new_tokens: int = 128, progress: bool = True,
         log=print) -> list[dict]:
     """The whole study: references, the plan run (or continued) into ``out``, the tables; the records."""
-    from ..model.loading import QUANTISED, PRECISIONS
     from . import study_tables
+    from ..model.loading import QUANTISED, PRECISIONS
     from .references import folder_studies, phantom_studies
 
     names = list(dict.fromkeys(p.strip().lower() for p in str(precisions).split(",") if p.strip()))

@@ -176,8 +176,8 @@ def test_a_search_given_its_regions_boxes_finds_what_the_bare_masks_find():
     """find_in_ct given the attention's own region and its search region with their bounding boxes (as the
     reader passes them, maps.peak_regions) reads the boxes instead of finding them again: the same region, seed
     and measures as from the bare masks, and the region lies inside the box its Extent gives."""
-    from monailabel_app.phantoms.ct import phantom_volume
     from monailabel_app.grounding import maps
+    from monailabel_app.phantoms.ct import phantom_volume
 
     found = 0
     for seed in (4, 5):
@@ -296,8 +296,8 @@ def test_film_spacing_is_the_files_or_an_assumed_detector():
 def test_a_reading_takes_its_masks_extent_from_the_image(reader, monkeypatch):
     """Through the reader (the model made to say the phantom's own findings): each finding's mask is the
     lesion's outline from the image, said so with its measured size; switched off it is the attention's."""
-    from monailabel_app.phantoms.ct import phantom_volume
     from monailabel_app.io.xray import Geometry, Radiograph
+    from monailabel_app.phantoms.ct import phantom_volume
 
     ph = make_ct_phantom(3)
     reading = reader.read(phantom_volume(ph), answer=ph.report)

@@ -63,10 +63,10 @@ def test_an_image_region_across_the_midline_of_a_real_ct_is_cut_to_the_named_sid
     side's voxels (patient right: low display x), cut on the box it was grown in: the same voxels as cutting the
     whole volume, with its own bounding box; without a box (a film's search) the same cut."""
     from conftest import shared
-    from monailabel_app.grounding.anatomy import body_mask
-    from monailabel_app.io.ct import load_ct
     from monailabel_app.grounding import ct_maps
+    from monailabel_app.grounding.anatomy import body_mask
     from monailabel_app.grounding.study_maps import _cut_to_side
+    from monailabel_app.io.ct import load_ct
 
     vol = load_ct(shared("ct", "totalsegmentator", "example_ct.nii.gz"))
     body = body_mask(vol.hu)

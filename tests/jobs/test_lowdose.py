@@ -75,8 +75,8 @@ def test_lowdose_cli_on_phantoms_across_doses_and_precisions(tmp_path):
 def test_the_rows_truth_is_scored_without_the_words_only_baseline(monkeypatch):
     """The low-dose rows read detected and pointing only: evaluate_ct(text_only=False) draws none of the 200
     calibration phantoms of the words-only priors and leaves that row out; the rows it gives are unchanged."""
-    from monailabel_app.phantoms.ct import make_ct_phantom
     from monailabel_app.jobs import evaluation
+    from monailabel_app.phantoms.ct import make_ct_phantom
 
     ph = make_ct_phantom(3)
     labels = np.zeros(ph.hu.shape, np.uint8)

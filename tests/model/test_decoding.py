@@ -206,8 +206,8 @@ def test_the_vision_tower_in_batches_gives_the_same_features_and_reading():
     of one pass over all of them."""
     import numpy as np
 
-    from monailabel_app.phantoms.ct import make_ct_phantom, phantom_volume
     from monailabel_app.model.decoding import batch_vision_tower
+    from monailabel_app.phantoms.ct import make_ct_phantom, phantom_volume
     from monailabel_app.reader import Reader
 
     one, few = Reader(precision="fp32"), Reader(precision="fp32")

@@ -96,8 +96,8 @@ def test_a_ct_read_with_chunked_prefill_says_and_maps_the_same(reader, monkeypat
     from PIL import Image
 
     from monailabel_app.io.ct import interleave, model_slices
-    from monailabel_app.phantoms.ct import make_ct_phantom, phantom_volume
     from monailabel_app.model.generation import generate
+    from monailabel_app.phantoms.ct import make_ct_phantom, phantom_volume
     from monailabel_app.phantoms.model import CT_QUESTION
 
     ms = model_slices(phantom_volume(make_ct_phantom(4)), 3)

@@ -85,8 +85,8 @@ def test_chinese_training_examples():
     about "it" answered with its place, and the seed's density-and-margin question with its look."""
     from transformers import AutoProcessor
 
-    from monailabel_app.phantoms.films import make_phantom
     from monailabel_app.language.report import format_findings
+    from monailabel_app.phantoms.films import make_phantom
 
     train = _train_module()
     processor = AutoProcessor.from_pretrained(pm.PHANTOM_MODEL_DIR)

@@ -58,10 +58,10 @@ def test_follow_up_equals_the_conversation_read_from_scratch(reader_in, language
 
 
 def test_store_limits_count_bytes_and_idle_time():
-    from monailabel_app.serve.conversation import Conversations, Entry
-    from monailabel_app.model.decoding import Context
     from monailabel_app.errors import InputError
+    from monailabel_app.model.decoding import Context
     from monailabel_app.model.generation import Conversation
+    from monailabel_app.serve.conversation import Conversations, Entry
 
     def entry(n_bytes):
         k = torch.zeros(n_bytes // 8, dtype=torch.float32)  # keys + values: n_bytes in all

@@ -834,12 +834,19 @@ def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.nd
     inside = labels > 0  # each region's summed attention (sum_labels, through bincount: 10x faster)
     weight = np.bincount(labels[inside], weights=heat[box][inside], minlength=n + 1)[1:]
     failed = None
-    for lab in np.argsort(weight)[::-1][:CANDIDATES]:  # the most attended first; the first that is a `kind`
-        # (deepest() looks at the region's own box: no find_objects over thousands of regions for the few tried)
-        at = deepest(labels == int(lab) + 1, spacing)
-        seed = tuple(int(i + b.start) for i, b in zip(at, box))
-        try:
-            return grow_ct(hu, spacing, seed, kind, cache=cache, device=device, layers=layers)
-        except NoExtent as e:
-            failed = failed or e
-    raise failed
+    try:
+        for lab in np.argsort(weight)[::-1][:CANDIDATES]:  # the most attended first; the first that is a `kind`
+            # (deepest() looks at the region's own box: no find_objects over thousands of regions for the few tried)
+            at = deepest(labels == int(lab) + 1, spacing)
+            seed = tuple(int(i + b.start) for i, b in zip(at, box))
+            try:
+                return grow_ct(hu, spacing, seed, kind, cache=cache, device=device, layers=layers)
+            except NoExtent as e:
+                failed = failed or e
+        raise failed
+    finally:
+        # a failed candidate's traceback holds this frame: kept in a local once the search ends (found or not),
+        # it would be a cycle that only the cyclic collector frees, late (arrays do not count towards its
+        # runs), with the arrays of every frame on its way (a 134-slice CT: about 200 MB a reading, and the
+        # heap grown for the next reading's volumes)
+        failed = None

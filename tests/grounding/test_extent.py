@@ -4,6 +4,7 @@ radiologists' outlines (LIDC-IDRI-0001)."""
 
 from __future__ import annotations
 
+import gc
 import glob
 
 import numpy as np
@@ -145,6 +146,45 @@ def test_findings_searching_one_box_smooth_it_once_and_find_what_they_find_alone
         alone = outcome(kind, {})
         assert got[1:] == alone[1:] and (got[0] is None) == (alone[0] is None)
         assert got[0] is None or np.array_equal(got[0], alone[0])
+
+
+def test_a_search_whose_candidates_fail_leaves_no_cycle_behind(monkeypatch):
+    """A candidate that is not the kind raises NoExtent from deep in the search; its traceback holds the frames
+    on the way and their arrays (labels, boxes, the gated map: a real CT's reading left about 200 MB a reading
+    to the cyclic collector, which counts no arrays and came late, and the heap grew for every later reading).
+    Whether the search then finds a later candidate or fails, nothing is left for the collector."""
+    from monailabel_app.phantoms.ct import make_ct_phantom, phantom_volume
+
+    ph = make_ct_phantom(4)
+    vol = phantom_volume(ph)
+    lesion = max(ph.lesions, key=lambda les: les.mask.sum())
+    centre = np.argwhere(lesion.mask).mean(axis=0)
+    d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(np.indices(vol.shape), centre, vol.spacing))
+    heat = np.exp(-d2 / (2 * 15.0**2)).astype(np.float32)
+    real, tried = extent.grow_ct, []
+
+    def first_fails(*a, **k):
+        tried.append(a[2])
+        if len(tried) == 1 or k.get("kind_fails"):
+            raise extent.NoExtent("not this one")
+        return real(*a, **k)
+
+    monkeypatch.setattr(extent, "grow_ct", first_fails)
+    gc.collect()
+    gc.disable()
+    try:
+        try:  # the first candidate fails; a later one may be found
+            found = extent.find_in_ct(vol.hu, vol.spacing, heat, "mass", cache={})
+            del found
+        except extent.NoExtent:
+            pass
+        monkeypatch.setattr(extent, "grow_ct", lambda *a, **k: first_fails(*a, kind_fails=True, **k))
+        with pytest.raises(extent.NoExtent, match="not this one"):  # every candidate fails
+            extent.find_in_ct(vol.hu, vol.spacing, heat, "mass", cache={})
+        assert len(tried) >= 2
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
 
 
 def test_findings_searched_with_the_volumes_layers_find_the_phantoms_lesions():

@@ -34,6 +34,7 @@ positions and masks). Rows that end early keep stepping (fixed shapes) and are c
 from __future__ import annotations
 
 import contextlib
+import gc
 import inspect
 import logging
 import os
@@ -355,7 +356,7 @@ class Decoder:
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}  # steps in a row -> the captured graph
         self.use_graph = device.type == "cuda"
         self.compile = compile and self.use_graph
-        self._step = self.step
+        self._compiled = None  # the step compiled (a GPU's, :meth:`prepare`); None: :meth:`step` itself
         # the last run's host seconds: launching replays, looking at tokens (waiting for the device), callbacks
         self.host_seconds: dict[str, float] = {}
 
@@ -408,8 +409,9 @@ class Decoder:
 
     def _steps(self, steps: int) -> None:
         """``steps`` decode steps, then their rows rolled out (:attr:`rolls_rows`): what a replay runs."""
+        step = self.step if self._compiled is None else self._compiled
         for _ in range(steps):
-            self._step()
+            step()
         if self.rolls_rows:
             self.recorder.roll(steps)
 
@@ -423,7 +425,7 @@ class Decoder:
         if self.compile:
             use_compile_cache()
             try:
-                self._step = torch.compile(self.step, dynamic=False, fullgraph=False, mode=compile_mode())
+                self._compiled = torch.compile(self.step, dynamic=False, fullgraph=False, mode=compile_mode())
             except Exception as e:  # noqa: BLE001
                 logger.warning("torch.compile of the decode step failed (%s): eager kernels", e)
         try:
@@ -447,7 +449,7 @@ class Decoder:
             logger.warning("decode step cannot be captured as a CUDA graph (%s: %s): stepping without one",
                            type(e).__name__, str(e)[:300])
             self.use_graph = False
-            self._step = self.step
+            self._compiled = None
             torch.cuda.synchronize()
 
     def _advance(self, launched: int, top: int) -> int:
@@ -755,7 +757,12 @@ def decoder_for(model, batch: int, length: int, max_new: int, layers: list[int],
     cache = model.__dict__.setdefault("_medgemma_decoders", {})
     if key not in cache:
         while len(cache) >= GRAPH_CACHE:
-            cache.pop(next(iter(cache)))
+            if cache.pop(next(iter(cache)))._compiled is not None:
+                # a compiled step holds its decoder (a bound method's): a cycle that only the cyclic collector
+                # frees, which counts no tensors and may come late, with the cache and graphs the decoder holds
+                # (a CT's: gigabytes of the GPU's) kept meanwhile; freed now (0.2 s, where the new shape's
+                # compile and capture take far longer). An uncompiled decoder goes as soon as it is dropped.
+                gc.collect()
         cache[key] = Decoder(model, batch, length, max_new, layers, n_image_tokens, eos, compile, tokens_per_image)
     else:
         cache[key] = cache.pop(key)  # most recently used last

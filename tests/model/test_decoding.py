@@ -2,6 +2,8 @@
 with a sliding window shorter than the sequence (ring buffer), and for a left-padded batch."""
 
 import functools
+import gc
+import weakref
 
 import pytest
 import torch
@@ -409,3 +411,24 @@ def test_answers_of_one_two_and_three_tokens(tiny, new):
     assert forced.token_ids == [7]
     if tiny.device.type == "cuda":
         assert any(d.graph is not None and d.max_new == new for d in tiny.__dict__["_medgemma_decoders"].values())
+
+
+def test_a_decoder_dropped_from_the_cache_is_freed_at_once():
+    """Decoders are kept per shape (GRAPH_CACHE of them); one dropped for a new shape lets its cache and graphs
+    go at once, not when the cyclic collector next runs (it refers to itself through its step; a CT's cache on
+    a GPU is gigabytes)."""
+    model = tiny_model("cpu")
+    gc.collect()
+    gc.disable()
+    try:
+        for compiled in (False, True):
+            made = decoding.decoder_for(model, 1, 256, 4 + compiled, [3], 4, [])
+            if compiled:  # as prepare() compiles a GPU's step: a callable that holds its decoder
+                made._compiled = made.step
+            first, made = weakref.ref(made), None
+            for length in range(512, 256 * (decoding.GRAPH_CACHE + 2), 256):  # new shapes: the first dropped
+                decoding.decoder_for(model, 1, length, 4 + compiled, [3], 4, [])
+            assert first() is None, compiled
+            assert len(model.__dict__["_medgemma_decoders"]) == decoding.GRAPH_CACHE
+    finally:
+        gc.enable()

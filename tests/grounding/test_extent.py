@@ -114,9 +114,8 @@ def test_effusion_and_pneumothorax_on_ct_by_their_densities():
     assert dice(extent.grow_ct(hu2, spacing, (20, 12, 40), "pneumothorax").mask, air) >= 0.8
 
 
-def test_findings_searching_one_box_smooth_it_once_and_find_what_they_find_alone(monkeypatch):
-    """Two findings whose attention spans the same box (a mass and an opacity in one lung) share the volume's
-    cache: the box is smoothed and its territory made once, and each finds the region it finds without it."""
+def _attention_on_the_largest_lesion():
+    """(CT phantom 4's volume, a broad attention map on its largest lesion: 15 mm Gaussian, half a lung)."""
     from monailabel_app.phantoms.ct import make_ct_phantom, phantom_volume
 
     ph = make_ct_phantom(4)
@@ -124,7 +123,13 @@ def test_findings_searching_one_box_smooth_it_once_and_find_what_they_find_alone
     lesion = max(ph.lesions, key=lambda les: les.mask.sum())
     centre = np.argwhere(lesion.mask).mean(axis=0)
     d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(np.indices(vol.shape), centre, vol.spacing))
-    heat = np.exp(-d2 / (2 * 15.0**2)).astype(np.float32)
+    return vol, np.exp(-d2 / (2 * 15.0**2)).astype(np.float32)
+
+
+def test_findings_searching_one_box_smooth_it_once_and_find_what_they_find_alone(monkeypatch):
+    """Two findings whose attention spans the same box (a mass and an opacity in one lung) share the volume's
+    cache: the box is smoothed and its territory made once, and each finds the region it finds without it."""
+    vol, heat = _attention_on_the_largest_lesion()
     smoothings = []
     real = extent.smoothed_hu
     monkeypatch.setattr(extent, "smoothed_hu", lambda *a, **k: smoothings.append(a[0].shape) or real(*a, **k))
@@ -153,14 +158,7 @@ def test_a_search_whose_candidates_fail_leaves_no_cycle_behind(monkeypatch):
     on the way and their arrays (labels, boxes, the gated map: a real CT's reading left about 200 MB a reading
     to the cyclic collector, which counts no arrays and came late, and the heap grew for every later reading).
     Whether the search then finds a later candidate or fails, nothing is left for the collector."""
-    from monailabel_app.phantoms.ct import make_ct_phantom, phantom_volume
-
-    ph = make_ct_phantom(4)
-    vol = phantom_volume(ph)
-    lesion = max(ph.lesions, key=lambda les: les.mask.sum())
-    centre = np.argwhere(lesion.mask).mean(axis=0)
-    d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(np.indices(vol.shape), centre, vol.spacing))
-    heat = np.exp(-d2 / (2 * 15.0**2)).astype(np.float32)
+    vol, heat = _attention_on_the_largest_lesion()
     real, tried = extent.grow_ct, []
 
     def first_fails(*a, **k):

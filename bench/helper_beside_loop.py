@@ -16,14 +16,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import threading
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.join(HERE, ".."))
+sys.path.insert(0, HERE)
 
 import numpy as np  # noqa: E402
+from cpu_precision import median_s  # noqa: E402
 
 from monailabel_app.grounding import components, distances, helper_processes  # noqa: E402
 
@@ -52,13 +54,7 @@ class Loop:
 
 
 def median_ms(fn, repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * statistics.median(times)
+    return 1000 * median_s(fn, repeat)
 
 
 def main() -> None:

@@ -104,10 +104,10 @@ class _Helper:
         name_out, cap_out, block_out = self._block("out", mask.size * out_dtype.itemsize)
         np.frombuffer(block_in, np.bool_, mask.size).reshape(mask.shape)[...] = mask
         self.conn.send((op, mask.shape, args, name_in, cap_in, name_out, cap_out))
-        status, value, *computing = self.conn.recv()
+        status, value, *seconds = self.conn.recv()  # an error's answer has no seconds
         if status != "ok":
             raise RuntimeError(f"helper process: {value}")
-        _spent(op, computing[0])
+        _spent(op, seconds[0])
         return np.frombuffer(block_out, out_dtype, mask.size).reshape(mask.shape).copy(), value
 
     def alive(self) -> bool:

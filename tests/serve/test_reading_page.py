@@ -114,7 +114,16 @@ def _links(browser) -> list[str]:
 
 
 def _viewer_pixels(browser) -> np.ndarray:
-    img = browser.find_element(By.CSS_SELECTOR, "#viewer img")
+    """The viewer's image as drawn, once the browser has loaded it and Gradio's progress overlay is gone: the
+    status line and the image's new address arrive together, but the image loads after them (CI once caught a
+    follow-up's image before it was drawn)."""
+
+    def loaded(b):
+        img = b.find_element(By.CSS_SELECTOR, "#viewer img")
+        return b.execute_script("const i = arguments[0]; return i.complete && i.naturalWidth > 0 && "
+                                "!document.querySelector('#viewer .wrap:not(.hide)')", img) and img
+
+    img = _wait(browser, loaded, 30, "the viewer's image to load")
     return np.asarray(Image.open(io.BytesIO(img.screenshot_as_png)).convert("RGB")).astype(int)
 
 

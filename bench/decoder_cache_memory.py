@@ -1,0 +1,60 @@
+#!/usr/bin/env python
+"""The GPU memory a server keeps as readings of different shapes follow one another.
+
+    python bench/decoder_cache_memory.py [--order xray,ct,ct40,xray,ct,ct40,xray]
+
+The reader keeps a compiled, captured decoder per prompt shape (``decoding.decoder_for``: the two used last), each
+with its KV cache and CUDA graphs: a CT's holds gigabytes. A third shape drops the least recently used one. This
+reads MedGemma-4B's shapes (random weights, bf16, ``fast_path.py``'s studies and 200-token reports) in the given
+order (``ct40``: a CT of 40 slices, a third shape) and prints, after each reading, the GPU's allocated and reserved
+memory, the decoders kept and the reading's seconds: the allocated memory should come back to the weights plus the
+two decoders kept, whatever the order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+sys.path.insert(0, os.path.join(HERE, ".."))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--order", default="xray,ct,ct40,xray,ct,ct40,xray")
+    args = ap.parse_args(argv)
+    import torch
+    from fast_path import CT_FINDINGS, XRAY_FINDINGS, ct, fresh, reader_for, report, xray
+    from medgemma_shapes import build
+
+    from monailabel_app.model.capture import CAPTURE_ATTN
+
+    model, processor = build("cuda", torch.bfloat16, attn=CAPTURE_ATTN)
+    reader = reader_for(model, processor, "bf16")
+    studies = {"xray": (xray(0), report(processor.tokenizer, XRAY_FINDINGS)),
+               "ct": (ct(3), report(processor.tokenizer, CT_FINDINGS)),
+               "ct40": (ct(3, shape=(40, 512, 512)), report(processor.tokenizer, CT_FINDINGS))}
+    gib = 2 ** -30
+    torch.cuda.synchronize()
+    print(f"weights: {torch.cuda.memory_allocated() * gib:.2f} GiB allocated")
+    print("| reading | study | s | allocated GiB | reserved GiB | decoders kept |")
+    print("|---|---|---|---|---|---|")
+    for n, name in enumerate(args.order.split(","), 1):
+        study, answer = studies[name]
+        t0 = time.perf_counter()
+        r = reader.read(fresh(study), answer=answer)
+        torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        del r
+        kept = model.__dict__.get("_medgemma_decoders", {})
+        shapes = ", ".join(f"{k[1]} tokens" for k in kept)
+        print(f"| {n} | {name} | {seconds:.2f} | {torch.cuda.memory_allocated() * gib:.2f} | "
+              f"{torch.cuda.memory_reserved() * gib:.2f} | {len(kept)} ({shapes}) |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

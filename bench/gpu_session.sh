@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The measurements a GPU session of issue 21 starts with, in two parts that each fit one device command
+# (10 minutes): run from the repository root on the lent machine, with the wheels of .whl/ (torchao, edt, cc3d,
+# py-spy) carried along. Each step has its own time limit, so that one that hangs leaves the others their time;
+# every step's whole output goes to $OUT (the device's folder that comes back; /tmp/gpu-session without it) and its
+# tail to the terminal. What is kept goes into bench/results/fast_path.md by hand, with what it says.
+#
+#   bash bench/gpu_session.sh 1   # the GPU tests, the speed and timeline of a CT and an X-ray, the decoders' memory
+#   bash bench/gpu_session.sh 2   # a fresh server's first readings (heap reserve 0 and 4 GiB), a helper beside a loop
+set -u
+part=${1:-}
+if [[ $part != 1 && $part != 2 ]]; then
+    echo "usage: bash bench/gpu_session.sh 1|2 (got '$part')" >&2
+    exit 2
+fi
+out=${OUT:-/tmp/gpu-session}
+mkdir -p "$out" /tmp/site
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} MEDGEMMA_COMPILE_CACHE=${MEDGEMMA_COMPILE_CACHE:-/tmp/cc}
+export PYTHONWARNINGS=ignore
+
+step() {  # step NAME SECONDS COMMAND...: run COMMAND under a time limit, its output in $out/NAME.txt
+    local name=$1 seconds=$2
+    shift 2
+    echo "== $name ($(date -u +%H:%M:%S), at most ${seconds} s): $*"
+    timeout "$seconds" "$@" > "$out/$name.txt" 2>&1
+    echo "-- exit $?"
+    grep -v "^W[0-9]\{4\} \|Loading weights" "$out/$name.txt" | tail -n "${TAIL:-60}"
+}
+
+git log --oneline -1
+nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
+lscpu | grep -i "model name"
+case $part in
+1)
+    step gpu_tests 140 python3 -m pytest -q -p no:cacheprovider tests/grounding/test_device_maps.py \
+        tests/model/test_decoding.py tests/model/test_capture.py -k "cuda or rolled or staging"
+    TAIL=110 step speed_timeline 300 python3 bench/fast_path.py --only speed,timeline --speed-modalities ct,xray \
+        --no-anchors --out "$out/speed_timeline.md"
+    step decoder_cache_memory 130 python3 bench/decoder_cache_memory.py
+    ;;
+2)
+    step first_readings_0 200 python3 bench/first_readings.py --device cuda --reserve-gb 0
+    step first_readings_4 200 python3 bench/first_readings.py --device cuda --reserve-gb 4
+    step helper_beside_loop 90 python3 bench/helper_beside_loop.py
+    ;;
+esac

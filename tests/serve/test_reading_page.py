@@ -131,6 +131,11 @@ def _colour_mask(rgb: np.ndarray, colour) -> np.ndarray:
     return (np.abs(rgb - np.array(colour)) <= 14).all(axis=2)
 
 
+def _drawn(browser, colour) -> bool:
+    """Whether more than 20 of the viewer's pixels have ``colour`` (a mask's outline)."""
+    return bool(_colour_mask(_viewer_pixels(browser), colour).sum() > 20)
+
+
 def _reading_number(status: str) -> int:
     found = re.search(r"第 (\d+) 次阅片完成|Reading (\d+) done", status)
     return int(found.group(1) or found.group(2)) if found else 0
@@ -163,9 +168,9 @@ def test_a_radiograph_read_in_chinese_shows_report_findings_and_masks_on_the_pat
     assert "影像所见" in report and "右肺中野" in report, report
     assert "右肺中野" in _text(page, "chat")
     assert "右肺中野" in _value(page, "answer")
+    _wait(page, lambda b: _drawn(b, COLOURS[0]), 20, "the first finding's outline")
     rgb = _viewer_pixels(page)
     outline = _colour_mask(rgb, COLOURS[0])
-    assert outline.sum() > 20, "the first finding's outline is not drawn"
     xs = np.nonzero(outline)[1]
     assert xs.mean() < rgb.shape[1] / 2, "a right-sided finding drawn on the image's right (the patient's left)"
     log = server.log_tail(20000)
@@ -183,7 +188,8 @@ def test_a_follow_up_answers_in_the_same_conversation_with_its_own_masks(page):
     assert chat.count("它在哪里") == 1 and "右肺中野" in chat.split("它在哪里")[1], chat
     turns = page.find_elements(By.CSS_SELECTOR, "#turn input[type=radio]")
     assert len(turns) == 2
-    assert _colour_mask(_viewer_pixels(page), COLOURS[0]).sum() > 20  # the second answer's own mask
+    # the second answer's own mask (a re-render may follow the first frame: waited for, at most 20 s)
+    _wait(page, lambda b: _drawn(b, COLOURS[0]), 20, "the follow-up's mask")
     _shot(page, "3-follow-up")
 
 
@@ -214,22 +220,22 @@ def test_a_ct_series_zip_with_the_slice_slider_and_exports(page, studies, tmp_pa
     _wait(page, lambda b: (r := b.find_elements(By.CSS_SELECTOR, "#slice input[type=range]")) and r[0].is_displayed()
           and int(r[0].get_attribute("max")) > 2 and int(r[0].get_attribute("value")) > 1, 20, "the slice slider")
     # the reading opens on the first finding's strongest slice, its mask drawn; the first slice has none
-    _wait(page, lambda b: _colour_mask(_viewer_pixels(b), COLOURS[0]).sum() > 20, 20, "the finding's slice")
+    _wait(page, lambda b: _drawn(b, COLOURS[0]), 20, "the finding's slice")
     _shot(page, "5-ct")
     page.find_element(By.CSS_SELECTOR, "#slice input[type=range]").send_keys(Keys.HOME)
-    _wait(page, lambda b: _colour_mask(_viewer_pixels(b), COLOURS[0]).sum() <= 20, 20, "the first slice")
+    _wait(page, lambda b: not _drawn(b, COLOURS[0]), 20, "the first slice")
     assert page.find_element(By.CSS_SELECTOR, "#slice input[type=range]").get_attribute("value") == "1"
     page.find_element(By.XPATH, "//*[@id='window']//label[contains(., '骨窗')]").click()
     time.sleep(0.5)
     _shot(page, "6-ct-slice-bone")
     # choosing a finding jumps to its strongest slice: its mask is drawn there (on the first slice it is not)
     page.find_element(By.XPATH, "//*[@id='window']//label[contains(., '肺窗')]").click()
-    assert _colour_mask(_viewer_pixels(page), COLOURS[0]).sum() <= 20  # still slice 1: no mask of the finding
+    assert not _drawn(page, COLOURS[0])  # still slice 1: no mask of the finding
     box = page.find_element(By.CSS_SELECTOR, "#jump input")
     box.click()
     box.send_keys(Keys.ARROW_DOWN, Keys.ENTER)
     _wait(page, lambda b: b.find_element(By.CSS_SELECTOR, "#slice input[type=range]").get_attribute("value") != "1"
-          and _colour_mask(_viewer_pixels(b), COLOURS[0]).sum() > 20, 20, "the first finding's strongest slice")
+          and _drawn(b, COLOURS[0]), 20, "the first finding's strongest slice")
     _shot(page, "6b-ct-jump")
 
     for button, suffix in (("export_pdf", ".pdf"), ("export_sr", ".dcm")):

@@ -51,7 +51,7 @@ def main(argv=None) -> None:
         seconds = time.perf_counter() - t0
         del r
         kept = model.__dict__.get("_medgemma_decoders", {})
-        shapes = ", ".join(f"{k[1]} tokens" for k in kept)
+        shapes = ", ".join(f"{d.length} tokens" for d in kept.values())
         print(f"| {n} | {name} | {seconds:.2f} | {torch.cuda.memory_allocated() * gib:.2f} | "
               f"{torch.cuda.memory_reserved() * gib:.2f} | {len(kept)} ({shapes}) |", flush=True)
 

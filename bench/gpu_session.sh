@@ -28,7 +28,6 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND under a time limit, its ou
     grep -v "^W[0-9]\{4\} \|Loading weights" "$out/$name.txt" | tail -n "${TAIL:-60}"
 }
 
-git log --oneline -1
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
 lscpu | grep -i "model name"
 case $part in

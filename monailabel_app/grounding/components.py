@@ -30,6 +30,20 @@ def label(mask: np.ndarray, full: bool = False) -> tuple[np.ndarray, int]:
     return label_here(mask, full)
 
 
+def label_later(mask: np.ndarray, full: bool = False):
+    """:func:`label` started now where a helper process takes it, so that the calling thread goes on with
+    other work meanwhile: a function that gives ``(labels, n)`` (made in the calling thread then, where no
+    helper takes it). ``mask`` must not change until then."""
+    mask = np.asarray(mask, bool)
+    later = helper_processes.call_later("label", mask, full) if mask.ndim == 3 else (lambda: None)
+
+    def result() -> tuple[np.ndarray, int]:
+        done = later()
+        return done if done is not None else label_here(mask, full)
+
+    return result
+
+
 def label_here(mask: np.ndarray, full: bool = False) -> tuple[np.ndarray, int]:
     """:func:`label` in this thread."""
     mask = np.asarray(mask, bool)

@@ -89,6 +89,8 @@ class _Helper:
         made = shared_blocks.new(capacity + capacity // 2)  # room to grow before the next block
         if made is None:
             raise OSError("no shared memory for a helper's block")
+        _count("blocks_made", 1)
+        _count("block_bytes", capacity + capacity // 2)
         self.blocks[which] = (made[0], capacity + capacity // 2, made[1])
         return self.blocks[which]
 
@@ -132,6 +134,8 @@ class _Pool:
         self.count = 0
         self.served = 0  # calls answered by a helper (tests, benchmarks)
         self.busy = 0  # calls under way in a helper
+        self.blocks_made = 0  # shared blocks made for the helpers' calls, and their bytes (benchmarks)
+        self.block_bytes = 0
         self.computing: dict[str, list] = {}  # op -> [calls, seconds the helpers computed them] (benchmarks)
         self.lock = threading.Lock()
 
@@ -194,6 +198,13 @@ def computing() -> dict[str, tuple[int, float]]:
         return {op: (n, s) for op, (n, s) in _POOL.computing.items()}
 
 
+def blocks_made() -> tuple[int, int]:
+    """(how many shared blocks this process has made for its helpers' calls, their bytes): a new block's pages
+    are first touched by the call that made it (page faults in this process and the helper's)."""
+    with _POOL.lock:
+        return _POOL.blocks_made, _POOL.block_bytes
+
+
 def _spent(op: str, seconds: float) -> None:
     with _POOL.lock:
         kept = _POOL.computing.setdefault(op, [0, 0.0])
@@ -226,6 +237,15 @@ def call(op: str, mask: np.ndarray, *args):
     finally:
         _count("busy", -1)
         _POOL.idle.put(helper)
+
+
+def call_later(op: str, mask: np.ndarray, *args):
+    """:func:`call` started now in a thread that waits on the helper, so that the caller computes meanwhile: a
+    function that gives :func:`call`'s answer (None: to be made in the calling thread) once it is there.
+    ``mask`` must not change until then."""
+    if mask.size < MIN_VOXELS or not _POOL.count:
+        return lambda: None
+    return _waiters().submit(call, op, mask, *args).result
 
 
 _WAITERS: ThreadPoolExecutor | None = None  # the threads that wait on helpers for slabs (made when first needed)

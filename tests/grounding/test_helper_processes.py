@@ -70,6 +70,23 @@ def test_the_helpers_give_the_arrays_made_here(masks, helpers):
     assert helpers.served() - before == 3 * len(masks)
 
 
+def test_a_label_started_in_a_helper_is_taken_later_as_the_label_made_here(masks, helpers):
+    """components.label_later: the helper labels while the calling thread goes on (here it labels another
+    mask meanwhile); the answer is the one made here. Without helpers, or for a small mask, it is made here
+    when asked for."""
+    before = helpers.served()
+    later = components.label_later(masks[0])
+    other = components.label_here(masks[1])  # the calling thread's own work meanwhile
+    there, here = later(), components.label_here(masks[0])
+    assert there[1] == here[1] > 0 and np.array_equal(there[0], here[0]) and helpers.served() == before + 1
+    assert np.array_equal(components.label_later(masks[1])()[0], other[0]) and helpers.served() == before + 2
+    small = masks[2][:8, :64, :32]
+    assert np.array_equal(components.label_later(small, True)()[0], components.label_here(small, True)[0])
+    helpers.stop()
+    assert np.array_equal(components.label_later(masks[2])()[0], components.label_here(masks[2])[0])
+    assert helpers.served() == before + 2
+
+
 def test_the_helpers_say_how_long_they_computed(masks, helpers):
     """Each answered call counts under its name with the seconds its helper computed it: more than nothing, less
     than the calls took here (the benchmarks' timelines split a call's wall time with them)."""

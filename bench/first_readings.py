@@ -31,6 +31,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 from monailabel_app import allocator  # noqa: E402
+from monailabel_app.grounding import helper_processes  # noqa: E402
 
 allocator.keep_freed_memory()  # (set by the package's import already: before any thread of this script)
 
@@ -65,6 +66,8 @@ def main() -> None:
     ap.add_argument("--reserve-gb", type=float, default=4.0)
     ap.add_argument("--readings", type=int, default=6)
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    ap.add_argument("--timeline", action="store_true",
+                    help="then one more reading's maps call by call (map_timeline.py), in the same warm process")
     args = ap.parse_args()
     from fast_path import NEW, fresh, sync
 
@@ -77,10 +80,12 @@ def main() -> None:
         print(f"### First CT readings after a warm-up ({args.device}; heap grown by {warm.get('heap_reserved_gib')} "
               f"GiB; warm-up {time.perf_counter() - t0:.1f} s, {warm['state']})")
         print()
-        print("| reading | end to end s | ms / decode token | maps after the answer s | page faults | new decode shape |")
-        print("|---|---|---|---|---|---|")
+        print("| reading | end to end s | ms / decode token | maps after the answer s | page faults | heap grew MB | "
+              "helpers' blocks made (MB) | new decode shape |")
+        print("|---|---|---|---|---|---|---|---|")
         for i in range(1, args.readings + 1):
             copy = fresh(study)
+            heap, blocks = allocator.heap_bytes() or 0, helper_processes.blocks_made()
             f0, t = faults(), time.perf_counter()
             r = reader.read(copy, answer=answer)
             if args.device == "cuda":
@@ -89,10 +94,16 @@ def main() -> None:
             del r, copy
             known = set(reader.model.__dict__.get("_medgemma_decoders", {}))
             ms = 1000 * lat["decoder_decode"] / max(1, lat["decoder_decode_steps"])
+            made = [a - b for a, b in zip(helper_processes.blocks_made(), blocks)]
             print(f"| {i} | {total:.3f} | {ms:.2f} | {lat['maps']:.3f} | {faults() - f0} | "
+                  f"{((allocator.heap_bytes() or 0) - heap) / 1e6:.0f} | {made[0]} ({made[1] / 1e6:.0f}) | "
                   f"{'yes' if known - shapes else 'no'} |", flush=True)
             shapes = known
         print()
+        if args.timeline:
+            import map_timeline
+
+            map_timeline.timeline(reader, study, answer, fresh=fresh, sync=sync if args.device == "cuda" else lambda: None)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,10 @@ WATCHED = [(anatomy, "ct_body_and_lungs"), (ct_maps, "slice_grids"), (ct_maps, "
            (StudyMaps, "ahead"), (StudyMaps, "_start_ahead")]
 
 
+# printed however short: when the decode loop looked for finished sentences and a finding's maps started
+ALWAYS_SHOWN = {"ahead", "_start_ahead", "slice_grids"}
+
+
 @contextmanager
 def watched(events: list):
     """Every call of :data:`WATCHED` in the block appended to ``events`` as (thread, name, start, wall, cpu,
@@ -132,7 +136,7 @@ def timeline(reader, study, answer, emit=print, fresh=lambda s: s, sync=lambda: 
     emit("| thread | call | start s | wall s | CPU s |")
     emit("|---|---|---|---|---|")
     for thread, name, start, wall, cpu, depth in sorted(events, key=lambda e: (e[0], e[2])):
-        if wall >= 0.005:
+        if wall >= 0.005 or name in ALWAYS_SHOWN:
             emit(f"| {thread} | {'. ' * depth}{name} | {start - t0:.3f} | {wall:.3f} | {cpu:.3f} |")
     emit()
     totals = defaultdict(lambda: [0, 0.0, 0.0])

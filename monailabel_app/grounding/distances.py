@@ -21,7 +21,8 @@ def inside(mask: np.ndarray, spacing) -> np.ndarray:
     :data:`THREADED_VOXELS` or more on :data:`THREADS` of edt's own threads (edt holds the interpreter's lock for
     the whole call, so no other map thread runs meanwhile)."""
     spacing = tuple(float(s) for s in spacing)
-    done = helper_processes.call("inside", np.asarray(mask, bool), spacing)
+    threads = HELPER_THREADS if np.size(mask) >= THREADED_VOXELS else 1
+    done = helper_processes.call("inside", np.asarray(mask, bool), spacing, threads)
     if done is not None:
         return done[0]
     threads = min(THREADS, os.cpu_count() or 1) if np.size(mask) >= THREADED_VOXELS else 1
@@ -33,6 +34,10 @@ def inside(mask: np.ndarray, spacing) -> np.ndarray:
 # 2^16 voxels a second thread gains nothing (cpu_maps.md)
 THREADS = 2
 THREADED_VOXELS = 1 << 16
+# edt's threads for a distance made in a helper process: one (a helper per call; eight helpers on the H200's 16
+# cores). Four gained nothing in run CJ (a reading 3.34 s against 3.26, fast_path.md), when the maps after the
+# answer took 0.9 s; bench/prefill_ab.py's ``edt-N`` variant tries N again
+HELPER_THREADS = 1
 
 
 def inside_here(mask: np.ndarray, spacing, threads: int = 1) -> np.ndarray:

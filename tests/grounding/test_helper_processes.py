@@ -52,10 +52,11 @@ def test_how_many_helpers(monkeypatch):
             helper_processes.helpers_for(torch.device("cuda"))
 
 
-def test_the_helpers_give_the_arrays_made_here(masks, helpers):
+def test_the_helpers_give_the_arrays_made_here(masks, helpers, monkeypatch):
     assert all(m.size >= helper_processes.MIN_VOXELS for m in masks)
     before = helpers.served()
-    for m in masks:
+    for m, edt_threads in zip(masks, (1, 2, 1)):  # a helper's distances on one of edt's threads or more
+        monkeypatch.setattr(distances, "HELPER_THREADS", edt_threads)
         for full in (False, True):
             there, here = components.label(m, full), components.label_here(m, full)
             assert there[1] == here[1] > 0 and there[0].dtype == here[0].dtype

@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 from monailabel_app.grounding import (anatomy, components, ct_maps, distances, extent,  # noqa: E402
                                      helper_processes, maps)
-from monailabel_app.grounding.study_maps import StudyMaps  # noqa: E402
+from monailabel_app.grounding.study_maps import CTMaps, StudyMaps  # noqa: E402
 from monailabel_app.model import decoding, generation  # noqa: E402
 
 WATCHED = [(anatomy, "ct_body_and_lungs"), (ct_maps, "slice_grids"), (ct_maps, "volume_heatmap"),
@@ -49,7 +49,8 @@ WATCHED = [(anatomy, "ct_body_and_lungs"), (ct_maps, "slice_grids"), (ct_maps, "
            # the decode loop's callbacks: the rows queued off the device, the answer's text read for findings
            (decoding.LiveRows, "advance"), (decoding.LiveRows, "upto"), (generation, "_token_ends"),
            (decoding, "_land"),  # the rows' copies landed in their thread
-           (StudyMaps, "ahead"), (StudyMaps, "_start_ahead")]
+           (StudyMaps, "ahead"), (StudyMaps, "_start_ahead"),
+           (CTMaps, "gate")]  # a CT's gates: made beside the model on a GPU (gates_ahead), else by the first finding
 
 
 # printed however short: when the decode loop looked for finished sentences and a finding's maps started

@@ -6,8 +6,9 @@
 # tail to the terminal. What is kept goes into bench/results/fast_path.md by hand, with what it says.
 #
 #   bash bench/gpu_session.sh 1   # the GPU tests, the speed and timeline of a CT and an X-ray, the decoders' memory
-#   bash bench/gpu_session.sh 2   # a fresh server's first readings (8 GiB heap reserve: where each reading's page
-#                                 # faults come from, then one reading's maps call by call), the helpers' edt threads A/B
+#   bash bench/gpu_session.sh 2   # a fresh server's first readings (8 GiB heap reserve: where each reading's
+#                                 # page faults come from, then one reading's maps call by call); an A/B of the
+#                                 # helpers' edt threads and of the search's next candidate tried ahead
 set -u
 part=${1:-}
 if [[ $part != 1 && $part != 2 ]]; then
@@ -40,8 +41,9 @@ case $part in
     step decoder_cache_memory 130 python3 bench/decoder_cache_memory.py
     ;;
 2)
-    TAIL=120 step first_readings_8 220 python3 bench/first_readings.py --device cuda --reserve-gb 8 --readings 8 \
+    TAIL=120 step first_readings_8 200 python3 bench/first_readings.py --device cuda --reserve-gb 8 --readings 8 \
         --timeline
-    step edt_threads 300 python3 bench/prefill_ab.py --parts reading --variants default,edt-2,edt-4 --rounds 3
+    step reading_ab 330 python3 bench/prefill_ab.py --parts reading --variants default,edt-2,edt-4,candidates-1 \
+        --rounds 3
     ;;
 esac

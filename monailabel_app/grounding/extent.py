@@ -32,6 +32,7 @@ measure 32 to 34 mm), a mass larger; nothing focal is smaller than 3 mm; no regi
 from __future__ import annotations
 
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
 
@@ -760,6 +761,12 @@ def find_on_radiograph(pixels: np.ndarray, spacing, heat: np.ndarray, kind: str,
 
 
 CANDIDATES = 3  # CT: dense regions tried where attention points, most attended first
+# candidates tried ahead in a thread of their own while the one before is tried (0: one after another): the
+# answer is the same (the first candidate in order that is a kind), only the wait for a failed one's successor
+# shorter; worth it where cores are free beside the maps (a GPU host), an A/B of bench/prefill_ab.py (candidates-1)
+CANDIDATES_AHEAD = 0
+_CANDIDATES_POOL: ThreadPoolExecutor | None = None
+_CANDIDATES_LOCK = threading.Lock()
 DEEPEST_FINE_VOXELS = 1_000_000  # a larger region's deepest voxel is looked for on 2 x 2 in-plane blocks first
 
 
@@ -790,6 +797,19 @@ def deepest(part: np.ndarray, spacing) -> tuple[int, ...]:
     k = np.unravel_index(int(np.argmax(inside_distance(sub, spacing))), sub.shape)
     k = (k[0], k[1] * step, k[2] * step)
     return tuple(int(i + b.start) for i, b in zip(k, box))
+
+
+def _candidates_pool() -> ThreadPoolExecutor:
+    global _CANDIDATES_POOL
+    with _CANDIDATES_LOCK:
+        if _CANDIDATES_POOL is None:
+            _CANDIDATES_POOL = ThreadPoolExecutor(4, thread_name_prefix="candidates")
+        return _CANDIDATES_POOL
+
+
+def _on_side_stream(fn, *args):
+    with maps.side_stream():  # a GPU's smoothing of coarse planes not queued behind the model's steps
+        return fn(*args)
 
 
 def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.ndarray | Boxed | None = None,
@@ -835,20 +855,32 @@ def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.nd
         raise NoExtent("no region of its density where attention points")
     # each region's summed attention (sum_labels, through bincount: 10x faster)
     weight = np.bincount(labels[dense], weights=values, minlength=n + 1)[1:]
-    failed = None
+    order = [int(lab) + 1 for lab in np.argsort(weight)[::-1][:CANDIDATES]]  # the most attended first
+
+    def tried(k: int) -> Extent | NoExtent:  # candidate k's region, or why it is not a `kind`
+        # (deepest() looks at the region's own box: no find_objects over thousands of regions for the few tried)
+        at = deepest(labels == order[k], spacing)
+        seed = tuple(int(i + b.start) for i, b in zip(at, box))
+        try:
+            return grow_ct(hu, spacing, seed, kind, cache=cache, device=device, layers=layers)
+        except NoExtent as e:  # its reason only: a traceback would hold the frames on its way and their arrays
+            return e.with_traceback(None)
+
+    ahead: dict[int, Future] = {}
+    failed = got = None
     try:
-        for lab in np.argsort(weight)[::-1][:CANDIDATES]:  # the most attended first; the first that is a `kind`
-            # (deepest() looks at the region's own box: no find_objects over thousands of regions for the few tried)
-            at = deepest(labels == int(lab) + 1, spacing)
-            seed = tuple(int(i + b.start) for i, b in zip(at, box))
-            try:
-                return grow_ct(hu, spacing, seed, kind, cache=cache, device=device, layers=layers)
-            except NoExtent as e:
-                failed = failed or e
+        for k in range(len(order)):  # the first that is a `kind`
+            for j in range(k + 1, min(k + 1 + CANDIDATES_AHEAD, len(order))):
+                if j not in ahead:
+                    ahead[j] = _candidates_pool().submit(_on_side_stream, tried, j)
+            got = ahead.pop(k).result() if k in ahead else tried(k)
+            if isinstance(got, Extent):
+                return got
+            failed = failed or got
         raise failed
     finally:
         # a failed candidate's traceback holds this frame: kept in a local once the search ends (found or not),
         # it would be a cycle that only the cyclic collector frees, late (arrays do not count towards its
         # runs), with the arrays of every frame on its way (a 134-slice CT: about 200 MB a reading, and the
         # heap grown for the next reading's volumes)
-        failed = None
+        failed = got = None

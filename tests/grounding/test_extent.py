@@ -153,11 +153,18 @@ def test_findings_searching_one_box_smooth_it_once_and_find_what_they_find_alone
         assert got[0] is None or np.array_equal(got[0], alone[0])
 
 
-def test_a_search_whose_candidates_fail_leaves_no_cycle_behind(monkeypatch):
+@pytest.mark.parametrize("ahead", [0, 1])
+def test_a_search_whose_candidates_fail_leaves_no_cycle_behind(monkeypatch, ahead):
     """A candidate that is not the kind raises NoExtent from deep in the search; its traceback holds the frames
     on the way and their arrays (labels, boxes, the gated map: a real CT's reading left about 200 MB a reading
     to the cyclic collector, which counts no arrays and came late, and the heap grew for every later reading).
-    Whether the search then finds a later candidate or fails, nothing is left for the collector."""
+    Whether the search then finds a later candidate or fails, nothing is left for the collector; also with the
+    next candidate tried ahead in a thread of its own (extent.CANDIDATES_AHEAD)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(2)
+    monkeypatch.setattr(extent, "CANDIDATES_AHEAD", ahead)
+    monkeypatch.setattr(extent, "_candidates_pool", lambda: pool)
     vol, heat = _attention_on_the_largest_lesion()
     real, tried = extent.grow_ct, []
 
@@ -179,10 +186,51 @@ def test_a_search_whose_candidates_fail_leaves_no_cycle_behind(monkeypatch):
         monkeypatch.setattr(extent, "grow_ct", lambda *a, **k: first_fails(*a, kind_fails=True, **k))
         with pytest.raises(extent.NoExtent, match="not this one"):  # every candidate fails
             extent.find_in_ct(vol.hu, vol.spacing, heat, "mass", cache={})
+        pool.shutdown(wait=True)  # (a candidate tried ahead may still run after its search has its answer)
         assert len(tried) >= 2
         assert gc.collect() == 0
     finally:
         gc.enable()
+
+
+def test_candidates_tried_ahead_in_threads_give_what_one_after_another_gives(monkeypatch):
+    """extent.CANDIDATES_AHEAD: the next candidates of a CT search tried in threads while the one before is: the
+    answer is the first candidate in order that is the kind, as one after another (the same mask, or the same
+    reason for none), whether the first candidate is it or not (attention on each phantom lesion, asked for its
+    own kind and for others, whose first candidates fail)."""
+    from monailabel_app.phantoms.ct import phantom_volume
+
+    def outcome(*args):
+        try:
+            return extent.find_in_ct(*args, cache={}).mask
+        except extent.NoExtent as e:
+            return str(e)
+
+    seen = {"found": 0, "none": 0, "later": 0}
+    real = extent.grow_ct
+    for seed in (4, 6):
+        ph = make_ct_phantom(seed)
+        vol = phantom_volume(ph)
+        grid = np.indices(vol.shape)
+        for les in ph.lesions:
+            centre = np.argwhere(les.mask).mean(axis=0)
+            d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre, vol.spacing))
+            heat = np.exp(-d2 / (2 * 25.0**2)).astype(np.float32)
+            for kind in ("nodule", "mass", "effusion"):
+                grown = []
+                monkeypatch.setattr(extent, "grow_ct", lambda *a, **k: grown.append(1) or real(*a, **k))
+                monkeypatch.setattr(extent, "CANDIDATES_AHEAD", 0)
+                one_by_one = outcome(vol.hu, vol.spacing, heat, kind)
+                tries = len(grown)
+                for ahead in (1, 2):
+                    monkeypatch.setattr(extent, "CANDIDATES_AHEAD", ahead)
+                    got = outcome(vol.hu, vol.spacing, heat, kind)
+                    assert type(got) is type(one_by_one), (seed, les.kind, kind, ahead)
+                    assert got == one_by_one if isinstance(got, str) else np.array_equal(got, one_by_one)
+                found = not isinstance(one_by_one, str)
+                seen["found" if found else "none"] += 1
+                seen["later"] += found and tries > 1
+    assert all(seen.values()), seen  # found at once, found after a failed candidate, and not found at all
 
 
 def test_findings_searched_with_the_volumes_layers_find_the_phantoms_lesions():

@@ -114,16 +114,31 @@ def test_effusion_and_pneumothorax_on_ct_by_their_densities():
     assert dice(extent.grow_ct(hu2, spacing, (20, 12, 40), "pneumothorax").mask, air) >= 0.8
 
 
+def _attention_on(vol, lesion, sigma_mm: float = 15.0) -> np.ndarray:
+    """float32 attention on ``vol``'s grid: a Gaussian of ``sigma_mm`` centred on ``lesion`` (15 mm: half a lung)."""
+    centre = np.argwhere(lesion.mask).mean(axis=0)
+    d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(np.indices(vol.shape), centre, vol.spacing))
+    return np.exp(-d2 / (2 * sigma_mm**2)).astype(np.float32)
+
+
+def _phantom_lesions(seeds, sigma_mm: float = 15.0):
+    """(phantom, volume, lesion, attention on it: :func:`_attention_on`) for every lesion of the CT phantoms."""
+    from monailabel_app.phantoms.ct import make_ct_phantom, phantom_volume
+
+    for seed in seeds:
+        ph = make_ct_phantom(seed)
+        vol = phantom_volume(ph)
+        for les in ph.lesions:
+            yield ph, vol, les, _attention_on(vol, les, sigma_mm)
+
+
 def _attention_on_the_largest_lesion():
     """(CT phantom 4's volume, a broad attention map on its largest lesion: 15 mm Gaussian, half a lung)."""
     from monailabel_app.phantoms.ct import make_ct_phantom, phantom_volume
 
     ph = make_ct_phantom(4)
     vol = phantom_volume(ph)
-    lesion = max(ph.lesions, key=lambda les: les.mask.sum())
-    centre = np.argwhere(lesion.mask).mean(axis=0)
-    d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(np.indices(vol.shape), centre, vol.spacing))
-    return vol, np.exp(-d2 / (2 * 15.0**2)).astype(np.float32)
+    return vol, _attention_on(vol, max(ph.lesions, key=lambda les: les.mask.sum()))
 
 
 def test_findings_searching_one_box_smooth_it_once_and_find_what_they_find_alone(monkeypatch):
@@ -198,8 +213,6 @@ def test_candidates_tried_ahead_in_threads_give_what_one_after_another_gives(mon
     answer is the first candidate in order that is the kind, as one after another (the same mask, or the same
     reason for none), whether the first candidate is it or not (attention on each phantom lesion, asked for its
     own kind and for others, whose first candidates fail)."""
-    from monailabel_app.phantoms.ct import phantom_volume
-
     def outcome(*args):
         try:
             return extent.find_in_ct(*args, cache={}).mask
@@ -208,28 +221,21 @@ def test_candidates_tried_ahead_in_threads_give_what_one_after_another_gives(mon
 
     seen = {"found": 0, "none": 0, "later": 0}
     real = extent.grow_ct
-    for seed in (4, 6):
-        ph = make_ct_phantom(seed)
-        vol = phantom_volume(ph)
-        grid = np.indices(vol.shape)
-        for les in ph.lesions:
-            centre = np.argwhere(les.mask).mean(axis=0)
-            d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre, vol.spacing))
-            heat = np.exp(-d2 / (2 * 25.0**2)).astype(np.float32)
-            for kind in ("nodule", "mass", "effusion"):
-                grown = []
-                monkeypatch.setattr(extent, "grow_ct", lambda *a, **k: grown.append(1) or real(*a, **k))
-                monkeypatch.setattr(extent, "CANDIDATES_AHEAD", 0)
-                one_by_one = outcome(vol.hu, vol.spacing, heat, kind)
-                tries = len(grown)
-                for ahead in (1, 2):
-                    monkeypatch.setattr(extent, "CANDIDATES_AHEAD", ahead)
-                    got = outcome(vol.hu, vol.spacing, heat, kind)
-                    assert type(got) is type(one_by_one), (seed, les.kind, kind, ahead)
-                    assert got == one_by_one if isinstance(got, str) else np.array_equal(got, one_by_one)
-                found = not isinstance(one_by_one, str)
-                seen["found" if found else "none"] += 1
-                seen["later"] += found and tries > 1
+    for _, vol, les, heat in _phantom_lesions((4, 6), 25.0):
+        for kind in ("nodule", "mass", "effusion"):
+            grown = []
+            monkeypatch.setattr(extent, "grow_ct", lambda *a, **k: grown.append(1) or real(*a, **k))
+            monkeypatch.setattr(extent, "CANDIDATES_AHEAD", 0)
+            one_by_one = outcome(vol.hu, vol.spacing, heat, kind)
+            tries = len(grown)
+            for ahead in (1, 2):
+                monkeypatch.setattr(extent, "CANDIDATES_AHEAD", ahead)
+                got = outcome(vol.hu, vol.spacing, heat, kind)
+                assert type(got) is type(one_by_one), (les.kind, kind, ahead)
+                assert got == one_by_one if isinstance(got, str) else np.array_equal(got, one_by_one)
+            found = not isinstance(one_by_one, str)
+            seen["found" if found else "none"] += 1
+            seen["later"] += found and tries > 1
     assert all(seen.values()), seen  # found at once, found after a failed candidate, and not found at all
 
 
@@ -237,24 +243,16 @@ def test_findings_searched_with_the_volumes_layers_find_the_phantoms_lesions():
     """find_in_ct under attention centred on each lesion of phantom CTs, reading the volume's layers made once
     (extent.ct_layers) instead of its search box's: each lesion found as with the box's own (Dice >= 0.9
     between the two ways, >= 0.8 against the lesion on average), and the layers' arrays never written."""
-    from monailabel_app.phantoms.ct import phantom_volume
-
-    agree, scores = [], []
-    for seed in (4, 5, 6):
-        ph = make_ct_phantom(seed)
-        vol = phantom_volume(ph)
-        layers = extent.ct_layers(vol.hu, vol.spacing)
-        for a in (layers.smooth, layers.aerated):
-            a.flags.writeable = False
-        grid = np.indices(vol.shape)
-        for les in ph.lesions:
-            centre = np.argwhere(les.mask).mean(axis=0)
-            d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre, vol.spacing))
-            heat = np.exp(-d2 / (2 * 15.0**2)).astype(np.float32)
-            box = extent.find_in_ct(vol.hu, vol.spacing, heat, les.kind, cache={})
-            read = extent.find_in_ct(vol.hu, vol.spacing, heat, les.kind, cache={}, layers=layers)
-            agree.append(dice(box.mask, read.mask))
-            scores.append(dice(read.mask, les.mask))
+    agree, scores, made = [], [], None
+    for _, vol, les, heat in _phantom_lesions((4, 5, 6)):
+        if made is None or made[0] is not vol:  # the volume's layers, once
+            made = (vol, extent.ct_layers(vol.hu, vol.spacing))
+            for a in (made[1].smooth, made[1].aerated):
+                a.flags.writeable = False
+        box = extent.find_in_ct(vol.hu, vol.spacing, heat, les.kind, cache={})
+        read = extent.find_in_ct(vol.hu, vol.spacing, heat, les.kind, cache={}, layers=made[1])
+        agree.append(dice(box.mask, read.mask))
+        scores.append(dice(read.mask, les.mask))
     assert min(agree) >= 0.9 and np.mean(scores) >= 0.8, (agree, scores)
 
 
@@ -263,30 +261,22 @@ def test_a_search_given_its_regions_boxes_finds_what_the_bare_masks_find():
     reader passes them, maps.peak_regions) reads the boxes instead of finding them again: the same region, seed
     and measures as from the bare masks, and the region lies inside the box its Extent gives."""
     from monailabel_app.grounding import maps
-    from monailabel_app.phantoms.ct import phantom_volume
 
     found = 0
-    for seed in (4, 5):
-        ph = make_ct_phantom(seed)
-        vol = phantom_volume(ph)
-        grid = np.indices(vol.shape)
-        for les in ph.lesions:
-            centre = np.argwhere(les.mask).mean(axis=0)
-            d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre, vol.spacing))
-            heat = np.exp(-d2 / (2 * 15.0**2)).astype(np.float32)
-            own, search = maps.peak_regions(heat, (0.5, extent.SEARCH_LEVEL)).regions
-            outcomes = []
-            for near, where in ((own.mask, search.mask), (own, search)):
-                try:
-                    e = extent.find_in_ct(vol.hu, vol.spacing, heat, les.kind, near, cache={}, search=where)
-                    outcomes.append((e.mask, e.seed, e.json()))
-                    assert e.box is not None and e.mask[e.box].sum() == e.mask.sum() > 0
-                except extent.NoExtent as x:
-                    outcomes.append((None, str(x)))
-            assert outcomes[0][1:] == outcomes[1][1:]
-            if outcomes[0][0] is not None:
-                assert np.array_equal(outcomes[0][0], outcomes[1][0])
-                found += 1
+    for _, vol, les, heat in _phantom_lesions((4, 5)):
+        own, search = maps.peak_regions(heat, (0.5, extent.SEARCH_LEVEL)).regions
+        outcomes = []
+        for near, where in ((own.mask, search.mask), (own, search)):
+            try:
+                e = extent.find_in_ct(vol.hu, vol.spacing, heat, les.kind, near, cache={}, search=where)
+                outcomes.append((e.mask, e.seed, e.json()))
+                assert e.box is not None and e.mask[e.box].sum() == e.mask.sum() > 0
+            except extent.NoExtent as x:
+                outcomes.append((None, str(x)))
+        assert outcomes[0][1:] == outcomes[1][1:]
+        if outcomes[0][0] is not None:
+            assert np.array_equal(outcomes[0][0], outcomes[1][0])
+            found += 1
     assert found >= 3
 
 

@@ -34,7 +34,7 @@ ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
 SHARED = os.path.join(ROOT, "..", "shared", "data")
 
-from monailabel_app.grounding import extent  # noqa: E402
+from monailabel_app.grounding import ct_extent, extent, film_extent  # noqa: E402
 from monailabel_app.grounding.anatomy import xray_lung_fields  # noqa: E402
 from monailabel_app.io.study import load_study  # noqa: E402
 from monailabel_app.io.xray import ASSUMED_FILM_MM  # noqa: E402
@@ -60,13 +60,13 @@ def lidc(n_points, rng):
                                          series_uids(series), volume.geometry.shape) if o.voxels > 100]
     masks = [volume.orientation.to_display(o.mask) for o in outlines]
     readers = [dice(a, b) for i, a in enumerate(masks) for b in masks[i + 1 :]]
-    lungs = extent.aerated_lung(volume.hu).sum()
+    lungs = ct_extent.aerated_lung(volume.hu).sum()
     rows, scores, sizes, diameters, seconds = [], [], [], [], []
     for o, m in zip(outlines, masks):
         own = []
         for p in interior_points(m, volume.spacing, n_points, rng):
             t0 = time.perf_counter()
-            e = extent.grow_ct(volume.hu, volume.spacing, p, "nodule")
+            e = ct_extent.grow_ct(volume.hu, volume.spacing, p, "nodule")
             seconds.append(time.perf_counter() - t0)
             d = [dice(e.mask, r) for r in masks]
             own.append(d[outlines.index(o)])
@@ -97,7 +97,7 @@ def clear_lung(rng, n=5):
         for p in interior_points(lung, spacing, n, rng, depth_mm=10.0)[1:]:
             total += 1
             try:
-                e = extent.grow_radiograph(pixels, spacing, p, "nodule", fields)
+                e = film_extent.grow_radiograph(pixels, spacing, p, "nodule", fields)
                 largest = max(largest, e.mask.sum() / lung.sum())
             except extent.NoExtent:
                 refused += 1
@@ -112,7 +112,7 @@ def clear_lung(rng, n=5):
     for p in interior_points(lung, spacing, n * 4, rng, depth_mm=10.0)[1:]:
         total += 1
         try:
-            e = extent.grow_ct(hu, spacing, p, "nodule")
+            e = ct_extent.grow_ct(hu, spacing, p, "nodule")
             largest_ct = max(largest_ct, e.mask.sum() / lung.sum())
         except extent.NoExtent:
             refused += 1
@@ -132,7 +132,7 @@ def phantoms(rng, n=2):
         for les in ph.lesions:
             for p in interior_points(les.mask, (mm, mm), n, rng, depth_mm=mm):
                 try:
-                    d = dice(extent.grow_radiograph(ph.image, (mm, mm), p, les.kind, fields, search_mm=2 * mm).mask, les.mask)
+                    d = dice(film_extent.grow_radiograph(ph.image, (mm, mm), p, les.kind, fields, search_mm=2 * mm).mask, les.mask)
                 except extent.NoExtent:
                     d = 0.0
                 xray.setdefault(les.kind, []).append(d)
@@ -142,7 +142,7 @@ def phantoms(rng, n=2):
         for les in ph.lesions:
             for p in interior_points(les.mask, ph.spacing[::-1], n, rng, depth_mm=3.0):
                 try:
-                    d = dice(extent.grow_ct(hu, ph.spacing[::-1], p, les.kind).mask, les.mask)
+                    d = dice(ct_extent.grow_ct(hu, ph.spacing[::-1], p, les.kind).mask, les.mask)
                 except extent.NoExtent:
                     d = 0.0
                 ct.setdefault(les.kind, []).append(d)

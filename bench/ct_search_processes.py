@@ -4,7 +4,7 @@
     python bench/ct_search_processes.py [--rounds 3] [--workers 2] [--profile]
 
 The study and findings of ``bench/cpu_maps.py`` (the real CT resampled to 134 x 512 x 512, the phantom model
-made to say four findings). One reading records the arguments of each finding's ``extent.find_in_ct`` (its
+made to say four findings). One reading records the arguments of each finding's ``ct_extent.find_in_ct`` (its
 gated map, kind, the attention's own region, the gate's box); then the four searches run, each round:
 one after another in this process (one cache for the volume's findings, as the reader shares it), in a pool
 of ``--workers`` threads (the reader's way: one interpreter), and in a pool of ``--workers`` forked processes
@@ -32,13 +32,13 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 
 import cpu_maps  # noqa: E402
 
-from monailabel_app.grounding import extent  # noqa: E402
+from monailabel_app.grounding import ct_extent, extent  # noqa: E402
 from monailabel_app.io.study import load_study  # noqa: E402
 from monailabel_app.reader import Reader  # noqa: E402
 
 CALLS: list[tuple] = []  # (gated map, kind, own region, gate box, search region, volume's layers) of each search
 VOLUME: list = []  # (hu, spacing) of the study, inherited by the forked workers
-_find = extent.find_in_ct
+_find = ct_extent.find_in_ct
 
 
 def _recorded(hu, spacing, heat, kind, near=None, cache=None, support=None, device=None, search=None, layers=None):
@@ -49,15 +49,15 @@ def _recorded(hu, spacing, heat, kind, near=None, cache=None, support=None, devi
 
 @contextmanager
 def recording(hu, spacing):
-    """Record the arguments of every ``extent.find_in_ct`` call in the block (a reading's or a remap's), for
+    """Record the arguments of every ``ct_extent.find_in_ct`` call in the block (a reading's or a remap's), for
     the study's volume ``hu`` at ``spacing``."""
     CALLS.clear()
     VOLUME[:] = [(hu, spacing)]
-    extent.find_in_ct = _recorded
+    ct_extent.find_in_ct = _recorded
     try:
         yield CALLS
     finally:
-        extent.find_in_ct = _find
+        ct_extent.find_in_ct = _find
 
 
 def search(i: int, cache: dict | None = None) -> tuple:

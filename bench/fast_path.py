@@ -407,7 +407,7 @@ def profile(model, processor, reader, modalities=("xray", "ct"), batch_of: int =
 
 
 def searches(reader, processor, workers=(3,), rounds: int = 3) -> None:
-    """The CT's findings' image-extent searches (``extent.find_in_ct``) on this host's CPU: recorded from one
+    """The CT's findings' image-extent searches (``ct_extent.find_in_ct``) on this host's CPU: recorded from one
     remap of the speed part's CT, then run one after another, in threads and in forked worker processes
     (``bench/ct_search_processes.py``), with one round's top functions."""
     import ct_search_processes

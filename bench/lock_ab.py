@@ -29,7 +29,7 @@ import torch  # noqa: E402
 from fast_path import CT_FINDINGS, ct, emit, project_read, reader_for, report  # noqa: E402
 from medgemma_shapes import build  # noqa: E402
 
-from monailabel_app.grounding import ct_maps, extent, helper_processes, maps, study_maps  # noqa: E402
+from monailabel_app.grounding import ct_extent, ct_maps, extent, helper_processes, maps, study_maps  # noqa: E402
 from monailabel_app.model.capture import CAPTURE_ATTN  # noqa: E402
 
 
@@ -47,9 +47,9 @@ def repeated(small, step, shape=None, fill=0, out=None):
 @contextmanager
 def lock_held():
     with ExitStack() as stack:
-        for module in (extent, maps, ct_maps, study_maps):
+        for module in (extent, ct_extent, maps, ct_maps, study_maps):
             stack.enter_context(mock.patch.object(module, "zeros", np.zeros))
-        stack.enter_context(mock.patch.object(extent, "blocks_back", repeated))
+        stack.enter_context(mock.patch.object(ct_extent, "blocks_back", repeated))
         stack.enter_context(mock.patch.object(helper_processes, "MIN_VOXELS", 1 << 18))
         yield
 

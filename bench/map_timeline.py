@@ -33,15 +33,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, ".."))
 
-from monailabel_app.grounding import (anatomy, components, ct_maps, distances, extent,  # noqa: E402
+from monailabel_app.grounding import (anatomy, components, ct_extent, ct_maps, distances,  # noqa: E402
                                      helper_processes, maps)
 from monailabel_app.grounding.study_maps import CTMaps, StudyMaps  # noqa: E402
 from monailabel_app.model import decoding, generation  # noqa: E402
 
 WATCHED = [(anatomy, "ct_body_and_lungs"), (ct_maps, "slice_grids"), (ct_maps, "volume_heatmap"),
-           (ct_maps, "gated_map"), (maps, "peak_regions"), (maps, "peak_region"), (extent, "find_in_ct"),
-           (extent, "smoothed_hu"), (extent, "territory"), (helper_processes, "in_slabs"), (extent, "grow_ct"),
-           (extent, "deepest"), (components, "label"), (components, "component_at"), (distances, "inside"),
+           (ct_maps, "gated_map"), (maps, "peak_regions"), (maps, "peak_region"), (ct_extent, "find_in_ct"),
+           (ct_extent, "smoothed_hu"), (ct_extent, "territory"), (helper_processes, "in_slabs"), (ct_extent, "grow_ct"),
+           (ct_extent, "deepest"), (components, "label"), (components, "component_at"), (distances, "inside"),
            (maps, "assign"),
            (ct_maps, "slice_info"),
            # a helper's call: waiting for a free helper and its round trip (the mask in, the answer out)

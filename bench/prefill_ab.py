@@ -18,14 +18,14 @@ The benchmark's 85-slice CT (``fast_path.ct``; or its film, ``--study xray``) th
 - ``labels`` (the ``reading`` part): the piece at a point (``components.component_at``) from the whole labelling
   brought back from the helper and compared here, as before the helper gave the piece alone.
 - ``box-layers`` (the ``reading`` part): each CT search smooths its box and makes its territory (as before
-  ``extent.ct_layers``, the volume's made once beside the prefill).
+  ``ct_extent.ct_layers``, the volume's made once beside the prefill).
 - ``tokenised`` (the ``reading`` part): every prompt tokenised anew (as before ``prompt_ids``).
 - ``rows-after`` (the ``reading`` part): the decode rows rolled out by the loop's copies (as before
   ``decoding.ROLL_IN_REPLAY``: the replays roll them out themselves).
 - ``ahead-N`` (the ``reading`` part): N decode replays in flight (``decoding.AHEAD_ENV``; the library's: 3 for a CT).
 - ``switch-MS`` (the ``reading`` part): the interpreter's switch interval MS milliseconds (Python's: 5).
 - ``candidates-N`` (the ``reading`` part): a CT search's next N candidates tried in threads while the one before
-  is (``extent.CANDIDATES_AHEAD``; the library's: 0, one after another).
+  is (``ct_extent.CANDIDATES_AHEAD``; the library's: 0, one after another).
 - ``edt-N`` (the ``reading`` part): a helper's distance transforms (the deepest voxels' and the openings') on N
   of edt's threads (``distances.HELPER_THREADS``; the library's: 1).
 - ``helpers-N`` (the ``reading`` part): N label and distance helper processes (``helper_processes``; the
@@ -69,7 +69,7 @@ from medgemma_shapes import build  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from monailabel_app import reader as reader_module  # noqa: E402
-from monailabel_app.grounding import components, distances, extent, study_maps  # noqa: E402
+from monailabel_app.grounding import components, ct_extent, distances, study_maps  # noqa: E402
 from monailabel_app.model import decoding, fused_norms, prompt_ids  # noqa: E402
 from monailabel_app.model.capture import CAPTURE_ATTN  # noqa: E402
 from monailabel_app.model.decoding import batch_vision_tower, prefill_and_decode  # noqa: E402
@@ -114,7 +114,7 @@ def variant(model, name: str):
         if name.startswith("switch-"):
             stack.enter_context(fast_path.switch_interval(float(name.split("-")[1])))
         if name.startswith("candidates-"):
-            stack.enter_context(mock.patch.object(extent, "CANDIDATES_AHEAD", int(name.split("-")[1])))
+            stack.enter_context(mock.patch.object(ct_extent, "CANDIDATES_AHEAD", int(name.split("-")[1])))
         if name.startswith("edt-"):
             stack.enter_context(mock.patch.object(distances, "HELPER_THREADS", int(name.split("-")[1])))
         if name.startswith("helpers-"):

@@ -20,7 +20,7 @@ import dataclasses
 import numpy as np
 
 from .errors import InputError
-from .grounding import ct_maps, extent
+from .grounding import ct_extent, ct_maps, extent, film_extent
 from .grounding.anatomy import body_mask
 from .grounding.study_maps import ASSUMED_SPACING
 from .io.ct import CTVolume
@@ -99,13 +99,13 @@ def grow_from_points(study, kind: str, foreground: list, background: list) -> tu
         bg = [study.display_index(p) for p in background]
 
         def grow(p):
-            return extent.grow_ct(study.hu, study.spacing, p, kind, background=bg)
+            return ct_extent.grow_ct(study.hu, study.spacing, p, kind, background=bg)
     else:
         fg, bg = list(foreground), list(background)
         spacing, _ = pixel_spacing_mm(study)
 
         def grow(p):
-            return extent.grow_radiograph(study.pixels, spacing, p, kind, background=bg,
+            return film_extent.grow_radiograph(study.pixels, spacing, p, kind, background=bg,
                                           search_mm=2 * max(spacing))
     first, mask = None, None
     for p in fg:

@@ -24,7 +24,7 @@ busy workers.
 (the default) or ``cuda`` (the serving process's GPU: a CUDA context of about 0.5 GB per worker, and the
 GPU's maps, equal to the CPU's within the device maps' tolerance). ``MEDGEMMA_BLOBS_AHEAD=0``: the workers
 filter the films' blobs themselves instead of getting them made for the whole batch on the GPU
-(:func:`extent.film_blob_responses`).
+(:func:`film_extent.film_blob_responses`).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ class MapProcesses:
     def remap(self, study, gen, blobs=None) -> Future:
         """A future of ``(reading, seconds)``: the film's reading from ``gen``, its study and generation
         put back, and the seconds its maps took in the worker. ``blobs``: the film's blob filter responses
-        made ahead (:func:`extent.film_blob_responses`, best in shared memory: :func:`shared_empty`)."""
+        made ahead (:func:`film_extent.film_blob_responses`, best in shared memory: :func:`shared_empty`)."""
         done: Future = Future()
 
         def back(f: Future) -> None:

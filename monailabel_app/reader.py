@@ -28,7 +28,7 @@ from scipy import ndimage
 
 from . import allocator, map_processes
 from .errors import InputError
-from .grounding import anatomy, extent, helper_processes, maps
+from .grounding import anatomy, ct_extent, extent, film_extent, helper_processes, maps
 from .grounding.study_maps import CTMaps, FilmMaps, StudyMaps, image_extent, in_language, recorded_layers
 from .io.ct import CTVolume, Limits, interleave, model_slices, sample_slices
 from .io.study import check_modality, load_study
@@ -138,7 +138,7 @@ def working_memory_mib(study) -> float:
     """A rough upper estimate of what reading ``study`` holds at once beside the model: the volume or film
     in float32 and its copies (display grid, anatomy, per-finding heatmaps and masks)."""
     voxels = study.hu.size if isinstance(study, CTVolume) else study.pixels.size
-    return voxels * 4 * 14 / 2**20  # (a CT's search layers, extent.CTLayers: 6 bytes a voxel of the 56)
+    return voxels * 4 * 14 / 2**20  # (a CT's search layers, ct_extent.CTLayers: 6 bytes a voxel of the 56)
 
 
 def check_memory(study, guard_mib: float) -> None:
@@ -428,7 +428,7 @@ class Reader:
             raise failed[0]
         return readings
 
-    def _blobs_ahead(self, studies: list) -> list[extent.BlobResponses] | None:
+    def _blobs_ahead(self, studies: list) -> list[film_extent.BlobResponses] | None:
         """The blob filter responses of a batch's films, made on the GPU in one go (on this thread's own
         stream, while the batch before generates) and put in shared memory for the map processes: the
         largest part of a film's map work, which the workers' CPUs then skip. None for CTs and where films
@@ -437,7 +437,7 @@ class Reader:
                 or self._map_pool() is None):
             return None
         with maps.side_stream():
-            return extent.film_blob_responses([s.pixels for s in studies], [pixel_spacing_mm(s)[0] for s in studies],
+            return film_extent.film_blob_responses([s.pixels for s in studies], [pixel_spacing_mm(s)[0] for s in studies],
                                               self.maps_device, host=map_processes.shared_empty)
 
     def read(self, image: str | Radiograph | CTVolume, question: str | None = None, max_new_tokens: int = 128,
@@ -519,10 +519,10 @@ class Reader:
                 "grounding": self.info.grounding.get("source")}
 
     def remap(self, study: Radiograph | CTVolume, gen: Generation, max_slices: int | None = None,
-              blobs: extent.BlobResponses | None = None) -> Reading:
+              blobs: film_extent.BlobResponses | None = None) -> Reading:
         """The reading of ``study`` from an existing generation (e.g. one restricted to some layers):
         findings, maps and masks with the current settings, no new generation (calibration; a batch's film
-        maps). ``blobs``: a film's blob filter responses made ahead (:func:`extent.film_blob_responses`)."""
+        maps). ``blobs``: a film's blob filter responses made ahead (:func:`film_extent.film_blob_responses`)."""
         if isinstance(study, CTVolume):
             return self._read_ct(study, "", 0, check_max_slices(max_slices, self.ct["max_slices"]), gen=gen)
         return self._read_radiograph(study, "", 0, gen=gen, blobs=blobs)
@@ -572,16 +572,16 @@ class Reader:
         return self._ct_anatomy_future(volume).result()
 
     def _ct_layers_future(self, volume: CTVolume) -> Future:
-        return self._kept("ct_layers", volume.hu, partial(extent.ct_layers, volume.hu, volume.spacing, self.maps_device))
+        return self._kept("ct_layers", volume.hu, partial(ct_extent.ct_layers, volume.hu, volume.spacing, self.maps_device))
 
-    def _ct_layers(self, volume: CTVolume) -> extent.CTLayers:
+    def _ct_layers(self, volume: CTVolume) -> ct_extent.CTLayers:
         """What the image extent searches of ``volume`` read (smoothed HU, aerated lung), made once for its
         findings (on a GPU reader started with the anatomy, beside the model) and kept for the last volume."""
         return self._ct_layers_future(volume).result()
 
     def _read_radiograph(self, radiograph: Radiograph, question: str, max_new_tokens: int, answer=None,
                          gen: Generation | None = None, keep: bool = False,
-                         blobs: extent.BlobResponses | None = None) -> Reading:
+                         blobs: film_extent.BlobResponses | None = None) -> Reading:
         square, pad = pad_to_square(radiograph.pixels)
         film = FilmMaps(self, radiograph, pad, blobs)
         if gen is None:

@@ -198,15 +198,15 @@ def test_the_time_the_maps_waited_for_the_anatomy_is_reported(reader, monkeypatc
 
 
 def test_a_cts_search_layers_are_made_once_and_read_by_every_search(reader, monkeypatch):
-    """The volume's smoothed HU and aerated lung (extent.ct_layers) are made once for its findings and each
+    """The volume's smoothed HU and aerated lung (ct_extent.ct_layers) are made once for its findings and each
     finding's image-extent search reads them; on the CPU they are started as the maps start, before any
     finding's maps (beside the model they would slow its generation), and only where a finding searches the
     image; on a GPU they are started with the anatomy, before the model generates."""
     from monailabel_app import reader as reader_module
-    from monailabel_app.grounding import extent, maps
+    from monailabel_app.grounding import ct_extent, maps
 
     made, searched, started_before, order = [], [], [], []
-    real_layers, real_find, real_generate = extent.ct_layers, extent.find_in_ct, reader_module.generate_batch
+    real_layers, real_find, real_generate = ct_extent.ct_layers, ct_extent.find_in_ct, reader_module.generate_batch
     real_future, real_each = reader._ct_layers_future, maps.each
     monkeypatch.setattr(reader, "_ct_layers_future", lambda *a: order.append("layers") or real_future(*a))
     monkeypatch.setattr(maps, "each", lambda *a, **k: order.append("maps") or real_each(*a, **k))
@@ -223,8 +223,8 @@ def test_a_cts_search_layers_are_made_once_and_read_by_every_search(reader, monk
         started_before.append("ct_layers" in reader._anatomy)
         return real_generate(*args, **kwargs)
 
-    monkeypatch.setattr(extent, "ct_layers", layers)
-    monkeypatch.setattr(extent, "find_in_ct", find)
+    monkeypatch.setattr(ct_extent, "ct_layers", layers)
+    monkeypatch.setattr(ct_extent, "find_in_ct", find)
     monkeypatch.setattr(reader_module, "generate_batch", generate)
     reader.forget_anatomy()
     volume = ct_phantoms.phantom_volume(ct_phantoms.make_ct_phantom(SEED))
@@ -242,7 +242,7 @@ def test_a_cts_search_layers_are_made_once_and_read_by_every_search(reader, monk
     made.clear()
     reader.forget_anatomy()
     monkeypatch.setattr(type(reader), "maps_device", property(lambda self: torch.device("cuda")))
-    monkeypatch.setattr(extent, "ct_layers", lambda *args: made.append(args))
+    monkeypatch.setattr(ct_extent, "ct_layers", lambda *args: made.append(args))
     reader._anatomy_ahead(volume)
     reader._ct_layers_future(volume).result()
     assert len(made) == 1 and made[0][2] == torch.device("cuda")  # started ahead for a GPU's maps

@@ -247,14 +247,14 @@ def test_a_films_blob_responses_made_ahead_reach_its_map_process(reader):
     array, and here (on the CPU: the same values to float rounding) the one made without them. Responses
     that show no blob anywhere give another reading: the worker uses what it is given."""
     from monailabel_app import map_processes
-    from monailabel_app.grounding import extent
+    from monailabel_app.grounding import film_extent
     from monailabel_app.io.xray import pixel_spacing_mm
 
     films = [Radiograph(make_phantom(s).image, Geometry.plain(*make_phantom(s).image.shape)) for s in (2, 14)]
     gens = [reader.read(f, max_new_tokens=48).generation for f in films]
-    blobs = extent.film_blob_responses([f.pixels for f in films], [pixel_spacing_mm(f)[0] for f in films], "cpu",
+    blobs = film_extent.film_blob_responses([f.pixels for f in films], [pixel_spacing_mm(f)[0] for f in films], "cpu",
                                        host=map_processes.shared_empty)
-    none = [extent.BlobResponses(b.radii, torch.zeros_like(b.stack)) for b in blobs]
+    none = [film_extent.BlobResponses(b.radii, torch.zeros_like(b.stack)) for b in blobs]
     pool = map_processes.MapProcesses(reader.info, reader.grid, 1)
     try:
         there = [pool.remap(f, g, b).result()[0] for f, g, b in zip(films, gens, blobs)]

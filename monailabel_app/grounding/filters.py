@@ -1,8 +1,8 @@
 """Gaussian derivative filters in torch, on the model's GPU, equal to ``scipy.ndimage``'s.
 
-The film's blob search (:func:`extent.blobs`) filters the whole film with a Laplacian of Gaussian at six
+The film's blob search (:func:`film_extent.blobs`) filters the whole film with a Laplacian of Gaussian at six
 radii, up to 64 mm (kernels of several hundred taps): most of a big film's map time. It runs here on a
-GPU, and on the CPU for kernels of :data:`extent.FFT_FROM_TAPS` pixels or more (short ones stay with
+GPU, and on the CPU for kernels of :data:`film_extent.FFT_FROM_TAPS` pixels or more (short ones stay with
 scipy), with scipy's own kernels (truncated at 4 sigma), its ``reflect`` border (the edge pixel repeated:
 ``d c b a | a b c d``) and in float64 through the FFT, so that the answer equals scipy's to float rounding
 (tested on the CPU and on the lent GPU).

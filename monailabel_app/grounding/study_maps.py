@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from . import anatomy, ct_maps, extent, maps
+from . import anatomy, ct_extent, ct_maps, extent, film_extent, maps
 from ..allocator import zeros
 from ..io.ct import CTVolume, ModelSlices
 from ..io.xray import Radiograph, SquarePad, pixel_spacing_mm
@@ -208,10 +208,10 @@ class StudyMaps:
 
 class FilmMaps(StudyMaps):
     """A radiograph's maps: the square's padding, the pixel spacing, the lung fields (the reader's kept
-    anatomy) and the image extent's film cache (:func:`extent.film_cache`) made once for its findings
-    (``blobs``: its blob filter responses where they were made ahead, :func:`extent.film_blob_responses`)."""
+    anatomy) and the image extent's film cache (:func:`film_extent.film_cache`) made once for its findings
+    (``blobs``: its blob filter responses where they were made ahead, :func:`film_extent.film_blob_responses`)."""
 
-    def __init__(self, reader, radiograph: Radiograph, pad: SquarePad, blobs: extent.BlobResponses | None = None):
+    def __init__(self, reader, radiograph: Radiograph, pad: SquarePad, blobs: film_extent.BlobResponses | None = None):
         super().__init__(reader)
         self.radiograph, self.pad, self.blobs = radiograph, pad, blobs
         self.spacing, self.spacing_known = pixel_spacing_mm(radiograph)
@@ -224,7 +224,7 @@ class FilmMaps(StudyMaps):
         """The image extent's film cache (made once, by the first finding that needs it)."""
         with self._lock:
             if self._film is None:
-                self._film = extent.film_cache(self.radiograph.pixels, self.fields(), self.reader.maps_device,
+                self._film = film_extent.film_cache(self.radiograph.pixels, self.fields(), self.reader.maps_device,
                                                None if self.blobs is None else self.blobs.as_dict())
             return self._film
 
@@ -247,7 +247,7 @@ class FilmMaps(StudyMaps):
         m = maps.gated(h, rows, cols)
         side = None if side_cols is None else np.broadcast_to(side_cols[None, :] > 0, h.shape)
         region, info = finding_region(f, m, float(settings.get("threshold", 0.5)), image_extent(settings), lambda own: (
-            extent.find_on_radiograph(pixels, self.spacing, m, f.kind, self.fields(), self.film())),
+            film_extent.find_on_radiograph(pixels, self.spacing, m, f.kind, self.fields(), self.film())),
             lambda p: [int(p[1]), int(p[0]), 0], side)
         if info["extent"] == "image" and not self.spacing_known:
             info["measured"]["spacing"] = ASSUMED_SPACING
@@ -268,7 +268,7 @@ class CTMaps(StudyMaps):
     def __init__(self, reader, volume: CTVolume, ms: ModelSlices):
         super().__init__(reader)
         self.volume, self.ms = volume, ms
-        self.shared: dict = {}  # what the image extent makes once for the volume's findings (extent.grow_ct)
+        self.shared: dict = {}  # what the image extent makes once for the volume's findings (ct_extent.grow_ct)
         self._gates: dict = {}  # gate set -> (body, allowed voxels, their box)
         self._sides: dict = {}  # (gate set, side) -> (side columns, gated box)
         self._profile = None  # the body's voxels per display column: both sides' midline
@@ -341,13 +341,13 @@ class CTMaps(StudyMaps):
         peaks = maps.peak_regions(m, (threshold, extent.SEARCH_LEVEL) if from_image else (threshold,), box, span,
                                   gated.peak)
         own, search = peaks.regions[0], peaks.regions[-1]
-        region, info = finding_region(f, m, threshold, from_image, lambda own: extent.find_in_ct(
+        region, info = finding_region(f, m, threshold, from_image, lambda own: ct_extent.find_in_ct(
             volume.hu, volume.spacing, m, f.kind, own, self.shared, box, device, search, self._layers(f.kind)),
             lambda p: [int(i) for i in reversed(volume.stored_index(p))], side, box, own)
         return Mapped(g, h.result() if isinstance(h, Future) else h, m, region.mask, info, box, span, region.box,
                       peaks.peak)
 
-    def _layers(self, kind: str) -> extent.CTLayers | None:
+    def _layers(self, kind: str) -> ct_extent.CTLayers | None:
         """The volume's search layers (the reader's, found beside the model) for a ``kind`` with an image
         method (None without one: it searches nothing), the time it blocked counted with the anatomy's."""
         if extent.method_of(kind, 3) is None:

@@ -247,7 +247,7 @@ def test_fft_lengths_are_the_smallest_made_of_2_3_and_5():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the lent H200)")
 def test_blobs_on_the_gpu_equal_the_cpus():
-    from monailabel_app.grounding.extent import blobs
+    from monailabel_app.grounding.film_extent import blobs
 
     film = _film(1024)
     s_cpu, r_cpu, _ = blobs(film, (0.4, 0.4), "opacity")
@@ -269,14 +269,14 @@ def test_the_films_smoothing_in_torch_equals_scipys(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_batchs_blob_responses_made_at_once_equal_each_films_own(device):
-    """read_many on a GPU filters a batch's films for blobs at once (extent.film_blob_responses): per film the
+    """read_many on a GPU filters a batch's films for blobs at once (film_extent.film_blob_responses): per film the
     radii and responses its own blobs() makes on that device; films of two shapes and spacings in one call,
     in groups. On the CPU the long kernels (FFT either way) agree bit for bit, scipy's short ones to float
     rounding; the working copy is block_mean's, bit for bit."""
     from PIL import Image
 
     from monailabel_app import map_processes
-    from monailabel_app.grounding import extent, filters
+    from monailabel_app.grounding import film_extent, filters
     from monailabel_app.grounding.blocks import block_mean
 
     image = Image.fromarray(make_phantom(11).image)
@@ -284,25 +284,25 @@ def test_a_batchs_blob_responses_made_at_once_equal_each_films_own(device):
     small = np.asarray(image.resize((300, 400), Image.BILINEAR))
     films, spacings = [big[0], small, big[1], big[0]], [(0.3, 0.3), (0.5, 0.6), (0.3, 0.3), (0.3, 0.3)]
     host = map_processes.shared_empty if device == "cpu" else torch.empty
-    got = extent.film_blob_responses(films, spacings, device, host=host, group=2)
+    got = film_extent.film_blob_responses(films, spacings, device, host=host, group=2)
     for film, spacing, made in zip(films, spacings, got):
-        step = extent.film_step(film.shape)
+        step = film_extent.film_step(film.shape)
         assert step == (2 if film is not small else 1)
         work = block_mean(film, step) if step > 1 else film.astype(np.float32)
-        assert np.array_equal(extent._work_on(film, step, device).cpu().numpy(), work)
+        assert np.array_equal(film_extent._work_on(film, step, device).cpu().numpy(), work)
         own: dict = {}
-        work_spacing = extent._work_spacing(spacing, step)
-        extent._blobs(work, work_spacing, "opacity", None if device == "cpu" else device, own)
+        work_spacing = film_extent._work_spacing(spacing, step)
+        film_extent._blobs(work, work_spacing, "opacity", None if device == "cpu" else device, own)
         assert made.radii == tuple(own) and len(made.radii) == 6 and made.stack.device.type == "cpu"
         assert made.stack.is_shared() == (host is map_processes.shared_empty)
         for r, response in made.as_dict().items():
             taps = int(filters.TRUNCATE * max(r / 1.4 / s for s in work_spacing) + 0.5)
-            if device == "cpu" and taps >= extent.FFT_FROM_TAPS:
+            if device == "cpu" and taps >= film_extent.FFT_FROM_TAPS:
                 assert np.array_equal(response, own[r]), r
             else:
                 assert np.abs(response - own[r]).max() <= 1e-6 * np.abs(own[r]).max(), r
     floats = np.random.default_rng(3).random((31, 40)).astype(np.float32)  # other values: block_mean's own
-    assert np.array_equal(extent._work_on(floats, 3, device).cpu().numpy(), block_mean(floats, 3))
+    assert np.array_equal(film_extent._work_on(floats, 3, device).cpu().numpy(), block_mean(floats, 3))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -312,7 +312,7 @@ def test_the_cts_smoothing_in_torch_equals_scipys_bit_for_bit(device):
     grid's sigmas (z left out), an isotropic one and a kernel of three taps; and smoothed_hu on the device."""
     from scipy import ndimage
 
-    from monailabel_app.grounding import extent, filters
+    from monailabel_app.grounding import ct_extent, filters
 
     rng = np.random.default_rng(7)
     noise = rng.normal(-500, 400, (9, 37, 41)).astype(np.float32)
@@ -323,23 +323,23 @@ def test_the_cts_smoothing_in_torch_equals_scipys_bit_for_bit(device):
             assert got.dtype == np.float32 and np.array_equal(got, ndimage.gaussian_filter(a, sigmas)), sigmas
     spacing = (2.5, 0.59, 0.72)
     on = None if device == "cpu" else device
-    assert np.array_equal(extent.smoothed_hu(phantom, spacing, on), extent.smoothed_hu(phantom, spacing))
+    assert np.array_equal(ct_extent.smoothed_hu(phantom, spacing, on), ct_extent.smoothed_hu(phantom, spacing))
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_a_cts_search_layers_made_on_the_device_in_slabs_are_the_cpus_whole_volume(device, monkeypatch):
-    """extent.ct_layers on a GPU smooths slabs of planes there (each with the planes its z kernel reaches):
+    """ct_extent.ct_layers on a GPU smooths slabs of planes there (each with the planes its z kernel reaches):
     the smoothed HU and aerated lung of the whole volume on the CPU, bit for bit; the slabs on the CPU too,
     with z smoothed (an isotropic grid) and not (thick slices)."""
-    from monailabel_app.grounding import extent
+    from monailabel_app.grounding import ct_extent
 
     vol = phantom_volume(make_ct_phantom(3))
     for spacing in (vol.spacing, (2.5, 0.59, 0.72)):
-        whole = extent.ct_layers(vol.hu, spacing)
-        assert np.array_equal(extent.smoothed_in_slabs(vol.hu, spacing, None, slab=7), whole.smooth)
+        whole = ct_extent.ct_layers(vol.hu, spacing)
+        assert np.array_equal(ct_extent.smoothed_in_slabs(vol.hu, spacing, None, slab=7), whole.smooth)
         if device != "cpu":
-            monkeypatch.setattr(extent, "SMOOTH_SLAB", 7)
-            slabs = extent.ct_layers(vol.hu, spacing, device)
+            monkeypatch.setattr(ct_extent, "SMOOTH_SLAB", 7)
+            slabs = ct_extent.ct_layers(vol.hu, spacing, device)
             for name in ("smooth", "aerated"):
                 assert np.array_equal(getattr(slabs, name), getattr(whole, name)), (spacing, name)
         assert whole.aerated.any() and not whole.aerated.all()
@@ -350,14 +350,14 @@ def test_a_cts_extents_searched_with_the_gpus_smoothing_are_the_cpus(monkeypatch
     """find_in_ct with its HU smoothed on the GPU: the same regions, seeds and measures as on the CPU, for each
     lesion of a phantom CT under attention centred on it, on the voxels and on coarse planes (a small
     MAX_BOX_VOXELS: the large kinds' way on a clinical grid)."""
-    from monailabel_app.grounding import extent
+    from monailabel_app.grounding import ct_extent
 
     ph = make_ct_phantom(4)
     vol = phantom_volume(ph)
     grid = np.indices(vol.shape)
     found = 0
-    for most in (extent.MAX_BOX_VOXELS, 20_000):
-        monkeypatch.setattr(extent, "MAX_BOX_VOXELS", most)
+    for most in (ct_extent.MAX_BOX_VOXELS, 20_000):
+        monkeypatch.setattr(ct_extent, "MAX_BOX_VOXELS", most)
         for lesion in ph.lesions:
             centre = np.argwhere(lesion.mask).mean(axis=0)
             d2 = sum(((g - c) * s) ** 2 for g, c, s in zip(grid, centre, vol.spacing))
@@ -370,10 +370,10 @@ def test_a_cts_extents_searched_with_the_gpus_smoothing_are_the_cpus(monkeypatch
 
 def _outcome(vol, heat, kind, device) -> tuple:
     """(mask, seed, measures) of find_in_ct, or (no mask, the reason)."""
-    from monailabel_app.grounding import extent
+    from monailabel_app.grounding import ct_extent, extent
 
     try:
-        e = extent.find_in_ct(vol.hu, vol.spacing, heat, kind, cache={}, device=device)
+        e = ct_extent.find_in_ct(vol.hu, vol.spacing, heat, kind, cache={}, device=device)
         return e.mask, e.seed, e.json()
     except extent.NoExtent as x:
         return np.zeros(vol.shape, bool), str(x)

@@ -1,6 +1,6 @@
-"""The image says how far (grounding/extent.py): regions grown from a point, per kind, in millimetres,
-on phantoms with exact lesions, on synthetic shapes with a known answer and on a real CT with four
-radiologists' outlines (LIDC-IDRI-0001)."""
+"""The image says how far (grounding/extent.py, ct_extent.py, film_extent.py): regions grown from a point, per
+kind, in millimetres, on phantoms with exact lesions, on synthetic shapes with a known answer and on a real CT
+with four radiologists' outlines (LIDC-IDRI-0001)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from conftest import shared
-from monailabel_app.grounding import extent
+from monailabel_app.grounding import ct_extent, extent, film_extent
 from monailabel_app.grounding.anatomy import xray_lung_fields
 from monailabel_app.io.study import load_study
 from monailabel_app.jobs.evaluation import dice
@@ -42,14 +42,14 @@ def _ball_volume(shape=(40, 80, 80), spacing=(2.0, 1.0, 1.0)):
 @pytest.mark.parametrize("layers", [False, True], ids=["box", "volume layers"])
 def test_a_ct_nodule_from_its_centre_is_the_nodule_on_phantoms(layers):
     """From each lesion's centre, with the smoothed HU and aerated lung made for the search box or read from
-    the volume's layers (extent.ct_layers, as a reading does)."""
+    the volume's layers (ct_extent.ct_layers, as a reading does)."""
     scores = []
     for seed in range(6):
         ph = make_ct_phantom(seed)
         hu, spacing = ph.hu.astype(np.float32), ph.spacing[::-1]
-        made = extent.ct_layers(hu, spacing) if layers else None
+        made = ct_extent.ct_layers(hu, spacing) if layers else None
         for les in ph.lesions:
-            e = extent.grow_ct(hu, spacing, les.center, les.kind, layers=made)
+            e = ct_extent.grow_ct(hu, spacing, les.center, les.kind, layers=made)
             assert e.mask[les.center] and e.mask.sum() > 1
             scores.append(dice(e.mask, les.mask))
             assert e.diameter_mm == pytest.approx(2 * les.radius_mm, rel=0.35)
@@ -64,7 +64,7 @@ def test_a_nodule_touching_the_chest_wall_and_a_vessel_is_cut_off_from_them():
     vessel = np.zeros(hu.shape, bool)
     vessel[:, 39:42, 20:60] = True  # a 3-mm vessel from the nodule into the lung
     hu[vessel] = 40.0
-    e = extent.grow_ct(hu, spacing, (20, 40, 20), "nodule")
+    e = ct_extent.grow_ct(hu, spacing, (20, 40, 20), "nodule")
     assert not e.mask[:, :, :11].any(), "the chest wall is not the nodule"
     assert e.mask[:, 40, 45:].sum() == 0, "the vessel beyond the nodule is cut off"
     assert dice(e.mask, nodule) >= 0.85
@@ -74,29 +74,29 @@ def test_the_kinds_limits_in_millimetres():
     hu, spacing, ball = _ball_volume()
     big = ball((20, 40, 40), 24.0)  # 48 mm across: a mass, not a nodule
     with pytest.raises(extent.NoExtent, match="larger than a nodule"):
-        extent.grow_ct(hu, spacing, (20, 40, 40), "nodule")
-    assert dice(extent.grow_ct(hu, spacing, (20, 40, 40), "mass").mask, big) >= 0.9
+        ct_extent.grow_ct(hu, spacing, (20, 40, 40), "nodule")
+    assert dice(ct_extent.grow_ct(hu, spacing, (20, 40, 40), "mass").mask, big) >= 0.9
     hu2, spacing2, ball2 = _ball_volume((40, 40, 40), (0.5, 0.5, 0.5))
     ball2((20, 20, 20), 1.0)  # 2 mm: under the 3 mm of anything focal
     with pytest.raises(extent.NoExtent, match="under the 3 mm"):
-        extent.grow_ct(hu2, spacing2, (20, 20, 20), "nodule")
+        ct_extent.grow_ct(hu2, spacing2, (20, 20, 20), "nodule")
 
 
 def test_no_region_in_open_lung_and_no_method_for_some_kinds():
     hu, spacing, _ = _ball_volume()
     with pytest.raises(extent.NoExtent, match="nothing denser than the lung"):
-        extent.grow_ct(hu, spacing, (20, 40, 40), "nodule")
+        ct_extent.grow_ct(hu, spacing, (20, 40, 40), "nodule")
     with pytest.raises(extent.NoExtent, match="no image method"):
-        extent.grow_ct(hu, spacing, (20, 40, 40), "cardiomegaly")
+        ct_extent.grow_ct(hu, spacing, (20, 40, 40), "cardiomegaly")
 
 
 def test_a_background_point_cuts_off_what_lies_nearer_to_it():
     hu, spacing, ball = _ball_volume()
     a = ball((20, 40, 30), 7.0)
     b = ball((20, 40, 42), 7.0)  # merging with the first
-    both = extent.grow_ct(hu, spacing, (20, 40, 30), "nodule")
+    both = ct_extent.grow_ct(hu, spacing, (20, 40, 30), "nodule")
     assert (both.mask & b).sum() > 0.5 * b.sum()
-    one = extent.grow_ct(hu, spacing, (20, 40, 30), "nodule", background=[(20, 40, 42)])
+    one = ct_extent.grow_ct(hu, spacing, (20, 40, 30), "nodule", background=[(20, 40, 42)])
     assert dice(one.mask, a) >= 0.85 and (one.mask & b).sum() < 0.1 * b.sum()
 
 
@@ -105,13 +105,13 @@ def test_effusion_and_pneumothorax_on_ct_by_their_densities():
     fluid = np.zeros(hu.shape, bool)
     fluid[:, 60:, 10:70] = True  # dependent fluid at the back
     hu[fluid] = 15.0
-    e = extent.grow_ct(hu, spacing, (20, 70, 40), "effusion")
+    e = ct_extent.grow_ct(hu, spacing, (20, 70, 40), "effusion")
     assert dice(e.mask, fluid) >= 0.8
     hu2, _, _ = _ball_volume()
     air = np.zeros(hu2.shape, bool)
     air[:, 5:20, 10:70] = True
     hu2[air] = -1000.0
-    assert dice(extent.grow_ct(hu2, spacing, (20, 12, 40), "pneumothorax").mask, air) >= 0.8
+    assert dice(ct_extent.grow_ct(hu2, spacing, (20, 12, 40), "pneumothorax").mask, air) >= 0.8
 
 
 def _attention_on(vol, lesion, sigma_mm: float = 15.0) -> np.ndarray:
@@ -146,12 +146,12 @@ def test_findings_searching_one_box_smooth_it_once_and_find_what_they_find_alone
     cache: the box is smoothed and its territory made once, and each finds the region it finds without it."""
     vol, heat = _attention_on_the_largest_lesion()
     smoothings = []
-    real = extent.smoothed_hu
-    monkeypatch.setattr(extent, "smoothed_hu", lambda *a, **k: smoothings.append(a[0].shape) or real(*a, **k))
+    real = ct_extent.smoothed_hu
+    monkeypatch.setattr(ct_extent, "smoothed_hu", lambda *a, **k: smoothings.append(a[0].shape) or real(*a, **k))
 
     def outcome(kind, cache):
         try:
-            e = extent.find_in_ct(vol.hu, vol.spacing, heat, kind, cache=cache)
+            e = ct_extent.find_in_ct(vol.hu, vol.spacing, heat, kind, cache=cache)
             return e.mask, e.seed, e.json()
         except extent.NoExtent as x:
             return None, str(x)
@@ -174,14 +174,14 @@ def test_a_search_whose_candidates_fail_leaves_no_cycle_behind(monkeypatch, ahea
     on the way and their arrays (labels, boxes, the gated map: a real CT's reading left about 200 MB a reading
     to the cyclic collector, which counts no arrays and came late, and the heap grew for every later reading).
     Whether the search then finds a later candidate or fails, nothing is left for the collector; also with the
-    next candidate tried ahead in a thread of its own (extent.CANDIDATES_AHEAD)."""
+    next candidate tried ahead in a thread of its own (ct_extent.CANDIDATES_AHEAD)."""
     from concurrent.futures import ThreadPoolExecutor
 
     pool = ThreadPoolExecutor(2)
-    monkeypatch.setattr(extent, "CANDIDATES_AHEAD", ahead)
-    monkeypatch.setattr(extent, "_candidates_pool", lambda: pool)
+    monkeypatch.setattr(ct_extent, "CANDIDATES_AHEAD", ahead)
+    monkeypatch.setattr(ct_extent, "_candidates_pool", lambda: pool)
     vol, heat = _attention_on_the_largest_lesion()
-    real, tried = extent.grow_ct, []
+    real, tried = ct_extent.grow_ct, []
 
     def first_fails(*a, **k):
         tried.append(a[2])
@@ -189,18 +189,18 @@ def test_a_search_whose_candidates_fail_leaves_no_cycle_behind(monkeypatch, ahea
             raise extent.NoExtent("not this one")
         return real(*a, **k)
 
-    monkeypatch.setattr(extent, "grow_ct", first_fails)
+    monkeypatch.setattr(ct_extent, "grow_ct", first_fails)
     gc.collect()
     gc.disable()
     try:
         try:  # the first candidate fails; a later one may be found
-            found = extent.find_in_ct(vol.hu, vol.spacing, heat, "mass", cache={})
+            found = ct_extent.find_in_ct(vol.hu, vol.spacing, heat, "mass", cache={})
             del found
         except extent.NoExtent:
             pass
-        monkeypatch.setattr(extent, "grow_ct", lambda *a, **k: first_fails(*a, kind_fails=True, **k))
+        monkeypatch.setattr(ct_extent, "grow_ct", lambda *a, **k: first_fails(*a, kind_fails=True, **k))
         with pytest.raises(extent.NoExtent, match="not this one"):  # every candidate fails
-            extent.find_in_ct(vol.hu, vol.spacing, heat, "mass", cache={})
+            ct_extent.find_in_ct(vol.hu, vol.spacing, heat, "mass", cache={})
         pool.shutdown(wait=True)  # (a candidate tried ahead may still run after its search has its answer)
         assert len(tried) >= 2
         assert gc.collect() == 0
@@ -209,27 +209,27 @@ def test_a_search_whose_candidates_fail_leaves_no_cycle_behind(monkeypatch, ahea
 
 
 def test_candidates_tried_ahead_in_threads_give_what_one_after_another_gives(monkeypatch):
-    """extent.CANDIDATES_AHEAD: the next candidates of a CT search tried in threads while the one before is: the
+    """ct_extent.CANDIDATES_AHEAD: the next candidates of a CT search tried in threads while the one before is: the
     answer is the first candidate in order that is the kind, as one after another (the same mask, or the same
     reason for none), whether the first candidate is it or not (attention on each phantom lesion, asked for its
     own kind and for others, whose first candidates fail)."""
     def outcome(*args):
         try:
-            return extent.find_in_ct(*args, cache={}).mask
+            return ct_extent.find_in_ct(*args, cache={}).mask
         except extent.NoExtent as e:
             return str(e)
 
     seen = {"found": 0, "none": 0, "later": 0}
-    real = extent.grow_ct
+    real = ct_extent.grow_ct
     for _, vol, les, heat in _phantom_lesions((4, 6), 25.0):
         for kind in ("nodule", "mass", "effusion"):
             grown = []
-            monkeypatch.setattr(extent, "grow_ct", lambda *a, **k: grown.append(1) or real(*a, **k))
-            monkeypatch.setattr(extent, "CANDIDATES_AHEAD", 0)
+            monkeypatch.setattr(ct_extent, "grow_ct", lambda *a, **k: grown.append(1) or real(*a, **k))
+            monkeypatch.setattr(ct_extent, "CANDIDATES_AHEAD", 0)
             one_by_one = outcome(vol.hu, vol.spacing, heat, kind)
             tries = len(grown)
             for ahead in (1, 2):
-                monkeypatch.setattr(extent, "CANDIDATES_AHEAD", ahead)
+                monkeypatch.setattr(ct_extent, "CANDIDATES_AHEAD", ahead)
                 got = outcome(vol.hu, vol.spacing, heat, kind)
                 assert type(got) is type(one_by_one), (les.kind, kind, ahead)
                 assert got == one_by_one if isinstance(got, str) else np.array_equal(got, one_by_one)
@@ -241,16 +241,16 @@ def test_candidates_tried_ahead_in_threads_give_what_one_after_another_gives(mon
 
 def test_findings_searched_with_the_volumes_layers_find_the_phantoms_lesions():
     """find_in_ct under attention centred on each lesion of phantom CTs, reading the volume's layers made once
-    (extent.ct_layers) instead of its search box's: each lesion found as with the box's own (Dice >= 0.9
+    (ct_extent.ct_layers) instead of its search box's: each lesion found as with the box's own (Dice >= 0.9
     between the two ways, >= 0.8 against the lesion on average), and the layers' arrays never written."""
     agree, scores, made = [], [], None
     for _, vol, les, heat in _phantom_lesions((4, 5, 6)):
         if made is None or made[0] is not vol:  # the volume's layers, once
-            made = (vol, extent.ct_layers(vol.hu, vol.spacing))
+            made = (vol, ct_extent.ct_layers(vol.hu, vol.spacing))
             for a in (made[1].smooth, made[1].aerated):
                 a.flags.writeable = False
-        box = extent.find_in_ct(vol.hu, vol.spacing, heat, les.kind, cache={})
-        read = extent.find_in_ct(vol.hu, vol.spacing, heat, les.kind, cache={}, layers=made[1])
+        box = ct_extent.find_in_ct(vol.hu, vol.spacing, heat, les.kind, cache={})
+        read = ct_extent.find_in_ct(vol.hu, vol.spacing, heat, les.kind, cache={}, layers=made[1])
         agree.append(dice(box.mask, read.mask))
         scores.append(dice(read.mask, les.mask))
     assert min(agree) >= 0.9 and np.mean(scores) >= 0.8, (agree, scores)
@@ -268,7 +268,7 @@ def test_a_search_given_its_regions_boxes_finds_what_the_bare_masks_find():
         outcomes = []
         for near, where in ((own.mask, search.mask), (own, search)):
             try:
-                e = extent.find_in_ct(vol.hu, vol.spacing, heat, les.kind, near, cache={}, search=where)
+                e = ct_extent.find_in_ct(vol.hu, vol.spacing, heat, les.kind, near, cache={}, search=where)
                 outcomes.append((e.mask, e.seed, e.json()))
                 assert e.box is not None and e.mask[e.box].sum() == e.mask.sum() > 0
             except extent.NoExtent as x:
@@ -287,18 +287,18 @@ def test_a_volumes_findings_share_the_coarse_planes_and_get_the_same_regions(mon
     hu, spacing, ball = _ball_volume(shape=(40, 300, 300), spacing=(2.0, 0.7, 0.7))
     ball((20, 150, 150), 30.0)
     calls = []
-    real = extent.territory
-    monkeypatch.setattr(extent, "territory", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = ct_extent.territory
+    monkeypatch.setattr(ct_extent, "territory", lambda *a, **k: calls.append(1) or real(*a, **k))
     cache: dict = {}
     for kind in ("mass", "opacity"):
-        shared = extent.grow_ct(hu, spacing, (20, 150, 150), kind, cache=cache)
-        alone = extent.grow_ct(hu, spacing, (20, 150, 150), kind)
+        shared = ct_extent.grow_ct(hu, spacing, (20, 150, 150), kind, cache=cache)
+        alone = ct_extent.grow_ct(hu, spacing, (20, 150, 150), kind)
         assert np.array_equal(shared.mask, alone.mask) and shared.diameter_mm == alone.diameter_mm
     assert len([k for k in cache if k[0] == "blocks"]) == 1  # one coarse copy of the volume for both
     assert len(calls) == 3  # the territory once with the cache (both kinds cut it alike), once each without
     calls.clear()
     with pytest.raises(extent.NoExtent, match="not in a fluid region"):
-        extent.grow_ct(hu, spacing, (20, 40, 40), "effusion", cache=cache)
+        ct_extent.grow_ct(hu, spacing, (20, 40, 40), "effusion", cache=cache)
     assert not calls
 
 
@@ -309,7 +309,7 @@ def test_radiograph_lesions_from_their_centres_on_phantoms():
         fields = xray_lung_fields(ph.image)
         for les in ph.lesions:
             try:
-                e = extent.grow_radiograph(ph.image, (1.6, 1.6), les.center, les.kind, fields, search_mm=5)
+                e = film_extent.grow_radiograph(ph.image, (1.6, 1.6), les.center, les.kind, fields, search_mm=5)
                 scores.setdefault(les.kind, []).append(dice(e.mask, les.mask))
             except extent.NoExtent:  # said, and counted as a miss
                 scores.setdefault(les.kind, []).append(0.0)
@@ -342,7 +342,7 @@ def test_lidc_nodule_from_points_inside_matches_the_radiologists(lidc):
     volume, outlines = lidc
     masks = [volume.orientation.to_display(o.mask) for o in outlines]
     readers = [dice(a, b) for i, a in enumerate(masks) for b in masks[i + 1 :]]
-    lungs = extent.aerated_lung(volume.hu)
+    lungs = ct_extent.aerated_lung(volume.hu)
     rng = np.random.default_rng(1)
     scores = []
     for m in masks:
@@ -350,7 +350,7 @@ def test_lidc_nodule_from_points_inside_matches_the_radiologists(lidc):
         inside = np.argwhere(depth >= 3.0)
         points = [np.unravel_index(int(np.argmax(depth)), m.shape)] + [tuple(p) for p in inside[rng.choice(len(inside), 2)]]
         for p in points:
-            e = extent.grow_ct(volume.hu, volume.spacing, tuple(int(i) for i in p), "nodule")
+            e = ct_extent.grow_ct(volume.hu, volume.spacing, tuple(int(i) for i in p), "nodule")
             assert 100 < e.mask.sum() < 0.2 * lungs.sum()
             assert 20 <= e.diameter_mm <= 35
             scores += [dice(e.mask, r) for r in masks]
@@ -420,10 +420,10 @@ def test_a_big_films_blob_centres_are_found_on_its_blocks():
     film = np.zeros((2100, 1900), np.float32)
     rows, cols = np.ogrid[:2100, :1900]
     film[(rows - 900) ** 2 + (cols - 700) ** 2 <= 60**2] = 200.0
-    cache = extent.film_cache(film)
+    cache = film_extent.film_cache(film)
     step = cache["step"]
     assert step == 3 and cache["pixels"].shape == (700, 633)
-    strength, radius, centres = extent.blobs(cache["pixels"], (0.2 * step, 0.2 * step), "nodule")
+    strength, radius, centres = film_extent.blobs(cache["pixels"], (0.2 * step, 0.2 * step), "nodule")
     (r, c), = np.argwhere(centres & (strength >= 0.5 * strength[centres].max()))
     assert radius[r, c] >= 8.0
     r, c = r * step + step // 2, c * step + step // 2  # back on the film's pixels
@@ -437,14 +437,14 @@ def test_a_films_findings_share_their_blob_filters():
     film = ndimage.gaussian_filter(rng.normal(size=(300, 260)), 2).astype(np.float32)
     film[100:130, 60:90] += 3.0
     responses: dict = {}
-    nodule = extent.blobs(film, (1.0, 1.0), "nodule", responses=responses)
+    nodule = film_extent.blobs(film, (1.0, 1.0), "nodule", responses=responses)
     assert sorted(responses) == [2.0, 4.0, 8.0, 16.0]
     kept = {r: responses[r] for r in responses}
-    opacity = extent.blobs(film, (1.0, 1.0), "opacity", responses=responses)
+    opacity = film_extent.blobs(film, (1.0, 1.0), "opacity", responses=responses)
     assert sorted(responses) == [2.0, 4.0, 8.0, 16.0, 32.0, 64.0]
     assert all(responses[r] is kept[r] for r in kept)  # reused, not made again
-    for shared, alone in ((nodule, extent.blobs(film, (1.0, 1.0), "nodule")),
-                          (opacity, extent.blobs(film, (1.0, 1.0), "opacity"))):
+    for shared, alone in ((nodule, film_extent.blobs(film, (1.0, 1.0), "nodule")),
+                          (opacity, film_extent.blobs(film, (1.0, 1.0), "opacity"))):
         assert all(np.array_equal(a, b) for a, b in zip(shared, alone))
 
 
@@ -454,7 +454,7 @@ def test_territory_is_the_plane_by_plane_hull_of_each_lung_piece():
     8-connected piece of at least ``min_pixels`` is replaced by its convex hull, the plane's own lung kept."""
     from skimage.morphology import convex_hull_image
 
-    from monailabel_app.grounding.extent import territory
+    from monailabel_app.grounding.territory import territory
 
     rng = np.random.default_rng(5)
     vol = ndimage.gaussian_filter(rng.normal(size=(12, 70, 90)), (0, 3, 3)) > 0.12
@@ -486,7 +486,7 @@ def test_a_big_films_extent_on_its_working_copy_matches_full_resolution(reader, 
 
     from monailabel_app.io.xray import Geometry, Radiograph
 
-    work_side = extent.FILM_WORK_SIDE
+    work_side = film_extent.FILM_WORK_SIDE
     for seed in (101, 106, 113):
         ph = make_phantom(seed)
         img = np.asarray(Image.fromarray(ph.image).resize((2048, 2458), Image.BILINEAR))
@@ -496,7 +496,7 @@ def test_a_big_films_extent_on_its_working_copy_matches_full_resolution(reader, 
                  for les in ph.lesions]
         got = {}
         for side in (work_side, 10**6):
-            monkeypatch.setattr(extent, "FILM_WORK_SIDE", side)
+            monkeypatch.setattr(film_extent, "FILM_WORK_SIDE", side)
             reader.forget_anatomy()
             r = reader.remap(film, gen)
             got[side] = ([e["extent"] for e in r.extras],
@@ -513,12 +513,12 @@ def test_smoothing_leaves_out_only_negligible_axes():
     hu = rng.normal(-500, 400, (12, 40, 40)).astype(np.float32)
     for spacing in ((2.5, 0.59, 0.72), (1.0, 0.7, 0.7)):
         full = ndimage.gaussian_filter(hu, [0.6 * min(spacing) / s for s in spacing])
-        assert np.abs(extent.smoothed_hu(hu, spacing) - full).max() < 1e-6 * np.abs(hu).max()
+        assert np.abs(ct_extent.smoothed_hu(hu, spacing) - full).max() < 1e-6 * np.abs(hu).max()
 
 
 def _outcome(hu, spacing, seed, kind, **kwargs):
     try:
-        e = extent.grow_ct(hu, spacing, seed, kind, **kwargs)
+        e = ct_extent.grow_ct(hu, spacing, seed, kind, **kwargs)
         return e.mask, e.diameter_mm, e.size_mm
     except extent.NoExtent as x:
         return None, str(x)
@@ -544,9 +544,9 @@ def test_a_ct_region_reads_only_its_search_box(monkeypatch):
     for hu_, spacing_, seed, kind, kwargs in cases:
         box = extent.search_box(hu_.shape, seed, extent.limits_mm(kind)[1], spacing_)
         assert any(0 < b.start or b.stop < n for b, n in zip(box, hu_.shape))  # not the whole volume
-    monkeypatch.setattr(extent, "only_box", lambda shape, dtype: np.zeros(shape, dtype))
+    monkeypatch.setattr(ct_extent, "only_box", lambda shape, dtype: np.zeros(shape, dtype))
     cleared = [_outcome(h, s, seed, kind, **kw) for h, s, seed, kind, kw in cases]
-    monkeypatch.setattr(extent, "only_box", lambda shape, dtype: np.full(shape, 40.0 if dtype == np.float32 else True, dtype))
+    monkeypatch.setattr(ct_extent, "only_box", lambda shape, dtype: np.full(shape, 40.0 if dtype == np.float32 else True, dtype))
     filled = [_outcome(h, s, seed, kind, **kw) for h, s, seed, kind, kw in cases]
     assert [c[0] is None for c in cleared] == [False, False, False, True], cleared  # three regions, one refused
     assert "larger than" in cleared[3][1]

@@ -7,8 +7,9 @@
 #
 #   bash bench/gpu_session.sh 1   # the GPU tests, the speed and timeline of a CT and an X-ray, the decoders' memory
 #   bash bench/gpu_session.sh 2   # a fresh server's first readings (8 GiB heap reserve: where each reading's
-#                                 # page faults come from, then one reading's maps call by call); an A/B of the
-#                                 # helpers' edt threads and of the search's next candidate tried ahead
+#                                 # page faults come from, then one reading's maps call by call); an A/B of a
+#                                 # finding's two levels found side by side, the helpers' edt threads and the
+#                                 # search's next candidate tried ahead
 set -u
 part=${1:-}
 if [[ $part != 1 && $part != 2 ]]; then
@@ -43,7 +44,7 @@ case $part in
 2)
     TAIL=120 step first_readings_8 200 python3 bench/first_readings.py --device cuda --reserve-gb 8 --readings 8 \
         --timeline
-    step reading_ab 330 python3 bench/prefill_ab.py --parts reading --variants default,edt-2,edt-4,candidates-1 \
-        --rounds 3
+    step reading_ab 330 python3 bench/prefill_ab.py --parts reading \
+        --variants default,levels-serial,edt-2,candidates-1 --rounds 3
     ;;
 esac

@@ -24,6 +24,8 @@ The benchmark's 85-slice CT (``fast_path.ct``; or its film, ``--study xray``) th
   ``decoding.ROLL_IN_REPLAY``: the replays roll them out themselves).
 - ``ahead-N`` (the ``reading`` part): N decode replays in flight (``decoding.AHEAD_ENV``; the library's: 3 for a CT).
 - ``switch-MS`` (the ``reading`` part): the interpreter's switch interval MS milliseconds (Python's: 5).
+- ``levels-serial`` (the ``reading`` part): a finding's two levels' pieces found one after the other, as before
+  ``maps.LEVELS_TOGETHER`` (the library's: side by side in two helpers).
 - ``candidates-N`` (the ``reading`` part): a CT search's next N candidates tried in threads while the one before
   is (``ct_extent.CANDIDATES_AHEAD``; the library's: 0, one after another).
 - ``edt-N`` (the ``reading`` part): a helper's distance transforms (the deepest voxels' and the openings') on N
@@ -69,7 +71,7 @@ from medgemma_shapes import build  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from monailabel_app import reader as reader_module  # noqa: E402
-from monailabel_app.grounding import components, ct_extent, distances, study_maps  # noqa: E402
+from monailabel_app.grounding import components, ct_extent, distances, maps, study_maps  # noqa: E402
 from monailabel_app.model import decoding, fused_norms, prompt_ids  # noqa: E402
 from monailabel_app.model.capture import CAPTURE_ATTN  # noqa: E402
 from monailabel_app.model.decoding import batch_vision_tower, prefill_and_decode  # noqa: E402
@@ -113,6 +115,8 @@ def variant(model, name: str):
             stack.enter_context(mock.patch.dict(os.environ, {decoding.AHEAD_ENV: name.split("-")[1]}))
         if name.startswith("switch-"):
             stack.enter_context(fast_path.switch_interval(float(name.split("-")[1])))
+        if name == "levels-serial":
+            stack.enter_context(mock.patch.object(maps, "LEVELS_TOGETHER", False))
         if name.startswith("candidates-"):
             stack.enter_context(mock.patch.object(ct_extent, "CANDIDATES_AHEAD", int(name.split("-")[1])))
         if name.startswith("edt-"):

@@ -69,6 +69,21 @@ def component_at(mask: np.ndarray, point, full: bool = False) -> np.ndarray:
     return component_here(mask, point, full)
 
 
+def component_later(mask: np.ndarray, point, full: bool = False):
+    """:func:`component_at` started now where a helper process takes it, so that the calling thread goes on
+    meanwhile: a function that gives the piece (made in the calling thread then, where no helper takes it).
+    ``mask`` must not change until then."""
+    mask = np.asarray(mask, bool)
+    point = tuple(int(i) for i in point)
+    later = helper_processes.call_later("component", mask, point, full) if mask.ndim == 3 else (lambda: None)
+
+    def result() -> np.ndarray:
+        done = later()
+        return done[0] if done is not None else component_here(mask, point, full)
+
+    return result
+
+
 def component_here(mask: np.ndarray, point: tuple[int, ...], full: bool = False) -> np.ndarray:
     """:func:`component_at` in this thread."""
     labels, n = label_here(mask, full)

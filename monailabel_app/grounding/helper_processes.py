@@ -283,6 +283,11 @@ def _count(name: str, step: int) -> None:
         setattr(_POOL, name, getattr(_POOL, name) + step)
 
 
+def running() -> int:
+    """How many helpers are running (0: every call is made in its calling thread)."""
+    return _POOL.count
+
+
 def busy() -> int:
     """How many calls are under way in helpers now."""
     return _POOL.busy

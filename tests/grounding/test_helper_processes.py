@@ -88,6 +88,39 @@ def test_a_label_started_in_a_helper_is_taken_later_as_the_label_made_here(masks
     assert helpers.served() == before + 2
 
 
+def test_a_maps_two_levels_found_side_by_side_in_helpers_are_the_ones_found_in_turn(helpers, monkeypatch):
+    """maps.peak_regions with helpers: the search level's piece and the finding's own (a higher level) started in
+    two helpers at once, the higher one on the box of everything above it (maps.LEVELS_TOGETHER), give the
+    regions, boxes and peak found one after the other on the lower piece's box: smooth maps with several
+    blobs, zero outside a gate's box, the peak given or found."""
+    from scipy import ndimage
+
+    from monailabel_app.grounding import maps
+
+    taken, real = [], maps._two_levels_together
+    monkeypatch.setattr(maps, "_two_levels_together", lambda *a: taken.append(real(*a)) or taken[-1])
+    rng = np.random.default_rng(11)
+    for i in range(6):
+        heat = np.zeros((40, 160, 150), np.float32)
+        box = (slice(2, 38), slice(10 + i, 150), slice(5, 140 - i))
+        heat[box] = ndimage.gaussian_filter(rng.random(heat[box].shape), (2, 6, 6)).astype(np.float32)
+        heat[box] -= heat[box].min()  # >= 0, as a gated map
+        span = maps.support_range(heat, box)
+        given = None if i % 2 else tuple(int(j) for j in np.unravel_index(int(np.argmax(heat)), heat.shape))
+        got = {}
+        for together in (False, True):
+            monkeypatch.setattr(maps, "LEVELS_TOGETHER", together)
+            before = helpers.served()
+            got[together] = maps.peak_regions(heat, (0.5, 0.3), box, span, given)
+            assert helpers.served() - before == 2
+        a, b = got[False], got[True]
+        assert a.peak == b.peak and a.regions[0].mask.any() and a.regions[1].mask.any()
+        for x, y in zip(a.regions, b.regions):
+            assert x.box == y.box and np.array_equal(x.mask, y.mask)
+        assert (a.regions[0].mask <= a.regions[1].mask).all()  # the finding's own region lies in the search's
+    assert len(taken) == 6 and all(t is not None for t in taken)  # side by side each time it was on
+
+
 def test_the_helpers_say_how_long_they_computed(masks, helpers):
     """Each answered call counts under its name with the seconds its helper computed it: more than nothing, less
     than the calls took here (the benchmarks' timelines split a call's wall time with them)."""

@@ -50,7 +50,7 @@ WATCHED = [(anatomy, "ct_body_and_lungs"), (ct_maps, "slice_grids"), (ct_maps, "
            (decoding.LiveRows, "advance"), (decoding.LiveRows, "upto"), (generation, "_token_ends"),
            (decoding, "_land"),  # the rows' copies landed in their thread
            (StudyMaps, "ahead"), (StudyMaps, "_start_ahead"),
-           (CTMaps, "gate")]  # a CT's gates: made beside the model on a GPU (gates_ahead), else by the first finding
+           (CTMaps, "gate")]  # a CT's gates: made beside the model on a GPU (shared_ahead), else by the first finding
 
 
 # printed however short: when the decode loop looked for finished sentences and a finding's maps started

@@ -606,8 +606,8 @@ class Reader:
         study = CTMaps(self, volume, ms)
         if gen is None:
             self._anatomy_ahead(volume)
-            if self._makes_gates_ahead():
-                study.gates_ahead(self.ct)
+            if self._makes_shared_ahead():
+                study.shared_ahead(self.ct)
             content = interleave(ms.shown)
             gen = self._generate([(content, question)], self.ct, max_new_tokens, None if answer is None else [answer],
                                  keep, ahead=self._ahead(study))[0]
@@ -627,10 +627,10 @@ class Reader:
             maps_ahead=study.reused, maps_ahead_wait=study.waited, anatomy_wait=study.anatomy_waited,
         )
 
-    def _makes_gates_ahead(self) -> bool:
-        """Whether a CT's gates are made beside the model (:meth:`CTMaps.gates_ahead`): where its maps are made
-        while the model writes on a GPU (on the CPU the maps come after the answer, and the cores are the model's
-        meanwhile)."""
+    def _makes_shared_ahead(self) -> bool:
+        """Whether what a CT's findings share is made beside the model (:meth:`CTMaps.shared_ahead`): where its maps
+        are made while the model writes on a GPU (on the CPU the maps come after the answer, and the cores are the
+        model's meanwhile)."""
         return self.maps_device.type != "cpu" and self.maps_while_decoding()
 
     def _ahead(self, study: StudyMaps) -> StudyMaps | None:

@@ -131,7 +131,7 @@ def test_a_cts_findings_mapped_while_the_model_writes_are_the_same(reader, monke
 
 def test_a_cts_gates_made_beside_the_model_give_the_same_reading(reader, monkeypatch):
     """A GPU reader makes a CT's gates (its allowed voxels, sides and boxes) as soon as the anatomy is found,
-    beside the model, instead of in the first finding's maps (CTMaps.gates_ahead): made so here on the CPU, in
+    beside the model, instead of in the first finding's maps (CTMaps.shared_ahead): made so here on the CPU, in
     the gates' own thread and once, the reading is the same."""
     import threading
 
@@ -142,17 +142,17 @@ def test_a_cts_gates_made_beside_the_model_give_the_same_reading(reader, monkeyp
     volume = ct_phantoms.phantom_volume(ct_phantoms.make_ct_phantom(SEED))
     answer = "Nodule in the right lower lobe. Mass in the left upper lobe." + " The heart is normal." * 4
     monkeypatch.setenv(MAPS_WHILE_DECODING_ENV, "1")
-    assert not reader._makes_gates_ahead()  # a CPU reader: its maps' gates made by the findings
-    assert reader_module.Reader.for_maps(reader.info, reader.grid, "cuda")._makes_gates_ahead()
+    assert not reader._makes_shared_ahead()  # a CPU reader: its maps' gates made by the findings
+    assert reader_module.Reader.for_maps(reader.info, reader.grid, "cuda")._makes_shared_ahead()
     made, profile = [], ct_maps.column_profile
     monkeypatch.setattr(ct_maps, "column_profile", lambda body: made.append(threading.current_thread().name) or
                         profile(body))
     before = reader.read(volume, answer=answer)
-    assert made and not made[0].startswith("gates_ahead")
+    assert made and not made[0].startswith("shared_ahead")
     made.clear()
-    monkeypatch.setattr(reader_module.Reader, "_makes_gates_ahead", lambda self: True)
+    monkeypatch.setattr(reader_module.Reader, "_makes_shared_ahead", lambda self: True)
     ahead = reader.read(volume, answer=answer)
-    assert len(made) == 1 and made[0].startswith("gates_ahead")
+    assert len(made) == 1 and made[0].startswith("shared_ahead")
     assert ahead.extras == before.extras and np.array_equal(ahead.labels, before.labels) and ahead.labels.any()
     for name in ("grids", "heatmaps", "mask_maps"):
         assert all(np.array_equal(a, b) for a, b in zip(getattr(ahead, name), getattr(before, name))), name

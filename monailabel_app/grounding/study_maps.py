@@ -50,7 +50,7 @@ LANGUAGE_ENTRIES = ("zh",)  # answer languages a grounding entry may carry its o
 
 # takes a written answer's attention rows and starts its findings' maps, one answer's sentences after another
 _STARTER = ThreadPoolExecutor(1, thread_name_prefix="maps_ahead")
-_GATING = ThreadPoolExecutor(1, thread_name_prefix="gates_ahead")  # a CT's gates made as its anatomy is found
+_AHEAD = ThreadPoolExecutor(1, thread_name_prefix="shared_ahead")  # what a CT's findings share, made beside the model
 
 
 class Superseded(Exception):
@@ -294,13 +294,15 @@ class CTMaps(StudyMaps):
                 self._sides[gates, side] = (columns, ct_maps.gate_box(allowed_box, columns))
             return (allowed, *self._sides[gates, side])
 
-    def gates_ahead(self, settings: dict) -> Future:
-        """The allowed voxels, both sides' columns and the gated boxes of the grounding ``settings``' gate set
-        (:meth:`gate`), made as soon as the study's anatomy is found, beside the model, instead of by the first
-        finding's maps while the others wait for them: on a 200 x 512 x 512 CT the lungs' voxels, their box
-        and the body's column profile took 27 ms on this project's 2-core CPU, and a GPU reader copies the
-        allowed voxels (52 MB) to the device. A gate set the answer's language entry changes is made when a
-        finding asks for it, as before; a failure here is logged and met again (raised) by the finding."""
+    def shared_ahead(self, settings: dict) -> Future:
+        """What the findings' maps share, made as soon as the study's anatomy is found, beside the model, instead of
+        by the first finding that needs it while the others wait (a GPU reader's way): the grounding ``settings``'
+        gates (:meth:`gate`: the allowed voxels, copied to the device, both sides' columns and the gated boxes; on a
+        200 x 512 x 512 CT the lungs' voxels, their box and the body's column profile took 27 ms on this project's
+        2-core CPU, and the copy is 52 MB), and where the image extent is on, the whole volume's coarse planes that
+        a large kind's search grows on (:func:`ct_extent.whole_volume_planes`). A gate set the answer's language
+        entry changes is made when a finding asks for it, as before; a failure here is logged and met again
+        (raised) by the finding."""
 
         def make() -> None:
             try:
@@ -308,10 +310,12 @@ class CTMaps(StudyMaps):
                 with maps.side_stream():  # the copy to the device not queued behind the model's prefill
                     for side in ("right", "left"):
                         self.gate(settings.get("gates", DEFAULT_CT_GATES), side)
-            except Exception:  # noqa: BLE001 (the findings make their gates themselves)
-                logger.exception("a CT's gates made beside the model failed: its findings make them")
+                if image_extent(settings):
+                    ct_extent.whole_volume_planes(self.volume.hu, self.shared)
+            except Exception:  # noqa: BLE001 (the findings make what they share themselves)
+                logger.exception("what a CT's findings share, made beside the model, failed: its findings make it")
 
-        return _GATING.submit(make)
+        return _AHEAD.submit(make)
 
     def prepare(self, findings: list[Finding], settings: dict) -> None:
         """The volume's search layers started now, beside the findings' heatmaps, where a finding will search

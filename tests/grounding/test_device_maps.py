@@ -170,16 +170,16 @@ def test_a_reading_on_the_gpu_equals_the_cpu_reading():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the lent H200)")
 def test_a_gpu_readers_ct_gates_are_made_beside_the_model(monkeypatch):
-    """On a GPU a CT reading starts its gates as its anatomy is found (CTMaps.gates_ahead), beside the model; they
+    """On a GPU a CT reading starts its gates as its anatomy is found (CTMaps.shared_ahead), beside the model; they
     are made once, by it or by a first finding that came sooner. test_a_reading_on_the_gpu_equals_the_cpu_reading
     checks the masks."""
     from monailabel_app.grounding.study_maps import CTMaps
     from monailabel_app.reader import MAPS_WHILE_DECODING_ENV, Reader
 
     monkeypatch.delenv(MAPS_WHILE_DECODING_ENV, raising=False)
-    made, started, profile, ahead = [], [], ct_maps.column_profile, CTMaps.gates_ahead
+    made, started, profile, ahead = [], [], ct_maps.column_profile, CTMaps.shared_ahead
     monkeypatch.setattr(ct_maps, "column_profile", lambda body: made.append(1) or profile(body))
-    monkeypatch.setattr(CTMaps, "gates_ahead", lambda self, settings: started.append(ahead(self, settings)))
+    monkeypatch.setattr(CTMaps, "shared_ahead", lambda self, settings: started.append(ahead(self, settings)))
     reading = Reader(device="cuda", precision="fp32").read(phantom_volume(make_ct_phantom(4)))
     assert reading.findings and len(started) == 1 and started[0].result() is None and len(made) == 1
 

@@ -302,6 +302,35 @@ def test_a_volumes_findings_share_the_coarse_planes_and_get_the_same_regions(mon
     assert not calls
 
 
+def test_the_whole_volumes_coarse_planes_made_ahead_are_the_ones_a_large_kind_grows_on(monkeypatch):
+    """ct_extent.whole_volume_planes (a GPU reader makes them beside the prefill): the coarse planes of the whole
+    volume in the findings' cache, which a large kind whose search box is the whole volume then reads instead of
+    making them: the same regions as without them, no block means made again; nothing for a small volume."""
+    hu, spacing, ball = _ball_volume(shape=(40, 300, 300), spacing=(2.0, 0.7, 0.7))
+    ball((20, 150, 150), 30.0)
+    cache: dict = {}
+    ct_extent.whole_volume_planes(hu, cache)
+    assert [k for k in cache if k[0] == "blocks"] == [("blocks", ((0, 40), (0, 300), (0, 300)), 2)]
+    made, real = [], ct_extent.block_mean
+    monkeypatch.setattr(ct_extent, "block_mean", lambda *a: made.append(1) or real(*a))
+    for kind in ("mass", "effusion"):
+        try:
+            ahead = ct_extent.grow_ct(hu, spacing, (20, 150, 150), kind, cache=cache).mask
+        except extent.NoExtent as e:
+            ahead = str(e)
+        assert not made
+        try:
+            alone = ct_extent.grow_ct(hu, spacing, (20, 150, 150), kind).mask
+        except extent.NoExtent as e:
+            alone = str(e)
+        assert len(made) == 1 and type(ahead) is type(alone)
+        assert ahead == alone if isinstance(ahead, str) else np.array_equal(ahead, alone) and ahead.any()
+        made.clear()
+    small: dict = {}
+    ct_extent.whole_volume_planes(hu[:, :100, :100], small)
+    assert not small
+
+
 def test_radiograph_lesions_from_their_centres_on_phantoms():
     scores = {}
     for seed in range(40):

@@ -132,7 +132,8 @@ def phantoms(rng, n=2):
         for les in ph.lesions:
             for p in interior_points(les.mask, (mm, mm), n, rng, depth_mm=mm):
                 try:
-                    d = dice(film_extent.grow_radiograph(ph.image, (mm, mm), p, les.kind, fields, search_mm=2 * mm).mask, les.mask)
+                    grown = film_extent.grow_radiograph(ph.image, (mm, mm), p, les.kind, fields, search_mm=2 * mm)
+                    d = dice(grown.mask, les.mask)
                 except extent.NoExtent:
                     d = 0.0
                 xray.setdefault(les.kind, []).append(d)

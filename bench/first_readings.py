@@ -103,7 +103,8 @@ def main() -> None:
         if args.timeline:
             import map_timeline
 
-            map_timeline.timeline(reader, study, answer, fresh=fresh, sync=sync if args.device == "cuda" else lambda: None)
+            map_timeline.timeline(reader, study, answer, fresh=fresh,
+                                  sync=sync if args.device == "cuda" else lambda: None)
 
 
 if __name__ == "__main__":

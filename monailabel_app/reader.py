@@ -437,8 +437,9 @@ class Reader:
                 or self._map_pool() is None):
             return None
         with maps.side_stream():
-            return film_extent.film_blob_responses([s.pixels for s in studies], [pixel_spacing_mm(s)[0] for s in studies],
-                                              self.maps_device, host=map_processes.shared_empty)
+            return film_extent.film_blob_responses([s.pixels for s in studies],
+                                                   [pixel_spacing_mm(s)[0] for s in studies], self.maps_device,
+                                                   host=map_processes.shared_empty)
 
     def read(self, image: str | Radiograph | CTVolume, question: str | None = None, max_new_tokens: int = 128,
              modality: str = "auto", max_slices: int | None = None, answer: str | None = None,
@@ -572,7 +573,8 @@ class Reader:
         return self._ct_anatomy_future(volume).result()
 
     def _ct_layers_future(self, volume: CTVolume) -> Future:
-        return self._kept("ct_layers", volume.hu, partial(ct_extent.ct_layers, volume.hu, volume.spacing, self.maps_device))
+        return self._kept("ct_layers", volume.hu,
+                          partial(ct_extent.ct_layers, volume.hu, volume.spacing, self.maps_device))
 
     def _ct_layers(self, volume: CTVolume) -> ct_extent.CTLayers:
         """What the image extent searches of ``volume`` read (smoothed HU, aerated lung), made once for its

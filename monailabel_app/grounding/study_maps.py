@@ -211,7 +211,8 @@ class FilmMaps(StudyMaps):
     anatomy) and the image extent's film cache (:func:`film_extent.film_cache`) made once for its findings
     (``blobs``: its blob filter responses where they were made ahead, :func:`film_extent.film_blob_responses`)."""
 
-    def __init__(self, reader, radiograph: Radiograph, pad: SquarePad, blobs: film_extent.BlobResponses | None = None):
+    def __init__(self, reader, radiograph: Radiograph, pad: SquarePad,
+                 blobs: film_extent.BlobResponses | None = None):
         super().__init__(reader)
         self.radiograph, self.pad, self.blobs = radiograph, pad, blobs
         self.spacing, self.spacing_known = pixel_spacing_mm(radiograph)
@@ -225,7 +226,7 @@ class FilmMaps(StudyMaps):
         with self._lock:
             if self._film is None:
                 self._film = film_extent.film_cache(self.radiograph.pixels, self.fields(), self.reader.maps_device,
-                                               None if self.blobs is None else self.blobs.as_dict())
+                                                    None if self.blobs is None else self.blobs.as_dict())
             return self._film
 
     def _finding(self, f: Finding, rows: list[int], gen: Generation, settings: dict) -> Mapped:

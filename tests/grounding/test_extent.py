@@ -575,7 +575,8 @@ def test_a_ct_region_reads_only_its_search_box(monkeypatch):
         assert any(0 < b.start or b.stop < n for b, n in zip(box, hu_.shape))  # not the whole volume
     monkeypatch.setattr(ct_extent, "only_box", lambda shape, dtype: np.zeros(shape, dtype))
     cleared = [_outcome(h, s, seed, kind, **kw) for h, s, seed, kind, kw in cases]
-    monkeypatch.setattr(ct_extent, "only_box", lambda shape, dtype: np.full(shape, 40.0 if dtype == np.float32 else True, dtype))
+    monkeypatch.setattr(ct_extent, "only_box",
+                        lambda shape, dtype: np.full(shape, 40.0 if dtype == np.float32 else True, dtype))
     filled = [_outcome(h, s, seed, kind, **kw) for h, s, seed, kind, kw in cases]
     assert [c[0] is None for c in cleared] == [False, False, False, True], cleared  # three regions, one refused
     assert "larger than" in cleared[3][1]

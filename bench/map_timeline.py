@@ -40,8 +40,9 @@ from monailabel_app.model import decoding, generation  # noqa: E402
 
 WATCHED = [(anatomy, "ct_body_and_lungs"), (ct_maps, "slice_grids"), (ct_maps, "volume_heatmap"),
            (ct_maps, "gated_map"), (maps, "peak_regions"), (maps, "peak_region"), (ct_extent, "find_in_ct"),
-           (ct_extent, "smoothed_hu"), (ct_extent, "territory"), (helper_processes, "in_slabs"), (ct_extent, "grow_ct"),
-           (ct_extent, "deepest"), (components, "label"), (components, "component_at"), (distances, "inside"),
+           (ct_extent, "smoothed_hu"), (ct_extent, "territory"), (helper_processes, "in_slabs"),
+           (ct_extent, "grow_ct"), (ct_extent, "deepest"), (components, "label"), (components, "component_at"),
+           (distances, "inside"),
            (maps, "assign"),
            (ct_maps, "slice_info"),
            # a helper's call: waiting for a free helper and its round trip (the mask in, the answer out)
@@ -132,7 +133,7 @@ def timeline(reader, study, answer, emit=print, fresh=lambda s: s, sync=lambda: 
     emit(f"Reading {total:.3f} s: preprocessing {lat.get('prepare', 0):.3f}, "
          f"prefill {lat.get('decoder_prefill', 0):.3f}, "
          f"decode {lat.get('decoder_decode', 0):.3f} s, maps after the answer {lat.get('maps', 0):.3f} s; "
-         f"{helper_processes.start(0)} helper processes")
+         f"{helper_processes.running()} helper processes")
     emit()
     emit("| thread | call | start s | wall s | CPU s |")
     emit("|---|---|---|---|---|")

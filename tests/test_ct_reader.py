@@ -129,7 +129,7 @@ def test_a_cts_findings_mapped_while_the_model_writes_are_the_same(reader, monke
         assert all(np.array_equal(a, b) for a, b in zip(getattr(ahead, name), getattr(after, name))), name
 
 
-def test_a_cts_gates_made_beside_the_model_give_the_same_reading(reader, monkeypatch):
+def test_a_cts_gates_made_beside_the_model_give_the_same_reading(reader, monkeypatch, caplog):
     """A GPU reader makes a CT's gates (its allowed voxels, sides and boxes) as soon as the anatomy is found,
     beside the model, instead of in the first finding's maps (CTMaps.shared_ahead): made so here on the CPU, in
     the gates' own thread and once, the reading is the same."""
@@ -153,6 +153,7 @@ def test_a_cts_gates_made_beside_the_model_give_the_same_reading(reader, monkeyp
     monkeypatch.setattr(reader_module.Reader, "_makes_shared_ahead", lambda self: True)
     ahead = reader.read(volume, answer=answer)
     assert len(made) == 1 and made[0].startswith("shared_ahead")
+    assert "made beside the model, failed" not in caplog.text
     assert ahead.extras == before.extras and np.array_equal(ahead.labels, before.labels) and ahead.labels.any()
     for name in ("grids", "heatmaps", "mask_maps"):
         assert all(np.array_equal(a, b) for a, b in zip(getattr(ahead, name), getattr(before, name))), name

@@ -34,12 +34,17 @@ def label_later(mask: np.ndarray, full: bool = False):
     """:func:`label` started now where a helper process takes it, so that the calling thread goes on with
     other work meanwhile: a function that gives ``(labels, n)`` (made in the calling thread then, where no
     helper takes it). ``mask`` must not change until then."""
-    mask = np.asarray(mask, bool)
-    later = helper_processes.call_later("label", mask, full) if mask.ndim == 3 else (lambda: None)
+    return _later("label", label_here, lambda done: done, np.asarray(mask, bool), full)
 
-    def result() -> tuple[np.ndarray, int]:
+
+def _later(op: str, here, answer, mask: np.ndarray, *args):
+    """``op`` on the 3-D ``mask`` started in a helper (:func:`helper_processes.call_later`): a function giving
+    ``answer(the helper's (result, extra))``, or ``here(mask, *args)`` made then where no helper took it."""
+    later = helper_processes.call_later(op, mask, *args) if mask.ndim == 3 else (lambda: None)
+
+    def result():
         done = later()
-        return done if done is not None else label_here(mask, full)
+        return answer(done) if done is not None else here(mask, *args)
 
     return result
 
@@ -73,15 +78,8 @@ def component_later(mask: np.ndarray, point, full: bool = False):
     """:func:`component_at` started now where a helper process takes it, so that the calling thread goes on
     meanwhile: a function that gives the piece (made in the calling thread then, where no helper takes it).
     ``mask`` must not change until then."""
-    mask = np.asarray(mask, bool)
-    point = tuple(int(i) for i in point)
-    later = helper_processes.call_later("component", mask, point, full) if mask.ndim == 3 else (lambda: None)
-
-    def result() -> np.ndarray:
-        done = later()
-        return done[0] if done is not None else component_here(mask, point, full)
-
-    return result
+    return _later("component", component_here, lambda done: done[0], np.asarray(mask, bool),
+                  tuple(int(i) for i in point), full)
 
 
 def component_here(mask: np.ndarray, point: tuple[int, ...], full: bool = False) -> np.ndarray:

@@ -3,6 +3,7 @@ this machine runs (``reader_in``); exact comparisons in fp32 (``reader``)."""
 
 import gc
 import threading
+import time
 import types
 
 import numpy as np
@@ -656,7 +657,7 @@ def test_maps_made_while_writing_are_taken_only_for_the_same_finding(reader):
     import dataclasses
     from concurrent.futures import Future
 
-    from monailabel_app.grounding.study_maps import FilmMaps, Superseded
+    from monailabel_app.grounding.study_maps import FilmMaps
     from monailabel_app.io.xray import pad_to_square
     from monailabel_app.language.findings import read_answer
     from monailabel_app.model.generation import Partial
@@ -686,12 +687,12 @@ def test_maps_made_while_writing_are_taken_only_for_the_same_finding(reader):
     assert np.array_equal(labels, early.region.astype(np.uint8)) and extras == [early.info]
     assert film.started_labels[(key,)].result()[0] is labels
     film.latest_labels = (key, key)  # a label map of more findings started meanwhile: this one gives way
-    with pytest.raises(Superseded):
-        film._finish_started((key,), [film.started[key]])
-    film.started_labels[(key,)] = gone = Future()
-    gone.set_exception(Superseded("given way"))
-    again, _ = film.finish([key], [early])  # the answer's findings were these after all: made now
-    assert np.array_equal(again, labels)
+    assert film._finish_started((key,), [film.started[key]]) is None
+    for outcome in ("given up", "failed"):  # the answer's findings were these after all: made now
+        film.started_labels[(key,)] = gone = Future()
+        gone.set_result(None) if outcome == "given up" else gone.set_exception(RuntimeError("failed"))
+        again, _ = film.finish([key], [early])
+        assert again is not labels and np.array_equal(again, labels)
     other = dataclasses.replace(nodule, side="left")
     fresh = film.finding(other, rows, gen, settings)
     assert fresh is not early and film.reused == 1 and not fresh.gated[:, : image.shape[1] // 2].any()
@@ -699,12 +700,39 @@ def test_maps_made_while_writing_are_taken_only_for_the_same_finding(reader):
     film._started()
 
 
-def test_a_reading_leaves_nothing_to_the_cyclic_collector(reader):
+@pytest.mark.parametrize("while_decoding", ["0", "1"])
+def test_a_reading_leaves_nothing_to_the_cyclic_collector(reader, monkeypatch, while_decoding):
     """A reading's arrays go when the reading goes: none is held in a reference cycle, which only Python's
     cyclic collector frees, late (it counts no arrays). A CT search's failed candidates once left about 200 MB a
     reading so (twenty readings of a real CT grew the process from 4.9 to 9.2 GB), and a decoder dropped from the
-    cache its KV cache. Films and CTs, the model's answers and given ones (kinds whose searches fail)."""
+    cache its KV cache; a label map started while the model wrote and given up for a later one (more findings)
+    once held its study's maps through its exception's frames (1.26 GB a reading of the real CT, mapped while the
+    model wrote: the heap grew, and a GPU's decode beside the next maps slowed with the page faults). Films and
+    CTs, the model's answers and given ones (kinds whose searches fail), maps made after the answer or while the
+    model writes (its CT's three findings: two label maps given up)."""
+    from monailabel_app import reader as reader_mod
+    from monailabel_app.grounding.study_maps import StudyMaps
     from monailabel_app.phantoms import ct as ct_phantoms
+
+    monkeypatch.setenv(reader_mod.MAPS_WHILE_DECODING_ENV, while_decoding)
+    given_up, answered = [], set()
+    finish_started, mapped = StudyMaps._finish_started, reader_mod.Reader._mapped
+
+    def counted(self, keys, made):  # a label map started while the model wrote waits for a later one or the
+        for _ in range(3000):  # answer's end, so that every one but the last is given up at any speed
+            if keys != self.latest_labels or id(self) in answered:
+                break
+            time.sleep(0.01)
+        labels = finish_started(self, keys, made)
+        given_up.append(labels is None)
+        return labels
+
+    def answered_then_mapped(self, study, *args):
+        answered.add(id(study))
+        return mapped(self, study, *args)
+
+    monkeypatch.setattr(StudyMaps, "_finish_started", counted)
+    monkeypatch.setattr(reader_mod.Reader, "_mapped", answered_then_mapped)
 
     film = make_phantom(4)
     radiograph = Radiograph(film.image, Geometry.plain(*film.image.shape))
@@ -727,6 +755,7 @@ def test_a_reading_leaves_nothing_to_the_cyclic_collector(reader):
                 or type(o).__module__.startswith("monailabel_app")]
         assert not held, [type(o).__name__ + (f" {o.f_code.co_name}" if isinstance(o, types.FrameType) else "")
                           for o in held]
+        assert given_up.count(True) >= (while_decoding == "1") and (while_decoding == "1") == bool(given_up)
     finally:
         gc.set_debug(0)
         gc.garbage.clear()

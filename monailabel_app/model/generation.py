@@ -333,7 +333,7 @@ def generate_batch(model, processor, studies: list[tuple[list, str]], layers, ma
     inputs = prepared.inputs
     per_image = int(model.config.mm_tokens_per_image)
     prompt_tokens = inputs["attention_mask"].sum(-1).tolist()
-    watch = None if progress is None else _partials(processor, progress, prompt_tokens[0], per_image)
+    watch = None if progress is None else _Partials(processor, progress, prompt_tokens[0], per_image)
     result = prefill_and_decode(model, inputs, list(layers), per_image, max_new_tokens, rollout, prepared.forced,
                                 sorted(_eos_ids(model)), stop_loops=prepared.forced is None,
                                 keep=keep and len(studies) == 1, progress=watch)
@@ -345,20 +345,25 @@ def generate_batch(model, processor, studies: list[tuple[list, str]], layers, ma
     return gens
 
 
-def _partials(processor, progress: Callable[[Partial], None], prompt_tokens: int, per_image: int):
-    """The decoder's progress callback (token ids, rows(), layers) as :class:`Partial` answers for ``progress``."""
-    tok = processor.tokenizer
+class _Partials:
+    """The decoder's progress callback (token ids, rows(), layers) as :class:`Partial` answers for ``progress``;
+    :attr:`ends`: the token ends found so far (each look decodes only its new tokens). An object, not a closure
+    keeping its ends on itself: that function referred to itself, a reference cycle that held the study's maps
+    (``progress`` is their :meth:`StudyMaps.ahead`) until Python's cyclic collector ran."""
 
-    def on_progress(ids: list[int], rows, layers: list[int]) -> None:
-        text = tok.decode(ids, skip_special_tokens=True)
-        ends = on_progress.ends = _token_ends(tok, ids, on_progress.ends)  # each look's new tokens only
-        progress(Partial(text, lambda: Generation(
+    def __init__(self, processor, progress: Callable[[Partial], None], prompt_tokens: int, per_image: int):
+        self.tok, self.progress = processor.tokenizer, progress
+        self.prompt_tokens, self.per_image = prompt_tokens, per_image
+        self.ends: list[int] = []
+
+    def __call__(self, ids: list[int], rows, layers: list[int]) -> None:
+        text = self.tok.decode(ids, skip_special_tokens=True)
+        ends = self.ends = _token_ends(self.tok, ids, self.ends)
+        prompt_tokens, per_image = int(self.prompt_tokens), self.per_image
+        self.progress(Partial(text, lambda: Generation(
             text=text, token_ids=ids, token_ends=ends, token_probs=[float("nan")] * len(ids),
-            attention=rows()[:, :, 0], layers=list(layers), dropped_layers={}, prompt_tokens=int(prompt_tokens),
+            attention=rows()[:, :, 0], layers=list(layers), dropped_layers={}, prompt_tokens=prompt_tokens,
             image_tokens_per_image=per_image)))
-
-    on_progress.ends = []
-    return on_progress
 
 
 def _generations(model, processor, result, prompt_tokens: list[int], t0: float, t_prep: float,

@@ -733,6 +733,8 @@ def test_a_reading_leaves_nothing_to_the_cyclic_collector(reader, monkeypatch, w
 
     monkeypatch.setattr(StudyMaps, "_finish_started", counted)
     monkeypatch.setattr(reader_mod.Reader, "_mapped", answered_then_mapped)
+    # and what a CT's findings share made beside the model, as a GPU reader does
+    monkeypatch.setattr(reader_mod.Reader, "_makes_shared_ahead", lambda self: while_decoding == "1")
 
     film = make_phantom(4)
     radiograph = Radiograph(film.image, Geometry.plain(*film.image.shape))

@@ -5,15 +5,17 @@
 # every step's whole output goes to $OUT (the device's folder that comes back; /tmp/gpu-session without it) and its
 # tail to the terminal. What is kept goes into bench/results/fast_path.md by hand, with what it says.
 #
-#   bash bench/gpu_session.sh 1   # the GPU tests, the speed and timeline of a CT and an X-ray, the decoders' memory
+#   bash bench/gpu_session.sh 1   # the GPU tests, the speed and timeline of a CT and an X-ray
 #   bash bench/gpu_session.sh 2   # a fresh server's first readings (8 GiB heap reserve: where each reading's
 #                                 # page faults come from, then one reading's maps call by call); an A/B of a
 #                                 # finding's two levels found side by side, the helpers' edt threads and the
 #                                 # search's next candidate tried ahead
+#   bash bench/gpu_session.sh 3   # what GPU readings leave behind: the reference-cycle test on the GPU reader
+#                                 # (both map schedules), then the GPU memory over four rounds of three shapes
 set -u
 part=${1:-}
-if [[ $part != 1 && $part != 2 ]]; then
-    echo "usage: bash bench/gpu_session.sh 1|2 (got '$part')" >&2
+if [[ $part != 1 && $part != 2 && $part != 3 ]]; then
+    echo "usage: bash bench/gpu_session.sh 1|2|3 (got '$part')" >&2
     exit 2
 fi
 out=${OUT:-/tmp/gpu-session}
@@ -39,12 +41,16 @@ case $part in
         tests/model/test_decoding.py tests/model/test_capture.py -k "cuda or rolled or staging"
     TAIL=110 step speed_timeline 300 python3 bench/fast_path.py --only speed,timeline --speed-modalities ct,xray \
         --no-anchors --out "$out/speed_timeline.md"
-    step decoder_cache_memory 130 python3 bench/decoder_cache_memory.py
     ;;
 2)
     TAIL=120 step first_readings_8 200 python3 bench/first_readings.py --device cuda --reserve-gb 8 --readings 8 \
         --timeline
     step reading_ab 330 python3 bench/prefill_ab.py --parts reading \
         --variants default,levels-serial,edt-2,candidates-1 --rounds 3
+    ;;
+3)
+    step cycles_on_gpu 240 python3 -m pytest -q -p no:cacheprovider tests/test_reader.py -k cyclic
+    step decoder_cache_memory 240 python3 bench/decoder_cache_memory.py \
+        --order xray,ct,ct40,xray,ct,ct40,xray,ct,ct40,xray,ct,ct40,xray
     ;;
 esac

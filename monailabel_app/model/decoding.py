@@ -797,7 +797,9 @@ def prefill_and_decode(model, inputs: dict, layers: list[int], tokens_per_image:
         raise ValueError("the conversation's kept context does not match this prompt")
     image_positions = past.image_positions.to(ids.device) if past is not None else \
         torch.stack([(row == model.config.image_token_index).nonzero()[:, 0] for row in ids])
-    max_new = max(len(f) for f in forced) if forced else max_new_tokens
+    # a given answer decodes in the shape of the model's own answers (no new decoder to compile and capture for
+    # each answer's length), or in its own where it is longer
+    max_new = max([max_new_tokens] + [len(f) for f in forced or []])
     decoder = decoder_for(model, batch, prompt_len + max_new, max_new, list(layers), image_positions.shape[1],
                           list(eos), compile, tokens_per_image)
     dropped = {layer: f"sliding window ({decoder.kv.window}) shorter than the sequence"

@@ -154,11 +154,16 @@ def test_int8_weight_only_keeps_the_phantom_models_answers():
 
 
 def test_warm_up_reads_each_modality_and_says_where_it_stands(caplog):
+    """Each modality read twice: the model's own answer, then the warm-up's findings said (mapped whatever the
+    model answers on a phantom) in the same decode shape; where they do not fit, the model's own answer again."""
     reader = Reader(precision="fp32")
     assert reader.warm["state"] == "not started"
     with caplog.at_level(logging.INFO, logger="monailabel_app"):
-        warm = reader.warm_up(max_new_tokens=32, heap_reserve=1 << 28)
+        warm = reader.warm_up(max_new_tokens=40, heap_reserve=1 << 28)
     assert warm["state"] == "done" and [s["modality"] for s in warm["shapes"]] == ["xray", "ct"]
+    assert [s["findings_mapped"] for s in warm["shapes"]] == [3, 3]
+    assert {key[2] for key in reader.model.__dict__["_medgemma_decoders"]} == {40}  # no shape for the answers'
+    assert reader._warm_up_answer("ct", 40) and reader._warm_up_answer("ct", 32) is None  # 34 tokens and the end
     assert warm["heap_reserved_gib"] == (0.25 if allocator.keep_freed_memory() else 0.0)  # 256 MiB grown
     ct = warm["shapes"][1]
     # the warm-up CT shows the model as many slices as it takes (the phantom is stretched along z)

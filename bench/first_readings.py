@@ -66,6 +66,8 @@ def main() -> None:
     ap.add_argument("--reserve-gb", type=float, default=4.0)
     ap.add_argument("--readings", type=int, default=6)
     ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    ap.add_argument("--timeline-first", action="store_true",
+                    help="the first reading's maps call by call (map_timeline.py): what a fresh server's first CT pays")
     ap.add_argument("--timeline", action="store_true",
                     help="then one more reading's maps call by call (map_timeline.py), in the same warm process")
     args = ap.parse_args()
@@ -80,10 +82,22 @@ def main() -> None:
         print(f"### First CT readings after a warm-up ({args.device}; heap grown by {warm.get('heap_reserved_gib')} "
               f"GiB; warm-up {time.perf_counter() - t0:.1f} s, {warm['state']})")
         print()
+        sync_here = sync if args.device == "cuda" else lambda: None
+        first = 1
+        if args.timeline_first:
+            import map_timeline
+
+            print("Reading 1, call by call:", end=" ")
+            f0, heap = faults(), allocator.heap_bytes() or 0
+            map_timeline.timeline(reader, study, answer, fresh=fresh, sync=sync_here, warm=False)
+            print(f"Reading 1: {faults() - f0} page faults, heap grew {((allocator.heap_bytes() or 0) - heap) / 1e6:.0f} "
+                  "MB")
+            print()
+            first, shapes = 2, set(reader.model.__dict__.get("_medgemma_decoders", {}))
         print("| reading | end to end s | ms / decode token | maps after the answer s | page faults | heap grew MB | "
               "helpers' blocks made (MB) | new decode shape |")
         print("|---|---|---|---|---|---|---|---|")
-        for i in range(1, args.readings + 1):
+        for i in range(first, args.readings + 1):
             copy = fresh(study)
             heap, blocks = allocator.heap_bytes() or 0, helper_processes.blocks_made()
             f0, t = faults(), time.perf_counter()
@@ -103,8 +117,7 @@ def main() -> None:
         if args.timeline:
             import map_timeline
 
-            map_timeline.timeline(reader, study, answer, fresh=fresh,
-                                  sync=sync if args.device == "cuda" else lambda: None)
+            map_timeline.timeline(reader, study, answer, fresh=fresh, sync=sync_here)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
 #
 #   bash bench/gpu_session.sh 1   # the GPU tests, the speed and timeline of a CT and an X-ray
 #   bash bench/gpu_session.sh 2   # a fresh server's first readings (8 GiB heap reserve: where each reading's
-#                                 # page faults come from, then one reading's maps call by call); an A/B of a
+#                                 # page faults come from; the first and a later reading's maps call by call,
+#                                 # for what the first CT after the warm-up pays, 1.4 s more in run CM); an A/B of a
 #                                 # finding's two levels found side by side, the helpers' edt threads and the
 #                                 # search's next candidate tried ahead
 #   bash bench/gpu_session.sh 3   # what GPU readings leave behind: the reference-cycle test on the GPU reader
@@ -44,7 +45,7 @@ case $part in
     ;;
 2)
     TAIL=120 step first_readings_8 200 python3 bench/first_readings.py --device cuda --reserve-gb 8 --readings 8 \
-        --timeline
+        --timeline-first --timeline
     step reading_ab 330 python3 bench/prefill_ab.py --parts reading \
         --variants default,levels-serial,edt-2,candidates-1 --rounds 3
     ;;

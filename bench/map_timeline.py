@@ -117,9 +117,11 @@ def helper_split(events: list, before: dict, after: dict, emit=print) -> None:
     emit()
 
 
-def timeline(reader, study, answer, emit=print, fresh=lambda s: s, sync=lambda: None) -> dict:
-    """One reading of ``study`` (``answer`` said) after a warm-up, its maps' calls printed (markdown)."""
-    reader.read(study, answer=answer)
+def timeline(reader, study, answer, emit=print, fresh=lambda s: s, sync=lambda: None, warm: bool = True) -> dict:
+    """One reading of ``study`` (``answer`` said) after a warm one (``warm``; else whatever the reader read
+    before), its maps' calls printed (markdown)."""
+    if warm:
+        reader.read(study, answer=answer)
     events: list = []
     copy = fresh(study)
     sync()

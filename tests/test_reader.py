@@ -709,7 +709,7 @@ def test_a_reading_leaves_nothing_to_the_cyclic_collector(reader, monkeypatch, w
     once held its study's maps through its exception's frames (1.26 GB a reading of the real CT, mapped while the
     model wrote: the heap grew, and a GPU's decode beside the next maps slowed with the page faults). Films and
     CTs, the model's answers and given ones (kinds whose searches fail), maps made after the answer or while the
-    model writes (its CT's three findings: two label maps given up)."""
+    model writes (its CT's three findings: two label maps given up), one by one and in batches."""
     from monailabel_app import reader as reader_mod
     from monailabel_app.grounding.study_maps import StudyMaps
     from monailabel_app.phantoms import ct as ct_phantoms
@@ -741,8 +741,10 @@ def test_a_reading_leaves_nothing_to_the_cyclic_collector(reader, monkeypatch, w
     volume = ct_phantoms.phantom_volume(ct_phantoms.make_ct_phantom(2))
     given = "Nodule in the right upper lobe. Mass in the left lower lobe. Effusion in the right lower lobe."
     studies = [(radiograph, None), (volume, None), (volume, given)]
+    batch = [radiograph, volume, radiograph]  # and a batch (read_many: its maps made batch by batch)
     for study, answer in studies:  # first readings: imports and caches made once
         reader.read(study, answer=answer)
+    reader.read_many(batch, batch_size=2)
     gc.collect()
     gc.disable()
     try:
@@ -750,6 +752,9 @@ def test_a_reading_leaves_nothing_to_the_cyclic_collector(reader, monkeypatch, w
             reading = reader.read(study, answer=answer)
             assert reading.labels.any()
             del reading
+        readings = reader.read_many(batch, batch_size=2)
+        assert all(r.labels.any() for r in readings)
+        del readings
         gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds is kept in gc.garbage, to be looked at
         gc.collect()
         # transformers' BatchFeature.to leaves a small closure cycle per batch (no arrays): not counted

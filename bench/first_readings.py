@@ -76,7 +76,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         reader, study, answer = study_for(args.device, tmp)
         t0 = time.perf_counter()
-        warm = reader.warm_up(max_new_tokens=NEW if args.device == "cuda" else 64, modalities=("ct",),
+        # the decode shape the readings take: the 200-token report's (cuda), read()'s default 128 tokens (cpu)
+        warm = reader.warm_up(max_new_tokens=NEW if args.device == "cuda" else 128, modalities=("ct",),
                               heap_reserve=int(args.reserve_gb * 2**30))
         shapes = set(reader.model.__dict__.get("_medgemma_decoders", {}))
         print(f"### First CT readings after a warm-up ({args.device}; heap grown by {warm.get('heap_reserved_gib')} "

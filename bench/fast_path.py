@@ -65,11 +65,11 @@ from monailabel_app.model.loading import ModelInfo  # noqa: E402
 from monailabel_app.phantoms.ct import make_ct_phantom, phantom_volume  # noqa: E402
 from monailabel_app.phantoms.films import make_phantom  # noqa: E402
 from monailabel_app.phantoms.model import CT_QUESTION, DEFAULT_QUESTION  # noqa: E402
-from monailabel_app.reader import MAPS_WHILE_DECODING_ENV, Reader  # noqa: E402
+from monailabel_app.reader import MAPS_WHILE_DECODING_ENV, WARM_UP_ANSWERS, Reader  # noqa: E402
 
 NEW = 200
-XRAY_FINDINGS = "Nodule in the right middle zone. Opacity in the left lower zone. Effusion in the right lower zone."
-CT_FINDINGS = "Nodule in the right middle lobe. Mass in the left upper lobe. Effusion in the right lower lobe."
+# the findings said (the start of each 200-token report): the ones a server's warm-up maps
+XRAY_FINDINGS, CT_FINDINGS = WARM_UP_ANSWERS["xray"], WARM_UP_ANSWERS["ct"]
 LINES: list[str] = []
 
 

@@ -682,7 +682,8 @@ def _then(future: Future, fn) -> Future:
 WARM_UP_SEED = 7  # the phantom read at warm-up (any phantom: only the shapes matter)
 
 
-# what the warm-up's second reading of each modality says (the benchmark's findings): its maps are made then
+# what the warm-up's second reading of each modality says: its maps are made then (bench/fast_path.py's
+# reports say the same findings)
 WARM_UP_ANSWERS = {
     "xray": "Nodule in the right middle zone. Opacity in the left lower zone. Effusion in the right lower zone.",
     "ct": "Nodule in the right middle lobe. Mass in the left upper lobe. Effusion in the right lower lobe.",

@@ -21,12 +21,11 @@ def inside(mask: np.ndarray, spacing) -> np.ndarray:
     :data:`THREADED_VOXELS` or more on :data:`THREADS` of edt's own threads (edt holds the interpreter's lock for
     the whole call, so no other map thread runs meanwhile)."""
     spacing = tuple(float(s) for s in spacing)
-    threads = HELPER_THREADS if np.size(mask) >= THREADED_VOXELS else 1
-    done = helper_processes.call("inside", np.asarray(mask, bool), spacing, threads)
+    large = np.size(mask) >= THREADED_VOXELS
+    done = helper_processes.call("inside", np.asarray(mask, bool), spacing, HELPER_THREADS if large else 1)
     if done is not None:
         return done[0]
-    threads = min(THREADS, os.cpu_count() or 1) if np.size(mask) >= THREADED_VOXELS else 1
-    return inside_here(mask, spacing, threads)
+    return inside_here(mask, spacing, min(THREADS, os.cpu_count() or 1) if large else 1)
 
 
 # edt's threads for a distance made in a map thread: on this project's 2-core CPU two made the CT's maps 2.94-3.09

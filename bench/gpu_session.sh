@@ -13,12 +13,19 @@
 #                                 # search's next candidate tried ahead
 #   bash bench/gpu_session.sh 3   # what GPU readings leave behind: the reference-cycle test on the GPU reader
 #                                 # (both map schedules), then the GPU memory over four rounds of three shapes
+#   bash bench/gpu_session.sh 1 3 # several parts in one command, in the order given (one machine start, one
+#                                 # compile cache; runs CK-CM took 2-4 minutes a part)
 set -u
-part=${1:-}
-if [[ $part != 1 && $part != 2 && $part != 3 ]]; then
-    echo "usage: bash bench/gpu_session.sh 1|2|3 (got '$part')" >&2
+if [[ $# -eq 0 ]]; then
+    echo "usage: bash bench/gpu_session.sh PART... (each 1, 2 or 3)" >&2
     exit 2
 fi
+for part in "$@"; do
+    if [[ $part != 1 && $part != 2 && $part != 3 ]]; then
+        echo "usage: bash bench/gpu_session.sh PART... (each 1, 2 or 3; got '$part')" >&2
+        exit 2
+    fi
+done
 out=${OUT:-/tmp/gpu-session}
 mkdir -p "$out" /tmp/site
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl 2>/dev/null
@@ -36,22 +43,25 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND under a time limit, its ou
 
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
 lscpu | grep -i "model name"
-case $part in
-1)
-    step gpu_tests 140 python3 -m pytest -q -p no:cacheprovider tests/grounding/test_device_maps.py \
-        tests/model/test_decoding.py tests/model/test_capture.py -k "cuda or rolled or staging"
-    TAIL=110 step speed_timeline 300 python3 bench/fast_path.py --only speed,timeline --speed-modalities ct,xray \
-        --no-anchors --out "$out/speed_timeline.md"
-    ;;
-2)
-    TAIL=120 step first_readings_8 200 python3 bench/first_readings.py --device cuda --reserve-gb 8 --readings 8 \
-        --timeline-first --timeline
-    step reading_ab 330 python3 bench/prefill_ab.py --parts reading \
-        --variants default,levels-serial,edt-2,candidates-1 --rounds 3
-    ;;
-3)
-    step cycles_on_gpu 240 python3 -m pytest -q -p no:cacheprovider tests/test_reader.py -k cyclic
-    step decoder_cache_memory 240 python3 bench/decoder_cache_memory.py \
-        --order xray,ct,ct40,xray,ct,ct40,xray,ct,ct40,xray,ct,ct40,xray
-    ;;
-esac
+for part in "$@"; do
+    echo "=== part $part"
+    case $part in
+    1)
+        step gpu_tests 140 python3 -m pytest -q -p no:cacheprovider tests/grounding/test_device_maps.py \
+            tests/model/test_decoding.py tests/model/test_capture.py -k "cuda or rolled or staging"
+        TAIL=110 step speed_timeline 300 python3 bench/fast_path.py --only speed,timeline --speed-modalities ct,xray \
+            --no-anchors --out "$out/speed_timeline.md"
+        ;;
+    2)
+        TAIL=120 step first_readings_8 200 python3 bench/first_readings.py --device cuda --reserve-gb 8 --readings 8 \
+            --timeline-first --timeline
+        step reading_ab 330 python3 bench/prefill_ab.py --parts reading \
+            --variants default,levels-serial,edt-2,candidates-1 --rounds 3
+        ;;
+    3)
+        step cycles_on_gpu 240 python3 -m pytest -q -p no:cacheprovider tests/test_reader.py -k cyclic
+        step decoder_cache_memory 240 python3 bench/decoder_cache_memory.py \
+            --order xray,ct,ct40,xray,ct,ct40,xray,ct,ct40,xray,ct,ct40,xray
+        ;;
+    esac
+done

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import fused_norms, prefill_attention, projections
+from . import fused_norms, prefill_attention, projections, streams
 from .capture import AttentionRecorder, DecodeRecorder, NoRecorder, recording
 
 logger = logging.getLogger(__name__)
@@ -336,7 +336,6 @@ class Decoder:
         self.logprobs = torch.zeros(batch, room, device=device)
         self.nonfinite = torch.zeros(batch, dtype=torch.bool, device=device)
         self._eos = set(eos)  # on the host: a look at the tokens reads nothing else from the device
-        self._look_stream = None
         self._staging: dict[tuple, torch.Tensor] = {}  # shape -> page-locked host rows (:meth:`staging`)
         self.image_positions = torch.zeros(batch, n_image_tokens, **long)
         heads = text_cfg.num_attention_heads
@@ -430,7 +429,7 @@ class Decoder:
                 logger.warning("torch.compile of the decode step failed (%s): eager kernels", e)
         try:
             with self._recording():
-                stream = torch.cuda.Stream()
+                stream = streams.kept(self.tokens.device, "decoder warm-up")
                 stream.wait_stream(torch.cuda.current_stream())
                 with torch.cuda.stream(stream):
                     self._steps(WARM_UP_STEPS)
@@ -549,10 +548,9 @@ class Decoder:
         the read does not wait for replays launched after it)."""
         if event is None:
             return self.tokens[:, :steps].tolist()
-        if self._look_stream is None:
-            self._look_stream = torch.cuda.Stream(self.tokens.device)
-        with torch.cuda.stream(self._look_stream):
-            self._look_stream.wait_event(event)
+        look = streams.kept(self.tokens.device, "decoder looks")
+        with torch.cuda.stream(look):
+            look.wait_event(event)
             return self.tokens[:, :steps].tolist()
 
     def _check(self, steps: int, checked: int, limits: list[int], ended: list, stop_loops: bool,
@@ -629,7 +627,7 @@ class LiveRows:
         # on a GPU: a stream of high priority (the copies' few kernels go before the decode's), and page-locked
         # staging the size of the rows, the decoder's, allocated once (pinning a new block took 0.6 ms a MB on the
         # H200's host, run BG: 16 ms for each new size of a CT's copies)
-        self.stream = torch.cuda.Stream(device, priority=-1) if device.type == "cuda" else None
+        self.stream = streams.kept(device, "rows", priority=-1)  # one for every reading (:mod:`streams`)
         self.staging = decoder.staging(shape) if device.type == "cuda" else None
         self.landed: Future | None = None  # the last queued copy into :attr:`rows` (its thread: one, in order)
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import prompt_ids
+from . import prompt_ids, streams
 from .decoding import Context, loop_start, prefill_and_decode  # noqa: F401 (loop_start: public here too)
 
 
@@ -276,19 +276,10 @@ class Prepared:
     waited: float  # seconds the generation waited for these inputs (all of their making, when made inline)
 
 
-_PREPARE_STREAMS: dict = {}
-
-
 def _prepare_stream(device):
     """A CUDA stream of its own for making inputs (None without CUDA): its copies and resizes then do not
     queue behind the decode steps that another batch has queued on the default stream."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return None
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _PREPARE_STREAMS:
-        _PREPARE_STREAMS[index] = torch.cuda.Stream(index)
-    return _PREPARE_STREAMS[index]
+    return streams.kept(device, "inputs")
 
 
 def prepare_batch(model, processor, studies: list[tuple[list, str]], system=None,

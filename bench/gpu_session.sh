@@ -12,7 +12,8 @@
 #                                 # finding's two levels found side by side, the helpers' edt threads and the
 #                                 # search's next candidate tried ahead
 #   bash bench/gpu_session.sh 3   # what GPU readings leave behind: the reference-cycle test on the GPU reader
-#                                 # (both map schedules), then the GPU memory over four rounds of three shapes
+#                                 # (both map schedules) and the kept streams' tests (no cuBLAS workspace per
+#                                 # decoder or reading), then the GPU memory over four rounds of three shapes
 #   bash bench/gpu_session.sh 1 3 # several parts in one command, in the order given (one machine start, one
 #                                 # compile cache; runs CK-CM took 2-4 minutes a part)
 set -u
@@ -59,7 +60,8 @@ for part in "$@"; do
             --variants default,levels-serial,edt-2,candidates-1 --rounds 3
         ;;
     3)
-        step cycles_on_gpu 240 python3 -m pytest -q -p no:cacheprovider tests/test_reader.py -k cyclic
+        step cycles_on_gpu 240 python3 -m pytest -q -p no:cacheprovider tests/test_reader.py \
+            tests/model/test_streams.py tests/model/test_decoding.py -k "cyclic or stream or gpu_memory"
         step decoder_cache_memory 240 python3 bench/decoder_cache_memory.py \
             --order xray,ct,ct40,xray,ct,ct40,xray,ct,ct40,xray,ct,ct40,xray
         ;;

@@ -276,12 +276,6 @@ class Prepared:
     waited: float  # seconds the generation waited for these inputs (all of their making, when made inline)
 
 
-def _prepare_stream(device):
-    """A CUDA stream of its own for making inputs (None without CUDA): its copies and resizes then do not
-    queue behind the decode steps that another batch has queued on the default stream."""
-    return streams.kept(device, "inputs")
-
-
 def prepare_batch(model, processor, studies: list[tuple[list, str]], system=None,
                   answers: list[str] | None = None) -> Prepared:
     """The inputs of :func:`generate_batch` for (content, question) studies that show the same number of
@@ -291,7 +285,9 @@ def prepare_batch(model, processor, studies: list[tuple[list, str]], system=None
     counts = {sum(not isinstance(c, str) for c in content) for content, _ in studies}
     if len(counts) != 1:
         raise ValueError(f"a batch needs the same number of images per study, got {sorted(counts)}")
-    stream = _prepare_stream(model.device)
+    # a stream of its own (None without CUDA): the copies and resizes do not queue behind the decode steps that
+    # another batch has queued on the default stream
+    stream = streams.kept(model.device, "inputs")
     with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
         inputs = _batch(processor, model, studies, system, model.device, model.dtype)
     if stream is not None:
@@ -344,13 +340,13 @@ class _Partials:
 
     def __init__(self, processor, progress: Callable[[Partial], None], prompt_tokens: int, per_image: int):
         self.tok, self.progress = processor.tokenizer, progress
-        self.prompt_tokens, self.per_image = prompt_tokens, per_image
+        self.prompt_tokens, self.per_image = int(prompt_tokens), per_image
         self.ends: list[int] = []
 
     def __call__(self, ids: list[int], rows, layers: list[int]) -> None:
         text = self.tok.decode(ids, skip_special_tokens=True)
         ends = self.ends = _token_ends(self.tok, ids, self.ends)
-        prompt_tokens, per_image = int(self.prompt_tokens), self.per_image
+        prompt_tokens, per_image = self.prompt_tokens, self.per_image  # the answer's Generation holds no self
         self.progress(Partial(text, lambda: Generation(
             text=text, token_ids=ids, token_ends=ends, token_probs=[float("nan")] * len(ids),
             attention=rows()[:, :, 0], layers=list(layers), dropped_layers={}, prompt_tokens=prompt_tokens,

@@ -1,29 +1,31 @@
 #!/usr/bin/env bash
-# The measurements a GPU session of issue 21 starts with, in two parts that each fit one device command
-# (10 minutes): run from the repository root on the lent machine, with the wheels of .whl/ (torchao, edt, cc3d,
-# py-spy) carried along. Each step has its own time limit, so that one that hangs leaves the others their time;
-# every step's whole output goes to $OUT (the device's folder that comes back; /tmp/gpu-session without it) and its
-# tail to the terminal. What is kept goes into bench/results/fast_path.md by hand, with what it says.
+# The measurements a GPU session of issue 21 starts with, in parts that each fit one device command (10 minutes):
+# run from the repository root on the lent machine, with the wheels of .whl/ (torchao, edt, cc3d, py-spy) carried
+# along. Each step has its own time limit, so that one that hangs leaves the others their time; every step's whole
+# output goes to $OUT (the device's folder that comes back; /tmp/gpu-session without it) and its tail to the
+# terminal. What is kept goes into bench/results/fast_path.md by hand, with what it says.
 #
 #   bash bench/gpu_session.sh 1   # the GPU tests, the speed and timeline of a CT and an X-ray
 #   bash bench/gpu_session.sh 2   # a fresh server's first readings (8 GiB heap reserve: where each reading's
-#                                 # page faults come from; the first and a later reading's maps call by call,
-#                                 # for what the first CT after the warm-up pays, 1.4 s more in run CM); an A/B of a
-#                                 # finding's two levels found side by side, the helpers' edt threads and the
-#                                 # search's next candidate tried ahead
+#                                 # page faults come from; the first and a later reading's maps call by call);
+#                                 # an A/B of the search's next candidate tried ahead and a finding's two levels
+#                                 # found side by side, the maps beside the decode
 #   bash bench/gpu_session.sh 3   # what GPU readings leave behind: the reference-cycle test on the GPU reader
 #                                 # (both map schedules) and the kept streams' tests (no cuBLAS workspace per
 #                                 # decoder or reading), then the GPU memory over four rounds of three shapes
+#   bash bench/gpu_session.sh 4   # the findings' chains' own length (maps made after the answer, so that no decode
+#                                 # hides them: an H100's is 0.13 s longer than an H200's) with the A/B's variants
+#   bash bench/gpu_session.sh 5   # where a decode step's time goes: the kernels of a CT's and an X-ray's decode
 #   bash bench/gpu_session.sh 1 3 # several parts in one command, in the order given (one machine start, one
-#                                 # compile cache; runs CK-CM took 2-4 minutes a part)
+#                                 # compile cache; runs CK-CQ took 1.5-5 minutes a part)
 set -u
 if [[ $# -eq 0 ]]; then
-    echo "usage: bash bench/gpu_session.sh PART... (each 1, 2 or 3)" >&2
+    echo "usage: bash bench/gpu_session.sh PART... (each 1 to 5)" >&2
     exit 2
 fi
 for part in "$@"; do
-    if [[ $part != 1 && $part != 2 && $part != 3 ]]; then
-        echo "usage: bash bench/gpu_session.sh PART... (each 1, 2 or 3; got '$part')" >&2
+    if [[ $part != [12345] ]]; then
+        echo "usage: bash bench/gpu_session.sh PART... (each 1 to 5; got '$part')" >&2
         exit 2
     fi
 done
@@ -64,6 +66,14 @@ for part in "$@"; do
             tests/model/test_streams.py tests/model/test_decoding.py -k "cyclic or stream or gpu_memory"
         step decoder_cache_memory 240 python3 bench/decoder_cache_memory.py \
             --order xray,ct,ct40,xray,ct,ct40,xray,ct,ct40,xray,ct,ct40,xray
+        ;;
+    4)
+        step chains_ab 420 python3 bench/prefill_ab.py --parts reading --rounds 3 \
+            --variants after,after+levels-serial,after+edt-2,after+candidates-1,after+helpers-12
+        ;;
+    5)
+        TAIL=80 step decode_kernels 400 python3 bench/fast_path.py --only decode --speed-modalities ct,xray \
+            --no-anchors --out "$out/decode_kernels.md"
         ;;
     esac
 done

@@ -32,6 +32,11 @@ The benchmark's 85-slice CT (``fast_path.ct``; or its film, ``--study xray``) th
   of edt's threads (``distances.HELPER_THREADS``; the library's: 1).
 - ``helpers-N`` (the ``reading`` part): N label and distance helper processes (``helper_processes``; the
   library's: 8 on the H200's 16 cores).
+- ``after`` (the ``reading`` part): the maps made after the answer (``MEDGEMMA_MAPS_WHILE_DECODING=0``), so that
+  "maps after the answer" is the findings' chains' own length on any card. Beside the decode it is hidden whenever
+  the decode is longer (an H100's decode is 0.13 s longer than an H200's: run CO's A/B saw no variant there).
+
+Variants combine with ``+``: ``after+edt-2`` is ``edt-2`` with the maps after the answer.
 
 Parts:
 
@@ -77,6 +82,7 @@ from monailabel_app.model.capture import CAPTURE_ATTN  # noqa: E402
 from monailabel_app.model.decoding import batch_vision_tower, prefill_and_decode  # noqa: E402
 from monailabel_app.model.generation import build_inputs  # noqa: E402
 from monailabel_app.phantoms.model import CT_QUESTION, DEFAULT_QUESTION  # noqa: E402
+from monailabel_app.reader import MAPS_WHILE_DECODING_ENV  # noqa: E402
 
 CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
                SDPBackend.MATH]
@@ -93,42 +99,51 @@ def encoder_layers(model):
 
 
 @contextmanager
-def variant(model, name: str):
-    """The block run with variant ``name`` (see the module's docstring)."""
-    layers = encoder_layers(model)
+def variant(model, names: str):
+    """The block run with variant ``names`` (see the module's docstring; several joined by ``+``)."""
+    parts = names.split("+")
     with ExitStack() as stack:
-        stack.enter_context(mock.patch.object(fused_norms, "ENABLED", name != "eager-norms"))
-        if "cudnn" in name:
-            stack.enter_context(sdpa_kernel(CUDNN_FIRST, set_priority=True))
-        if name == "decode-first":
-            stack.enter_context(torch.cuda.stream(torch.cuda.Stream(priority=-5)))  # (the nearest valid one)
-        if name == "labels":
-            stack.enter_context(mock.patch.object(components, "component_at", labelled_piece))
-        if name == "box-layers":
-            stack.enter_context(mock.patch.object(study_maps.CTMaps, "_layers", lambda self, kind: None))
-            stack.enter_context(mock.patch.object(reader_module, "image_extent", lambda settings: False))
-        if name == "tokenised":
-            stack.enter_context(mock.patch.object(prompt_ids, "KEPT", 0))
-        if name == "rows-after":
-            stack.enter_context(mock.patch.object(decoding, "ROLL_IN_REPLAY", "never"))
-        if name.startswith("ahead-"):
-            stack.enter_context(mock.patch.dict(os.environ, {decoding.AHEAD_ENV: name.split("-")[1]}))
-        if name.startswith("switch-"):
-            stack.enter_context(fast_path.switch_interval(float(name.split("-")[1])))
-        if name == "levels-serial":
-            stack.enter_context(mock.patch.object(maps, "LEVELS_TOGETHER", False))
-        if name.startswith("candidates-"):
-            stack.enter_context(mock.patch.object(ct_extent, "CANDIDATES_AHEAD", int(name.split("-")[1])))
-        if name.startswith("edt-"):
-            stack.enter_context(mock.patch.object(distances, "HELPER_THREADS", int(name.split("-")[1])))
-        if name.startswith("helpers-"):
-            stack.enter_context(fast_path.helpers(int(name.split("-")[1])))
-        if "compiled" in name:
-            torch._dynamo.reset()
-            for layer in layers:
-                layer.compile(dynamic=True)
-            stack.callback(lambda: [setattr(layer, "_compiled_call_impl", None) for layer in layers])
+        stack.enter_context(mock.patch.object(fused_norms, "ENABLED", "eager-norms" not in parts))
+        for name in parts:
+            one_variant(stack, model, name)
         yield
+
+
+def one_variant(stack: ExitStack, model, name: str) -> None:
+    """Variant ``name``'s changes entered on ``stack``."""
+    layers = encoder_layers(model)
+    if "cudnn" in name:
+        stack.enter_context(sdpa_kernel(CUDNN_FIRST, set_priority=True))
+    if name == "decode-first":
+        stack.enter_context(torch.cuda.stream(torch.cuda.Stream(priority=-5)))  # (the nearest valid one)
+    if name == "labels":
+        stack.enter_context(mock.patch.object(components, "component_at", labelled_piece))
+    if name == "box-layers":
+        stack.enter_context(mock.patch.object(study_maps.CTMaps, "_layers", lambda self, kind: None))
+        stack.enter_context(mock.patch.object(reader_module, "image_extent", lambda settings: False))
+    if name == "tokenised":
+        stack.enter_context(mock.patch.object(prompt_ids, "KEPT", 0))
+    if name == "rows-after":
+        stack.enter_context(mock.patch.object(decoding, "ROLL_IN_REPLAY", "never"))
+    if name.startswith("ahead-"):
+        stack.enter_context(mock.patch.dict(os.environ, {decoding.AHEAD_ENV: name.split("-")[1]}))
+    if name.startswith("switch-"):
+        stack.enter_context(fast_path.switch_interval(float(name.split("-")[1])))
+    if name == "levels-serial":
+        stack.enter_context(mock.patch.object(maps, "LEVELS_TOGETHER", False))
+    if name.startswith("candidates-"):
+        stack.enter_context(mock.patch.object(ct_extent, "CANDIDATES_AHEAD", int(name.split("-")[1])))
+    if name.startswith("edt-"):
+        stack.enter_context(mock.patch.object(distances, "HELPER_THREADS", int(name.split("-")[1])))
+    if name.startswith("helpers-"):
+        stack.enter_context(fast_path.helpers(int(name.split("-")[1])))
+    if "compiled" in name:
+        torch._dynamo.reset()
+        for layer in layers:
+            layer.compile(dynamic=True)
+        stack.callback(lambda: [setattr(layer, "_compiled_call_impl", None) for layer in layers])
+    if name == "after":
+        stack.enter_context(fast_path.environment(MAPS_WHILE_DECODING_ENV, "0"))
 
 
 def labelled_piece(mask, point, full=False):

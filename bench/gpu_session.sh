@@ -59,7 +59,7 @@ for part in "$@"; do
         TAIL=120 step first_readings_8 200 python3 bench/first_readings.py --device cuda --reserve-gb 8 --readings 8 \
             --timeline-first --timeline
         step reading_ab 330 python3 bench/prefill_ab.py --parts reading \
-            --variants default,levels-serial,edt-2,candidates-1 --rounds 3
+            --variants default,candidates-0,levels-serial --rounds 3
         ;;
     3)
         step cycles_on_gpu 240 python3 -m pytest -q -p no:cacheprovider tests/test_reader.py \
@@ -69,7 +69,7 @@ for part in "$@"; do
         ;;
     4)
         step chains_ab 420 python3 bench/prefill_ab.py --parts reading --rounds 3 \
-            --variants after,after+levels-serial,after+edt-2,after+candidates-1,after+helpers-12
+            --variants after,after+candidates-0,after+candidates-2,after+levels-serial
         ;;
     5)
         TAIL=80 step decode_kernels 400 python3 bench/fast_path.py --only decode --speed-modalities ct,xray \

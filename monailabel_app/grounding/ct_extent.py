@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from . import components, filters, maps
+from . import components, filters, helper_processes, maps
 from ..allocator import zeros
 from .blocks import block_mean, block_min, blocks_back
 from .boxes import Boxed, bounds, boxed, grown
@@ -200,10 +200,13 @@ def smoothed_in_slabs(hu: np.ndarray, spacing, device=None, slab: int = SMOOTH_S
 
 
 CANDIDATES = 3  # CT: dense regions tried where attention points, most attended first
-# candidates tried ahead in a thread of their own while the one before is tried (0: one after another): the
-# answer is the same (the first candidate in order that is a kind), only the wait for a failed one's successor
-# shorter; worth it where cores are free beside the maps (a GPU host), an A/B of bench/prefill_ab.py (candidates-1)
-CANDIDATES_AHEAD = 0
+# candidates tried ahead in a thread of their own while the one before is tried (0: one after another), where
+# helper processes run (a GPU host's cores beside the maps; on two cores the findings' searches already share
+# them: cpu_maps.md): the answer is the same (the first candidate in order that is a kind), only the wait for a
+# failed one's successor shorter. Run CQ on an H100's host, the CT's three chains with the maps after the answer:
+# 0.707 -> 0.620 s (median of three interleaved rounds, every round 0.06-0.09 s shorter), the decode beside
+# them unchanged (4.42 ms a token); bench/prefill_ab.py's candidates-N
+CANDIDATES_AHEAD = 1
 _CANDIDATES_POOL: ThreadPoolExecutor | None = None
 _CANDIDATES_LOCK = threading.Lock()
 DEEPEST_FINE_VOXELS = 1_000_000  # a larger region's deepest voxel is looked for on 2 x 2 in-plane blocks first
@@ -236,6 +239,12 @@ def deepest(part: np.ndarray, spacing) -> tuple[int, ...]:
     k = np.unravel_index(int(np.argmax(inside_distance(sub, spacing))), sub.shape)
     k = (k[0], k[1] * step, k[2] * step)
     return tuple(int(i + b.start) for i, b in zip(k, box))
+
+
+def candidates_ahead() -> int:
+    """How many of a CT search's next candidates are tried ahead: :data:`CANDIDATES_AHEAD` where helper processes
+    run, none elsewhere."""
+    return CANDIDATES_AHEAD if helper_processes.running() else 0
 
 
 def _candidates_pool() -> ThreadPoolExecutor:
@@ -306,10 +315,11 @@ def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.nd
             return e.with_traceback(None)
 
     ahead: dict[int, Future] = {}
+    ahead_count = candidates_ahead()
     failed = got = None
     try:
         for k in range(len(order)):  # the first that is a `kind`
-            for j in range(k + 1, min(k + 1 + CANDIDATES_AHEAD, len(order))):
+            for j in range(k + 1, min(k + 1 + ahead_count, len(order))):
                 if j not in ahead:
                     ahead[j] = _candidates_pool().submit(_on_side_stream, tried, j)
             got = ahead.pop(k).result() if k in ahead else tried(k)

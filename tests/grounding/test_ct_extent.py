@@ -13,7 +13,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from conftest import shared
-from monailabel_app.grounding import ct_extent, extent
+from monailabel_app.grounding import ct_extent, extent, helper_processes
 from monailabel_app.io.study import load_study
 from monailabel_app.jobs.evaluation import dice
 from monailabel_app.jobs.lidc import read_outlines, series_uids
@@ -180,7 +180,7 @@ def test_a_search_whose_candidates_fail_leaves_no_cycle_behind(monkeypatch, ahea
     from concurrent.futures import ThreadPoolExecutor
 
     pool = ThreadPoolExecutor(2)
-    monkeypatch.setattr(ct_extent, "CANDIDATES_AHEAD", ahead)
+    monkeypatch.setattr(ct_extent, "candidates_ahead", lambda: ahead)
     monkeypatch.setattr(ct_extent, "_candidates_pool", lambda: pool)
     vol, heat = _attention_on_the_largest_lesion()
     real, tried = ct_extent.grow_ct, []
@@ -210,11 +210,27 @@ def test_a_search_whose_candidates_fail_leaves_no_cycle_behind(monkeypatch, ahea
         gc.enable()
 
 
+def test_candidates_are_tried_ahead_only_where_helper_processes_run(monkeypatch):
+    """A CT search tries its next candidates ahead where helpers run (a GPU host's free cores: run CQ), and one
+    after another where none do (two cores, which the findings' searches already share)."""
+    monkeypatch.setattr(ct_extent, "CANDIDATES_AHEAD", 1)
+    helper_processes.stop()
+    assert ct_extent.candidates_ahead() == 0
+    helper_processes.start(1)
+    try:
+        assert ct_extent.candidates_ahead() == 1
+        monkeypatch.setattr(ct_extent, "CANDIDATES_AHEAD", 0)
+        assert ct_extent.candidates_ahead() == 0
+    finally:
+        helper_processes.stop()
+    assert ct_extent.candidates_ahead() == 0
+
+
 def test_candidates_tried_ahead_in_threads_give_what_one_after_another_gives(monkeypatch):
-    """ct_extent.CANDIDATES_AHEAD: the next candidates of a CT search tried in threads while the one before is: the
-    answer is the first candidate in order that is the kind, as one after another (the same mask, or the same
-    reason for none), whether the first candidate is it or not (attention on each phantom lesion, asked for its
-    own kind and for others, whose first candidates fail)."""
+    """ct_extent.CANDIDATES_AHEAD with helper processes running: the next candidates of a CT search tried in
+    threads while the one before is: the answer is the first candidate in order that is the kind, as one after
+    another without helpers (the same mask, or the same reason for none), whether the first candidate is it or not
+    (attention on each phantom lesion, asked for its own kind and for others, whose first candidates fail)."""
     def outcome(*args):
         try:
             return ct_extent.find_in_ct(*args, cache={}).mask
@@ -222,23 +238,35 @@ def test_candidates_tried_ahead_in_threads_give_what_one_after_another_gives(mon
             return str(e)
 
     seen = {"found": 0, "none": 0, "later": 0}
-    real = ct_extent.grow_ct
+    real, real_pool = ct_extent.grow_ct, ct_extent._candidates_pool
+    submitted = []
+
+    def counted_pool():
+        pool = real_pool()
+        return type("Counted", (), {"submit": lambda self, *a: submitted.append(a[-1]) or pool.submit(*a)})()
+
+    monkeypatch.setattr(ct_extent, "_candidates_pool", counted_pool)
+    helper_processes.stop()
     for _, vol, les, heat in _phantom_lesions((4, 6), 25.0):
         for kind in ("nodule", "mass", "effusion"):
             grown = []
             monkeypatch.setattr(ct_extent, "grow_ct", lambda *a, **k: grown.append(1) or real(*a, **k))
-            monkeypatch.setattr(ct_extent, "CANDIDATES_AHEAD", 0)
-            one_by_one = outcome(vol.hu, vol.spacing, heat, kind)
+            one_by_one = outcome(vol.hu, vol.spacing, heat, kind)  # no helpers: one after another
             tries = len(grown)
-            for ahead in (1, 2):
-                monkeypatch.setattr(ct_extent, "CANDIDATES_AHEAD", ahead)
-                got = outcome(vol.hu, vol.spacing, heat, kind)
-                assert type(got) is type(one_by_one), (les.kind, kind, ahead)
-                assert got == one_by_one if isinstance(got, str) else np.array_equal(got, one_by_one)
+            helper_processes.start(1)
+            try:
+                for ahead in (1, 2):
+                    monkeypatch.setattr(ct_extent, "CANDIDATES_AHEAD", ahead)
+                    got = outcome(vol.hu, vol.spacing, heat, kind)
+                    assert type(got) is type(one_by_one), (les.kind, kind, ahead)
+                    assert got == one_by_one if isinstance(got, str) else np.array_equal(got, one_by_one)
+            finally:
+                helper_processes.stop()
             found = not isinstance(one_by_one, str)
             seen["found" if found else "none"] += 1
             seen["later"] += found and tries > 1
     assert all(seen.values()), seen  # found at once, found after a failed candidate, and not found at all
+    assert submitted and set(submitted) <= {1, 2}, submitted  # the later candidates were tried ahead
 
 
 def test_findings_searched_with_the_volumes_layers_find_the_phantoms_lesions():

@@ -11,8 +11,9 @@
 #                                 # an A/B of the search's next candidate tried ahead and a finding's two levels
 #                                 # found side by side, the maps beside the decode
 #   bash bench/gpu_session.sh 3   # what GPU readings leave behind: the reference-cycle test on the GPU reader
-#                                 # (both map schedules) and the kept streams' tests (no cuBLAS workspace per
-#                                 # decoder or reading), then the GPU memory over four rounds of three shapes
+#                                 # (both map schedules), the kept streams' tests (no cuBLAS workspace per
+#                                 # decoder or reading) and readings and batches in turn (read_many's threads' own
+#                                 # streams: not yet run), then the GPU memory over four rounds of three shapes
 #   bash bench/gpu_session.sh 4   # the findings' chains' own length (maps made after the answer, so that no decode
 #                                 # hides them: an H100's is 0.13 s longer than an H200's) with the A/B's variants
 #   bash bench/gpu_session.sh 5   # where a decode step's time goes: the kernels of a CT's and an X-ray's decode

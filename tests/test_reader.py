@@ -767,3 +767,26 @@ def test_a_reading_leaves_nothing_to_the_cyclic_collector(reader, monkeypatch, w
         gc.set_debug(0)
         gc.garbage.clear()
         gc.enable()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="GPU memory: GPU only")
+def test_readings_and_batches_in_turn_leave_no_gpu_memory_behind(reader):
+    """Films, a CT and batches read in turn, four rounds, on the GPU reader: from the second round on, the
+    allocated memory is the same after every round. Each batch's own threads (read_many makes its pools anew) map
+    on streams of their own (:func:`maps.side_stream`, one per thread): a stream that runs a matrix product gets a
+    32 MiB cuBLAS workspace that torch keeps for the process, as the decoders' new streams did (run CN)."""
+    from monailabel_app.phantoms import ct as ct_phantoms
+
+    assert reader.maps_device.type == "cuda"
+    film = make_phantom(4)
+    radiograph = Radiograph(film.image, Geometry.plain(*film.image.shape))
+    volume = ct_phantoms.phantom_volume(ct_phantoms.make_ct_phantom(2))
+    after = []
+    for _ in range(4):  # (each reading dropped once made, as a server drops it once answered)
+        reader.read(radiograph)
+        reader.read(volume)
+        reader.read_many([radiograph, volume, radiograph], batch_size=2)
+        gc.collect()
+        torch.cuda.synchronize()
+        after.append(torch.cuda.memory_allocated())
+    assert max(after[1:]) - min(after[1:]) < 4 << 20, [a / 2**20 for a in after]  # MiB: under one workspace

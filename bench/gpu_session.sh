@@ -17,16 +17,18 @@
 #   bash bench/gpu_session.sh 4   # the findings' chains' own length (maps made after the answer, so that no decode
 #                                 # hides them: an H100's is 0.13 s longer than an H200's) with the A/B's variants
 #   bash bench/gpu_session.sh 5   # where a decode step's time goes: the kernels of a CT's and an X-ray's decode
+#   bash bench/gpu_session.sh 6   # who holds the interpreter's lock during CT readings (py-spy --gil, summarised
+#                                 # there: run CS's heatmaps waited 0.05 s on 1-3 ms of their own CPU)
 #   bash bench/gpu_session.sh 1 3 # several parts in one command, in the order given (one machine start, one
 #                                 # compile cache; runs CK-CQ took 1.5-5 minutes a part)
 set -u
 if [[ $# -eq 0 ]]; then
-    echo "usage: bash bench/gpu_session.sh PART... (each 1 to 5)" >&2
+    echo "usage: bash bench/gpu_session.sh PART... (each 1 to 6)" >&2
     exit 2
 fi
 for part in "$@"; do
-    if [[ $part != [12345] ]]; then
-        echo "usage: bash bench/gpu_session.sh PART... (each 1 to 5; got '$part')" >&2
+    if [[ $part != [123456] ]]; then
+        echo "usage: bash bench/gpu_session.sh PART... (each 1 to 6; got '$part')" >&2
         exit 2
     fi
 done
@@ -75,6 +77,12 @@ for part in "$@"; do
     5)
         TAIL=80 step decode_kernels 400 python3 bench/fast_path.py --only decode --speed-modalities ct,xray \
             --no-anchors --out "$out/decode_kernels.md"
+        ;;
+    6)  # py-spy's raw file runs to tens of MB: reduced here, then removed (the device gives back small files)
+        TAIL=90 step gil_holders 330 bash -c 'PATH=/tmp/site/bin:$PATH py-spy record --gil --threads --nonblocking \
+            -r 100 -f raw -o "$1/spy.txt" -- python3 bench/fast_path.py --only speed,timeline --speed-modalities ct \
+            --no-anchors --out "$1/gil_timeline.md" > /dev/null; python3 bench/spy_summary.py "$1/spy.txt" --top 40; \
+            rm -f "$1/spy.txt"' gil "$out"
         ;;
     esac
 done

@@ -241,11 +241,12 @@ def test_candidates_tried_ahead_in_threads_give_what_one_after_another_gives(mon
     real, real_pool = ct_extent.grow_ct, ct_extent._candidates_pool
     submitted = []
 
-    def counted_pool():
-        pool = real_pool()
-        return type("Counted", (), {"submit": lambda self, *a: submitted.append(a[-1]) or pool.submit(*a)})()
+    class Counted:  # the candidates' pool, noting which candidate each call tries ahead (its last argument)
+        def submit(self, fn, *args):
+            submitted.append(args[-1])
+            return real_pool().submit(fn, *args)
 
-    monkeypatch.setattr(ct_extent, "_candidates_pool", counted_pool)
+    monkeypatch.setattr(ct_extent, "_candidates_pool", Counted)
     helper_processes.stop()
     for _, vol, les, heat in _phantom_lesions((4, 6), 25.0):
         for kind in ("nodule", "mass", "effusion"):

@@ -111,7 +111,6 @@ def variant(model, names: str):
 
 def one_variant(stack: ExitStack, model, name: str) -> None:
     """Variant ``name``'s changes entered on ``stack``."""
-    layers = encoder_layers(model)
     if "cudnn" in name:
         stack.enter_context(sdpa_kernel(CUDNN_FIRST, set_priority=True))
     if name == "decode-first":
@@ -138,6 +137,7 @@ def one_variant(stack: ExitStack, model, name: str) -> None:
     if name.startswith("helpers-"):
         stack.enter_context(fast_path.helpers(int(name.split("-")[1])))
     if "compiled" in name:
+        layers = encoder_layers(model)
         torch._dynamo.reset()
         for layer in layers:
             layer.compile(dynamic=True)

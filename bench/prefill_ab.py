@@ -27,7 +27,7 @@ The benchmark's 85-slice CT (``fast_path.ct``; or its film, ``--study xray``) th
 - ``levels-serial`` (the ``reading`` part): a finding's two levels' pieces found one after the other, as before
   ``maps.LEVELS_TOGETHER`` (the library's: side by side in two helpers).
 - ``candidates-N`` (the ``reading`` part): a CT search's next N candidates tried in threads while the one before
-  is, where helpers run (``ct_extent.CANDIDATES_AHEAD``; the library's: 1 since run CQ, 0 is one after another).
+  is, where helpers run (``ct_extent.CANDIDATES_AHEAD``; the library's: 2 since run CU, 0 is one after another).
 - ``edt-N`` (the ``reading`` part): a helper's distance transforms (the deepest voxels' and the openings') on N
   of edt's threads (``distances.HELPER_THREADS``; the library's: 1).
 - ``helpers-N`` (the ``reading`` part): N label and distance helper processes (``helper_processes``; the

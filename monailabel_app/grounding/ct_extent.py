@@ -203,10 +203,11 @@ CANDIDATES = 3  # CT: dense regions tried where attention points, most attended 
 # candidates tried ahead in a thread of their own while the one before is tried (0: one after another), where
 # helper processes run (a GPU host's cores beside the maps; on two cores the findings' searches already share
 # them: cpu_maps.md): the answer is the same (the first candidate in order that is a kind), only the wait for a
-# failed one's successor shorter. Run CQ on an H100's host, the CT's three chains with the maps after the answer:
-# 0.707 -> 0.620 s (median of three interleaved rounds, every round 0.06-0.09 s shorter), the decode beside
-# them unchanged (4.42 ms a token); bench/prefill_ab.py's candidates-N
-CANDIDATES_AHEAD = 1
+# failed one's successor shorter. The CT's three chains with the maps after the answer (bench/prefill_ab.py's
+# candidates-N, medians of three interleaved rounds): none ahead 0.707 s, one 0.620 s on run CQ's H100 host (the
+# decode beside them unchanged, 4.42 ms a token); one 0.892, two 0.858 s on run CS's H200 host; one 0.639, two
+# 0.600 s on run CU's H100 host (two shorter in every round there). With CANDIDATES = 3, two is all of them.
+CANDIDATES_AHEAD = 2
 _CANDIDATES_POOL: ThreadPoolExecutor | None = None
 _CANDIDATES_LOCK = threading.Lock()
 # a larger region's deepest voxel is looked for on in-plane blocks wholly inside it, as coarse as makes about

@@ -15,9 +15,7 @@
 #                                 # decoder or reading) and readings and batches in turn (read_many's threads' own
 #                                 # streams: not yet run), then the GPU memory over four rounds of three shapes
 #   bash bench/gpu_session.sh 4   # the findings' chains' own length (maps made after the answer, so that no decode
-#                                 # hides them: an H100's is 0.13 s longer than an H200's): the library's against
-#                                 # the deepest voxels on 2 x 2 blocks, one candidate ahead, and both (the code of
-#                                 # run CU)
+#                                 # hides them: an H100's is 0.13 s longer than an H200's) with the A/B's variants
 #   bash bench/gpu_session.sh 5   # where a decode step's time goes: the kernels of a CT's and an X-ray's decode
 #   bash bench/gpu_session.sh 6   # who holds the interpreter's lock during CT readings (py-spy --gil, summarised
 #                                 # there: run CS's heatmaps waited 0.05 s on 1-3 ms of their own CPU)
@@ -74,7 +72,7 @@ for part in "$@"; do
         ;;
     4)
         step chains_ab 420 python3 bench/prefill_ab.py --parts reading --rounds 3 \
-            --variants after,after+deepest-2x2,after+candidates-1,after+deepest-2x2+candidates-1
+            --variants after,after+candidates-0,after+candidates-2,after+helpers-12
         ;;
     5)
         TAIL=80 step decode_kernels 400 python3 bench/fast_path.py --only decode --speed-modalities ct,xray \

@@ -210,37 +210,6 @@ def test_a_search_whose_candidates_fail_leaves_no_cycle_behind(monkeypatch, ahea
         gc.enable()
 
 
-def test_a_large_regions_deepest_voxel_is_found_on_blocks_as_coarse_as_its_size_allows(monkeypatch):
-    """ct_extent.deepest: a box up to DEEPEST_FINE_VOXELS on its own grid, up to four times that on 2 x 2 blocks,
-    then on blocks that leave about that many (an effusion's 15 M-voxel box: 4 x 4). The voxel given is inside
-    the region, its depth within a block's diagonal of the deepest depth, and where the deepest voxel is one (a
-    ball's centre) within a block of it; a thin region with no coarse block inside is measured on 2 x 2 blocks."""
-    assert [ct_extent.deepest_step(s) for s in ((40, 150, 150), (60, 250, 250), (134, 385, 300), (200, 500, 400))] \
-        == [1, 2, 4, 7]
-    measured, real = [], ct_extent.inside_distance
-    monkeypatch.setattr(ct_extent, "inside_distance", lambda m, s: measured.append(m.shape) or real(m, s))
-    cases = [((1.0, 0.7, 0.7), (150, 300, 300), (74.0, 74.0, 74.0), 3),  # a ball in a 6.6 M-voxel box
-             ((2.5, 0.7, 0.7), (60, 420, 420), (72.0, 142.0, 142.0), 4)]  # a flat-topped depth, 9.5 M voxels
-    for spacing, shape, radii, step in cases:
-        grids = np.ogrid[tuple(slice(0, n) for n in shape)]
-        for centre in ([n // 2 for n in shape], [n // 2 - 3 + i for i, n in enumerate(shape)]):
-            region = sum(((g - c) * s / r) ** 2 for g, c, s, r in zip(grids, centre, spacing, radii)) <= 1
-            depth = ndimage.distance_transform_edt(region, sampling=spacing)
-            box = ct_extent.bounds(region, [1, 1, 1])  # the region's box and a voxel more, as deepest's
-            at = ct_extent.deepest(region, spacing)
-            assert measured[-1] == tuple(b.stop - b.start for b in box[:1]) + \
-                tuple((b.stop - b.start) // step for b in box[1:])  # on blocks of `step`
-            assert region[at] and depth[at] >= depth.max() - step * 0.7 * np.sqrt(2)
-            if len(set(radii)) == 1:
-                assert all(abs(a - c) <= step for a, c in zip(at, centre)), (at, centre)
-    plate = np.zeros((60, 400, 400), bool)  # three voxels thick along a diagonal: no 4 x 4 block inside it
-    for i in range(400):
-        plate[:, i, max(0, i - 1) : i + 2] = True
-    assert not ct_extent.block_min(plate, 4).any() and ct_extent.block_min(plate, 2).any()
-    at = ct_extent.deepest(plate, (2.5, 0.7, 0.7))
-    assert plate[at] and measured[-1] == (60, 200, 200)
-
-
 def test_candidates_are_tried_ahead_only_where_helper_processes_run(monkeypatch):
     """A CT search tries its next candidates ahead where helpers run (a GPU host's free cores: run CQ), and one
     after another where none do (two cores, which the findings' searches already share)."""

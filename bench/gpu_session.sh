@@ -72,7 +72,7 @@ for part in "$@"; do
         ;;
     4)
         step chains_ab 420 python3 bench/prefill_ab.py --parts reading --rounds 3 \
-            --variants after,after+candidates-0,after+candidates-2,after+helpers-12
+            --variants after,after+candidates-1,after+candidates-0,after+helpers-12
         ;;
     5)
         TAIL=80 step decode_kernels 400 python3 bench/fast_path.py --only decode --speed-modalities ct,xray \

@@ -8,14 +8,15 @@
 #   bash bench/gpu_session.sh 1   # the GPU tests, the speed and timeline of a CT and an X-ray
 #   bash bench/gpu_session.sh 2   # a fresh server's first readings (8 GiB heap reserve: where each reading's
 #                                 # page faults come from; the first and a later reading's maps call by call);
-#                                 # an A/B of the search's next candidate tried ahead and a finding's two levels
-#                                 # found side by side, the maps beside the decode
+#                                 # an A/B beside the decode: the library's, the deepest voxels on the GPU, and
+#                                 # one candidate ahead (does the GPU's distance work slow the decode?)
 #   bash bench/gpu_session.sh 3   # what GPU readings leave behind: the reference-cycle test on the GPU reader
 #                                 # (both map schedules), the kept streams' tests (no cuBLAS workspace per
 #                                 # decoder or reading) and readings and batches in turn (read_many's threads' own
-#                                 # streams: not yet run), then the GPU memory over four rounds of three shapes
+#                                 # streams: passed in run CT), then the GPU memory over four rounds of three shapes
 #   bash bench/gpu_session.sh 4   # the findings' chains' own length (maps made after the answer, so that no decode
-#                                 # hides them: an H100's is 0.13 s longer than an H200's) with the A/B's variants
+#                                 # hides them: an H100's is 0.13 s longer than an H200's): the library's against
+#                                 # the deepest voxels on the GPU, one candidate ahead and none
 #   bash bench/gpu_session.sh 5   # where a decode step's time goes: the kernels of a CT's and an X-ray's decode
 #   bash bench/gpu_session.sh 6   # who holds the interpreter's lock during CT readings (py-spy --gil, summarised
 #                                 # there: run CS's heatmaps waited 0.05 s on 1-3 ms of their own CPU)
@@ -62,7 +63,7 @@ for part in "$@"; do
         TAIL=120 step first_readings_8 200 python3 bench/first_readings.py --device cuda --reserve-gb 8 --readings 8 \
             --timeline-first --timeline
         step reading_ab 330 python3 bench/prefill_ab.py --parts reading \
-            --variants default,candidates-0,levels-serial --rounds 3
+            --variants default,deepest-gpu,candidates-1 --rounds 3
         ;;
     3)
         step cycles_on_gpu 240 python3 -m pytest -q -p no:cacheprovider tests/test_reader.py \
@@ -72,7 +73,7 @@ for part in "$@"; do
         ;;
     4)
         step chains_ab 420 python3 bench/prefill_ab.py --parts reading --rounds 3 \
-            --variants after,after+candidates-1,after+candidates-0,after+helpers-12
+            --variants after,after+deepest-gpu,after+candidates-1,after+candidates-0
         ;;
     5)
         TAIL=80 step decode_kernels 400 python3 bench/fast_path.py --only decode --speed-modalities ct,xray \

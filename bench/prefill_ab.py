@@ -28,6 +28,8 @@ The benchmark's 85-slice CT (``fast_path.ct``; or its film, ``--study xray``) th
   ``maps.LEVELS_TOGETHER`` (the library's: side by side in two helpers).
 - ``candidates-N`` (the ``reading`` part): a CT search's next N candidates tried in threads while the one before
   is, where helpers run (``ct_extent.CANDIDATES_AHEAD``; the library's: 2 since run CU, 0 is one after another).
+- ``deepest-gpu`` (the ``reading`` part): the searches' deepest voxels measured on the GPU
+  (``ct_extent.DEEPEST_ON_DEVICE``; the library's: in a helper process, with edt).
 - ``edt-N`` (the ``reading`` part): a helper's distance transforms (the deepest voxels' and the openings') on N
   of edt's threads (``distances.HELPER_THREADS``; the library's: 1).
 - ``helpers-N`` (the ``reading`` part): N label and distance helper processes (``helper_processes``; the
@@ -132,6 +134,8 @@ def one_variant(stack: ExitStack, model, name: str) -> None:
         stack.enter_context(mock.patch.object(maps, "LEVELS_TOGETHER", False))
     if name.startswith("candidates-"):
         stack.enter_context(mock.patch.object(ct_extent, "CANDIDATES_AHEAD", int(name.split("-")[1])))
+    if name == "deepest-gpu":
+        stack.enter_context(mock.patch.object(ct_extent, "DEEPEST_ON_DEVICE", True))
     if name.startswith("edt-"):
         stack.enter_context(mock.patch.object(distances, "HELPER_THREADS", int(name.split("-")[1])))
     if name.startswith("helpers-"):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from . import components, filters, helper_processes, maps
+from . import components, distances, filters, helper_processes, maps
 from ..allocator import zeros
 from .blocks import block_mean, block_min, blocks_back
 from .boxes import Boxed, bounds, boxed, grown
@@ -211,6 +211,11 @@ CANDIDATES_AHEAD = 2
 _CANDIDATES_POOL: ThreadPoolExecutor | None = None
 _CANDIDATES_LOCK = threading.Lock()
 DEEPEST_FINE_VOXELS = 1_000_000  # a larger region's deepest voxel is looked for on 2 x 2 in-plane blocks first
+# a GPU reader's deepest voxels measured on its GPU (deepest_index_torch: the same voxels as edt's) instead of in a
+# helper process: the last chain's longest step on run CS's H200 host (0.18-0.2 s), but a few milliseconds of the
+# card's bandwidth beside the decode for each of a reading's four to eight parts. Off until prefill_ab.py's
+# deepest-gpu variant has been measured beside the decode on both cards
+DEEPEST_ON_DEVICE = False
 
 
 def near_box(near: np.ndarray | Boxed, spacing, kind: str) -> tuple[slice, ...]:
@@ -224,10 +229,11 @@ def near_box(near: np.ndarray | Boxed, spacing, kind: str) -> tuple[slice, ...]:
     return grown(near.box, [int(np.ceil(hi / s)) + 1 for s in spacing], near.mask.shape)
 
 
-def deepest(part: np.ndarray, spacing) -> tuple[int, ...]:
+def deepest(part: np.ndarray, spacing, device=None) -> tuple[int, ...]:
     """The voxel of ``part`` farthest inside it (the maximum of its inside distance). A part whose bounding
     box holds more than :data:`DEEPEST_FINE_VOXELS` is measured on 2 x 2 in-plane blocks wholly inside it (a
-    quarter of the work; the voxel found is within a voxel of the finest answer)."""
+    quarter of the work; the voxel found is within a voxel of the finest answer). ``device``: a GPU measures
+    the distances there (:func:`deepest_index_torch`: the same voxel), a host core free meanwhile."""
     box = bounds(part, [1] * part.ndim)
     sub = part[box]
     step = 2 if sub.size > DEEPEST_FINE_VOXELS and min(sub.shape[1:]) >= 8 else 1
@@ -237,9 +243,24 @@ def deepest(part: np.ndarray, spacing) -> tuple[int, ...]:
             sub, spacing = coarse, (spacing[0], 2 * spacing[1], 2 * spacing[2])
         else:
             step = 1
-    k = np.unravel_index(int(np.argmax(inside_distance(sub, spacing))), sub.shape)
+    if device is not None and torch.device(device).type == "cuda":
+        with maps.side_stream():  # not queued behind the model's steps
+            k = deepest_index_torch(sub, spacing, device)
+    else:
+        k = np.unravel_index(int(np.argmax(inside_distance(sub, spacing))), sub.shape)
     k = (k[0], k[1] * step, k[2] * step)
     return tuple(int(i + b.start) for i, b in zip(k, box))
+
+
+def deepest_index_torch(sub: np.ndarray, spacing, device) -> tuple[int, ...]:
+    """``np.argmax`` of :func:`inside_distance` of ``sub`` (edt's float32 depths: the first voxel in C order
+    among equal ones) from torch's squared distances on ``device`` (:func:`distances.squared_inside_torch`),
+    rounded to float32 before their root, so that depths equal in float32 tie as edt's do. The same voxel as
+    edt's on the real CT's seven deepest parts and the tests' shapes (its distances within 1e-6 mm of edt's);
+    where two depths differ by edt's own float32 rounding alone, either voxel may be given."""
+    t = _to_device(torch.from_numpy(np.ascontiguousarray(sub, dtype=bool)), device)
+    depth = distances.squared_inside_torch(t, spacing).to(torch.float32).sqrt_()
+    return np.unravel_index(int(torch.argmax(depth.reshape(-1))), sub.shape)
 
 
 def candidates_ahead() -> int:
@@ -308,7 +329,7 @@ def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.nd
 
     def tried(k: int) -> Extent | NoExtent:  # candidate k's region, or why it is not a `kind`
         # (deepest() looks at the region's own box: no find_objects over thousands of regions for the few tried)
-        at = deepest(labels == order[k], spacing)
+        at = deepest(labels == order[k], spacing, device if DEEPEST_ON_DEVICE else None)
         seed = tuple(int(i + b.start) for i, b in zip(at, box))
         try:
             return grow_ct(hu, spacing, seed, kind, cache=cache, device=device, layers=layers)

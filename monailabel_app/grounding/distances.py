@@ -8,10 +8,14 @@ on those regions on this project's 2-core CPU (0.45 s against 1.06 s for the 13 
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import helper_processes
+
+if TYPE_CHECKING:  # (torch is imported where it is used: the helper processes import this module without it)
+    import torch
 
 
 def inside(mask: np.ndarray, spacing) -> np.ndarray:
@@ -48,3 +52,37 @@ def inside_here(mask: np.ndarray, spacing, threads: int = 1) -> np.ndarray:
     if mask.size == 0:
         return np.zeros(mask.shape, np.float32)
     return edt.edt(mask, anisotropy=tuple(float(s) for s in spacing), black_border=False, parallel=max(1, threads))
+
+
+# elements of a min-plus pass's (lines, L, L) block made at a time (float64: 128 MB on the device)
+BLOCK_ELEMENTS = 1 << 24
+
+
+def squared_inside_torch(mask: torch.Tensor, spacing) -> torch.Tensor:
+    """float64 on ``mask``'s device (a 3-D bool tensor): per voxel the squared distance (``spacing``'s units
+    per axis) to the nearest voxel outside ``mask``, the array's edge not a border (as :func:`inside`); 0
+    outside, inf everywhere when no voxel is outside. Separable (Saito and Toriwaki's decomposition, exact):
+    along the last axis the nearest outside voxel before and after each voxel, then along each other axis the
+    lower envelope ``min_q f[q] + (w (i - q))^2``, taken whole over each line (``L^2`` a line of ``L``
+    voxels: a GPU's work, for a few parts of millions of voxels, where edt holds a CPU core for 0.1-0.2 s)."""
+    import torch
+
+    z, y, x = mask.shape
+    dtype, inf = torch.float64, float("inf")
+    index = torch.arange(x, dtype=dtype, device=mask.device).expand(z, y, x)
+    outside = ~mask
+    before = torch.where(outside, index, -inf).cummax(dim=2).values
+    after = torch.where(outside, index, inf).flip(2).cummin(dim=2).values.flip(2)
+    f = (torch.minimum(index - before, after - index) * float(spacing[2])) ** 2
+    for axis in (1, 0):
+        lines = f.movedim(axis, -1).contiguous()
+        n = lines.shape[-1]
+        at = torch.arange(n, dtype=dtype, device=mask.device)
+        reach = ((at[:, None] - at[None, :]) * float(spacing[axis])) ** 2  # (i, q)
+        flat = lines.reshape(-1, n)
+        out = torch.empty_like(flat)
+        rows = max(1, BLOCK_ELEMENTS // (n * n))
+        for s in range(0, flat.shape[0], rows):
+            torch.amin(flat[s : s + rows, None, :] + reach, dim=2, out=out[s : s + rows])
+        f = out.reshape(lines.shape).movedim(-1, axis)
+    return f

@@ -482,3 +482,16 @@ def test_a_ct_region_reads_only_its_search_box(monkeypatch):
     for a, b in zip(cleared, filled):
         assert (a[0] is None) == (b[0] is None) and a[1:] == b[1:]
         assert a[0] is None or np.array_equal(a[0], b[0])
+
+
+def test_a_search_measures_its_deepest_voxels_on_its_device_only_when_asked(monkeypatch):
+    """ct_extent.DEEPEST_ON_DEVICE: off (the library's until measured beside the decode), a search's candidates'
+    deepest voxels are measured on the host whatever its device; on, on the search's device."""
+    vol, heat = _attention_on_the_largest_lesion()
+    real, asked = ct_extent.deepest, []
+    monkeypatch.setattr(ct_extent, "deepest", lambda part, spacing, device=None: asked.append(device) or
+                        real(part, spacing, device))
+    for on in (False, True):
+        monkeypatch.setattr(ct_extent, "DEEPEST_ON_DEVICE", on)
+        ct_extent.find_in_ct(vol.hu, vol.spacing, heat, "mass", cache={}, device="cpu")
+    assert asked and set(asked[: asked.index("cpu")]) == {None} and asked[-1] == "cpu"

@@ -347,12 +347,15 @@ def test_a_cts_search_layers_made_on_the_device_in_slabs_are_the_cpus_whole_volu
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the lent H200)")
-def test_a_cts_extents_searched_with_the_gpus_smoothing_are_the_cpus(monkeypatch):
-    """find_in_ct with its HU smoothed on the GPU: the same regions, seeds and measures as on the CPU, for each
-    lesion of a phantom CT under attention centred on it, on the voxels and on coarse planes (a small
-    MAX_BOX_VOXELS: the large kinds' way on a clinical grid)."""
+@pytest.mark.parametrize("deepest_on_device", [False, True], ids=["deepest-host", "deepest-cuda"])
+def test_a_cts_extents_searched_with_the_gpus_smoothing_are_the_cpus(monkeypatch, deepest_on_device):
+    """find_in_ct with its HU smoothed on the GPU (and its candidates' deepest voxels measured there,
+    ct_extent.DEEPEST_ON_DEVICE): the same regions, seeds and measures as on the CPU, for each lesion of a
+    phantom CT under attention centred on it, on the voxels and on coarse planes (a small MAX_BOX_VOXELS: the
+    large kinds' way on a clinical grid)."""
     from monailabel_app.grounding import ct_extent
 
+    monkeypatch.setattr(ct_extent, "DEEPEST_ON_DEVICE", deepest_on_device)
     ph = make_ct_phantom(4)
     vol = phantom_volume(ph)
     grid = np.indices(vol.shape)
@@ -378,6 +381,37 @@ def _outcome(vol, heat, kind, device) -> tuple:
         return e.mask, e.seed, e.json()
     except extent.NoExtent as x:
         return np.zeros(vol.shape, bool), str(x)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_deepest_voxel_measured_with_torch_is_edts(device):
+    """ct_extent.deepest's voxel from torch's distances (on a GPU: the search's longest step off the host's
+    cores) is the one edt's give: on a phantom CT's lesions and dense regions, a box (its depths tied on a
+    plateau: the first in C order), and parts over DEEPEST_FINE_VOXELS measured on 2 x 2 blocks. On the CPU the
+    torch path is called alone (the reader keeps edt there)."""
+    from monailabel_app.grounding import components, ct_extent
+
+    vol = phantom_volume(make_ct_phantom(4))
+    labels, n = components.label_here(vol.hu >= -500)
+    sizes = np.bincount(labels.ravel())[1:]
+    parts = [(labels == k + 1, vol.spacing) for k in np.argsort(sizes)[::-1][:4]]
+    parts += [(les.mask, vol.spacing) for les in make_ct_phantom(4).lesions]
+    box = np.zeros((30, 80, 90), bool)
+    box[5:25, 10:70, 20:80] = True
+    grids = np.ogrid[:60, :240, :240]
+    big = sum(((g - c) * s / r) ** 2 for g, c, s, r in zip(grids, (29, 118, 121), (2.5, 0.7, 0.7), (70, 80, 75))) <= 1
+    parts += [(box, (2.5, 0.6, 0.7)), (big, (2.5, 0.7, 0.7))]
+    assert big.sum() > ct_extent.DEEPEST_FINE_VOXELS
+    for part, spacing in parts:
+        want = ct_extent.deepest(part, spacing)
+        if device == "cuda":
+            assert ct_extent.deepest(part, spacing, device) == want
+        else:
+            sub = part[ct_extent.bounds(part, [1, 1, 1])]
+            at = ct_extent.deepest_index_torch(sub, spacing, device)
+            assert at == np.unravel_index(int(np.argmax(ct_extent.inside_distance(sub, spacing))), sub.shape)
+    # the box's depth is 18 mm (half its 36 mm in y) on a plateau of 6 x 2 x 10 voxels; its first in C order
+    assert ct_extent.deepest(box, (2.5, 0.6, 0.7)) == (12, 39, 45)
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -29,3 +29,30 @@ def test_distances_on_several_threads_are_the_same_bits():
         for threads in (2, 4):
             assert np.array_equal(inside_here(mask, spacing, threads), one), threads
 
+
+
+def test_squared_distances_in_torch_are_edts_to_float32_rounding():
+    """distances.squared_inside_torch (the deepest voxel's distances on a GPU): the root of its squared distances
+    is edt's distance to float32 rounding, with the array's edge not a border, 0 outside, inf where nothing
+    is outside; on blobs, a box (every depth of a plateau tied) and blobs that touch the array's edges."""
+    import torch
+
+    from monailabel_app.grounding.distances import squared_inside_torch
+
+    rng = np.random.default_rng(9)
+    box = np.zeros((14, 30, 26), bool)
+    box[2:12, 5:25, 4:22] = True
+    cases = [(box, (2.5, 0.6, 0.7))]
+    for shape, spacing in (((12, 40, 35), (2.5, 0.6, 0.7)), ((20, 33, 47), (1.0, 1.0, 1.0)), ((7, 64, 9), (0.8, 3.0, 0.5))):
+        mask = ndimage.gaussian_filter(rng.normal(size=shape), 1.5) > -0.2
+        mask[0, 0, :] = True  # the array's edge inside: not a border
+        cases.append((mask, spacing))
+    for mask, spacing in cases:
+        want = inside_here(mask, spacing)
+        got = squared_inside_torch(torch.from_numpy(mask), spacing)
+        assert got.dtype == torch.float64 and tuple(got.shape) == mask.shape
+        assert np.abs(got.sqrt().numpy() - want).max() <= 1e-5 * max(1.0, float(want.max()))
+        assert not got.numpy()[~mask].any()
+    whole = squared_inside_torch(torch.ones((3, 4, 5), dtype=torch.bool), (1.0, 1.0, 1.0))
+    assert torch.isinf(whole).all()  # nothing outside: inf, as edt gives
+    assert not squared_inside_torch(torch.zeros((3, 4, 5), dtype=torch.bool), (1.0, 1.0, 1.0)).any()

@@ -391,11 +391,12 @@ def test_the_deepest_voxel_measured_with_torch_is_edts(device):
     torch path is called alone (the reader keeps edt there)."""
     from monailabel_app.grounding import components, ct_extent
 
-    vol = phantom_volume(make_ct_phantom(4))
-    labels, n = components.label_here(vol.hu >= -500)
+    ph = make_ct_phantom(4)
+    vol = phantom_volume(ph)
+    labels, _ = components.label_here(vol.hu >= -500)
     sizes = np.bincount(labels.ravel())[1:]
     parts = [(labels == k + 1, vol.spacing) for k in np.argsort(sizes)[::-1][:4]]
-    parts += [(les.mask, vol.spacing) for les in make_ct_phantom(4).lesions]
+    parts += [(les.mask, vol.spacing) for les in ph.lesions]
     box = np.zeros((30, 80, 90), bool)
     box[5:25, 10:70, 20:80] = True
     grids = np.ogrid[:60, :240, :240]

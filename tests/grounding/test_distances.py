@@ -30,7 +30,6 @@ def test_distances_on_several_threads_are_the_same_bits():
             assert np.array_equal(inside_here(mask, spacing, threads), one), threads
 
 
-
 def test_squared_distances_in_torch_are_edts_to_float32_rounding():
     """distances.squared_inside_torch (the deepest voxel's distances on a GPU): the root of its squared distances
     is edt's distance to float32 rounding, with the array's edge not a border, 0 outside, inf where nothing

@@ -64,7 +64,8 @@ def squared_inside_torch(mask: torch.Tensor, spacing) -> torch.Tensor:
     outside, inf everywhere when no voxel is outside. Separable (Saito and Toriwaki's decomposition, exact):
     along the last axis the nearest outside voxel before and after each voxel, then along each other axis the
     lower envelope ``min_q f[q] + (w (i - q))^2``, taken whole over each line (``L^2`` a line of ``L``
-    voxels: a GPU's work, for a few parts of millions of voxels, where edt holds a CPU core for 0.1-0.2 s)."""
+    voxels: a GPU's work, for a few parts of millions of voxels, where edt holds a CPU core for 0.1-0.2 s) that
+    is not wholly outside."""
     import torch
 
     z, y, x = mask.shape
@@ -80,9 +81,13 @@ def squared_inside_torch(mask: torch.Tensor, spacing) -> torch.Tensor:
         at = torch.arange(n, dtype=dtype, device=mask.device)
         reach = ((at[:, None] - at[None, :]) * float(spacing[axis])) ** 2  # (i, q)
         flat = lines.reshape(-1, n)
-        out = torch.empty_like(flat)
+        # a line wholly outside (all 0) stays 0: only the others are enveloped (30-87 % of the lines of the real
+        # CT's deepest parts)
+        active = flat.any(dim=1).nonzero().squeeze(1)
+        out = torch.zeros_like(flat)
         rows = max(1, BLOCK_ELEMENTS // (n * n))
-        for s in range(0, flat.shape[0], rows):
-            torch.amin(flat[s : s + rows, None, :] + reach, dim=2, out=out[s : s + rows])
+        for s in range(0, active.numel(), rows):
+            at_rows = active[s : s + rows]
+            out[at_rows] = torch.amin(flat[at_rows, None, :] + reach, dim=2)
         f = out.reshape(lines.shape).movedim(-1, axis)
     return f

@@ -8,18 +8,22 @@
 #   bash bench/gpu_session.sh 1   # the GPU tests, the speed and timeline of a CT and an X-ray
 #   bash bench/gpu_session.sh 2   # a fresh server's first readings (8 GiB heap reserve: where each reading's
 #                                 # page faults come from; the first and a later reading's maps call by call);
-#                                 # an A/B beside the decode: the library's, the deepest voxels on the GPU, and
-#                                 # one candidate ahead (does the GPU's distance work slow the decode?)
+#                                 # an A/B beside the decode: the library's, the deepest voxels on the GPU in the
+#                                 # Triton kernel and in torch's blocks (does the GPU's distance work slow the
+#                                 # decode? the blocks did, run CW)
 #   bash bench/gpu_session.sh 3   # what GPU readings leave behind: the reference-cycle test on the GPU reader
 #                                 # (both map schedules), the kept streams' tests (no cuBLAS workspace per
 #                                 # decoder or reading) and readings and batches in turn (read_many's threads' own
 #                                 # streams: passed in run CT), then the GPU memory over four rounds of three shapes
 #   bash bench/gpu_session.sh 4   # the findings' chains' own length (maps made after the answer, so that no decode
 #                                 # hides them: an H100's is 0.13 s longer than an H200's): the library's against
-#                                 # the deepest voxels on the GPU, one candidate ahead and none
+#                                 # the deepest voxels on the GPU (the kernel, torch's blocks) and one candidate ahead
 #   bash bench/gpu_session.sh 5   # where a decode step's time goes: the kernels of a CT's and an X-ray's decode
 #   bash bench/gpu_session.sh 6   # who holds the interpreter's lock during CT readings (py-spy --gil, summarised
 #                                 # there: run CS's heatmaps waited 0.05 s on 1-3 ms of their own CPU)
+#   bash bench/gpu_session.sh 7   # the deepest voxels on the GPU: the Triton kernel's tests there, each part's time
+#                                 # on the host and the card (bench/deepest_gpu.py), and the A/B beside the decode
+#                                 # and with the maps after the answer: the library's, the kernel, torch's blocks
 #   bash bench/gpu_session.sh 1 3 # several parts in one command, in the order given (one machine start, one
 #                                 # compile cache; runs CK-CQ took 1.5-5 minutes a part)
 set -u
@@ -28,8 +32,8 @@ if [[ $# -eq 0 ]]; then
     exit 2
 fi
 for part in "$@"; do
-    if [[ $part != [123456] ]]; then
-        echo "usage: bash bench/gpu_session.sh PART... (each 1 to 6; got '$part')" >&2
+    if [[ $part != [1234567] ]]; then
+        echo "usage: bash bench/gpu_session.sh PART... (each 1 to 7; got '$part')" >&2
         exit 2
     fi
 done
@@ -63,7 +67,7 @@ for part in "$@"; do
         TAIL=120 step first_readings_8 200 python3 bench/first_readings.py --device cuda --reserve-gb 8 --readings 8 \
             --timeline-first --timeline
         step reading_ab 330 python3 bench/prefill_ab.py --parts reading \
-            --variants default,deepest-gpu,candidates-1 --rounds 3
+            --variants default,deepest-gpu,deepest-gpu-blocks --rounds 3
         ;;
     3)
         step cycles_on_gpu 240 python3 -m pytest -q -p no:cacheprovider tests/test_reader.py \
@@ -73,7 +77,7 @@ for part in "$@"; do
         ;;
     4)
         step chains_ab 420 python3 bench/prefill_ab.py --parts reading --rounds 3 \
-            --variants after,after+deepest-gpu,after+candidates-1,after+candidates-0
+            --variants after,after+deepest-gpu,after+deepest-gpu-blocks,after+candidates-1
         ;;
     5)
         TAIL=80 step decode_kernels 400 python3 bench/fast_path.py --only decode --speed-modalities ct,xray \
@@ -84,6 +88,14 @@ for part in "$@"; do
             -r 100 -f raw -o "$1/spy.txt" -- python3 bench/fast_path.py --only speed,timeline --speed-modalities ct \
             --no-anchors --out "$1/gil_timeline.md" > /dev/null; python3 bench/spy_summary.py "$1/spy.txt" --top 40; \
             rm -f "$1/spy.txt"' gil "$out"
+        ;;
+    7)
+        step deepest_tests 150 python3 -m pytest -q -p no:cacheprovider tests/grounding/test_device_maps.py \
+            tests/grounding/test_distances.py -k "kernel or deepest or torch"
+        step deepest_parts 120 python3 bench/deepest_gpu.py
+        step deepest_beside_decode 240 python3 bench/prefill_ab.py --parts reading --rounds 3 \
+            --variants default,deepest-gpu,deepest-gpu-blocks
+        step deepest_after 180 python3 bench/prefill_ab.py --parts reading --rounds 3 --variants after,after+deepest-gpu
         ;;
     esac
 done

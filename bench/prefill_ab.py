@@ -29,7 +29,8 @@ The benchmark's 85-slice CT (``fast_path.ct``; or its film, ``--study xray``) th
 - ``candidates-N`` (the ``reading`` part): a CT search's next N candidates tried in threads while the one before
   is, where helpers run (``ct_extent.CANDIDATES_AHEAD``; the library's: 2 since run CU, 0 is one after another).
 - ``deepest-gpu`` (the ``reading`` part): the searches' deepest voxels measured on the GPU
-  (``ct_extent.DEEPEST_ON_DEVICE``; the library's: in a helper process, with edt).
+  (``ct_extent.DEEPEST_ON_DEVICE``; the library's: in a helper process, with edt), the lower envelopes in one
+  Triton kernel; ``deepest-gpu-blocks``: in torch's blocks (``distances.ENVELOPE_KERNEL`` off; run CW's).
 - ``edt-N`` (the ``reading`` part): a helper's distance transforms (the deepest voxels' and the openings') on N
   of edt's threads (``distances.HELPER_THREADS``; the library's: 1).
 - ``helpers-N`` (the ``reading`` part): N label and distance helper processes (``helper_processes``; the
@@ -134,8 +135,10 @@ def one_variant(stack: ExitStack, model, name: str) -> None:
         stack.enter_context(mock.patch.object(maps, "LEVELS_TOGETHER", False))
     if name.startswith("candidates-"):
         stack.enter_context(mock.patch.object(ct_extent, "CANDIDATES_AHEAD", int(name.split("-")[1])))
-    if name == "deepest-gpu":
+    if name.startswith("deepest-gpu"):
         stack.enter_context(mock.patch.object(ct_extent, "DEEPEST_ON_DEVICE", True))
+    if name == "deepest-gpu-blocks":
+        stack.enter_context(mock.patch.object(distances, "ENVELOPE_KERNEL", False))
     if name.startswith("edt-"):
         stack.enter_context(mock.patch.object(distances, "HELPER_THREADS", int(name.split("-")[1])))
     if name.startswith("helpers-"):
@@ -268,6 +271,9 @@ def main() -> None:
         emit("| round | variant | end to end s | prefill s | ms / decode token | maps after the answer s | "
              "loop: look s | loop: callbacks s (the rows' copies) | page faults |")
         emit("|---|---|---|---|---|---|---|---|---|")
+        for name in names:  # a reading per variant first, not kept: a variant's own first calls (a kernel's compile)
+            with variant(model, name):
+                project_read(reader, fast_path.fresh(study), answer)
         for r in range(1, args.rounds + 1):
             for name in names:
                 with variant(model, name):

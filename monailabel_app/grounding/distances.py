@@ -56,16 +56,20 @@ def inside_here(mask: np.ndarray, spacing, threads: int = 1) -> np.ndarray:
 
 # elements of a min-plus pass's (lines, L, L) block made at a time (float64: 128 MB on the device)
 BLOCK_ELEMENTS = 1 << 24
+# a GPU's lower envelopes in one Triton kernel (envelope_kernel: the same values without writing those blocks to the
+# card's memory, beside a decode that reads the weights at its bandwidth); False: torch's blocks there too
+ENVELOPE_KERNEL = True
 
 
-def squared_inside_torch(mask: torch.Tensor, spacing) -> torch.Tensor:
+def squared_inside_torch(mask: torch.Tensor, spacing, kernel: bool | None = None) -> torch.Tensor:
     """float64 on ``mask``'s device (a 3-D bool tensor): per voxel the squared distance (``spacing``'s units
     per axis) to the nearest voxel outside ``mask``, the array's edge not a border (as :func:`inside`); 0
     outside, inf everywhere when no voxel is outside. Separable (Saito and Toriwaki's decomposition, exact):
     along the last axis the nearest outside voxel before and after each voxel, then along each other axis the
     lower envelope ``min_q f[q] + (w (i - q))^2``, taken whole over each line (``L^2`` a line of ``L``
-    voxels: a GPU's work, for a few parts of millions of voxels, where edt holds a CPU core for 0.1-0.2 s) that
-    is not wholly outside."""
+    voxels: a GPU's work, for a few parts of millions of voxels, where edt holds a CPU core for 0.1-0.2 s).
+    ``kernel``: the envelopes in one Triton kernel (:mod:`envelope_kernel`; the default on a GPU where
+    :data:`ENVELOPE_KERNEL`) instead of torch's blocks (the same values)."""
     import torch
 
     z, y, x = mask.shape
@@ -75,19 +79,34 @@ def squared_inside_torch(mask: torch.Tensor, spacing) -> torch.Tensor:
     before = torch.where(outside, index, -inf).cummax(dim=2).values
     after = torch.where(outside, index, inf).flip(2).cummin(dim=2).values.flip(2)
     f = (torch.minimum(index - before, after - index) * float(spacing[2])) ** 2
+    if kernel is None:
+        kernel = mask.is_cuda and ENVELOPE_KERNEL
     for axis in (1, 0):
         lines = f.movedim(axis, -1).contiguous()
-        n = lines.shape[-1]
-        at = torch.arange(n, dtype=dtype, device=mask.device)
-        reach = ((at[:, None] - at[None, :]) * float(spacing[axis])) ** 2  # (i, q)
-        flat = lines.reshape(-1, n)
-        # a line wholly outside (all 0) stays 0: only the others are enveloped (30-87 % of the lines of the real
-        # CT's deepest parts)
-        active = flat.any(dim=1).nonzero().squeeze(1)
-        out = torch.zeros_like(flat)
-        rows = max(1, BLOCK_ELEMENTS // (n * n))
-        for s in range(0, active.numel(), rows):
-            at_rows = active[s : s + rows]
-            out[at_rows] = torch.amin(flat[at_rows, None, :] + reach, dim=2)
+        flat = lines.reshape(-1, lines.shape[-1])
+        if kernel:
+            from .envelope_kernel import lower_envelopes
+
+            out = lower_envelopes(flat, float(spacing[axis]))
+        else:
+            out = _envelopes_in_blocks(flat, float(spacing[axis]))
         f = out.reshape(lines.shape).movedim(-1, axis)
     return f
+
+
+def _envelopes_in_blocks(flat: torch.Tensor, w: float) -> torch.Tensor:
+    """:func:`squared_inside_torch`'s lower envelopes of ``flat``'s lines by torch's broadcast ``amin`` over
+    blocks of :data:`BLOCK_ELEMENTS`. A line wholly outside (all 0) stays 0 and is skipped (30-87 % of the lines
+    of the real CT's deepest parts)."""
+    import torch
+
+    n = flat.shape[-1]
+    at = torch.arange(n, dtype=torch.float64, device=flat.device)
+    reach = ((at[:, None] - at[None, :]) * w) ** 2  # (i, q)
+    active = flat.any(dim=1).nonzero().squeeze(1)
+    out = torch.zeros_like(flat)
+    rows = max(1, BLOCK_ELEMENTS // (n * n))
+    for s in range(0, active.numel(), rows):
+        at_rows = active[s : s + rows]
+        out[at_rows] = torch.amin(flat[at_rows, None, :] + reach, dim=2)
+    return out

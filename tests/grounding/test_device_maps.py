@@ -383,6 +383,15 @@ def _outcome(vol, heat, kind, device) -> tuple:
         return np.zeros(vol.shape, bool), str(x)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the lent H200)")
+def test_the_envelope_kernel_compiled_for_cuda_gives_torchs_values():
+    """The deepest voxel's lower envelopes in the Triton kernel, compiled for the GPU, give the torch blocks'
+    values there bit for bit (test_distances checks it in Triton's interpreter)."""
+    from tests.grounding.test_distances import envelope_check
+
+    assert envelope_check("cuda") == ["same"] * 3
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_the_deepest_voxel_measured_with_torch_is_edts(device):
     """ct_extent.deepest's voxel from torch's distances (on a GPU: the search's longest step off the host's

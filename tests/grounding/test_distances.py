@@ -55,3 +55,47 @@ def test_squared_distances_in_torch_are_edts_to_float32_rounding():
     whole = squared_inside_torch(torch.ones((3, 4, 5), dtype=torch.bool), (1.0, 1.0, 1.0))
     assert torch.isinf(whole).all()  # nothing outside: inf, as edt gives
     assert not squared_inside_torch(torch.zeros((3, 4, 5), dtype=torch.bool), (1.0, 1.0, 1.0)).any()
+
+
+def test_the_envelope_kernel_gives_torchs_values_bit_for_bit():
+    """envelope_kernel (the GPU's lower envelopes in one Triton kernel, the default on a GPU) gives the torch
+    blocks' values bit for bit: here in Triton's interpreter on the CPU (a fresh process: the mode is read when
+    the kernel is defined), on lines longer than its blocks of 64 and not a multiple of them, lines wholly
+    outside and lines with nothing outside (inf). test_device_maps runs the same check compiled on the GPU."""
+    assert envelope_check("cpu", TRITON_INTERPRET="1") == ["same"] * 3
+
+
+def envelope_check(device: str, **env) -> list[str]:
+    """:data:`ENVELOPE_CHECK` run in a fresh process on ``device`` with ``env`` added: its lines."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    done = subprocess.run([sys.executable, "-c", ENVELOPE_CHECK, device], env=dict(os.environ, **env),
+                          capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout.split("\n")[:-1]
+
+
+# compares squared_inside_torch with the kernel against without it on argv[1]'s device; prints "same" per case
+ENVELOPE_CHECK = """
+import sys
+import numpy as np, torch
+from scipy import ndimage
+from monailabel_app.grounding.distances import squared_inside_torch
+rng = np.random.default_rng(11)
+cases = []
+for shape, spacing in (((4, 70, 9), (2.5, 0.6, 0.7)), ((130, 3, 5), (0.8, 3.0, 0.5))):
+    mask = ndimage.gaussian_filter(rng.normal(size=shape), 1.5) > -0.3
+    cases.append((mask, spacing))
+mask = np.zeros((3, 66, 4), bool)
+mask[:, 1:65, 1:3] = True  # lines wholly outside (x = 0, 3) and a plateau
+mask[1] = True  # a plane with nothing outside along y and x
+cases.append((mask, (1.0, 0.5, 0.5)))
+for mask, spacing in cases:
+    t = torch.from_numpy(mask).to(sys.argv[1])
+    a = squared_inside_torch(t, spacing, kernel=True)
+    b = squared_inside_torch(t, spacing, kernel=False)
+    print("same" if torch.equal(a, b) else f"differ {mask.shape}: {(a - b).abs().max().item()}")
+"""

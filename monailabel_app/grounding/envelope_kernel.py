@@ -20,8 +20,9 @@ BLOCK_Q = 64  # candidates per step of its loop
 
 
 @triton.jit
-def _envelope(f_ptr, out_ptr, n, w, BLOCK_I: tl.constexpr, BLOCK_Q: tl.constexpr):
+def _envelope(f_ptr, out_ptr, n, w_ptr, BLOCK_I: tl.constexpr, BLOCK_Q: tl.constexpr):
     line = tl.program_id(0).to(tl.int64)
+    w = tl.load(w_ptr)  # float64 (a Python float argument would be compiled as float32)
     i = tl.program_id(1) * BLOCK_I + tl.arange(0, BLOCK_I)
     best = tl.full([BLOCK_I], float("inf"), tl.float64)
     for q0 in range(0, n, BLOCK_Q):
@@ -38,5 +39,6 @@ def lower_envelopes(flat: torch.Tensor, w: float) -> torch.Tensor:
     lines, n = flat.shape
     out = torch.empty_like(flat)
     if flat.numel():
-        _envelope[(lines, triton.cdiv(n, BLOCK_I))](flat, out, n, float(w), BLOCK_I=BLOCK_I, BLOCK_Q=BLOCK_Q)
+        width = torch.full((1,), float(w), dtype=torch.float64, device=flat.device)
+        _envelope[(lines, triton.cdiv(n, BLOCK_I))](flat, out, n, width, BLOCK_I=BLOCK_I, BLOCK_Q=BLOCK_Q)
     return out

@@ -7,12 +7,15 @@ on those regions on this project's 2-core CPU (0.45 s against 1.06 s for the 13 
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import helper_processes
+
+logger = logging.getLogger(__name__)
 
 if TYPE_CHECKING:  # (torch is imported where it is used: the helper processes import this module without it)
     import torch
@@ -69,7 +72,9 @@ def squared_inside_torch(mask: torch.Tensor, spacing, kernel: bool | None = None
     lower envelope ``min_q f[q] + (w (i - q))^2``, taken whole over each line (``L^2`` a line of ``L``
     voxels: a GPU's work, for a few parts of millions of voxels, where edt holds a CPU core for 0.1-0.2 s).
     ``kernel``: the envelopes in one Triton kernel (:mod:`envelope_kernel`; the default on a GPU where
-    :data:`ENVELOPE_KERNEL`) instead of torch's blocks (the same values)."""
+    :data:`ENVELOPE_KERNEL`) instead of torch's blocks (the same values). Where the default kernel cannot be
+    built (no Triton, no compiler for its launcher), a warning says so once and the blocks are used from then on."""
+    global ENVELOPE_KERNEL
     import torch
 
     z, y, x = mask.shape
@@ -79,19 +84,32 @@ def squared_inside_torch(mask: torch.Tensor, spacing, kernel: bool | None = None
     before = torch.where(outside, index, -inf).cummax(dim=2).values
     after = torch.where(outside, index, inf).flip(2).cummin(dim=2).values.flip(2)
     f = (torch.minimum(index - before, after - index) * float(spacing[2])) ** 2
-    if kernel is None:
-        kernel = mask.is_cuda and ENVELOPE_KERNEL
+    chosen = kernel is not None
+    if not chosen:
+        kernel = _kernel_by_default(mask)
     for axis in (1, 0):
         lines = f.movedim(axis, -1).contiguous()
         flat = lines.reshape(-1, lines.shape[-1])
+        out = None
         if kernel:
-            from .envelope_kernel import lower_envelopes
+            try:
+                from .envelope_kernel import lower_envelopes
 
-            out = lower_envelopes(flat, float(spacing[axis]))
-        else:
+                out = lower_envelopes(flat, float(spacing[axis]))
+            except Exception as e:  # noqa: BLE001 (the blocks give the same values)
+                if chosen:
+                    raise
+                logger.warning("the GPU's distance kernel failed (%s: %s); torch's blocks from now on",
+                               type(e).__name__, str(e)[:300])
+                ENVELOPE_KERNEL = kernel = False
+        if out is None:
             out = _envelopes_in_blocks(flat, float(spacing[axis]))
         f = out.reshape(lines.shape).movedim(-1, axis)
     return f
+
+
+def _kernel_by_default(mask: torch.Tensor) -> bool:
+    return mask.is_cuda and ENVELOPE_KERNEL
 
 
 def _envelopes_in_blocks(flat: torch.Tensor, w: float) -> torch.Tensor:

@@ -65,6 +65,34 @@ def test_the_envelope_kernel_gives_torchs_values_bit_for_bit():
     assert envelope_check("cpu", TRITON_INTERPRET="1") == ["same"] * 3
 
 
+def test_a_kernel_that_cannot_be_built_leaves_torchs_blocks_with_a_warning(monkeypatch, caplog):
+    """Where the GPU's default kernel fails (no Triton, no compiler for its launcher), squared_inside_torch says
+    so once and gives the blocks' values from then on; a kernel asked for by name raises instead."""
+    import logging
+
+    import pytest
+    import torch
+
+    from monailabel_app.grounding import distances, envelope_kernel
+
+    def broken(flat, w):
+        raise RuntimeError("no compiler for the launcher")
+
+    monkeypatch.setattr(envelope_kernel, "lower_envelopes", broken)
+    monkeypatch.setattr(distances, "ENVELOPE_KERNEL", True)
+    monkeypatch.setattr(distances, "_kernel_by_default", lambda mask: distances.ENVELOPE_KERNEL)  # as on a GPU
+    mask = torch.zeros((4, 9, 8), dtype=torch.bool)
+    mask[1:3, 2:7, 1:6] = True
+    want = distances.squared_inside_torch(mask, (2.5, 0.6, 0.7), kernel=False)
+    with caplog.at_level(logging.WARNING, logger=distances.__name__):
+        assert torch.equal(distances.squared_inside_torch(mask, (2.5, 0.6, 0.7)), want)
+        assert torch.equal(distances.squared_inside_torch(mask, (2.5, 0.6, 0.7)), want)
+    assert [r.getMessage()[:31] for r in caplog.records] == ["the GPU's distance kernel faile"]
+    assert distances.ENVELOPE_KERNEL is False
+    with pytest.raises(RuntimeError, match="no compiler"):
+        distances.squared_inside_torch(mask, (2.5, 0.6, 0.7), kernel=True)
+
+
 def envelope_check(device: str, **env) -> list[str]:
     """:data:`ENVELOPE_CHECK` run in a fresh process on ``device`` with ``env`` added: its lines."""
     import os

@@ -212,9 +212,10 @@ _CANDIDATES_POOL: ThreadPoolExecutor | None = None
 _CANDIDATES_LOCK = threading.Lock()
 DEEPEST_FINE_VOXELS = 1_000_000  # a larger region's deepest voxel is looked for on 2 x 2 in-plane blocks first
 # a GPU reader's deepest voxels measured on its GPU (deepest_index_torch: the same voxels as edt's) instead of in a
-# helper process: the last chain's longest step on run CS's H200 host (0.18-0.2 s), but a few milliseconds of the
-# card's bandwidth beside the decode for each of a reading's four to eight parts. Off until prefill_ab.py's
-# deepest-gpu variant has been measured beside the decode on both cards
+# helper process: the last chain's longest step on run CS's H200 host (0.18-0.2 s). On run CV's H100 host the chains
+# went from 0.654 to 0.587 s (medians, maps after the answer), but torch's blocks slowed the decode beside them from
+# 4.56 to 4.63-4.64 ms a token (run CW). Off until distances' Triton kernel (no blocks in the card's memory) has
+# been measured beside the decode (bench/gpu_session.sh 7)
 DEEPEST_ON_DEVICE = False
 
 

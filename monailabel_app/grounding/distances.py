@@ -89,21 +89,20 @@ def squared_inside_torch(mask: torch.Tensor, spacing, kernel: bool | None = None
         kernel = _kernel_by_default(mask)
     for axis in (1, 0):
         lines = f.movedim(axis, -1).contiguous()
-        flat = lines.reshape(-1, lines.shape[-1])
-        out = None
+        flat, w = lines.reshape(-1, lines.shape[-1]), float(spacing[axis])
         if kernel:
             try:
                 from .envelope_kernel import lower_envelopes
 
-                out = lower_envelopes(flat, float(spacing[axis]))
+                out = lower_envelopes(flat, w)
             except Exception as e:  # noqa: BLE001 (the blocks give the same values)
                 if chosen:
                     raise
                 logger.warning("the GPU's distance kernel failed (%s: %s); torch's blocks from now on",
                                type(e).__name__, str(e)[:300])
                 ENVELOPE_KERNEL = kernel = False
-        if out is None:
-            out = _envelopes_in_blocks(flat, float(spacing[axis]))
+        if not kernel:
+            out = _envelopes_in_blocks(flat, w)
         f = out.reshape(lines.shape).movedim(-1, axis)
     return f
 

@@ -28,7 +28,7 @@
 #                                 # compile cache; runs CK-CQ took 1.5-5 minutes a part)
 set -u
 if [[ $# -eq 0 ]]; then
-    echo "usage: bash bench/gpu_session.sh PART... (each 1 to 6)" >&2
+    echo "usage: bash bench/gpu_session.sh PART... (each 1 to 7)" >&2
     exit 2
 fi
 for part in "$@"; do
@@ -93,9 +93,9 @@ for part in "$@"; do
         step deepest_tests 150 python3 -m pytest -q -p no:cacheprovider tests/grounding/test_device_maps.py \
             tests/grounding/test_distances.py -k "kernel or deepest or torch"
         step deepest_parts 120 python3 bench/deepest_gpu.py
-        step deepest_beside_decode 240 python3 bench/prefill_ab.py --parts reading --rounds 3 \
-            --variants default,deepest-gpu,deepest-gpu-blocks
-        step deepest_after 180 python3 bench/prefill_ab.py --parts reading --rounds 3 --variants after,after+deepest-gpu
+        # beside the decode and after the answer in one process (one model build and warm-up): 20 readings
+        step deepest_ab 300 python3 bench/prefill_ab.py --parts reading --rounds 3 \
+            --variants default,deepest-gpu,deepest-gpu-blocks,after,after+deepest-gpu
         ;;
     esac
 done

@@ -1,9 +1,9 @@
 """The lower envelopes of the GPU's inside distance (:func:`distances.squared_inside_torch`) in one Triton kernel.
 
 Per line of ``n`` values ``f`` and voxel ``i`` it gives ``min_q f[q] + (w (i - q))^2``, as torch's broadcast
-``amin`` there does, with the same float64 operations in the same order (so the same values), but without the
-``(lines, n, n)`` block that torch writes to the card's memory and reads back: each program reads its line once
-and keeps the candidates in registers. Beside a decode that reads the weights at the card's bandwidth, that block
+``amin`` there does, with the same float64 operations in the same order and no fused multiply-add (so the same
+values), but without the ``(lines, n, n)`` block that torch writes to the card's memory and reads back: each
+program reads its line once and keeps the candidates in registers. Beside a decode that reads the weights at the card's bandwidth, that block
 was the cost (run CW: 0.07-0.08 ms a token on an H100, four to eight calls a reading).
 
 Imported only where it is used (a GPU reader's deepest voxels): Triton compiles the kernel on its first call, once
@@ -17,6 +17,10 @@ import triton.language as tl
 
 BLOCK_I = 64  # voxels of a line per program
 BLOCK_Q = 64  # candidates per step of its loop
+# Triton's compile options at launch: no fused multiply-adds (its default fuses them). torch's blocks round the
+# square before the sum, and so must the kernel: fused, its values differed from torch's by up to 2.8e-14 on an
+# H100 (run CX), where the PTX had an fma.rn.f64 for each mul.rn.f64 + add
+OPTIONS = {"enable_fp_fusion": False}
 
 
 @triton.jit
@@ -40,5 +44,5 @@ def lower_envelopes(flat: torch.Tensor, w: float) -> torch.Tensor:
     out = torch.empty_like(flat)
     if flat.numel():
         width = torch.full((1,), float(w), dtype=torch.float64, device=flat.device)
-        _envelope[(lines, triton.cdiv(n, BLOCK_I))](flat, out, n, width, BLOCK_I=BLOCK_I, BLOCK_Q=BLOCK_Q)
+        _envelope[(lines, triton.cdiv(n, BLOCK_I))](flat, out, n, width, BLOCK_I=BLOCK_I, BLOCK_Q=BLOCK_Q, **OPTIONS)
     return out

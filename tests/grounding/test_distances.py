@@ -65,6 +65,27 @@ def test_the_envelope_kernel_gives_torchs_values_bit_for_bit():
     assert envelope_check("cpu", TRITON_INTERPRET="1") == ["same"] * 3
 
 
+def test_the_envelope_kernel_compiled_for_an_h100_rounds_as_torch_does():
+    """The kernel compiled for an H100 (sm_90; no GPU needed) with the options it is launched with: float64
+    products and sums, and no fused multiply-add. Triton fuses them by default; on an H100 the fused kernel's
+    values then differed from torch's blocks by 2.8e-14 (run CX). The interpreter test cannot see this."""
+    import re
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from monailabel_app.grounding import envelope_kernel
+
+    signature = {"f_ptr": "*fp64", "out_ptr": "*fp64", "n": "i32", "w_ptr": "*fp64", "BLOCK_I": "constexpr",
+                 "BLOCK_Q": "constexpr"}
+    source = ASTSource(fn=envelope_kernel._envelope, signature=signature,
+                       constexprs={"BLOCK_I": envelope_kernel.BLOCK_I, "BLOCK_Q": envelope_kernel.BLOCK_Q})
+    ptx = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=envelope_kernel.OPTIONS).asm["ptx"]
+    assert re.search(r"\bmul\.rn\.f64\b", ptx) and re.search(r"\badd\.rn\.f64\b", ptx)
+    assert not re.search(r"\bfma\.rn\.f64\b", ptx)
+
+
 def test_a_kernel_that_cannot_be_built_leaves_torchs_blocks_with_a_warning(monkeypatch, caplog):
     """Where the GPU's default kernel fails (no Triton, no compiler for its launcher), squared_inside_torch says
     so once and gives the blocks' values from then on; a kernel asked for by name raises instead."""
@@ -102,6 +123,14 @@ def envelope_check(device: str, **env) -> list[str]:
 
     done = subprocess.run([sys.executable, "-c", ENVELOPE_CHECK, device], env=dict(os.environ, **env),
                           capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parents[2])
+    if done.returncode and env.get("TRITON_INTERPRET") and "only 0-dimensional arrays can be converted" in done.stderr:
+        import numpy
+        import pytest
+        import triton
+
+        pytest.skip(f"Triton {triton.__version__}'s interpreter cannot take a loop bound given at launch under NumPy "
+                    f"{numpy.__version__} (it makes a scalar a 1-element array; Triton 3.8 does not): the project's "
+                    "numpy<2 or a newer Triton runs this check")
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stdout.split("\n")[:-1]
 

@@ -3,8 +3,9 @@
 Per line of ``n`` values ``f`` and voxel ``i`` it gives ``min_q f[q] + (w (i - q))^2``, as torch's broadcast
 ``amin`` there does, with the same float64 operations in the same order and no fused multiply-add (so the same
 values), but without the ``(lines, n, n)`` block that torch writes to the card's memory and reads back: each
-program reads its line once and keeps the candidates in registers. Beside a decode that reads the weights at the card's bandwidth, that block
-was the cost (run CW: 0.07-0.08 ms a token on an H100, four to eight calls a reading).
+program reads its line once and keeps the candidates in registers. Beside a decode that reads the weights at the
+card's bandwidth, that block was the cost (run CW: 0.07-0.08 ms a token on an H100, four to eight calls a
+reading).
 
 Imported only where it is used (a GPU reader's deepest voxels): Triton compiles the kernel on its first call, once
 for all line lengths. ``TRITON_INTERPRET=1`` runs it on the CPU (the tests)."""

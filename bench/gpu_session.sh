@@ -21,9 +21,10 @@
 #   bash bench/gpu_session.sh 5   # where a decode step's time goes: the kernels of a CT's and an X-ray's decode
 #   bash bench/gpu_session.sh 6   # who holds the interpreter's lock during CT readings (py-spy --gil, summarised
 #                                 # there: run CS's heatmaps waited 0.05 s on 1-3 ms of their own CPU)
-#   bash bench/gpu_session.sh 7   # the deepest voxels on the GPU: the Triton kernel's tests there, each part's time
-#                                 # on the host and the card (bench/deepest_gpu.py), and the A/B beside the decode
-#                                 # and with the maps after the answer: the library's, the kernel, torch's blocks
+#   bash bench/gpu_session.sh 7   # the two Triton kernels on the GPU: their tests there (the deepest voxels'
+#                                 # envelopes, the decode step's attention), one decode attention layer by layer
+#                                 # (bench/decode_attention.py), and one reading A/B: the library's, the decode
+#                                 # kernel, the deepest voxels on the GPU beside the decode and after the answer
 #   bash bench/gpu_session.sh 1 3 # several parts in one command, in the order given (one machine start, one
 #                                 # compile cache; runs CK-CQ took 1.5-5 minutes a part)
 set -u
@@ -90,12 +91,13 @@ for part in "$@"; do
             rm -f "$1/spy.txt"' gil "$out"
         ;;
     7)
-        step deepest_tests 150 python3 -m pytest -q -p no:cacheprovider tests/grounding/test_device_maps.py \
-            tests/grounding/test_distances.py -k "kernel or deepest or torch"
-        step deepest_parts 120 python3 bench/deepest_gpu.py
-        # beside the decode and after the answer in one process (one model build and warm-up): 20 readings
-        step deepest_ab 300 python3 bench/prefill_ab.py --parts reading --rounds 3 \
-            --variants default,deepest-gpu,deepest-gpu-blocks,after,after+deepest-gpu
+        step kernel_tests 150 python3 -m pytest -q -p no:cacheprovider tests/grounding/test_device_maps.py \
+            tests/grounding/test_distances.py tests/model/test_decode_kernel.py -k "kernel or deepest or torch"
+        step decode_attention 90 python3 bench/decode_attention.py
+        # beside the decode and after the answer in one process (one model build and warm-up): 20 readings; the
+        # decode kernel's decoder is the second one kept
+        step kernels_ab 330 python3 bench/prefill_ab.py --parts reading --rounds 3 \
+            --variants default,decode-kernel,deepest-gpu,after,after+deepest-gpu
         ;;
     esac
 done

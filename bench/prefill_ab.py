@@ -31,6 +31,10 @@ The benchmark's 85-slice CT (``fast_path.ct``; or its film, ``--study xray``) th
 - ``deepest-gpu`` (the ``reading`` part): the searches' deepest voxels measured on the GPU
   (``ct_extent.DEEPEST_ON_DEVICE``; the library's: in a helper process, with edt), the lower envelopes in one
   Triton kernel; ``deepest-gpu-blocks``: in torch's blocks (``distances.ENVELOPE_KERNEL`` off; run CW's).
+- ``decode-kernel`` (the ``reading`` part): a decode step's attention over 4,096 keys or more (a CT's full layers)
+  in one Triton kernel split over the keys (``capture.DECODE_KERNEL_FROM``; the library's: the torch path);
+  ``decode-kernel-all``: every layer's (its sliding rings' too). Each is a decoder of its own (compiled in the
+  reading not kept; the decoders kept per model are two, so an A/B takes one of these with ``default``).
 - ``edt-N`` (the ``reading`` part): a helper's distance transforms (the deepest voxels' and the openings') on N
   of edt's threads (``distances.HELPER_THREADS``; the library's: 1).
 - ``helpers-N`` (the ``reading`` part): N label and distance helper processes (``helper_processes``; the
@@ -80,7 +84,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from monailabel_app import reader as reader_module  # noqa: E402
 from monailabel_app.grounding import components, ct_extent, distances, maps, study_maps  # noqa: E402
-from monailabel_app.model import decoding, fused_norms, prompt_ids  # noqa: E402
+from monailabel_app.model import capture, decoding, fused_norms, prompt_ids  # noqa: E402
 from monailabel_app.model.capture import CAPTURE_ATTN  # noqa: E402
 from monailabel_app.model.decoding import batch_vision_tower, prefill_and_decode  # noqa: E402
 from monailabel_app.model.generation import build_inputs  # noqa: E402
@@ -139,6 +143,8 @@ def one_variant(stack: ExitStack, model, name: str) -> None:
         stack.enter_context(mock.patch.object(ct_extent, "DEEPEST_ON_DEVICE", True))
     if name == "deepest-gpu-blocks":
         stack.enter_context(mock.patch.object(distances, "ENVELOPE_KERNEL", False))
+    if name.startswith("decode-kernel"):
+        stack.enter_context(mock.patch.object(capture, "DECODE_KERNEL_FROM", 0 if name.endswith("-all") else 4096))
     if name.startswith("edt-"):
         stack.enter_context(mock.patch.object(distances, "HELPER_THREADS", int(name.split("-")[1])))
     if name.startswith("helpers-"):

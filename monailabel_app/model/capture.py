@@ -296,6 +296,9 @@ class DecodeRecorder:
         for li, buffer in enumerate(self.buffers):
             buffer.index_copy_(0, index, out[:, li])
 
+    def records(self, layer: int) -> bool:
+        return layer in self.slot
+
     def observe(self, layer: int, weights: torch.Tensor) -> None:
         """``weights``: the step's attention (B, H, 1, S), float32 (:func:`decode_weights`, the same that make
         the layer's output)."""
@@ -318,10 +321,16 @@ class DecodeRecorder:
 class NoRecorder:
     """Observes nothing (a decode step without capture)."""
 
+    def records(self, layer: int) -> bool:
+        return False
+
     def observe(self, *args) -> None:
         return None
 
 
+# keys from which a GPU decode step's attention runs in one Triton kernel split over them (:mod:`decode_kernel`):
+# None never, as measured so far; 4096 a CT's full layers; 0 every layer. Part of a decoder's shape (decoder_for)
+DECODE_KERNEL_FROM: int | None = None
 _NO_LSE: set = set()  # (device type, kernel name or "any") that refused: not tried again ("any": warned once)
 
 
@@ -393,6 +402,16 @@ def decode_attention(query, key, value, attention_mask, scaling: float,
     return out.view(b, h, 1, dv).transpose(1, 2).contiguous()
 
 
+def _decode_kernel_takes(query, key, attention_mask) -> bool:
+    """A decode step's attention runs in :mod:`decode_kernel`: asked for (:data:`DECODE_KERNEL_FROM`), on CUDA, over
+    that many keys or more, and of a kind it takes."""
+    if DECODE_KERNEL_FROM is None or not query.is_cuda or key.shape[2] < DECODE_KERNEL_FROM:
+        return False
+    from . import decode_kernel
+
+    return decode_kernel.supported(query, key, attention_mask)
+
+
 def _capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     # a decode step sets its recorder on the attention modules (a plain attribute: torch.compile traces it);
     # prefill goes through the context variable
@@ -400,6 +419,13 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
     layer = getattr(module, "layer_idx", None)
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     if recorder is not None and query.shape[2] == 1 and kwargs.get("softcap") is None:
+        if _decode_kernel_takes(query, key, attention_mask):
+            from . import decode_kernel
+
+            out, weights = decode_kernel.attention(query, key, value, attention_mask, scale, recorder.records(layer))
+            if weights is not None:
+                recorder.observe(layer, weights)
+            return out, None
         weights = decode_weights(query, key, attention_mask, scale)  # the recorded rows are the output's own
         recorder.observe(layer, weights)
         return decode_attention(query, key, value, attention_mask, scale, weights), None

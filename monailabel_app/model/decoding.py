@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import fused_norms, prefill_attention, projections, streams
+from . import capture, fused_norms, prefill_attention, projections, streams
 from .capture import AttentionRecorder, DecodeRecorder, NoRecorder, recording
 
 logger = logging.getLogger(__name__)
@@ -751,7 +751,7 @@ def decoder_for(model, batch: int, length: int, max_new: int, layers: list[int],
     length = -(-length // 256) * 256
     compile = compile_default() if compile is None else compile
     key = (batch, length, max_new, tuple(layers), n_image_tokens, tuple(eos), model.dtype, compile,
-           compile_mode() if compile else None, tokens_per_image, ROLL_IN_REPLAY)
+           compile_mode() if compile else None, tokens_per_image, ROLL_IN_REPLAY, capture.DECODE_KERNEL_FROM)
     cache = model.__dict__.setdefault("_medgemma_decoders", {})
     if key not in cache:
         while len(cache) >= GRAPH_CACHE:

@@ -1,0 +1,100 @@
+#!/usr/bin/env python
+"""A decode step's attention, one layer, on the GPU: the torch path against the Triton kernel split over the keys.
+
+    python bench/decode_attention.py [--steps 200]
+
+MedGemma-4B's layer shape (8 query heads over 4 KV heads, 256 wide), bf16, over the caches a reading's decode
+attends: a CT's full layer (22,784 slots: 22,532 prompt tokens and 200 answer tokens, rounded up to 256) and its
+sliding layers' ring (1,088: the window of 1,024 and the replays' spare slots), a film's layers (512), and a batch
+of 64 films (768). A recorded layer (a full one) also makes its weights over every key.
+
+Each path is compiled as the decode step is (``torch.compile``) and ``--steps`` calls of it are captured in one
+CUDA graph, as the step's replays run them; the table gives the card's time a call (CUDA events around a replay,
+the median of five), the largest difference of the output and of the weights from the torch path's, and what
+one CT step and one film step would save: 5 full layers and 29 sliding ones; a film's 34 layers alike."""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from monailabel_app.model import capture, decode_kernel
+
+HEADS, KV_HEADS, HEAD = 8, 4, 256
+SHAPES = [  # name, batch, cache slots, recorded
+    ("CT full layer", 1, 22784, True),
+    ("CT sliding ring", 1, 1088, False),
+    ("film layer", 1, 512, True),
+    ("64 films' layer", 64, 768, True),
+]
+
+
+def torch_path(q, k, v, mask, scale, records):
+    weights = capture.decode_weights(q, k, mask, scale)
+    return capture.decode_attention(q, k, v, mask, scale, weights), weights if records else None
+
+
+def kernel_path(q, k, v, mask, scale, records):
+    return decode_kernel.attention(q, k, v, mask, scale, scores=records)
+
+
+def graphed_ms(fn, args, steps: int) -> tuple[float, tuple]:
+    """The card's ms a call of ``fn`` compiled, ``steps`` calls replayed as one CUDA graph (median of five)."""
+    compiled = torch.compile(fn)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            out = compiled(*args)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(steps):
+            out = compiled(*args)
+    times = []
+    for _ in range(6):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / steps)
+    return statistics.median(times[1:]), out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=200)
+    args = ap.parse_args()
+    print(f"### bench/decode_attention.py on {torch.cuda.get_device_name()} (torch {torch.__version__})\n")
+    print("| layer | batch | slots | recorded | torch path ms | kernel ms | output's largest difference | "
+          "weights' largest difference |")
+    print("|---|---|---|---|---|---|---|---|")
+    torch.manual_seed(0)
+    per_layer = {}
+    for name, batch, slots, records in SHAPES:
+        q = torch.randn(batch, HEADS, 1, HEAD, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(batch, KV_HEADS, slots, HEAD, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        mask = torch.ones(batch, 1, 1, slots, device="cuda", dtype=torch.bool)
+        mask[..., slots - 150:] = False  # answer slots not written yet
+        mask[0, ..., :40] = False  # a left-padded row
+        inputs = (q, k, v, mask, HEAD ** -0.5, records)
+        torch_ms, (ref, ref_w) = graphed_ms(torch_path, inputs, args.steps)
+        kernel_ms, (out, w) = graphed_ms(kernel_path, inputs, args.steps)
+        diff_w = f"{(w - ref_w).abs().max().item():.2e}" if records else "-"
+        print(f"| {name} | {batch} | {slots} | {records} | {torch_ms:.4f} | {kernel_ms:.4f} | "
+              f"{(out.float() - ref.float()).abs().max().item():.2e} | {diff_w} |")
+        per_layer[name] = (torch_ms, kernel_ms)
+    ct_full, ring, film = per_layer["CT full layer"], per_layer["CT sliding ring"], per_layer["film layer"]
+    print()
+    for label, parts in (("a CT step (5 full layers, 29 sliding)", [(5, ct_full), (29, ring)]),
+                         ("a film step (34 layers)", [(34, film)]),
+                         ("a CT step, the kernel on its full layers only", [(5, ct_full)])):
+        saved = sum(n * (t - kern) for n, (t, kern) in parts)
+        print(f"- {label}: {saved:.3f} ms saved a step ({200 * saved:.1f} ms over 200 tokens)")
+
+
+if __name__ == "__main__":
+    main()

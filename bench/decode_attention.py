@@ -42,7 +42,7 @@ def kernel_path(q, k, v, mask, scale, records):
 
 def graphed_ms(fn, args, steps: int) -> tuple[float, tuple]:
     """The card's ms a call of ``fn`` compiled, ``steps`` calls replayed as one CUDA graph (median of five)."""
-    compiled = torch.compile(fn)
+    compiled = torch.compile(fn, dynamic=False)  # one compile a shape, as a decoder's step
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):

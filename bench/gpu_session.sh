@@ -93,10 +93,10 @@ for part in "$@"; do
     7)
         step kernel_tests 150 python3 -m pytest -q -p no:cacheprovider tests/grounding/test_device_maps.py \
             tests/grounding/test_distances.py tests/model/test_decode_kernel.py -k "kernel or deepest or torch"
-        step decode_attention 90 python3 bench/decode_attention.py
+        step decode_attention 120 python3 bench/decode_attention.py
         # beside the decode and after the answer in one process (one model build and warm-up): 20 readings; the
         # decode kernel's decoder is the second one kept
-        step kernels_ab 330 python3 bench/prefill_ab.py --parts reading --rounds 3 \
+        step kernels_ab 300 python3 bench/prefill_ab.py --parts reading --rounds 3 \
             --variants default,decode-kernel,deepest-gpu,after,after+deepest-gpu
         ;;
     esac

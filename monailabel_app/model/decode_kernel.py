@@ -108,7 +108,8 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, atten
     acc = torch.empty(b, h, chunks, d, **f32)
     raw = torch.empty(b, h, length, **f32) if scores else m  # (a pointer the kernel does not use without)
     masked = attention_mask is not None
-    seen = attention_mask.expand(b, 1, 1, length).reshape(b, length).contiguous().view(torch.uint8) if masked else m
+    # converted, not viewed as bytes: Inductor cannot lower a view of bool as uint8 (run CY: the compile failed)
+    seen = attention_mask.expand(b, 1, 1, length).reshape(b, length).to(torch.uint8) if masked else m
     _partials[(b * kvh, chunks)](q, key, value, seen, m, s_sum, acc, raw, length, kvh, GROUP=group, ROWS=ROWS,
                                  D=d, CHUNK=chunk, BLOCK_N=BLOCK_N, MASKED=masked, SCORES=scores, **OPTIONS)
     top = m.amax(-1, keepdim=True)

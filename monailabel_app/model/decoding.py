@@ -633,8 +633,10 @@ class LiveRows:
 
     def advance(self, steps: int) -> None:
         """Start copying the rows of the first ``steps`` tokens (decoded ones only: called once the decoder has
-        looked at them), without waiting for the copy on a GPU."""
-        with self.lock:
+        looked at them), without waiting for the copy on a GPU. In inference mode: the staging is the decode's,
+        and a finding's map thread calls this (through :meth:`upto`) where the loop did not (a step run without a
+        CUDA graph: run CY's map threads failed on the staging's copy and mapped after the answer)."""
+        with self.lock, torch.inference_mode():
             if steps <= self.count:
                 return
             start, self.count = self.count, steps

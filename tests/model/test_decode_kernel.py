@@ -54,8 +54,10 @@ else:
         capture._decode_kernel_takes = takes if kernel else (lambda query, key, mask: False)
         runs.append(prefill_and_decode(model, inputs, [3], 4, 24, stop_loops=False))
     (a, b) = runs
+    decoders = model.__dict__["_medgemma_decoders"].values()
+    graphed = all(d.graph is not None and d._compiled is not None for d in decoders) if device == "cuda" else None
     print([r.token_ids for r in a.rows] == [r.token_ids for r in b.rows], (a.attention - b.attention).abs().max().item(),
-          a.attention.abs().max().item(), sorted(set(calls)))
+          a.attention.abs().max().item(), graphed, sorted(set(calls)))
 """
 
 
@@ -89,7 +91,7 @@ def test_a_decode_with_the_kernel_gives_the_same_answers_and_rows():
     the same tokens with every layer's step attention in the kernel (Triton's interpreter on the CPU), and records
     the same rows on its global layer to float16's precision: the recorder gets the kernel's own weights."""
     [line] = check("cpu", "float16", "decode", TRITON_INTERPRET="1")
-    same, diff, top, lengths = line[0], float(line[1]), float(line[2]), " ".join(line[3:])
+    same, diff, top, lengths = line[0], float(line[1]), float(line[2]), " ".join(line[4:])
     assert same == "True" and diff < 2e-3 * top, line
     assert lengths != "[]"  # the kernel was asked: every layer's cache length
 
@@ -120,7 +122,9 @@ def test_the_kernel_compiles_for_an_h100(dtype):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the compiled kernel: GPU only")
 def test_the_kernel_on_the_gpu_gives_the_torch_paths_weights_and_output():
     """Compiled on the GPU in bfloat16, the model's type, up to a CT's full layer (22,784 keys, 8 heads over 4, 256
-    wide); then the tiny model's decode with the kernel compiled into its CUDA graphs."""
+    wide); then the tiny model's decode with the kernel compiled into its CUDA graphs: both decoders compiled and
+    captured (run CY's first decode with the kernel was neither: Inductor could not lower the mask's view as bytes,
+    and the step ran eagerly with the same tokens)."""
     assert_the_torch_paths(check("cuda", "bfloat16", "attention"), 1e-5, 2e-2)
     [line] = check("cuda", "bfloat16", "decode")
-    assert line[0] == "True" and float(line[1]) < 2e-2 * float(line[2]), line
+    assert line[0] == "True" and float(line[1]) < 2e-2 * float(line[2]) and line[3] == "True", line

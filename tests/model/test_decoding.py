@@ -327,6 +327,38 @@ def test_rows_rolled_out_by_the_replays_equal_the_rows_rolled_out_after(tiny, mo
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked staging: GPU only")
+def test_a_step_without_a_cuda_graph_gives_its_rows_to_a_map_thread(monkeypatch, caplog):
+    """A GPU step that cannot be captured (bitsandbytes int8; run CY's decode kernel before its fix) runs eagerly and
+    its loop does not copy the rows: a finding's map thread, outside inference mode, asks for them (progress's
+    ``rows``) and gets the answer's own. Its copy into the decode's staging failed before (an inference tensor
+    updated outside inference mode), and the maps were then made after the answer."""
+    import threading
+
+    model = tiny_model("cuda")
+    inputs = batch([prompt([5, 6, 7])], (torch.rand(2, 3, 28, 28) * 2 - 1).cuda())
+
+    def no_graph(*args, **kwargs):
+        raise RuntimeError("not capturable here")
+
+    monkeypatch.setattr(decoding.torch.cuda, "graph", no_graph)
+    got, errors = [], []
+
+    def progress(ids, rows, layers):
+        def mapping():
+            try:
+                got.append(rows())
+            except RuntimeError as e:
+                errors.append(e)
+        thread = threading.Thread(target=mapping)
+        thread.start()
+        thread.join()
+
+    live = prefill_and_decode(model, inputs, [3], 4, 30, stop_loops=False, progress=progress)
+    assert not any(d.use_graph for d in model.__dict__["_medgemma_decoders"].values())
+    assert not errors and got and all(torch.equal(rows, live.attention[: len(rows)]) for rows in got)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked staging: GPU only")
 def test_the_rows_copies_reuse_the_decoders_page_locked_staging():
     """Each answer's rows go through the decoder's one page-locked staging (pinned once per shape, not per copy)
     and land as the same rows the answer keeps, answer after answer."""

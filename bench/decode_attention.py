@@ -11,7 +11,11 @@ of 64 films (768). A recorded layer (a full one) also makes its weights over eve
 Each path is compiled as the decode step is (``torch.compile``) and ``--steps`` calls of it are captured in one
 CUDA graph, as the step's replays run them; the table gives the card's time a call (CUDA events around a replay,
 the median of five), the largest difference of the output and of the weights from the torch path's, and what
-one CT step and one film step would save: 5 full layers and 29 sliding ones; a film's 34 layers alike."""
+one CT step and one film step would save: 5 full layers and 29 sliding ones; a film's 34 layers alike.
+
+``--chunks 128,352,512`` also times the kernel on the CT's full layer with each of those keys a program (the
+library's: 256; run CZ's H100 read its keys and values at about half the card's rate, 356 programs in 1.35 waves
+of two a multiprocessor)."""
 
 from __future__ import annotations
 
@@ -67,6 +71,7 @@ def graphed_ms(fn, args, steps: int) -> tuple[float, tuple]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--chunks", default="", help="keys a program takes on the CT's full layer, comma-separated")
     args = ap.parse_args()
     print(f"### bench/decode_attention.py on {torch.cuda.get_device_name()} (torch {torch.__version__})\n")
     print("| layer | batch | slots | recorded | torch path ms | kernel ms | output's largest difference | "
@@ -87,7 +92,17 @@ def main() -> None:
         print(f"| {name} | {batch} | {slots} | {records} | {torch_ms:.4f} | {kernel_ms:.4f} | "
               f"{(out.float() - ref.float()).abs().max().item():.2e} | {diff_w} |")
         per_layer[name] = (torch_ms, kernel_ms)
+        if name == "CT full layer":  # the library's chunk, then each asked for
+            chunked = [(decode_kernel.chunk_for(slots), kernel_ms)] + [
+                (c, graphed_ms(lambda *a, c=c: decode_kernel.attention(*a[:5], scores=a[5], chunk=c), inputs,
+                               args.steps)[0]) for c in (int(c) for c in args.chunks.split(",") if c)]
     ct_full, ring, film = per_layer["CT full layer"], per_layer["CT sliding ring"], per_layer["film layer"]
+    if args.chunks:
+        gb = 2 * KV_HEADS * SHAPES[0][2] * HEAD * 2 / 1e9  # the CT full layer's keys and values read once
+        print("\n| keys a program (CT full layer) | programs | kernel ms | keys and values read at TB/s |")
+        print("|---|---|---|---|")
+        for c, ms in chunked:
+            print(f"| {c} | {KV_HEADS * -(-SHAPES[0][2] // c)} | {ms:.4f} | {gb / ms:.2f} |")
     print()
     for label, parts in (("a CT step (5 full layers, 29 sliding)", [(5, ct_full), (29, ring)]),
                          ("a film step (34 layers)", [(34, film)]),

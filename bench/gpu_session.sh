@@ -97,7 +97,7 @@ for part in "$@"; do
         step kernel_tests 150 python3 -m pytest -q -p no:cacheprovider tests/grounding/test_device_maps.py \
             tests/grounding/test_distances.py tests/model/test_decode_kernel.py tests/model/test_decoding.py \
             -k "cuda or gpu or without_a_cuda_graph"
-        step decode_attention 120 python3 bench/decode_attention.py
+        step decode_attention 120 python3 bench/decode_attention.py --chunks 128,352,512
         # beside the decode and after the answer in one process (one model build and warm-up): 20 readings; the
         # decode kernel's decoder is the second one kept
         step kernels_ab 300 python3 bench/prefill_ab.py --parts reading --rounds 3 \

@@ -91,14 +91,15 @@ def supported(query: torch.Tensor, key: torch.Tensor, attention_mask) -> bool:
 
 
 def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask, scaling: float,
-              scores: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+              scores: bool = False, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The step's output laid out as ``sdpa_attention_forward`` returns it (B, 1, H, D), and with ``scores`` its
     weights (B, H, 1, S) in float32 (the softmax that made the output; None without). ``query`` (B, H, 1, D),
-    ``key`` and ``value`` (B, KVH, S, D) contiguous, ``attention_mask`` None or bool, broadcast as (B, 1, 1, S)."""
+    ``key`` and ``value`` (B, KVH, S, D) contiguous, ``attention_mask`` None or bool, broadcast as (B, 1, 1, S).
+    ``chunk``: keys a program takes, a multiple of :data:`BLOCK_N` (:func:`chunk_for`'s by default)."""
     b, h, _, d = query.shape
     kvh, length = key.shape[1], key.shape[2]
     group = h // kvh
-    chunk = chunk_for(length)
+    chunk = chunk or chunk_for(length)
     chunks = triton.cdiv(length, chunk)
     q = (query * scaling).contiguous()  # rounded to the model's dtype first, as capture.scores_f32 does
     key, value = key.contiguous(), value.contiguous()

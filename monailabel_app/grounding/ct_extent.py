@@ -214,8 +214,9 @@ DEEPEST_FINE_VOXELS = 1_000_000  # a larger region's deepest voxel is looked for
 # a GPU reader's deepest voxels measured on its GPU (deepest_index_torch: the same voxels as edt's) instead of in a
 # helper process: the last chain's longest step on run CS's H200 host (0.18-0.2 s). On run CV's H100 host the chains
 # went from 0.654 to 0.587 s (medians, maps after the answer), but torch's blocks slowed the decode beside them from
-# 4.56 to 4.63-4.64 ms a token (run CW). Off until distances' Triton kernel (no blocks in the card's memory) has
-# been measured beside the decode (bench/gpu_session.sh 7)
+# 4.56 to 4.63-4.64 ms a token (run CW). With distances' Triton kernel beside an H100's decode (run CZ, a slow host,
+# two rounds) the readings took 2.606 and 2.634 s against 2.617 and 2.679 s, the decode 4.49-4.53 against 4.41-4.46
+# ms a token. Off until an H200 (its chains are its reading's tail) and a first reading after the warm-up have run
 DEEPEST_ON_DEVICE = False
 
 

@@ -23,8 +23,9 @@
 #                                 # there: run CS's heatmaps waited 0.05 s on 1-3 ms of their own CPU)
 #   bash bench/gpu_session.sh 7   # the two Triton kernels on the GPU: their tests there (the deepest voxels'
 #                                 # envelopes, the decode step's attention), one decode attention layer by layer
-#                                 # (bench/decode_attention.py), and one reading A/B: the library's, the decode
-#                                 # kernel, the deepest voxels on the GPU beside the decode and after the answer
+#                                 # (bench/decode_attention.py, with other chunk sizes), and one reading A/B
+#                                 # beside the decode: the library's, the decode kernel, the deepest voxels on the
+#                                 # GPU, both
 #   bash bench/gpu_session.sh 1 3 # several parts in one command, in the order given (one machine start, one
 #                                 # compile cache; runs CK-CQ took 1.5-5 minutes a part)
 set -u
@@ -93,15 +94,15 @@ for part in "$@"; do
             rm -f "$1/spy.txt"' gil "$out"
         ;;
     7)
-        # the compiled ones only (the interpreter's run in CI; on the device they took most of run CY's 132 s)
-        step kernel_tests 150 python3 -m pytest -q -p no:cacheprovider tests/grounding/test_device_maps.py \
+        # the compiled ones only (the interpreter's run in CI); run CZ's 22 took more than 150 s
+        step kernel_tests 200 python3 -m pytest -q -p no:cacheprovider tests/grounding/test_device_maps.py \
             tests/grounding/test_distances.py tests/model/test_decode_kernel.py tests/model/test_decoding.py \
             -k "cuda or gpu or without_a_cuda_graph"
-        step decode_attention 120 python3 bench/decode_attention.py --chunks 128,352,512
-        # beside the decode and after the answer in one process (one model build and warm-up): 20 readings; the
-        # decode kernel's decoder is the second one kept
-        step kernels_ab 300 python3 bench/prefill_ab.py --parts reading --rounds 3 \
-            --variants default,decode-kernel,deepest-gpu,after,after+deepest-gpu
+        step decode_attention 90 python3 bench/decode_attention.py --chunks 128,352,512  # run CZ: 35 s, no chunks
+        # beside the decode in one process (one model build and warm-up): 16 readings, the decode kernel's decoder
+        # the second one kept (run CZ got through 9 readings of 3 rounds of 5 variants in 300 s)
+        step kernels_ab 290 python3 bench/prefill_ab.py --parts reading --rounds 3 \
+            --variants default,decode-kernel,deepest-gpu,decode-kernel+deepest-gpu
         ;;
     esac
 done

@@ -80,7 +80,7 @@ def assert_the_torch_paths(lines: list[list], weights: float, output: float) -> 
 
 def test_the_kernel_gives_the_torch_paths_weights_and_output():
     """Shapes over one chunk and many, chunks wholly unseen (left padding) and keys partly unseen at the end, with and
-    without a mask; float16 (the interpreter's products of bfloat16 are not its own: GPU only). The weights are the
+    without a mask; float16 (Triton's interpreter multiplies bfloat16 wrongly: that type is checked compiled). The weights are the
     torch path's to 1e-5 (the same float32 scores summed in another order), they sum to 1 and are 0 where a key is not
     seen; the output is within a few of float16's steps of its largest value."""
     assert_the_torch_paths(check("cpu", "float16", "attention", TRITON_INTERPRET="1"), 1e-5, 4e-3)
@@ -99,7 +99,7 @@ def test_a_decode_with_the_kernel_gives_the_same_answers_and_rows():
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_the_kernel_compiles_for_an_h100(dtype):
     """The kernel compiled for an H100 (sm_90; no GPU needed) in each half type, with and without a mask and the
-    scores, over a CT's chunks and a ring's: the interpreter runs no bfloat16 products, so this is where a
+    scores, over a CT's chunks and a ring's: the interpreter's bfloat16 products are wrong, so this is where a
     bfloat16 kernel that does not build would show before a GPU session."""
     triton = pytest.importorskip("triton", reason="Triton is declared on Linux only")
     from triton.backends.compiler import GPUTarget

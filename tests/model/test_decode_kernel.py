@@ -80,9 +80,9 @@ def assert_the_torch_paths(lines: list[list], weights: float, output: float) -> 
 
 def test_the_kernel_gives_the_torch_paths_weights_and_output():
     """Shapes over one chunk and many, chunks wholly unseen (left padding) and keys partly unseen at the end, with and
-    without a mask; float16 (Triton's interpreter multiplies bfloat16 wrongly: that type is checked compiled). The weights are the
-    torch path's to 1e-5 (the same float32 scores summed in another order), they sum to 1 and are 0 where a key is not
-    seen; the output is within a few of float16's steps of its largest value."""
+    without a mask; float16 (Triton's interpreter multiplies bfloat16 wrongly: that type is checked compiled). The
+    weights are the torch path's to 1e-5 (the same float32 scores summed in another order), they sum to 1 and are 0
+    where a key is not seen; the output is within a few of float16's steps of its largest value."""
     assert_the_torch_paths(check("cpu", "float16", "attention", TRITON_INTERPRET="1"), 1e-5, 4e-3)
 
 

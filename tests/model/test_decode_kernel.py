@@ -56,8 +56,9 @@ else:
     (a, b) = runs
     decoders = model.__dict__["_medgemma_decoders"].values()
     graphed = all(d.graph is not None and d._compiled is not None for d in decoders) if device == "cuda" else None
-    print([r.token_ids for r in a.rows] == [r.token_ids for r in b.rows], (a.attention - b.attention).abs().max().item(),
-          a.attention.abs().max().item(), graphed, sorted(set(calls)))
+    same = [r.token_ids for r in a.rows] == [r.token_ids for r in b.rows]
+    print(same, (a.attention - b.attention).abs().max().item(), a.attention.abs().max().item(), graphed,
+          sorted(set(calls)))
 """
 
 

@@ -407,9 +407,13 @@ def _decode_kernel_takes(query, key, attention_mask) -> bool:
     that many keys or more, and of a kind it takes."""
     if DECODE_KERNEL_FROM is None or not query.is_cuda or key.shape[2] < DECODE_KERNEL_FROM:
         return False
-    from . import decode_kernel
+    return _decode_kernel().supported(query, key, attention_mask)
 
-    return decode_kernel.supported(query, key, attention_mask)
+
+def _decode_kernel():
+    from . import decode_kernel  # (Triton: imported only where the kernel is asked for)
+
+    return decode_kernel
 
 
 def _capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -420,9 +424,7 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
     scale = query.shape[-1] ** -0.5 if scaling is None else scaling
     if recorder is not None and query.shape[2] == 1 and kwargs.get("softcap") is None:
         if _decode_kernel_takes(query, key, attention_mask):
-            from . import decode_kernel
-
-            out, weights = decode_kernel.attention(query, key, value, attention_mask, scale, recorder.records(layer))
+            out, weights = _decode_kernel().attention(query, key, value, attention_mask, scale, recorder.records(layer))
             if weights is not None:
                 recorder.observe(layer, weights)
             return out, None

@@ -26,16 +26,20 @@
 #                                 # (bench/decode_attention.py, with other chunk sizes), and one reading A/B
 #                                 # beside the decode: the library's, the decode kernel, the deepest voxels on the
 #                                 # GPU, both
+#   bash bench/gpu_session.sh 8   # on an H200, whose CT reading ends with its maps: the speed of a CT and an X-ray
+#                                 # in a fresh process, and the reading A/B beside the decode (the library's, the
+#                                 # decode kernel, the deepest voxels on the GPU, both): the one command that says
+#                                 # whether either goes on
 #   bash bench/gpu_session.sh 1 3 # several parts in one command, in the order given (one machine start, one
 #                                 # compile cache; runs CK-CQ took 1.5-5 minutes a part)
 set -u
 if [[ $# -eq 0 ]]; then
-    echo "usage: bash bench/gpu_session.sh PART... (each 1 to 7)" >&2
+    echo "usage: bash bench/gpu_session.sh PART... (each 1 to 8)" >&2
     exit 2
 fi
 for part in "$@"; do
-    if [[ $part != [1234567] ]]; then
-        echo "usage: bash bench/gpu_session.sh PART... (each 1 to 7; got '$part')" >&2
+    if [[ $part != [12345678] ]]; then
+        echo "usage: bash bench/gpu_session.sh PART... (each 1 to 8; got '$part')" >&2
         exit 2
     fi
 done
@@ -102,6 +106,12 @@ for part in "$@"; do
         # beside the decode in one process (one model build and warm-up): 16 readings, the decode kernel's decoder
         # the second one kept (run CZ got through 9 readings of 3 rounds of 5 variants in 300 s)
         step kernels_ab 290 python3 bench/prefill_ab.py --parts reading --rounds 3 \
+            --variants default,decode-kernel,deepest-gpu,decode-kernel+deepest-gpu
+        ;;
+    8)  # runs CV and CU: the speed step took about 130 s on an H100
+        TAIL=40 step speed 200 python3 bench/fast_path.py --only speed --speed-modalities ct,xray --no-anchors \
+            --out "$out/speed.md"
+        step kernels_ab 330 python3 bench/prefill_ab.py --parts reading --rounds 3 \
             --variants default,decode-kernel,deepest-gpu,decode-kernel+deepest-gpu
         ;;
     esac

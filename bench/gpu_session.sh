@@ -7,29 +7,29 @@
 #
 #   bash bench/gpu_session.sh 1   # the GPU tests, the speed and timeline of a CT and an X-ray
 #   bash bench/gpu_session.sh 2   # a fresh server's first readings (8 GiB heap reserve: where each reading's
-#                                 # page faults come from; the first and a later reading's maps call by call);
-#                                 # an A/B beside the decode: the library's, the deepest voxels on the GPU in the
-#                                 # Triton kernel and in torch's blocks (does the GPU's distance work slow the
-#                                 # decode? the blocks did, run CW)
+#                                 # page faults come from; the first and a later reading's maps call by call:
+#                                 # the two Triton kernels compiled in the warm-up, not in the first reading);
+#                                 # an A/B beside the decode: the library's (both kernels, since run DB) against
+#                                 # the library's before (the torch path, the deepest voxels with edt in a helper)
 #   bash bench/gpu_session.sh 3   # what GPU readings leave behind: the reference-cycle test on the GPU reader
 #                                 # (both map schedules), the kept streams' tests (no cuBLAS workspace per
 #                                 # decoder or reading) and readings and batches in turn (read_many's threads' own
 #                                 # streams: passed in run CT), then the GPU memory over four rounds of three shapes
 #   bash bench/gpu_session.sh 4   # the findings' chains' own length (maps made after the answer, so that no decode
-#                                 # hides them: an H100's is 0.13 s longer than an H200's): the library's against
-#                                 # the deepest voxels on the GPU (the kernel, torch's blocks) and one candidate ahead
+#                                 # hides them: an H100's is 0.13 s longer than an H200's): the library's (the
+#                                 # deepest voxels on the GPU in the Triton kernel) against them in a helper with
+#                                 # edt, in torch's blocks, and one candidate ahead
 #   bash bench/gpu_session.sh 5   # where a decode step's time goes: the kernels of a CT's and an X-ray's decode
 #   bash bench/gpu_session.sh 6   # who holds the interpreter's lock during CT readings (py-spy --gil, summarised
 #                                 # there: run CS's heatmaps waited 0.05 s on 1-3 ms of their own CPU)
 #   bash bench/gpu_session.sh 7   # the two Triton kernels on the GPU: their tests there (the deepest voxels'
 #                                 # envelopes, the decode step's attention), one decode attention layer by layer
 #                                 # (bench/decode_attention.py, with other chunk sizes), and one reading A/B
-#                                 # beside the decode: the library's, the decode kernel, the deepest voxels on the
-#                                 # GPU, both
-#   bash bench/gpu_session.sh 8   # on an H200, whose CT reading ends with its maps: the speed of a CT and an X-ray
-#                                 # in a fresh process, and the reading A/B beside the decode (the library's, the
-#                                 # decode kernel, the deepest voxels on the GPU, both): the one command that says
-#                                 # whether either goes on
+#                                 # beside the decode: the library's (both kernels, since run DB), without the
+#                                 # decode kernel, without the deepest voxels on the GPU, without either
+#   bash bench/gpu_session.sh 8   # on an H200, whose CT reading ends with its maps: a CT's speed in a fresh
+#                                 # process, and part 7's reading A/B beside the decode (run DB's speed step of a
+#                                 # CT and an X-ray ran past 200 s on an H100: the X-ray's target is met)
 #   bash bench/gpu_session.sh 1 3 # several parts in one command, in the order given (one machine start, one
 #                                 # compile cache; runs CK-CQ took 1.5-5 minutes a part)
 set -u
@@ -75,7 +75,7 @@ for part in "$@"; do
         TAIL=120 step first_readings_8 200 python3 bench/first_readings.py --device cuda --reserve-gb 8 --readings 8 \
             --timeline-first --timeline
         step reading_ab 330 python3 bench/prefill_ab.py --parts reading \
-            --variants default,deepest-gpu,deepest-gpu-blocks --rounds 3
+            --variants default,decode-torch+deepest-host --rounds 3
         ;;
     3)
         step cycles_on_gpu 240 python3 -m pytest -q -p no:cacheprovider tests/test_reader.py \
@@ -85,7 +85,7 @@ for part in "$@"; do
         ;;
     4)
         step chains_ab 420 python3 bench/prefill_ab.py --parts reading --rounds 3 \
-            --variants after,after+deepest-gpu,after+deepest-gpu-blocks,after+candidates-1
+            --variants after,after+deepest-host,after+deepest-gpu-blocks,after+candidates-1
         ;;
     5)
         TAIL=80 step decode_kernels 400 python3 bench/fast_path.py --only decode --speed-modalities ct,xray \
@@ -106,13 +106,13 @@ for part in "$@"; do
         # beside the decode in one process (one model build and warm-up): 16 readings, the decode kernel's decoder
         # the second one kept (run CZ got through 9 readings of 3 rounds of 5 variants in 300 s)
         step kernels_ab 290 python3 bench/prefill_ab.py --parts reading --rounds 3 \
-            --variants default,decode-kernel,deepest-gpu,decode-kernel+deepest-gpu
+            --variants default,decode-torch,deepest-host,decode-torch+deepest-host
         ;;
-    8)  # runs CV and CU: the speed step took about 130 s on an H100
-        TAIL=40 step speed 200 python3 bench/fast_path.py --only speed --speed-modalities ct,xray --no-anchors \
+    8)
+        TAIL=40 step speed 250 python3 bench/fast_path.py --only speed --speed-modalities ct --no-anchors \
             --out "$out/speed.md"
-        step kernels_ab 330 python3 bench/prefill_ab.py --parts reading --rounds 3 \
-            --variants default,decode-kernel,deepest-gpu,decode-kernel+deepest-gpu
+        step kernels_ab 300 python3 bench/prefill_ab.py --parts reading --rounds 3 \
+            --variants default,decode-torch,deepest-host,decode-torch+deepest-host
         ;;
     esac
 done

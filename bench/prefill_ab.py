@@ -29,12 +29,14 @@ The benchmark's 85-slice CT (``fast_path.ct``; or its film, ``--study xray``) th
 - ``candidates-N`` (the ``reading`` part): a CT search's next N candidates tried in threads while the one before
   is, where helpers run (``ct_extent.CANDIDATES_AHEAD``; the library's: 2 since run CU, 0 is one after another).
 - ``deepest-gpu`` (the ``reading`` part): the searches' deepest voxels measured on the GPU
-  (``ct_extent.DEEPEST_ON_DEVICE``; the library's: in a helper process, with edt), the lower envelopes in one
-  Triton kernel; ``deepest-gpu-blocks``: in torch's blocks (``distances.ENVELOPE_KERNEL`` off; run CW's).
+  (``ct_extent.DEEPEST_ON_DEVICE``: the library's since run DB), the lower envelopes in one Triton kernel;
+  ``deepest-gpu-blocks``: in torch's blocks (``distances.ENVELOPE_KERNEL`` off; run CW's); ``deepest-host``: in a
+  helper process, with edt (the library's before run DB).
 - ``decode-kernel`` (the ``reading`` part): a decode step's attention over 4,096 keys or more (a CT's full layers)
-  in one Triton kernel split over the keys (``capture.DECODE_KERNEL_FROM``; the library's: the torch path);
-  ``decode-kernel-all``: every layer's (its sliding rings' too). Each is a decoder of its own (compiled in the
-  reading not kept; the decoders kept per model are two, so an A/B takes one of these with ``default``).
+  in one Triton kernel split over the keys (``capture.DECODE_KERNEL_FROM``: the library's since run DB);
+  ``decode-kernel-all``: every layer's (its sliding rings' too); ``decode-torch``: the torch path in every layer
+  (the library's before run DB). Each is a decoder of its own (compiled in the reading not kept; the decoders
+  kept per model are two, so an A/B takes one of these with ``default``).
 - ``edt-N`` (the ``reading`` part): a helper's distance transforms (the deepest voxels' and the openings') on N
   of edt's threads (``distances.HELPER_THREADS``; the library's: 1).
 - ``helpers-N`` (the ``reading`` part): N label and distance helper processes (``helper_processes``; the
@@ -139,12 +141,13 @@ def one_variant(stack: ExitStack, model, name: str) -> None:
         stack.enter_context(mock.patch.object(maps, "LEVELS_TOGETHER", False))
     if name.startswith("candidates-"):
         stack.enter_context(mock.patch.object(ct_extent, "CANDIDATES_AHEAD", int(name.split("-")[1])))
-    if name.startswith("deepest-gpu"):
-        stack.enter_context(mock.patch.object(ct_extent, "DEEPEST_ON_DEVICE", True))
+    if name.startswith("deepest-"):
+        stack.enter_context(mock.patch.object(ct_extent, "DEEPEST_ON_DEVICE", name != "deepest-host"))
     if name == "deepest-gpu-blocks":
         stack.enter_context(mock.patch.object(distances, "ENVELOPE_KERNEL", False))
-    if name.startswith("decode-kernel"):
-        stack.enter_context(mock.patch.object(capture, "DECODE_KERNEL_FROM", 0 if name.endswith("-all") else 4096))
+    if name in ("decode-kernel", "decode-kernel-all", "decode-torch"):  # (not decode-first)
+        stack.enter_context(mock.patch.object(capture, "DECODE_KERNEL_FROM", {"decode-torch": None,
+                                                                              "decode-kernel-all": 0}.get(name, 4096)))
     if name.startswith("edt-"):
         stack.enter_context(mock.patch.object(distances, "HELPER_THREADS", int(name.split("-")[1])))
     if name.startswith("helpers-"):

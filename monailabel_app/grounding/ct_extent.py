@@ -216,8 +216,10 @@ DEEPEST_FINE_VOXELS = 1_000_000  # a larger region's deepest voxel is looked for
 # went from 0.654 to 0.587 s (medians, maps after the answer), but torch's blocks slowed the decode beside them from
 # 4.56 to 4.63-4.64 ms a token (run CW). With distances' Triton kernel beside an H100's decode (run CZ, a slow host,
 # two rounds) the readings took 2.606 and 2.634 s against 2.617 and 2.679 s, the decode 4.49-4.53 against 4.41-4.46
-# ms a token. Off until an H200 (its chains are its reading's tail) and a first reading after the warm-up have run
-DEEPEST_ON_DEVICE = False
+# ms a token. On since run DB (an H100, three rounds): with the decode kernel beside it the readings were the
+# shortest in every round (2.583-2.598 s against the library's then 2.667-2.702 s), the maps ending 0.047-0.050 s
+# after the answer against 0.113-0.148 s. The CPU reader keeps edt in its helpers (no GPU: device None)
+DEEPEST_ON_DEVICE = True
 
 
 def near_box(near: np.ndarray | Boxed, spacing, kind: str) -> tuple[slice, ...]:

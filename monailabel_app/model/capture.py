@@ -329,8 +329,12 @@ class NoRecorder:
 
 
 # keys from which a GPU decode step's attention runs in one Triton kernel split over them (:mod:`decode_kernel`):
-# None never, as measured so far; 4096 a CT's full layers; 0 every layer. Part of a decoder's shape (decoder_for)
-DECODE_KERNEL_FROM: int | None = None
+# None never; 4096 a CT's full layers (a film's and the sliding rings' caches are shorter, where the kernel is
+# slower: run CZ); 0 every layer. Part of a decoder's shape (decoder_for). On by default since run DB (an H100, three
+# interleaved rounds): with the deepest voxels on the GPU the CT's readings took 2.583-2.598 s against the torch
+# path's 2.667-2.702 s, its decode 4.41 against 4.42-4.44 ms a token (alone 4.33-4.34)
+DECODE_KERNEL_FROM: int | None = 4096
+_DECODE_KERNEL_OFF = False  # the kernel failed to build or run here (decode_kernel_works): the torch path from then on
 _NO_LSE: set = set()  # (device type, kernel name or "any") that refused: not tried again ("any": warned once)
 
 
@@ -405,9 +409,50 @@ def decode_attention(query, key, value, attention_mask, scaling: float,
 def _decode_kernel_takes(query, key, attention_mask) -> bool:
     """A decode step's attention runs in :mod:`decode_kernel`: asked for (:data:`DECODE_KERNEL_FROM`), on CUDA, over
     that many keys or more, and of a kind it takes."""
-    if DECODE_KERNEL_FROM is None or not query.is_cuda or key.shape[2] < DECODE_KERNEL_FROM:
+    if DECODE_KERNEL_FROM is None or _DECODE_KERNEL_OFF or not query.is_cuda or key.shape[2] < DECODE_KERNEL_FROM:
         return False
     return _decode_kernel().supported(query, key, attention_mask)
+
+
+def decode_kernel_works(text_config, device, dtype) -> bool:
+    """Whether :mod:`decode_kernel` builds and runs here: one launch in the model's shapes over a long cache (the
+    variant a CT's decode steps compile first), before a decoder is compiled and captured. A host where Triton
+    cannot build (no compiler for its launcher, an unknown card) then reads on the torch path, with one warning,
+    instead of failing in every decode step (the step's compile would fail, and its eager run call the kernel
+    again). Not asked for (:data:`DECODE_KERNEL_FROM` None), off after a failure, or not CUDA: False, nothing
+    launched."""
+    if DECODE_KERNEL_FROM is None or _DECODE_KERNEL_OFF or torch.device(device).type != "cuda":
+        return False
+    return _decode_kernel_launches(text_config, device, dtype)
+
+
+def _decode_kernel_launches(text_config, device, dtype) -> bool:
+    """:func:`decode_kernel_works`'s launch on any device (Triton's interpreter's CPU in the tests): once per device
+    and type; a failure warned and the kernel off from then on."""
+    global _DECODE_KERNEL_OFF
+    if (str(device), dtype) in _DECODE_KERNEL_CHECKED:
+        return True
+    heads, kv_heads, dim = text_config.num_attention_heads, text_config.num_key_value_heads, text_config.head_dim
+    length = max(DECODE_KERNEL_FROM or 0, 4097)  # a long cache's chunks
+    try:
+        kernel = _decode_kernel()
+        query = torch.randn(1, heads, 1, dim, device=device, dtype=dtype)
+        key, value = (torch.randn(1, kv_heads, length, dim, device=device, dtype=dtype) for _ in range(2))
+        seen = torch.ones(1, 1, 1, length, device=device, dtype=torch.bool)
+        if kernel.supported(query, key, seen):
+            out, _ = kernel.attention(query, key, value, seen, dim ** -0.5, True)
+            if not bool(torch.isfinite(out).all()):
+                raise RuntimeError("its output is not finite")
+    except Exception as e:  # noqa: BLE001 (the torch path gives the same answer)
+        logger.warning("the decode attention kernel cannot run here (%s: %s); decode steps on the torch path",
+                       type(e).__name__, str(e)[:300])
+        _DECODE_KERNEL_OFF = True
+        return False
+    _DECODE_KERNEL_CHECKED.add((str(device), dtype))
+    return True
+
+
+_DECODE_KERNEL_CHECKED: set = set()  # (device, dtype) where decode_kernel_works launched it
 
 
 def _decode_kernel():

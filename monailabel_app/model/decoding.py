@@ -421,6 +421,8 @@ class Decoder:
         if not self.use_graph or self.graphs:
             return
         t0 = time.perf_counter()
+        if self.length >= (capture.DECODE_KERNEL_FROM or 0):  # (before the step is traced: it reads the outcome)
+            capture.decode_kernel_works(self.model.config.get_text_config(), self.tokens.device, self.model.dtype)
         if self.compile:
             use_compile_cache()
             try:

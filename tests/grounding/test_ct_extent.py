@@ -485,8 +485,9 @@ def test_a_ct_region_reads_only_its_search_box(monkeypatch):
 
 
 def test_a_search_measures_its_deepest_voxels_on_its_device_only_when_asked(monkeypatch):
-    """ct_extent.DEEPEST_ON_DEVICE: off (the library's until measured beside the decode), a search's candidates'
-    deepest voxels are measured on the host whatever its device; on, on the search's device."""
+    """ct_extent.DEEPEST_ON_DEVICE: off, a search's candidates' deepest voxels are measured on the host whatever
+    its device; on (the library's since run DB), the search's device is passed on (``deepest`` measures on a GPU
+    only: a CPU's keep edt)."""
     vol, heat = _attention_on_the_largest_lesion()
     real, asked = ct_extent.deepest, []
     monkeypatch.setattr(ct_extent, "deepest", lambda part, spacing, device=None: asked.append(device) or

@@ -38,6 +38,10 @@ if what == "attention":
             print((weights - ref_w).abs().max().item(), ((out.float() - ref.float()).abs().max() /
                   ref.float().abs().max()).item(), torch.equal(out, alone) and none is None,
                   (weights.sum(-1) - 1).abs().max().item(), unseen)
+elif what == "launch":  # the check before a decoder is compiled, in a small model's shapes
+    from types import SimpleNamespace
+    config = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    print(capture._decode_kernel_launches(config, device, dtype), capture._DECODE_KERNEL_OFF)
 else:
     sys.path.insert(0, "tests/model")
     from test_decoding import batch, prompt, tiny_model
@@ -95,6 +99,42 @@ def test_a_decode_with_the_kernel_gives_the_same_answers_and_rows():
     same, diff, top, lengths = line[0], float(line[1]), float(line[2]), " ".join(line[4:])
     assert same == "True" and diff < 2e-3 * top, line
     assert lengths != "[]"  # the kernel was asked: every layer's cache length
+
+
+def test_a_kernel_that_cannot_run_leaves_the_decode_steps_on_the_torch_path(monkeypatch, caplog):
+    """capture.decode_kernel_works, before a decoder is compiled: where the kernel launches (Triton's interpreter
+    here) the steps over long caches ask for it; where it raises (no compiler for Triton's launcher, say) one warning,
+    and no step asks for it from then on (each would fail: the step's compile, then its eager run)."""
+    from types import SimpleNamespace
+
+    from monailabel_app.model import capture
+
+    assert check("cpu", "float16", "launch", TRITON_INTERPRET="1") == [["True", "False"]]
+
+    class Broken:
+        @staticmethod
+        def supported(query, key, mask):
+            return True
+
+        @staticmethod
+        def attention(*args, **kwargs):
+            raise RuntimeError("Failed to find C compiler")
+
+    monkeypatch.setattr(capture, "_decode_kernel", lambda: Broken)
+    monkeypatch.setattr(capture, "_DECODE_KERNEL_OFF", False)
+    monkeypatch.setattr(capture, "_DECODE_KERNEL_CHECKED", set())
+    long, short = torch.zeros(1, 2, 5000, 32), torch.zeros(1, 2, 700, 32)
+    on_gpu = SimpleNamespace(is_cuda=True)  # a step's query as the check sees it
+    assert capture._decode_kernel_takes(on_gpu, long, None) and not capture._decode_kernel_takes(on_gpu, short, None)
+    config = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, head_dim=32)
+    assert not capture.decode_kernel_works(config, "cpu", torch.float16)  # not CUDA: nothing launched
+    with caplog.at_level("WARNING", logger=capture.__name__):
+        assert not capture._DECODE_KERNEL_OFF
+        assert not capture._decode_kernel_launches(config, "cpu", torch.float16)
+        assert not capture.decode_kernel_works(config, "cuda", torch.bfloat16)  # off: not tried again
+    warned = [r.getMessage() for r in caplog.records if r.name == capture.__name__]
+    assert len(warned) == 1 and "C compiler" in warned[0] and "torch path" in warned[0], warned
+    assert not capture._decode_kernel_takes(on_gpu, long, None)
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])

@@ -30,16 +30,18 @@
 #   bash bench/gpu_session.sh 8   # on an H200, whose CT reading ends with its maps: a CT's speed in a fresh
 #                                 # process, and part 7's reading A/B beside the decode (run DB's speed step of a
 #                                 # CT and an X-ray ran past 200 s on an H100: the X-ray's target is met)
+#   bash bench/gpu_session.sh 9   # restart to the first fast answer (a new server process: empty compile cache,
+#                                 # then the one it left) and a CT's speed in a fresh process (the library's)
 #   bash bench/gpu_session.sh 1 3 # several parts in one command, in the order given (one machine start, one
 #                                 # compile cache; runs CK-CQ took 1.5-5 minutes a part)
 set -u
 if [[ $# -eq 0 ]]; then
-    echo "usage: bash bench/gpu_session.sh PART... (each 1 to 8)" >&2
+    echo "usage: bash bench/gpu_session.sh PART... (each 1 to 9)" >&2
     exit 2
 fi
 for part in "$@"; do
-    if [[ $part != [12345678] ]]; then
-        echo "usage: bash bench/gpu_session.sh PART... (each 1 to 8; got '$part')" >&2
+    if [[ $part != [123456789] ]]; then
+        echo "usage: bash bench/gpu_session.sh PART... (each 1 to 9; got '$part')" >&2
         exit 2
     fi
 done
@@ -113,6 +115,11 @@ for part in "$@"; do
             --out "$out/speed.md"
         step kernels_ab 300 python3 bench/prefill_ab.py --parts reading --rounds 3 \
             --variants default,decode-torch,deepest-host,decode-torch+deepest-host
+        ;;
+    9)
+        step restart 260 python3 bench/fast_path.py --only restart --no-anchors --out "$out/restart.md"
+        TAIL=40 step speed 250 python3 bench/fast_path.py --only speed --speed-modalities ct --no-anchors \
+            --out "$out/speed.md"
         ;;
     esac
 done

@@ -421,10 +421,11 @@ class Decoder:
         if not self.use_graph or self.graphs:
             return
         t0 = time.perf_counter()
+        if self.compile:
+            use_compile_cache()  # (Triton's too: the check's kernel is kept there for a restart)
         if self.length >= (capture.DECODE_KERNEL_FROM or 0):  # (before the step is traced: it reads the outcome)
             capture.decode_kernel_works(self.model.config.get_text_config(), self.tokens.device, self.model.dtype)
         if self.compile:
-            use_compile_cache()
             try:
                 self._compiled = torch.compile(self.step, dynamic=False, fullgraph=False, mode=compile_mode())
             except Exception as e:  # noqa: BLE001

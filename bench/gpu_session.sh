@@ -62,6 +62,18 @@ step() {  # step NAME SECONDS COMMAND...: run COMMAND under a time limit, its ou
     grep -v "^W[0-9]\{4\} \|Loading weights" "$out/$name.txt" | tail -n "${TAIL:-60}"
 }
 
+ct_speed() {  # a CT's speed in a fresh process, the library's (median of three; maps while decoding and after)
+    TAIL=40 step speed 250 python3 bench/fast_path.py --only speed --speed-modalities ct --no-anchors \
+        --out "$out/speed.md"
+}
+
+kernels_ab() {  # kernels_ab SECONDS: the reading A/B beside the decode, in one process (one model build and
+    # warm-up), the library's (both kernels) against either without and neither; the torch path's decoder is the
+    # second one kept (run CZ got through 9 readings of 3 rounds of 5 variants in 300 s)
+    step kernels_ab "$1" python3 bench/prefill_ab.py --parts reading --rounds 3 \
+        --variants default,decode-torch,deepest-host,decode-torch+deepest-host
+}
+
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
 lscpu | grep -i "model name"
 for part in "$@"; do
@@ -105,21 +117,15 @@ for part in "$@"; do
             tests/grounding/test_distances.py tests/model/test_decode_kernel.py tests/model/test_decoding.py \
             -k "cuda or gpu or without_a_cuda_graph"
         step decode_attention 90 python3 bench/decode_attention.py --chunks 128,352,512  # run CZ: 35 s, no chunks
-        # beside the decode in one process (one model build and warm-up): 16 readings, the decode kernel's decoder
-        # the second one kept (run CZ got through 9 readings of 3 rounds of 5 variants in 300 s)
-        step kernels_ab 290 python3 bench/prefill_ab.py --parts reading --rounds 3 \
-            --variants default,decode-torch,deepest-host,decode-torch+deepest-host
+        kernels_ab 290
         ;;
     8)
-        TAIL=40 step speed 250 python3 bench/fast_path.py --only speed --speed-modalities ct --no-anchors \
-            --out "$out/speed.md"
-        step kernels_ab 300 python3 bench/prefill_ab.py --parts reading --rounds 3 \
-            --variants default,decode-torch,deepest-host,decode-torch+deepest-host
+        ct_speed
+        kernels_ab 300
         ;;
     9)
         step restart 260 python3 bench/fast_path.py --only restart --no-anchors --out "$out/restart.md"
-        TAIL=40 step speed 250 python3 bench/fast_path.py --only speed --speed-modalities ct --no-anchors \
-            --out "$out/speed.md"
+        ct_speed
         ;;
     esac
 done

@@ -335,6 +335,7 @@ class NoRecorder:
 # path's 2.667-2.702 s, its decode 4.41 against 4.42-4.44 ms a token (alone 4.33-4.34)
 DECODE_KERNEL_FROM: int | None = 4096
 _DECODE_KERNEL_OFF = False  # the kernel failed to build or run here (decode_kernel_works): the torch path from then on
+_DECODE_KERNEL_CHECKED: set = set()  # (device, dtype) where decode_kernel_works launched it
 _NO_LSE: set = set()  # (device type, kernel name or "any") that refused: not tried again ("any": warned once)
 
 
@@ -414,14 +415,15 @@ def _decode_kernel_takes(query, key, attention_mask) -> bool:
     return _decode_kernel().supported(query, key, attention_mask)
 
 
-def decode_kernel_works(text_config, device, dtype) -> bool:
-    """Whether :mod:`decode_kernel` builds and runs here: one launch in the model's shapes over a long cache (the
-    variant a CT's decode steps compile first), before a decoder is compiled and captured. A host where Triton
-    cannot build (no compiler for its launcher, an unknown card) then reads on the torch path, with one warning,
-    instead of failing in every decode step (the step's compile would fail, and its eager run call the kernel
-    again). Not asked for (:data:`DECODE_KERNEL_FROM` None), off after a failure, or not CUDA: False, nothing
-    launched."""
-    if DECODE_KERNEL_FROM is None or _DECODE_KERNEL_OFF or torch.device(device).type != "cuda":
+def decode_kernel_works(text_config, device, dtype, length: int) -> bool:
+    """Whether :mod:`decode_kernel` builds and runs here for a decoder of ``length`` positions: one launch in the
+    model's shapes over a long cache (the variant a CT's decode steps compile first), before that decoder is compiled
+    and captured. A host where Triton cannot build (no compiler for its launcher, an unknown card) then reads on the
+    torch path, with one warning, instead of failing in every decode step (the step's compile would fail, and its
+    eager run call the kernel again). Not asked for (:data:`DECODE_KERNEL_FROM` None, or a cache shorter: a film's,
+    so that a server of films launches nothing), off after a failure, or not CUDA: False, nothing launched."""
+    if DECODE_KERNEL_FROM is None or length < DECODE_KERNEL_FROM or _DECODE_KERNEL_OFF or \
+            torch.device(device).type != "cuda":
         return False
     return _decode_kernel_launches(text_config, device, dtype)
 
@@ -450,9 +452,6 @@ def _decode_kernel_launches(text_config, device, dtype) -> bool:
         return False
     _DECODE_KERNEL_CHECKED.add((str(device), dtype))
     return True
-
-
-_DECODE_KERNEL_CHECKED: set = set()  # (device, dtype) where decode_kernel_works launched it
 
 
 def _decode_kernel():

@@ -423,8 +423,9 @@ class Decoder:
         t0 = time.perf_counter()
         if self.compile:
             use_compile_cache()  # (Triton's too: the check's kernel is kept there for a restart)
-        if self.length >= (capture.DECODE_KERNEL_FROM or 0):  # (before the step is traced: it reads the outcome)
-            capture.decode_kernel_works(self.model.config.get_text_config(), self.tokens.device, self.model.dtype)
+        # before the step is traced, which reads the outcome
+        capture.decode_kernel_works(self.model.config.get_text_config(), self.tokens.device, self.model.dtype,
+                                    self.length)
         if self.compile:
             try:
                 self._compiled = torch.compile(self.step, dynamic=False, fullgraph=False, mode=compile_mode())

@@ -127,11 +127,12 @@ def test_a_kernel_that_cannot_run_leaves_the_decode_steps_on_the_torch_path(monk
     on_gpu = SimpleNamespace(is_cuda=True)  # a step's query as the check sees it
     assert capture._decode_kernel_takes(on_gpu, long, None) and not capture._decode_kernel_takes(on_gpu, short, None)
     config = SimpleNamespace(num_attention_heads=4, num_key_value_heads=2, head_dim=32)
-    assert not capture.decode_kernel_works(config, "cpu", torch.float16)  # not CUDA: nothing launched
+    assert not capture.decode_kernel_works(config, "cpu", torch.float16, 5000)  # not CUDA: nothing launched
     with caplog.at_level("WARNING", logger=capture.__name__):
+        assert not capture.decode_kernel_works(config, "cuda", torch.bfloat16, 700)  # a film's: nothing launched
         assert not capture._DECODE_KERNEL_OFF
         assert not capture._decode_kernel_launches(config, "cpu", torch.float16)
-        assert not capture.decode_kernel_works(config, "cuda", torch.bfloat16)  # off: not tried again
+        assert not capture.decode_kernel_works(config, "cuda", torch.bfloat16, 5000)  # off: not tried again
     warned = [r.getMessage() for r in caplog.records if r.name == capture.__name__]
     assert len(warned) == 1 and "C compiler" in warned[0] and "torch path" in warned[0], warned
     assert not capture._decode_kernel_takes(on_gpu, long, None)

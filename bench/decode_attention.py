@@ -15,7 +15,11 @@ one CT step and one film step would save: 5 full layers and 29 sliding ones; a f
 
 ``--chunks 128,352,512`` also times the kernel on the CT's full layer with each of those keys a program (the
 library's: 256; run CZ's H100 read its keys and values at about half the card's rate, 356 programs in 1.35 waves
-of two a multiprocessor)."""
+of two a multiprocessor), and ``one-wave`` there is :func:`one_wave`'s for the card: the fewest keys a program
+(a multiple of the kernel's loop step) that make at most one wave of two programs a multiprocessor (run DE: 352
+on an H100's 22,784 slots, 10 % faster than 256). ``--lengths 22784,11008,4352`` times the chunks at those full-
+layer lengths too (a CT of 85, about 40 and about 16 slices), so that a rule by occupancy is judged at more than
+one length."""
 
 from __future__ import annotations
 
@@ -68,10 +72,39 @@ def graphed_ms(fn, args, steps: int) -> tuple[float, tuple]:
     return statistics.median(times[1:]), out
 
 
+def one_wave(length: int, batch: int = 1) -> int:
+    """The fewest keys a program, a multiple of the kernel's loop step, with which ``batch`` rows' KV heads make at
+    most one wave of two programs a multiprocessor on this card (a candidate rule; the library's: 256)."""
+    per_head = max(1, 2 * torch.cuda.get_device_properties(0).multi_processor_count // (batch * KV_HEADS))
+    step = decode_kernel.BLOCK_N
+    return step * -(-length // (step * per_head))
+
+
+def chunk_table(lengths: list[int], asked: list[int], steps: int) -> None:
+    """The kernel on a full layer of each length, with the library's keys a program, :func:`one_wave`'s and each
+    asked for: ms a call and the rate its keys and values are read at."""
+    print("\n| full-layer slots | keys a program | programs | kernel ms | keys and values read at TB/s |")
+    print("|---|---|---|---|---|")
+    for slots in lengths:
+        q = torch.randn(1, HEADS, 1, HEAD, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(1, KV_HEADS, slots, HEAD, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+        mask = torch.ones(1, 1, 1, slots, device="cuda", dtype=torch.bool)
+        mask[..., slots - 150:] = False
+        inputs = (q, k, v, mask, HEAD ** -0.5, True)
+        gb = 2 * KV_HEADS * slots * HEAD * 2 / 1e9
+        library, wave = decode_kernel.chunk_for(slots), one_wave(slots)
+        for c in dict.fromkeys([library, wave, *asked]):
+            ms = graphed_ms(lambda *a, c=c: decode_kernel.attention(*a[:5], scores=a[5], chunk=c), inputs, steps)[0]
+            label = f"{c}" + (" (the library's)" if c == library else "") + (" (one wave)" if c == wave else "")
+            print(f"| {slots} | {label} | {KV_HEADS * -(-slots // c)} | {ms:.4f} | {gb / ms:.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--chunks", default="", help="keys a program takes on the CT's full layer, comma-separated")
+    ap.add_argument("--lengths", default="", help="with --chunks: full-layer slots to time them at, comma-separated "
+                    "(default: the CT's 22,784 alone)")
     args = ap.parse_args()
     print(f"### bench/decode_attention.py on {torch.cuda.get_device_name()} (torch {torch.__version__})\n")
     print("| layer | batch | slots | recorded | torch path ms | kernel ms | output's largest difference | "
@@ -92,17 +125,10 @@ def main() -> None:
         print(f"| {name} | {batch} | {slots} | {records} | {torch_ms:.4f} | {kernel_ms:.4f} | "
               f"{(out.float() - ref.float()).abs().max().item():.2e} | {diff_w} |")
         per_layer[name] = (torch_ms, kernel_ms)
-        if name == "CT full layer":  # the library's chunk, then each asked for
-            chunked = [(decode_kernel.chunk_for(slots), kernel_ms)] + [
-                (c, graphed_ms(lambda *a, c=c: decode_kernel.attention(*a[:5], scores=a[5], chunk=c), inputs,
-                               args.steps)[0]) for c in (int(c) for c in args.chunks.split(",") if c)]
     ct_full, ring, film = per_layer["CT full layer"], per_layer["CT sliding ring"], per_layer["film layer"]
     if args.chunks:
-        gb = 2 * KV_HEADS * SHAPES[0][2] * HEAD * 2 / 1e9  # the CT full layer's keys and values read once
-        print("\n| keys a program (CT full layer) | programs | kernel ms | keys and values read at TB/s |")
-        print("|---|---|---|---|")
-        for c, ms in chunked:
-            print(f"| {c} | {KV_HEADS * -(-SHAPES[0][2] // c)} | {ms:.4f} | {gb / ms:.2f} |")
+        lengths = [int(n) for n in args.lengths.split(",") if n] or [SHAPES[0][2]]
+        chunk_table(lengths, [int(c) for c in args.chunks.split(",") if c], args.steps)
     print()
     for label, parts in (("a CT step (5 full layers, 29 sliding)", [(5, ct_full), (29, ring)]),
                          ("a film step (34 layers)", [(34, film)]),

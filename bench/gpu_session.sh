@@ -28,8 +28,8 @@
 #                                 # beside the decode: the library's (both kernels, since run DB), without the
 #                                 # decode kernel, without the deepest voxels on the GPU, without either
 #   bash bench/gpu_session.sh 8   # on an H200, whose CT reading ends with its maps: a CT's speed and timeline
-#                                 # (its maps call by call) in a fresh process, and part 7's reading A/B beside
-#                                 # the decode (the X-ray's target is met: not timed here)
+#                                 # (its maps call by call) in a fresh process, part 7's reading A/B beside
+#                                 # the decode (the X-ray's target is met: not timed here), and its chunk sizes
 #   bash bench/gpu_session.sh 9   # restart to the first fast answer (a new server process: empty compile cache,
 #                                 # then the one it left) and a CT's speed in a fresh process (the library's)
 #   bash bench/gpu_session.sh 1 3 # several parts in one command, in the order given (one machine start, one
@@ -74,6 +74,12 @@ kernels_ab() {  # kernels_ab SECONDS: the reading A/B beside the decode, in one 
         --variants default,decode-torch,deepest-host,decode-torch+deepest-host
 }
 
+chunk_lengths() {  # chunk_lengths SECONDS: one decode attention layer by layer, and the kernel's keys a program on
+    # full layers of a CT of 85, about 40 and about 16 slices (the library's 256, one wave, others; run CZ: 35 s
+    # without chunks)
+    step decode_attention "$1" python3 bench/decode_attention.py --chunks 128,352,512 --lengths 22784,11008,4352
+}
+
 nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
 lscpu | grep -i "model name"
 for part in "$@"; do
@@ -116,13 +122,15 @@ for part in "$@"; do
         step kernel_tests 200 python3 -m pytest -q -p no:cacheprovider tests/grounding/test_device_maps.py \
             tests/grounding/test_distances.py tests/model/test_decode_kernel.py tests/model/test_decoding.py \
             -k "cuda or gpu or without_a_cuda_graph"
-        step decode_attention 90 python3 bench/decode_attention.py --chunks 128,352,512  # run CZ: 35 s, no chunks
+        chunk_lengths 90
         kernels_ab 290
         ;;
-    8)  # the CT's speed and its timeline in one process (run DF's speed step took 107 s, its A/B 240 s)
-        TAIL=70 step speed_timeline 300 python3 bench/fast_path.py --only speed,timeline --speed-modalities ct \
+    8)  # the CT's speed and its timeline in one process (run DF's speed step took 107 s, its A/B 240 s), then the
+        # decode kernel's keys a program at three lengths
+        TAIL=70 step speed_timeline 250 python3 bench/fast_path.py --only speed,timeline --speed-modalities ct \
             --no-anchors --out "$out/speed_timeline.md"
-        kernels_ab 280
+        kernels_ab 260
+        chunk_lengths 80
         ;;
     9)
         step restart 260 python3 bench/fast_path.py --only restart --no-anchors --out "$out/restart.md"

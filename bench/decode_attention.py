@@ -14,12 +14,9 @@ the median of five), the largest difference of the output and of the weights fro
 one CT step and one film step would save: 5 full layers and 29 sliding ones; a film's 34 layers alike.
 
 ``--chunks 128,352,512`` also times the kernel on the CT's full layer with each of those keys a program (the
-library's: 256; run CZ's H100 read its keys and values at about half the card's rate, 356 programs in 1.35 waves
-of two a multiprocessor), and ``one-wave`` there is :func:`one_wave`'s for the card: the fewest keys a program
-(a multiple of the kernel's loop step) that make at most one wave of two programs a multiprocessor (run DE: 352
-on an H100's 22,784 slots, 10 % faster than 256). ``--lengths 22784,11008,4352`` times the chunks at those full-
-layer lengths too (a CT of 85, about 40 and about 16 slices), so that a rule by occupancy is judged at more than
-one length."""
+library's: the fewest that make one wave of two programs a multiprocessor on the card, ``decode_kernel.chunk_for``;
+256 before run DG, whose 356 programs took 1.35 waves on an H100). ``--lengths 22784,11008,4352`` times them at
+those full-layer lengths (a CT of 85, about 40 and about 16 slices)."""
 
 from __future__ import annotations
 
@@ -50,7 +47,9 @@ def kernel_path(q, k, v, mask, scale, records):
 
 def graphed_ms(fn, args, steps: int) -> tuple[float, tuple]:
     """The card's ms a call of ``fn`` compiled, ``steps`` calls replayed as one CUDA graph (median of five)."""
-    compiled = torch.compile(fn, dynamic=False)  # one compile a shape, as a decoder's step
+    # one compile a shape, as a decoder's step; in one graph, so that a break (the card's multiprocessors that set the
+    # kernel's keys a program are a constant to the compiler) fails here, not a slower step in a reading
+    compiled = torch.compile(fn, dynamic=False, fullgraph=True)
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
@@ -72,17 +71,9 @@ def graphed_ms(fn, args, steps: int) -> tuple[float, tuple]:
     return statistics.median(times[1:]), out
 
 
-def one_wave(length: int, batch: int = 1) -> int:
-    """The fewest keys a program, a multiple of the kernel's loop step, with which ``batch`` rows' KV heads make at
-    most one wave of two programs a multiprocessor on this card (a candidate rule; the library's: 256)."""
-    per_head = max(1, 2 * torch.cuda.get_device_properties(0).multi_processor_count // (batch * KV_HEADS))
-    step = decode_kernel.BLOCK_N
-    return step * -(-length // (step * per_head))
-
-
 def chunk_table(lengths: list[int], asked: list[int], steps: int) -> None:
-    """The kernel on a full layer of each length, with the library's keys a program, :func:`one_wave`'s and each
-    asked for: ms a call and the rate its keys and values are read at."""
+    """The kernel on a full layer of each length, with the library's keys a program for this card (one wave), its
+    256 before run DG, and each asked for: ms a call and the rate its keys and values are read at."""
     print("\n| full-layer slots | keys a program | programs | kernel ms | keys and values read at TB/s |")
     print("|---|---|---|---|---|")
     for slots in lengths:
@@ -92,10 +83,10 @@ def chunk_table(lengths: list[int], asked: list[int], steps: int) -> None:
         mask[..., slots - 150:] = False
         inputs = (q, k, v, mask, HEAD ** -0.5, True)
         gb = 2 * KV_HEADS * slots * HEAD * 2 / 1e9
-        library, wave = decode_kernel.chunk_for(slots), one_wave(slots)
-        for c in dict.fromkeys([library, wave, *asked]):
+        library = decode_kernel.chunk_for(slots, KV_HEADS, decode_kernel.multiprocessors(q.device))
+        for c in dict.fromkeys([library, 256, *asked]):
             ms = graphed_ms(lambda *a, c=c: decode_kernel.attention(*a[:5], scores=a[5], chunk=c), inputs, steps)[0]
-            label = f"{c}" + (" (the library's)" if c == library else "") + (" (one wave)" if c == wave else "")
+            label = f"{c}" + (" (the library's: one wave)" if c == library else "") + (" (before)" if c == 256 else "")
             print(f"| {slots} | {label} | {KV_HEADS * -(-slots // c)} | {ms:.4f} | {gb / ms:.2f} |")
 
 

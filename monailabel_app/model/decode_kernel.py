@@ -19,8 +19,7 @@ Measured on an H100 (run CZ, ``bench/decode_attention.py``): a CT's full layer 0
 0.067 (its keys and values read at 1.7 TB/s, half the card's rate), a sliding ring's the same, a film's layer slower
 (0.012 against 0.0086), so it runs from 4,096 keys (a CT's full layers); the CT's decode 4.34 against 4.41-4.46 ms
 a token. On by default since runs DB and DC (with the deepest voxels on the GPU: the readings shorter in every
-round); ``bench/decode_attention.py --chunks`` found 352 keys a program (one wave) 10 % faster on a CT's full layer
-than 256 (run DE: 0.0488 against 0.0544 ms), about 6 ms a reading: not changed on one card's one run.
+round). Its keys a program make one wave on the card (:func:`chunk_for`; ``bench/decode_attention.py --chunks``).
 
 Imported only where it runs (a GPU's decode step with :data:`capture.DECODE_KERNEL_FROM` set); Triton compiles
 the kernel on its first call, a decoder's warm-up steps. ``TRITON_INTERPRET=1`` runs it on the CPU (the tests)."""
@@ -38,10 +37,27 @@ ROWS = 16  # the query heads of a KV head padded to the smallest product the ten
 OPTIONS = {"num_warps": 8}
 
 
-def chunk_for(length: int) -> int:
-    """Keys a program takes: 256 over a long prompt (a CT's 22,500: about 90 chunks per KV head), 64 over a
-    sliding window's ring (about 1,100 keys: 18), so that either keeps the multiprocessors busy."""
-    return 256 if length > 4096 else 64
+PROGRAMS_A_MULTIPROCESSOR = 2  # what OPTIONS' eight warps at 128 registers a thread leave room for
+
+
+def chunk_for(length: int, heads: int = 4, multiprocessors: int | None = None) -> int:
+    """Keys a program takes over ``length`` keys for ``heads`` (batch rows x KV heads). Over a long cache (more than
+    4,096 keys: a CT's full layers) the fewest, a multiple of :data:`BLOCK_N`, with which the programs make one wave
+    of two a multiprocessor on a card of ``multiprocessors`` (None: not known, 256). On an H100's 132 a CT's
+    22,784 slots take 352 keys a program in 260 programs: its full layer 0.049 ms against 0.055 with 256 keys in
+    356 programs (1.35 waves); at 11,008 and 4,352 slots (CTs of about 40 and 16 slices) the rule's 192 and 96 were
+    also the fastest of five sizes (runs DE, DG). Over a sliding window's ring (about 1,100 keys) 64."""
+    if length <= 4096:
+        return 64
+    if not multiprocessors:
+        return 256
+    per_head = max(1, PROGRAMS_A_MULTIPROCESSOR * multiprocessors // heads)
+    return BLOCK_N * -(-length // (BLOCK_N * per_head))
+
+
+def multiprocessors(device: torch.device) -> int | None:
+    """The card's multiprocessors (a constant to ``torch.compile``); None off CUDA (Triton's interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else None
 
 
 @triton.jit
@@ -103,11 +119,11 @@ def attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, atten
     """The step's output laid out as ``sdpa_attention_forward`` returns it (B, 1, H, D), and with ``scores`` its
     weights (B, H, 1, S) in float32 (the softmax that made the output; None without). ``query`` (B, H, 1, D),
     ``key`` and ``value`` (B, KVH, S, D) contiguous, ``attention_mask`` None or bool, broadcast as (B, 1, 1, S).
-    ``chunk``: keys a program takes, a multiple of :data:`BLOCK_N` (:func:`chunk_for`'s by default)."""
+    ``chunk``: keys a program takes, a multiple of :data:`BLOCK_N` (:func:`chunk_for`'s for this card by default)."""
     b, h, _, d = query.shape
     kvh, length = key.shape[1], key.shape[2]
     group = h // kvh
-    chunk = chunk or chunk_for(length)
+    chunk = chunk or chunk_for(length, b * kvh, multiprocessors(query.device))
     chunks = triton.cdiv(length, chunk)
     q = (query * scaling).contiguous()  # rounded to the model's dtype first, as capture.scores_f32 does
     key, value = key.contiguous(), value.contiguous()

@@ -22,7 +22,8 @@ device, dtype, what = sys.argv[1], getattr(torch, sys.argv[2]), sys.argv[3]
 torch.manual_seed(3)
 if what == "attention":
     long = 22784 if device == "cuda" else 1500  # a CT's full layer (MedGemma-4B: 8 heads over 4, 256 wide)
-    for b, h, kvh, d, length in ((2, 8, 4, 64, 700), (1, 4, 2, 32, 5000), (1, 8, 4, 256, long)):
+    # chunk None: the library's for the device (the interpreter's: 256 over a long cache); 352 ends in a part chunk
+    for b, h, kvh, d, length, chunk in ((2, 8, 4, 64, 700, None), (1, 4, 2, 32, 5000, 352), (1, 8, 4, 256, long, None)):
         q = torch.randn(b, h, 1, d, dtype=dtype, device=device)
         k, v = (torch.randn(b, kvh, length, d, dtype=dtype, device=device) for _ in range(2))
         seen = torch.ones(b, 1, 1, length, dtype=torch.bool, device=device)
@@ -30,8 +31,8 @@ if what == "attention":
         seen[-1, ..., length - 5:] = False  # cache slots not written yet
         for mask in (seen, None):
             scale = d ** -0.5
-            out, weights = decode_kernel.attention(q, k, v, mask, scale, scores=True)
-            alone, none = decode_kernel.attention(q, k, v, mask, scale)
+            out, weights = decode_kernel.attention(q, k, v, mask, scale, scores=True, chunk=chunk)
+            alone, none = decode_kernel.attention(q, k, v, mask, scale, chunk=chunk)
             ref_w = capture.decode_weights(q, k, mask, scale)
             ref = capture.decode_attention(q, k, v, mask, scale, ref_w)
             unseen = weights.masked_select(~seen.expand_as(weights)).abs().max().item() if mask is not None else 0.0
@@ -91,6 +92,26 @@ def test_the_kernel_gives_the_torch_paths_weights_and_output():
     assert_the_torch_paths(check("cpu", "float16", "attention", TRITON_INTERPRET="1"), 1e-5, 4e-3)
 
 
+def test_keys_a_program_make_one_wave_of_two_programs_a_multiprocessor():
+    """decode_kernel.chunk_for over a long cache: the fewest keys a program (a multiple of the kernel's loop step)
+    whose programs fit one wave of two a multiprocessor; 256 where the card is not known, 64 over a ring."""
+    pytest.importorskip("triton", reason="Triton is declared on Linux only")
+    from monailabel_app.model import decode_kernel
+
+    step = decode_kernel.BLOCK_N
+    # an H100's or H200's 132: a CT of 85, ~40 and ~16 slices (runs DE and DG: each the fastest of five sizes)
+    assert [decode_kernel.chunk_for(n, 4, 132) for n in (22784, 11008, 4352)] == [352, 192, 96]
+    for length in (4097, 5000, 11008, 22784, 40000):
+        for heads, sms in ((4, 132), (8, 132), (4, 108), (64, 132), (400, 132)):
+            chunk = decode_kernel.chunk_for(length, heads, sms)
+            waves = heads * -(-length // chunk) / (2 * sms)
+            assert chunk % step == 0 and (waves <= 1 or chunk >= length), (length, heads, sms, chunk)
+            if chunk > step:  # a chunk one step smaller would make more than one wave
+                assert heads * -(-length // (chunk - step)) > 2 * sms, (length, heads, sms, chunk)
+    assert decode_kernel.chunk_for(22784, 4, None) == 256 and decode_kernel.chunk_for(1088, 4, 132) == 64
+    assert decode_kernel.multiprocessors(torch.device("cpu")) is None
+
+
 def test_a_decode_with_the_kernel_gives_the_same_answers_and_rows():
     """The tiny model (float16, its three sliding layers' rings and its global layer, a left-padded batch) decodes
     the same tokens with every layer's step attention in the kernel (Triton's interpreter on the CPU), and records
@@ -141,8 +162,8 @@ def test_a_kernel_that_cannot_run_leaves_the_decode_steps_on_the_torch_path(monk
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_the_kernel_compiles_for_an_h100(dtype):
     """The kernel compiled for an H100 (sm_90; no GPU needed) in each half type, with and without a mask and the
-    scores, over a CT's chunks and a ring's: the interpreter's bfloat16 products are wrong, so this is where a
-    bfloat16 kernel that does not build would show before a GPU session."""
+    scores, over a CT's chunks (352 keys: one wave on an H100; 256) and a ring's: the interpreter's bfloat16
+    products are wrong, so this is where a bfloat16 kernel that does not build would show before a GPU session."""
     triton = pytest.importorskip("triton", reason="Triton is declared on Linux only")
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -152,7 +173,7 @@ def test_the_kernel_compiles_for_an_h100(dtype):
     kind = {"bfloat16": "bf16", "float16": "fp16"}[dtype]
     signature = {"q_ptr": f"*{kind}", "k_ptr": f"*{kind}", "v_ptr": f"*{kind}", "seen_ptr": "*u8", "m_ptr": "*fp32",
                  "l_ptr": "*fp32", "acc_ptr": "*fp32", "scores_ptr": "*fp32", "length": "i32", "kv_heads": "i32"}
-    for chunk, masked in ((256, True), (64, False)):
+    for chunk, masked in ((352, True), (256, True), (64, False)):
         constants = dict(GROUP=2, ROWS=decode_kernel.ROWS, D=256, CHUNK=chunk, BLOCK_N=decode_kernel.BLOCK_N,
                          MASKED=masked, SCORES=masked)
         source = ASTSource(fn=decode_kernel._partials, signature=dict(signature, **{k: "constexpr" for k in constants}),

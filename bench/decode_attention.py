@@ -97,6 +97,8 @@ def main() -> None:
     ap.add_argument("--lengths", default="", help="with --chunks: full-layer slots to time them at, comma-separated "
                     "(default: the CT's 22,784 alone)")
     args = ap.parse_args()
+    # one compile per shape and chunk, of few functions' code (run DH's lengths stopped at the default limit of 8)
+    torch._dynamo.config.recompile_limit = 64
     print(f"### bench/decode_attention.py on {torch.cuda.get_device_name()} (torch {torch.__version__})\n")
     print("| layer | batch | slots | recorded | torch path ms | kernel ms | output's largest difference | "
           "weights' largest difference |")

@@ -428,7 +428,7 @@ class Decoder:
                                     self.length)
         if self.compile:
             try:
-                self._compiled = torch.compile(self.step, dynamic=False, fullgraph=False, mode=compile_mode())
+                self._compiled = compile_step(self.step, mode=compile_mode())
             except Exception as e:  # noqa: BLE001
                 logger.warning("torch.compile of the decode step failed (%s): eager kernels", e)
         try:
@@ -727,6 +727,29 @@ def use_compile_cache() -> str:
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(folder, "inductor"))
     os.environ.setdefault("TRITON_CACHE_DIR", os.path.join(folder, "triton"))
     return os.environ["TORCHINDUCTOR_CACHE_DIR"]
+
+
+# decode step shapes one process compiles (TorchDynamo keeps one entry per shape on the step's code, whichever decoder
+# made it, and ran the step uncompiled from the ninth shape on: its default limit, 8; a server meets a shape per
+# batch size, CT slice count, conversation turn's length...)
+STEP_SHAPES = 1024
+
+
+def compile_step(step, **options):
+    """``torch.compile(step)`` in one fixed shape, called under a recompile limit of :data:`STEP_SHAPES` (the
+    process's other compiled code keeps TorchDynamo's own): a new decoder's shape is compiled, not run eagerly, after
+    eight others. Its compiled code is only called when a decoder is warmed up and captured; its replays run
+    without it. ``options``: ``torch.compile``'s (``mode``; a test's ``backend``)."""
+    compiled = torch.compile(step, dynamic=False, fullgraph=False, **options)
+    limits = {name: value for name, value in (("recompile_limit", STEP_SHAPES),
+                                              ("accumulated_recompile_limit", STEP_SHAPES * 4))
+              if hasattr(torch._dynamo.config, name)}  # (names of torch 2.6 and later)
+
+    def run(*args):
+        with torch._dynamo.config.patch(**limits):
+            return compiled(*args)
+
+    return run
 
 
 COMPILE_MODE_ENV = "MEDGEMMA_COMPILE_MODE"  # torch.compile mode of the decode step: default | max-autotune

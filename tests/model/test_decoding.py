@@ -253,6 +253,31 @@ def test_the_vision_tower_copies_its_patch_embeddings_once_not_at_every_layer_no
     assert torch.equal(plain, fixed)
 
 
+def test_a_decode_step_is_compiled_in_every_shape_a_server_meets():
+    """decoding.compile_step over more shapes than TorchDynamo's default recompile limit (8): every one compiled (the
+    ninth and later ran uncompiled before), each decoder's own state stepped, and the process's limit unchanged for
+    other code. TorchDynamo's eager backend here: the limit is TorchDynamo's, whatever compiles the graphs."""
+    import torch._dynamo
+
+    class Step:  # a decoder's step: a method reading its own buffers, one fixed shape per decoder
+        def __init__(self, n):
+            self.cache = torch.zeros(1, n)
+
+        def step(self):
+            self.cache.add_(1)
+            return self.cache.sum()
+
+    limit = torch._dynamo.config.recompile_limit
+    frames = torch._dynamo.utils.counters["frames"]
+    shapes = limit + 4
+    compiled_before = frames["ok"]
+    for n in range(1, shapes + 1):
+        step = decoding.compile_step(Step(n).step, backend="eager")
+        assert step().item() == n and step().item() == 2 * n
+    assert frames["ok"] - compiled_before == shapes
+    assert torch._dynamo.config.recompile_limit == limit
+
+
 def test_the_compile_mode_from_the_environment(monkeypatch, caplog):
     from monailabel_app.model.decoding import COMPILE_MODE_ENV, compile_mode
 

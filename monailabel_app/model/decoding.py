@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import capture, fused_norms, prefill_attention, projections, streams
+from . import capture, fused_norms, prefill_attention, projections, streams, vision_mlp
 from .capture import AttentionRecorder, DecodeRecorder, NoRecorder, recording
 
 logger = logging.getLogger(__name__)
@@ -91,7 +91,8 @@ def batch_vision_tower(model, images: int = VISION_BATCH) -> None:
     4096 patch tokens through each layer, its MLP alone about 3 GiB in bf16, the largest allocation of the
     prefill. Each image is encoded on its own anyway (no attention across images), so passes of ``images``
     give the same features with a sixth of that memory; 16 images still fill a large GPU. The patch embeddings
-    are also made contiguous (:func:`_contiguous_output`)."""
+    are also made contiguous (:func:`_contiguous_output`), and on CUDA the MLPs' GELU goes into their first
+    product (:mod:`vision_mlp`)."""
     tower = getattr(model.model, "vision_tower", None)
     if tower is None or getattr(tower, "_medgemma_batched", False):
         return
@@ -112,6 +113,7 @@ def batch_vision_tower(model, images: int = VISION_BATCH) -> None:
 
     tower.forward = batched
     tower._medgemma_batched = True
+    vision_mlp.install(tower)
     embeddings = getattr(getattr(tower, "vision_model", tower), "embeddings", None)
     if embeddings is not None:
         embeddings.register_forward_hook(_contiguous_output)

@@ -62,8 +62,9 @@ def _takes(mlp) -> bool:
 
 
 def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    """The MLP with its GELU in ``fc1``'s epilogue where the device gives the tanh GELU, else its own forward."""
-    if not (ENABLED and epilogue_is_tanh_gelu(hidden_states.device)):
+    """The MLP with its GELU in ``fc1``'s epilogue where the device gives the tanh GELU, else its own forward (also
+    once its first product is no longer a plain layer: quantised after :func:`install`)."""
+    if not (ENABLED and _takes(self) and epilogue_is_tanh_gelu(hidden_states.device)):
         return type(self).forward(self, hidden_states)
     flat = hidden_states.reshape(-1, hidden_states.shape[-1])
     act = torch._addmm_activation(self.fc1.bias, flat, self.fc1.weight.t(), use_gelu=True)

@@ -58,6 +58,9 @@ def test_the_epilogue_path_adds_the_bias_and_multiplies_as_the_module(monkeypatc
     assert any(torch.allclose(got, out, atol=1e-5) for out in outs)
     monkeypatch.setattr(vision_mlp, "ENABLED", False)
     assert torch.equal(mlp(x), mlp.fc2(F.gelu(first, approximate="tanh")))
+    monkeypatch.setattr(vision_mlp, "ENABLED", True)
+    mlp.fc1.bias = None  # (a layer changed after install: its own forward)
+    assert torch.equal(mlp(x), mlp.fc2(F.gelu(F.linear(x, mlp.fc1.weight), approximate="tanh")))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="cuBLASLt's epilogue: GPU only")

@@ -71,19 +71,27 @@ def graphed_ms(fn, args, steps: int) -> tuple[float, tuple]:
     return statistics.median(times[1:]), out
 
 
+def layer_inputs(batch: int, slots: int, records: bool, padded: bool = True) -> tuple:
+    """A decode step's attention call on one layer: (query, keys, values, mask, scale, records); the mask hides the
+    150 answer slots not written yet and, ``padded``, the first row's 40 left-padded slots."""
+    q = torch.randn(batch, HEADS, 1, HEAD, device="cuda", dtype=torch.bfloat16)
+    k, v = (torch.randn(batch, KV_HEADS, slots, HEAD, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    mask = torch.ones(batch, 1, 1, slots, device="cuda", dtype=torch.bool)
+    mask[..., slots - 150:] = False
+    if padded:
+        mask[0, ..., :40] = False
+    return q, k, v, mask, HEAD ** -0.5, records
+
+
 def chunk_table(lengths: list[int], asked: list[int], steps: int) -> None:
     """The kernel on a full layer of each length, with the library's keys a program for this card (one wave), its
     256 before run DG, and each asked for: ms a call and the rate its keys and values are read at."""
     print("\n| full-layer slots | keys a program | programs | kernel ms | keys and values read at TB/s |")
     print("|---|---|---|---|---|")
     for slots in lengths:
-        q = torch.randn(1, HEADS, 1, HEAD, device="cuda", dtype=torch.bfloat16)
-        k, v = (torch.randn(1, KV_HEADS, slots, HEAD, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        mask = torch.ones(1, 1, 1, slots, device="cuda", dtype=torch.bool)
-        mask[..., slots - 150:] = False
-        inputs = (q, k, v, mask, HEAD ** -0.5, True)
+        inputs = layer_inputs(1, slots, True, padded=False)
         gb = 2 * KV_HEADS * slots * HEAD * 2 / 1e9
-        library = decode_kernel.chunk_for(slots, KV_HEADS, decode_kernel.multiprocessors(q.device))
+        library = decode_kernel.chunk_for(slots, KV_HEADS, decode_kernel.multiprocessors(inputs[0].device))
         for c in dict.fromkeys([library, 256, *asked]):
             ms = graphed_ms(lambda *a, c=c: decode_kernel.attention(*a[:5], scores=a[5], chunk=c), inputs, steps)[0]
             label = f"{c}" + (" (the library's: one wave)" if c == library else "") + (" (before)" if c == 256 else "")
@@ -106,12 +114,7 @@ def main() -> None:
     torch.manual_seed(0)
     per_layer = {}
     for name, batch, slots, records in SHAPES:
-        q = torch.randn(batch, HEADS, 1, HEAD, device="cuda", dtype=torch.bfloat16)
-        k, v = (torch.randn(batch, KV_HEADS, slots, HEAD, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-        mask = torch.ones(batch, 1, 1, slots, device="cuda", dtype=torch.bool)
-        mask[..., slots - 150:] = False  # answer slots not written yet
-        mask[0, ..., :40] = False  # a left-padded row
-        inputs = (q, k, v, mask, HEAD ** -0.5, records)
+        inputs = layer_inputs(batch, slots, records)
         torch_ms, (ref, ref_w) = graphed_ms(torch_path, inputs, args.steps)
         kernel_ms, (out, w) = graphed_ms(kernel_path, inputs, args.steps)
         diff_w = f"{(w - ref_w).abs().max().item():.2e}" if records else "-"

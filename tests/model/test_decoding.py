@@ -210,10 +210,10 @@ def test_the_vision_tower_in_batches_gives_the_same_features_and_reading(monkeyp
 
     from monailabel_app.model import vision_mlp
     from monailabel_app.model.decoding import batch_vision_tower
-
-    monkeypatch.setattr(vision_mlp, "ENABLED", False)
     from monailabel_app.phantoms.ct import make_ct_phantom, phantom_volume
     from monailabel_app.reader import Reader
+
+    monkeypatch.setattr(vision_mlp, "ENABLED", False)
 
     one, few = Reader(precision="fp32"), Reader(precision="fp32")
     size = one.model.config.vision_config.image_size
@@ -229,16 +229,17 @@ def test_the_vision_tower_in_batches_gives_the_same_features_and_reading(monkeyp
     assert a.report == b.report and np.array_equal(a.labels, b.labels)
 
 
-def test_the_vision_tower_copies_its_patch_embeddings_once_not_at_every_layer_norm():
+def test_the_vision_tower_copies_its_patch_embeddings_once_not_at_every_layer_norm(monkeypatch):
     """SigLIP's patch embeddings come out transposed in memory and every layer norm copied them (0.23 s of a
     CT's prefill on an H200): after :func:`batch_vision_tower` one copy per pass, and the same features (the MLPs'
     GELU left apart, which a GPU would fuse)."""
     from torch.profiler import ProfilerActivity, profile
 
     from monailabel_app.model import vision_mlp
-
     from monailabel_app.model.decoding import batch_vision_tower
     from monailabel_app.reader import Reader
+
+    monkeypatch.setattr(vision_mlp, "ENABLED", False)
 
     model = Reader(precision="fp32").model
     tower = model.model.vision_tower
@@ -254,11 +255,7 @@ def test_the_vision_tower_copies_its_patch_embeddings_once_not_at_every_layer_no
 
     before, plain = hidden_copies()
     batch_vision_tower(model)
-    vision_mlp.ENABLED = False
-    try:
-        after, fixed = hidden_copies()
-    finally:
-        vision_mlp.ENABLED = True
+    after, fixed = hidden_copies()
     assert after <= 1, f"{after} copies of the hidden states (before the fix: {before})"
     assert torch.equal(plain, fixed)
 

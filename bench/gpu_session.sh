@@ -14,7 +14,8 @@
 #   bash bench/gpu_session.sh 3   # what GPU readings leave behind: the reference-cycle test on the GPU reader
 #                                 # (both map schedules), the kept streams' tests (no cuBLAS workspace per
 #                                 # decoder or reading) and readings and batches in turn (read_many's threads' own
-#                                 # streams: passed in run CT), then the GPU memory over four rounds of three shapes
+#                                 # streams: passed in run CT), then the GPU memory and the readings' times over
+#                                 # three rounds of three shapes, two decoders kept and the library's
 #   bash bench/gpu_session.sh 4   # the findings' chains' own length (maps made after the answer, so that no decode
 #                                 # hides them: an H100's is 0.13 s longer than an H200's): the library's (the
 #                                 # deepest voxels on the GPU in the Triton kernel) against them in a helper with
@@ -100,8 +101,11 @@ for part in "$@"; do
     3)
         step cycles_on_gpu 240 python3 -m pytest -q -p no:cacheprovider tests/test_reader.py \
             tests/model/test_streams.py tests/model/test_decoding.py -k "cyclic or stream or gpu_memory"
-        step decoder_cache_memory 240 python3 bench/decoder_cache_memory.py \
-            --order xray,ct,ct40,xray,ct,ct40,xray,ct,ct40,xray,ct,ct40,xray
+        # three shapes in turn, three rounds: two decoders kept (the policy before), then the library's (more kept
+        # while the card has room); the second process finds the first's compiled steps in the compile cache
+        step decoders_two 200 python3 bench/decoder_cache_memory.py --most-kept 2 \
+            --order xray,ct,ct40,xray,ct,ct40,xray,ct,ct40
+        step decoders_kept 200 python3 bench/decoder_cache_memory.py --order xray,ct,ct40,xray,ct,ct40,xray,ct,ct40
         ;;
     4)
         step chains_ab 420 python3 bench/prefill_ab.py --parts reading --rounds 3 \

@@ -55,7 +55,11 @@ logger = logging.getLogger(__name__)
 CHECK_EVERY = 8  # decode steps per replay and between looks at the tokens (one host synchronisation each)
 MAX_AHEAD = 6  # replays in flight at most (AHEAD_ENV): a sliding ring has room for the steps they may run past an answer
 LONG_AHEAD = 3  # replays in flight for a study of one with a long prompt whose maps run beside its decode (a CT)
-GRAPH_CACHE = 2  # decoders (CUDA graphs with their buffers) kept per model
+GRAPH_CACHE = 2  # decoders (CUDA graphs with their buffers) always kept per model: the ones used last
+# A GPU with room keeps more (:func:`decoders_to_keep`): a dropped shape pays its warm-up and capture again when it
+# comes back (run CK: 3.75 s for a CT whose decoder had been dropped, against 2.77 s; a film 1.6 s, against 0.73 s)
+GRAPH_CACHE_MAX = 8
+GRAPH_CACHE_FREE = 16 << 30  # bytes a GPU keeps free for readings beyond the kept decoders (a CT's peak: 6.4 GiB)
 # a study's decode rows rolled out inside its replays (:meth:`DecodeRecorder.roll`), so that the decode loop only
 # copies them off the device (:class:`LiveRows`): each torch call on the loop waits for the interpreter while the
 # findings' maps run. "gpu": a study of one on a GPU (its rows are copied off while it decodes); "always": on the
@@ -775,6 +779,22 @@ def compile_default() -> bool:
     return os.environ.get("MEDGEMMA_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")
 
 
+def room_for_decoders(device: torch.device) -> bool:
+    """Whether ``device`` is a GPU with :data:`GRAPH_CACHE_FREE` bytes free for new allocations: the driver's
+    count, in which PyTorch's cached blocks count as used (a conservative measure)."""
+    return device.type == "cuda" and torch.cuda.mem_get_info(device)[0] >= GRAPH_CACHE_FREE
+
+
+def decoders_to_keep(device: torch.device, kept: int) -> int:
+    """How many decoders a model may keep, before a new one is made, with ``kept`` kept now: one more than now,
+    up to :data:`GRAPH_CACHE_MAX`, on a GPU with room (:func:`room_for_decoders`); otherwise :data:`GRAPH_CACHE`.
+    A GPU's readings then switch between a film, a CT and a conversation's longer prompts without a new capture
+    each time, and a card or CPU without room keeps what it kept before."""
+    if kept < GRAPH_CACHE or not room_for_decoders(device):
+        return GRAPH_CACHE
+    return min(kept + 1, GRAPH_CACHE_MAX)
+
+
 def decoder_for(model, batch: int, length: int, max_new: int, layers: list[int], n_image_tokens: int,
                 eos: list[int], compile: bool | None = None, tokens_per_image: int = 0) -> Decoder:
     """A decoder for this shape, reused across calls (its CUDA graph with it); lengths are rounded up to
@@ -785,7 +805,7 @@ def decoder_for(model, batch: int, length: int, max_new: int, layers: list[int],
            compile_mode() if compile else None, tokens_per_image, ROLL_IN_REPLAY, capture.DECODE_KERNEL_FROM)
     cache = model.__dict__.setdefault("_medgemma_decoders", {})
     if key not in cache:
-        while len(cache) >= GRAPH_CACHE:
+        while len(cache) >= decoders_to_keep(model.device, len(cache)):
             if cache.pop(next(iter(cache)))._compiled is not None:
                 # a compiled step holds its decoder (a bound method's): a cycle that only the cyclic collector
                 # frees, which counts no tensors and may come late, with the cache and graphs the decoder holds

@@ -498,6 +498,46 @@ def test_a_decoder_dropped_from_the_cache_is_freed_at_once():
         gc.enable()
 
 
+def test_a_gpu_with_room_keeps_more_decoders_and_a_full_one_two(monkeypatch):
+    """The policy, on the driver's free memory faked: a CPU keeps GRAPH_CACHE decoders; a GPU with
+    GRAPH_CACHE_FREE bytes free one more per new shape, up to GRAPH_CACHE_MAX; without them GRAPH_CACHE."""
+    free = {"bytes": decoding.GRAPH_CACHE_FREE}
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (free["bytes"], 80 << 30))
+    gpu, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert decoding.room_for_decoders(gpu) and not decoding.room_for_decoders(cpu)
+    assert [decoding.decoders_to_keep(gpu, kept) for kept in range(10)] == \
+        [decoding.GRAPH_CACHE] * decoding.GRAPH_CACHE + [min(k + 1, decoding.GRAPH_CACHE_MAX)
+                                                        for k in range(decoding.GRAPH_CACHE, 10)]
+    assert all(decoding.decoders_to_keep(cpu, kept) == decoding.GRAPH_CACHE for kept in range(10))
+    free["bytes"] -= 1
+    assert not decoding.room_for_decoders(gpu)
+    assert all(decoding.decoders_to_keep(gpu, kept) == decoding.GRAPH_CACHE for kept in range(10))
+
+
+def test_decoders_of_shapes_in_turn_are_kept_while_there_is_room_and_freed_when_it_goes(monkeypatch):
+    """Three shapes in turn, twice, with room: the second round reuses every decoder (no new warm-up or
+    capture); GRAPH_CACHE_MAX bounds them; once the room goes, the next new shape leaves GRAPH_CACHE, the ones
+    dropped freed at once."""
+    model = tiny_model("cpu")
+    room = {"now": True}
+    monkeypatch.setattr(decoding, "room_for_decoders", lambda device: room["now"])
+    monkeypatch.setattr(decoding, "GRAPH_CACHE_MAX", 4)
+    shapes = [256, 512, 768]
+    made = {length: decoding.decoder_for(model, 1, length, 4, [3], 4, []) for length in shapes}
+    again = {length: decoding.decoder_for(model, 1, length, 4, [3], 4, []) for length in reversed(shapes)}
+    assert all(again[length] is made[length] for length in shapes)
+    for length in (1024, 1280):  # the second over the bound: the least recently used goes (768's, reused first)
+        decoding.decoder_for(model, 1, length, 4, [3], 4, [])
+    kept = model.__dict__["_medgemma_decoders"]
+    assert [key[1] for key in kept] == [512, 256, 1024, 1280]
+    gone = [weakref.ref(decoder) for decoder in kept.values()][:-1]
+    made = again = None
+    room["now"] = False
+    decoding.decoder_for(model, 1, 1536, 4, [3], 4, [])
+    assert [key[1] for key in kept] == [1280, 1536]  # GRAPH_CACHE
+    assert all(ref() is None for ref in gone)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="cuBLAS workspaces: GPU only")
 def test_decoders_made_in_turn_leave_no_gpu_memory_behind(monkeypatch):
     """Three decode shapes in turn, four rounds (each decoder new: GRAPH_CACHE keeps two), each reading with its
@@ -505,6 +545,7 @@ def test_decoders_made_in_turn_leave_no_gpu_memory_behind(monkeypatch):
     every round. A stream made anew per decoder (its warm-up) or per reading (the rows) brought a 32 MiB cuBLAS
     workspace that torch keeps for the process (:mod:`streams`; run CN: +0.12-0.16 GiB a round)."""
     monkeypatch.setenv("MEDGEMMA_COMPILE", "0")  # the streams are the same; compiling each shape takes a while
+    monkeypatch.setattr(decoding, "GRAPH_CACHE_MAX", decoding.GRAPH_CACHE)  # each decoder new, whatever the room
     model = tiny_model("cuda")
     inputs = batch([prompt([5, 6, 7])], (torch.rand(2, 3, 28, 28) * 2 - 1).cuda())
     after = []

@@ -26,6 +26,8 @@ The benchmark's 85-slice CT (``fast_path.ct``; or its film, ``--study xray``) th
   ``decoding.ROLL_IN_REPLAY``: the replays roll them out themselves).
 - ``ahead-N`` (the ``reading`` part): N decode replays in flight (``decoding.AHEAD_ENV``; the library's: 3 for a CT).
 - ``switch-MS`` (the ``reading`` part): the interpreter's switch interval MS milliseconds (Python's: 5).
+- ``maps-urgent`` (the ``reading`` part): the map threads' own streams at a priority above the decode's
+  (``maps.SIDE_PRIORITY`` -1; the library's: 0), so that the findings' kernels go first when both wait.
 - ``levels-serial`` (the ``reading`` part): a finding's two levels' pieces found one after the other, as before
   ``maps.LEVELS_TOGETHER`` (the library's: side by side in two helpers).
 - ``candidates-N`` (the ``reading`` part): a CT search's next N candidates tried in threads while the one before
@@ -141,6 +143,8 @@ def one_variant(stack: ExitStack, model, name: str) -> None:
         stack.enter_context(mock.patch.dict(os.environ, {decoding.AHEAD_ENV: name.split("-")[1]}))
     if name.startswith("switch-"):
         stack.enter_context(fast_path.switch_interval(float(name.split("-")[1])))
+    if name == "maps-urgent":
+        stack.enter_context(mock.patch.object(maps, "SIDE_PRIORITY", -1))
     if name == "levels-serial":
         stack.enter_context(mock.patch.object(maps, "LEVELS_TOGETHER", False))
     if name.startswith("candidates-"):

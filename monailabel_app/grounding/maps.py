@@ -325,18 +325,24 @@ def label_map(heatmaps: list[np.ndarray], threshold: float = 0.5) -> np.ndarray:
 _POOL: ThreadPoolExecutor | None = None
 MAP_THREADS = min(16, os.cpu_count() or 1)
 _LOCAL = threading.local()
+# the priority of the threads' own streams (torch's: 0 the default stream's; -1 higher). At -1 a finding's few
+# kernels go before the decode steps queued on the default stream whenever both wait for the card: where the
+# findings' chains, not the decode, end a CT reading (an H200: fast_path.md, run DK). prefill_ab.py's
+# ``maps-urgent``; the library's stays 0 until measured there
+SIDE_PRIORITY = 0
 
 
 def side_stream():
-    """The calling thread's own CUDA stream (made once per thread: a pool thread's, or the thread that makes
-    a batch's inputs), so that the maps' GPU work of one batch does not queue between the decode steps of
-    another, which run on the default stream; a no-op without CUDA. Each thread makes, uses and copies back
-    its tensors on its one stream."""
+    """The calling thread's own CUDA stream (made once per thread and :data:`SIDE_PRIORITY`: a pool thread's,
+    or the thread that makes a batch's inputs), so that the maps' GPU work of one batch does not queue between
+    the decode steps of another, which run on the default stream; a no-op without CUDA. Each thread makes, uses
+    and copies back its tensors on its one stream."""
     if not torch.cuda.is_available() or not torch.cuda.is_initialized():
         return contextlib.nullcontext()
-    if getattr(_LOCAL, "stream", None) is None:
-        _LOCAL.stream = torch.cuda.Stream()
-    return torch.cuda.stream(_LOCAL.stream)
+    made = _LOCAL.__dict__.setdefault("streams", {})
+    if SIDE_PRIORITY not in made:
+        made[SIDE_PRIORITY] = torch.cuda.Stream(priority=SIDE_PRIORITY)
+    return torch.cuda.stream(made[SIDE_PRIORITY])
 
 
 _COPIER: ThreadPoolExecutor | None = None

@@ -186,6 +186,29 @@ def test_a_gpu_readers_ct_gates_are_made_beside_the_model(monkeypatch, caplog):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the lent H200)")
+def test_a_threads_side_stream_on_the_gpu_is_its_own_at_the_priority_asked_for(monkeypatch):
+    """maps.side_stream: one stream per thread and SIDE_PRIORITY, not the default stream, at that priority."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    torch.cuda.init()
+
+    def stream_here():
+        with maps.side_stream():
+            first = torch.cuda.current_stream()
+        with maps.side_stream():
+            assert torch.cuda.current_stream() == first
+        return first
+
+    with ThreadPoolExecutor(1) as pool:
+        plain = pool.submit(stream_here).result()
+        monkeypatch.setattr(maps, "SIDE_PRIORITY", -1)
+        urgent = pool.submit(stream_here).result()
+    assert plain != torch.cuda.default_stream() and plain.priority == 0
+    assert urgent != plain and urgent.priority == -1
+    assert stream_here() not in (plain, urgent)  # this thread's own
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run on the lent H200)")
 def test_a_tensor_copied_to_the_host_later_has_the_values_its_stream_was_making():
     """maps.to_host_later from a pool thread's own stream while that stream is still busy: the copy waits for
     the values made on that stream (not for the default stream's work, nor for nothing)."""

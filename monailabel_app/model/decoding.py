@@ -795,6 +795,15 @@ def decoders_to_keep(device: torch.device, kept: int) -> int:
     return min(kept + 1, GRAPH_CACHE_MAX)
 
 
+def kept_decoders(model) -> list[dict]:
+    """The decode shapes ``model`` keeps warm, least recently used first (``/info/``): each decoder's batch, its
+    cache's length (the prompt and the answer, in a multiple of 256: prompts up to it less the answer share it),
+    the answer's length, whether its step is compiled and captured as a CUDA graph."""
+    kept = list(getattr(model, "__dict__", {}).get("_medgemma_decoders", {}).values())  # a copy, in one step
+    return [{"batch": d.batch, "cache_tokens": d.length, "max_new_tokens": d.max_new,
+             "compiled": d._compiled is not None, "captured": d.graph is not None} for d in kept]
+
+
 def decoder_for(model, batch: int, length: int, max_new: int, layers: list[int], n_image_tokens: int,
                 eos: list[int], compile: bool | None = None, tokens_per_image: int = 0) -> Decoder:
     """A decoder for this shape, reused across calls (its CUDA graph with it); lengths are rounded up to

@@ -475,6 +475,8 @@ def test_answers_of_one_two_and_three_tokens(tiny, new):
     assert forced.token_ids == [7]
     if tiny.device.type == "cuda":
         assert any(d.graph is not None and d.max_new == new for d in tiny.__dict__["_medgemma_decoders"].values())
+    kept = decoding.kept_decoders(tiny)  # as /info/ lists them: captured on a GPU, stepped eagerly on the CPU
+    assert any(d["max_new_tokens"] == new and d["captured"] == (tiny.device.type == "cuda") for d in kept), kept
 
 
 def test_a_decoder_dropped_from_the_cache_is_freed_at_once():

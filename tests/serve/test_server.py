@@ -86,6 +86,13 @@ def test_the_server_warms_up_at_start_and_says_so(server):
     assert [s["modality"] for s in warm["shapes"]] == ["xray", "ct"]
     assert all(s["prompt_tokens"] > 0 and s["first_s"] > 0 and s["then_s"] > 0 for s in warm["shapes"])
     assert warm["heap_reserved_gib"] == (0.25 if allocator.keep_freed_memory() else 0.0)  # --conf heap_reserve_gb 0.25
+    # the shapes a request now finds warm: the radiograph's and the CT's, each cache (the prompt and the answer) in
+    # its multiple of 256
+    shapes = requests.get(server.url + "/info/", timeout=30).json()["models"]["medgemma"]["decode_shapes"]
+    assert [(d["batch"], d["max_new_tokens"]) for d in shapes] == [(1, s["max_new_tokens"]) for s in warm["shapes"]]
+    assert [d["cache_tokens"] for d in shapes] == [-(-(s["prompt_tokens"] + s["max_new_tokens"]) // 256) * 256
+                                                   for s in warm["shapes"]], (shapes, warm)
+    assert not any(d["compiled"] or d["captured"] for d in shapes)  # (the CPU steps eagerly)
     log = server.log_tail(200_000)
     assert "warm-up xray:" in log and "warm-up ct:" in log and "warm-up done" in log
 

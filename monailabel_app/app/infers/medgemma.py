@@ -25,6 +25,7 @@ from monailabel_app.errors import InputError
 from monailabel_app.io.study import check_modality, load_study
 from monailabel_app.io.writers import check_dtype, check_extension, write_in_geometry
 from monailabel_app.language.asking import check_language
+from monailabel_app.model import decoding
 from monailabel_app.model.loading import normalise_precision
 from monailabel_app.reader import Reader, check_params
 from monailabel_app.serve.conversation import Conversations, Entry
@@ -57,6 +58,7 @@ class MedGemmaInfer(InferTask):
         info = super().info()
         info["model"] = self.reader.info.public()
         info["warm_up"] = dict(self.reader.warm)
+        info["decode_shapes"] = decoding.kept_decoders(self.reader.model)  # the shapes a request finds warm
         return info
 
     def __call__(self, request):

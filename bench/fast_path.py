@@ -181,9 +181,17 @@ def project_read(reader, study, answer, runs: int = 3) -> dict:
     return {"prefill": lat["decoder_prefill"], "ms_token": 1000 * lat["decoder_decode"] / lat["decoder_decode_steps"],
             "total": total, "peak": peak, "maps": lat["maps"], "prepare": lat["prepare"], "findings": findings,
             "maps_ahead": lat.get("maps_ahead", 0), "maps_ahead_wait": lat.get("maps_ahead_wait", 0.0),
-            "anatomy_wait": lat.get("anatomy_wait", 0.0),
+            "anatomy_wait": lat.get("anatomy_wait", 0.0), "ready_lead": lat.get("maps_ready_lead"),
             "host": {k: lat.get(f"decoder_decode_{k}", 0.0) for k in ("launch", "look", "callbacks", "rows")},
             "tokens": lat["prompt_tokens"], "faults": faults}
+
+
+def lead_note(d) -> str:
+    """When the maps started while decoding were all made, against the answer's end, as words for a row."""
+    lead = d.get("ready_lead")
+    if lead is None:
+        return ""
+    return f" (all made {abs(lead):.3f} s {'before' if lead >= 0 else 'after'} the answer ended)"
 
 
 def host_note(d) -> str:
@@ -319,7 +327,8 @@ def speed(model, processor, reader, modalities=("xray", "ct"), anchors: bool = T
             emit(row(f"{name}: project path, masks included ({f['findings']} findings; {replays} decode replays in "
                      f"flight; {running} helper processes, {served} calls to them a reading; switch interval "
                      f"{switch:g} ms; maps {f['maps']:.3f} s, "
-                     f"{f['maps_ahead']} of them made while decoding, {f['maps_ahead_wait']:.3f} s waited for, "
+                     f"{f['maps_ahead']} of them made while decoding{lead_note(f)}, {f['maps_ahead_wait']:.3f} s "
+                     "waited for, "
                      f"{f['anatomy_wait']:.3f} s waited for the anatomy; "
                      f"preprocessing {f['prepare']:.3f} s; peak with weights {gib(weights + f['peak'])} GiB"
                      f"{chunk_label(c, f['tokens'])}; {host_note(f)}; {f['faults']} page faults)", f))

@@ -27,7 +27,9 @@ The benchmark's 85-slice CT (``fast_path.ct``; or its film, ``--study xray``) th
 - ``ahead-N`` (the ``reading`` part): N decode replays in flight (``decoding.AHEAD_ENV``; the library's: 3 for a CT).
 - ``switch-MS`` (the ``reading`` part): the interpreter's switch interval MS milliseconds (Python's: 5).
 - ``maps-urgent`` (the ``reading`` part): the map threads' own streams at a priority above the decode's
-  (``maps.SIDE_PRIORITY`` -1; the library's: 0), so that the findings' kernels go first when both wait.
+  (``maps.SIDE_PRIORITY`` -1; the library's: 0), so that the findings' kernels go first when both wait. Where the
+  decode ends the reading, "maps made before the answer" (``Reading.maps_ready_lead``; negative: after it) tells
+  how much sooner the findings' chains end: what a faster decode (an H200's) would then wait for.
 - ``levels-serial`` (the ``reading`` part): a finding's two levels' pieces found one after the other, as before
   ``maps.LEVELS_TOGETHER`` (the library's: side by side in two helpers).
 - ``candidates-N`` (the ``reading`` part): a CT search's next N candidates tried in threads while the one before
@@ -286,8 +288,8 @@ def main() -> None:
         stack.close()  # the readings compile their decode step: the library's own choice
         answer = report(processor.tokenizer, findings)
         emit("| round | variant | end to end s | prefill s | ms / decode token | maps after the answer s | "
-             "loop: look s | loop: callbacks s (the rows' copies) | page faults |")
-        emit("|---|---|---|---|---|---|---|---|---|")
+             "maps made before the answer s | loop: look s | loop: callbacks s (the rows' copies) | page faults |")
+        emit("|---|---|---|---|---|---|---|---|---|---|")
         for name in names:  # a reading per variant first, not kept: a variant's own first calls (a kernel's compile)
             with variant(model, name):
                 project_read(reader, fast_path.fresh(study), answer)
@@ -296,8 +298,9 @@ def main() -> None:
                 with variant(model, name):
                     f = project_read(reader, fast_path.fresh(study), answer)
                 h = f["host"]
+                lead = "" if f["ready_lead"] is None else f"{f['ready_lead']:.3f}"
                 emit(f"| {r} | {name} | {f['total']:.3f} | {f['prefill']:.3f} | {f['ms_token']:.2f} | {f['maps']:.3f} | "
-                     f"{h['look']:.3f} | {h['callbacks']:.3f} ({h['rows']:.3f}) | {f['faults']} |")
+                     f"{lead} | {h['look']:.3f} | {h['callbacks']:.3f} ({h['rows']:.3f}) | {f['faults']} |")
         emit()
 
 

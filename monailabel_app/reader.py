@@ -79,6 +79,9 @@ class Reading:
     maps_ahead: int = 0  # findings whose maps were made while the model still wrote (study_maps)
     maps_ahead_wait: float = 0.0  # seconds the reading then waited for them after the answer
     anatomy_wait: float = 0.0  # seconds the findings' maps waited for the study's anatomy (found beside the model)
+    # seconds from the last of the maps started while the model wrote being made to the answer's end (negative: made
+    # after it): whether the findings' maps or the decode end a reading; None where none were started
+    maps_ready_lead: float | None = None
 
     @property
     def radiograph(self) -> Radiograph:
@@ -478,6 +481,8 @@ class Reader:
         reading.latencies = _latencies(gen, t_load - t0, time.perf_counter() - t_load - sum(gen.seconds.values()))
         reading.latencies.update(maps_ahead=reading.maps_ahead, maps_ahead_wait=round(reading.maps_ahead_wait, 4),
                                  anatomy_wait=round(reading.anatomy_wait, 4))
+        if reading.maps_ready_lead is not None:
+            reading.latencies["maps_ready_lead"] = round(reading.maps_ready_lead, 4)
         return reading
 
     def follow_up(self, study: Radiograph | CTVolume, conversation: Conversation, question,
@@ -601,6 +606,7 @@ class Reader:
             self._anatomy_ahead(radiograph)
             gen = self._generate([([square], question)], self.info.grounding, max_new_tokens,
                                  None if answer is None else [answer], keep, ahead=self._ahead(film))[0]
+        answered = time.perf_counter()
         answer, gen, done, labels, extras = self._mapped(film, gen, self.info.grounding, 2)
         geom = radiograph.geometry
         return Reading(
@@ -611,6 +617,7 @@ class Reader:
             inputs_index=[{"source": radiograph.source, "source_shape": list(radiograph.pixels.shape)}],
             question=question, model=self._model_dict(gen), modality="xray", generation=gen, extras=extras,
             maps_ahead=film.reused, maps_ahead_wait=film.waited, anatomy_wait=film.anatomy_waited,
+            maps_ready_lead=_lead(answered, film),
         )
 
     def _read_ct(self, volume: CTVolume, question: str, max_new_tokens: int, max_slices: int, answer=None,
@@ -625,6 +632,7 @@ class Reader:
             gen = self._generate([(content, question)], self.ct, max_new_tokens, None if answer is None else [answer],
                                  keep, ahead=self._ahead(study))[0]
             ms.on_device = content = None  # the squares on the GPU, no longer needed (67 MB for 85 slices)
+        answered = time.perf_counter()
         answer, gen, done, labels, extras = self._mapped(study, gen, self.ct, 3)
         index = [{"model_slice": n, "display_z": z, "source_index": volume.display_to_stored_index(z),
                   "world_z_mm": round(volume.world_z(z), 3)} for n, z in enumerate(ms.indices, start=1)]
@@ -638,6 +646,7 @@ class Reader:
             pad=ms.pad, model_inputs=ms.images, inputs_index=index, question=question, model=self._model_dict(gen),
             modality="ct", extras=extras, generation=gen, display_labels=labels, display_heatmaps=heat,
             maps_ahead=study.reused, maps_ahead_wait=study.waited, anatomy_wait=study.anatomy_waited,
+            maps_ready_lead=_lead(answered, study),
         )
 
     def _makes_shared_ahead(self) -> bool:
@@ -707,6 +716,12 @@ def warm_up_study(modality: str, slices: int) -> Radiograph | CTVolume:
         hu = ndimage.zoom(ph.hu.astype(np.float32), (factor, 1, 1), order=1)
         ph = dataclasses.replace(ph, hu=hu, spacing=(ph.spacing[0], ph.spacing[1], ph.spacing[2] / factor))
     return phantom_volume(ph)
+
+
+def _lead(answered: float, study: StudyMaps) -> float | None:
+    """:attr:`Reading.maps_ready_lead`: ``answered`` (when the answer ended) less when ``study``'s maps started
+    while the model wrote were last made."""
+    return None if study.ready_at is None else answered - study.ready_at
 
 
 def _latencies(gen: Generation, load: float, maps_seconds: float) -> dict:

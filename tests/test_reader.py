@@ -649,6 +649,27 @@ def test_a_films_findings_are_mapped_while_the_model_writes(reader, monkeypatch)
         _read(reader, image)
 
 
+def test_a_reading_says_whether_its_maps_or_its_answer_ended_last(reader, monkeypatch):
+    """Reading.maps_ready_lead: from the maps started while the model wrote being all made to the answer's end.
+    Findings held up for a second are made after the answer (a negative lead, within the reading's time after the
+    answer); none started (maps after the answer): None, and no latency."""
+    import time
+
+    from monailabel_app import reader as reader_mod
+    from monailabel_app.grounding.study_maps import FilmMaps
+
+    image = make_phantom(20011).image
+    monkeypatch.setenv(reader_mod.MAPS_WHILE_DECODING_ENV, "0")
+    after = _read(reader, image, answer=ANSWER_WITH_TAIL)
+    assert after.maps_ready_lead is None and "maps_ready_lead" not in after.latencies
+    monkeypatch.setenv(reader_mod.MAPS_WHILE_DECODING_ENV, "1")
+    real = FilmMaps._finding
+    monkeypatch.setattr(FilmMaps, "_finding", lambda self, *a: time.sleep(1.0) or real(self, *a))
+    late = _read(reader, image, answer=ANSWER_WITH_TAIL)
+    assert late.maps_ahead == 3 and late.latencies["maps_ready_lead"] == round(late.maps_ready_lead, 4)
+    assert -late.latencies["maps"] - 0.05 <= late.maps_ready_lead < 0, late.latencies
+
+
 def test_maps_made_while_writing_are_taken_only_for_the_same_finding(reader):
     """A finding is mapped early only once its sentence is complete, and its early result is taken only when
     the final answer reads the same finding on the same token rows: a finding whose words the final answer

@@ -86,6 +86,7 @@ class StudyMaps:
         self.reused = 0
         self.waited = 0.0  # seconds the reading waited for maps started while the model wrote
         self.anatomy_waited = 0.0  # seconds the findings' maps waited for the study's anatomy (found beside the model)
+        self.ready_at: float | None = None  # when what was started while the model wrote last finished (perf_counter)
 
     @staticmethod
     def key(f: Finding, rows: list[int], gen: Generation, settings: dict) -> tuple:
@@ -174,12 +175,20 @@ class StudyMaps:
                     if started is None:
                         return
                     self.started[keys[-1]] = started
+                    started.add_done_callback(self._ready)
             if tuple(keys) not in self.started_labels:  # the label map, if no other finding follows
                 self.latest_labels = tuple(keys)
-                self.started_labels[tuple(keys)] = maps.start(self._finish_started, tuple(keys),
-                                                              [self.started[k] for k in keys])
+                labels = maps.start(self._finish_started, tuple(keys), [self.started[k] for k in keys])
+                self.started_labels[tuple(keys)] = labels
+                if labels is not None:
+                    labels.add_done_callback(self._ready)
         except Exception:  # noqa: BLE001 (the answer goes on; its findings are mapped after it)
             logger.exception("mapping findings while the model writes failed: they are mapped after the answer")
+
+    def _ready(self, _made: Future) -> None:
+        """A map or label map started while the model wrote has finished: :attr:`ready_at` is now."""
+        with self._counted:
+            self.ready_at = time.perf_counter()
 
     def forget(self) -> None:
         """Drop what was started (its generation is not the one the reading uses)."""

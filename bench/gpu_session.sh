@@ -28,11 +28,10 @@
 #                                 # (bench/decode_attention.py, with other chunk sizes), and one reading A/B
 #                                 # beside the decode: the library's (both kernels, since run DB), without the
 #                                 # decode kernel, without the deepest voxels on the GPU, without either
-#   bash bench/gpu_session.sh 8   # on an H200, whose CT reading ends with its maps: a CT's speed and timeline
-#                                 # (its maps call by call) in a fresh process, then a reading A/B: the library's
-#                                 # and the map threads' streams at a higher priority than the decode's
-#                                 # (maps-urgent), with when the maps were made against the answer's end (the
-#                                 # X-ray's target is met: not timed here)
+#   bash bench/gpu_session.sh 8   # on an H200, whose CT reading ends with its maps: a CT's speed in a fresh
+#                                 # process, then a reading A/B: the library's and the map threads' streams at a
+#                                 # higher priority than the decode's (maps-urgent), with when the maps were made
+#                                 # against the answer's end (the X-ray's target is met: not timed here)
 #   bash bench/gpu_session.sh 9   # restart to the first fast answer (a new server process: empty compile cache,
 #                                 # then the one it left) and a CT's speed in a fresh process (the library's)
 #   bash bench/gpu_session.sh 1 3 # several parts in one command, in the order given (one machine start, one
@@ -131,10 +130,10 @@ for part in "$@"; do
         chunk_lengths 90
         kernels_ab 290
         ;;
-    8)  # the CT's speed and its timeline in one process (run DF's speed step took 107 s, its A/B 240 s), then the
-        # reading A/B: the library's and the map threads' streams above the decode's (run DN's took 170 s)
-        TAIL=70 step speed_timeline 250 python3 bench/fast_path.py --only speed,timeline --speed-modalities ct \
-            --no-anchors --out "$out/speed_timeline.md"
+    8)  # the CT's speed in a fresh process (run DF's step took 107 s), then the reading A/B, whose readings say
+        # when their maps were made against the answer's end: the library's and the map threads' streams above the
+        # decode's (runs DN and DO took 170-185 s)
+        ct_speed
         step reading_ab 220 python3 bench/prefill_ab.py --parts reading --rounds 3 --variants default,maps-urgent
         ;;
     9)

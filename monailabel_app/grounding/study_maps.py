@@ -171,24 +171,25 @@ class StudyMaps:
                 rows = gen.token_range(f.span)
                 keys.append(self.key(f, rows, gen, own))
                 if keys[-1] not in self.started:
-                    started = maps.start(self._finding, f, rows, gen, own)
+                    started = maps.start(self._timed, self._finding, f, rows, gen, own)
                     if started is None:
                         return
                     self.started[keys[-1]] = started
-                    started.add_done_callback(self._ready)
             if tuple(keys) not in self.started_labels:  # the label map, if no other finding follows
                 self.latest_labels = tuple(keys)
-                labels = maps.start(self._finish_started, tuple(keys), [self.started[k] for k in keys])
-                self.started_labels[tuple(keys)] = labels
-                if labels is not None:
-                    labels.add_done_callback(self._ready)
+                self.started_labels[tuple(keys)] = maps.start(self._timed, self._finish_started, tuple(keys),
+                                                              [self.started[k] for k in keys])
         except Exception:  # noqa: BLE001 (the answer goes on; its findings are mapped after it)
             logger.exception("mapping findings while the model writes failed: they are mapped after the answer")
 
-    def _ready(self, _made: Future) -> None:
-        """A map or label map started while the model wrote has finished: :attr:`ready_at` is now."""
-        with self._counted:
-            self.ready_at = time.perf_counter()
+    def _timed(self, fn, *args):
+        """``fn(*args)`` (a map or label map started while the model wrote), :attr:`ready_at` set as it ends. (Not
+        a future's done callback: the future would hold this study through it, a reference cycle.)"""
+        try:
+            return fn(*args)
+        finally:
+            with self._counted:
+                self.ready_at = time.perf_counter()
 
     def forget(self) -> None:
         """Drop what was started (its generation is not the one the reading uses)."""

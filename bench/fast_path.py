@@ -180,10 +180,16 @@ def project_read(reader, study, answer, runs: int = 3) -> dict:
     assert lat["new_tokens"] == NEW, lat
     return {"prefill": lat["decoder_prefill"], "ms_token": 1000 * lat["decoder_decode"] / lat["decoder_decode_steps"],
             "total": total, "peak": peak, "maps": lat["maps"], "prepare": lat["prepare"], "findings": findings,
+            "slices": lat.get("slices", 0.0),
             "maps_ahead": lat.get("maps_ahead", 0), "maps_ahead_wait": lat.get("maps_ahead_wait", 0.0),
             "anatomy_wait": lat.get("anatomy_wait", 0.0), "ready_lead": lat.get("maps_ready_lead"),
             "host": {k: lat.get(f"decoder_decode_{k}", 0.0) for k in ("launch", "look", "callbacks", "rows")},
             "tokens": lat["prompt_tokens"], "faults": faults}
+
+
+def slices_note(d) -> str:
+    """A CT's slices made for the model (before its preprocessing; counted in its maps before 2026-12-06)."""
+    return f"slices {d['slices']:.3f} s, " if d.get("slices") else ""
 
 
 def lead_note(d) -> str:
@@ -329,7 +335,7 @@ def speed(model, processor, reader, modalities=("xray", "ct"), anchors: bool = T
                      f"{switch:g} ms; maps {f['maps']:.3f} s, "
                      f"{f['maps_ahead']} of them made while decoding{lead_note(f)}, {f['maps_ahead_wait']:.3f} s "
                      "waited for, "
-                     f"{f['anatomy_wait']:.3f} s waited for the anatomy; "
+                     f"{f['anatomy_wait']:.3f} s waited for the anatomy; {slices_note(f)}"
                      f"preprocessing {f['prepare']:.3f} s; peak with weights {gib(weights + f['peak'])} GiB"
                      f"{chunk_label(c, f['tokens'])}; {host_note(f)}; {f['faults']} page faults)", f))
         if f["maps_ahead"]:  # the same reading with every map made after the answer

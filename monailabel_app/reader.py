@@ -82,6 +82,7 @@ class Reading:
     # seconds from the last of the maps started while the model wrote being made to the answer's end (negative: made
     # after it): whether the findings' maps or the decode end a reading; None where none were started
     maps_ready_lead: float | None = None
+    slices_seconds: float = 0.0  # a CT's: its slices sampled, padded and windowed for the model (latencies["slices"])
 
     @property
     def radiograph(self) -> Radiograph:
@@ -387,7 +388,7 @@ class Reader:
 
         def finished(i: int, gen: Generation, reading: Reading, seconds: float) -> None:
             reading.question, reading.language = questions[i], languages[i]
-            reading.latencies = _latencies(gen, 0.0, seconds)
+            reading.latencies = _latencies(gen, 0.0, seconds - reading.slices_seconds, reading.slices_seconds)
             if on_reading is None:
                 readings[i] = reading
             else:
@@ -478,7 +479,8 @@ class Reader:
             reading = self._read_radiograph(study, question, max_new_tokens, answer, keep=keep)
         reading.language = language
         gen = reading.generation
-        reading.latencies = _latencies(gen, t_load - t0, time.perf_counter() - t_load - sum(gen.seconds.values()))
+        reading.latencies = _latencies(gen, t_load - t0, time.perf_counter() - t_load - sum(gen.seconds.values())
+                                       - reading.slices_seconds, reading.slices_seconds)
         reading.latencies.update(maps_ahead=reading.maps_ahead, maps_ahead_wait=round(reading.maps_ahead_wait, 4),
                                  anatomy_wait=round(reading.anatomy_wait, 4))
         if reading.maps_ready_lead is not None:
@@ -494,7 +496,8 @@ class Reader:
         gen = self._continue(study, conversation, question, max_new_tokens)
         reading = self.remap(study, gen, max_slices)
         reading.question, reading.language = question, language
-        reading.latencies = _latencies(gen, 0.0, time.perf_counter() - t0 - sum(gen.seconds.values()))
+        reading.latencies = _latencies(gen, 0.0, time.perf_counter() - t0 - sum(gen.seconds.values())
+                                       - reading.slices_seconds, reading.slices_seconds)
         return reading
 
     def converse(self, study: Radiograph | CTVolume, questions: list[str], max_new_tokens: int = 128,
@@ -622,7 +625,9 @@ class Reader:
 
     def _read_ct(self, volume: CTVolume, question: str, max_new_tokens: int, max_slices: int, answer=None,
                  gen: Generation | None = None, keep: bool = False) -> Reading:
+        t_slices = time.perf_counter()
         ms = model_slices(volume, max_slices, device=None if gen is not None else self.model.device)
+        t_slices = time.perf_counter() - t_slices
         study = CTMaps(self, volume, ms)
         if gen is None:
             self._anatomy_ahead(volume)
@@ -646,7 +651,7 @@ class Reader:
             pad=ms.pad, model_inputs=ms.images, inputs_index=index, question=question, model=self._model_dict(gen),
             modality="ct", extras=extras, generation=gen, display_labels=labels, display_heatmaps=heat,
             maps_ahead=study.reused, maps_ahead_wait=study.waited, anatomy_wait=study.anatomy_waited,
-            maps_ready_lead=_lead(answered, study),
+            maps_ready_lead=_lead(answered, study), slices_seconds=t_slices,
         )
 
     def _makes_shared_ahead(self) -> bool:
@@ -724,14 +729,16 @@ def _lead(answered: float, study: StudyMaps) -> float | None:
     return None if study.ready_at is None else answered - study.ready_at
 
 
-def _latencies(gen: Generation, load: float, maps_seconds: float) -> dict:
-    """Seconds per stage of one reading (``generate``: its batch's), its tokens and why it stopped."""
+def _latencies(gen: Generation, load: float, maps_seconds: float, slices: float = 0.0) -> dict:
+    """Seconds per stage of one reading (``generate``: its batch's), its tokens and why it stopped. ``slices``: a
+    CT's slices made for the model (before its generation: not the maps', which come after the answer or beside it)."""
     return {
         "load_image": round(load, 4),
+        **({"slices": round(slices, 4)} if slices else {}),
         "prepare": round(gen.seconds["prepare"], 4),
         "generate": round(gen.seconds["generate"], 4),
         "maps": round(maps_seconds, 4),
-        "total": round(load + sum(gen.seconds.values()) + maps_seconds, 4),
+        "total": round(load + slices + sum(gen.seconds.values()) + maps_seconds, 4),
         "new_tokens": len(gen.token_ids),
         "prompt_tokens": gen.prompt_tokens,
         "stop_reason": gen.stop_reason,

@@ -649,6 +649,31 @@ def test_a_films_findings_are_mapped_while_the_model_writes(reader, monkeypatch)
         _read(reader, image)
 
 
+def test_a_ct_readings_slices_are_timed_apart_from_its_maps(reader, monkeypatch):
+    """A CT's slices, made for the model before it generates, are their own stage (``latencies.slices``: once
+    counted as maps); the stages add up to the total. A film has none."""
+    from monailabel_app import reader as reader_mod
+    from monailabel_app.phantoms import ct as ct_phantoms
+
+    volume = ct_phantoms.phantom_volume(ct_phantoms.make_ct_phantom(2))
+    made = reader_mod.model_slices
+
+    def slow(*args, **kwargs):  # a slow slicing: the reading's maps stay the same
+        time.sleep(0.5)
+        return made(*args, **kwargs)
+
+    monkeypatch.setattr(reader_mod, "model_slices", slow)
+    t0 = time.perf_counter()
+    lat = reader.read(volume).latencies
+    wall = time.perf_counter() - t0
+    assert lat["maps"] <= wall - lat["prepare"] - lat["generate"] - 0.5, (lat, wall)  # not in the maps'
+    assert lat["slices"] >= 0.5 and lat["total"] <= wall, (lat, wall)
+    parts = ("load_image", "slices", "prepare", "generate", "maps")
+    assert abs(sum(lat[k] for k in parts) - lat["total"]) < 1e-3, lat
+    assert "slices" not in reader.read(Radiograph(make_phantom(4).image, Geometry.plain(*make_phantom(4).image.shape))
+                                       ).latencies
+
+
 def test_a_reading_says_whether_its_maps_or_its_answer_ended_last(reader, monkeypatch):
     """Reading.maps_ready_lead: from the maps started while the model wrote being all made to the answer's end.
     Findings held up for a second are made after the answer (a negative lead, within the reading's time after the

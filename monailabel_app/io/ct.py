@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 import zipfile
 from dataclasses import dataclass, field
 
@@ -176,16 +177,17 @@ class ModelSlices:
 def model_slices(volume: "CTVolume", max_slices: int, indices: list[int] | None = None,
                  device=None) -> ModelSlices:
     """Sample (or take the given display ``indices``), pad to square with air (-1024 HU) and window the
-    slices the model will read. ``device`` a GPU: the planes are uploaded once and windowed there
-    (:func:`windowed`, the same bytes as :func:`window_rgb`), then copied back once for :attr:`ModelSlices.images`;
-    85 slices of 512 x 512 took 0.14-0.42 s through numpy on this project's CPU, in a CT's preprocessing."""
+    slices the model will read. ``device`` a GPU: the planes are uploaded once (:func:`upload_planes`) and windowed
+    there (:func:`windowed`, the same bytes as :func:`window_rgb`), then copied back once for
+    :attr:`ModelSlices.images`; 85 slices of 512 x 512 took 0.14-0.42 s through numpy on this project's CPU, in a
+    CT's preprocessing."""
     if indices is None:
         indices = sample_slices(volume.shape[0], max_slices)
     pad = SquarePad(volume.shape[1], volume.shape[2])
     if device is not None and str(device).startswith("cuda"):
         import torch
 
-        planes = torch.from_numpy(np.ascontiguousarray(volume.hu[indices], np.float32)).to(device)
+        planes = upload_planes(volume.hu, indices, device)
         square = torch.full((len(indices), pad.side, pad.side), -1024.0, dtype=torch.float32, device=device)
         square[:, pad.top : pad.top + pad.rows, pad.left : pad.left + pad.cols] = planes
         rgb = windowed(square)  # (n, 3, side, side)
@@ -197,6 +199,38 @@ def model_slices(volume: "CTVolume", max_slices: int, indices: list[int] | None 
         square[pad.top : pad.top + pad.rows, pad.left : pad.left + pad.cols] = volume.hu[z]
         images.append(window_rgb(square))
     return ModelSlices(indices, images, pad)
+
+
+_STAGING: dict = {}  # device -> (a kept page-locked float32 buffer, the event of its last upload)
+_STAGING_LOCK = threading.Lock()
+
+
+def upload_planes(hu: np.ndarray, indices: list[int], device):
+    """``hu[indices]`` (float32) on the GPU ``device``: gathered by torch into a page-locked buffer kept per device
+    (grown to the largest CT's planes; reused once its last upload has read it) and uploaded from there without a
+    stop. 85 planes of 512 x 512 on an H100's host (run DP): gathered by numpy 8.7 ms and uploaded from pageable
+    memory 8.1 ms, from page-locked memory 1.6 ms. An array torch cannot view (not float32, or a flipped view)
+    is gathered by numpy first."""
+    import torch
+
+    if hu.dtype != np.float32 or any(s < 0 for s in hu.strides):
+        hu = np.ascontiguousarray(hu[indices], np.float32)
+        indices = list(range(len(indices)))
+    n, rows, cols = len(indices), hu.shape[1], hu.shape[2]
+    key = str(torch.device(device))
+    with _STAGING_LOCK:
+        buffer, last = _STAGING.get(key, (None, None))
+        if last is not None:
+            last.synchronize()  # its last upload has read the buffer
+        if buffer is None or buffer.numel() < n * rows * cols:
+            buffer = torch.empty(n * rows * cols, dtype=torch.float32, pin_memory=True)
+        staged = buffer[: n * rows * cols].view(n, rows, cols)
+        torch.index_select(torch.from_numpy(hu), 0, torch.tensor(indices, dtype=torch.long), out=staged)
+        planes = staged.to(device, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        _STAGING[key] = (buffer, done)
+    return planes
 
 
 def interleave(images: list, label: str = "SLICE") -> list:

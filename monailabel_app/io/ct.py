@@ -22,6 +22,7 @@ each rendered as RGB of three HU windows: R -1024..1024, G -135..215, B 0..80.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -34,6 +35,8 @@ import numpy as np
 from ..errors import InputError
 from .file_checks import check_declared_size, check_finite_nifti, check_gzip, malformed_values_refused
 from .xray import Geometry, SquarePad
+
+logger = logging.getLogger(__name__)
 
 WINDOWS = ((-1024.0, 1024.0), (-135.0, 215.0), (0.0, 80.0))  # R, G, B
 CT_SOP_CLASSES = {
@@ -223,7 +226,12 @@ def upload_planes(hu: np.ndarray, indices: list[int], device):
         if last is not None:
             last.synchronize()  # its last upload has read the buffer
         if buffer is None or buffer.numel() < n * rows * cols:
-            buffer = torch.empty(n * rows * cols, dtype=torch.float32, pin_memory=True)
+            try:
+                buffer = torch.empty(n * rows * cols, dtype=torch.float32, pin_memory=True)
+            except RuntimeError as e:  # no page-locked memory to be had: from pageable memory, as before
+                logger.warning("a CT's planes go up from pageable memory: no page-locked buffer (%s)", e)
+                _STAGING.pop(key, None)
+                return torch.from_numpy(np.ascontiguousarray(hu[indices], np.float32)).to(device)
         staged = buffer[: n * rows * cols].view(n, rows, cols)
         torch.index_select(torch.from_numpy(hu), 0, torch.tensor(indices, dtype=torch.long), out=staged)
         planes = staged.to(device, non_blocking=True)

@@ -279,3 +279,17 @@ def test_cli_writes_ct_phantom_series(tmp_path):
     for k, les in enumerate(ct_phantoms.make_ct_phantom(3).lesions, start=1):
         assert np.array_equal(mask == k, les.mask)
     assert vol.shape == mask.shape
+
+
+def test_planes_without_page_locked_memory_go_up_from_pageable_memory(caplog):
+    """upload_planes where no page-locked buffer can be had (this CPU-only machine: pinning needs a CUDA driver):
+    the planes asked for, in their order, and a warning; on a GPU machine the same planes through the buffer."""
+    import torch
+
+    from monailabel_app.io.ct import upload_planes
+
+    hu = np.random.default_rng(3).normal(-400, 600, (6, 5, 4)).astype(np.float32)
+    with caplog.at_level("WARNING"):
+        got = upload_planes(hu, [4, 1, 2], "cpu")
+    assert np.array_equal(got.numpy(), hu[[4, 1, 2]])
+    assert ("pageable memory" in caplog.text) == (not torch.cuda.is_available()), caplog.text

@@ -388,7 +388,7 @@ class Reader:
 
         def finished(i: int, gen: Generation, reading: Reading, seconds: float) -> None:
             reading.question, reading.language = questions[i], languages[i]
-            reading.latencies = _latencies(gen, 0.0, seconds - reading.slices_seconds, reading.slices_seconds)
+            reading.latencies = _latencies(gen, 0.0, seconds, reading.slices_seconds)
             if on_reading is None:
                 readings[i] = reading
             else:
@@ -479,8 +479,8 @@ class Reader:
             reading = self._read_radiograph(study, question, max_new_tokens, answer, keep=keep)
         reading.language = language
         gen = reading.generation
-        reading.latencies = _latencies(gen, t_load - t0, time.perf_counter() - t_load - sum(gen.seconds.values())
-                                       - reading.slices_seconds, reading.slices_seconds)
+        reading.latencies = _latencies(gen, t_load - t0, time.perf_counter() - t_load - sum(gen.seconds.values()),
+                                       reading.slices_seconds)
         reading.latencies.update(maps_ahead=reading.maps_ahead, maps_ahead_wait=round(reading.maps_ahead_wait, 4),
                                  anatomy_wait=round(reading.anatomy_wait, 4))
         if reading.maps_ready_lead is not None:
@@ -496,8 +496,8 @@ class Reader:
         gen = self._continue(study, conversation, question, max_new_tokens)
         reading = self.remap(study, gen, max_slices)
         reading.question, reading.language = question, language
-        reading.latencies = _latencies(gen, 0.0, time.perf_counter() - t0 - sum(gen.seconds.values())
-                                       - reading.slices_seconds, reading.slices_seconds)
+        reading.latencies = _latencies(gen, 0.0, time.perf_counter() - t0 - sum(gen.seconds.values()),
+                                       reading.slices_seconds)
         return reading
 
     def converse(self, study: Radiograph | CTVolume, questions: list[str], max_new_tokens: int = 128,
@@ -729,9 +729,11 @@ def _lead(answered: float, study: StudyMaps) -> float | None:
     return None if study.ready_at is None else answered - study.ready_at
 
 
-def _latencies(gen: Generation, load: float, maps_seconds: float, slices: float = 0.0) -> dict:
-    """Seconds per stage of one reading (``generate``: its batch's), its tokens and why it stopped. ``slices``: a
-    CT's slices made for the model (before its generation: not the maps', which come after the answer or beside it)."""
+def _latencies(gen: Generation, load: float, rest: float, slices: float = 0.0) -> dict:
+    """Seconds per stage of one reading (``generate``: its batch's), its tokens and why it stopped. ``rest``: the
+    reading's seconds outside loading and generation, of which ``slices`` were a CT's slices made for the model
+    (before its generation) and the others its maps (after the answer, or waited for beside it)."""
+    maps_seconds = rest - slices
     return {
         "load_image": round(load, 4),
         **({"slices": round(slices, 4)} if slices else {}),

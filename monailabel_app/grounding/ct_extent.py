@@ -86,7 +86,7 @@ def grow_ct(hu: np.ndarray, spacing, seed, kind: str, lungs: np.ndarray | None =
 
         def make_territory():
             out = only_box(hu.shape, bool)
-            out[box] = territory(aerated[box])
+            out[box] = territory(aerated[box], device=device)
             return out
 
         terr = partial(_shared, shared, (_grid, "territory", _key(box)), make_territory)
@@ -321,7 +321,8 @@ def find_in_ct(hu: np.ndarray, spacing, heat: np.ndarray, kind: str, near: np.nd
     dense &= search[box]
     if method_of(kind, 3) in ("focal", "airspace"):
         dense &= _shared(cache, ("territory", _key(box)),
-                         lambda: territory(layers.aerated[box] if layers is not None else aerated_lung(sub)))
+                         lambda: territory(layers.aerated[box] if layers is not None else aerated_lung(sub),
+                                           device=device))
     labelled = components.label_later(dense)  # in a helper process, if any, while the attention is read here
     values = heat[box][dense]  # the attention on the labelled voxels (every voxel of dense has a label)
     labels, n = labelled()

@@ -34,7 +34,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, ".."))
 
 from monailabel_app.grounding import (anatomy, components, ct_extent, ct_maps, distances,  # noqa: E402
-                                     helper_processes, maps)
+                                     helper_processes, maps, territory_device)
 from monailabel_app.grounding.study_maps import CTMaps, StudyMaps  # noqa: E402
 from monailabel_app.model import decoding, generation  # noqa: E402
 
@@ -44,6 +44,8 @@ WATCHED = [(anatomy, "ct_body_and_lungs"), (ct_maps, "slice_grids"), (ct_maps, "
            (maps, "grids_to_pixels"),
            (ct_maps, "gated_map"), (maps, "peak_regions"), (maps, "peak_region"), (ct_extent, "find_in_ct"),
            (ct_extent, "smoothed_hu"), (ct_extent, "territory"), (helper_processes, "in_slabs"),
+           # the territory on the GPU (territory.ON_DEVICE, off in the library): its pieces and hulls' parts
+           (territory_device, "pieces_in_plane"), (territory_device, "_row_extremes"), (territory_device, "_bounds"),
            (ct_extent, "grow_ct"), (ct_extent, "deepest"), (components, "label"), (components, "component_at"),
            (distances, "inside"),
            (maps, "assign"),

@@ -38,8 +38,8 @@ The benchmark's 85-slice CT (``fast_path.ct``; or its film, ``--study xray``) th
   (``ct_extent.DEEPEST_ON_DEVICE``: the library's since run DB), the lower envelopes in one Triton kernel;
   ``deepest-gpu-blocks``: in torch's blocks (``distances.ENVELOPE_KERNEL`` off; run CW's); ``deepest-host``: in a
   helper process, with edt (the library's before run DB).
-- ``territory-host`` (the ``reading`` part): the CT searches' lung territories made in slabs over the helper
-  processes (the library's before ``territory.ON_DEVICE``: now on the GPU, :mod:`territory_device`).
+- ``territory-gpu`` (the ``reading`` part): the CT searches' lung territories made on the GPU
+  (``territory.ON_DEVICE``, :mod:`territory_device`; the library's: in slabs over the helper processes).
 - ``decode-kernel`` (the ``reading`` part): a decode step's attention over 4,096 keys or more (a CT's full layers)
   in one Triton kernel split over the keys (``capture.DECODE_KERNEL_FROM``: the library's since run DB);
   ``decode-kernel-all``: every layer's (its sliding rings' too); ``decode-torch``: the torch path in every layer
@@ -155,8 +155,8 @@ def one_variant(stack: ExitStack, model, name: str) -> None:
         stack.enter_context(mock.patch.object(ct_extent, "CANDIDATES_AHEAD", int(name.split("-")[1])))
     if name.startswith("deepest-"):
         stack.enter_context(mock.patch.object(ct_extent, "DEEPEST_ON_DEVICE", name != "deepest-host"))
-    if name == "territory-host":
-        stack.enter_context(mock.patch.object(territory, "ON_DEVICE", False))
+    if name == "territory-gpu":
+        stack.enter_context(mock.patch.object(territory, "ON_DEVICE", True))
     if name == "deepest-gpu-blocks":
         stack.enter_context(mock.patch.object(distances, "ENVELOPE_KERNEL", False))
     if name in ("decode-kernel", "decode-kernel-all", "decode-torch"):  # (not decode-first)

@@ -1,7 +1,8 @@
-"""The lungs' territory (:func:`territory`): per plane, the convex hull of each piece of aerated lung. On a GPU
-reader a CT box's territory is made on the GPU (:mod:`territory_device`: the same voxels); elsewhere each plane's
-territory is its own, so a CT box's planes may be split among helper processes (:func:`helper_processes.in_slabs`)
-and made side by side."""
+"""The lungs' territory (:func:`territory`): per plane, the convex hull of each piece of aerated lung. Each
+plane's territory is its own, so a CT box's planes may be split among helper processes
+(:func:`helper_processes.in_slabs`) and made side by side: on a GPU reader a focal finding's search spends
+much of its time here. It can also be made on the GPU (:mod:`territory_device`, the same voxels; off: slower
+beside the decode)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,12 @@ from scipy import ndimage
 from . import helper_processes, hulls, territory_device
 from .morphology import open_in_plane
 
-# a GPU reader's CT territories made on its GPU (territory_device) instead of in slabs over the helper processes:
-# 0.4-0.8 s of the host's CPU a focal or airspace finding's search box, the helpers' largest work and the wait of
-# each chain for a free one (fast_path.md, run DK: 36 slabs, 0.57 s of them waiting for a helper)
-ON_DEVICE = True
+# a GPU reader's CT territories made on its GPU (territory_device) instead of in slabs over the helper processes.
+# Off: on an H100 the CT reading took 2.54-2.80 s with it (eight of nine readings 2.71-2.80 s) against 2.52-2.57 s
+# without (three A/Bs beside the decode, runs DS-DU: a search box's territory 0.54-0.57 s there, against 0.03-0.04 s
+# alone), though with the maps made after the answer it shortened the findings' chains from 0.69 to 0.56 s
+# (medians, run DR)
+ON_DEVICE = False
 
 
 def territory(lungs: np.ndarray, min_pixels: int = 20, device=None) -> np.ndarray:

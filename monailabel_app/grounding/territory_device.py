@@ -1,15 +1,18 @@
 """The lungs' territory (:func:`territory.territory_here`'s voxels) made in torch on a GPU: the planes opened with
 the 3 x 3 cross, their 8-connected pieces labelled, each piece's convex hull filled. A GPU reader's focal and
-airspace searches made it in the helper processes, 0.4-0.8 s of the host's CPU a search box spread over up to
-eight of them (``fast_path.md``, run DK), in the chain of each finding; here it is a few milliseconds of the card's
-work on the finding's own stream.
+airspace searches make it in slabs over the helper processes: 0.19 s for the benchmark CT's whole volume with eight
+helpers, 0.9 s in one thread, 0.04 s here (``fast_path.md``, run DR). **Off in the library**
+(:data:`territory.ON_DEVICE`): beside an H100's decode a search box's territory took 0.54-0.57 s (0.05-0.06 s of
+its thread's CPU), and the CT reading about 0.2 s longer (runs DS-DU). It waits for the card some 60 times (the
+pieces' rounds, the envelopes' rounds, the sizes of what it keeps); neither its stream above the decode's priority
+nor 32 hardware queues changed that. With the maps made after the answer it shortened the findings' chains by
+0.13 s (run DR).
 
 - **Opening**: :func:`morphology.open_in_plane`'s cross, as shifted views (outside the plane: background).
-- **Pieces**: every pixel starts with its own index as its label; each round takes the least label of its 3 x 3
-  neighbourhood within its plane, then jumps through the pixels its label names (a label always names a pixel
-  of the same piece, one no later than itself), until no label changes: each piece then carries its first
-  pixel's index. The pieces are those of ``scipy.ndimage.label`` with the in-plane 8-connected structure; only
-  their numbers differ, and the hulls do not read them.
+- **Pieces**: each pair of 8-connected neighbours within a plane joins their trees, the later root hooked under
+  the earlier (``scatter_reduce``'s minimum), the trees then flattened by pointer jumps, until no pair lies in two
+  trees: each piece's root is its first pixel (C order). The pieces are those of ``scipy.ndimage.label`` with the
+  in-plane 8-connected structure; only their numbers differ, and the hulls do not read them.
 - **Hulls**: :mod:`hulls`' construction (each row's outermost pixels' edge midpoints in half pixels, the lower
   convex envelope of the left chain and of the negated right chain, a row's bounds read off them in integers),
   with each piece's row extremes gathered from its runs by a sort instead of numpy's ``reduceat``. The same
@@ -21,16 +24,18 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from . import maps
+
+
 def territory_on_device(lungs: np.ndarray, min_pixels: int, device) -> np.ndarray:
-    """:func:`territory.territory_here` of ``lungs`` (bool, planes along the first axis), made on ``device``
-    (the calling thread's stream) and copied back."""
+    """:func:`territory.territory_here` of ``lungs`` (bool, planes along the first axis), made on ``device`` (a GPU:
+    on the calling thread's side stream) and copied back."""
     a = np.ascontiguousarray(lungs, dtype=bool)
     t = torch.from_numpy(a if a.flags.writeable else a.copy())
-    if torch.device(device).type == "cuda":
-        t = t.pin_memory().to(device, non_blocking=True)
-    else:
-        t = t.to(device)
-    return territory_torch(t, min_pixels).cpu().numpy()
+    if torch.device(device).type != "cuda":
+        return territory_torch(t.to(device), min_pixels).cpu().numpy()
+    with maps.side_stream():  # not queued behind the model's steps (its upload, work and copy back on this stream)
+        return territory_torch(t.pin_memory().to(device, non_blocking=True), min_pixels).cpu().numpy()
 
 
 def territory_torch(planes: torch.Tensor, min_pixels: int = 20) -> torch.Tensor:
@@ -49,8 +54,9 @@ def open_cross(a: torch.Tensor) -> torch.Tensor:
     eroded[:, :-1] &= a[:, 1:]
     eroded[:, :, 1:] &= a[:, :, :-1]
     eroded[:, :, :-1] &= a[:, :, 1:]
-    eroded[:, [0, -1]] = False
-    eroded[:, :, [0, -1]] = False
+    for edge in (0, -1):  # (slices: an index list would be copied to the device)
+        eroded[:, edge] = False
+        eroded[:, :, edge] = False
     out = eroded.clone()
     out[:, 1:] |= eroded[:, :-1]
     out[:, :-1] |= eroded[:, 1:]
@@ -72,8 +78,9 @@ def pieces_in_plane(mask: torch.Tensor) -> torch.Tensor:
         if not len(u):
             break
         parent.scatter_reduce_(0, torch.maximum(ru, rv), torch.minimum(ru, rv), "amin")  # the later root hooked
-        while True:
+        while True:  # two jumps a look (each look waits for the device)
             up = parent[parent]
+            up = up[up]
             if torch.equal(up, parent):
                 break
             parent = up

@@ -100,9 +100,9 @@ def test_a_real_cts_territory_made_in_torch_is_the_hosts():
 
 
 def test_a_gpu_readers_ct_territory_is_asked_of_its_device(monkeypatch):
-    """territory() makes a CT box's planes on the device where it is a GPU (here the device's code runs on the
-    CPU under that name), not with the library's switch off, nor for one plane (a film's) or another device; a
-    CT search passes its device on."""
+    """With the switch on, territory() makes a CT box's planes on the device where it is a GPU (here the device's
+    code runs on the CPU under that name), not for one plane (a film's) or another device; with the library's
+    switch (off) in the helpers or here; a CT search passes its device on."""
     asked = []
 
     def on_device(lungs, min_pixels, device):
@@ -110,6 +110,8 @@ def test_a_gpu_readers_ct_territory_is_asked_of_its_device(monkeypatch):
         return territory_on_device(lungs, min_pixels, "cpu")
 
     monkeypatch.setattr(territory_module.territory_device, "territory_on_device", on_device)
+    assert territory_module.ON_DEVICE is False  # (slower beside the decode: fast_path.md, runs DS-DU)
+    monkeypatch.setattr(territory_module, "ON_DEVICE", True)
     vol = _lungs(1)
     assert np.array_equal(territory(vol, device=torch.device("cuda", 0)), territory_here(vol))
     assert asked == ["cuda:0"]

@@ -40,6 +40,10 @@ The benchmark's 85-slice CT (``fast_path.ct``; or its film, ``--study xray``) th
   helper process, with edt (the library's before run DB).
 - ``territory-gpu`` (the ``reading`` part): the CT searches' lung territories made on the GPU
   (``territory.ON_DEVICE``, :mod:`territory_device`; the library's: in slabs over the helper processes).
+- ``probe`` (the ``reading`` part): a thread of its own beside the readings, every 2 ms either a one-element kernel
+  on its own stream waited for (``.item()``) or a 0.5 ms sleep, each timed; those made while the model writes
+  (within 50 ms of the decode loop's look at the tokens) summarised after the variant's readings: how long
+  a wait for the card, and for the interpreter's lock, takes beside the decode and the findings' maps.
 - ``decode-kernel`` (the ``reading`` part): a decode step's attention over 4,096 keys or more (a CT's full layers)
   in one Triton kernel split over the keys (``capture.DECODE_KERNEL_FROM``: the library's since run DB);
   ``decode-kernel-all``: every layer's (its sliding rings' too); ``decode-torch``: the torch path in every layer
@@ -174,6 +178,56 @@ def one_variant(stack: ExitStack, model, name: str) -> None:
         stack.callback(lambda: [setattr(layer, "_compiled_call_impl", None) for layer in layers])
     if name == "after":
         stack.enter_context(fast_path.environment(MAPS_WHILE_DECODING_ENV, "0"))
+    if name == "probe":
+        stack.enter_context(probe())
+
+
+@contextmanager
+def probe():
+    """:func:`one_variant`'s ``probe``: the probe thread for the block, its waits made while the model writes
+    summarised at the end (milliseconds above the sleep's own 0.5)."""
+    import bisect
+    import threading
+
+    stop, looks, samples = threading.Event(), [], []
+    check = decoding.Decoder._check
+
+    def looked(self, *args, **kwargs):  # the decode loop's look at the tokens: the model is writing
+        looks.append(time.perf_counter())
+        return check(self, *args, **kwargs)
+
+    def run():
+        one = torch.zeros(1, device="cuda")
+        with torch.cuda.stream(torch.cuda.Stream()):
+            while not stop.is_set():
+                for kind in ("card", "lock"):
+                    t0 = time.perf_counter()
+                    if kind == "card":
+                        one.add_(1).item()
+                    else:
+                        time.sleep(0.0005)
+                    samples.append((kind, t0, (time.perf_counter() - t0) * 1000 - (0.5 if kind == "lock" else 0)))
+                    time.sleep(0.002)
+
+    def writing(t: float) -> bool:  # within 50 ms of a look
+        i = bisect.bisect(looks, t)
+        return any(abs(t - looks[j]) < 0.05 for j in (i - 1, i) if 0 <= j < len(looks))
+
+    thread = threading.Thread(target=run, daemon=True)
+    with mock.patch.object(decoding.Decoder, "_check", looked):
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+    looks.sort()
+    for kind in ("card", "lock"):
+        during = sorted(ms for k, t, ms in samples if k == kind and writing(t))
+        if during:
+            q = [during[int(f * (len(during) - 1))] for f in (0.5, 0.9, 0.99)]
+            emit(f"- probe, {kind} while the model writes: {len(during)} waits, median {q[0]:.2f} ms, 90th percentile "
+                 f"{q[1]:.2f}, 99th {q[2]:.2f}, longest {during[-1]:.2f} ms")
 
 
 def labelled_piece(mask, point, full=False):

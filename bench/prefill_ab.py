@@ -197,6 +197,8 @@ def probe():
         return check(self, *args, **kwargs)
 
     def run():
+        while not looks and not stop.is_set():  # the decode step captured first (a wait here would break it)
+            time.sleep(0.01)
         one = torch.zeros(1, device="cuda")
         with torch.cuda.stream(torch.cuda.Stream()):
             while not stop.is_set():

@@ -14,10 +14,10 @@ from . import helper_processes, hulls, territory_device
 from .morphology import open_in_plane
 
 # a GPU reader's CT territories made on its GPU (territory_device) instead of in slabs over the helper processes.
-# Off: on an H100 the CT reading took 2.54-2.80 s with it (eight of nine readings 2.71-2.80 s) against 2.52-2.57 s
-# without (three A/Bs beside the decode, runs DS-DU: a search box's territory 0.54-0.57 s there, against 0.03-0.04 s
-# alone), though with the maps made after the answer it shortened the findings' chains from 0.69 to 0.56 s
-# (medians, run DR)
+# Off: its first version (pixels labelled) made the H100's CT reading 2.54-2.80 s (eight of nine readings 2.71-2.80
+# s) against 2.52-2.57 s without (three A/Bs beside the decode, runs DS-DU), though with the maps made after the
+# answer it shortened the findings' chains from 0.69 to 0.56 s (medians, run DR); the version on the rows' runs
+# is not yet measured beside the decode (prefill_ab.py's territory-gpu)
 ON_DEVICE = False
 
 

@@ -1,25 +1,29 @@
 """The lungs' territory (:func:`territory.territory_here`'s voxels) made in torch on a GPU: the planes opened with
-the 3 x 3 cross, their 8-connected pieces labelled, each piece's convex hull filled. A GPU reader's focal and
-airspace searches make it in slabs over the helper processes: 0.19 s for the benchmark CT's whole volume with eight
-helpers, 0.9 s in one thread, 0.04 s here (``fast_path.md``, run DR). **Off in the library**
-(:data:`territory.ON_DEVICE`): beside an H100's decode a search box's territory took 0.54-0.57 s (0.05-0.06 s of
-its thread's CPU), and the CT reading about 0.2 s longer (runs DS-DU). It waits for the card some 60 times (the
-pieces' rounds, the envelopes' rounds, the sizes of what it keeps); neither its stream above the decode's priority
-nor 32 hardware queues changed that. With the maps made after the answer it shortened the findings' chains by
-0.13 s (run DR).
+the 3 x 3 cross, their 8-connected pieces found, each piece's convex hull filled. A GPU reader's focal and airspace
+searches make it in slabs over the helper processes (0.19 s for the benchmark CT's whole volume with eight helpers,
+0.9 s in one thread on an H100's host, run DR). **Off in the library** (:data:`territory.ON_DEVICE`).
+
+Its first version labelled pixels (a tree per pixel, joined through every pair of neighbours): 0.04 s for the whole
+volume alone, and with the maps made after the answer it shortened the findings' chains from 0.69 to 0.56 s (run
+DR); but beside an H100's decode a search box's territory took 0.24-0.57 s, most of it labelling (0.19 s in run DV),
+and the CT reading up to 0.2 s longer (runs DS-DU). Its passes over the box's pixels (gathers of 8-byte indices, some
+twenty rounds) competed with the decode for the card's memory, and each of its waits followed one. This version
+joins the rows' runs instead (a lung box's runs are some 1 % of its pixels), not yet measured beside the decode.
 
 - **Opening**: :func:`morphology.open_in_plane`'s cross, as shifted views (outside the plane: background).
-- **Pieces**: each pair of 8-connected neighbours within a plane joins their trees, the later root hooked under
-  the earlier (``scatter_reduce``'s minimum), the trees then flattened by pointer jumps, until no pair lies in two
-  trees: each piece's root is its first pixel (C order). The pieces are those of ``scipy.ndimage.label`` with the
-  in-plane 8-connected structure; only their numbers differ, and the hulls do not read them.
+- **Pieces** (:class:`Runs`): the runs of each row; each pair of runs on consecutive rows of a plane that touch
+  (their columns overlap or meet at a corner: 8-connected) joins their trees, the later root hooked under the
+  earlier (``scatter_reduce``'s minimum), the trees then flattened by pointer jumps, until no pair lies in two
+  trees. The pieces are those of ``scipy.ndimage.label`` with the in-plane 8-connected structure (tested through
+  :func:`pieces_in_plane`); the hulls do not read their numbers.
 - **Hulls**: :mod:`hulls`' construction (each row's outermost pixels' edge midpoints in half pixels, the lower
   convex envelope of the left chain and of the negated right chain, a row's bounds read off them in integers),
-  with each piece's row extremes gathered from its runs by a sort instead of numpy's ``reduceat``. The same
-  whole-number arithmetic, so the same pixels.
+  with each piece's row extremes gathered from its runs. The same whole-number arithmetic, so the same pixels.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -44,7 +48,7 @@ def territory_torch(planes: torch.Tensor, min_pixels: int = 20) -> torch.Tensor:
     some = (sums >= min_pixels)[:, None, None]
     big = (sums > 4 * min_pixels)[:, None, None]
     kept = torch.where(big, open_cross(planes), planes) & some
-    return (planes & some) | filled(pieces_in_plane(kept), min_pixels)
+    return (planes & some) | filled(Runs.of(kept), min_pixels)
 
 
 def open_cross(a: torch.Tensor) -> torch.Tensor:
@@ -65,84 +69,116 @@ def open_cross(a: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def pieces_in_plane(mask: torch.Tensor) -> torch.Tensor:
-    """int64 (the shape of ``mask``): each 8-connected piece of each plane of ``mask`` numbered by its first pixel's
-    flat index plus one (C order), 0 outside ``mask``."""
-    flat = mask.reshape(-1)
-    parent = torch.arange(flat.numel(), device=mask.device)  # a pixel's parent: itself, or a pixel before it
-    u, v = _neighbours(mask)
-    while len(u):
-        ru, rv = parent[u], parent[v]  # (parents are roots: compressed below)
-        apart = ru != rv
-        u, v, ru, rv = u[apart], v[apart], ru[apart], rv[apart]  # a pair once joined stays joined
-        if not len(u):
+@dataclass
+class Runs:
+    """The runs of a stack of bool planes along their rows (:meth:`of`), in raster order: each run's line (plane
+    times rows plus row), first and last column, and the 8-connected piece of its plane it belongs to (the
+    index of the piece's first run)."""
+
+    shape: tuple[int, int, int]
+    line: torch.Tensor
+    start: torch.Tensor
+    end: torch.Tensor
+    piece: torch.Tensor
+
+    @classmethod
+    def of(cls, mask: torch.Tensor) -> "Runs":
+        z, rows, cols = mask.shape
+        framed = torch.zeros((z * rows, cols + 2), dtype=torch.int8, device=mask.device)
+        framed[:, 1:-1] = mask.reshape(z * rows, cols)
+        step = framed[:, 1:] - framed[:, :-1]  # +1 before a run's first column, -1 after its last
+        line, start = torch.nonzero(step == 1, as_tuple=True)
+        end = torch.nonzero(step == -1, as_tuple=True)[1] - 1  # (the same runs in the same order)
+        return cls((z, rows, cols), line, start, end, _joined(len(line), *_touching(line, start, end, rows, cols)))
+
+    def labels(self) -> torch.Tensor:
+        """int64 (the planes' shape): each pixel of a run numbered by its piece's first pixel's flat index plus
+        one (C order), 0 outside the runs."""
+        z, rows, cols = self.shape
+        first = self.line * cols + self.start + 1  # each run's first pixel, plus one
+        number = first[self.piece]
+        step = torch.zeros((z * rows, cols + 1), dtype=torch.int64, device=self.line.device)
+        step.index_put_((self.line, self.start), number, accumulate=True)
+        step.index_put_((self.line, self.end + 1), -number, accumulate=True)
+        return torch.cumsum(step, dim=1)[:, :cols].reshape(self.shape)
+
+
+def _touching(line, start, end, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b): each pair of runs 8-connected across a row (``b`` on the row below ``a``'s, in the same plane: their
+    columns overlap or meet at a corner), as indices into the runs (raster order)."""
+    width = cols + 2  # keys of (line, column) with the columns -1..cols
+    begins, ends = line * width + start + 1, line * width + end + 1  # both increasing (runs apart on a line)
+    below = line + 1
+    first = torch.searchsorted(ends, below * width + start)  # the first run below whose end reaches start - 1
+    last = torch.searchsorted(begins, below * width + end + 2, right=True) - 1  # the last beginning by end + 1
+    count = torch.where(below % rows == 0, 0, (last - first + 1).clamp_min(0))  # (no row below in the plane)
+    a = torch.repeat_interleave(torch.arange(len(line), device=line.device), count)
+    offset = torch.arange(len(a), device=line.device) - torch.repeat_interleave(torch.cumsum(count, 0) - count, count)
+    return a, first[a] + offset
+
+
+def _joined(n: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """int64 (n,): each of ``n`` nodes' root, the least node joined to it through the pairs (``a``, ``b``): each pair's
+    later root hooked under its earlier one (``scatter_reduce``'s minimum) and the trees flattened by pointer jumps,
+    until no pair lies in two trees."""
+    parent = torch.arange(n, device=a.device)  # a node's parent: itself, or a node before it
+    while len(a):
+        ra, rb = parent[a], parent[b]  # (parents are roots: flattened below)
+        apart = ra != rb
+        a, b, ra, rb = a[apart], b[apart], ra[apart], rb[apart]  # a pair once joined stays joined
+        if not len(a):
             break
-        parent.scatter_reduce_(0, torch.maximum(ru, rv), torch.minimum(ru, rv), "amin")  # the later root hooked
+        parent.scatter_reduce_(0, torch.maximum(ra, rb), torch.minimum(ra, rb), "amin")
         while True:  # two jumps a look (each look waits for the device)
             up = parent[parent]
             up = up[up]
             if torch.equal(up, parent):
                 break
             parent = up
-    return torch.where(flat, parent + 1, 0).reshape(mask.shape)
+    return parent
 
 
-def _neighbours(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(u, v): the flat indices of each pair of 8-connected neighbours within a plane, both in ``mask``."""
-    z, rows, cols = mask.shape
-    index = torch.arange(mask.numel(), device=mask.device).reshape(mask.shape)
-    pairs = []
-    for dy, dx in ((0, 1), (1, -1), (1, 0), (1, 1)):  # right, down-left, down, down-right: each pair once
-        x0, x1 = max(0, -dx), cols - max(0, dx)
-        a = (slice(None), slice(0, rows - dy), slice(x0, x1))
-        b = (slice(None), slice(dy, rows), slice(x0 + dx, x1 + dx))
-        both = mask[a] & mask[b]
-        pairs.append((index[a][both], index[b][both]))
-    return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+def pieces_in_plane(mask: torch.Tensor) -> torch.Tensor:
+    """int64 (the shape of ``mask``): each 8-connected piece of each plane of ``mask`` numbered by its first pixel's
+    flat index plus one (C order), 0 outside ``mask``."""
+    return Runs.of(mask).labels()
 
 
-def filled(labels: torch.Tensor, min_pixels: int) -> torch.Tensor:
-    """bool, the shape of ``labels`` (planes, rows, columns; pieces numbered within their plane, 0 none): the union
-    of the filled convex hulls of the pieces of at least ``min_pixels`` (:func:`hulls.filled`)."""
-    z, rows, cols = labels.shape
-    lines = labels.reshape(z * rows, cols)
-    piece, line, left, right = _row_extremes(lines, min_pixels)
-    out = torch.zeros((z * rows, cols), dtype=torch.bool, device=labels.device)
+def filled(runs: Runs, min_pixels: int) -> torch.Tensor:
+    """bool, the shape of the planes of ``runs``: the union of the filled convex hulls of their pieces of at least
+    ``min_pixels`` (:func:`hulls.filled`)."""
+    z, rows, cols = runs.shape
+    piece, line, left, right = _row_extremes(runs, min_pixels)
+    out = torch.zeros((z * rows, cols), dtype=torch.bool, device=runs.line.device)
     if len(piece):
-        lo = _bounds(piece, line, left, right, upper=False)
-        hi = _bounds(piece, line, left, right, upper=True)
+        lo = _bounds(piece, line, left, right, False, z * rows)
+        hi = _bounds(piece, line, left, right, True, z * rows)
         used, at = torch.unique(line, return_inverse=True)
-        count = torch.zeros((len(used), cols + 1), dtype=torch.int32, device=labels.device)
-        one = torch.ones(len(at), dtype=torch.int32, device=labels.device)
+        count = torch.zeros((len(used), cols + 1), dtype=torch.int32, device=out.device)
+        one = torch.ones(len(at), dtype=torch.int32, device=out.device)
         count.index_put_((at, lo), one, accumulate=True)  # +1 where a hull's row starts, -1 after its end
         count.index_put_((at, hi + 1), -one, accumulate=True)
         out[used] = torch.cumsum(count, dim=1)[:, :cols] > 0
-    return out.reshape(labels.shape)
+    return out.reshape(runs.shape)
 
 
-def _row_extremes(lines: torch.Tensor, min_pixels: int) -> tuple[torch.Tensor, ...]:
+def _row_extremes(runs: Runs, min_pixels: int) -> tuple[torch.Tensor, ...]:
     """(piece, line, leftmost column, rightmost column) per line of each piece of at least ``min_pixels``, sorted
-    by piece then line (pieces numbered 0.. in the order of their labels)."""
-    n_lines, cols = lines.shape
-    edge = torch.ones((n_lines, cols + 1), dtype=torch.bool, device=lines.device)  # a boundary before column c
-    torch.ne(lines[:, 1:], lines[:, :-1], out=edge[:, 1:cols])
-    line, col = torch.nonzero(edge, as_tuple=True)  # raster order: a line's runs lie between its boundaries
-    inside = line[1:] == line[:-1]
-    line, start, end = line[:-1][inside], col[:-1][inside], col[1:][inside] - 1
-    label = lines[line, start]
-    labelled = label > 0
-    line, start, end, label = line[labelled], start[labelled], end[labelled], label[labelled]
-    labels_used, piece = torch.unique(label, return_inverse=True)
-    size = torch.zeros(len(labels_used), dtype=torch.int64, device=lines.device).index_add_(0, piece, end - start + 1)
-    big = size[piece] >= min_pixels
-    piece, line, start, end = piece[big], line[big], start[big], end[big]
+    by piece then line."""
+    n_lines = runs.shape[0] * runs.shape[1]
+    length = runs.end - runs.start + 1
+    size = torch.zeros(len(length), dtype=torch.int64, device=length.device).index_add_(0, runs.piece, length)
+    big = size[runs.piece] >= min_pixels
+    piece, line, start, end = runs.piece[big], runs.line[big], runs.start[big], runs.end[big]
     keys, at = torch.unique(piece * n_lines + line, return_inverse=True)  # sorted: by piece, then line
-    left = torch.full((len(keys),), cols, dtype=torch.int64, device=lines.device).scatter_reduce_(0, at, start, "amin")
-    right = torch.full((len(keys),), -1, dtype=torch.int64, device=lines.device).scatter_reduce_(0, at, end, "amax")
+    left = torch.full((len(keys),), runs.shape[2], dtype=torch.int64, device=keys.device)
+    right = torch.full((len(keys),), -1, dtype=torch.int64, device=keys.device)
+    left.scatter_reduce_(0, at, start, "amin")
+    right.scatter_reduce_(0, at, end, "amax")
     return keys // n_lines, keys % n_lines, left, right
 
 
-def _bounds(piece, row, left, right, upper: bool) -> torch.Tensor:
+def _bounds(piece, row, left, right, upper: bool, n_lines: int) -> torch.Tensor:
     """Per (piece, row): the first (``upper`` False) or last column whose centre lies in the piece's hull
     (:func:`hulls._bounds`' chain and rounding)."""
     c = -2 * right if upper else 2 * left  # lower envelopes only: the right chain negated
@@ -154,8 +190,7 @@ def _bounds(piece, row, left, right, upper: bool) -> torch.Tensor:
     h = torch.cat([2 * row, 2 * row + 1, 2 * row[first] - 1])
     v = torch.cat([c - 1, torch.minimum(c, nxt), c[first]])
     p = torch.cat([piece, piece, piece[first]])
-    h_min = int(h.min())
-    span = int(h.max()) - h_min + 2
+    h_min, span = -1, 2 * n_lines + 3  # h lies in -1 .. 2 n_lines + 1 (known: no wait for the device)
     key = p * span + (h - h_min)
     key, order = torch.sort(key)  # by piece, then h (each pair once)
     h, v, p = h[order], v[order], p[order]

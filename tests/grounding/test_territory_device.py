@@ -31,7 +31,8 @@ def _serpentine(side: int) -> np.ndarray:
 
 def _lungs(seed: int, shape=(14, 70, 90)) -> np.ndarray:
     """Random lung-like pieces, with the planes the rule treats apart: none, under ``min_pixels``, at the two
-    limits, a thin strip, pieces touching every border, a diagonal chain (8-connected only), a serpentine."""
+    limits, a thin strip, pieces touching every border, diagonal chains both ways (8-connected only), runs on
+    consecutive rows a column apart and meeting at a corner, a serpentine."""
     rng = np.random.default_rng(seed)
     vol = ndimage.gaussian_filter(rng.normal(size=shape), (0, 3, 3)) > 0.12
     vol[3] = False
@@ -51,6 +52,10 @@ def _lungs(seed: int, shape=(14, 70, 90)) -> np.ndarray:
     side = min(shape[1:])
     vol[10, :side, :side] = _serpentine(side)
     vol[11] = vol[10]  # the same pieces in the next plane: never joined across planes
+    vol[12] = False
+    vol[12, diagonal[:40], 50 - diagonal[:40]] = True  # a chain through lower-left corners alone
+    vol[12, 50, 10:13] = vol[12, 51, 14:17] = True  # two runs a column apart on consecutive rows: two pieces
+    vol[12, 55, 10:13] = vol[12, 56, 13:17] = True  # meeting at a corner: one
     return vol
 
 

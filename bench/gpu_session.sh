@@ -34,16 +34,21 @@
 #                                 # against the answer's end (the X-ray's target is met: not timed here)
 #   bash bench/gpu_session.sh 9   # restart to the first fast answer (a new server process: empty compile cache,
 #                                 # then the one it left) and a CT's speed in a fresh process (the library's)
+#   bash bench/gpu_session.sh 10  # the lung territory on the GPU (territory.ON_DEVICE, off in the library): its
+#                                 # tests there, the three ways on the benchmark CT's boxes (bench/territory_device.py),
+#                                 # and the A/B of the library's (the helpers) against it, with the maps after the
+#                                 # answer (the chains' own length) and beside the decode (the first version was
+#                                 # slower there: runs DS-DU)
 #   bash bench/gpu_session.sh 1 3 # several parts in one command, in the order given (one machine start, one
 #                                 # compile cache; runs CK-CQ took 1.5-5 minutes a part)
 set -u
 if [[ $# -eq 0 ]]; then
-    echo "usage: bash bench/gpu_session.sh PART... (each 1 to 9)" >&2
+    echo "usage: bash bench/gpu_session.sh PART... (each 1 to 10)" >&2
     exit 2
 fi
 for part in "$@"; do
-    if [[ $part != [123456789] ]]; then
-        echo "usage: bash bench/gpu_session.sh PART... (each 1 to 9; got '$part')" >&2
+    if [[ $part != [123456789] && $part != 10 ]]; then
+        echo "usage: bash bench/gpu_session.sh PART... (each 1 to 10; got '$part')" >&2
         exit 2
     fi
 done
@@ -89,7 +94,8 @@ for part in "$@"; do
     case $part in
     1)
         step gpu_tests 140 python3 -m pytest -q -p no:cacheprovider tests/grounding/test_device_maps.py \
-            tests/model/test_decoding.py tests/model/test_capture.py -k "cuda or rolled or staging"
+            tests/grounding/test_territory_device.py tests/model/test_decoding.py tests/model/test_capture.py \
+            -k "cuda or rolled or staging"
         TAIL=110 step speed_timeline 300 python3 bench/fast_path.py --only speed,timeline --speed-modalities ct,xray \
             --no-anchors --out "$out/speed_timeline.md"
         ;;
@@ -139,6 +145,13 @@ for part in "$@"; do
     9)
         step restart 260 python3 bench/fast_path.py --only restart --no-anchors --out "$out/restart.md"
         ct_speed
+        ;;
+    10)  # (runs DR-DW took 45-75 s for the tests and the three ways, 130-150 s for a reading A/B of two variants)
+        step territory_tests 100 python3 -m pytest -q -p no:cacheprovider tests/grounding/test_territory_device.py \
+            tests/grounding/test_device_maps.py -k "territory or extents"
+        step territory_ways 120 python3 bench/territory_device.py
+        step territory_ab 330 python3 bench/prefill_ab.py --parts reading --rounds 3 \
+            --variants after,after+territory-gpu,default,territory-gpu
         ;;
     esac
 done

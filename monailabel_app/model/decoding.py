@@ -69,6 +69,12 @@ ROLL_IN_REPLAY = "gpu"
 
 LOOP_PERIOD, LOOP_TIMES = 8, 3
 LOOP_GIVEN_BACK = (LOOP_TIMES - 1) * LOOP_PERIOD  # tokens before the look that found a loop that its cut drops
+# what the decode step's capture forbids. torch's default ("global") lets any thread's wait for the card break it:
+# run DV's probe thread, waiting on a stream of its own while a reading captured its step, made that decoder step
+# without its graph for good (37.95 against 4.5 ms a token; fast_path.md). The map threads wait so, and a batch's
+# maps run beside the next batch, which may be a new shape to capture. "thread_local": this thread's own unsafe
+# calls alone break it
+CAPTURE_MODE = "thread_local"
 
 
 def loop_start(ids: list[int], max_period: int = LOOP_PERIOD, times: int = LOOP_TIMES) -> int | None:
@@ -447,7 +453,7 @@ class Decoder:
                 graphs, pool = {}, None
                 for steps in (CHECK_EVERY, 1):  # the two share one memory pool (never replayed at once)
                     graphs[steps] = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graphs[steps], pool=pool):
+                    with torch.cuda.graph(graphs[steps], pool=pool, capture_error_mode=CAPTURE_MODE):
                         self._steps(steps)
                     pool = graphs[steps].pool()
             self.graphs = graphs

@@ -390,6 +390,45 @@ def test_a_step_without_a_cuda_graph_gives_its_rows_to_a_map_thread(monkeypatch,
     assert not errors and got and all(torch.equal(rows, live.attention[: len(rows)]) for rows in got)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs: GPU only")
+def test_a_decode_step_is_captured_while_another_thread_waits_for_the_cuda_device():
+    """A thread waiting for the card on a stream of its own (a map thread's copies back, a batch's blob filters)
+    while a new decode shape is captured: the capture forbids the capturing thread's unsafe calls alone
+    (``decoding.CAPTURE_MODE``), so the step is captured (run DV's probe broke it under torch's default) and the
+    other thread's waits all succeed; the answer is the one the graph gives without the other thread."""
+    import threading
+    import time
+
+    model = tiny_model("cuda")
+    inputs = batch([prompt([5, 6, 7])], (torch.rand(2, 3, 28, 28) * 2 - 1).cuda())
+    stop, waits, errors = threading.Event(), [], []
+
+    def waiting():
+        one = torch.zeros(1, device="cuda")
+        with torch.cuda.stream(torch.cuda.Stream()):
+            while not stop.is_set():
+                try:
+                    waits.append(one.add_(1).item())
+                except RuntimeError as e:
+                    errors.append(e)
+
+    thread = threading.Thread(target=waiting)
+    thread.start()
+    try:
+        while not waits:
+            time.sleep(0.001)
+        before = len(waits)
+        live = prefill_and_decode(model, inputs, [3], 4, 30, stop_loops=False)
+        during = len(waits) - before
+    finally:
+        stop.set()
+        thread.join()
+    decoders = list(model.__dict__["_medgemma_decoders"].values())
+    assert decoders and all(d.use_graph and d.graph is not None for d in decoders)
+    assert not errors and during > 0  # (it waited while the reading ran, its capture among it)
+    assert prefill_and_decode(model, inputs, [3], 4, 30, stop_loops=False).rows[0].token_ids == live.rows[0].token_ids
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="page-locked staging: GPU only")
 def test_the_rows_copies_reuse_the_decoders_page_locked_staging():
     """Each answer's rows go through the decoder's one page-locked staging (pinned once per shape, not per copy)

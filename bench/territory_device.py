@@ -1,7 +1,8 @@
 #!/usr/bin/env python
-"""The lungs' territory of a CT search box, made three ways: in this thread (``territory_here``), in slabs over the
-helper processes (a GPU reader's before ``territory.ON_DEVICE``) and on the GPU (``territory_device``); the median
-of seven calls after a warm one, each checked against the first.
+"""The lungs' territory of a CT search box, made four ways: in this thread (``territory_here``), in slabs over the
+helper processes (a GPU reader's), on the GPU (``territory_device``, ``territory.ON_DEVICE``) and the same torch code
+on the CPU (its work, whatever the card); the median of seven calls after a warm one, each checked against the
+first.
 
     python bench/territory_device.py [--helpers 8] [--repeat 7]
 
@@ -64,8 +65,8 @@ def main() -> int:
     helper_processes.start(min(args.helpers, os.cpu_count() or 1))
     name = torch.cuda.get_device_name() if cuda else "no GPU"
     print(f"## bench/territory_device.py ({name}; {helper_processes.running()} helpers; torch {torch.__version__})\n")
-    print("| box | voxels | lung voxels | here s | helpers s | GPU s | the same |")
-    print("|---|---|---|---|---|---|---|")
+    print("| box | voxels | lung voxels | here s | helpers s | GPU s | torch on the CPU s | the same |")
+    print("|---|---|---|---|---|---|---|---|")
     try:
         for label, box in boxes(aerated, volume.spacing).items():
             lungs = aerated[box]
@@ -76,10 +77,11 @@ def main() -> int:
             if cuda:
                 with torch.cuda.stream(torch.cuda.Stream()):
                     gpu, t_gpu, s3 = timed(lambda: territory_on_device(lungs, 20, "cuda"), args.repeat)
-            agree = same and s2 and s3 and (slabs is None or np.array_equal(slabs, here))
-            agree &= gpu is None or np.array_equal(gpu, here)
+            on_cpu, t_cpu, s4 = timed(lambda: territory_on_device(lungs, 20, "cpu"), args.repeat)
+            agree = same and s2 and s3 and s4 and (slabs is None or np.array_equal(slabs, here))
+            agree &= (gpu is None or np.array_equal(gpu, here)) and np.array_equal(on_cpu, here)
             print(f"| {label} | {lungs.size:,} | {int(lungs.sum()):,} | {t_here:.4f} | {t_slabs:.4f} | {t_gpu:.4f} | "
-                  f"{'yes' if agree else '**no**'} |")
+                  f"{t_cpu:.4f} | {'yes' if agree else '**no**'} |")
     finally:
         helper_processes.stop()
     return 0

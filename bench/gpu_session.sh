@@ -41,7 +41,32 @@
 #                                 # slower there: runs DS-DU)
 #   bash bench/gpu_session.sh 1 3 # several parts in one command, in the order given (one machine start, one
 #                                 # compile cache; runs CK-CQ took 1.5-5 minutes a part)
+#   bash bench/gpu_session.sh --h200 8 --else 10
+#                                 # parts for an H200 and, after --else, for any other card (a start asked for as
+#                                 # an H200: none came in sessions 33-37, H100s did)
 set -u
+if [[ ${1:-} == --h200 ]]; then
+    shift
+    on_h200=() other=() into=on_h200
+    for arg in "$@"; do
+        if [[ $arg == --else ]]; then
+            into=other
+        elif [[ $into == on_h200 ]]; then
+            on_h200+=("$arg")
+        else
+            other+=("$arg")
+        fi
+    done
+    if nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -q H200; then
+        set -- "${on_h200[@]}"
+    else
+        set -- "${other[@]}"
+    fi
+    if [[ $# -eq 0 ]]; then
+        echo "no part for this card ($(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null || echo none))"
+        exit 0
+    fi
+fi
 if [[ $# -eq 0 ]]; then
     echo "usage: bash bench/gpu_session.sh PART... (each 1 to 10)" >&2
     exit 2

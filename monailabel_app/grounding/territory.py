@@ -26,9 +26,9 @@ def territory(lungs: np.ndarray, min_pixels: int = 20, device=None) -> np.ndarra
     values) of at least ``min_pixels``. A lesion against the chest wall or the mediastinum dents the aerated
     lung; the hull takes it in, while the chest wall outside the lung's curve stays out. A plane of fewer
     than ``min_pixels`` lung pixels has no territory; a plane of more than four times that is opened (a
-    3 x 3 cross) before its pieces are found. Planes (3-D) are made on ``device`` when it is a GPU
-    (:data:`ON_DEVICE`), else a large box's planes go to the helper processes in slabs where there are any (the
-    same voxels)."""
+    3 x 3 cross) before its pieces are found. A large box's planes go to the helper processes in slabs where
+    there are any; with :data:`ON_DEVICE` on (off in the library), a box's planes are made on ``device`` when it
+    is a GPU. The same voxels every way."""
     lungs = np.asarray(lungs, bool)
     if lungs.ndim == 3 and ON_DEVICE and device is not None and torch.device(device).type == "cuda":
         return territory_device.territory_on_device(lungs, min_pixels, device)

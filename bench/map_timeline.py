@@ -45,7 +45,8 @@ WATCHED = [(anatomy, "ct_body_and_lungs"), (ct_maps, "slice_grids"), (ct_maps, "
            (ct_maps, "gated_map"), (maps, "peak_regions"), (maps, "peak_region"), (ct_extent, "find_in_ct"),
            (ct_extent, "smoothed_hu"), (ct_extent, "territory"), (helper_processes, "in_slabs"),
            # the territory on the GPU (territory.ON_DEVICE, off in the library): its pieces and hulls' parts
-           (territory_device, "pieces_in_plane"), (territory_device, "_row_extremes"), (territory_device, "_bounds"),
+           (territory_device, "_touching"), (territory_device, "_joined"), (territory_device, "_row_extremes"),
+           (territory_device, "_bounds"),
            (ct_extent, "grow_ct"), (ct_extent, "deepest"), (components, "label"), (components, "component_at"),
            (distances, "inside"),
            (maps, "assign"),

@@ -14,8 +14,8 @@ joins the rows' runs instead (a lung box's runs are some 1 % of its pixels), not
 - **Pieces** (:class:`Runs`): the runs of each row; each pair of runs on consecutive rows of a plane that touch
   (their columns overlap or meet at a corner: 8-connected) joins their trees, the later root hooked under the
   earlier (``scatter_reduce``'s minimum), the trees then flattened by pointer jumps, until no pair lies in two
-  trees. The pieces are those of ``scipy.ndimage.label`` with the in-plane 8-connected structure (tested through
-  :func:`pieces_in_plane`); the hulls do not read their numbers.
+  trees. The pieces are those of ``scipy.ndimage.label`` with the in-plane 8-connected structure (tested); the
+  hulls do not read their numbers.
 - **Hulls**: :mod:`hulls`' construction (each row's outermost pixels' edge midpoints in half pixels, the lower
   convex envelope of the left chain and of the negated right chain, a row's bounds read off them in integers),
   with each piece's row extremes gathered from its runs. The same whole-number arithmetic, so the same pixels.
@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from . import maps
+from .extent import _to_device
 
 
 def territory_on_device(lungs: np.ndarray, min_pixels: int, device) -> np.ndarray:
@@ -36,10 +37,8 @@ def territory_on_device(lungs: np.ndarray, min_pixels: int, device) -> np.ndarra
     on the calling thread's side stream) and copied back."""
     a = np.ascontiguousarray(lungs, dtype=bool)
     t = torch.from_numpy(a if a.flags.writeable else a.copy())
-    if torch.device(device).type != "cuda":
-        return territory_torch(t.to(device), min_pixels).cpu().numpy()
     with maps.side_stream():  # not queued behind the model's steps (its upload, work and copy back on this stream)
-        return territory_torch(t.pin_memory().to(device, non_blocking=True), min_pixels).cpu().numpy()
+        return territory_torch(_to_device(t, device), min_pixels).cpu().numpy()
 
 
 def territory_torch(planes: torch.Tensor, min_pixels: int = 20) -> torch.Tensor:
@@ -91,17 +90,6 @@ class Runs:
         end = torch.nonzero(step == -1, as_tuple=True)[1] - 1  # (the same runs in the same order)
         return cls((z, rows, cols), line, start, end, _joined(len(line), *_touching(line, start, end, rows, cols)))
 
-    def labels(self) -> torch.Tensor:
-        """int64 (the planes' shape): each pixel of a run numbered by its piece's first pixel's flat index plus
-        one (C order), 0 outside the runs."""
-        z, rows, cols = self.shape
-        first = self.line * cols + self.start + 1  # each run's first pixel, plus one
-        number = first[self.piece]
-        step = torch.zeros((z * rows, cols + 1), dtype=torch.int64, device=self.line.device)
-        step.index_put_((self.line, self.start), number, accumulate=True)
-        step.index_put_((self.line, self.end + 1), -number, accumulate=True)
-        return torch.cumsum(step, dim=1)[:, :cols].reshape(self.shape)
-
 
 def _touching(line, start, end, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(a, b): each pair of runs 8-connected across a row (``b`` on the row below ``a``'s, in the same plane: their
@@ -136,12 +124,6 @@ def _joined(n: int, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
                 break
             parent = up
     return parent
-
-
-def pieces_in_plane(mask: torch.Tensor) -> torch.Tensor:
-    """int64 (the shape of ``mask``): each 8-connected piece of each plane of ``mask`` numbered by its first pixel's
-    flat index plus one (C order), 0 outside ``mask``."""
-    return Runs.of(mask).labels()
 
 
 def filled(runs: Runs, min_pixels: int) -> torch.Tensor:

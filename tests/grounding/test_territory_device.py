@@ -12,7 +12,7 @@ from scipy import ndimage
 from conftest import shared
 from monailabel_app.grounding import ct_extent, extent, territory as territory_module
 from monailabel_app.grounding.territory import territory, territory_here
-from monailabel_app.grounding.territory_device import pieces_in_plane, territory_on_device, territory_torch
+from monailabel_app.grounding.territory_device import Runs, territory_on_device, territory_torch
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 IN_PLANE = np.zeros((3, 3, 3), bool)
@@ -60,19 +60,25 @@ def _lungs(seed: int, shape=(14, 70, 90)) -> np.ndarray:
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_pieces_in_plane_are_scipys_8_connected_pieces_of_each_plane(device):
-    """The same pieces as ``ndimage.label`` with the in-plane structure (a one-to-one map between the numbers),
-    each numbered by its first pixel's flat index plus one; the serpentine's far end reached."""
+def test_the_runs_pieces_are_scipys_8_connected_pieces_of_each_plane(device):
+    """The runs cover the mask exactly; their pieces are those of ``ndimage.label`` with the in-plane structure
+    (a one-to-one map between the numbers), each numbered by its first run; the serpentine's far end reached."""
+    rows = _lungs(0).shape[1]
     for seed in range(3):
         vol = _lungs(seed)
-        got = pieces_in_plane(torch.as_tensor(vol, device=device)).cpu().numpy()
+        runs = Runs.of(torch.as_tensor(vol, device=device))
+        line, start, end, piece = (x.cpu().numpy() for x in (runs.line, runs.start, runs.end, runs.piece))
+        painted = np.zeros(vol.shape, bool)
+        for at, s, e in zip(line, start, end):
+            painted[at // rows, at % rows, s : e + 1] = True
+        assert np.array_equal(painted, vol)
         want, n = ndimage.label(vol, structure=IN_PLANE)
-        assert np.array_equal(got > 0, vol)
-        pairs = np.unique(np.stack([got[vol], want[vol]]), axis=1)
-        assert pairs.shape[1] == n == len(np.unique(got[vol]))  # one of ours for each of scipy's
-        first = ndimage.minimum(np.arange(vol.size).reshape(vol.shape), want, np.arange(1, n + 1))
-        assert np.array_equal(np.sort(np.unique(got[vol])), np.sort(np.asarray(first, np.int64) + 1))
-        assert len(np.unique(got[10][vol[10]])) == 1 and got[10].max() != got[11].max()
+        theirs = want[line // rows, line % rows, start]
+        assert np.unique(np.stack([piece, theirs]), axis=1).shape[1] == n == len(np.unique(piece))
+        assert all(np.flatnonzero(piece == p)[0] == p for p in np.unique(piece))  # its first run's index
+        plane = line // rows
+        assert len(np.unique(piece[plane == 10])) == 1  # the serpentine: one piece
+        assert not set(piece[plane == 10]) & set(piece[plane == 11])  # never joined across planes
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -44,9 +44,11 @@ def test_film_spacing_is_the_files_or_an_assumed_detector():
 
 
 def test_hulls_fill_the_same_pixels_as_skimage():
-    """The territory's hulls, all pieces of an image at once (row extremes, envelopes in whole half-pixels),
-    against skimage's ``convex_hull_image`` of each piece on random images of many pieces, small and large:
-    the same pixels, borders included; a piece under ``min_pixels`` has no hull."""
+    """The territory's hulls, all pieces of a stack of planes at once (pieces from the rows' runs, row extremes,
+    envelopes in whole half-pixels), against skimage's ``convex_hull_image`` of each 8-connected piece of each
+    plane on random planes of many pieces, small and large: the same pixels, borders included; a piece under
+    ``min_pixels`` has no hull, and no piece reaches across planes (each plane's last row touches the next
+    plane's first)."""
     from skimage.morphology import convex_hull_image
 
     from monailabel_app.grounding import hulls
@@ -55,14 +57,20 @@ def test_hulls_fill_the_same_pixels_as_skimage():
     for i in range(300):
         side = (2, 40) if i % 4 else (100, 300)
         h, w = rng.integers(*side, 2)
-        blobs = ndimage.gaussian_filter(rng.random((h, w)), rng.uniform(0.5, 8)) > rng.uniform(0.3, 0.7)
-        labels, n = ndimage.label(blobs, structure=np.ones((3, 3)))
+        planes = 1 if i % 5 else 3
+        blobs = np.stack([ndimage.gaussian_filter(rng.random((h, w)), rng.uniform(0.5, 8)) > rng.uniform(0.3, 0.7)
+                          for _ in range(planes)])
+        blobs[:-1, -1, : w // 2 + 1] = blobs[1:, 0, : w // 2 + 1] = True  # touching across each planes' seam
         least = int(rng.integers(1, 30))
         expected = np.zeros(blobs.shape, bool)
-        for k in range(1, n + 1):
-            if (labels == k).sum() >= least:
-                expected |= convex_hull_image(labels == k)
-        assert np.array_equal(hulls.filled(labels, least), expected), (i, labels.shape, n, least)
+        for plane, got in zip(blobs, expected):
+            labels, n = ndimage.label(plane, structure=np.ones((3, 3)))
+            for k in range(1, n + 1):
+                if (labels == k).sum() >= least:
+                    got |= convex_hull_image(labels == k)
+        assert np.array_equal(hulls.filled(blobs, least), expected), (i, blobs.shape, least)
+        if planes == 1:
+            assert np.array_equal(hulls.filled(blobs[0], least), expected[0]), (i, blobs.shape, least)
 
 
 def test_a_big_films_blob_centres_are_found_on_its_blocks():

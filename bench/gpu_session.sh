@@ -172,8 +172,9 @@ for part in "$@"; do
         ct_speed
         ;;
     10)  # (runs DR-DW took 45-75 s for the tests and the three ways, 130-150 s for a reading A/B of two variants)
-        step territory_tests 100 python3 -m pytest -q -p no:cacheprovider tests/grounding/test_territory_device.py \
-            tests/grounding/test_device_maps.py -k "territory or extents"
+        # with the decode step's capture beside a thread that waits for the card (decoding.CAPTURE_MODE)
+        step territory_tests 130 python3 -m pytest -q -p no:cacheprovider tests/grounding/test_territory_device.py \
+            tests/grounding/test_device_maps.py tests/model/test_decoding.py -k "territory or extents or captured_while"
         step territory_ways 120 python3 bench/territory_device.py
         step territory_ab 330 python3 bench/prefill_ab.py --parts reading --rounds 3 \
             --variants after,after+territory-gpu,default,territory-gpu

@@ -173,8 +173,8 @@ atexit.register(_close_at_exit)
 
 
 def start(count: int) -> int:
-    """At least ``count`` helpers running (started now, in the background: they import numpy, cc3d and edt);
-    the number running."""
+    """At least ``count`` helpers running (started now, in the background: they import their calls' modules,
+    :func:`load`); the number running."""
     if count > 0:
         _POOL.grow(count)
     return _POOL.count
@@ -312,8 +312,16 @@ def _compute(op: str, mask: np.ndarray, args: tuple):
     raise ValueError(f"unknown call {op!r}")
 
 
+def load() -> None:
+    """Imports what a helper's calls use; a helper does so as it starts (beside its reader's own start), not in
+    its first call. None of them imports torch, which takes a helper seconds: its first territory took 4.5 s on
+    an H100's host while the territory's module imported torch (run DX)."""
+    from . import components, distances, territory  # noqa: F401
+
+
 def serve(fd: int) -> None:
     """The helper's loop: a call per message on socket ``fd`` until it closes."""
+    load()
     conn = Connection(fd)
     mapped: dict[str, object] = {}
     while True:

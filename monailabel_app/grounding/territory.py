@@ -7,9 +7,8 @@ beside the decode)."""
 from __future__ import annotations
 
 import numpy as np
-import torch
 
-from . import helper_processes, hulls, territory_device
+from . import helper_processes, hulls
 from .morphology import open_in_plane
 
 # a GPU reader's CT territories made on its GPU (territory_device) instead of in slabs over the helper processes.
@@ -29,8 +28,13 @@ def territory(lungs: np.ndarray, min_pixels: int = 20, device=None) -> np.ndarra
     there are any; with :data:`ON_DEVICE` on (off in the library), a box's planes are made on ``device`` when it
     is a GPU. The same voxels every way."""
     lungs = np.asarray(lungs, bool)
-    if lungs.ndim == 3 and ON_DEVICE and device is not None and torch.device(device).type == "cuda":
-        return territory_device.territory_on_device(lungs, min_pixels, device)
+    if lungs.ndim == 3 and ON_DEVICE and device is not None:
+        import torch  # (here: the helper processes import this module, and torch takes them seconds)
+
+        from . import territory_device
+
+        if torch.device(device).type == "cuda":
+            return territory_device.territory_on_device(lungs, min_pixels, device)
     if lungs.ndim == 3:
         done = helper_processes.in_slabs("territory", lungs, territory_here, min_pixels)
         if done is not None:

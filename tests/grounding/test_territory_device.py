@@ -10,7 +10,7 @@ import torch
 from scipy import ndimage
 
 from conftest import shared
-from monailabel_app.grounding import ct_extent, extent, territory as territory_module
+from monailabel_app.grounding import ct_extent, extent, territory as territory_module, territory_device
 from monailabel_app.grounding.territory import territory, territory_here
 from monailabel_app.grounding.territory_device import Runs, territory_on_device, territory_torch
 
@@ -120,7 +120,7 @@ def test_a_gpu_readers_ct_territory_is_asked_of_its_device(monkeypatch):
         asked.append(str(device))
         return territory_on_device(lungs, min_pixels, "cpu")
 
-    monkeypatch.setattr(territory_module.territory_device, "territory_on_device", on_device)
+    monkeypatch.setattr(territory_device, "territory_on_device", on_device)
     assert territory_module.ON_DEVICE is False  # (slower beside the decode: fast_path.md, runs DS-DU)
     monkeypatch.setattr(territory_module, "ON_DEVICE", True)
     vol = _lungs(1)

@@ -21,6 +21,7 @@ difference but the time.
 from __future__ import annotations
 
 import atexit
+import importlib
 import os
 import queue
 import socket
@@ -316,7 +317,8 @@ def load() -> None:
     """Imports what a helper's calls use; a helper does so as it starts (beside its reader's own start), not in
     its first call. None of them imports torch, which takes a helper seconds: its first territory took 4.5 s on
     an H100's host while the territory's module imported torch (run DX)."""
-    from . import components, distances, territory  # noqa: F401
+    for name in ("components", "distances", "territory"):
+        importlib.import_module(f".{name}", __package__)
 
 
 def serve(fd: int) -> None:

@@ -4,7 +4,9 @@
 components as ``scipy.ndimage.label`` with the same connectivity, numbered in the same raster order (tested),
 in a fifth of the time on a CT's thresholded attention (38 ms against 186 ms for a 134 x 478 x 264 box on
 this project's 2-core CPU). 2-D arrays stay with scipy: cc3d numbers a plane's 8-connected pieces in
-another order. :func:`fill_holes_in_plane` fills every plane's holes in one cc3d call.
+another order, and cc3d 4.1.1 labels some background pixels of a bool plane when asked for 8-connected pieces
+(21 of 200 random planes; none as uint8, none with 4, 6 or 26 neighbours). :func:`fill_holes_in_plane` fills every
+plane's holes in one cc3d call (4-connected).
 
 :func:`component_at` is the one piece that holds a point (a heatmap's peak, a search's seed): where a helper
 process labels it, only that piece comes back, one byte a voxel instead of the four of the labels, and the

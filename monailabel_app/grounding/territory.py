@@ -46,7 +46,8 @@ def territory_here(lungs: np.ndarray, min_pixels: int = 20) -> np.ndarray:
     """:func:`territory` in this thread. All planes are opened in one pass, and all their pieces found and
     hulled at once (:func:`hulls.filled`: the pieces from the rows' runs, skimage's ``convex_hull_image`` of each,
     without a Python loop over planes or pieces)."""
-    planes = lungs[None] if lungs.ndim == 2 else np.asarray(lungs, bool)
+    planes = np.asarray(lungs, bool)
+    planes = planes[None] if planes.ndim == 2 else planes
     sums = np.count_nonzero(planes.reshape(len(planes), -1), axis=1)
     few = sums < min_pixels  # no territory
     small = ~few & (sums <= 4 * min_pixels)  # not opened

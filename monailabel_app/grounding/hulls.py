@@ -63,7 +63,8 @@ def _runs(lines: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _pieces(line: np.ndarray, start: np.ndarray, end: np.ndarray, rows: int, cols: int) -> np.ndarray:
     """int, per run (``line``: plane times ``rows`` plus row; raster order): its 8-connected piece, numbered from
     0. Two runs on consecutive rows of a plane whose columns overlap or meet at a corner are joined (each run's
-    partners below found by two binary searches); the pieces are the joined graph's connected components."""
+    partners below found by two binary searches, as :func:`territory_device._touching` finds them in torch); the
+    pieces are the joined graph's connected components."""
     width = cols + 2  # keys of (line, column) with the columns -1..cols
     begins, ends = line * width + start + 1, line * width + end + 1  # both increasing (runs apart on a line)
     below = line + 1

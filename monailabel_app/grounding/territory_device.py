@@ -1,8 +1,8 @@
 """The lungs' territory (:func:`territory.territory_here`'s voxels) made in torch on a GPU: the planes opened with
 the 3 x 3 cross, their 8-connected pieces found, each piece's convex hull filled. A GPU reader's focal and airspace
 searches make it in slabs over the helper processes (0.19 s for the benchmark CT's whole volume with eight helpers,
-0.9 s in one thread on an H100's host, run DR; the host's pieces now come from runs too, 3.4 times as fast in one
-thread on the project's CPU). **Off in the library** (:data:`territory.ON_DEVICE`).
+0.9 s in one thread on an H100's host, run DR; the host's pieces now come from runs too, :func:`hulls._pieces`:
+2.4-3.6 times as fast in one thread on the project's CPU). **Off in the library** (:data:`territory.ON_DEVICE`).
 
 Its first version labelled pixels (a tree per pixel, joined through every pair of neighbours): 0.04 s for the whole
 volume alone, and with the maps made after the answer it shortened the findings' chains from 0.69 to 0.56 s (run
@@ -94,7 +94,8 @@ class Runs:
 
 def _touching(line, start, end, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(a, b): each pair of runs 8-connected across a row (``b`` on the row below ``a``'s, in the same plane: their
-    columns overlap or meet at a corner), as indices into the runs (raster order)."""
+    columns overlap or meet at a corner), as indices into the runs (raster order); the host's pairs are found the
+    same way in numpy (:func:`hulls._pieces`)."""
     width = cols + 2  # keys of (line, column) with the columns -1..cols
     begins, ends = line * width + start + 1, line * width + end + 1  # both increasing (runs apart on a line)
     below = line + 1

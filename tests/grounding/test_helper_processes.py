@@ -294,6 +294,6 @@ def test_a_helper_loads_what_its_calls_use_without_torch():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                           cwd=helper_processes.ROOT)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.split("\n")[-2] == str(sorted(["monailabel_app.grounding.territory",
-                                                        "monailabel_app.grounding.components",
-                                                        "monailabel_app.grounding.distances"]))
+    assert done.stdout.splitlines()[-1] == str(sorted(["monailabel_app.grounding.territory",
+                                                       "monailabel_app.grounding.components",
+                                                       "monailabel_app.grounding.distances"]))

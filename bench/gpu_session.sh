@@ -39,9 +39,6 @@
 #                                 # and the A/B of the library's (the helpers) against it, with the maps after the
 #                                 # answer (the chains' own length) and beside the decode (the first version was
 #                                 # slower there: runs DS-DU)
-#   bash bench/gpu_session.sh 11  # the vision tower's heads (72 wide) zero-padded for its attention
-#                                 # (head_padding.WIDTH): its GPU tests, the attention alone at each width and
-#                                 # backend (bench/tower_attention.py), the A/B of the tower, prefill and reading
 #   bash bench/gpu_session.sh 1 3 # several parts in one command, in the order given (one machine start, one
 #                                 # compile cache; runs CK-CQ took 1.5-5 minutes a part)
 #   bash bench/gpu_session.sh --h200 8 --else 10
@@ -71,12 +68,12 @@ if [[ ${1:-} == --h200 ]]; then
     fi
 fi
 if [[ $# -eq 0 ]]; then
-    echo "usage: bash bench/gpu_session.sh PART... (each 1 to 11)" >&2
+    echo "usage: bash bench/gpu_session.sh PART... (each 1 to 10)" >&2
     exit 2
 fi
 for part in "$@"; do
-    if [[ $part != [123456789] && $part != 1[01] ]]; then
-        echo "usage: bash bench/gpu_session.sh PART... (each 1 to 11; got '$part')" >&2
+    if [[ $part != [123456789] && $part != 10 ]]; then
+        echo "usage: bash bench/gpu_session.sh PART... (each 1 to 10; got '$part')" >&2
         exit 2
     fi
 done
@@ -181,13 +178,6 @@ for part in "$@"; do
         step territory_ways 120 python3 bench/territory_device.py
         step territory_ab 330 python3 bench/prefill_ab.py --parts reading --rounds 3 \
             --variants after,after+territory-gpu,default,territory-gpu
-        ;;
-    11)  # the vision tower's heads zero-padded for its attention (head_padding.WIDTH, 0 in the library): the
-        # GPU tests, the attention alone at each width and backend, then the tower, the prefill and the reading
-        step padding_tests 90 python3 -m pytest -q -p no:cacheprovider tests/model/test_head_padding.py
-        TAIL=30 step tower_attention 90 python3 bench/tower_attention.py
-        TAIL=40 step padding_ab 400 python3 bench/prefill_ab.py --parts tower,prefill,reading --rounds 2 \
-            --variants default,pad-96,pad-128
         ;;
     esac
 done

@@ -14,8 +14,6 @@ The benchmark's 85-slice CT (``fast_path.ct``; or its film, ``--study xray``) th
 - ``compiled``: each vision encoder layer ``torch.compile``d;
 - ``gelu-apart``: the vision MLPs' GELU a kernel of its own after the first product (``vision_mlp.ENABLED`` off;
   the library puts it in the product's epilogue on CUDA since run DJ);
-- ``pad-N``: the vision tower's heads (72 wide) zero-padded to N for its attention (``head_padding.WIDTH``; the
-  library's: 0, none); ``bench/tower_attention.py`` times the attention alone;
 - ``decode-first`` (the ``reading`` part): the reading's own thread (preprocessing, prefill, decode loop) on a CUDA
   stream of the highest priority, so that the decode's kernels go before the map threads' when both wait (run BW;
   run BX found no gain for the decode's own stream at that priority, so the library keeps the default);
@@ -100,7 +98,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 
 from monailabel_app import reader as reader_module  # noqa: E402
 from monailabel_app.grounding import components, ct_extent, distances, maps, study_maps, territory  # noqa: E402
-from monailabel_app.model import capture, decoding, fused_norms, head_padding, prompt_ids, vision_mlp  # noqa: E402
+from monailabel_app.model import capture, decoding, fused_norms, prompt_ids, vision_mlp  # noqa: E402
 from monailabel_app.model.capture import CAPTURE_ATTN  # noqa: E402
 from monailabel_app.model.decoding import batch_vision_tower, prefill_and_decode  # noqa: E402
 from monailabel_app.model.generation import build_inputs  # noqa: E402
@@ -138,8 +136,6 @@ def one_variant(stack: ExitStack, model, name: str) -> None:
         stack.enter_context(sdpa_kernel(CUDNN_FIRST, set_priority=True))
     if name == "gelu-apart":
         stack.enter_context(mock.patch.object(vision_mlp, "ENABLED", False))
-    if name.startswith("pad-"):
-        stack.enter_context(mock.patch.object(head_padding, "WIDTH", int(name.split("-")[1])))
     if name == "decode-first":
         stack.enter_context(torch.cuda.stream(torch.cuda.Stream(priority=-5)))  # (the nearest valid one)
     if name == "labels":

@@ -48,7 +48,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from . import head_padding, prefill_attention
+from . import prefill_attention
 
 logger = logging.getLogger(__name__)
 CAPTURE_ATTN = "medgemma_capture"
@@ -485,13 +485,8 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
             recorder.observe(layer, query, key, attention_mask, scale, lse=fused[1])
             return fused[0], None
 
-    def sdpa(q, k, v, m, scaling=scaling):
-        return sdpa_attention_forward(module, q, k, v, m, scaling=scaling, dropout=dropout, **kwargs)[0]
-
     def attend(q, k, v, m):
-        if head_padding.wanted(q, m):  # the vision tower's narrow heads on a GPU
-            return head_padding.padded(lambda *padded, s: sdpa(*padded, None, s), q, k, v, scale)
-        return sdpa(q, k, v, m)
+        return sdpa_attention_forward(module, q, k, v, m, scaling=scaling, dropout=dropout, **kwargs)[0]
 
     out = prefill_attention.attention(attend, query, key, value, attention_mask), None
     if recorder is not None and layer is not None:

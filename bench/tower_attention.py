@@ -17,7 +17,7 @@ heads x 72) again. The padded ones pay their padding copies and the output's sli
 gives the card's ms a call (CUDA events, median of ``--repeat``), the rate on the unpadded FLOPs, the largest
 difference from the default's output, and the seconds a CT's 85 images would spend (27 layers).
 
-Run EA (H100, thirty-ninth session; ``bench/results/fast_path.md``): **padding is slower.** PyTorch's default
+Run DY (H100, thirty-ninth session; ``bench/results/fast_path.md``): **padding is slower.** PyTorch's default
 (cuDNN) at 72 took 3.18 ms a call (389 TFLOPS), at 80-128 4.03-4.14 ms; FlashAttention-2 5.2-7.1 ms, the
 memory-efficient kernel 12-13 ms. Padded inside the whole prefill (a switch tried in the library, then removed)
 the tower took 1.26-1.27 s against 1.10-1.12 s, the CT reading 2.715-2.724 s against 2.553-2.558 s.

@@ -42,8 +42,8 @@
 #   bash bench/gpu_session.sh 1 3 # several parts in one command, in the order given (one machine start, one
 #                                 # compile cache; runs CK-CQ took 1.5-5 minutes a part)
 #   bash bench/gpu_session.sh --h200 8 --else 10
-#                                 # parts for an H200 and, after --else, for any other card (in sessions 33-37
-#                                 # every start asked for as an H200 brought an H100)
+#                                 # parts for an H200 and, after --else, for any other card (in sessions 33-39
+#                                 # every start asked for as an H200 brought an H100 or none)
 set -u
 if [[ ${1:-} == --h200 ]]; then
     shift
